@@ -1,0 +1,1 @@
+"""The classification rule engine and the shipped rule set."""
