@@ -1,0 +1,1265 @@
+"""The configuration file: one JSON Schema, one class per section, typed frozen values out.
+
+``load_config(path)`` reads ``corespond.yaml`` and its ``conf.d/*.yaml`` drop-ins (see
+:mod:`corespond.daemon.yaml_source`), validates the merged document against :func:`config_schema`
+and then lets each section class turn its slice into frozen dataclasses, checking what a schema
+cannot (files exist, time zones exist, listeners do not collide, the demo names real feeds).
+Every problem found is reported at once, each with its file, line and key path::
+
+    /etc/corespond/conf.d/50-eido.yaml:12: at 'feeds.cad-eido.transport.port': must be ...
+
+A section is a class with a ``key``, a ``schema()`` fragment and a ``parse()`` that returns its
+typed value; :data:`SECTIONS` lists them in the order they parse (later sections may read what
+earlier ones produced), and :class:`Config` has one field per section. Adding a section (paging,
+referrals, rules) is one more class, one more entry, one more field.
+
+Secrets are never inline: ``token_file`` / ``password_file`` name a file (it may live in
+``$CREDENTIALS_DIRECTORY``, systemd's ``LoadCredential=``) that is read at load time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from corespond.daemon.yaml_source import (
+    KeyPath,
+    SourceLocation,
+    YamlDocument,
+    YamlSourceError,
+    load_yaml_tree,
+)
+from jsonschema import Draft202012Validator, ValidationError
+
+DEFAULT_CONFIG_PATH = Path("/etc/corespond/corespond.yaml")
+DEFAULT_STATE_DIR = "/var/lib/corespond"
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+MAX_MESSAGE_BYTES_LIMIT = 64 * 1_048_576
+
+FORMATS = ("eido", "newworld", "xml-mapped", "jsonl")
+FRAMINGS = ("newline", "stx-etx", "vt-fs-cr", "connection")
+# What `ack: auto` means per framing: the byte-framed protocols expect an ACK/NAK per message,
+# newline-delimited streams usually do not read anything back.
+AUTO_ACK = {"newline": "none", "stx-etx": "ack-nak", "vt-fs-cr": "ack-nak", "connection": "ack-nak"}
+# Keys that would put a secret in the file itself.
+INLINE_SECRET_KEYS = ("token", "password", "secret", "api_key", "apikey", "client_secret")
+CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+FEED_NAME_PATTERN = "^[a-z0-9-]+$"
+PATTERN_HINTS = {
+    FEED_NAME_PATTERN: "may hold only lowercase letters, digits and '-'",
+    "^/[A-Za-z0-9._~/-]*$": "must be a URL path starting with '/' (letters, digits, ._~/-)",
+    "^wss?://": "must be a ws:// or wss:// URL",
+    "^[A-Za-z0-9._:-]+$": "may hold only letters, digits and . _ : -",
+}
+
+
+# --- problems ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    file: Path | None
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = str(self.file) if self.file is not None else "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+        at = f" at '{self.path}'" if self.path else ""
+        return f"{where}:{at}: {self.message}" if at else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists everything wrong, not only the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def dotted(path: KeyPath) -> str:
+    """``feeds.cad-eido.transport.port``; list items as ``[n]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTlsConfig:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTlsConfig:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str
+    port: int
+    tls: ServerTlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTransport:
+    listen: ListenConfig
+    path: str
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    allow_anonymous: bool = False
+    type: ClassVar[str] = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionConfig:
+    sub_type: str = "new"
+    incident_id: str | None = None
+    expires_seconds: int | None = None
+    min_rate: float | None = None
+    max_rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectConfig:
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketTransport:
+    mode: str  # subscribe | listen
+    url: str | None = None
+    listen: ListenConfig | None = None
+    tls: ClientTlsConfig | None = None
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    allow_anonymous: bool = False
+    subscription: SubscriptionConfig = SubscriptionConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
+    type: ClassVar[str] = "websocket"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTransport:
+    listen: ListenConfig
+    framing: str
+    ack: str  # none | ack-nak (`auto` in the file is resolved per framing)
+    idle_timeout_seconds: float | None = 300.0
+    type: ClassVar[str] = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolTransport:
+    directory: Path
+    pattern: str = "*"
+    poll_interval_seconds: float = 2.0
+    keep_done: bool = True
+    type: ClassVar[str] = "spool"
+
+
+Transport = HttpTransport | WebSocketTransport | TcpTransport | SpoolTransport
+
+
+@dataclass(frozen=True, slots=True)
+class FeedConfig:
+    name: str
+    enabled: bool
+    format: str
+    mapping: Path | None
+    timezone: str
+    source: str
+    max_message_bytes: int
+    transport: Transport
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str
+    password_file: Path | None = None
+    password: str | None = field(default=None, repr=False)
+    sqlite_synchronous: str = "full"
+    batch_max: int = 256
+    migrate_on_start: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: ListenConfig
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    incidents: int = 30
+    interval_seconds: float = 1.0
+    seed: int = 7
+    http_feed: str | None = None
+    spool_feed: str | None = None
+    tcp_feed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    simulator: SimulatorConfig | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    state_dir: Path
+    store: StoreConfig
+    logging: LoggingConfig
+    metrics: MetricsConfig | None
+    security: SecurityConfig
+    feeds: tuple[FeedConfig, ...]
+    demo: DemoConfig | None
+
+    def feed(self, name: str) -> FeedConfig | None:
+        return next((f for f in self.feeds if f.name == name), None)
+
+
+# --- schema building blocks ---------------------------------------------------------------------
+
+
+def obj(
+    properties: dict[str, Any],
+    required: Iterable[str] = (),
+    description: str | None = None,
+    nullable: bool = False,
+) -> dict[str, Any]:
+    """An object schema that refuses unknown keys."""
+    schema: dict[str, Any] = {
+        "type": ["object", "null"] if nullable else "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if required:
+        schema["required"] = list(required)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def string(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "description": description, **extra}
+
+
+def integer(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "integer", "description": description, **extra}
+
+
+def number(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "number", "description": description, **extra}
+
+
+def boolean(description: str, default: bool) -> dict[str, Any]:
+    return {"type": "boolean", "description": description, "default": default}
+
+
+def choice(description: str, values: Iterable[str], **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "enum": list(values), "description": description, **extra}
+
+
+def with_defaults(raw: dict[str, Any] | None, schema: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the schema's defaults for the keys it leaves out (one source of defaults)."""
+    out = {k: p["default"] for k, p in schema.get("properties", {}).items() if "default" in p}
+    out.update({k: v for k, v in (raw or {}).items() if v is not None})
+    return out
+
+
+SERVER_TLS_SCHEMA = obj(
+    {
+        "cert_file": string("PEM certificate (chain) presented by the listener"),
+        "key_file": string("PEM private key of cert_file"),
+        "client_ca_file": string("PEM CA bundle that client certificates must chain to"),
+        "require_client_cert": boolean("refuse clients without a valid certificate", False),
+    },
+    required=("cert_file", "key_file"),
+    description="TLS for this listener",
+)
+
+LISTEN_SCHEMA = obj(
+    {
+        "host": string("address to bind (0.0.0.0 for every IPv4 interface)", default="127.0.0.1"),
+        "port": integer("TCP port (0 picks a free one)", minimum=0, maximum=65535),
+        "tls": SERVER_TLS_SCHEMA,
+    },
+    required=("port",),
+    description="where to listen",
+)
+
+CLIENT_TLS_SCHEMA = obj(
+    {
+        "ca_file": string("PEM CA bundle the server certificate must chain to [system CAs]"),
+        "cert_file": string("PEM client certificate, for mutual TLS"),
+        "key_file": string("PEM private key of cert_file"),
+    },
+    description="TLS client settings for wss:// URLs",
+)
+
+_TOKEN_FILE = string(
+    "file holding the bearer token (first line); may start with ${CREDENTIALS_DIRECTORY}/"
+)
+_ANONYMOUS = boolean("accept requests without a token (only behind another authentication)", False)
+
+HTTP_SCHEMA = obj(
+    {
+        "type": {"const": "http"},
+        "listen": LISTEN_SCHEMA,
+        "path": string("URL path of this feed [/feeds/<name>]", pattern="^/[A-Za-z0-9._~/-]*$"),
+        "token_file": _TOKEN_FILE,
+        "allow_anonymous": _ANONYMOUS,
+    },
+    required=("type", "listen"),
+)
+
+WEBSOCKET_SCHEMA = obj(
+    {
+        "type": {"const": "websocket"},
+        "mode": choice(
+            "subscribe to a CAD's STA-024 notifier, or listen for one", ("subscribe", "listen")
+        ),
+        "url": string("notifier URL (mode subscribe)", pattern="^wss?://"),
+        "listen": LISTEN_SCHEMA,
+        "tls": CLIENT_TLS_SCHEMA,
+        "token_file": _TOKEN_FILE,
+        "allow_anonymous": _ANONYMOUS,
+        "subscription": obj(
+            {
+                "sub_type": choice(
+                    "STA-024 requestSubType", ("new", "single", "resource"), default="new"
+                ),
+                "incident_id": string("the incident to follow (sub_type single)"),
+                "expires_seconds": integer("subscription lifetime asked for", minimum=1),
+                "min_rate": number("minRate asked for", minimum=0),
+                "max_rate": number("maxRate asked for", minimum=0),
+            },
+            nullable=True,
+        ),
+        "reconnect": obj(
+            {
+                "initial_delay": number(
+                    "first retry delay, seconds", exclusiveMinimum=0, default=1.0
+                ),
+                "max_delay": number(
+                    "longest retry delay, seconds", exclusiveMinimum=0, default=60.0
+                ),
+            },
+            nullable=True,
+        ),
+    },
+    required=("type", "mode"),
+)
+
+TCP_SCHEMA = obj(
+    {
+        "type": {"const": "tcp"},
+        "listen": LISTEN_SCHEMA,
+        "framing": choice("how messages are delimited on the stream", FRAMINGS),
+        "ack": choice(
+            "acknowledgement bytes: auto (ack-nak except for newline), none, ack-nak",
+            ("auto", "none", "ack-nak"),
+            default="auto",
+        ),
+        "idle_timeout_seconds": {
+            "type": ["number", "null"],
+            "exclusiveMinimum": 0,
+            "default": 300,
+            "description": "close a silent connection after this long (null: never)",
+        },
+    },
+    required=("type", "listen", "framing"),
+)
+
+SPOOL_SCHEMA = obj(
+    {
+        "type": {"const": "spool"},
+        "directory": string("directory the CAD drops files into"),
+        "pattern": string("file name glob", default="*"),
+        "poll_interval_seconds": number("how often to look", exclusiveMinimum=0, default=2.0),
+        "keep_done": boolean("keep processed files in done/ (else delete them)", True),
+    },
+    required=("type", "directory"),
+)
+
+TRANSPORT_SCHEMAS = {
+    "http": HTTP_SCHEMA,
+    "websocket": WEBSOCKET_SCHEMA,
+    "tcp": TCP_SCHEMA,
+    "spool": SPOOL_SCHEMA,
+}
+
+TRANSPORT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "how messages arrive; the keys depend on type",
+    "required": ["type"],
+    "properties": {"type": choice("transport kind", TRANSPORT_SCHEMAS)},
+    # A discriminator: only the schema of the named type applies, so errors stay relevant.
+    "allOf": [
+        {
+            "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+            "then": schema,
+        }
+        for name, schema in TRANSPORT_SCHEMAS.items()
+    ],
+}
+
+FEED_SCHEMA = obj(
+    {
+        "enabled": boolean("run this feed", True),
+        "format": choice("message format", FORMATS),
+        "mapping": string("XPath mapping file (format xml-mapped only)"),
+        "timezone": string("IANA zone of naive CAD times (newworld, xml-mapped)", default="UTC"),
+        "source": string(
+            "namespace of this CAD's incident ids [feed name]", pattern="^[A-Za-z0-9._:-]+$"
+        ),
+        "max_message_bytes": integer(
+            "largest message accepted [security.max_message_bytes]",
+            minimum=1,
+            maximum=MAX_MESSAGE_BYTES_LIMIT,
+        ),
+        "transport": TRANSPORT_SCHEMA,
+    },
+    required=("format", "transport"),
+    description="one CAD feed",
+)
+
+
+# --- the parse context ------------------------------------------------------------------------
+
+
+@dataclass
+class ParseContext:
+    """What sections parse with: the document, where problems go, what parsed before."""
+
+    path: Path
+    document: YamlDocument
+    problems: list[ConfigProblem] = field(default_factory=list)
+    invalid: set[KeyPath] = field(default_factory=set)
+    values: dict[str, Any] = field(default_factory=dict)
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def problem(self, path: KeyPath, message: str) -> None:
+        where = self.document.locate(path)
+        self.problems.append(ConfigProblem(where.file, where.line, dotted(path), message))
+
+    def valid(self, path: KeyPath) -> bool:
+        """No schema error at, under or right above ``path`` (so its slice can be parsed)."""
+        n = len(path)
+        return not any(bad[:n] == path or path[: len(bad)] == bad for bad in self.invalid)
+
+    def resolve(self, value: str) -> Path:
+        """A path from the file: relative ones are relative to the main config file."""
+        return (self.base_dir / Path(value).expanduser()).resolve()
+
+    def existing_file(self, path: KeyPath, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = self.resolve(value)
+        if not resolved.is_file():
+            why = "is a directory" if resolved.is_dir() else "does not exist"
+            self.problem(path, f"file {resolved} {why}")
+        elif not os.access(resolved, os.R_OK):
+            self.problem(path, f"file {resolved} is not readable by this user")
+        return resolved
+
+    def secret(self, path: KeyPath, value: str | None) -> tuple[Path | None, str | None]:
+        """The secret file named at ``path`` and its content, read now."""
+        if value is None:
+            return None, None
+        for form in ("${" + CREDENTIALS_VARIABLE + "}", "$" + CREDENTIALS_VARIABLE):
+            if value.startswith(form):
+                directory = self.environ.get(CREDENTIALS_VARIABLE)
+                if not directory:
+                    self.problem(
+                        path,
+                        f"{CREDENTIALS_VARIABLE} is not set (systemd sets it "
+                        "for units with LoadCredential=)",
+                    )
+                    return Path(value), None
+                value = directory + value[len(form) :]
+                break
+        file = self.resolve(value)
+        try:
+            text = file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            self.problem(path, f"secret file {file} is not UTF-8 text")
+            return file, None
+        except OSError as err:
+            self.problem(path, f"cannot read secret file {file}: {err.strerror or err}")
+            return file, None
+        if not text:
+            self.problem(path, f"secret file {file} is empty")
+            return file, None
+        return file, text
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+class Section:
+    """One top-level key: its schema fragment and how it becomes a typed value."""
+
+    key: ClassVar[str]
+    # True when parse() itself skips the parts that have schema errors (feeds, one by one);
+    # otherwise any schema error inside the section skips its parse.
+    granular: ClassVar[bool] = False
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> Any:
+        """The typed value of ``raw`` (None when the key is absent); the slice is schema-valid."""
+        raise NotImplementedError
+
+    @classmethod
+    def fallback(cls) -> Any:
+        """A stand-in for later sections to read when this one has errors."""
+        return None
+
+
+class StateDirSection(Section):
+    key = "state_dir"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return string(
+            "where the daemon keeps its database and spool state", default=DEFAULT_STATE_DIR
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> Path:
+        return ctx.resolve(raw if raw is not None else DEFAULT_STATE_DIR)
+
+    @classmethod
+    def fallback(cls) -> Path:
+        return Path(DEFAULT_STATE_DIR)
+
+
+class StoreSection(Section):
+    key = "store"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "url": string(
+                    "SQLAlchemy URL: sqlite:///path or postgresql://user@host/db "
+                    "[sqlite:///<state_dir>/corespond.db]"
+                ),
+                "password_file": string("file holding the database password (PostgreSQL)"),
+                "sqlite_synchronous": choice(
+                    "full survives power loss; normal a crash", ("full", "normal"), default="full"
+                ),
+                "batch_max": integer(
+                    "most snapshots committed in one transaction",
+                    minimum=1,
+                    maximum=10_000,
+                    default=256,
+                ),
+                "migrate_on_start": boolean("upgrade the schema when the daemon starts", True),
+            },
+            nullable=True,
+            description="the database",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> StoreConfig:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        values = with_defaults(raw, cls.schema())
+        state_dir: Path = ctx.values["state_dir"]
+        url = values.get("url") or f"sqlite:///{state_dir / 'corespond.db'}"
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            ctx.problem(
+                ("store", "url"),
+                "is not a database URL (sqlite:///path or postgresql://user@host/db)",
+            )
+            return StoreConfig(url)
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            ctx.problem(
+                ("store", "url"), f"database {backend!r} is not supported; use sqlite or postgresql"
+            )
+        if parsed.password is not None:
+            ctx.problem(
+                ("store", "url"),
+                "the URL holds a password: put it in a file and set store.password_file instead",
+            )
+        if backend == "sqlite" and values.get("password_file") is not None:
+            ctx.problem(("store", "password_file"), "SQLite has no password; remove this key")
+        if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+            url = parsed.set(database=str(ctx.resolve(parsed.database))).render_as_string(
+                hide_password=False
+            )
+        password_file, password = ctx.secret(
+            ("store", "password_file"), values.get("password_file")
+        )
+        return StoreConfig(
+            url=url,
+            password_file=password_file,
+            password=password,
+            sqlite_synchronous=values["sqlite_synchronous"],
+            batch_max=values["batch_max"],
+            migrate_on_start=values["migrate_on_start"],
+        )
+
+
+class LoggingSection(Section):
+    key = "logging"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "level": choice(
+                    "least severe level written",
+                    ("debug", "info", "warning", "error"),
+                    default="info",
+                ),
+                "format": choice(
+                    "json lines, console (for people), or auto (console on a "
+                    "terminal, JSON otherwise)",
+                    ("auto", "json", "console"),
+                    default="auto",
+                ),
+            },
+            nullable=True,
+            description="structured logs on standard output",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> LoggingConfig:
+        values = with_defaults(raw, cls.schema())
+        return LoggingConfig(level=values["level"], format=values["format"])
+
+
+class MetricsSection(Section):
+    key = "metrics"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {"listen": LISTEN_SCHEMA},
+            required=("listen",),
+            nullable=True,
+            description="Prometheus /metrics endpoint (absent: off)",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> MetricsConfig | None:
+        if raw is None:
+            return None
+        return MetricsConfig(parse_listen(raw["listen"], ("metrics", "listen"), ctx))
+
+
+class SecuritySection(Section):
+    key = "security"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "max_message_bytes": integer(
+                    "largest message any feed accepts unless it says otherwise",
+                    minimum=1,
+                    maximum=MAX_MESSAGE_BYTES_LIMIT,
+                    default=DEFAULT_MAX_MESSAGE_BYTES,
+                ),
+            },
+            nullable=True,
+            description="limits that apply to every feed",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> SecurityConfig:
+        return SecurityConfig(**with_defaults(raw, cls.schema()))
+
+    @classmethod
+    def fallback(cls) -> SecurityConfig:
+        return SecurityConfig()
+
+
+class FeedsSection(Section):
+    key = "feeds"
+    granular = True
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return {
+            "type": ["object", "null"],
+            "description": "CAD feeds by name",
+            "propertyNames": {"pattern": FEED_NAME_PATTERN, "maxLength": 64},
+            "additionalProperties": FEED_SCHEMA,
+        }
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> tuple[FeedConfig, ...]:
+        feeds = []
+        for name, feed_raw in (raw or {}).items():
+            if ctx.valid(("feeds", name)):
+                feeds.append(parse_feed(name, feed_raw, ctx))
+        check_listeners(feeds, ctx)
+        return tuple(feeds)
+
+    @classmethod
+    def fallback(cls) -> tuple[FeedConfig, ...]:
+        return ()
+
+
+class DemoSection(Section):
+    key = "demo"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        feed_ref = {"type": "string", "pattern": FEED_NAME_PATTERN}
+        return obj(
+            {
+                "simulator": obj(
+                    {
+                        "incidents": integer("incidents to play", minimum=0, default=30),
+                        "interval_seconds": number(
+                            "pause between messages", exclusiveMinimum=0, default=1.0
+                        ),
+                        "seed": integer("random seed (same seed, same incidents)", default=7),
+                        "http_feed": {**feed_ref, "description": "http feed, format eido"},
+                        "spool_feed": {**feed_ref, "description": "spool feed, format newworld"},
+                        "tcp_feed": {**feed_ref, "description": "tcp feed, format jsonl, newline"},
+                    },
+                    nullable=True,
+                ),
+            },
+            nullable=True,
+            description="the built-in CAD simulator (make demo); absent in production",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> DemoConfig | None:
+        if raw is None:
+            return None
+        if "simulator" not in raw:
+            return DemoConfig(None)
+        sim = SimulatorConfig(
+            **with_defaults(raw["simulator"], cls.schema()["properties"]["simulator"])
+        )
+        feeds = {f.name: f for f in ctx.values.get("feeds", ())}
+        wanted = (
+            ("http_feed", HttpTransport, "eido", None),
+            ("spool_feed", SpoolTransport, "newworld", None),
+            ("tcp_feed", TcpTransport, "jsonl", "newline"),
+        )
+        for key, transport, fmt, framing in wanted:
+            name = getattr(sim, key)
+            if name is None:
+                continue
+            path: KeyPath = ("demo", "simulator", key)
+            feed = feeds.get(name)
+            if feed is None:
+                if ctx.valid(("feeds", name)):
+                    ctx.problem(path, f"there is no feed named {name!r}")
+                continue
+            wants = f"a {transport.type} feed with format {fmt}"
+            if framing:
+                wants += f" and framing {framing}"
+            actual_framing = getattr(feed.transport, "framing", framing)
+            if (
+                not isinstance(feed.transport, transport)
+                or feed.format != fmt
+                or actual_framing != framing
+            ):
+                ctx.problem(path, f"feed {name!r} is not {wants}")
+            elif not feed.enabled:
+                ctx.problem(path, f"feed {name!r} is disabled")
+        return DemoConfig(sim)
+
+
+# In parse order: a section may read ``ctx.values`` of those before it.
+SECTIONS: tuple[type[Section], ...] = (
+    StateDirSection,
+    StoreSection,
+    LoggingSection,
+    MetricsSection,
+    SecuritySection,
+    FeedsSection,
+    DemoSection,
+)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the whole merged document."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "corespond configuration",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {section.key: section.schema() for section in SECTIONS},
+    }
+
+
+# --- feeds -------------------------------------------------------------------------------------
+
+
+def parse_listen(raw: dict[str, Any], path: KeyPath, ctx: ParseContext) -> ListenConfig:
+    values = with_defaults(raw, LISTEN_SCHEMA)
+    tls = None
+    if "tls" in raw:
+        t = with_defaults(raw["tls"], SERVER_TLS_SCHEMA)
+        tp = (*path, "tls")
+        cert = ctx.existing_file((*tp, "cert_file"), t["cert_file"])
+        key = ctx.existing_file((*tp, "key_file"), t["key_file"])
+        ca = ctx.existing_file((*tp, "client_ca_file"), t.get("client_ca_file"))
+        if t["require_client_cert"] and ca is None:
+            ctx.problem(
+                (*tp, "require_client_cert"),
+                "needs client_ca_file to check client certificates against",
+            )
+        assert cert is not None and key is not None
+        tls = ServerTlsConfig(cert, key, ca, t["require_client_cert"])
+    return ListenConfig(values["host"], values["port"], tls)
+
+
+def parse_feed(name: str, raw: dict[str, Any], ctx: ParseContext) -> FeedConfig:
+    path: KeyPath = ("feeds", name)
+    values = with_defaults(raw, FEED_SCHEMA)
+    fmt = values["format"]
+    mapping = None
+    if fmt == "xml-mapped":
+        if "mapping" not in values:
+            ctx.problem(path, "format xml-mapped needs a mapping file (key 'mapping')")
+        else:
+            mapping = ctx.existing_file((*path, "mapping"), values["mapping"])
+            if mapping is not None and mapping.is_file():
+                check_mapping((*path, "mapping"), mapping, ctx)
+    elif "mapping" in values:
+        ctx.problem((*path, "mapping"), f"only format xml-mapped reads a mapping; format is {fmt}")
+    timezone = values["timezone"]
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        hint = _did_you_mean(timezone, _zone_names())
+        ctx.problem((*path, "timezone"), f"unknown time zone {timezone!r}{hint}")
+    security: SecurityConfig = ctx.values["security"]
+    return FeedConfig(
+        name=name,
+        enabled=values["enabled"],
+        format=fmt,
+        mapping=mapping,
+        timezone=timezone,
+        source=values.get("source", name),
+        max_message_bytes=values.get("max_message_bytes", security.max_message_bytes),
+        transport=parse_transport(name, values["transport"], (*path, "transport"), ctx),
+    )
+
+
+def parse_transport(name: str, raw: dict[str, Any], path: KeyPath, ctx: ParseContext) -> Transport:
+    kind = raw["type"]
+    values = with_defaults(raw, TRANSPORT_SCHEMAS[kind])
+    if kind == "http":
+        token_file, token = ctx.secret((*path, "token_file"), values.get("token_file"))
+        if token_file is None and not values["allow_anonymous"]:
+            ctx.problem(path, "an http feed needs token_file (or allow_anonymous: true)")
+        if token_file is not None and values["allow_anonymous"]:
+            ctx.problem((*path, "allow_anonymous"), "is true but token_file is set: choose one")
+        return HttpTransport(
+            listen=parse_listen(values["listen"], (*path, "listen"), ctx),
+            path=values.get("path", f"/feeds/{name}"),
+            token_file=token_file,
+            token=token,
+            allow_anonymous=values["allow_anonymous"],
+        )
+    if kind == "websocket":
+        return parse_websocket(values, path, ctx)
+    if kind == "tcp":
+        framing = values["framing"]
+        ack = values["ack"]
+        return TcpTransport(
+            listen=parse_listen(values["listen"], (*path, "listen"), ctx),
+            framing=framing,
+            ack=AUTO_ACK[framing] if ack == "auto" else ack,
+            idle_timeout_seconds=(
+                float(values["idle_timeout_seconds"])
+                if raw.get("idle_timeout_seconds", 0) is not None
+                else None
+            ),
+        )
+    assert kind == "spool"
+    return SpoolTransport(
+        directory=ctx.resolve(values["directory"]),
+        pattern=values["pattern"],
+        poll_interval_seconds=float(values["poll_interval_seconds"]),
+        keep_done=values["keep_done"],
+    )
+
+
+def parse_websocket(values: dict[str, Any], path: KeyPath, ctx: ParseContext) -> WebSocketTransport:
+    mode = values["mode"]
+    url = values.get("url")
+    listen = None
+    tls = None
+    if mode == "subscribe":
+        if url is None:
+            ctx.problem(path, "mode subscribe needs url (the notifier's ws:// or wss:// URL)")
+        if "listen" in values:
+            ctx.problem((*path, "listen"), "only mode listen listens; mode is subscribe")
+        if "tls" in values:
+            if url is not None and not url.startswith("wss://"):
+                ctx.problem((*path, "tls"), "tls applies to wss:// URLs only")
+            t = values["tls"] or {}
+            tp = (*path, "tls")
+            tls = ClientTlsConfig(
+                ctx.existing_file((*tp, "ca_file"), t.get("ca_file")),
+                ctx.existing_file((*tp, "cert_file"), t.get("cert_file")),
+                ctx.existing_file((*tp, "key_file"), t.get("key_file")),
+            )
+            if (tls.cert_file is None) != (tls.key_file is None):
+                ctx.problem(tp, "cert_file and key_file go together")
+    else:
+        if "listen" not in values:
+            ctx.problem(path, "mode listen needs listen: {host, port}")
+        else:
+            listen = parse_listen(values["listen"], (*path, "listen"), ctx)
+        for key in ("url", "tls"):
+            if key in values:
+                ctx.problem(
+                    (*path, key),
+                    "is for mode subscribe; mode is listen (server TLS goes under listen.tls)",
+                )
+    token_file, token = ctx.secret((*path, "token_file"), values.get("token_file"))
+    if mode == "listen" and token_file is None and not values["allow_anonymous"]:
+        ctx.problem(path, "mode listen needs token_file (or allow_anonymous: true)")
+    sub = with_defaults(values.get("subscription"), WEBSOCKET_SCHEMA["properties"]["subscription"])
+    subscription = SubscriptionConfig(**sub)
+    sp = (*path, "subscription")
+    if subscription.sub_type == "single" and subscription.incident_id is None:
+        ctx.problem(sp, "sub_type single needs incident_id")
+    if subscription.sub_type != "single" and subscription.incident_id is not None:
+        ctx.problem((*sp, "incident_id"), "only sub_type single follows one incident")
+    if (
+        subscription.min_rate is not None
+        and subscription.max_rate is not None
+        and subscription.min_rate > subscription.max_rate
+    ):
+        ctx.problem((*sp, "min_rate"), "is greater than max_rate")
+    rc = with_defaults(values.get("reconnect"), WEBSOCKET_SCHEMA["properties"]["reconnect"])
+    reconnect = ReconnectConfig(float(rc["initial_delay"]), float(rc["max_delay"]))
+    if reconnect.initial_delay > reconnect.max_delay:
+        ctx.problem((*path, "reconnect", "initial_delay"), "is greater than max_delay")
+    return WebSocketTransport(
+        mode=mode,
+        url=url,
+        listen=listen,
+        tls=tls,
+        token_file=token_file,
+        token=token,
+        allow_anonymous=values["allow_anonymous"],
+        subscription=subscription,
+        reconnect=reconnect,
+    )
+
+
+def check_mapping(path: KeyPath, mapping: Path, ctx: ParseContext) -> None:
+    """Load the XPath mapping now, if this installation has the xml-mapped format."""
+    try:
+        from corespond.adapters.xml_mapping import load_mapping
+    except ImportError:
+        return
+    try:
+        load_mapping(mapping)
+    except Exception as err:  # whatever the loader raises, it is a problem with this file
+        details = getattr(err, "problems", None)
+        if isinstance(details, list | tuple) and details:
+            for detail in details:
+                ctx.problem(path, f"mapping {mapping}: {detail}")
+        else:
+            ctx.problem(path, f"mapping {mapping}: {err}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Listener:
+    owner: str  # "feed 'x'" or "metrics"
+    kind: str
+    listen: ListenConfig
+    path: KeyPath
+    http_path: str | None = None
+
+
+def check_listeners(feeds: list[FeedConfig], ctx: ParseContext) -> None:
+    """No two listeners on one port, except http feeds sharing one listener (same settings)."""
+    listeners: list[_Listener] = []
+    metrics: MetricsConfig | None = ctx.values.get("metrics")
+    if metrics is not None:
+        listeners.append(_Listener("metrics", "metrics", metrics.listen, ("metrics", "listen")))
+    for feed in feeds:
+        t = feed.transport
+        where = ("feeds", feed.name, "transport", "listen")
+        if not feed.enabled:
+            continue
+        if isinstance(t, HttpTransport):
+            listeners.append(_Listener(f"feed {feed.name!r}", "http", t.listen, where, t.path))
+        elif isinstance(t, TcpTransport) or (isinstance(t, WebSocketTransport) and t.listen):
+            assert t.listen is not None
+            listeners.append(_Listener(f"feed {feed.name!r}", t.type, t.listen, where))
+    for i, later in enumerate(listeners):
+        for earlier in listeners[:i]:
+            message = _clash(earlier, later, ctx)
+            if message:
+                ctx.problem((*later.path, "port"), message)
+                break
+
+
+def _clash(a: _Listener, b: _Listener, ctx: ParseContext) -> str | None:
+    la, lb = a.listen, b.listen
+    if la.port == 0 or la.port != lb.port:
+        return None
+    same_host = la.host == lb.host
+    if not same_host and la.host not in WILDCARD_HOSTS and lb.host not in WILDCARD_HOSTS:
+        return None
+    first = f"{a.owner} ({ctx.document.locate((*a.path, 'port'))})"
+    if a.kind == b.kind == "http" and same_host:
+        if la != lb:
+            return f"shares {lb.host}:{lb.port} with {first} but its listen settings differ"
+        if a.http_path == b.http_path:
+            return f"path {b.http_path} on {lb.host}:{lb.port} is already served for {first}"
+        return None
+    if a.kind == b.kind == "http":
+        return (
+            f"port {lb.port} is already taken by {first} on {la.host}; http feeds share a "
+            "listener only with the same host"
+        )
+    return (
+        f"port {lb.port} on {lb.host} is already taken by {first}; only http feeds "
+        "may share a listener"
+    )
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: Path, *, environ: dict[str, str] | None = None) -> Config:
+    """The configuration at ``path`` (with its drop-ins), or :class:`ConfigError` listing
+    every problem."""
+    path = Path(path).absolute()
+    try:
+        document = load_yaml_tree(path)
+    except YamlSourceError as err:
+        raise ConfigError(
+            [ConfigProblem(p.location.file, p.location.line, "", p.message) for p in err.problems]
+        ) from None
+    ctx = ParseContext(path, document)
+    if environ is not None:
+        ctx.environ = environ
+    validator = Draft202012Validator(config_schema())
+    for error in validator.iter_errors(document.value):
+        for key_path, message in schema_problems(error, document):
+            ctx.invalid.add(key_path)
+            ctx.problem(key_path, message)
+    for section in SECTIONS:
+        key: KeyPath = (section.key,)
+        if ctx.valid(key) if not section.granular else key not in ctx.invalid:
+            ctx.values[section.key] = section.parse(document.value.get(section.key), ctx)
+        else:
+            ctx.values[section.key] = section.fallback()
+    if ctx.problems:
+        order = {file: n for n, file in enumerate(document.files)}
+        ctx.problems.sort(
+            key=lambda p: (order.get(p.file, len(order)) if p.file else 0, p.line or 0)
+        )
+        raise ConfigError(_unique(ctx.problems))
+    return Config(path=path, **ctx.values)
+
+
+def _unique(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    return list(dict.fromkeys(problems))
+
+
+def schema_problems(
+    error: ValidationError, document: YamlDocument
+) -> Iterator[tuple[KeyPath, str]]:
+    """Key paths and plain-language messages for one schema error."""
+    path: KeyPath = tuple(error.absolute_path)
+    kind = error.validator
+    instance = error.instance
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    retyped = document.retyped.get(path)
+    quote_hint = ""
+    if retyped is not None:
+        quote_hint = (
+            f"; YAML read {retyped.text} as {retyped.describe()}: write it in quotes "
+            f'("{retyped.text}") if you mean the text'
+        )
+    if kind == "additionalProperties" and isinstance(instance, dict):
+        known = schema.get("properties", {})
+        for key in instance:
+            if key in known:
+                continue
+            if key in INLINE_SECRET_KEYS:
+                twin = f"{key}_file"
+                hint = f"set {twin} to its path" if twin in known else "use the matching *_file key"
+                yield (
+                    (*path, key),
+                    (
+                        f"inline secrets are not allowed: put the {key} in a file "
+                        f"readable only by corespond and {hint}"
+                    ),
+                )
+            else:
+                yield (*path, key), f"unknown key {key!r}{_did_you_mean(key, known)}"
+        return
+    if "propertyNames" in error.schema_path:
+        hint = PATTERN_HINTS.get(str(error.validator_value), f"must match {error.validator_value}")
+        if kind == "maxLength":
+            hint = f"is longer than {error.validator_value} characters"
+        yield (*path, str(instance)), f"name {instance!r} {hint}"
+        return
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in (instance or {})]
+        for key in missing:
+            yield path, f"missing required key {key!r}"
+        return
+    if kind == "type":
+        wanted = error.validator_value
+        wanted_list = [str(w) for w in (wanted if isinstance(wanted, list) else [wanted])]
+        names = [_TYPE_NAMES.get(w, w) for w in wanted_list if w != "null"]
+        message = f"must be {' or '.join(names)}, not {_describe(instance)}"
+        if retyped is not None and "string" in wanted_list:
+            message = (
+                f"must be text, but YAML read {retyped.text} as {retyped.describe()}: "
+                f'write it in quotes ("{retyped.text}")'
+            )
+        yield path, message
+        return
+    if kind == "enum":
+        if schema.get("type") == "string" and not isinstance(instance, str):
+            return  # the type error says it, with the advice to quote
+        choices = ", ".join(str(c) for c in error.validator_value)
+        got = retyped.text if retyped is not None else instance
+        hint = _did_you_mean(str(got), [str(c) for c in error.validator_value])
+        yield path, f"must be one of: {choices}; got {got!r}{hint}{quote_hint}"
+        return
+    if kind == "const":
+        yield path, f"must be {error.validator_value!r}"
+        return
+    if kind == "pattern":
+        hint = PATTERN_HINTS.get(str(error.validator_value), f"must match {error.validator_value}")
+        yield path, f"{instance!r} {hint}"
+        return
+    if kind == "minLength":
+        yield path, "must not be empty"
+        return
+    bounds = {
+        "minimum": "at least",
+        "maximum": "at most",
+        "exclusiveMinimum": "greater than",
+        "exclusiveMaximum": "less than",
+    }
+    if kind in bounds:
+        yield path, f"must be {bounds[kind]} {error.validator_value}; got {instance!r}"
+        return
+    yield path, error.message
+
+
+_TYPE_NAMES = {
+    "object": "a mapping (key: value)",
+    "array": "a list",
+    "string": "text",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "empty",
+}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return f"a {type(value).__name__}"
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _zone_names() -> list[str]:
+    from zoneinfo import available_timezones
+
+    return sorted(available_timezones())
+
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ClientTlsConfig",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "DemoConfig",
+    "FeedConfig",
+    "HttpTransport",
+    "ListenConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "ReconnectConfig",
+    "SecurityConfig",
+    "ServerTlsConfig",
+    "SimulatorConfig",
+    "SourceLocation",
+    "SpoolTransport",
+    "StoreConfig",
+    "SubscriptionConfig",
+    "TcpTransport",
+    "Transport",
+    "WebSocketTransport",
+    "config_schema",
+    "load_config",
+]

@@ -1,0 +1,230 @@
+"""Structured logs: one stream (JSON lines, or console text for people), fields by allowlist.
+
+Everything ends up in one stdlib handler on the root logger: our structlog events, stdlib
+loggers (alembic, apscheduler, sqlalchemy) and Twisted's own log events, which a bridge turns
+into ``twisted.log`` events. So the order of lines is the order things happened, and one
+formatter decides what may be written.
+
+The formatter keeps only the fields in :data:`ALLOWED_FIELDS`. Any other field is dropped and
+its *name* listed under ``redacted``: a developer sees that ``caller_name=`` was dropped, never
+its value. Fields hold identifiers and counts; names, birth dates, phone numbers, narratives and
+addresses never reach a log line, whatever a call site passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO, cast
+
+import structlog
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
+from zope.interface import implementer
+
+ALLOWED_FIELDS = frozenset(
+    {
+        # structlog's own
+        "event", "level", "timestamp", "logger",
+        # where things come from
+        "feed", "source", "format", "transport", "peer", "file", "path", "url", "host", "port",
+        "config", "mode", "framing", "subscription_id", "transaction_id",
+        # identifiers
+        "incident_id", "incident_pk", "snapshot_id", "reject_id", "revision", "version", "pid",
+        # outcomes and decisions
+        "state", "code", "reason", "where", "status", "behavioral_health", "category",
+        "response", "old_response", "rules", "ruleset", "old_ruleset", "new_ruleset", "score",
+        "changed", "changes", "accepted", "rejected", "clean", "kept_as",
+        # counts and timings
+        "count", "incidents", "snapshots", "decisions", "rejects", "messages", "batch", "size",
+        "attempt", "in_flight", "framing_errors", "discarded_bytes", "dropped_bytes", "seconds",
+        "duration_ms",
+        # failures
+        "error", "errors", "exception", "signal",
+    }
+)  # fmt: skip
+REDACTED_KEY = "redacted"
+TWISTED_EVENT = "twisted.log"
+# `message` is the formatted text of a Twisted event; we allow it there only.
+TWISTED_MESSAGE_KEY = "message"
+MAX_EXCEPTION_CHARS = 4096
+MAX_MESSAGE_CHARS = 2048
+MAX_VALUE_CHARS = 4096
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_FIRST_KEYS = ("timestamp", "level", "event", "logger")
+# Chatty at INFO about nothing a sysadmin acts on.
+QUIET_LOGGERS = {"alembic.runtime.plugins": logging.WARNING}
+_TWISTED_LEVELS = {
+    LogLevel.debug: logging.DEBUG,
+    LogLevel.info: logging.INFO,
+    LogLevel.warn: logging.WARNING,
+    LogLevel.error: logging.ERROR,
+    LogLevel.critical: logging.CRITICAL,
+}
+
+_handler: logging.Handler | None = None
+_twisted_bridged = False
+
+
+def allowlist_fields(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Keep allowed fields (timestamp, level, event, logger first); name the dropped ones."""
+    out: dict[str, Any] = {}
+    for key in _FIRST_KEYS:
+        if key in event_dict:
+            out[key] = _capped(key, event_dict[key])
+    redacted = []
+    twisted = event_dict.get("event") == TWISTED_EVENT
+    for key, value in event_dict.items():
+        if key in out:
+            continue
+        if key.startswith("_"):  # structlog's ProcessorFormatter bookkeeping, removed later
+            out[key] = value
+        elif key in ALLOWED_FIELDS or (twisted and key == TWISTED_MESSAGE_KEY):
+            out[key] = _capped(key, value)
+        else:
+            redacted.append(key)
+    if redacted:
+        out[REDACTED_KEY] = sorted(redacted)
+    return out
+
+
+def _capped(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    limit = {"exception": MAX_EXCEPTION_CHARS, TWISTED_MESSAGE_KEY: MAX_MESSAGE_CHARS}.get(
+        key, MAX_VALUE_CHARS
+    )
+    if len(value) <= limit:
+        return value
+    return value[:limit] + f"... [truncated {len(value) - limit} characters]"
+
+
+def use_console(fmt: str, stream: TextIO) -> bool:
+    """Whether ``fmt`` means console text on ``stream`` (``auto``: on a terminal)."""
+    if fmt == "console":
+        return True
+    if fmt == "json":
+        return False
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    cache_loggers: bool = True,
+) -> None:
+    """Send every log event of this process to ``stream`` (standard output by default).
+
+    May be called again (tests, a changed format): the previous handler is replaced.
+    ``cache_loggers=False`` keeps loggers re-reading the configuration (for tests).
+    """
+    global _handler
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
+    if fmt not in ("auto", "json", "console"):
+        raise ValueError(f"unknown log format {fmt!r}; expected auto, json or console")
+    out = stream if stream is not None else sys.stdout
+    console = use_console(fmt, out)
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=_isatty(out))
+        if console
+        else structlog.processors.JSONRenderer(default=str)
+    )
+    shared: list[Any] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=cache_loggers,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            allowlist_fields,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    _handler = handler
+    for name, quiet_level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet_level)
+    set_level(level)
+    bridge_twisted_logging()
+
+
+def set_level(level: str) -> None:
+    """Change the least severe level written (a reload may do this)."""
+    logging.getLogger().setLevel(LEVELS[level])
+
+
+def bridge_twisted_logging() -> None:
+    """Route Twisted's log events into the stdlib stream (once per process)."""
+    global _twisted_bridged
+    if _twisted_bridged:
+        return
+    # Not redirecting standard I/O: standard output is where the log lines go.
+    observer = cast(ILogObserver, TwistedLogBridge())
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    _twisted_bridged = True
+
+
+@implementer(ILogObserver)
+class TwistedLogBridge:
+    """A Twisted log observer that writes each event as a structlog ``twisted.log`` event.
+
+    The formatted text goes under ``message`` (truncated), a failure's traceback under
+    ``exception``; the logger is the event's namespace.
+    """
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), logging.INFO)
+        namespace = str(event.get("log_namespace") or "twisted")
+        if namespace == "log_legacy":  # twisted.python.log.msg callers name no namespace
+            namespace = "twisted"
+        if not logging.getLogger(namespace).isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {TWISTED_MESSAGE_KEY: formatEvent(event)}
+        failure = event.get("log_failure")
+        if failure is not None:
+            try:
+                fields["exception"] = failure.getTraceback()
+            except Exception:  # a broken failure must not break logging
+                fields["exception"] = repr(failure)
+        structlog.get_logger(namespace).log(level, TWISTED_EVENT, **fields)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,240 @@
+"""Structured logging: one stream, JSON lines or console text, fields by allowlist only."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from corespond.daemon import log as corespond_log
+from corespond.daemon.log import (
+    ALLOWED_FIELDS,
+    MAX_EXCEPTION_CHARS,
+    allowlist_fields,
+    configure_logging,
+    set_level,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+PHI = "Testy McTestface"  # an invented name standing in for protected information
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    # Twisted buffers events until logging begins; flush them before a test's stream exists,
+    # so that earlier tests' events do not land in it.
+    corespond_log.bridge_twisted_logging()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    if corespond_log._handler is not None:
+        root.removeHandler(corespond_log._handler)
+        corespond_log._handler = None
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def configured(level: str = "info", fmt: str = "json") -> io.StringIO:
+    stream = io.StringIO()
+    configure_logging(level, fmt, stream, cache_loggers=False)
+    return stream
+
+
+def test_events_are_json_lines_with_timestamp_level_and_logger() -> None:
+    stream = configured()
+    log = structlog.get_logger("corespond.test")
+    log.info("cad.snapshot.stored", feed="cad-eido", incident_id="inc-1", count=2)
+    log.warning("feed.tcp.connection.lost", peer="127.0.0.1:5000")
+    first, second = json_lines(stream)
+    assert list(first)[:4] == ["timestamp", "level", "event", "logger"]
+    assert first["event"] == "cad.snapshot.stored" and first["level"] == "info"
+    assert first["logger"] == "corespond.test"
+    assert first["timestamp"].endswith("Z")
+    assert (first["feed"], first["incident_id"], first["count"]) == ("cad-eido", "inc-1", 2)
+    assert second["level"] == "warning" and second["peer"] == "127.0.0.1:5000"
+
+
+def test_fields_outside_the_allowlist_are_dropped_and_named() -> None:
+    stream = configured()
+    structlog.get_logger("t").info(
+        "cad.snapshot.stored", feed="cad-eido", caller_name=PHI, narrative=PHI, phone="555-0100"
+    )
+    [line] = json_lines(stream)
+    assert line["redacted"] == ["caller_name", "narrative", "phone"]
+    assert line["feed"] == "cad-eido"
+    assert PHI not in stream.getvalue() and "555-0100" not in stream.getvalue()
+
+
+def test_bound_and_context_fields_pass_the_same_allowlist() -> None:
+    stream = configured()
+    structlog.contextvars.bind_contextvars(incident_id="inc-7", person=PHI)
+    try:
+        structlog.get_logger("t").bind(address="1 Nowhere Lane").info("decision.made")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    [line] = json_lines(stream)
+    assert line["incident_id"] == "inc-7"
+    assert line["redacted"] == ["address", "person"]
+    assert PHI not in stream.getvalue()
+
+
+def test_message_is_allowed_only_on_twisted_events() -> None:
+    assert "message" not in allowlist_fields(None, "info", {"event": "x", "message": PHI})
+    kept = allowlist_fields(None, "info", {"event": "twisted.log", "message": "listening"})
+    assert kept["message"] == "listening"
+
+
+def test_exceptions_keep_their_traceback_truncated() -> None:
+    stream = configured()
+    try:
+        raise ValueError("x" * 10_000)
+    except ValueError:
+        structlog.get_logger("t").exception("cad.parser.failed", feed="cad-eido")
+    [line] = json_lines(stream)
+    assert line["level"] == "error"
+    assert line["exception"].startswith("Traceback")
+    assert len(line["exception"]) < MAX_EXCEPTION_CHARS + 100
+    assert line["exception"].endswith("characters]")
+
+
+def test_twisted_log_events_come_out_in_the_same_stream() -> None:
+    stream = configured()
+    structlog.get_logger("t").info("daemon.started")
+    Logger(namespace="twisted.web.server").info("Site starting on {port}", port=8931)
+    Logger(namespace="corespond.test").failure("Unhandled error", Failure(KeyError("k")))
+    Logger(namespace="twisted.test").debug("too quiet to show")
+    first, twisted, failure = json_lines(stream)
+    assert first["event"] == "daemon.started"
+    assert twisted == {
+        "timestamp": twisted["timestamp"],
+        "level": "info",
+        "event": "twisted.log",
+        "logger": "twisted.web.server",
+        "message": "Site starting on 8931",
+    }
+    assert failure["level"] == "critical" and failure["message"] == "Unhandled error"
+    assert "KeyError" in failure["exception"]
+
+
+def test_stdlib_loggers_come_out_in_the_same_stream() -> None:
+    stream = configured()
+    logging.getLogger("alembic.runtime.migration").info("Running upgrade  -> 0001, tables")
+    logging.getLogger("apscheduler.scheduler").debug("too quiet to show")
+    [line] = json_lines(stream)
+    assert line["event"] == "Running upgrade  -> 0001, tables"
+    assert line["logger"] == "alembic.runtime.migration" and line["level"] == "info"
+
+
+def test_levels_filter_and_can_change() -> None:
+    stream = configured(level="warning")
+    log = structlog.get_logger("t")
+    log.info("not.shown")
+    log.warning("shown.first")
+    set_level("debug")
+    log.debug("shown.second")
+    assert [line["event"] for line in json_lines(stream)] == ["shown.first", "shown.second"]
+
+
+def test_console_on_a_terminal_json_otherwise() -> None:
+    terminal = Terminal()
+    configure_logging("info", "auto", terminal, cache_loggers=False)
+    structlog.get_logger("t").info("cad.snapshot.stored", feed="cad-eido", narrative=PHI)
+    text = terminal.getvalue()
+    assert "cad.snapshot.stored" in text and "cad-eido" in text
+    assert PHI not in text and "redacted" in text
+    with pytest.raises(ValueError):
+        json.loads(text)
+    pipe = io.StringIO()
+    configure_logging("info", "auto", pipe, cache_loggers=False)
+    structlog.get_logger("t").info("cad.snapshot.stored")
+    assert json_lines(pipe)[0]["event"] == "cad.snapshot.stored"
+    assert terminal.getvalue().count("cad.snapshot.stored") == 1  # the old handler is gone
+
+
+def test_console_when_asked_even_without_a_terminal() -> None:
+    stream = configured(fmt="console")
+    structlog.get_logger("t").info("daemon.started", version="0.1.0")
+    assert "daemon.started" in stream.getvalue() and "\x1b[" not in stream.getvalue()
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        configure_logging("loud", "json", io.StringIO())
+    with pytest.raises(ValueError):
+        configure_logging("info", "xml", io.StringIO())
+
+
+def test_the_allowlist_holds_what_the_brief_started_with() -> None:
+    start = [
+        "event",
+        "level",
+        "timestamp",
+        "logger",
+        "feed",
+        "source",
+        "format",
+        "transport",
+        "peer",
+        "file",
+        "incident_id",
+        "incident_pk",
+        "snapshot_id",
+        "reject_id",
+        "state",
+        "code",
+        "reason",
+        "where",
+        "count",
+        "incidents",
+        "snapshots",
+        "decisions",
+        "rejects",
+        "behavioral_health",
+        "category",
+        "response",
+        "rules",
+        "ruleset",
+        "old_ruleset",
+        "new_ruleset",
+        "score",
+        "changed",
+        "batch",
+        "seconds",
+        "duration_ms",
+        "port",
+        "host",
+        "path",
+        "url",
+        "status",
+        "config",
+        "errors",
+        "error",
+        "exception",
+        "version",
+        "pid",
+        "signal",
+        "mode",
+        "subscription_id",
+        "transaction_id",
+        "framing",
+        "in_flight",
+        "revision",
+    ]
+    assert set(start) <= ALLOWED_FIELDS
+    for phi in ("name", "caller_name", "dob", "birth_date", "phone", "narrative", "address"):
+        assert phi not in ALLOWED_FIELDS
