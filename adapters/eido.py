@@ -1,0 +1,819 @@
+"""NENA EIDO (NENA-STA-021.1b, JSON) to and from :class:`Snapshot`.
+
+An EIDO is the whole state of one incident as its sender knows it (NENA-STA-021.1b section 2),
+which is exactly a :class:`Snapshot`. What we read, and from where:
+
+=====================  =========================================================================
+snapshot               EIDO
+=====================  =========================================================================
+incident_id            ``$id`` (the Incident Tracking Identifier)
+updated_at             ``lastUpdateTimeStamp``
+agency                 the ``agencyComponent`` with ``incidentOwningAgencyIndicator``, else the
+                       first one, else ``updatedByAgencyReference``
+apco_type              ``incidentComponent.incidentTypeCommonRegistryText``
+call_type_code/_type   ``incidentTypeInternalCode`` / ``incidentTypeInternalText``
+status                 ``incidentStatusCommonRegistryText[]`` read in order, the last of
+                       Closed/Cancelled/ReOpened/Active wins (so ``["Closed", "ReOpened"]`` is
+                       active and ``["ReOpened", "Closed"]`` closed); none of them: active
+priority               ``incidentCommonPriorityNumber``, else ``incidentPriorityInternalText``
+zone                   ``beatOrDispatchGroupText``
+incident_number        ``internalIncidentId``
+dispositions           ``dispositionComponent[]``: code, description (else category) text
+opened_at              the earliest ``callComponent[].callStartTimestamp``
+closed_at              when closed: the incident component's ``lastUpdateTimeStamp`` (when the
+                       status last changed), else the EIDO's
+location               the ``locationComponent`` with a ``locationByValue`` (PIDF-LO) of the
+                       preferred type: CurrentIncident, InitialIncident, Caller, RoutingLocation,
+                       Investigation, Other, TowerLocation, Staging; never UnitLocation
+notes                  ``notesComponent[]``: ``notesActionComments`` (HTML5) as plain text,
+                       time = the note's ``lastUpdateTimeStamp``; oldest first
+persons                ``personComponent[]``: roles, and from the NIEM ``ncPersonComponent``
+                       the name, birth date, home (else work) telephone and mental state
+units                  ``emergencyResourceComponent[]``: ``emergencyResourceName`` (else
+                       ``$id``), type, last secondary status (else the primary one)
+cautions               ``cautionComponent[]`` (021.1.1 draft): common (else internal) type text,
+                       ``cautionSeverity``
+=====================  =========================================================================
+
+Fields we do not read are tolerated whatever they hold (senders add their own); a field we read
+with the wrong JSON type is rejected with a JSON pointer to it. The spec's required fields are
+enforced where we use them (``$id``, ``lastUpdateTimeStamp``, ``eidoVersion`` = "1.0",
+``agencyComponent``, the incident type, the note text, the location type, the disposition code,
+the person roles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import lxml.html
+from corespond.adapters.pidflo import parse_pidf_lo, pidf_lo_document
+from corespond.daemon.errors import RejectedMessage
+from corespond.daemon.snapshot import (
+    Caution,
+    Disposition,
+    IncidentStatus,
+    Location,
+    Note,
+    Person,
+    Snapshot,
+    Unit,
+    format_time,
+    parse_time,
+)
+from lxml import etree
+
+EIDO_VERSION: Final = "1.0"
+DEFAULT_AGENCY_ID: Final = "corespond.invalid"
+JSON_LD_CONTEXT: Final = {"@vocab": "./JSON-LD_Contexts/EmergencyIncidentDataObjectType.jsonld"}
+
+# Location types by preference for "where the incident is" (lower wins).
+LOCATION_PREFERENCE: Final = {
+    "currentincident": 0,
+    "initialincident": 1,
+    "caller": 2,
+    "routinglocation": 3,
+    "investigation": 4,
+    "other": 4,
+    "towerlocation": 5,
+    "staging": 6,
+}
+_OTHER_LOCATION = 4
+_NOT_THE_INCIDENT = frozenset({"unitlocation"})  # where a unit is, not where the call is
+
+_STATUS_WORDS: Final = {
+    "closed": IncidentStatus.CLOSED,
+    "cancelled": IncidentStatus.CANCELLED,
+    "canceled": IncidentStatus.CANCELLED,
+    "reopened": IncidentStatus.ACTIVE,
+    "active": IncidentStatus.ACTIVE,
+}
+_STATUS_TEXT: Final = {
+    IncidentStatus.ACTIVE: "Active",
+    IncidentStatus.CLOSED: "Closed",
+    IncidentStatus.CANCELLED: "Cancelled",
+}
+PRIMARY_UNIT_STATUSES: Final = ("Available", "ConditionallyAvailable", "NotAvailable")
+
+# Block elements end a line in the plain-text form of an HTML5 note.
+_BLOCK_TAGS: Final = frozenset({
+    "address", "article", "aside", "blockquote", "dd", "div", "dl", "dt", "figcaption", "figure",
+    "footer", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol", "p",
+    "pre", "section", "table", "tbody", "thead", "tfoot", "tr", "ul",
+})  # fmt: skip
+_SKIPPED_TAGS: Final = frozenset({"script", "style", "template", "head", "title"})
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NIEM_DEPTH = 8  # NIEM wraps values in lists and objects; real nesting is 3 or 4 levels
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+_local = threading.local()
+
+
+class EidoFormat:
+    """NENA EIDO JSON, one EIDO per message."""
+
+    name = "eido"
+
+    def split(self, payload: bytes) -> list[bytes]:
+        return [payload]
+
+    def parse(self, message: bytes) -> Snapshot:
+        return snapshot_from_eido(load_json(message))
+
+
+# --- bytes to JSON -----------------------------------------------------------------------------
+
+
+def load_json(message: bytes) -> Any:
+    """The JSON value in ``message`` (UTF-8, a BOM tolerated); RejectedMessage otherwise."""
+    if message.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RejectedMessage("bad-encoding", "UTF-16 byte order mark: EIDO must be UTF-8", "/")
+    offset = 3 if message.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        text = message[offset:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RejectedMessage(
+            "bad-encoding", f"not valid UTF-8 at byte {err.start + offset}", "/"
+        ) from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        # err.msg is a fixed phrase; anything after a colon could quote the input.
+        what = err.msg.split(":")[0].removesuffix(" at")
+        raise RejectedMessage(
+            "malformed-json",
+            f"{what} at line {err.lineno} column {err.colno}",
+            f"line {err.lineno}, column {err.colno}",
+        ) from None
+    except RecursionError:
+        raise RejectedMessage("malformed-json", "JSON nested too deeply", "/") from None
+    except ValueError:  # e.g. an integer longer than Python's digit limit
+        raise RejectedMessage("malformed-json", "JSON number out of range", "/") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+# --- JSON to Snapshot --------------------------------------------------------------------------
+
+
+def snapshot_from_eido(doc: Any) -> Snapshot:
+    """Validate and map one decoded EIDO. Raises :class:`RejectedMessage` only."""
+    if not isinstance(doc, Mapping):
+        raise RejectedMessage("invalid-field", "an EIDO must be a JSON object", "/")
+    version = doc.get("eidoVersion")
+    if version is None and "EIDOVersion" in doc:
+        raise RejectedMessage(
+            "unsupported", "pre-standard draft EIDO (EIDOVersion): only eidoVersion 1.0", "/"
+        )
+    version = _text(doc, "eidoVersion", "", required=True)
+    if version != EIDO_VERSION:
+        raise RejectedMessage("unsupported", "eidoVersion must be 1.0", "/eidoVersion")
+    incident_id = _text(doc, "$id", "", required=True)
+    updated_at = _time(doc, "lastUpdateTimeStamp", "", required=True)
+    assert incident_id is not None and updated_at is not None
+    agency = _agency(doc)
+
+    fields: dict[str, Any] = {}
+    incident = doc.get("incidentComponent")
+    status = IncidentStatus.ACTIVE
+    if incident is not None:
+        if not isinstance(incident, Mapping):
+            raise RejectedMessage("invalid-field", "must be an object", "/incidentComponent")
+        status, fields = _incident(incident, "/incidentComponent")
+    closed_at = None
+    if status is IncidentStatus.CLOSED:
+        assert incident is not None
+        closed_at = _time(incident, "lastUpdateTimeStamp", "/incidentComponent") or updated_at
+
+    return Snapshot(
+        incident_id=incident_id,
+        updated_at=updated_at,
+        status=status,
+        agency=agency,
+        opened_at=_opened_at(doc),
+        closed_at=closed_at,
+        location=_location(doc),
+        units=tuple(_unit(u, w) for w, u in _components(doc, "emergencyResourceComponent")),
+        cautions=tuple(_caution(c, w) for w, c in _components(doc, "cautionComponent")),
+        notes=_notes(doc),
+        persons=tuple(_person(p, w) for w, p in _components(doc, "personComponent")),
+        **fields,
+    )
+
+
+def _agency(doc: Mapping[str, Any]) -> str | None:
+    agencies = list(_components(doc, "agencyComponent", required=True))
+    owning = [(w, a) for w, a in agencies if _bool(a, "incidentOwningAgencyIndicator", w) is True]
+    for where, agency in owning or agencies[:1]:
+        found = _text(agency, "$id", where, required=True)
+        if found:
+            return found
+    return _reference(doc, "updatedByAgencyReference", "")
+
+
+def _incident(incident: Mapping[str, Any], where: str) -> tuple[IncidentStatus, dict[str, Any]]:
+    priority_number = incident.get("incidentCommonPriorityNumber")
+    priority: str | None
+    if priority_number is not None:
+        if isinstance(priority_number, bool) or not isinstance(priority_number, int):
+            raise RejectedMessage(
+                "invalid-field", "must be an integer", f"{where}/incidentCommonPriorityNumber"
+            )
+        priority = str(priority_number)
+    else:
+        priority = _text(incident, "incidentPriorityInternalText", where)
+    status = IncidentStatus.ACTIVE
+    for word in _texts(incident, "incidentStatusCommonRegistryText", where):
+        status = _STATUS_WORDS.get(word.lower(), status)
+    dispositions = tuple(
+        Disposition(
+            code=_text(d, "dispositionCommonRegistryCode", w, required=True) or "",
+            text=_text(d, "dispositionDescriptionText", w)
+            or _text(d, "dispositionCategoryText", w),
+        )
+        for w, d in _components(incident, "dispositionComponent", where=where)
+    )
+    return status, {
+        "apco_type": _text(incident, "incidentTypeCommonRegistryText", where, required=True),
+        "call_type_code": _text(incident, "incidentTypeInternalCode", where),
+        "call_type": _text(incident, "incidentTypeInternalText", where),
+        "priority": priority,
+        "zone": _text(incident, "beatOrDispatchGroupText", where),
+        "incident_number": _text(incident, "internalIncidentId", where),
+        "dispositions": dispositions,
+    }
+
+
+def _opened_at(doc: Mapping[str, Any]) -> datetime | None:
+    starts = [
+        t
+        for w, call in _components(doc, "callComponent")
+        if (t := _time(call, "callStartTimestamp", w)) is not None
+    ]
+    return min(starts, default=None)
+
+
+def _location(doc: Mapping[str, Any]) -> Location | None:
+    best: tuple[int, int, str, str] | None = None
+    for index, (where, component) in enumerate(_components(doc, "locationComponent")):
+        kind = _text(component, "locationTypeDescriptionRegistryText", where, required=True)
+        assert kind is not None
+        value = _text(component, "locationByValue", where, strip=False)
+        if value is None or not value.strip() or kind.lower() in _NOT_THE_INCIDENT:
+            continue  # by reference only: nothing to dereference here
+        rank = LOCATION_PREFERENCE.get(kind.lower(), _OTHER_LOCATION)
+        if best is None or (rank, index) < best[:2]:
+            best = (rank, index, value, f"{where}/locationByValue")
+    if best is None:
+        return None
+    return parse_pidf_lo(best[2], best[3])
+
+
+def _notes(doc: Mapping[str, Any]) -> tuple[Note, ...]:
+    notes = []
+    for where, component in _components(doc, "notesComponent"):
+        html = _text(
+            component, "notesActionComments", where, required=True, nonempty=False, strip=False
+        )
+        time = _time(component, "lastUpdateTimeStamp", where, required=True)
+        text = html_to_text(html or "", f"{where}/notesActionComments")
+        if text:
+            notes.append(Note(text=text, time=time))
+    # Arrays carry no order in EIDO; the narrative reads oldest first (stable for equal times).
+    notes.sort(key=lambda n: n.time or _EPOCH)
+    return tuple(notes)
+
+
+def html_to_text(html: str, where: str) -> str:
+    """Plain text of an HTML5 fragment: tags dropped, entities decoded, one line per ``<br>``,
+    paragraph or other block (raw line breaks kept too: many CADs send plain text here), runs
+    of blanks collapsed, empty lines dropped."""
+    if "<" not in html and "&" not in html:
+        return _lines(html)
+    try:
+        root = lxml.html.fragment_fromstring(
+            _XML_ILLEGAL.sub("", html), create_parent="div", parser=_html_parser()
+        )
+    except (etree.ParserError, etree.XMLSyntaxError, ValueError):
+        raise RejectedMessage("invalid-field", "note is not parseable HTML", where) from None
+    parts: list[str] = []
+    skipping = 0
+    for event, element in etree.iterwalk(root, events=("start", "end")):
+        tag = element.tag if isinstance(element.tag, str) else ""
+        if event == "start":
+            if tag in _SKIPPED_TAGS:
+                skipping += 1
+            elif tag == "br" or tag in _BLOCK_TAGS:
+                parts.append("\n")
+            if not skipping and tag and element.text:
+                parts.append(element.text)
+        else:
+            if tag in _SKIPPED_TAGS:
+                skipping -= 1
+            elif tag in _BLOCK_TAGS:
+                parts.append("\n")
+            if not skipping and element.tail and element is not root:
+                parts.append(element.tail)
+    return _lines("".join(parts))
+
+
+def _lines(text: str) -> str:
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _html_parser() -> lxml.html.HTMLParser:
+    parser: lxml.html.HTMLParser | None = getattr(_local, "html_parser", None)
+    if parser is None:
+        parser = lxml.html.HTMLParser(
+            remove_comments=True, remove_pis=True, no_network=True, default_doctype=False
+        )
+        _local.html_parser = parser
+    return parser
+
+
+def _person(component: Mapping[str, Any], where: str) -> Person:
+    roles = tuple(_texts(component, "personIncidentRoleRegistryText", where, required=True))
+    nc = component.get("ncPersonComponent")
+    if nc is None:
+        return Person(roles=roles)
+    where = f"{where}/ncPersonComponent"
+    if not isinstance(nc, Mapping):
+        raise RejectedMessage("invalid-field", "must be an object", where)
+    return Person(
+        roles=roles,
+        name=_person_name(nc.get("name"), f"{where}/name"),
+        birth_date=_birth_date(nc.get("birthDate"), f"{where}/birthDate"),
+        phone=_phone(nc, where),
+        mental_state=_joined(nc.get("mentalState"), f"{where}/mentalState"),
+    )
+
+
+def _person_name(value: Any, where: str) -> str | None:
+    for w, name in _niem_items(value, where):
+        if isinstance(name, str):
+            return _clean(name, w).strip() or None
+        if not isinstance(name, Mapping):
+            raise RejectedMessage("invalid-field", "a person name must be an object", w)
+        full = _niem_text(name.get("personFullName"), f"{w}/personFullName")
+        if full:
+            return full
+        parts = [
+            _niem_text(name.get(key), f"{w}/{key}")
+            for key in ("personGivenName", "personMiddleName", "personSurName")
+        ]
+        joined = " ".join(p for p in parts if p)
+        if joined:
+            return joined
+    return None
+
+
+def _birth_date(value: Any, where: str) -> str | None:
+    for w, date in _niem_items(value, where):
+        if isinstance(date, Mapping) and "value" not in date:
+            for key in ("date", "time", "yearMonth", "year"):
+                found = _niem_text(date.get(key), f"{w}/{key}")
+                if found:
+                    return found
+            continue
+        found = _niem_text(date, w)
+        if found:
+            return found
+    return None
+
+
+def _phone(nc: Mapping[str, Any], where: str) -> str | None:
+    for key in ("homeContactInformation", "employmentContactInformation"):
+        for w, contact in _niem_items(nc.get(key), f"{where}/{key}"):
+            if not isinstance(contact, Mapping):
+                raise RejectedMessage("invalid-field", "contact information must be an object", w)
+            for tw, number in _niem_items(
+                contact.get("contactTelephoneNumber"), f"{w}/contactTelephoneNumber"
+            ):
+                found = _telephone(number, tw)
+                if found:
+                    return found
+    return None
+
+
+def _telephone(number: Any, where: str) -> str | None:
+    if not isinstance(number, Mapping) or set(number) <= {"value", "@context"}:
+        return _niem_text(number, where)
+    for fw, full in _niem_items(number.get("full"), f"{where}/full"):
+        if isinstance(full, Mapping) and "telephoneNumberFullID" in full:
+            found = _niem_text(full["telephoneNumberFullID"], f"{fw}/telephoneNumberFullID")
+        else:
+            found = _niem_text(full, fw)
+        if found:
+            return found
+    for nw, nanp in _niem_items(number.get("NANP"), f"{where}/NANP"):
+        if not isinstance(nanp, Mapping):
+            raise RejectedMessage("invalid-field", "must be an object", nw)
+        parts = [
+            _niem_text(nanp.get(k), f"{nw}/{k}")
+            for k in ("telephoneAreaCodeID", "telephoneExchangeID", "telephoneLineID")
+        ]
+        if all(parts):
+            return "-".join(p for p in parts if p)
+    for iw, intl in _niem_items(number.get("international"), f"{where}/international"):
+        if not isinstance(intl, Mapping):
+            raise RejectedMessage("invalid-field", "must be an object", iw)
+        country = _niem_text(intl.get("telephoneCountryCodeID"), f"{iw}/telephoneCountryCodeID")
+        rest = _niem_text(intl.get("telephoneNumberID"), f"{iw}/telephoneNumberID")
+        if rest:
+            return f"+{country} {rest}" if country else rest
+    return None
+
+
+def _joined(value: Any, where: str) -> str | None:
+    texts = [t for w, item in _niem_items(value, where) if (t := _niem_text(item, w))]
+    return "; ".join(texts) or None
+
+
+def _unit(component: Mapping[str, Any], where: str) -> Unit:
+    name = _text(component, "emergencyResourceName", where) or _text(component, "$id", where)
+    if not name:
+        raise RejectedMessage(
+            "missing-field", "a resource needs emergencyResourceName or $id", where
+        )
+    secondary = _texts(component, "secondaryUnitStatusRegistryText", where)
+    return Unit(
+        id=name,
+        type=_text(component, "emergencyResourceTypeCommonRegistryText", where)
+        or _text(component, "emergencyResourceTypeInternalText", where),
+        status=secondary[-1]
+        if secondary
+        else _text(component, "primaryUnitStatusRegistryText", where),
+    )
+
+
+def _caution(component: Mapping[str, Any], where: str) -> Caution:
+    kind = _text(component, "cautionTypeCommonRegistryText", where) or _text(
+        component, "cautionTypeInternalText", where
+    )
+    if not kind:
+        raise RejectedMessage(
+            "missing-field",
+            "a caution needs cautionTypeCommonRegistryText or cautionTypeInternalText",
+            where,
+        )
+    return Caution(type=kind, severity=_text(component, "cautionSeverity", where))
+
+
+# --- typed access with JSON pointers -----------------------------------------------------------
+
+
+def _components(
+    obj: Mapping[str, Any], key: str, *, where: str = "", required: bool = False
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(pointer, object)`` for each item of the array ``key``."""
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise RejectedMessage("missing-field", "required field is missing", f"{where}/{key}")
+        return
+    if not isinstance(value, list):
+        raise RejectedMessage("invalid-field", "must be an array", f"{where}/{key}")
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise RejectedMessage("invalid-field", "must be an object", f"{where}/{key}/{i}")
+        yield f"{where}/{key}/{i}", item
+
+
+def _clean(text: str, where: str) -> str:
+    # Lone surrogates (legal in JSON escapes) and NUL cannot be stored or encoded downstream.
+    if _SURROGATE.search(text):
+        raise RejectedMessage("invalid-field", "string holds an unpaired UTF-16 surrogate", where)
+    if "\x00" in text:
+        raise RejectedMessage("invalid-field", "string holds a NUL character", where)
+    return text
+
+
+def _text(
+    obj: Mapping[str, Any],
+    key: str,
+    where: str,
+    *,
+    required: bool = False,
+    nonempty: bool | None = None,
+    strip: bool = True,
+) -> str | None:
+    """The string at ``key``; ``required`` means present, ``nonempty`` (default: as
+    ``required``) that it holds more than blanks."""
+    value = obj.get(key)
+    pointer = f"{where}/{key}"
+    if value is None:
+        if required:
+            raise RejectedMessage("missing-field", "required field is missing", pointer)
+        return None
+    if not isinstance(value, str):
+        raise RejectedMessage("invalid-field", "must be a string", pointer)
+    text = _clean(value, pointer).strip() if strip else _clean(value, pointer)
+    if (required if nonempty is None else nonempty) and not text.strip():
+        raise RejectedMessage("missing-field", "required field is empty", pointer)
+    return text or None
+
+
+def _texts(obj: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> list[str]:
+    value = obj.get(key)
+    pointer = f"{where}/{key}"
+    if value is None:
+        if required:
+            raise RejectedMessage("missing-field", "required field is missing", pointer)
+        return []
+    if not isinstance(value, list):
+        raise RejectedMessage("invalid-field", "must be an array of strings", pointer)
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RejectedMessage("invalid-field", "must be a string", f"{pointer}/{i}")
+        text = _clean(item, f"{pointer}/{i}").strip()
+        if text:
+            out.append(text)
+    return out
+
+
+def _time(
+    obj: Mapping[str, Any], key: str, where: str, *, required: bool = False
+) -> datetime | None:
+    text = _text(obj, key, where, required=required)
+    return parse_time(text, f"{where}/{key}") if text else None
+
+
+def _bool(obj: Mapping[str, Any], key: str, where: str) -> bool | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RejectedMessage("invalid-field", "must be true or false", f"{where}/{key}")
+    return value
+
+
+def _reference(obj: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise RejectedMessage("invalid-field", "must be a reference object", f"{where}/{key}")
+    return _text(value, "$ref", f"{where}/{key}")
+
+
+def _niem_items(value: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """NIEM JSON makes nearly every property an array; senders often send one bare item."""
+    if value is None:
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if item is not None:
+                yield f"{where}/{i}", item
+    else:
+        yield where, value
+
+
+def _niem_text(value: Any, where: str, depth: int = 0) -> str | None:
+    """The first text in a NIEM value: ``"x"``, ``{"value": "x"}`` or a list of those."""
+    if value is None:
+        return None
+    if depth > _NIEM_DEPTH:
+        raise RejectedMessage("invalid-field", "NIEM value nested too deeply", where)
+    if isinstance(value, str):
+        return _clean(value, where).strip() or None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _niem_text(item, f"{where}/{i}", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, Mapping) and "value" in value:
+        return _niem_text(value["value"], f"{where}/value", depth + 1)
+    raise RejectedMessage("invalid-field", "must be a string or a NIEM text object", where)
+
+
+# --- Snapshot to JSON --------------------------------------------------------------------------
+
+
+def eido_document(snapshot: Snapshot, *, agency_id: str = DEFAULT_AGENCY_ID) -> dict[str, Any]:
+    """A valid EIDO 1.0 for ``snapshot``, sent by ``agency_id``.
+
+    ``EidoFormat().parse(json.dumps(eido_document(s)).encode()) == s`` for everything EIDO
+    carries. What it cannot carry: a snapshot without ``agency`` comes back with ``agency_id``;
+    ``closed_at`` exists only while closed; a caution without severity comes back "normal";
+    note and address whitespace is normalized; a unit without type or status lacks those
+    spec-required fields.
+    The output is deterministic (component ids are derived from the incident id), so the same
+    snapshot always gives the same document. Raises ``ValueError`` when the snapshot has
+    incident data but no ``apco_type``: EIDO requires the common incident type.
+    """
+    sender = {"$ref": agency_id}
+    owner = snapshot.agency or agency_id
+
+    def prologue(kind: str, key: object, time: datetime | None = None) -> dict[str, Any]:
+        digest = hashlib.sha256(f"{snapshot.incident_id}|{kind}|{key}".encode()).hexdigest()
+        return {
+            "$id": f"urn:emergency:uid:eidodatacomponent:{digest[:16]}:{agency_id}",
+            "lastUpdateTimeStamp": _stamp(time or snapshot.updated_at),
+            "updatedByAgencyReference": sender,
+        }
+
+    agencies = [
+        {
+            "$id": owner,
+            "lastUpdateTimeStamp": _stamp(snapshot.updated_at),
+            "updatedByAgencyReference": sender,
+            "agencyRoleDescriptionRegistryText": ["Dispatching"],
+            "agencyType": ["psap"],
+            "incidentOwningAgencyIndicator": snapshot.agency is not None,
+        }
+    ]
+    if owner != agency_id:
+        agencies.append(
+            {
+                "$id": agency_id,
+                "lastUpdateTimeStamp": _stamp(snapshot.updated_at),
+                "updatedByAgencyReference": sender,
+                "agencyRoleDescriptionRegistryText": ["CallReceiving"],
+                "agencyType": ["psap"],
+            }
+        )
+    doc: dict[str, Any] = {
+        "$id": snapshot.incident_id,
+        "lastUpdateTimeStamp": _stamp(snapshot.updated_at),
+        "updatedByAgencyReference": sender,
+        "eidoVersion": EIDO_VERSION,
+        "issuingElementIdentification": agency_id,
+        "agencyComponent": agencies,
+    }
+    incident = _incident_document(snapshot, prologue)
+    if incident is not None:
+        doc["incidentComponent"] = incident
+    if snapshot.opened_at is not None:
+        doc["callComponent"] = [
+            {
+                **prologue("call", 0, snapshot.opened_at),
+                "standardPrimaryCallType": "emergency",
+                "direction": "incoming",
+                "callStartTimestamp": _stamp(snapshot.opened_at),
+                "callStateRegistryText": "callEnd",
+            }
+        ]
+    if snapshot.location is not None:
+        doc["locationComponent"] = [
+            {
+                **prologue("location", "incident"),
+                "locationTypeDescriptionRegistryText": "CurrentIncident",
+                "locationByValue": pidf_lo_document(snapshot.location),
+            }
+        ]
+    if snapshot.notes:
+        doc["notesComponent"] = [
+            {
+                **prologue("note", i, note.time),
+                "notesActionComments": text_to_html(note.text),
+            }
+            for i, note in enumerate(snapshot.notes)
+        ]
+    if snapshot.persons:
+        doc["personComponent"] = [
+            _person_document(person, prologue("person", i))
+            for i, person in enumerate(snapshot.persons)
+        ]
+    if snapshot.units:
+        doc["emergencyResourceComponent"] = [
+            _unit_document(unit, prologue("unit", unit.id)) for unit in snapshot.units
+        ]
+    if snapshot.cautions:
+        doc["cautionComponent"] = [
+            {
+                **prologue("caution", i),
+                "cautionTypeInternalText": caution.type,
+                "cautionTypeCommonRegistryText": caution.type,
+                "cautionSeverity": caution.severity or "normal",  # required by the spec
+            }
+            for i, caution in enumerate(snapshot.cautions)
+        ]
+    doc["@context"] = JSON_LD_CONTEXT
+    return doc
+
+
+def _stamp(value: datetime) -> str:
+    text = format_time(value)
+    assert text is not None
+    return text
+
+
+def _incident_document(snapshot: Snapshot, prologue: Any) -> dict[str, Any] | None:
+    carried = (
+        snapshot.apco_type, snapshot.call_type_code, snapshot.call_type, snapshot.priority,
+        snapshot.zone, snapshot.incident_number, snapshot.dispositions or None,
+        None if snapshot.status is IncidentStatus.ACTIVE else snapshot.status,
+    )  # fmt: skip
+    if all(v is None for v in carried):
+        return None
+    if snapshot.apco_type is None:
+        raise ValueError("EIDO needs an APCO common incident type (snapshot.apco_type)")
+    changed = snapshot.updated_at
+    if snapshot.status is IncidentStatus.CLOSED and snapshot.closed_at is not None:
+        changed = snapshot.closed_at
+    incident: dict[str, Any] = {
+        **prologue("incident", 0, changed),
+        "incidentTypeCommonRegistryText": snapshot.apco_type,
+        "incidentStatusCommonRegistryText": [_STATUS_TEXT[snapshot.status]],
+    }
+    optional = {
+        "incidentTypeInternalCode": snapshot.call_type_code,
+        "incidentTypeInternalText": snapshot.call_type,
+        "internalIncidentId": snapshot.incident_number,
+        "beatOrDispatchGroupText": snapshot.zone,
+    }
+    incident.update({k: v for k, v in optional.items() if v is not None})
+    if snapshot.priority is not None:
+        number = _int32(snapshot.priority)
+        if number is not None:
+            incident["incidentCommonPriorityNumber"] = number
+        else:
+            incident["incidentPriorityInternalText"] = snapshot.priority
+    if snapshot.dispositions:
+        incident["dispositionComponent"] = [
+            {
+                **prologue("disposition", i),
+                "dispositionCommonRegistryCode": d.code,
+                "dispositionPrimaryIndicator": i == 0,
+                **({"dispositionDescriptionText": d.text} if d.text else {}),
+            }
+            for i, d in enumerate(snapshot.dispositions)
+        ]
+    return incident
+
+
+def _int32(text: str) -> int | None:
+    """The integer ``text`` spells exactly (so "01" stays text), within int32."""
+    if not re.fullmatch(r"-?(0|[1-9][0-9]{0,9})", text):
+        return None
+    number = int(text)
+    return number if -(2**31) <= number < 2**31 else None
+
+
+def text_to_html(text: str) -> str:
+    """Plain text as an HTML5 fragment: escaped, one ``<br>`` per line break."""
+    escaped = (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
+    return "<br>".join(escaped.splitlines())
+
+
+def _person_document(person: Person, prologue: dict[str, Any]) -> dict[str, Any]:
+    nc: dict[str, Any] = {}
+    if person.name:
+        nc["name"] = [{"personFullName": [{"value": person.name}]}]
+    if person.birth_date:
+        nc["birthDate"] = [{"date": [{"value": person.birth_date}]}]
+    if person.phone:
+        nc["homeContactInformation"] = [
+            {
+                "contactTelephoneNumber": [
+                    {"full": [{"telephoneNumberFullID": [{"value": person.phone}]}]}
+                ]
+            }
+        ]
+    if person.mental_state:
+        nc["mentalState"] = [{"value": person.mental_state}]
+    out = {**prologue, "personIncidentRoleRegistryText": list(person.roles)}
+    if nc:
+        out["ncPersonComponent"] = nc
+    return out
+
+
+def _unit_document(unit: Unit, prologue: dict[str, Any]) -> dict[str, Any]:
+    # EIDO has no "unknown" type or status: a unit without them is written without those
+    # (spec-required) fields rather than with invented values.
+    out: dict[str, Any] = {**prologue, "emergencyResourceName": unit.id}
+    if unit.type:
+        out["emergencyResourceTypeCommonRegistryText"] = unit.type
+    out["resourceAttributeRegistryText"] = []
+    if unit.status in PRIMARY_UNIT_STATUSES:
+        out["primaryUnitStatusRegistryText"] = unit.status
+        out["secondaryUnitStatusRegistryText"] = []
+    elif unit.status:
+        out["primaryUnitStatusRegistryText"] = "NotAvailable"
+        out["secondaryUnitStatusRegistryText"] = [unit.status]
+    out["agentReference"] = []
+    return out
+
+
+__all__ = [
+    "DEFAULT_AGENCY_ID",
+    "EidoFormat",
+    "eido_document",
+    "html_to_text",
+    "load_json",
+    "snapshot_from_eido",
+    "text_to_html",
+]
