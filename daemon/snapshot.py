@@ -340,7 +340,7 @@ def geo_point(lat: Any, lon: Any, where: str) -> GeoPoint:
     """A validated WGS 84 point; raises :class:`RejectedMessage` when out of range."""
     try:
         flat, flon = float(lat), float(lon)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RejectedMessage("invalid-field", "lat and lon must both be numbers", where) from None
     if isinstance(lat, bool) or isinstance(lon, bool):
         raise RejectedMessage("invalid-field", "lat and lon must both be numbers", where)
