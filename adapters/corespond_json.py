@@ -55,10 +55,7 @@ class CorespondJsonFormat:
         except ValueError:
             # Python refuses integers over 4300 digits (a parsing DoS guard).
             raise RejectedMessage("malformed-json", "a number is too long") from None
-        try:
-            return snapshot_from_json(obj)
-        except OverflowError:
-            raise RejectedMessage("invalid-field", "a number is out of range") from None
+        return snapshot_from_json(obj)
 
 
 class _Refused(Exception):

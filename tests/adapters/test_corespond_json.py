@@ -120,7 +120,7 @@ def test_bom_is_ignored() -> None:
         (b'{"id": "x", "updated_at": "2026-03-14T21:02:11Z", "caller": "Testy McTestface"}',
          "unknown-field", "/caller"),
         (b'{"id": "x", "updated_at": "2026-03-14T21:02:11Z", "location": {"lat": 1' + b"0" * 400
-         + b', "lon": 1}}', "invalid-field", None),
+         + b', "lon": 1}}', "invalid-field", "/location"),
         (b'{"id": "x", "updated_at": "2026-03-14T21:02:11Z", "location": {"lat": 91, "lon": 1}}',
          "invalid-field", "/location"),
         (b'{"id": "x", "updated_at": "2026-03-14T21:02:11Z", "notes": [{"time": "2026-03-14"}]}',
