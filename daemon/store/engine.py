@@ -1,0 +1,91 @@
+"""The database engine: SQLite (WAL) embedded by default, PostgreSQL for production."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+
+SQLITE_SYNCHRONOUS = ("full", "normal")
+
+# Set on a connection (``conn.execution_options(corespond_read_only=True)``) whose transactions
+# only read: on SQLite they then begin DEFERRED instead of IMMEDIATE.
+READ_ONLY = "corespond_read_only"
+
+
+def create_store_engine(
+    url: str | URL,
+    *,
+    sqlite_synchronous: str = "full",
+    password: str | None = None,
+    echo: bool = False,
+) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``).
+
+    ``password`` replaces any password in the URL: secrets come from files, not config.
+    SQLite: the parent directory is created; WAL, ``synchronous`` FULL (survives power loss)
+    or NORMAL (survives a process crash), foreign keys on, a 5 s busy timeout, and write
+    transactions that take the write lock when they begin so that two writers (the daemon and
+    ``corespond replay``) wait for each other instead of failing half way.
+    """
+    parsed = make_url(url)
+    if password is not None:
+        parsed = parsed.set(password=password)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, sqlite_synchronous, echo)
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(
+            parsed,
+            echo=echo,
+            pool_pre_ping=True,
+            json_serializer=_dumps,
+        )
+    raise ValueError(
+        f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
+    )
+
+
+# ASCII escapes: a NUL or lone surrogate from a feed stays storable JSON text. One encoder for
+# all: json.dumps with arguments would build a new one per value.
+_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _sqlite_engine(url: URL, synchronous: str, echo: bool) -> Engine:
+    synchronous = synchronous.lower()
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
+    database = url.database or ""
+    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    if not in_memory:
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        echo=echo,
+        connect_args={"check_same_thread": False},
+        json_serializer=_dumps,
+    )
+
+    @event.listens_for(engine, "connect")
+    def configure(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own transaction handling is switched off; the "begin" hook below
+        # emits BEGIN itself (the SQLAlchemy-documented recipe for correct SQLite transactions).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not in_memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Any) -> None:
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,217 @@
+"""The store's schema: typed SQLAlchemy models for migrations and reads.
+
+The hot path (:mod:`corespond.daemon.store.writer`) uses Core statements built from
+``Model.__table__``; the models are the single source of truth that the Alembic migrations must
+match (a test compares them).
+
+Protected health information lives only in columns made with :func:`phi_column` (their
+``info["phi"]`` is true), so that field encryption and retention can cover all of it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Constraint names are fixed so that migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# 64-bit ids on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY (also 64-bit).
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    SQLite has no time zones: values are stored as naive UTC text and come back aware.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        # The hot path binds several times per snapshot: format the text SQLite's DATETIME
+        # stores ("YYYY-MM-DD HH:MM:SS.ffffff", UTC) in one step.
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is not UTC:
+                value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+            return value.isoformat(" ", "microseconds")[:26]  # without "+00:00"
+
+        return process
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(value: str | None) -> str | None:
+    """``value`` storable on every backend: NUL and lone surrogates become U+FFFD.
+
+    PostgreSQL text cannot hold NUL and UTF-8 cannot encode a lone surrogate; neither may make
+    a snapshot unstorable (the batch would fail and the feed would stall on retries).
+    """
+    if value is None or (value.isascii() and "\x00" not in value):
+        return value
+    return _UNSTORABLE.sub("\ufffd", value)
+
+
+def phi_column(*args: Any, **kwargs: Any) -> Any:
+    """A column that holds protected health information."""
+    kwargs["info"] = dict(kwargs.get("info") or {}, phi=True)
+    return mapped_column(*args, **kwargs)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Incident(Base):
+    """One incident of one source; its state is copied from its current snapshot."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (
+        UniqueConstraint("source", "external_id"),
+        Index(None, "external_id"),
+        Index(None, "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    source: Mapped[str] = mapped_column(String)  # the feed's namespace for incident ids
+    external_id: Mapped[str] = mapped_column(String)
+    incident_number: Mapped[str | None] = mapped_column(String)
+    status: Mapped[str] = mapped_column(String(16))
+    call_type: Mapped[str | None] = mapped_column(String)
+    call_type_code: Mapped[str | None] = mapped_column(String)
+    apco_type: Mapped[str | None] = mapped_column(String)
+    priority: Mapped[str | None] = mapped_column(String)
+    agency: Mapped[str | None] = mapped_column(String)
+    zone: Mapped[str | None] = mapped_column(String)
+    lat: Mapped[float | None] = mapped_column(Float)
+    lon: Mapped[float | None] = mapped_column(Float)
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)  # source time of current snapshot
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    snapshot_count: Mapped[int] = mapped_column(Integer)
+    # Pointers kept by the writer, without foreign keys: incidents and snapshots would
+    # otherwise reference each other, which SQLite cannot create in one migration.
+    current_snapshot_id: Mapped[int | None] = mapped_column(Id)
+    current_decision_id: Mapped[int | None] = mapped_column(Id)
+    behavioral_health: Mapped[bool] = mapped_column(Boolean)
+    category: Mapped[str | None] = mapped_column(String)
+    response: Mapped[str] = mapped_column(String(16))
+
+
+class SnapshotRow(Base):
+    """Every snapshot received, raw bytes included; ``digest`` makes a repeat a no-op."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (Index(None, "incident_id", "source_updated_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    incident_id: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"))
+    feed: Mapped[str] = mapped_column(String)
+    format: Mapped[str] = mapped_column(String)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source_updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of raw, hex
+    raw: Mapped[bytes] = phi_column(LargeBinary)
+    public: Mapped[dict[str, Any]] = mapped_column(JSON)  # snapshot_public_json
+    protected: Mapped[dict[str, Any]] = phi_column(JSON)  # snapshot_protected_json
+
+
+class DecisionRow(Base):
+    """The classifier's decision on one snapshot, with what it matched."""
+
+    __tablename__ = "decisions"
+    __table_args__ = (Index(None, "incident_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    snapshot_id: Mapped[int] = mapped_column(Id, ForeignKey("snapshots.id"), unique=True)
+    incident_id: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ruleset: Mapped[str] = mapped_column(String)
+    behavioral_health: Mapped[bool] = mapped_column(Boolean)
+    category: Mapped[str | None] = mapped_column(String)
+    response: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float] = mapped_column(Float)
+    rules: Mapped[list[str]] = mapped_column(JSON)
+    evidence: Mapped[list[dict[str, Any]]] = phi_column(JSON)  # quotes the narrative
+    # This decision changed the incident's current outcome (a new incident's first one does).
+    changed: Mapped[bool] = mapped_column(Boolean)
+
+
+class RejectedMessageRow(Base):
+    """A message that could not be parsed or validated, kept verbatim with the reason."""
+
+    __tablename__ = "rejected_messages"
+    __table_args__ = (Index(None, "received_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    feed: Mapped[str] = mapped_column(String)
+    format: Mapped[str] = mapped_column(String)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    code: Mapped[str] = mapped_column(String)
+    reason: Mapped[str] = mapped_column(String)  # never quotes content, by contract
+    where: Mapped[str | None] = mapped_column(String)
+    origin_name: Mapped[str | None] = mapped_column(String)  # file name or peer
+    digest: Mapped[str] = mapped_column(String(64))
+    raw: Mapped[bytes] = phi_column(LargeBinary)
+
+
+incidents: Table = Incident.__table__  # type: ignore[assignment]
+snapshots: Table = SnapshotRow.__table__  # type: ignore[assignment]
+decisions: Table = DecisionRow.__table__  # type: ignore[assignment]
+rejected_messages: Table = RejectedMessageRow.__table__  # type: ignore[assignment]
+
+
+def phi_columns(metadata: MetaData = Base.metadata) -> list[str]:
+    """``table.column`` for every column marked as holding protected health information."""
+    return sorted(
+        f"{table.name}.{column.name}"
+        for table in metadata.tables.values()
+        for column in table.columns
+        if column.info.get("phi")
+    )

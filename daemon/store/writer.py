@@ -1,0 +1,740 @@
+"""Writing snapshots, decisions and rejects: one transaction per batch, group-committed.
+
+:func:`write_batch` is the synchronous unit of work (SQLAlchemy Core, a handful of round trips
+for a whole batch). :class:`IncidentStore` runs it on one dedicated writer thread and batches
+whatever was submitted while the previous batch was being written (group commit), so that the
+cost of a durable commit is shared by every snapshot that arrived meanwhile.
+
+A batch has exactly the effect of writing its items one at a time in order: the flags returned
+for each snapshot (became current, decision changed) are computed in that order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import Connection, Engine, bindparam, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from corespond.daemon.decision import Decision
+from corespond.daemon.ingest import SnapshotState
+from corespond.daemon.snapshot import (
+    Snapshot,
+    snapshot_protected_json,
+    snapshot_public_json,
+    utc,
+)
+from corespond.daemon.store.engine import READ_ONLY
+from corespond.daemon.store.queries import DECISION_COLUMNS, decision_from_row
+from corespond.daemon.store.tables import (
+    clean_text,
+    decisions,
+    incidents,
+    rejected_messages,
+    snapshots,
+)
+
+__all__ = [
+    "IncidentStore",
+    "RejectRecord",
+    "SnapshotRecord",
+    "SnapshotState",
+    "StoreClosed",
+    "StoreError",
+    "StoredSnapshot",
+    "clean_text",
+    "write_batch",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Bound on the values of one IN (...) list: SQLite and PostgreSQL both cap bound parameters.
+_IN_CHUNK = 400
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """A parsed, classified snapshot to store. ``source`` namespaces the incident ids."""
+
+    feed: str
+    source: str
+    format: str
+    received_at: datetime
+    raw: bytes
+    snapshot: Snapshot
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    incident_pk: int
+    external_id: str
+    snapshot_id: int
+    state: SnapshotState
+    became_current: bool  # this snapshot is now the incident's current state
+    decision_changed: bool  # the incident's current outcome changed (new incident included)
+    # What the outcome changed from, when it changed (None for a new incident, and when it did
+    # not change: loading every previous decision would cost the hot path for nothing).
+    previous_decision: Decision | None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRecord:
+    """A message that could not be parsed, to keep verbatim with the reason."""
+
+    feed: str
+    format: str
+    received_at: datetime
+    raw: bytes
+    code: str
+    reason: str
+    where: str | None
+    origin_name: str | None
+
+
+class StoreClosed(Exception):
+    """Submitted to an :class:`IncidentStore` after :meth:`IncidentStore.stop`."""
+
+
+# --- statements, built once (building a statement costs more than executing a small one) -----
+
+_EXISTING_SNAPSHOTS = (
+    select(snapshots.c.digest, snapshots.c.id, incidents.c.id, incidents.c.external_id)
+    .join_from(snapshots, incidents, snapshots.c.incident_id == incidents.c.id)
+    .where(snapshots.c.digest.in_(bindparam("digests", expanding=True)))
+)
+_SELECT_INCIDENTS = (
+    select(
+        incidents.c.id,
+        incidents.c.source,
+        incidents.c.external_id,
+        incidents.c.snapshot_count,
+        incidents.c.first_received_at,
+        incidents.c.last_received_at,
+        incidents.c.current_snapshot_id,
+        incidents.c.current_decision_id,
+        incidents.c.behavioral_health,
+        incidents.c.category,
+        incidents.c.response,
+        snapshots.c.source_updated_at,
+        snapshots.c.received_at,
+    )
+    .select_from(incidents.outerjoin(snapshots, snapshots.c.id == incidents.c.current_snapshot_id))
+    .where(
+        tuple_(incidents.c.source, incidents.c.external_id).in_(bindparam("keys", expanding=True))
+    )
+    .order_by(incidents.c.id)  # lock order: two writers cannot deadlock on incidents
+)
+_SELECT_DECISIONS = select(decisions.c.id, *DECISION_COLUMNS).where(
+    decisions.c.id.in_(bindparam("ids", expanding=True))
+)
+_INSERT_DECISIONS = insert(decisions).returning(decisions.c.id, decisions.c.snapshot_id)
+_INSERT_REJECTS = insert(rejected_messages).returning(
+    rejected_messages.c.id, sort_by_parameter_order=True
+)
+_UPDATE_INCIDENT = update(incidents).where(incidents.c.id == bindparam("incident_pk"))
+
+
+@dataclass(frozen=True, slots=True)
+class _DialectStatements:
+    insert_incidents: Any  # INSERT .. ON CONFLICT DO NOTHING
+    insert_snapshots: Any  # the same, RETURNING id, digest
+    select_incidents: Any  # FOR UPDATE on PostgreSQL
+
+
+_STATEMENTS: dict[str, _DialectStatements] = {}
+
+
+# --- the unit of work ------------------------------------------------------------------------
+
+
+def write_batch(
+    conn: Connection, items: Sequence[SnapshotRecord | RejectRecord]
+) -> list[StoredSnapshot | int]:
+    """Store ``items`` in the caller's transaction; one result per item, in order.
+
+    A snapshot gives a :class:`StoredSnapshot`, a reject the id of its quarantine row.
+    """
+    results: list[StoredSnapshot | int | None] = [None] * len(items)
+    rejects = [(i, r) for i, r in enumerate(items) if isinstance(r, RejectRecord)]
+    if rejects:
+        for (i, _), reject_id in zip(
+            rejects, _insert_rejects(conn, [r for _, r in rejects]), strict=True
+        ):
+            results[i] = reject_id
+    pending = [
+        _Pending(i, r, hashlib.sha256(r.raw).hexdigest())
+        for i, r in enumerate(items)
+        if isinstance(r, SnapshotRecord)
+    ]
+    if pending:
+        _write_snapshots(conn, pending, results)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class _Pending:
+    index: int
+    record: SnapshotRecord
+    digest: str
+    key: tuple[str, str] = ("", "")
+    received_at: datetime = field(init=False)
+
+    def __post_init__(self) -> None:
+        external_id = clean_text(self.record.snapshot.incident_id) or ""
+        self.key = (self.record.source, external_id)
+        self.received_at = utc(self.record.received_at)
+
+
+@dataclass(slots=True)
+class _IncidentState:
+    """An incident's row while the batch is applied to it, in item order."""
+
+    pk: int
+    external_id: str
+    snapshot_count: int
+    first_received_at: datetime | None
+    last_received_at: datetime | None
+    # (source time, received time, snapshot id) of the current snapshot: the newest wins.
+    rank: tuple[datetime, datetime, int] | None
+    outcome: tuple[bool, str | None, str] | None  # of the current decision
+    decision_id: int | None  # the current decision, when it is a stored one
+    decision: Decision | None = None  # the current decision, when it came in this batch
+    current: _Pending | None = None  # set when a snapshot of this batch became current
+    snapshot_id: int | None = None
+    touched: bool = False
+
+
+def _insert_rejects(conn: Connection, records: list[RejectRecord]) -> list[int]:
+    rows = conn.execute(
+        _INSERT_REJECTS,
+        [
+            {
+                "feed": r.feed,
+                "format": r.format,
+                "received_at": r.received_at,
+                "code": r.code,
+                "reason": clean_text(r.reason),
+                "where": clean_text(r.where),
+                "origin_name": clean_text(r.origin_name),
+                "digest": hashlib.sha256(r.raw).hexdigest(),
+                "raw": r.raw,
+            }
+            for r in records
+        ],
+    )
+    return [row.id for row in rows]
+
+
+def _write_snapshots(
+    conn: Connection, pending: list[_Pending], results: list[StoredSnapshot | int | None]
+) -> None:
+    # Repeats inside the batch: only the first of each digest can be new.
+    first: dict[str, _Pending] = {}
+    for p in pending:
+        first.setdefault(p.digest, p)
+    known = _existing_snapshots(conn, list(first))
+    candidates = [p for p in first.values() if p.digest not in known]
+
+    if candidates:
+        states = _lock_incidents(conn, sorted({p.key for p in candidates}))
+        inserted = _insert_snapshots(conn, candidates, states)
+        # Lost a race with another writer on the same bytes: theirs stands, ours is a repeat.
+        lost = [p for p in candidates if p.digest not in inserted]
+        if lost:
+            known.update(_existing_snapshots(conn, [p.digest for p in lost]))
+            candidates = [p for p in candidates if p.digest in inserted]
+        _apply(conn, candidates, inserted, states, results)
+        # An incident created here whose every snapshot lost such a race stays empty: drop it.
+        empty = [s.pk for s in states.values() if s.snapshot_count == 0]
+        if empty:
+            conn.execute(incidents.delete().where(incidents.c.id.in_(empty)))
+
+    # Everything else repeats a snapshot stored before, or earlier in this batch.
+    for p in pending:
+        if results[p.index] is not None:
+            continue
+        if p.digest in known:
+            snapshot_id, incident_pk, external_id = known[p.digest]
+        else:
+            original = results[first[p.digest].index]
+            assert isinstance(original, StoredSnapshot)
+            snapshot_id = original.snapshot_id
+            incident_pk, external_id = original.incident_pk, original.external_id
+        results[p.index] = StoredSnapshot(
+            incident_pk=incident_pk,
+            external_id=external_id,
+            snapshot_id=snapshot_id,
+            state=SnapshotState.DUPLICATE,
+            became_current=False,
+            decision_changed=False,
+            previous_decision=None,
+        )
+
+
+def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+def _existing_snapshots(conn: Connection, digests: list[str]) -> dict[str, tuple[int, int, str]]:
+    """digest -> (snapshot id, incident pk, external id) for the digests already stored."""
+    found: dict[str, tuple[int, int, str]] = {}
+    for chunk in _chunks(digests):
+        rows = conn.execute(_EXISTING_SNAPSHOTS, {"digests": chunk})
+        for digest, snapshot_id, incident_pk, external_id in rows:
+            found[digest] = (snapshot_id, incident_pk, external_id)
+    return found
+
+
+def _dialect_statements(conn: Connection) -> _DialectStatements:
+    name = conn.dialect.name
+    if name not in _STATEMENTS:
+        if name == "postgresql":
+            dialect_insert: Any = postgresql.insert
+        elif name == "sqlite":
+            dialect_insert = sqlite.insert
+        else:
+            raise ValueError(f"unsupported database {name!r}")
+        _STATEMENTS[name] = _DialectStatements(
+            insert_incidents=dialect_insert(incidents).on_conflict_do_nothing(
+                index_elements=[incidents.c.source, incidents.c.external_id]
+            ),
+            insert_snapshots=dialect_insert(snapshots)
+            .on_conflict_do_nothing(index_elements=[snapshots.c.digest])
+            .returning(snapshots.c.id, snapshots.c.digest),
+            select_incidents=_SELECT_INCIDENTS.with_for_update(of=incidents)
+            if name == "postgresql"
+            else _SELECT_INCIDENTS,
+        )
+    return _STATEMENTS[name]
+
+
+def _lock_incidents(
+    conn: Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], _IncidentState]:
+    """The incidents for ``keys``, created when missing, locked until the transaction ends.
+
+    Rows are locked in id order and created in key order, so that two writers on one
+    PostgreSQL cannot deadlock on them (SQLite writers are serialized by BEGIN IMMEDIATE).
+    """
+    states = _select_incidents(conn, keys)
+    missing = [k for k in keys if k not in states]
+    if missing:
+        conn.execute(
+            _dialect_statements(conn).insert_incidents,
+            [_placeholder(source, external_id) for source, external_id in missing],
+        )
+        states.update(_select_incidents(conn, missing))
+    return states
+
+
+def _placeholder(source: str, external_id: str) -> dict[str, Any]:
+    # Filled in by the update at the end of the batch; never committed as is.
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return {
+        "source": source,
+        "external_id": external_id,
+        "status": "active",
+        "updated_at": epoch,
+        "first_received_at": epoch,
+        "last_received_at": epoch,
+        "snapshot_count": 0,
+        "behavioral_health": False,
+        "response": "none",
+    }
+
+
+def _select_incidents(
+    conn: Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], _IncidentState]:
+    states: dict[tuple[str, str], _IncidentState] = {}
+    stmt = _dialect_statements(conn).select_incidents
+    for chunk in _chunks(keys):
+        # Unpacked as tuples: attribute access on rows costs more than the query here.
+        for (
+            pk, source, external_id, count, first_received, last_received, snapshot_id,
+            decision_id, behavioral_health, category, response, source_updated, received,
+        ) in conn.execute(stmt, {"keys": list(chunk)}):  # fmt: skip
+            rank = outcome = None
+            if snapshot_id is not None:
+                rank = (source_updated, received, snapshot_id)
+                outcome = (behavioral_health, category, response)
+            states[(source, external_id)] = _IncidentState(
+                pk=pk,
+                external_id=external_id,
+                snapshot_count=count,
+                first_received_at=first_received if count else None,
+                last_received_at=last_received if count else None,
+                rank=rank,
+                outcome=outcome,
+                decision_id=decision_id,
+            )
+    return states
+
+
+def _insert_snapshots(
+    conn: Connection, candidates: list[_Pending], states: dict[tuple[str, str], _IncidentState]
+) -> dict[str, int]:
+    """Insert the candidates; digest -> new snapshot id for those that were not there yet."""
+    stmt = _dialect_statements(conn).insert_snapshots
+    params = [
+        {
+            "incident_id": states[p.key].pk,
+            "feed": p.record.feed,
+            "format": p.record.format,
+            "received_at": p.received_at,
+            "source_updated_at": p.record.snapshot.updated_at,
+            "digest": p.digest,
+            "raw": p.record.raw,
+            "public": snapshot_public_json(p.record.snapshot),
+            "protected": snapshot_protected_json(p.record.snapshot),
+        }
+        for p in candidates
+    ]
+    return {digest: snapshot_id for snapshot_id, digest in conn.execute(stmt, params)}
+
+
+def _apply(
+    conn: Connection,
+    candidates: list[_Pending],
+    inserted: dict[str, int],
+    states: dict[tuple[str, str], _IncidentState],
+    results: list[StoredSnapshot | int | None],
+) -> None:
+    """Decide, in item order, what each new snapshot does to its incident; write it down."""
+    decision_params: list[dict[str, Any]] = []
+    previous_to_load: dict[int, int] = {}  # item index -> stored decision id
+    for p in candidates:
+        state = states[p.key]
+        snapshot_id = inserted[p.digest]
+        rank = (utc(p.record.snapshot.updated_at), p.received_at, snapshot_id)
+        became_current = state.rank is None or rank > state.rank
+        outcome = _outcome(p.record.decision)
+        changed = became_current and outcome != state.outcome
+        previous = state.decision if changed else None
+        if changed and previous is None and state.decision_id is not None:
+            previous_to_load[p.index] = state.decision_id
+        if became_current:
+            state.rank, state.outcome = rank, outcome
+            state.decision, state.decision_id = p.record.decision, None
+            state.current, state.snapshot_id = p, snapshot_id
+        state.snapshot_count += 1
+        if state.first_received_at is None or p.received_at < state.first_received_at:
+            state.first_received_at = p.received_at
+        if state.last_received_at is None or p.received_at > state.last_received_at:
+            state.last_received_at = p.received_at
+        state.touched = True
+        decision = p.record.decision
+        decision_params.append(
+            {
+                "snapshot_id": snapshot_id,
+                "incident_id": state.pk,
+                "created_at": p.received_at,
+                "ruleset": decision.ruleset,
+                "behavioral_health": decision.behavioral_health,
+                "category": clean_text(decision.category),
+                "response": decision.response.value,
+                "score": decision.score,
+                "rules": list(decision.rules),
+                "evidence": decision.evidence_json(),
+                "changed": changed,
+            }
+        )
+        results[p.index] = StoredSnapshot(
+            incident_pk=state.pk,
+            external_id=state.external_id,
+            snapshot_id=snapshot_id,
+            state=SnapshotState.NEW,
+            became_current=became_current,
+            decision_changed=changed,
+            previous_decision=previous,
+        )
+    if previous_to_load:
+        _fill_previous(conn, previous_to_load, results)
+    if not decision_params:
+        return
+    rows = conn.execute(_INSERT_DECISIONS, decision_params)
+    decision_ids = {snapshot_id: decision_id for decision_id, snapshot_id in rows}
+    # executemany needs one shape per statement: incidents with a new current snapshot, and
+    # incidents that only received late ones.
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for state in states.values():
+        if state.touched:
+            values = _incident_update(state, decision_ids)
+            shapes.setdefault(tuple(values), []).append(values)
+    for params in shapes.values():
+        conn.execute(_UPDATE_INCIDENT, params)
+
+
+def _outcome(decision: Decision) -> tuple[bool, str | None, str]:
+    """What a dispatcher acts on (see Decision.same_outcome), as the incident row holds it."""
+    return (decision.behavioral_health, clean_text(decision.category), decision.response.value)
+
+
+def _fill_previous(
+    conn: Connection, to_load: dict[int, int], results: list[StoredSnapshot | int | None]
+) -> None:
+    ids = sorted(set(to_load.values()))
+    loaded: dict[int, Decision] = {}
+    for chunk in _chunks(ids):
+        rows = conn.execute(_SELECT_DECISIONS, {"ids": chunk})
+        loaded.update((row.id, decision_from_row(row)) for row in rows)
+    for index, decision_id in to_load.items():
+        result = results[index]
+        assert isinstance(result, StoredSnapshot)
+        results[index] = replace(result, previous_decision=loaded[decision_id])
+
+
+def _incident_update(state: _IncidentState, decision_ids: dict[int, int]) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "incident_pk": state.pk,
+        "snapshot_count": state.snapshot_count,
+        "first_received_at": state.first_received_at,
+        "last_received_at": state.last_received_at,
+    }
+    if state.current is not None:
+        assert state.snapshot_id is not None
+        values.update(incident_columns(state.current.record.snapshot))
+        values.update(decision_columns(state.current.record.decision))
+        values["current_snapshot_id"] = state.snapshot_id
+        values["current_decision_id"] = decision_ids[state.snapshot_id]
+    return values
+
+
+def incident_columns(snap: Snapshot) -> dict[str, Any]:
+    """The incident columns that a snapshot determines when it is the current one."""
+    point = snap.location.point if snap.location else None
+    return {
+        "incident_number": clean_text(snap.incident_number),
+        "status": snap.status.value,
+        "call_type": clean_text(snap.call_type),
+        "call_type_code": clean_text(snap.call_type_code),
+        "apco_type": clean_text(snap.apco_type),
+        "priority": clean_text(snap.priority),
+        "agency": clean_text(snap.agency),
+        "zone": clean_text(snap.zone),
+        "lat": point.lat if point else None,
+        "lon": point.lon if point else None,
+        "opened_at": snap.opened_at,
+        "closed_at": snap.closed_at,
+        "updated_at": snap.updated_at,
+    }
+
+
+def decision_columns(decision: Decision) -> dict[str, Any]:
+    """The incident columns that its current decision determines."""
+    return {
+        "behavioral_health": decision.behavioral_health,
+        "category": clean_text(decision.category),
+        "response": decision.response.value,
+    }
+
+
+# --- group commit under Twisted --------------------------------------------------------------
+
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+# Worth retrying the whole batch: PostgreSQL deadlock / serialization failure, a dropped
+# connection, SQLite still locked after its busy timeout.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+class StoreError(Exception):
+    """A batch could not be committed. The message names the error, never the data."""
+
+
+class IncidentStore:
+    """Group-committing writer with one dedicated writer thread, and a small reader pool.
+
+    Submissions queue up; whenever no batch is being written, everything queued (up to
+    ``batch_max``) goes into one :func:`write_batch` transaction. Every Deferred fires on the
+    reactor thread after its batch committed; when a batch fails, each of its Deferreds
+    errbacks with :class:`StoreError` (the caller must not acknowledge) and the next batch
+    goes ahead.
+
+    ``run_in_thread`` / ``run_read_in_thread`` run a callable off the reactor and return a
+    Deferred of its result; they default to the store's own thread pools (tests inject their
+    own to decide when a write completes).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        reactor: Any,
+        *,
+        batch_max: int = 256,
+        attempts: int = 3,
+        run_in_thread: RunInThread | None = None,
+        run_read_in_thread: RunInThread | None = None,
+    ) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self.engine = engine
+        self.batch_max = batch_max
+        self.attempts = attempts
+        self._writer_pool = ThreadPool(0, 1, name="corespond-store-writer")
+        self._reader_pool = ThreadPool(0, 2, name="corespond-store-reader")
+        self._run_write: RunInThread = run_in_thread or (
+            lambda fn: deferToThreadPool(reactor, self._writer_pool, fn)
+        )
+        self._run_read: RunInThread = run_read_in_thread or (
+            lambda fn: deferToThreadPool(reactor, self._reader_pool, fn)
+        )
+        self._queue: deque[tuple[SnapshotRecord | RejectRecord, Deferred[Any]]] = deque()
+        self._writing = False
+        self._started = False
+        self._closed = False
+        self._drains: list[Deferred[None]] = []
+        self._healthy = True
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last batch failed; True after a good one (and before any)."""
+        return self._healthy
+
+    @property
+    def queued(self) -> int:
+        """Submissions waiting for a batch (not counting the one being written)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._writer_pool.start()
+        self._reader_pool.start()
+        self._next_batch()
+
+    def store_snapshot(self, record: SnapshotRecord) -> Deferred[StoredSnapshot]:
+        return self._submit(record)
+
+    def store_reject(self, record: RejectRecord) -> Deferred[int]:
+        return self._submit(record)
+
+    def drain(self) -> Deferred[None]:
+        """Fires when everything submitted so far is written (or failed)."""
+        if not self._writing and not self._queue:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drains.append(waiter)
+        return waiter
+
+    def stop(self) -> Deferred[None]:
+        """Refuse new work, finish what was submitted, then stop the threads."""
+        self._closed = True
+        if not self._started:
+            while self._queue:
+                self._queue.popleft()[1].errback(StoreClosed("the store was stopped unstarted"))
+            self._release_drains()
+            return succeed(None)
+
+        def stopped(_: object) -> None:
+            self._started = False
+            self._writer_pool.stop()
+            self._reader_pool.stop()
+
+        return self.drain().addCallback(stopped)
+
+    def run_read(self, fn: Callable[[Connection], T]) -> Deferred[T]:
+        """``fn(conn)`` in a read-only transaction on a reader thread, never on the reactor."""
+
+        def read() -> T:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{READ_ONLY: True})
+                return fn(conn)
+
+        return self._run_read(read)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _submit(self, item: SnapshotRecord | RejectRecord) -> Deferred[Any]:
+        if self._closed:
+            return fail(StoreClosed("the store is stopping"))
+        done: Deferred[Any] = Deferred()
+        self._queue.append((item, done))
+        self._next_batch()
+        return done
+
+    def _next_batch(self) -> None:
+        if self._writing or not self._started:
+            return
+        if not self._queue:
+            self._release_drains()
+            return
+        batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+        self._writing = True
+        items = [item for item, _ in batch]
+        self._run_write(lambda: self._write(items)).addBoth(self._written, batch)
+
+    def _write(self, items: list[SnapshotRecord | RejectRecord]) -> list[StoredSnapshot | int]:
+        """In the writer thread: one transaction, retried when the failure is transient."""
+        attempt = 1
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    return write_batch(conn, items)
+            except DBAPIError as err:
+                if attempt >= self.attempts or not _transient(err):
+                    raise
+                log.warning(
+                    "store.batch.retried", attempt=attempt, size=len(items), error=_describe(err)
+                )
+                attempt += 1
+
+    def _written(
+        self, result: list[StoredSnapshot | int] | Failure, batch: list[tuple[Any, Deferred[Any]]]
+    ) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            self._healthy = False
+            cause = result.value
+            description = _describe(cause) if cause is not None else "unknown"
+            log.error("store.batch.failed", size=len(batch), error=description)
+            error = StoreError(f"the store could not commit: {description}")
+            error.__cause__ = cause
+            for _, done in batch:
+                done.errback(error)
+        else:
+            self._healthy = True
+            for (_, done), value in zip(batch, result, strict=True):
+                done.callback(value)
+        self._next_batch()
+
+    def _release_drains(self) -> None:
+        drains, self._drains = self._drains, []
+        for waiter in drains:
+            waiter.callback(None)
+
+
+def _sqlstate(err: DBAPIError) -> str | None:
+    return getattr(err.orig, "sqlstate", None) or getattr(err.orig, "pgcode", None)
+
+
+def _transient(err: DBAPIError) -> bool:
+    if err.connection_invalidated or _sqlstate(err) in _TRANSIENT_SQLSTATES:
+        return True
+    return "database is locked" in str(err.orig)
+
+
+def _describe(err: BaseException) -> str:
+    """The kind of a database error, never its message: those quote statement parameters."""
+    if isinstance(err, DBAPIError):
+        state = _sqlstate(err)
+        kind = f"{type(err).__name__}/{type(err.orig).__name__}"
+        return f"{kind} (sqlstate {state})" if state else kind
+    return type(err).__name__

@@ -1,0 +1,190 @@
+"""IncidentStore: group commit, delivery after commit, failures confined to their batch.
+
+The "run in a thread" function is injected: the test decides when each write happens (it runs
+the real write_batch on the real database, in the test's thread) and so sees batches form
+while a write is in progress, without threads, reactors or sleeps.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from corespond.daemon.ingest import SnapshotState
+from corespond.daemon.store.queries import totals
+from corespond.daemon.store.writer import (
+    IncidentStore,
+    StoreClosed,
+    StoredSnapshot,
+    StoreError,
+    _transient,
+)
+from tests.daemon.store.records import record, reject, snapshot
+
+
+class Threads:
+    """Stands in for deferToThreadPool: remembers each call until the test runs it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, fn: Callable[[], Any]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.calls.append((fn, done))
+        return done
+
+    def run_next(self) -> None:
+        fn, done = self.calls.pop(0)
+        try:
+            result = fn()
+        except Exception:
+            done.errback(Failure())
+        else:
+            done.callback(result)
+
+    def fail_next(self, error: Exception) -> None:
+        self.calls.pop(0)[1].errback(error)
+
+
+class Results:
+    def __init__(self) -> None:
+        self.values: dict[int, Any] = {}
+
+    def watch(self, n: int, d: Deferred[Any]) -> None:
+        d.addBoth(lambda value: self.values.__setitem__(n, value))
+
+
+def make_store(engine: Engine, **kwargs: Any) -> tuple[IncidentStore, Threads, Threads]:
+    writes, reads = Threads(), Threads()
+    store = IncidentStore(engine, Clock(), run_in_thread=writes, run_read_in_thread=reads, **kwargs)
+    store.start()
+    return store, writes, reads
+
+
+def incident(n: int) -> Any:
+    return record(snapshot(f"G-{n}", updated=n), received=n)
+
+
+def test_batches_form_while_a_write_is_in_progress(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    results = Results()
+    results.watch(0, store.store_snapshot(incident(0)))
+    assert len(writes.calls) == 1  # nothing was being written: goes at once
+    for n in range(1, 4):
+        results.watch(n, store.store_snapshot(incident(n)))
+    results.watch(4, store.store_reject(reject()))
+    assert len(writes.calls) == 1 and store.queued == 4
+    assert results.values == {}
+
+    writes.run_next()
+    assert list(results.values) == [0]  # only the committed one
+    assert len(writes.calls) == 1 and store.queued == 0  # the rest went as one batch
+    writes.run_next()
+    assert sorted(results.values) == [0, 1, 2, 3, 4]
+    assert all(isinstance(results.values[n], StoredSnapshot) for n in range(4))
+    assert isinstance(results.values[4], int)
+    assert writes.calls == []
+
+
+def test_batch_max(engine: Engine) -> None:
+    store, writes, _ = make_store(engine, batch_max=2)
+    for n in range(6):
+        store.store_snapshot(incident(n))
+    sizes = []
+    while writes.calls:
+        sizes.append(store.queued)
+        writes.run_next()
+    assert sizes == [5, 3, 1, 0]
+
+
+def test_a_failed_batch_errbacks_only_its_items(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    results = Results()
+    results.watch(0, store.store_snapshot(incident(0)))
+    results.watch(1, store.store_snapshot(incident(1)))
+    results.watch(2, store.store_snapshot(incident(2)))
+    writes.run_next()
+    assert store.healthy
+    writes.fail_next(RuntimeError("disk on fire"))
+    assert not store.healthy
+    for n in (1, 2):
+        assert isinstance(results.values[n], Failure)
+        assert results.values[n].check(StoreError)
+    results.watch(3, store.store_snapshot(incident(3)))
+    writes.run_next()
+    assert isinstance(results.values[3], StoredSnapshot) and store.healthy
+
+
+def test_a_database_error_is_reported_without_the_data(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    results = Results()
+    secret = b"Testy McTestface 555-0101"
+    bad = replace(record(snapshot("BAD"), raw=secret), feed=None)
+    results.watch(0, store.store_snapshot(bad))
+    writes.run_next()
+    failure = results.values[0]
+    assert isinstance(failure, Failure) and failure.check(StoreError)
+    message = failure.getErrorMessage()
+    assert "IntegrityError" in message
+    assert "McTestface" not in message and "555" not in message
+    # Nothing of that batch was committed; the store goes on.
+    results.watch(1, store.store_snapshot(incident(1)))
+    writes.run_next()
+    assert results.values[1].state is SnapshotState.NEW
+    with engine.connect() as conn:
+        assert totals(conn).snapshots == 1
+
+
+def test_submissions_before_start_wait_for_it(engine: Engine) -> None:
+    writes = Threads()
+    store = IncidentStore(engine, Clock(), run_in_thread=writes)
+    d = store.store_snapshot(incident(0))
+    assert writes.calls == []
+    store.start()
+    writes.run_next()
+    assert isinstance(d.result, StoredSnapshot)
+    store.stop()
+
+
+def test_drain_and_stop(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    assert store.drain().called
+    store.store_snapshot(incident(0))
+    store.store_snapshot(incident(1))
+    drained = store.drain()
+    stopped = store.stop()
+    late = store.store_snapshot(incident(2))
+    assert isinstance(late.result, Failure) and late.result.check(StoreClosed)
+    late.addErrback(lambda _: None)
+    assert not drained.called and not stopped.called
+    writes.run_next()
+    assert not drained.called
+    writes.run_next()
+    assert drained.called and stopped.called
+
+
+def test_run_read(engine: Engine) -> None:
+    store, writes, reads = make_store(engine)
+    store.store_snapshot(incident(0))
+    writes.run_next()
+    d = store.run_read(totals)
+    assert not d.called
+    reads.run_next()
+    assert d.result.snapshots == 1
+
+
+@pytest.mark.parametrize(
+    ("message", "transient"), [("database is locked", True), ("no such table: x", False)]
+)
+def test_transient_errors(message: str, transient: bool) -> None:
+    err = OperationalError("INSERT", {}, sqlite3.OperationalError(message))
+    assert _transient(err) is transient

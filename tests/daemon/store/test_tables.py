@@ -1,0 +1,117 @@
+"""The schema's promises: where protected health information may live, and UTC times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from sqlalchemy import Engine, String, Text, select
+
+from corespond.daemon.decision import Response
+from corespond.daemon.store.tables import (
+    Base,
+    clean_text,
+    phi_columns,
+    rejected_messages,
+)
+from corespond.daemon.store.writer import write_batch
+from tests.daemon.store.records import decision, record, reject, snapshot
+
+
+def test_the_phi_columns() -> None:
+    """Adding a PHI column must be a deliberate act: update this list, and retention and
+    field encryption with it."""
+    assert phi_columns() == [
+        "decisions.evidence",
+        "rejected_messages.raw",
+        "snapshots.protected",
+        "snapshots.raw",
+    ]
+
+
+MARKERS = {
+    "narrative": "ZQXNARRATIVE",
+    "person": "ZQXPERSON",
+    "address": "ZQXADDRESS",
+}
+
+
+def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
+    snap = snapshot(
+        "PHI-1",
+        narrative=f"{MARKERS['narrative']} says she hears voices",
+        person=f"{MARKERS['person']} McTestface",
+        address=f"{MARKERS['address']} 12 Imaginary Lane",
+    )
+    bad = f"{{{MARKERS['narrative']}".encode()
+    with engine.begin() as conn:
+        write_batch(
+            conn,
+            [
+                record(snap, decision(Response.CLINICIAN, evidence_text=MARKERS["narrative"])),
+                reject(bad),
+            ],
+        )
+    hits: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            rows = conn.execute(select(table)).mappings().all()
+            assert rows, table.name
+            for column in table.columns:
+                text = " ".join(
+                    (v.decode("latin-1") if isinstance(v, bytes) else str(v))
+                    for v in (row[column.name] for row in rows)
+                )
+                found = [m for m in MARKERS.values() if m in text]
+                if found:
+                    hits[f"{table.name}.{column.name}"] = found
+    assert set(hits) <= set(phi_columns())
+    # ... and the markers did reach the PHI columns (the test would be vacuous otherwise).
+    assert {"snapshots.raw", "snapshots.protected", "decisions.evidence"} <= set(hits)
+    assert "rejected_messages.raw" in hits
+
+
+def test_times_come_back_aware_utc(engine: Engine) -> None:
+    minus_five = timezone(timedelta(hours=-5))
+    local = datetime(2031, 1, 2, 3, 4, 5, 678901, tzinfo=minus_five)
+    with engine.begin() as conn:
+        [rid] = write_batch(conn, [reject()])
+        conn.execute(
+            rejected_messages.update()
+            .where(rejected_messages.c.id == rid)
+            .values(received_at=local)
+        )
+    with engine.connect() as conn:
+        value = conn.execute(select(rejected_messages.c.received_at)).scalar_one()
+    assert value == local and value.tzinfo is UTC
+    naive = datetime(2031, 1, 2, 3, 4, 5)  # taken as UTC
+    with engine.begin() as conn:
+        conn.execute(rejected_messages.update().values(received_at=naive))
+    with engine.connect() as conn:
+        value = conn.execute(select(rejected_messages.c.received_at)).scalar_one()
+    assert value == naive.replace(tzinfo=UTC)
+
+
+def test_clean_text() -> None:
+    assert clean_text(None) is None
+    assert clean_text("plain") == "plain"
+    assert clean_text("a\x00b") == "a\ufffdb"
+    assert clean_text("x\ud800y\udfff") == "x\ufffdy\ufffd"
+    assert clean_text("é") == "é"
+
+
+def test_string_columns_are_unbounded_where_input_lands() -> None:
+    """A long value from a feed must not fail a batch (and stall the feed) on PostgreSQL."""
+    bounded = [
+        f"{t.name}.{c.name}"
+        for t in Base.metadata.sorted_tables
+        for c in t.columns
+        if isinstance(c.type, String | Text) and c.type.length is not None
+    ]
+    # status and response are written from enums; digests are sha256 hex.
+    assert sorted(bounded) == [
+        "decisions.response",
+        "incidents.response",
+        "incidents.status",
+        "rejected_messages.digest",
+        "snapshots.digest",
+    ]
