@@ -208,6 +208,8 @@ class TwistedLogBridge:
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), logging.INFO)
+        if level == logging.INFO and _is_chatter(event):
+            level = logging.DEBUG
         namespace = str(event.get("log_namespace") or "twisted")
         if namespace == "log_legacy":  # twisted.python.log.msg callers name no namespace
             namespace = "twisted"
@@ -221,6 +223,18 @@ class TwistedLogBridge:
             except Exception:  # a broken failure must not break logging
                 fields["exception"] = repr(failure)
         structlog.get_logger(namespace).log(level, TWISTED_EVENT, **fields)
+
+
+# Twisted says these at INFO for every connection a factory makes; our own connection events
+# say what matters, so they go to DEBUG.
+_CHATTER = ("Starting factory", "Stopping factory", "Starting protocol", "Stopping protocol")
+
+
+def _is_chatter(event: dict[str, Any]) -> bool:
+    fmt = event.get("log_format")
+    if fmt is None and event.get("message"):
+        fmt = " ".join(str(m) for m in event["message"])
+    return isinstance(fmt, str) and fmt.startswith(_CHATTER)
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 import structlog
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from corespond.daemon import log as corespond_log
 from corespond.daemon.log import (
     ALLOWED_FIELDS,
@@ -18,8 +21,6 @@ from corespond.daemon.log import (
     configure_logging,
     set_level,
 )
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 PHI = "Testy McTestface"  # an invented name standing in for protected information
 
@@ -129,6 +130,15 @@ def test_twisted_log_events_come_out_in_the_same_stream() -> None:
     }
     assert failure["level"] == "critical" and failure["message"] == "Unhandled error"
     assert "KeyError" in failure["exception"]
+
+
+def test_twisted_factory_chatter_is_debug_only() -> None:
+    stream = configured()
+    Logger(namespace="twisted.web.server.Site").info("Starting factory {factory!r}", factory=1)
+    Logger(namespace="twisted").info("Stopping factory {factory!r}", factory=2)
+    Logger(namespace="twisted").info("(TCP Port {port} Closed)", port=8931)
+    [closed] = json_lines(stream)
+    assert closed["message"] == "(TCP Port 8931 Closed)"
 
 
 def test_stdlib_loggers_come_out_in_the_same_stream() -> None:

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
+
 from corespond.daemon.decision import Response
 from corespond.daemon.snapshot import Caution, IncidentStatus, Note, Person, Snapshot
 from corespond.rules.baseline import BaselineClassifier

@@ -1,0 +1,308 @@
+"""The built-in CAD simulator behind ``make demo``.
+
+It plays a dispatch center: synthetic incidents (some behavioral-health calls, some not) with
+their updates and closes, sent through the daemon's real listeners: EIDO JSON by HTTP POST,
+Tyler New World CallExport XML files dropped into a spool directory, and corespond JSON lines
+over TCP. It also re-sends a snapshot now and then (a CAD does), sends one late (out of order)
+and a few broken messages, so the log shows duplicates, late arrivals and rejects too.
+
+Every person, phone number and street here is invented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from corespond.daemon.clock import Clock
+from corespond.daemon.snapshot import (
+    Caution,
+    Disposition,
+    GeoPoint,
+    IncidentStatus,
+    Location,
+    Note,
+    Person,
+    Snapshot,
+    Unit,
+    snapshot_to_json,
+)
+
+log = structlog.get_logger(__name__)
+
+# (local code, local text, APCO type, opening narrative, update narrative, closing disposition)
+SCENARIOS: tuple[tuple[str, str, str, str, str, tuple[str, str]], ...] = (
+    ("EDP", "EMOTIONALLY DISTURBED PERSON", "EDP",
+     "RP states adult son pacing and yelling, hearing voices, off his meds for a week",
+     "SUBJ calmer, sitting on porch, RP requests mobile crisis",
+     ("15", "Referred to partner agency")),
+    ("SUIC", "SUICIDAL SUBJECT", "SUICTHRT",
+     "Caller texting friend that she wants to end her life, no weapons seen",
+     "Friend on scene with caller, caller agrees to talk to counselor",
+     ("16", "Transport/Escort Given")),
+    ("WELCK", "WELFARE CHECK", "WELFARE",
+     "Neighbor has not seen elderly resident in 3 days, mail piling up",
+     "Resident answered door, confused, asking for her late husband", ("05", "Settled by contact")),
+    ("MENTAL", "MENTAL HEALTH CRISIS", "MNTL",
+     "Male in lobby of library talking to himself, staff concerned, not threatening anyone",
+     "SUBJ states he has a knife in his backpack", ("15", "Referred to partner agency")),
+    ("INTOX", "INTOXICATED PERSON", "INTOX",
+     "Female slumped on bench at bus stop, appears intoxicated, responsive",
+     "Female now walking into traffic lanes", ("41", "Evaluated, no transport required")),
+    ("OD", "OVERDOSE", "OD",
+     "Roommate reports friend took too many pills, conscious and talking",
+     "EMS en route, pt breathing, ETOH involved", ("16", "Transport/Escort Given")),
+    ("TC", "TRAFFIC COLLISION", "TRAFFIC",
+     "Two vehicle collision, no injuries reported, blocking right lane",
+     "Tow requested for one vehicle", ("05", "Settled by contact")),
+    ("BURG", "BURGLARY ALARM", "ALARMBURG",
+     "Audible alarm at closed business, keyholder notified",
+     "Building checked, secure", ("06", "Unfounded")),
+    ("NOISE", "NOISE COMPLAINT", "NOISE",
+     "Loud music from apartment upstairs",
+     "Occupants turned music down", ("05", "Settled by contact")),
+)  # fmt: skip
+
+FIRST = ("Avery", "Jordan", "Riley", "Casey", "Morgan", "Quinn", "Rowan", "Sage", "Emery")
+LAST = ("Example", "Sample", "Testcase", "Placeholder", "Fixture", "Mockingbird", "Dummy")
+STREETS = ("Imaginary Ave", "Fictional St", "Invented Rd", "Synthetic Blvd", "Nowhere Ln")
+ZONES = ("D1", "D2", "D3", "D4")
+# Around an invented city center (Boulder-ish coordinates; nothing real is referenced).
+CENTER = (40.015, -105.27)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorTargets:
+    """Where the simulator sends: each is optional."""
+
+    http_url: str | None = None
+    http_token: str | None = None
+    spool_dir: Path | None = None
+    tcp_host: str | None = None
+    tcp_port: int | None = None
+
+
+def incident_lifecycles(
+    rng: random.Random, count: int, start: datetime
+) -> Iterator[list[Snapshot]]:
+    """``count`` synthetic incidents, each as its list of snapshots (open, update, close)."""
+    for n in range(count):
+        code, text, apco, opening, update, (dispo_code, dispo_text) = rng.choice(SCENARIOS)
+        opened = start + timedelta(seconds=n * 40)
+        lat = CENTER[0] + rng.uniform(-0.05, 0.05)
+        lon = CENTER[1] + rng.uniform(-0.05, 0.05)
+        person = Person(
+            roles=("Caller",),
+            name=f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+            birth_date=f"19{rng.randint(50, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+            phone=f"+1-303-555-01{rng.randint(10, 99)}",
+        )
+        base = Snapshot(
+            incident_id=f"urn:emergency:uid:incidentid:demo{20261126000 + n}:psap.demo.invalid",
+            updated_at=opened,
+            incident_number=f"26-{100000 + n}",
+            call_type=text,
+            call_type_code=code,
+            apco_type=apco,
+            priority=str(rng.randint(1, 4)),
+            agency="police.demo.invalid",
+            zone=rng.choice(ZONES),
+            opened_at=opened,
+            location=Location(
+                point=GeoPoint(round(lat, 6), round(lon, 6)),
+                address=f"{rng.randint(100, 9999)} {rng.choice(STREETS)}",
+                city="Demoville",
+                state="CO",
+            ),
+            notes=(Note(opening, opened),),
+            persons=(person,),
+        )
+        t1 = opened + timedelta(minutes=rng.randint(2, 6))
+        weapon = "knife" in update or "weapon" in update
+        second = replace(
+            base,
+            updated_at=t1,
+            units=(
+                Unit("CR-12", "CrisisInterventionUnit", "EnRoute"),
+                Unit("2A31", "Police", "EnRoute"),
+            ),
+            notes=(*base.notes, Note(update, t1)),
+            cautions=(Caution("Weapon", "high"),) if weapon else (),
+        )
+        t2 = t1 + timedelta(minutes=rng.randint(10, 40))
+        closed = replace(
+            second,
+            updated_at=t2,
+            status=IncidentStatus.CLOSED,
+            closed_at=t2,
+            units=tuple(replace(u, status="Cleared") for u in second.units),
+            dispositions=(Disposition(dispo_code, dispo_text),),
+        )
+        yield [base, second, closed]
+
+
+@implementer(IBodyProducer)
+class _Bytes:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
+class _LineSender(Protocol):
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        for line in self.lines:
+            self.transport.write(line + b"\n")
+        self.transport.loseConnection()
+
+
+class CadSimulator:
+    """Sends the synthetic incidents, one snapshot per tick, interleaved across incidents."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        clock: Clock,
+        targets: SimulatorTargets,
+        *,
+        incidents: int,
+        interval: float,
+        seed: int,
+        eido_document: Callable[[Snapshot], dict[str, Any]],
+        newworld_document: Callable[[Snapshot], bytes],
+        on_finished: Callable[[], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.targets = targets
+        self.interval = interval
+        self._eido = eido_document
+        self._newworld = newworld_document
+        self._on_finished = on_finished
+        rng = random.Random(seed)
+        start = clock.now().replace(microsecond=0) - timedelta(hours=1)
+        self._queue = list(self._schedule(rng, incidents, start))
+        self._agent = Agent(reactor)  # type: ignore[arg-type]
+        self._loop = None
+        self.sent = 0
+
+    def _schedule(
+        self, rng: random.Random, count: int, start: datetime
+    ) -> Iterator[tuple[str, bytes]]:
+        """(channel, payload) in the order a busy dispatch floor would produce them."""
+        channels = [c for c, ok in (
+            ("http", self.targets.http_url), ("spool", self.targets.spool_dir),
+            ("tcp", self.targets.tcp_port),
+        ) if ok]  # fmt: skip
+        if not channels:
+            return
+        lifecycles = list(incident_lifecycles(rng, count, start))
+        # Interleave: the first snapshot of incident n+1 before the update of incident n.
+        steps: list[tuple[int, int]] = []
+        for n in range(len(lifecycles)):
+            for k in range(3):
+                steps.append((n + 2 * k, n))
+        steps.sort()
+        progress = dict.fromkeys(range(len(lifecycles)), 0)
+        for i, (_, n) in enumerate(steps):
+            snap = lifecycles[n][progress[n]]
+            progress[n] += 1
+            channel = channels[n % len(channels)]
+            payload = self._encode(channel, snap)
+            yield channel, payload
+            if i % 7 == 3:
+                yield channel, payload  # CADs resend the same snapshot
+            if i == 11 and "http" in channels:
+                yield "http", b'{"$id": "urn:emergency:uid:incidentid:broken", "eidoVer'
+            if i == 17 and "spool" in channels:
+                yield "spool", b'<?xml version="1.0"?><Call xmlns="urn:example:not-new-world"/>'
+
+    def _encode(self, channel: str, snap: Snapshot) -> bytes:
+        if channel == "http":
+            return json.dumps(self._eido(snap)).encode()
+        if channel == "spool":
+            return self._newworld(snap)
+        return json.dumps(snapshot_to_json(snap), separators=(",", ":")).encode()
+
+    def start(self) -> None:
+        log.info("demo.simulator.started", count=len(self._queue), seconds=self.interval)
+        self._loop = self.clock.looping_call(self.interval, self._tick, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        if not self._queue:
+            self.stop()
+            log.info("demo.simulator.finished", count=self.sent)
+            if self._on_finished:
+                self._on_finished()
+            return
+        channel, payload = self._queue.pop(0)
+        self.sent += 1
+        if channel == "http":
+            self._post(payload)
+        elif channel == "spool":
+            self._drop_file(payload)
+        else:
+            self._send_line(payload)
+
+    def _post(self, body: bytes) -> None:
+        headers = {b"Content-Type": [b"application/json"]}
+        if self.targets.http_token:
+            headers[b"Authorization"] = [b"Bearer " + self.targets.http_token.encode()]
+        assert self.targets.http_url is not None
+        d = self._agent.request(
+            b"POST", self.targets.http_url.encode(), Headers(headers), _Bytes(body)
+        )
+
+        def answered(response: Any) -> Deferred[bytes]:
+            return readBody(response).addCallback(
+                lambda _: log.debug("demo.http.answered", status=response.code)
+            )
+
+        d.addCallback(answered)
+        d.addErrback(lambda f: log.warning("demo.http.failed", error=f.getErrorMessage()))
+
+    def _drop_file(self, body: bytes) -> None:
+        assert self.targets.spool_dir is not None
+        stamp = self.clock.now().strftime("%Y%m%d%H%M%S%f")[:17]
+        name = f"CFS_{stamp}_{self.sent:04d}.xml"
+        tmp = self.targets.spool_dir / f".{name}.part"
+        tmp.write_bytes(body)
+        os.replace(tmp, self.targets.spool_dir / name)  # the CAD writes, then renames
+
+    def _send_line(self, line: bytes) -> None:
+        assert self.targets.tcp_host and self.targets.tcp_port
+        factory = ClientFactory.forProtocol(lambda: _LineSender([line]))  # type: ignore[arg-type]
+        tcp: IReactorTCP = self.reactor  # type: ignore[assignment]
+        tcp.connectTCP(self.targets.tcp_host, self.targets.tcp_port, factory)

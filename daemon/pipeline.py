@@ -1,0 +1,301 @@
+"""The path of one CAD payload: split, parse, classify, store, then answer.
+
+:func:`prepare_records` is the synchronous, pure half (bytes in, records to write out); the
+daemon's :class:`Pipeline` hands its records to the group-committing store and fires the
+transport's Deferred only after the commit; ``corespond replay`` writes the same records with
+:func:`corespond.daemon.store.writer.write_batch` directly. Both paths therefore parse, classify
+and store exactly alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from twisted.internet.defer import Deferred, gatherResults
+
+from corespond.adapters.formats import MessageFormat
+from corespond.daemon.clock import Clock
+from corespond.daemon.decision import Classifier, Decision, Response
+from corespond.daemon.errors import RejectedMessage
+from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
+from corespond.daemon.store.writer import (
+    IncidentStore,
+    RejectRecord,
+    SnapshotRecord,
+    StoredSnapshot,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedContext:
+    """What the pipeline needs to know about the feed a payload arrived on."""
+
+    name: str
+    source: str
+    format: MessageFormat
+    max_message_bytes: int
+
+
+def prepare_records(
+    feed: FeedContext,
+    payload: bytes,
+    origin: Origin,
+    received_at: datetime,
+    classifier: Classifier,
+) -> list[SnapshotRecord | RejectRecord]:
+    """Parse and classify every message in ``payload``; never raises for bad input."""
+    fmt = feed.format
+    if len(payload) > feed.max_message_bytes:
+        return [
+            _reject(
+                feed, origin, received_at, payload[: feed.max_message_bytes],
+                RejectedMessage(
+                    "oversize",
+                    f"payload of {len(payload)} bytes exceeds the feed's limit of "
+                    f"{feed.max_message_bytes} bytes (quarantined copy truncated)",
+                ),
+            )
+        ]  # fmt: skip
+    try:
+        messages = fmt.split(payload)
+    except RejectedMessage as err:
+        return [_reject(feed, origin, received_at, payload, err)]
+    records: list[SnapshotRecord | RejectRecord] = []
+    for message in messages:
+        try:
+            snapshot = fmt.parse(message)
+        except RejectedMessage as err:
+            records.append(_reject(feed, origin, received_at, message, err))
+            continue
+        except Exception:
+            # A parser bug must not stall the feed: keep the message, say it was our fault.
+            log.exception("cad.parser.failed", feed=feed.name, format=fmt.name)
+            err = RejectedMessage("parser-error", f"the {fmt.name} parser failed internally")
+            records.append(_reject(feed, origin, received_at, message, err))
+            continue
+        records.append(
+            SnapshotRecord(
+                feed=feed.name,
+                source=feed.source,
+                format=fmt.name,
+                received_at=received_at,
+                raw=message,
+                snapshot=snapshot,
+                decision=classify_safely(classifier, snapshot, feed.name),
+            )
+        )
+    return records
+
+
+def classify_safely(classifier: Classifier, snapshot: object, feed: str) -> Decision:
+    """The classifier's decision; if it fails, a decision that says so (the snapshot is kept)."""
+    try:
+        return classifier.classify(snapshot)  # type: ignore[arg-type]
+    except Exception:
+        log.exception("classifier.failed", feed=feed, ruleset=classifier.version)
+        return Decision(
+            behavioral_health=False,
+            category=None,
+            response=Response.NONE,
+            score=0.0,
+            rules=("classifier.error",),
+            evidence=(),
+            ruleset=classifier.version,
+        )
+
+
+def _reject(
+    feed: FeedContext, origin: Origin, received_at: datetime, raw: bytes, err: RejectedMessage
+) -> RejectRecord:
+    return RejectRecord(
+        feed=feed.name,
+        format=feed.format.name,
+        received_at=received_at,
+        raw=raw,
+        code=err.code,
+        reason=err.reason,
+        where=err.where,
+        origin_name=origin.name or origin.peer,
+    )
+
+
+class IngestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter(
+            "corespond_cad_messages",
+            "CAD messages received, by feed and outcome (new, duplicate, rejected)",
+            ["feed", "outcome"],
+            registry=registry,
+        )
+        self.rejects = Counter(
+            "corespond_cad_rejects",
+            "CAD messages rejected and quarantined, by feed and error code",
+            ["feed", "code"],
+            registry=registry,
+        )
+        self.decision_changes = Counter(
+            "corespond_decision_changes",
+            "Snapshots that changed an incident's classification outcome",
+            ["feed"],
+            registry=registry,
+        )
+        self.store_failures = Counter(
+            "corespond_store_failures",
+            "Payloads not acknowledged because the store failed to commit them",
+            ["feed"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "corespond_ingest_seconds",
+            "Time from receipt to durable commit of one payload",
+            ["feed"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+        )
+
+
+DecisionObserver = Callable[[SnapshotRecord, StoredSnapshot], None]
+
+
+@dataclass(slots=True)
+class RunCounts:
+    """What this process did since it started (the demo's summary uses it)."""
+
+    new: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    decision_changes: int = 0
+    behavioral_health: int = 0
+
+
+class Pipeline:
+    """Turns payloads into committed snapshots and decisions, and answers the transport."""
+
+    def __init__(
+        self,
+        store: IncidentStore,
+        classifier: Classifier,
+        clock: Clock,
+        metrics: IngestMetrics,
+    ) -> None:
+        self.store = store
+        self.classifier = classifier  # swapped whole on reload
+        self.clock = clock
+        self.metrics = metrics
+        self.counts = RunCounts()
+        self.observers: list[DecisionObserver] = []
+
+    def ingest_for(self, feed: FeedContext) -> Callable[[bytes, Origin], Deferred[list[Outcome]]]:
+        """The :data:`corespond.daemon.ingest.IngestFn` for one feed."""
+
+        def ingest(payload: bytes, origin: Origin) -> Deferred[list[Outcome]]:
+            return self.ingest(feed, payload, origin)
+
+        return ingest
+
+    def ingest(self, feed: FeedContext, payload: bytes, origin: Origin) -> Deferred[list[Outcome]]:
+        started = time.perf_counter()
+        records = prepare_records(feed, payload, origin, self.clock.now(), self.classifier)
+        pending: list[Deferred[Outcome]] = []
+        for record in records:
+            if isinstance(record, RejectRecord):
+                pending.append(self.store.store_reject(record).addCallback(self._rejected, record))
+            else:
+                pending.append(self.store.store_snapshot(record).addCallback(self._stored, record))
+        done: Deferred[list[Outcome]] = gatherResults(pending, consumeErrors=True)
+
+        def finished(outcomes: list[Outcome]) -> list[Outcome]:
+            self.metrics.latency.labels(feed.name).observe(time.perf_counter() - started)
+            return outcomes
+
+        def failed(failure):  # type: ignore[no-untyped-def]
+            self.metrics.store_failures.labels(feed.name).inc()
+            log.error(
+                "cad.payload.not_stored",
+                feed=feed.name,
+                peer=origin.peer,
+                file=origin.name,
+                error=failure.getErrorMessage()[:200],
+            )
+            return failure
+
+        return done.addCallbacks(finished, failed)
+
+    def _rejected(self, reject_id: int, record: RejectRecord) -> Outcome:
+        self.counts.rejected += 1
+        self.metrics.messages.labels(record.feed, "rejected").inc()
+        self.metrics.rejects.labels(record.feed, record.code).inc()
+        log.warning(
+            "cad.message.rejected",
+            feed=record.feed,
+            format=record.format,
+            code=record.code,
+            reason=record.reason,
+            where=record.where,
+            file=record.origin_name,
+            reject_id=reject_id,
+        )
+        return Rejected(record.code, record.reason, record.where, reject_id)
+
+    def _stored(self, stored: StoredSnapshot, record: SnapshotRecord) -> Outcome:
+        decision = record.decision
+        self.metrics.messages.labels(record.feed, stored.state.value).inc()
+        if stored.state is SnapshotState.DUPLICATE:
+            self.counts.duplicate += 1
+            log.info(
+                "cad.snapshot.duplicate",
+                feed=record.feed,
+                incident_id=stored.external_id,
+                snapshot_id=stored.snapshot_id,
+            )
+        else:
+            self.counts.new += 1
+            # One summary line per decision.
+            log.info(
+                "cad.snapshot.stored",
+                feed=record.feed,
+                incident_id=stored.external_id,
+                snapshot_id=stored.snapshot_id,
+                state="current" if stored.became_current else "late",
+                status=record.snapshot.status.value,
+                behavioral_health=decision.behavioral_health,
+                category=decision.category,
+                response=decision.response.value,
+                rules=list(decision.rules),
+                ruleset=decision.ruleset,
+            )
+            if stored.decision_changed:
+                self.counts.decision_changes += 1
+                previous = stored.previous_decision
+                if decision.behavioral_health and not (previous and previous.behavioral_health):
+                    self.counts.behavioral_health += 1
+                self.metrics.decision_changes.labels(record.feed).inc()
+                log.info(
+                    "incident.decision.changed",
+                    feed=record.feed,
+                    incident_id=stored.external_id,
+                    snapshot_id=stored.snapshot_id,
+                    old_response=previous.response.value if previous else None,
+                    response=decision.response.value,
+                    category=decision.category,
+                )
+                for observer in self.observers:
+                    try:
+                        observer(record, stored)
+                    except Exception:
+                        log.exception("incident.observer.failed", incident_id=stored.external_id)
+        return Accepted(stored.external_id, stored.snapshot_id, stored.state)
+
+
+def outcome_summary(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    out = {"new": 0, "duplicate": 0, "rejected": 0}
+    for o in outcomes:
+        out["rejected" if isinstance(o, Rejected) else o.snapshot.value] += 1
+    return out

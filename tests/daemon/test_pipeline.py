@@ -1,0 +1,203 @@
+"""The pipeline over the real store (SQLite and PostgreSQL), with writes run inline."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, func, select
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import Clock as TaskClock
+
+from corespond.adapters.corespond_json import CorespondJsonFormat
+from corespond.adapters.eido import EidoFormat, eido_document
+from corespond.daemon.clock import Clock
+from corespond.daemon.decision import Response
+from corespond.daemon.errors import RejectedMessage
+from corespond.daemon.ingest import Accepted, Origin, Rejected, SnapshotState
+from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
+from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
+from corespond.daemon.store.queries import totals
+from corespond.daemon.store.tables import RejectedMessageRow
+from corespond.daemon.store.writer import IncidentStore
+from corespond.rules.baseline import BaselineClassifier
+
+T0 = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
+ORIGIN = Origin(feed="cad", peer="127.0.0.1:5000")
+
+
+def inline(fn: Callable[[], Any]) -> Deferred[Any]:
+    return maybeDeferred(fn)
+
+
+def result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred did not fire"
+    return out[0]
+
+
+@pytest.fixture
+def store(engine: Engine) -> IncidentStore:
+    store = IncidentStore(engine, TaskClock(), run_in_thread=inline, run_read_in_thread=inline)
+    store.start()
+    return store
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def pipeline(store: IncidentStore, registry: CollectorRegistry) -> Pipeline:
+    clock = TaskClock()
+    clock.advance(T0.timestamp())
+    return Pipeline(store, BaselineClassifier(), Clock(clock), IngestMetrics(registry))
+
+
+def feed(fmt: Any = None, max_bytes: int = 1 << 20) -> FeedContext:
+    return FeedContext("cad", "cad-a", fmt or EidoFormat(), max_bytes)
+
+
+def snap(n: int = 1, text: str = "RP states brother hearing voices", minutes: int = 0) -> Snapshot:
+    return Snapshot(
+        incident_id=f"urn:emergency:uid:incidentid:pipe{n}:psap.test.invalid",
+        updated_at=T0 + timedelta(minutes=minutes),
+        apco_type="EDP",
+        call_type="EMOTIONALLY DISTURBED PERSON",
+        notes=(Note(text, T0),),
+    )
+
+
+def eido(s: Snapshot) -> bytes:
+    return json.dumps(eido_document(s)).encode()
+
+
+def test_new_then_duplicate(pipeline: Pipeline, store: IncidentStore) -> None:
+    [first] = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    assert isinstance(first, Accepted) and first.snapshot is SnapshotState.NEW
+    assert first.incident_id == snap().incident_id
+    [again] = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    assert again == Accepted(first.incident_id, first.snapshot_id, SnapshotState.DUPLICATE)
+    t = result(store.run_read(totals))
+    assert (t.incidents, t.snapshots, t.decisions, t.rejects) == (1, 1, 1, 0)
+    assert (pipeline.counts.new, pipeline.counts.duplicate) == (1, 1)
+
+
+def test_rejects_are_quarantined_with_the_reason(
+    pipeline: Pipeline, engine: Engine, registry: CollectorRegistry
+) -> None:
+    [bad] = result(pipeline.ingest(feed(), b'{"$id": ', Origin("cad", name="x.json")))
+    assert isinstance(bad, Rejected) and bad.code == "malformed-json" and bad.reject_id
+    with engine.connect() as conn:
+        row = conn.execute(select(RejectedMessageRow)).one()
+    assert (row.raw, row.code, row.origin_name, row.feed) == (
+        b'{"$id": ',
+        "malformed-json",
+        "x.json",
+        "cad",
+    )
+    assert (
+        registry.get_sample_value(
+            "corespond_cad_rejects_total", {"feed": "cad", "code": "malformed-json"}
+        )
+        == 1
+    )
+
+
+def test_oversize_payload_keeps_a_truncated_copy(pipeline: Pipeline, engine: Engine) -> None:
+    payload = eido(snap())
+    [out] = result(pipeline.ingest(feed(max_bytes=100), payload, ORIGIN))
+    assert isinstance(out, Rejected) and out.code == "oversize"
+    assert "100 bytes" in out.reason
+    with engine.connect() as conn:
+        assert conn.execute(select(RejectedMessageRow.raw)).scalar_one() == payload[:100]
+
+
+def test_each_line_of_a_jsonl_payload_stands_alone(pipeline: Pipeline) -> None:
+    good = json.dumps(snapshot_to_json(snap(2))).encode()
+    outcomes = result(pipeline.ingest(feed(CorespondJsonFormat()), good + b"\n{}\n", ORIGIN))
+    assert [type(o) for o in outcomes] == [Accepted, Rejected]
+    assert outcomes[1].code == "missing-field"
+
+
+def test_a_weapon_changes_the_decision_and_observers_hear_of_it(pipeline: Pipeline) -> None:
+    heard: list[tuple[str, Response]] = []
+    pipeline.observers.append(
+        lambda rec, stored: heard.append((stored.external_id, rec.decision.response))
+    )
+    result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    result(
+        pipeline.ingest(feed(), eido(snap(text="SUBJ states he has a knife", minutes=2)), ORIGIN)
+    )
+    # An older snapshot arriving late is stored but changes nothing.
+    result(pipeline.ingest(feed(), eido(snap(text="calm now", minutes=1)), ORIGIN))
+    assert heard == [
+        (snap().incident_id, Response.CLINICIAN),
+        (snap().incident_id, Response.POLICE),
+    ]
+    assert pipeline.counts.decision_changes == 2 and pipeline.counts.behavioral_health == 1
+
+
+class Exploding:
+    name = "exploding"
+
+    def split(self, payload: bytes) -> list[bytes]:
+        return [payload]
+
+    def parse(self, message: bytes) -> Snapshot:
+        raise KeyError("a parser bug")
+
+
+def test_a_parser_bug_rejects_the_message_and_the_feed_goes_on(pipeline: Pipeline) -> None:
+    [out] = result(pipeline.ingest(feed(Exploding()), b"anything", ORIGIN))
+    assert isinstance(out, Rejected) and out.code == "parser-error"
+    [ok] = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    assert isinstance(ok, Accepted)
+
+
+class BrokenClassifier(BaselineClassifier):
+    def classify(self, snapshot: Snapshot) -> Any:
+        raise RuntimeError("a classifier bug")
+
+
+def test_a_classifier_bug_still_stores_the_snapshot(pipeline: Pipeline) -> None:
+    pipeline.classifier = BrokenClassifier()
+    [out] = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    assert isinstance(out, Accepted)
+
+
+def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: CollectorRegistry) -> None:
+    def broken(fn: Callable[[], Any]) -> Deferred[Any]:
+        return fail(RuntimeError("disk full"))
+
+    store = IncidentStore(engine, TaskClock(), run_in_thread=broken, attempts=1)
+    store.start()
+    pipeline = Pipeline(store, BaselineClassifier(), Clock(TaskClock()), IngestMetrics(registry))
+    failure = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    assert not isinstance(failure, list)  # a Failure: the transport must not ack
+    assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 1
+
+
+def test_a_split_that_refuses_rejects_the_payload(pipeline: Pipeline) -> None:
+    class Refusing(Exploding):
+        def split(self, payload: bytes) -> list[bytes]:
+            raise RejectedMessage("bad-encoding", "not UTF-8")
+
+    [out] = result(pipeline.ingest(feed(Refusing()), b"\xff", ORIGIN))
+    assert isinstance(out, Rejected) and out.code == "bad-encoding"
+
+
+def test_totals_count_everything(pipeline: Pipeline, store: IncidentStore, engine: Engine) -> None:
+    for n in range(3):
+        result(pipeline.ingest(feed(), eido(snap(n)), ORIGIN))
+    result(pipeline.ingest(feed(), b"nope", ORIGIN))
+    t = result(store.run_read(totals))
+    assert (t.incidents, t.snapshots, t.decisions, t.rejects) == (3, 3, 3, 1)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(RejectedMessageRow)).scalar() == 1
