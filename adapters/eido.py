@@ -53,6 +53,8 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import lxml.html
+from lxml import etree
+
 from corespond.adapters.pidflo import parse_pidf_lo, pidf_lo_document
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.snapshot import (
@@ -67,7 +69,6 @@ from corespond.daemon.snapshot import (
     format_time,
     parse_time,
 )
-from lxml import etree
 
 EIDO_VERSION: Final = "1.0"
 DEFAULT_AGENCY_ID: Final = "corespond.invalid"

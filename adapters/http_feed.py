@@ -35,14 +35,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from corespond.adapters.tcp_feed import peer_name
-from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome, Rejected
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from corespond.adapters.tcp_feed import peer_name
+from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome, Rejected
 
 log = structlog.get_logger(__name__)
 

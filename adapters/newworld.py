@@ -51,6 +51,8 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from lxml import etree
+
 from corespond.adapters.cad_values import (
     TimeReader,
     cad_flag,
@@ -76,7 +78,6 @@ from corespond.daemon.snapshot import (
     Snapshot,
     Unit,
 )
-from lxml import etree
 
 log = structlog.get_logger(__name__)
 

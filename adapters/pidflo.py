@@ -25,9 +25,10 @@ import re
 import threading
 from typing import Final
 
+from lxml import etree
+
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.snapshot import GeoPoint, Location
-from lxml import etree
 
 PIDF: Final = "urn:ietf:params:xml:ns:pidf"
 GP: Final = "urn:ietf:params:xml:ns:pidf:geopriv10"

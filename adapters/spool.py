@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome, Rejected
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 
 log = structlog.get_logger(__name__)
 

@@ -47,10 +47,6 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.util import parse_url
-from corespond.adapters.tcp_feed import peer_name
-from corespond.adapters.tls import client_tls_options
-from corespond.daemon.clock import Clock
-from corespond.daemon.ingest import Accepted, IngestFn, Origin
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
@@ -65,6 +61,11 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from corespond.adapters.tcp_feed import peer_name
+from corespond.adapters.tls import client_tls_options
+from corespond.daemon.clock import Clock
+from corespond.daemon.ingest import Accepted, IngestFn, Origin
 
 if TYPE_CHECKING:
     from corespond.daemon.config import ListenConfig, WebSocketTransport

@@ -36,9 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from corespond.adapters.framing import FRAMINGS, FramingError, make_deframer
-from corespond.daemon.clock import Clock
-from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol
@@ -46,6 +43,10 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from corespond.adapters.framing import FRAMINGS, FramingError, make_deframer
+from corespond.daemon.clock import Clock
+from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome
 
 log = structlog.get_logger(__name__)
 

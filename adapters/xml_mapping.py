@@ -42,6 +42,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
+
 from corespond.adapters.cad_values import ISO, TimeReader, cad_point, check_time_format, time_zone
 from corespond.adapters.xml_safety import element_path, is_nil, local_name, parse_untrusted_xml
 from corespond.daemon.errors import RejectedMessage
@@ -56,7 +58,6 @@ from corespond.daemon.snapshot import (
     Unit,
 )
 from corespond.daemon.yaml_source import SourceLocation, YamlDocument, YamlProblem, parse_yaml_text
-from lxml import etree
 
 FIELDS = (
     "incident_id", "updated_at", "status", "incident_number", "call_type", "call_type_code",

@@ -17,8 +17,9 @@ import codecs
 import re
 import threading
 
-from corespond.daemon.errors import RejectedMessage
 from lxml import etree
+
+from corespond.daemon.errors import RejectedMessage
 
 XSI_NAMESPACE = "http://www.w3.org/2001/XMLSchema-instance"
 XSI_NIL = f"{{{XSI_NAMESPACE}}}nil"

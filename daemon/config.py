@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from jsonschema import Draft202012Validator, ValidationError
+
 from corespond.daemon.yaml_source import (
     KeyPath,
     SourceLocation,
@@ -34,7 +36,6 @@ from corespond.daemon.yaml_source import (
     YamlSourceError,
     load_yaml_tree,
 )
-from jsonschema import Draft202012Validator, ValidationError
 
 DEFAULT_CONFIG_PATH = Path("/etc/corespond/corespond.yaml")
 DEFAULT_STATE_DIR = "/var/lib/corespond"

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Mapping
 
 import structlog
-from corespond.daemon.clock import Clock
 from twisted.internet.task import LoopingCall
+
+from corespond.daemon.clock import Clock
 
 log = structlog.get_logger(__name__)
 

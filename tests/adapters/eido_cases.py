@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from hypothesis import strategies as st
+
 from corespond.daemon.snapshot import (
     Caution,
     Disposition,
@@ -19,7 +21,6 @@ from corespond.daemon.snapshot import (
     Snapshot,
     Unit,
 )
-from hypothesis import strategies as st
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "eido"
 VALID = ("bh-open.json", "bh-update.json", "bh-close.json", "traffic.json")

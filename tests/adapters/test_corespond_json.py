@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from corespond.adapters.corespond_json import CorespondJsonFormat
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.snapshot import (
@@ -21,8 +24,6 @@ from corespond.daemon.snapshot import (
     Unit,
     snapshot_to_json,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 FMT = CorespondJsonFormat()
 OPENED = datetime(2026, 3, 14, 21, 2, 11, tzinfo=UTC)

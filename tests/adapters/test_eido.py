@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from corespond.adapters.eido import (
     DEFAULT_AGENCY_ID,
     EidoFormat,
@@ -28,9 +31,6 @@ from corespond.daemon.snapshot import (
     Snapshot,
     Unit,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from tests.adapters.eido_cases import (
     DROP,
     VALID,

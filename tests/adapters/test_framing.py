@@ -5,9 +5,10 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
-from corespond.adapters.framing import FRAMINGS, Deframer, Frame, FramingError, make_deframer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from corespond.adapters.framing import FRAMINGS, Deframer, Frame, FramingError, make_deframer
 
 MESSAGES = [
     b'{"id":"CAD-0001","nature":"WELFARE CHECK"}',

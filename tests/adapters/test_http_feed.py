@@ -9,9 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from corespond.adapters.http_feed import CappedBody, FeedResource, FeedSite, build_feed_site
-from corespond.adapters.tls import client_tls_options, server_tls_options
-from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -25,6 +22,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from corespond.adapters.http_feed import CappedBody, FeedResource, FeedSite, build_feed_site
+from corespond.adapters.tls import client_tls_options, server_tls_options
+from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 from tests.adapters.tlsfiles import SERVER_NAME, _Recorder, make_pki, tls_connect
 
 TOKEN = "s3cret-token-for-tests"

@@ -9,6 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lxml import etree
+
 from corespond.adapters import xml_safety
 from corespond.adapters.newworld import NAMESPACE, NewWorldFormat, newworld_document
 from corespond.daemon.demo import incident_lifecycles
@@ -23,9 +27,6 @@ from corespond.daemon.snapshot import (
     Snapshot,
     Unit,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from lxml import etree
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "newworld"
 FMT = NewWorldFormat()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from corespond.adapters.pidflo import parse_pidf_lo, pidf_lo_document
-from corespond.daemon.errors import RejectedMessage
-from corespond.daemon.snapshot import GeoPoint, Location
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corespond.adapters.pidflo import parse_pidf_lo, pidf_lo_document
+from corespond.daemon.errors import RejectedMessage
+from corespond.daemon.snapshot import GeoPoint, Location
 from tests.adapters.eido_cases import assert_no_phi, locations
 
 WHERE = "/locationComponent/0/locationByValue"

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corespond.adapters.spool import SpoolDirectory, free_name, is_eligible
-from corespond.daemon.clock import Clock
-from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock as TaskClock
+
+from corespond.adapters.spool import SpoolDirectory, free_name, is_eligible
+from corespond.daemon.clock import Clock
+from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 
 XML = b'<?xml version="1.0"?><CallExport><Caller>Testy McTestface</Caller></CallExport>'
 

@@ -20,6 +20,15 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionRequest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import FakeTransport, IOPump, connect
+
 from corespond.adapters.sta024 import (
     EIDO_MEDIA_TYPE,
     Sta024Feed,
@@ -31,15 +40,6 @@ from corespond.adapters.sta024 import (
 from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from structlog.testing import capture_logs
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test.iosim import FakeTransport, IOPump, connect
-
 from tests.adapters.tlsfiles import SERVER_NAME, make_pki
 
 TOKEN = "notifier-token-for-tests"

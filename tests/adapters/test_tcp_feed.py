@@ -7,10 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from corespond.adapters.framing import make_deframer
-from corespond.adapters.tcp_feed import TcpFeedFactory, TcpFeedProtocol, peer_name
-from corespond.daemon.clock import Clock
-from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -22,6 +18,11 @@ from twisted.internet.task import Clock as TaskClock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
+
+from corespond.adapters.framing import make_deframer
+from corespond.adapters.tcp_feed import TcpFeedFactory, TcpFeedProtocol, peer_name
+from corespond.daemon.clock import Clock
+from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 
 ACK, NAK = b"\x06", b"\x15"
 PEER = IPv4Address("TCP", "192.0.2.7", 40001)

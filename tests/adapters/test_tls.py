@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corespond.adapters.tls import TlsFileError, client_tls_options, server_tls_options
 from OpenSSL import SSL
 from twisted.internet.protocol import Factory
 
+from corespond.adapters.tls import TlsFileError, client_tls_options, server_tls_options
 from tests.adapters.tlsfiles import SERVER_NAME, Pki, _Recorder, make_pki, tls_connect
 
 

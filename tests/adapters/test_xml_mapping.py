@@ -6,6 +6,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lxml import etree
+
 from corespond.adapters.newworld import NewWorldFormat
 from corespond.adapters.xml_mapping import (
     MappedXmlFormat,
@@ -24,9 +28,6 @@ from corespond.daemon.snapshot import (
     Person,
     Unit,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from lxml import etree
 
 ROOT = Path(__file__).parent.parent.parent
 MAPPINGS = ROOT / "config" / "mappings"

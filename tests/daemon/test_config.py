@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+
 from corespond.daemon.config import (
     Config,
     ConfigError,
@@ -19,9 +23,6 @@ from corespond.daemon.config import (
     load_config,
 )
 from corespond.daemon.yaml_source import YamlSourceError, load_yaml_tree
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "config"

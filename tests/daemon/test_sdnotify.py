@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock as FakeReactor
+
 from corespond.daemon.clock import Clock
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
-from twisted.internet.task import Clock as FakeReactor
 
 REPO = Path(__file__).resolve().parents[2]
 
