@@ -98,12 +98,13 @@ class SimulatorTargets:
 
 
 def incident_lifecycles(
-    rng: random.Random, count: int, start: datetime
+    rng: random.Random, count: int, start: datetime, *, first: int = 0
 ) -> Iterator[list[Snapshot]]:
-    """``count`` synthetic incidents, each as its list of snapshots (open, update, close)."""
-    for n in range(count):
+    """``count`` synthetic incidents, each as its list of snapshots (open, update, close);
+    incident numbers start at ``first``."""
+    for n in range(first, first + count):
         code, text, apco, opening, update, (dispo_code, dispo_text) = rng.choice(SCENARIOS)
-        opened = start + timedelta(seconds=n * 40)
+        opened = start + timedelta(seconds=(n - first) * 40)
         lat = CENTER[0] + rng.uniform(-0.05, 0.05)
         lon = CENTER[1] + rng.uniform(-0.05, 0.05)
         person = Person(
