@@ -10,7 +10,7 @@ and store exactly alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -271,9 +271,10 @@ class Pipeline:
                 rules=list(decision.rules),
                 ruleset=decision.ruleset,
             )
-            if stored.decision_changed:
+            previous = stored.previous_decision
+            # A new incident that is not behavioral-health is no event for anyone.
+            if stored.decision_changed and (previous is not None or decision.behavioral_health):
                 self.counts.decision_changes += 1
-                previous = stored.previous_decision
                 if decision.behavioral_health and not (previous and previous.behavioral_health):
                     self.counts.behavioral_health += 1
                 self.metrics.decision_changes.labels(record.feed).inc()
@@ -293,9 +294,3 @@ class Pipeline:
                         log.exception("incident.observer.failed", incident_id=stored.external_id)
         return Accepted(stored.external_id, stored.snapshot_id, stored.state)
 
-
-def outcome_summary(outcomes: Sequence[Outcome]) -> dict[str, int]:
-    out = {"new": 0, "duplicate": 0, "rejected": 0}
-    for o in outcomes:
-        out["rejected" if isinstance(o, Rejected) else o.snapshot.value] += 1
-    return out
