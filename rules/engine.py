@@ -1,10 +1,20 @@
 """The compiled rule engine: :class:`RuleClassifier` fills the ``Classifier`` protocol.
 
-Compilation turns a :class:`RuleSet` into one literal automaton (terms, abbreviations, negation
-triggers, regex gates) and, per rule, a closure over the hits plus the set of literals or codes
-without which the rule cannot fire. Classifying one snapshot scans each text field once, then
-evaluates only the rules some hit points at; regular expressions run only where their gate
-literal occurred (performance.md section 5.1).
+Compilation turns a :class:`RuleSet` into a literal automaton per text field (the terms some
+rule reads from that field, their abbreviations, negation triggers, regex gates) and, per rule,
+a closure over the hits plus the set of literals or codes without which the rule cannot fire,
+folded into one bit mask of rules per literal or code. Classifying one snapshot scans each text
+field once, ORs the masks of what it found, then evaluates only those rules, in file order;
+regular expressions run only where their gate literal occurred (performance.md section 5.1).
+
+What keeps it fast (``bench/classify.py``; ``tests/rules/test_equivalence.py`` holds every
+shortcut to the decisions of a plain evaluation of every rule):
+
+- include rules are evaluated first: when none fires, nothing else can change the decision;
+- negation is worked out only for a match some evaluated rule would count, once per term and
+  field, and without building clause tables (:class:`ClauseNegation`);
+- call types, cautions, mental states and code combinations repeat from call to call: their
+  scans and lookups are remembered, a few thousand per classifier (the narrative is not).
 
 How a decision is made from the rules that fired:
 
@@ -22,6 +32,7 @@ Evidence fields and the text their offsets index: ``call_type``, ``call_type_cod
 
 from __future__ import annotations
 
+import functools
 import re
 import zoneinfo
 from collections.abc import Callable, Iterable
@@ -30,7 +41,7 @@ from datetime import datetime
 
 from corespond.daemon.decision import Decision, Evidence, Response
 from corespond.daemon.snapshot import IncidentStatus, Snapshot
-from corespond.rules.matcher import Hit, Key, LiteralMatcher, normalize_text
+from corespond.rules.matcher import FieldHits, Key, LiteralMatcher, normalize_text
 from corespond.rules.model import (
     RESPONSE_ORDER,
     AllOf,
@@ -46,12 +57,15 @@ from corespond.rules.model import (
     TextMatch,
     TimeMatch,
 )
-from corespond.rules.negation import NOT_NEGATED, NegationScopes, Scope
+from corespond.rules.negation import ClauseNegation
 
 SCANNED_FIELDS = ("call_type", "narrative", "cautions", "persons")
+_RECENT_SIZE = 4096  # distinct short field texts remembered per classifier
+_STATUS = {s: (s.value.upper(), s.value) for s in IncidentStatus}  # as status codes compare
 _RANK = {r: i for i, r in enumerate(RESPONSE_ORDER)}
 
 Span = tuple[str, int, int]  # field, start, end
+Apco = tuple[str, str]  # APCO code, the field it came from (evidence)
 Token = tuple[str, ...] | tuple[str, str, int]
 # A compiled condition: the spans it matched when true, None when false.
 Check = Callable[["_Context"], list[Span] | None]
@@ -69,8 +83,22 @@ def field_text(snapshot: Snapshot, field: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _code(value: str | None) -> str:
-    return " ".join(normalize_text(value).split()).upper() if value else ""
+@functools.lru_cache(maxsize=4096)
+def _code(value: str) -> str:
+    """A code as compared: case, ``_``/``-`` and runs of spaces do not matter."""
+    return " ".join(normalize_text(value).split()).upper()
+
+
+_SPAN_KEYS = 2 * len(SCANNED_FIELDS)
+
+
+def _span_key(field: str, ident: int, negation: bool) -> int:
+    """One int for (field, term id, negation): cheaper to hash than the tuple."""
+    return ident * _SPAN_KEYS + SCANNED_FIELDS.index(field) * 2 + negation
+
+
+def _position(fired: tuple[int, Rule, list[Span]]) -> int:
+    return fired[0]
 
 
 class _Context:
@@ -79,31 +107,44 @@ class _Context:
     __slots__ = (
         "apco",
         "codes",
-        "gates",
-        "hits",
+        "found",
         "local_time",
         "negation",
         "raw",
-        "scopes",
         "snapshot",
-        "text",
-        "triggers",
-        "window",
+        "spans",
     )
 
-    def __init__(self, snapshot: Snapshot, window: int) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self.window = window
-        self.raw: dict[str, str] = {}
-        self.text: dict[str, str] = {}
-        self.hits: dict[str, dict[int, list[tuple[int, int]]]] = {}
-        self.gates: dict[str, set[int]] = {}
-        self.triggers: dict[str, list[Hit]] = {}
-        self.negation: dict[str, NegationScopes] = {}
-        self.scopes: dict[tuple[str, int, int], Scope] = {}
+        self.raw: dict[str, str] = {}  # scanned field -> its text as evidence quotes it
+        self.found: dict[str, FieldHits] = {}  # scanned field -> what the scan found
+        self.negation: dict[str, ClauseNegation] = {}  # fields with pre or post triggers
+        self.spans: dict[int, list[Span]] = {}  # see term_spans()
         self.codes: dict[str, tuple[str, str]] = {}  # field -> (normalized code, raw text)
-        self.apco: list[tuple[str, str]] = []  # (APCO code, evidence field)
+        self.apco: list[Apco] = []
         self.local_time: datetime | None = None
+
+    def term_spans(self, field: str, ident: int, negation: bool, key: int) -> list[Span]:
+        """The spans of term ``ident`` in ``field`` (less the negated ones, with ``negation``).
+
+        Worked out once per term and field, when a rule first asks: several rules share terms.
+        ``key`` is ``_span_key(field, ident, negation)``.
+        """
+        got = self.spans.get(key)
+        if got is None:
+            scopes = self.negation.get(field) if negation else None
+            found = self.found[field].terms[ident]
+            if scopes is None:
+                got = [(field, start, end) for start, end in found]
+            else:
+                got = [(field, s, e) for s, e in found if not scopes.negated(s, e)]
+            self.spans[key] = got
+        return got
+
+    def is_negated(self, field: str, start: int, end: int) -> bool:
+        scopes = self.negation.get(field)
+        return scopes is not None and scopes.negated(start, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,22 +161,47 @@ class RuleClassifier:
         self._tz = zoneinfo.ZoneInfo(ruleset.timezone)
         self._terms: dict[Term, int] = {}
         self._gates: dict[str, int] = {}
+        self._term_fields: dict[int, set[str]] = {}  # term id -> fields rules read it from
+        self._gate_fields: dict[int, set[str]] = {}
         self._regexes: dict[str, re.Pattern[str]] = {}
         self._needs_time = False
         self._rules: list[_CompiledRule] = []
-        self._index: dict[Token, list[int]] = {}
-        self._always: list[int] = []
+        # Bit i of a mask stands for self._rules[i]: the rules a found literal or code may fire.
+        self._always = 0
+        self._term_masks: dict[str, dict[int, int]] = {f: {} for f in SCANNED_FIELDS}
+        self._gate_masks: dict[str, dict[int, int]] = {f: {} for f in SCANNED_FIELDS}
+        self._code_masks: dict[tuple[str, str], int] = {}
+        self._apco_masks: dict[str, int] = {}
         for rule in ruleset.rules:
-            position = len(self._rules)
+            bit = 1 << len(self._rules)
             self._rules.append(_CompiledRule(rule, self._compile(rule.when)))
             tokens = self._tokens(rule.when)
             if tokens is None:
-                self._always.append(position)
-            else:
-                for token in tokens:
-                    self._index.setdefault(token, []).append(position)
+                self._always |= bit
+                continue
+            for token in tokens:
+                if token[0] == "t" or token[0] == "g":
+                    _, field, ident = token
+                    assert isinstance(field, str) and isinstance(ident, int)
+                    table = self._term_masks if token[0] == "t" else self._gate_masks
+                    table[field][ident] = table[field].get(ident, 0) | bit
+                elif token[0] == "code":
+                    key = (str(token[1]), str(token[2]))
+                    self._code_masks[key] = self._code_masks.get(key, 0) | bit
+                else:
+                    code = str(token[1])
+                    self._apco_masks[code] = self._apco_masks.get(code, 0) | bit
+        self._include_mask = sum(
+            1 << i for i, c in enumerate(self._rules) if c.rule.effect is Effect.INCLUDE
+        )
+        self._window = ruleset.negation.window
+        self._checks = [c.check for c in self._rules]
+        self._not_behavioral = Decision(False, None, Response.NONE, 0.0, (), (), self.version)
+        self._recent: dict[tuple[str, str], tuple[FieldHits, int]] = {}
+        self._recent_codes: dict[
+            tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
+        ] = {}
         self._matcher = LiteralMatcher(self._literals())
-        self._has_apco_rules = any(t[0] == "apco" for t in self._index) or bool(self._always)
 
     @property
     def version(self) -> str:
@@ -147,14 +213,19 @@ class RuleClassifier:
         return self._terms.setdefault(term, len(self._terms))
 
     def _literals(self) -> Iterable[tuple[str, Key]]:
+        # A term or gate is looked for only in the fields some rule reads it from: a hit
+        # elsewhere could not change a decision, and every hit costs time.
         for term, ident in self._terms.items():
-            yield term.key, Key("term", ident, term.stem)
+            used = frozenset(self._term_fields[ident])
+            yield term.key, Key("term", ident, term.stem, used)
             # An abbreviation stands for its meaning: it matches every term its meaning holds.
             for alias, (meaning, fields) in self.ruleset.abbreviations.items():
                 if _holds(meaning, term):
-                    yield alias, Key("term", ident, False, frozenset(fields))
+                    where = used.intersection(fields) if fields else used
+                    if where:
+                        yield alias, Key("term", ident, False, where)
         for gate, ident in self._gates.items():
-            yield gate, Key("gate", ident)
+            yield gate, Key("gate", ident, False, frozenset(self._gate_fields[ident]))
         neg = self.ruleset.negation
         for kind, words in (
             ("pre", neg.pre),
@@ -212,31 +283,47 @@ class RuleClassifier:
     def _compile_text(self, cond: TextMatch) -> Check:
         field = cond.field
         ids = frozenset(self._term_id(t) for t in cond.terms)
+        for ident in ids:
+            self._term_fields.setdefault(ident, set()).add(field)
         regexes: list[tuple[re.Pattern[str], tuple[int, ...]]] = []
         for rx in cond.regexes:
             pattern = self._regexes.setdefault(rx.pattern, re.compile(rx.pattern))
-            regexes.append((pattern, tuple(self._gate_id(g) for g in rx.gates)))
+            gates = tuple(self._gate_id(g) for g in rx.gates)
+            for ident in gates:
+                self._gate_fields.setdefault(ident, set()).add(field)
+            regexes.append((pattern, gates))
         negation = cond.negation
 
-        def text_match(ctx: _Context) -> list[Span] | None:
+        base = _span_key(field, 0, negation)
+
+        def terms_only(ctx: _Context) -> list[Span] | None:
+            found = ctx.found.get(field)
+            if found is None:
+                return None
             spans: list[Span] = []
-            hits = ctx.hits.get(field)
-            if hits:
-                for ident, found in hits.items():
-                    if ident not in ids:
-                        continue
-                    for start, end in found:
-                        if not negation or not _scope(ctx, field, start, end).negated:
-                            spans.append((field, start, end))
+            cached = ctx.spans
+            for ident in found.terms:
+                if ident in ids:
+                    key = base + ident * _SPAN_KEYS
+                    got = cached.get(key)
+                    spans += ctx.term_spans(field, ident, negation, key) if got is None else got
+            return spans or None
+
+        if not regexes:
+            return terms_only
+
+        def text_match(ctx: _Context) -> list[Span] | None:
+            spans = terms_only(ctx) or []
             for pattern, gates in regexes:
-                if gates and not ctx.gates.get(field, set()).intersection(gates):
+                found = ctx.found.get(field)
+                if found is None or not found.text:
                     continue
-                text = ctx.text.get(field)
-                if not text:
+                if gates and found.gates.isdisjoint(gates):
                     continue
+                text = found.text
                 for m in pattern.finditer(text):
                     if m.end() > m.start() and (
-                        not negation or not _scope(ctx, field, m.start(), m.end()).negated
+                        not negation or not ctx.is_negated(field, m.start(), m.end())
                     ):
                         spans.append((field, m.start(), m.end()))
             return spans or None
@@ -281,100 +368,160 @@ class RuleClassifier:
     # --- classification ----------------------------------------------------------------------
 
     def classify(self, snapshot: Snapshot) -> Decision:
-        ctx, fired = self._evaluate(snapshot)
-        return self._decide(snapshot, ctx, fired)
+        ctx, candidates = self._prepare(snapshot)
+        # Without an include rule nothing else changes the decision: most calls end here.
+        includes = self._run(ctx, candidates & self._include_mask)
+        if not includes:
+            return self._not_behavioral
+        fired = includes + self._run(ctx, candidates & ~self._include_mask)
+        fired.sort(key=_position)
+        return self._decide(snapshot, ctx, [(rule, spans) for _, rule, spans in fired])
 
     def fired_rules(self, snapshot: Snapshot) -> tuple[str, ...]:
         """Every rule whose condition holds, whether or not it shapes the decision."""
         return tuple(rule.id for rule, _ in self._evaluate(snapshot)[1])
 
     def _evaluate(self, snapshot: Snapshot) -> tuple[_Context, list[tuple[Rule, list[Span]]]]:
-        ctx = _Context(snapshot, self.ruleset.negation.window)
-        tokens: set[Token] = set()
-        for field in SCANNED_FIELDS:
-            raw = field_text(snapshot, field)
-            if not raw:
-                continue
-            text = normalize_text(raw)
-            ctx.raw[field] = raw
-            ctx.text[field] = text
-            terms: dict[int, list[tuple[int, int]]] = {}
-            triggers: list[Hit] = []
-            gates: set[int] = set()
-            for hit in self._matcher.scan(text, field):
-                kind, ident, start, end = hit
-                if kind == "term":
-                    spans = terms.get(ident)
-                    if spans is None:
-                        terms[ident] = [(start, end)]
-                        tokens.add(("t", field, ident))
-                    elif (start, end) not in spans:
-                        spans.append((start, end))
-                elif kind == "gate":
-                    gates.add(ident)
-                    tokens.add(("g", field, ident))
-                else:
-                    triggers.append(hit)
-            ctx.hits[field] = terms
-            ctx.gates[field] = gates
-            ctx.triggers[field] = triggers
+        ctx, candidates = self._prepare(snapshot)
+        return ctx, [(rule, spans) for _, rule, spans in self._run(ctx, candidates)]
+
+    def _run(self, ctx: _Context, candidates: int) -> list[tuple[int, Rule, list[Span]]]:
+        """The rules in ``candidates`` (a mask) that fire, in file order, with their spans."""
+        fired: list[tuple[int, Rule, list[Span]]] = []
+        checks = self._checks
+        while candidates:
+            lowest = candidates & -candidates
+            candidates ^= lowest
+            position = lowest.bit_length() - 1
+            matched = checks[position](ctx)
+            if matched is not None:
+                fired.append((position, self._rules[position].rule, matched))
+        return fired
+
+    def _prepare(self, snapshot: Snapshot) -> tuple[_Context, int]:
+        """Scan and look up everything once; the mask of rules the findings point at."""
+        ctx = _Context(snapshot)
+        candidates = self._always
+        if snapshot.call_type:
+            candidates |= self._scan_into(ctx, "call_type", snapshot.call_type)
+        if snapshot.notes:
+            candidates |= self._scan_into(ctx, "narrative", snapshot.narrative)
+        for field in ("cautions", "persons"):
+            if getattr(snapshot, field):
+                raw = field_text(snapshot, field)
+                if raw:
+                    candidates |= self._scan_into(ctx, field, raw)
+        key = (
+            snapshot.call_type_code,
+            snapshot.priority,
+            snapshot.agency,
+            snapshot.zone,
+            snapshot.status,
+            snapshot.apco_type,
+            snapshot.call_type,
+        )
+        codes = self._recent_codes.get(key)
+        if codes is None:
+            if len(self._recent_codes) >= _RECENT_SIZE:
+                self._recent_codes.clear()
+            codes = self._recent_codes[key] = self._codes(snapshot)
+        ctx.codes, ctx.apco, mask = codes
+        candidates |= mask
+        if self._needs_time:
+            when = snapshot.opened_at or snapshot.updated_at
+            ctx.local_time = when.astimezone(self._tz) if when.tzinfo else when
+        return ctx, candidates
+
+    def _codes(self, snapshot: Snapshot) -> tuple[dict[str, tuple[str, str]], list[Apco], int]:
+        """The code fields as rules compare them, the APCO types, and the rules they point at.
+
+        A handful of code combinations make up most calls: the engine remembers them, and
+        the dict and list are shared between contexts (rules only read them).
+        """
+        codes: dict[str, tuple[str, str]] = {}
+        candidates = 0
+        code_masks = self._code_masks
         for field in ("call_type_code", "priority", "agency", "zone"):
             value = getattr(snapshot, field)
             if value:
                 code = _code(value)
-                ctx.codes[field] = (code, value)
-                tokens.add(("code", field, code))
-        ctx.codes["status"] = (snapshot.status.value.upper(), snapshot.status.value)
-        tokens.add(("code", "status", snapshot.status.value.upper()))
+                codes[field] = (code, value)
+                candidates |= code_masks.get((field, code), 0)
+        status = codes["status"] = _STATUS[snapshot.status]
+        candidates |= code_masks.get(("status", status[0]), 0)
         table = self.ruleset.apco_codes
+        apcos: list[Apco] = []
         if snapshot.apco_type:
-            ctx.apco.append((_code(snapshot.apco_type), "apco_type"))
-        if snapshot.call_type_code and _code(snapshot.call_type_code) in table:
-            ctx.apco.append((table[_code(snapshot.call_type_code)], "call_type_code"))
-        if snapshot.call_type and _code(snapshot.call_type) in table:
-            ctx.apco.append((table[_code(snapshot.call_type)], "call_type"))
-        for apco, _ in ctx.apco:
-            tokens.add(("apco", apco))
-        if self._needs_time:
-            when = snapshot.opened_at or snapshot.updated_at
-            ctx.local_time = when.astimezone(self._tz) if when.tzinfo else when
+            apcos.append((_code(snapshot.apco_type), "apco_type"))
+        for field in ("call_type_code", "call_type"):
+            value = getattr(snapshot, field)
+            if value:
+                apco = table.get(_code(value))
+                if apco is not None:
+                    apcos.append((apco, field))
+        for apco, _ in apcos:
+            candidates |= self._apco_masks.get(apco, 0)
+        return codes, apcos, candidates
 
-        candidates = set(self._always)
-        for token in tokens:
-            positions = self._index.get(token)
-            if positions:
-                candidates.update(positions)
-        fired: list[tuple[Rule, list[Span]]] = []
-        for position in sorted(candidates):
-            compiled = self._rules[position]
-            matched = compiled.check(ctx)
-            if matched is not None:
-                fired.append((compiled.rule, matched))
-        return ctx, fired
+    def _scan_into(self, ctx: _Context, field: str, raw: str) -> int:
+        """Scans one text field into ``ctx``; the mask of rules its hits point at."""
+        if field == "narrative":
+            found = self._matcher.scan_field(raw, field)
+            candidates = self._mask(field, found)
+        else:
+            # Call types, cautions and mental states come from a small vocabulary: remember.
+            key = (field, raw)
+            got = self._recent.get(key)
+            if got is None:
+                if len(self._recent) >= _RECENT_SIZE:
+                    self._recent.clear()
+                found = self._matcher.scan_field(raw, field)
+                got = self._recent[key] = (found, self._mask(field, found))
+            found, candidates = got
+        ctx.raw[field] = raw
+        ctx.found[field] = found
+        if found.pre or found.post:
+            ctx.negation[field] = ClauseNegation(
+                found.text, found.pre, found.post, found.pseudo, found.terminators, self._window
+            )
+        return candidates
+
+    def _mask(self, field: str, found: FieldHits) -> int:
+        """The rules that the hits of one field point at."""
+        candidates = 0
+        masks = self._term_masks[field]
+        for ident in found.terms:
+            candidates |= masks.get(ident, 0)
+        if found.gates:
+            masks = self._gate_masks[field]
+            for ident in found.gates:
+                candidates |= masks.get(ident, 0)
+        return candidates
 
     def _decide(
         self, snapshot: Snapshot, ctx: _Context, fired: list[tuple[Rule, list[Span]]]
     ) -> Decision:
-        includes = [(r, s) for r, s in fired if r.effect is Effect.INCLUDE]
-        if not includes:
-            return Decision(False, None, Response.NONE, 0.0, (), (), self.version)
-        excludes = [(r, s) for r, s in fired if r.effect is Effect.EXCLUDE]
-        evidence = tuple(_evidence(ctx, fired))
-        rules = tuple(r.id for r, _ in fired)
-        if excludes:
-            return Decision(False, None, Response.NONE, 0.0, rules, evidence, self.version)
-        top = includes[0][0]
+        """The decision from the rules that fired (at least one include among them)."""
+        top: Rule | None = None
         miss = 1.0
         response = Response.NONE
-        for rule, _ in includes:
-            if rule.weight > top.weight:
-                top = rule
-            miss *= 1.0 - rule.weight
+        excluded = False
+        for rule, _ in fired:
+            effect = rule.effect
+            if effect is Effect.INCLUDE:
+                if top is None or rule.weight > top.weight:
+                    top = rule
+                miss *= 1.0 - rule.weight
+            elif effect is Effect.EXCLUDE:
+                excluded = True
+                continue
+            # Include and escalate rules: the most cautious response wins.
             if _RANK[rule.response] > _RANK[response]:
                 response = rule.response
-        for rule, _ in fired:
-            if rule.effect is Effect.ESCALATE and _RANK[rule.response] > _RANK[response]:
-                response = rule.response
+        rules = tuple(rule.id for rule, _ in fired)
+        evidence = _evidence(ctx, fired)
+        if excluded or top is None:
+            return Decision(False, None, Response.NONE, 0.0, rules, evidence, self.version)
         if snapshot.status is not IncidentStatus.ACTIVE:
             # Closed or cancelled: still a behavioral-health call for the record, nobody to send.
             response = Response.NONE
@@ -393,24 +540,6 @@ def _holds(meaning: str, term: Term) -> bool:
 
 def _word_starts(text: str) -> list[int]:
     return [i for i, c in enumerate(text) if c != " " and (i == 0 or text[i - 1] == " ")]
-
-
-def _scope(ctx: _Context, field: str, start: int, end: int) -> Scope:
-    cached = ctx.scopes.get((field, start, end))
-    if cached is not None:
-        return cached
-    got = ctx.scopes[(field, start, end)] = _new_scope(ctx, field, start, end)
-    return got
-
-
-def _new_scope(ctx: _Context, field: str, start: int, end: int) -> Scope:
-    scopes = ctx.negation.get(field)
-    if scopes is None:
-        triggers = ctx.triggers.get(field)
-        if not triggers:
-            return NOT_NEGATED
-        scopes = ctx.negation[field] = NegationScopes(ctx.text[field], triggers, ctx.window)
-    return scopes.scope(start, end)
 
 
 def _compile_code(cond: CodeMatch) -> Check:
@@ -465,15 +594,12 @@ def _compile_time(cond: TimeMatch) -> Check:
     return in_window
 
 
-def _evidence(ctx: _Context, fired: list[tuple[Rule, list[Span]]]) -> Iterable[Evidence]:
+def _evidence(ctx: _Context, fired: list[tuple[Rule, list[Span]]]) -> tuple[Evidence, ...]:
+    out: list[Evidence] = []
     for rule, spans in fired:
-        seen: set[Span] = set()
-        for span in spans:
-            if span in seen:
-                continue
-            seen.add(span)
-            field, start, end = span
+        for field, start, end in dict.fromkeys(spans):  # each span once, first come first
             raw = ctx.raw.get(field)
             if raw is None:
                 raw = field_text(ctx.snapshot, field)
-            yield Evidence(rule.id, field, start, end, raw[start:end])
+            out.append(Evidence(rule.id, field, start, end, raw[start:end]))
+    return tuple(out)

@@ -7,12 +7,19 @@ stored padded too (``" denies "``, a stem ``" suicid"``), so the automaton only 
 that start and end on word boundaries and short keys ("no", "od") cost nothing inside other
 words (performance.md 3.b: check boundaries without a leading ``\\b``). A key ending in a digit
 also matches before a letter ("918V", "415E"): CAD codes glue suffixes on.
+
+:meth:`LiteralMatcher.scan` lists every hit (the plain form); :meth:`LiteralMatcher.scan_field`,
+what the engine calls, finds the same hits (uncertainty triggers aside) with an automaton per
+field that holds only the keys that apply there, and groups them as it goes (terms by id,
+triggers by kind).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import ahocorasick
 
@@ -21,6 +28,13 @@ _TRANSLATE = str.maketrans({"_": " ", "-": " ", "\t": " ", "\r": " "})
 _PUNCT = "".join(chr(c) for c in range(128) if not chr(c).isalnum())
 _PUNCT += "\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00b7\u2022\u00a0\u00ab\u00bb"
 _WORDS_ONLY = str.maketrans(dict.fromkeys(_PUNCT, " "))
+# The same two mappings as byte tables, for ASCII text (most CAD text): bytes.translate is
+# several times faster than str.translate, and ASCII lowercases one byte to one byte.
+_ASCII = bytes(range(128)).decode("ascii")
+_NORMALIZE_BYTES = bytes.maketrans(_ASCII.encode(), _ASCII.lower().translate(_TRANSLATE).encode())
+_WORDS_BYTES = bytes.maketrans(
+    _ASCII.encode(), _ASCII.lower().translate(_TRANSLATE).translate(_WORDS_ONLY).encode()
+)
 
 
 def normalize_text(text: str) -> str:
@@ -56,6 +70,32 @@ class Key:
 Hit = tuple[str, int, int, int]
 
 
+class FieldHits(NamedTuple):
+    """The hits of one field, grouped the way the engine reads them (read-only once made).
+
+    ``terms`` maps a term id to its distinct spans, ids in order of first occurrence and spans
+    in scan order; ``gates`` holds the regex gate ids found; the trigger lists hold the
+    (start, end) of each negation trigger of that kind, in scan order (uncertainty triggers
+    are left out: they do not change a decision).
+    """
+
+    text: str  # the normalized field text the offsets index
+    terms: dict[int, list[tuple[int, int]]]
+    gates: frozenset[int]
+    pre: list[tuple[int, int]]
+    post: list[tuple[int, int]]
+    pseudo: list[tuple[int, int]]
+    terminators: list[tuple[int, int]]
+
+
+# Kinds as scan_field's per-field automata store them; the trigger codes index its lists.
+_TERM, _GATE = -2, -1
+_TRIGGER_CODES = {"pre": 0, "post": 1, "pseudo": 2, "terminator": 3}
+_EMPTY: frozenset[int] = frozenset()
+_WORD_REST = re.compile(r"[^\W_]*")  # what str.isalnum() accepts, one character at a time
+FieldEntry = tuple[int, int, bool, bool]  # kind code, ident, stem, check the digit end
+
+
 class LiteralMatcher:
     """Finds every literal occurrence on word boundaries, overlapping ones included."""
 
@@ -86,9 +126,46 @@ class LiteralMatcher:
         self.size = len(table)
         if self.size:
             self._automaton.make_automaton()
+        self._table = table
+        self._field_automata: dict[str, ahocorasick.Automaton] = {}
+
+    def _field_automaton(self, field: str) -> ahocorasick.Automaton:
+        """The automaton :meth:`scan_field` uses for ``field``: only the keys that apply there.
+
+        Abbreviations limited to other fields are left out (no hit to skip later), and each
+        value holds (start offset, trailing space, entries) ready for the scan loop.
+        """
+        automaton = ahocorasick.Automaton()
+        for stored, keys in self._table.items():
+            trail = 1 if stored.endswith(" ") and len(stored) > 1 else 0
+            lead = 1 if stored.startswith(" ") else 0
+            entries: list[FieldEntry] = []
+            for k in keys:
+                if (k.fields and field not in k.fields) or k.kind == "uncertain":
+                    continue
+                code = {"term": _TERM, "gate": _GATE}.get(k.kind)
+                code = _TRIGGER_CODES[k.kind] if code is None else code
+                check = k.kind != "gate" and not k.stem and not trail
+                entries.append((code, k.ident, k.stem, check))
+            if entries:
+                # padded index i is text index i - 1
+                # Most keys stand for one trigger or one plain term: the scan loop takes those
+                # without walking the entries (fast: the trigger code or _TERM, else None).
+                code, ident, stem, check = entries[0]
+                plain = len(entries) == 1 and not stem and not check and code != _GATE
+                fast = code if plain else None
+                value = (lead - len(stored), trail, fast, ident, tuple(entries))
+                automaton.add_word(stored, value)
+        if len(automaton):
+            automaton.make_automaton()
+        self._field_automata[field] = automaton
+        return automaton
 
     def scan(self, normalized: str, field: str) -> list[Hit]:
-        """Every hit in ``normalized`` text (of a field named ``field``), offsets in that text."""
+        """Every hit in ``normalized`` text (of a field named ``field``), offsets in that text.
+
+        The plain form; :meth:`scan_field` finds the same hits (tests hold them equal).
+        """
         if not self.size or not normalized:
             return []
         padded = f" {words_only(normalized)} "
@@ -112,3 +189,53 @@ class LiteralMatcher:
                 else:
                     out.append((kind, ident, start, end))
         return out
+
+    def scan_field(self, raw: str, field: str) -> FieldHits:
+        """What :meth:`scan` finds in ``normalize_text(raw)``, grouped in the same pass."""
+        if raw.isascii():
+            data = raw.encode("ascii")
+            normalized = data.translate(_NORMALIZE_BYTES).decode("ascii")
+            padded = f" {data.translate(_WORDS_BYTES).decode('ascii')} "
+        else:
+            normalized = normalize_text(raw)
+            padded = f" {words_only(normalized)} "
+        terms: dict[int, list[tuple[int, int]]] = {}
+        gates: set[int] = set()
+        triggers: tuple[list[tuple[int, int]], ...] = ([], [], [], [])
+        automaton = self._field_automata.get(field)
+        if automaton is None:
+            automaton = self._field_automaton(field)
+        if not len(automaton) or not normalized:
+            return FieldHits(normalized, terms, _EMPTY, *triggers)
+        n = len(normalized)
+        for last, (offset, trail, fast, ident, entries) in automaton.iter(padded):
+            start = last + offset
+            end = last - trail
+            if fast is not None:
+                if fast == _TERM:
+                    spans = terms.get(ident)
+                    if spans is None:
+                        terms[ident] = [(start, end)]
+                    elif (start, end) not in spans:
+                        spans.append((start, end))
+                else:
+                    triggers[fast].append((start, end))
+                continue
+            for code, ident, stem, check_digit_end in entries:
+                if stem:
+                    stop = _WORD_REST.match(normalized, end).end()  # type: ignore[union-attr]
+                elif check_digit_end and end < n and normalized[end].isdigit():
+                    continue
+                else:
+                    stop = end
+                if code == _TERM:
+                    spans = terms.get(ident)
+                    if spans is None:
+                        terms[ident] = [(start, stop)]
+                    elif (start, stop) not in spans:
+                        spans.append((start, stop))
+                elif code == _GATE:
+                    gates.add(ident)
+                else:
+                    triggers[code].append((start, stop))
+        return FieldHits(normalized, terms, frozenset(gates) if gates else _EMPTY, *triggers)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import repeat
 
 from corespond.rules.matcher import Hit
 
-_PUNCTUATION = re.compile(r"[.;!?\n]")
+_CLAUSE_ENDS = ".;!?\n"
+_PUNCTUATION = re.compile(f"[{re.escape(_CLAUSE_ENDS)}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +32,11 @@ NOT_NEGATED = Scope(False, False)
 
 
 class NegationScopes:
-    """Answers "is the match at start:end negated?" for one text, from its trigger hits."""
+    """Answers "is the match at start:end negated?" for one text, from its trigger hits.
+
+    The reference form: it sorts every trigger and finds every clause boundary up front. The
+    engine asks :class:`ClauseNegation`, which gives the same ``negated`` answers on demand.
+    """
 
     def __init__(self, text: str, triggers: list[Hit], window: int) -> None:
         self._text = text
@@ -92,6 +98,84 @@ class NegationScopes:
                 return True
             k += 1
         return False
+
+    def _near(self, a: int, b: int) -> bool:
+        return len(self._text[a:b].split()) <= self._window
+
+
+class ClauseNegation:
+    """``NegationScopes(text, triggers, window).scope(start, end).negated``, computed lazily.
+
+    Classification asks about a handful of matches per text, and most have no trigger within
+    reach: so nothing is sorted or searched up front, a trigger counts only if it is on the
+    right side of the match and within the window, and the clause boundary on that side is
+    found (``str.rfind``/``str.find`` from the match) only when such a trigger exists. A pre
+    trigger negates when it ends before the match, starts inside the match's clause and is at
+    most ``window`` words away; a post trigger likewise after it (the same answers as the
+    walk in :meth:`NegationScopes.scope`: the window and clause tests are monotonic in the
+    distance, so the walk finds a trigger exactly when one passes both tests). Triggers come
+    as (start, end) lists per kind, as :class:`~corespond.rules.matcher.FieldHits` holds them.
+    """
+
+    __slots__ = ("_post", "_pre", "_pseudo", "_terminators", "_text", "_window")
+
+    def __init__(
+        self,
+        text: str,
+        pre: list[tuple[int, int]],
+        post: list[tuple[int, int]],
+        pseudo: list[tuple[int, int]],
+        terminators: list[tuple[int, int]],
+        window: int,
+    ) -> None:
+        self._text = text
+        self._window = window
+        self._pre = pre
+        self._post = post
+        self._pseudo = pseudo
+        self._terminators = terminators
+
+    def negated(self, start: int, end: int) -> bool:
+        if self._pseudo:
+            self._drop_pseudo()
+        clause_start = -1
+        for ts, te in self._pre:
+            if te <= start:
+                if clause_start < 0:
+                    clause_start = self._clause_start(start)
+                if ts >= clause_start and self._near(te, start):
+                    return True
+        clause_end = -1
+        for ts, te in self._post:
+            if ts >= end:
+                if clause_end < 0:
+                    clause_end = self._clause_end(end)
+                if te <= clause_end and self._near(end, ts):
+                    return True
+        return False
+
+    def _drop_pseudo(self) -> None:
+        # A trigger inside a pseudo-negation ("no increase") negates nothing. Done once, on
+        # new lists: the ones passed in may be shared.
+        pseudo = self._pseudo
+        self._pre = [t for t in self._pre if not any(s <= t[0] and t[1] <= e for s, e in pseudo)]
+        self._post = [t for t in self._post if not any(s <= t[0] and t[1] <= e for s, e in pseudo)]
+        self._pseudo = []
+
+    def _clause_start(self, start: int) -> int:
+        found = max(map(self._text.rfind, _CLAUSE_ENDS, repeat(0), repeat(start))) + 1
+        for _, te in self._terminators:
+            if found < te <= start:
+                found = te
+        return found
+
+    def _clause_end(self, end: int) -> int:
+        m = _PUNCTUATION.search(self._text, end)
+        found = m.start() if m else len(self._text)
+        for ts, _ in self._terminators:
+            if end <= ts < found:
+                found = ts
+        return found
 
     def _near(self, a: int, b: int) -> bool:
         return len(self._text[a:b].split()) <= self._window

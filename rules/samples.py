@@ -58,22 +58,15 @@ def incident_snapshot(obj: Any, *, timezone: str = "UTC", strict: bool = True) -
 
     With ``strict`` False, unknown keys (such as a label column in a backtest file) are ignored.
     """
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise RejectedMessage("invalid-field", "an incident must be a JSON object", "/")
-    if strict:
-        unknown = sorted(set(obj) - INCIDENT_KEYS - {"expect", "_line"})
-        if unknown:
-            raise RejectedMessage(
-                "unknown-field", f"unknown field {unknown[0]!r}", f"/{unknown[0]}"
-            )
+    if strict and not _ALLOWED_KEYS.issuperset(obj):
+        unknown = sorted(set(obj) - _ALLOWED_KEYS)
+        raise RejectedMessage("unknown-field", f"unknown field {unknown[0]!r}", f"/{unknown[0]}")
+    get = obj.get
 
     def text(key: str) -> str | None:
-        value = obj.get(key)
-        if value is None or value == "":
-            return None
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise RejectedMessage("invalid-field", "must be a string", f"/{key}")
-        return str(value)
+        return _text(key, get(key))
 
     status = IncidentStatus.ACTIVE
     if text("status"):
@@ -87,32 +80,68 @@ def incident_snapshot(obj: Any, *, timezone: str = "UTC", strict: bool = True) -
     when = text("time")
     if when:
         opened = _time(when, timezone)
-    cautions = obj.get("cautions") or []
+    cautions = get("cautions") or []
     if isinstance(cautions, str):
         cautions = [cautions]
-    if not isinstance(cautions, list) or not all(isinstance(c, str) for c in cautions):
+    if cautions and (
+        not isinstance(cautions, list) or not all(isinstance(c, str) for c in cautions)
+    ):
         raise RejectedMessage("invalid-field", "cautions must be a list of strings", "/cautions")
     location = None
-    if obj.get("lat") is not None or obj.get("lon") is not None:
-        location = Location(point=geo_point(obj.get("lat"), obj.get("lon"), "/lat"))
-    narrative = text("narrative")
-    mental_state = text("mental_state")
+    if get("lat") is not None or get("lon") is not None:
+        location = Location(point=geo_point(get("lat"), get("lon"), "/lat"))
+    # The other text fields, checked in this order (the first bad one is the one reported).
+    values: dict[str, str] = {}
+    for key in _TEXT_KEYS:
+        value = get(key)
+        if value.__class__ is str:
+            if value:
+                values[key] = value
+        else:
+            got = _text(key, value)
+            if got is not None:
+                values[key] = got
+    narrative = values.get("narrative")
+    mental_state = values.get("mental_state")
     return Snapshot(
-        incident_id=text("id") or "sample",
+        incident_id=values.get("id") or "sample",
         updated_at=opened or SAMPLE_NOW,
         status=status,
-        call_type=text("call_type"),
-        call_type_code=text("call_type_code"),
-        apco_type=text("apco_type"),
-        priority=text("priority"),
-        agency=text("agency"),
-        zone=text("zone"),
+        call_type=values.get("call_type"),
+        call_type_code=values.get("call_type_code"),
+        apco_type=values.get("apco_type"),
+        priority=values.get("priority"),
+        agency=values.get("agency"),
+        zone=values.get("zone"),
         opened_at=opened,
         location=location,
-        cautions=tuple(Caution(c) for c in cautions),
+        cautions=tuple(Caution(c) for c in cautions) if cautions else (),
         notes=(Note(narrative),) if narrative else (),
         persons=(Person(mental_state=mental_state),) if mental_state else (),
     )
+
+
+_ALLOWED_KEYS = INCIDENT_KEYS | {"expect", "_line"}
+_TEXT_KEYS = (
+    "narrative",
+    "mental_state",
+    "id",
+    "call_type",
+    "call_type_code",
+    "apco_type",
+    "priority",
+    "agency",
+    "zone",
+)
+
+
+def _text(key: str, value: object) -> str | None:
+    """A text field's value: None when absent or empty; numbers read as text, nothing else."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise RejectedMessage("invalid-field", "must be a string", f"/{key}")
+    return str(value)
 
 
 def _time(value: str, timezone: str) -> datetime:

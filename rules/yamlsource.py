@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+
 from corespond.rules.problems import ProblemLog
 
 _STR_TAGS = {"tag:yaml.org,2002:str", "!"}

@@ -1,13 +1,14 @@
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from corespond.daemon.decision import Response
 from corespond.daemon.snapshot import Caution, IncidentStatus, Note, Person, Snapshot
 from corespond.rules.engine import RuleClassifier, field_text
 from corespond.rules.loader import load_ruleset
 from corespond.rules.samples import incident_snapshot
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 RULESET = load_ruleset()

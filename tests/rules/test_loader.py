@@ -4,6 +4,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+
 from corespond.daemon.decision import Response
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import VENDOR_DIR, check_ruleset, load_ruleset, plain

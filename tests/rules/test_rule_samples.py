@@ -1,6 +1,7 @@
 """One test per vendor rule id: its embedded samples, through the whole effective rule set."""
 
 import pytest
+
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 from corespond.rules.samples import run_samples
