@@ -409,21 +409,27 @@ def test_logs_carry_no_message_content() -> None:
 def test_fuzz_requests_never_echo_input(
     body: bytes, method: bytes, auth: bytes | None, ctype: bytes, chunked: bool
 ) -> None:
-    r = rig(content_types=("application/json",))
     headers = [b"Content-Type: " + ctype]
     if auth is not None:
         headers.append(b"Authorization: " + auth)
-    _proto, transport = send(
-        r, raw_request(body, method=method, token=None, headers=headers, chunked=chunked)
-    )
-    for d in r.ingest.pending:
-        d.callback([REJECTED])
-    out = transport.value()
+
+    def answer(payload: bytes) -> bytes:
+        r = rig(content_types=("application/json",))
+        _proto, transport = send(
+            r, raw_request(payload, method=method, token=None, headers=headers, chunked=chunked)
+        )
+        for d in r.ingest.pending:
+            d.callback([REJECTED])
+        return bytes(transport.value())
+
+    out = answer(body)
     if out:
         got = parse_response(out)
         assert got.status in {200, 400, 401, 405, 413, 415}
-        if len(body) > 8:
-            assert body not in got.body
+        if len(body) > 8 and body in got.body:
+            # Our fixed wording may happen to contain the same bytes ("Authoriza..."): then
+            # the answer to other bytes of the same length is the same. An echo would differ.
+            assert parse_response(answer(b"~" * len(body))).body == got.body
 
 
 # --- a real Agent over iosim, and TLS ----------------------------------------------------------
