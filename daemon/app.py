@@ -10,11 +10,19 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from corespond.daemon import __version__
+from corespond.daemon.classification import (
+    LastGoodRules,
+    PendingClassifier,
+    RuleKeeper,
+    RulesMetrics,
+    RulesUnavailable,
+    RulesWatcher,
+)
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import (
     Config,
@@ -32,7 +40,6 @@ from corespond.daemon.store import migrate
 from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.queries import Totals, totals
 from corespond.daemon.store.writer import IncidentStore
-from corespond.rules.baseline import BaselineClassifier
 
 log = structlog.get_logger(__name__)
 
@@ -91,34 +98,54 @@ class Corespond:
         self.store = IncidentStore(self.engine, reactor, batch_max=config.store.batch_max)
         self.pipeline = Pipeline(
             self.store,
-            classifier if classifier is not None else BaselineClassifier(),
+            classifier if classifier is not None else PendingClassifier(),
             self.clock,
             IngestMetrics(self.registry),
         )
-        # Disk I/O of spool directories and start-up work; never the reactor thread.
+        # Disk I/O of spool directories, rule loading and start-up work; never the reactor.
         self.io_threads = ThreadPool(minthreads=1, maxthreads=4, name="corespond-io")
+        # A classifier given by the caller is fixed (tests); otherwise the rule files decide.
+        self.rules: RuleKeeper | None = None
+        if classifier is None:
+            self.rules = RuleKeeper(
+                settings=config.rules,
+                last_good=LastGoodRules(config.state_dir / "rules"),
+                in_thread=self.in_thread,
+                clock=self.clock,
+                metrics=RulesMetrics(self.registry),
+                install=self._install_classifier,
+            )
+        self.rules_watcher: RulesWatcher | None = None
         self.feeds = FeedSet(reactor, self.clock, self.pipeline, self.io_threads)
         self.watchdog: Watchdog | None = None
         self.simulator: Any = None
         self._metrics_port: Any = None
         self._started = False
+        self._store_started = False
 
     def in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.io_threads, fn, *args)
 
+    def _install_classifier(self, classifier: Classifier) -> None:
+        # One attribute store: the next payload is classified by the new set, none by a mix.
+        self.pipeline.classifier = classifier
+
     async def start(self) -> None:
         self.io_threads.start()
         self._started = True
+        await self._load_rules()
         await self._prepare_schema()
         self.store.start()
+        self._store_started = True
         try:
             await self.feeds.apply(self.config.feeds)
         except Exception as err:
             raise StartupError(f"a feed could not start: {err}") from err
         self._start_metrics()
         self._start_simulator()
+        self._start_rules_watcher()
         self.notifier.ready()
-        self.notifier.status(f"running {len(self.feeds.components)} feed components")
+        self._status(f"running {len(self.feeds.components)} feed components")
         self.watchdog = Watchdog.from_environment(self.notifier, self.clock, self.healthy)
         if self.watchdog is not None:
             self.watchdog.start()
@@ -129,6 +156,40 @@ class Corespond:
             count=len(self.feeds.components),
             ruleset=self.pipeline.classifier.version,
         )
+
+    async def _load_rules(self) -> None:
+        if self.rules is None:
+            return
+        try:
+            await self.rules.start()
+        except RulesUnavailable as err:
+            log.critical("rules.unavailable", reason=err.reason, errors=err.problems)
+            raise StartupError(str(err)) from None
+
+    def _start_rules_watcher(self) -> None:
+        if self.rules is None or not self.config.rules.watch:
+            return
+        settings = self.config.rules
+        self.rules_watcher = RulesWatcher(
+            self.clock,
+            settings.site_dir,
+            settings.watch_interval_seconds,
+            self.in_thread,
+            lambda: ensureDeferred(self._rules_changed()),
+        )
+        ensureDeferred(self.rules_watcher.start()).addErrback(
+            lambda f: log.error("rules.watch.failed", error=f.getErrorMessage()[:300])
+        )
+
+    async def _rules_changed(self) -> None:
+        assert self.rules is not None
+        ok = await self.rules.reload()
+        self._status("rules reloaded" if ok else "rules reload failed; previous rules kept")
+
+    def _status(self, text: str) -> None:
+        """sd_notify STATUS; a daemon on its last known good rules says so first, always."""
+        degraded = self.rules.status_text() if self.rules is not None else None
+        self.notifier.status(f"{degraded}; {text}" if degraded else text)
 
     async def _prepare_schema(self) -> None:
         if self.config.store.migrate_on_start:
@@ -199,8 +260,31 @@ class Corespond:
         self.simulator.start()
 
     async def reload(self) -> bool:
-        """Reload the configuration file: all or nothing. Says which, in the log."""
+        """Reload the configuration file, then the rules: each all or nothing. Says which, in
+        the log."""
         self.notifier.reloading()
+        config_ok = await self._reload_config()
+        rules_ok = await self._reload_rules()
+        return self._reloaded(config_ok, rules_ok)
+
+    async def _reload_rules(self) -> bool:
+        if self.rules is None:
+            return True
+        settings = self.config.rules
+        ok = await self.rules.reload(settings)
+        watcher = self.rules_watcher
+        moved = watcher is None or (
+            watcher.directory != settings.site_dir
+            or watcher.interval != settings.watch_interval_seconds
+        )
+        if moved or not settings.watch:
+            if watcher is not None:
+                watcher.stop()
+                self.rules_watcher = None
+            self._start_rules_watcher()
+        return ok
+
+    async def _reload_config(self) -> bool:
         try:
             new = load_config(self.config.path)
         except ConfigError as err:
@@ -209,7 +293,7 @@ class Corespond:
                 reason="configuration has errors; running configuration kept, nothing changed",
                 errors=[str(p) for p in err.problems],
             )
-            return self._reloaded(False)
+            return False
         needs_restart = [
             name
             for name, old, now in (
@@ -226,7 +310,7 @@ class Corespond:
                 reason="these sections change only with a restart; nothing changed",
                 errors=needs_restart,
             )
-            return self._reloaded(False)
+            return False
         try:
             changes = await self.feeds.apply(new.feeds)
         except Exception as err:
@@ -235,19 +319,25 @@ class Corespond:
                 reason="a feed could not start; previous feeds restored",
                 error=str(err)[:300],
             )
-            return self._reloaded(False)
+            return False
         if new.logging != self.config.logging:
             from corespond.daemon.log import set_level
 
             set_level(new.logging.level)
         self.config = new
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
-        return self._reloaded(True)
+        return True
 
-    def _reloaded(self, ok: bool) -> bool:
+    def _reloaded(self, config_ok: bool, rules_ok: bool) -> bool:
         self.notifier.ready()
-        self.notifier.status("reload complete" if ok else "reload failed; previous config kept")
-        return ok
+        if config_ok and rules_ok:
+            self._status("reload complete")
+        else:
+            failed = [name for name, ok in (("config", config_ok), ("rules", rules_ok)) if not ok]
+            self._status(
+                f"reload failed ({', '.join(failed)}); previous {' and '.join(failed)} kept"
+            )
+        return config_ok and rules_ok
 
     async def stop(self) -> RunSummary:
         """Stop accepting, finish what is in flight, commit, and say what was done."""
@@ -255,12 +345,17 @@ class Corespond:
         log.info("daemon.stopping")
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self.rules_watcher is not None:
+            self.rules_watcher.stop()
         if self.simulator is not None:
             self.simulator.stop()
         if self._metrics_port is not None:
             await self._metrics_port.stopListening()
         await self.feeds.stop()
-        store_totals = await self.store.run_read(totals)
+        # A start that failed early (rules, schema) never started the store's reader threads.
+        store_totals = (
+            await self.store.run_read(totals) if self._store_started else Totals(0, 0, 0, 0)
+        )
         await self.store.stop()
         if self._started:
             self.io_threads.stop()

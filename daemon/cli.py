@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(show)
     show.add_argument("ref", metavar="ID", help="number, external id, or SOURCE:EXTERNAL_ID")
     show.add_argument("--json", action="store_true")
+
+    from corespond.daemon import rules_cli
+
+    rules_cli.register(sub)
     return parser
 
 
@@ -217,10 +221,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from corespond.daemon.feeds import build_format, feed_context
     from corespond.daemon.ingest import Origin
     from corespond.daemon.pipeline import FeedContext, prepare_records
+    from corespond.daemon.rules_cli import VENDOR_ONLY, config_rules, load_rules
     from corespond.daemon.store import migrate
     from corespond.daemon.store.engine import create_store_engine
     from corespond.daemon.store.writer import RejectRecord, write_batch
-    from corespond.rules.baseline import BaselineClassifier
+    from corespond.rules.engine import RuleClassifier
 
     config = _load(args.config) if args.config else None
     if args.config and config is None:
@@ -256,13 +261,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
             max_message_bytes=REPLAY_MAX_BYTES,
         )
 
+    # The configuration's rules (vendor + rules.site_dir), else the vendor rules alone.
+    ruleset = load_rules(config_rules(config) if config is not None else VENDOR_ONLY)
+    if ruleset is None:
+        return 1
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if args.dry_run:
         tmp = tempfile.TemporaryDirectory(prefix="corespond-replay-")
         engine = create_store_engine(f"sqlite:///{tmp.name}/replay.db", sqlite_synchronous="normal")
     else:
         engine = _engine(config)
-    classifier = BaselineClassifier()
+    classifier = RuleClassifier(ruleset)
     rejected = 0
     try:
         migrate.upgrade(engine)

@@ -11,7 +11,7 @@ Every problem found is reported at once, each with its file, line and key path::
 A section is a class with a ``key``, a ``schema()`` fragment and a ``parse()`` that returns its
 typed value; :data:`SECTIONS` lists them in the order they parse (later sections may read what
 earlier ones produced), and :class:`Config` has one field per section. Adding a section (paging,
-referrals, rules) is one more class, one more entry, one more field.
+referrals) is one more class, one more entry, one more field.
 
 Secrets are never inline: ``token_file`` / ``password_file`` name a file (it may live in
 ``$CREDENTIALS_DIRECTORY``, systemd's ``LoadCredential=``) that is read at load time.
@@ -39,6 +39,8 @@ from corespond.daemon.yaml_source import (
 
 DEFAULT_CONFIG_PATH = Path("/etc/corespond/corespond.yaml")
 DEFAULT_STATE_DIR = "/var/lib/corespond"
+# Beside the main file, as conf.d is: /etc/corespond/rules.d for /etc/corespond/corespond.yaml.
+DEFAULT_RULES_DIR = "rules.d"
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
 MAX_MESSAGE_BYTES_LIMIT = 64 * 1_048_576
 
@@ -237,6 +239,16 @@ class DemoConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RulesConfig:
+    """Where the site's rule files are and how the daemon follows them."""
+
+    site_dir: Path = Path("/etc/corespond") / DEFAULT_RULES_DIR
+    timezone: str | None = None  # None: what the rule files say (else UTC)
+    watch: bool = True
+    watch_interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -246,6 +258,7 @@ class Config:
     security: SecurityConfig
     feeds: tuple[FeedConfig, ...]
     demo: DemoConfig | None
+    rules: RulesConfig = RulesConfig()
 
     def feed(self, name: str) -> FeedConfig | None:
         return next((f for f in self.feeds if f.name == name), None)
@@ -815,6 +828,55 @@ class DemoSection(Section):
         return DemoConfig(sim)
 
 
+class RulesSection(Section):
+    key = "rules"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "site_dir": string(
+                    "directory of site rule files (*.yaml, *.tsv) loaded over the vendor rules; "
+                    "a missing directory means no site rules [rules.d beside this file]",
+                    default=DEFAULT_RULES_DIR,
+                ),
+                "timezone": string(
+                    "IANA zone that rule time windows are in [the rule files' timezone, or UTC]"
+                ),
+                "watch": boolean("reload the rules when a file in site_dir changes", True),
+                "watch_interval_seconds": number(
+                    "how often to look at site_dir for changes", exclusiveMinimum=0, default=5.0
+                ),
+            },
+            nullable=True,
+            description="classification rules: the vendor set plus the site's overrides",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> RulesConfig:
+        values = with_defaults(raw, cls.schema())
+        site_dir = ctx.resolve(values["site_dir"])
+        if site_dir.exists() and not site_dir.is_dir():
+            ctx.problem(("rules", "site_dir"), f"{site_dir} is not a directory")
+        timezone = values.get("timezone")
+        if timezone is not None:
+            try:
+                ZoneInfo(timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                hint = _did_you_mean(timezone, _zone_names())
+                ctx.problem(("rules", "timezone"), f"unknown time zone {timezone!r}{hint}")
+        return RulesConfig(
+            site_dir=site_dir,
+            timezone=timezone,
+            watch=values["watch"],
+            watch_interval_seconds=float(values["watch_interval_seconds"]),
+        )
+
+    @classmethod
+    def fallback(cls) -> RulesConfig:
+        return RulesConfig()
+
+
 # In parse order: a section may read ``ctx.values`` of those before it.
 SECTIONS: tuple[type[Section], ...] = (
     StateDirSection,
@@ -824,6 +886,7 @@ SECTIONS: tuple[type[Section], ...] = (
     SecuritySection,
     FeedsSection,
     DemoSection,
+    RulesSection,
 )
 
 
@@ -1251,6 +1314,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "ReconnectConfig",
+    "RulesConfig",
     "SecurityConfig",
     "ServerTlsConfig",
     "SimulatorConfig",

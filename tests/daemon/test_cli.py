@@ -10,6 +10,7 @@ import pytest
 
 from corespond.daemon.cli import EX_CONFIG, main
 from corespond.daemon.snapshot import snapshot_to_json
+from corespond.rules.loader import load_ruleset
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -68,7 +69,8 @@ def test_replay_stores_classifies_and_reports_each_message(
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["snapshot"] for line in lines] == ["new"] * len(files)
     assert len({line["incident_id"] for line in lines}) == 1
-    assert all(line["decision"]["ruleset"].startswith("baseline-") for line in lines)
+    # Classified by the rule engine: the vendor rules (the config has no rules.d).
+    assert {line["decision"]["ruleset"] for line in lines} == {load_ruleset().version}
     # Again: every message is a duplicate, and the store holds one incident.
     code, out, _ = run(capsys, "replay", "-c", str(config), "--feed", "cad-files", *map(str, files))
     assert [json.loads(line)["snapshot"] for line in out.splitlines()] == ["duplicate"] * len(files)
@@ -132,3 +134,27 @@ def test_jsonl_round_trip_through_replay(
     assert code == 0 and decision["response"] == "police"
     [knife] = [e for e in decision["evidence"] if e["field"] == "narrative"]
     assert knife["text"] == "knife"
+
+
+def test_replay_classifies_with_the_configured_site_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules_d = tmp_path / "rules.d"
+    rules_d.mkdir()
+    (rules_d / "50-welfare.yaml").write_text(
+        "engine: 1\nrules:\n  - id: bh.apco.welfare\n    description: with an officer here\n"
+        "    status: stable\n    category: welfare\n    effect: include\n"
+        "    response: co-response\n    weight: 0.6\n    when: {apco_type: WELFARE}\n"
+        "    samples: {positive: [{apco_type: WELFARE}], negative: [{apco_type: NOISE}]}\n"
+    )
+    config = config_file(tmp_path, "rules: {site_dir: rules.d}\n")
+    line = {"id": "INC-9", "updated_at": "2026-11-26T20:00:00Z", "apco_type": "WELFARE"}
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    code, out, _ = run(capsys, "replay", "--dry-run", "-c", str(config), str(path))
+    decision = json.loads(out)["decision"]
+    assert code == 0 and decision["response"] == "co-response"
+    assert decision["ruleset"] == load_ruleset(None, [rules_d]).version
+    (rules_d / "50-welfare.yaml").write_text("engine: 1\nrules: nope\n")
+    code, _, err = run(capsys, "replay", "--dry-run", "-c", str(config), str(path))
+    assert code == 1 and "50-welfare.yaml" in err and "rules must be a list" in err

@@ -16,6 +16,7 @@ from corespond.daemon.config import (
     Config,
     ConfigError,
     HttpTransport,
+    RulesConfig,
     SpoolTransport,
     TcpTransport,
     WebSocketTransport,
@@ -465,7 +466,8 @@ _scalars = st.one_of(
 _keys = st.sampled_from(
     ["state_dir", "store", "logging", "feeds", "demo", "metrics", "security", "transport", "type",
      "listen", "port", "host", "format", "framing", "token", "token_file", "url", "mode", "cad",
-     "simulator", "http_feed", "directory", "tls", "mapping", "timezone", "level", "x"]
+     "simulator", "http_feed", "directory", "tls", "mapping", "timezone", "level", "rules",
+     "site_dir", "watch", "x"]
 )  # fmt: skip
 _documents = st.recursive(
     _scalars,
@@ -498,3 +500,48 @@ def test_fuzz_text_gives_a_config_or_config_error(tmp_path: Path, text: str) -> 
         load_config(path)
     except ConfigError as err:
         assert err.problems
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+
+def test_rules_default_to_rules_d_beside_the_config_file(tmp: Path) -> None:
+    config = load_config(write(tmp, "# nothing\n", "etc/corespond.yaml"))
+    assert config.rules == RulesConfig(
+        site_dir=tmp / "etc" / "rules.d", timezone=None, watch=True, watch_interval_seconds=5.0
+    )
+
+
+def test_rules_section_relative_and_absolute_paths(tmp: Path) -> None:
+    text = "rules:\n  site_dir: local/rules\n  timezone: America/Denver\n  watch: false\n"
+    text += "  watch_interval_seconds: 0.5\n"
+    config = load_config(write(tmp, text, "etc/corespond.yaml"))
+    site_dir = tmp / "etc" / "local" / "rules"
+    assert config.rules == RulesConfig(site_dir, "America/Denver", False, 0.5)
+    config = load_config(write(tmp, f"rules: {{site_dir: {tmp / 'abs'}}}\n"))
+    assert config.rules.site_dir == tmp / "abs"
+
+
+def test_rules_section_problems(tmp: Path) -> None:
+    (tmp / "afile").write_text("x")
+    main = write(
+        tmp,
+        "rules:\n  site_dir: afile\n  timezone: America/Denvr\n  watch_interval_seconds: 0\n"
+        "  wach: true\n",
+    )
+    assert problems(main) == [
+        f"{main}:4: at 'rules.watch_interval_seconds': must be greater than 0; got 0",
+        f"{main}:5: at 'rules.wach': unknown key 'wach' (did you mean 'watch'?)",
+    ]
+    main = write(tmp, "rules:\n  site_dir: afile\n  timezone: America/Denvr\n")
+    assert problems(main) == [
+        f"{main}:2: at 'rules.site_dir': {tmp / 'afile'} is not a directory",
+        f"{main}:3: at 'rules.timezone': unknown time zone 'America/Denvr' "
+        "(did you mean 'America/Denver'?)",
+    ]
+    main = write(tmp, "rules: {watch: 'yes', site_dir: 7}\n")
+    assert sorted(p.split(": ", 1)[1] for p in problems(main)) == [
+        "at 'rules.site_dir': must be text, but YAML read 7 as the number 7: write it in quotes "
+        '("7")',
+        "at 'rules.watch': must be true or false, not text",
+    ]
