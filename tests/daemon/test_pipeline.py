@@ -24,9 +24,15 @@ from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
 from corespond.daemon.store.queries import totals
 from corespond.daemon.store.tables import RejectedMessageRow
 from corespond.daemon.store.writer import IncidentStore
-from corespond.rules.baseline import BaselineClassifier
+from corespond.rules.engine import RuleClassifier
+from corespond.rules.loader import load_ruleset
 
 T0 = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
+RULES = load_ruleset()
+
+
+def classifier() -> RuleClassifier:
+    return RuleClassifier(RULES)
 ORIGIN = Origin(feed="cad", peer="127.0.0.1:5000")
 
 
@@ -57,7 +63,7 @@ def registry() -> CollectorRegistry:
 def pipeline(store: IncidentStore, registry: CollectorRegistry) -> Pipeline:
     clock = TaskClock()
     clock.advance(T0.timestamp())
-    return Pipeline(store, BaselineClassifier(), Clock(clock), IngestMetrics(registry))
+    return Pipeline(store, classifier(), Clock(clock), IngestMetrics(registry))
 
 
 def feed(fmt: Any = None, max_bytes: int = 1 << 20) -> FeedContext:
@@ -161,13 +167,13 @@ def test_a_parser_bug_rejects_the_message_and_the_feed_goes_on(pipeline: Pipelin
     assert isinstance(ok, Accepted)
 
 
-class BrokenClassifier(BaselineClassifier):
+class BrokenClassifier(RuleClassifier):
     def classify(self, snapshot: Snapshot) -> Any:
         raise RuntimeError("a classifier bug")
 
 
 def test_a_classifier_bug_still_stores_the_snapshot(pipeline: Pipeline) -> None:
-    pipeline.classifier = BrokenClassifier()
+    pipeline.classifier = BrokenClassifier(RULES)
     [out] = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
     assert isinstance(out, Accepted)
 
@@ -178,7 +184,7 @@ def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: Collector
 
     store = IncidentStore(engine, TaskClock(), run_in_thread=broken, attempts=1)
     store.start()
-    pipeline = Pipeline(store, BaselineClassifier(), Clock(TaskClock()), IngestMetrics(registry))
+    pipeline = Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(registry))
     failure = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
     assert not isinstance(failure, list)  # a Failure: the transport must not ack
     assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 1
