@@ -44,6 +44,7 @@ the person roles).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -111,6 +112,7 @@ _BLOCK_TAGS: Final = frozenset({
 _SKIPPED_TAGS: Final = frozenset({"script", "style", "template", "head", "title"})
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NIEM_VALUE_KEYS: Final = frozenset({"value", "@context"})  # a bare NIEM value object
 _NIEM_DEPTH = 8  # NIEM wraps values in lists and objects; real nesting is 3 or 4 levels
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -145,7 +147,9 @@ def load_json(message: bytes) -> Any:
             "bad-encoding", f"not valid UTF-8 at byte {err.start + offset}", "/"
         ) from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # a second BOM: json.loads refuses it the same way
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as err:
         # err.msg is a fixed phrase; anything after a colon could quote the input.
         what = err.msg.split(":")[0].removesuffix(" at")
@@ -164,12 +168,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("NaN and Infinity are not JSON")
 
 
+# One decoder for all messages (json.loads(..., parse_constant=...) would build one per call);
+# decoders keep no state between calls, so threads may share it.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 # --- JSON to Snapshot --------------------------------------------------------------------------
 
 
 def snapshot_from_eido(doc: Any) -> Snapshot:
     """Validate and map one decoded EIDO. Raises :class:`RejectedMessage` only."""
-    if not isinstance(doc, Mapping):
+    if not _is_object(doc):
         raise RejectedMessage("invalid-field", "an EIDO must be a JSON object", "/")
     version = doc.get("eidoVersion")
     if version is None and "EIDOVersion" in doc:
@@ -188,7 +197,7 @@ def snapshot_from_eido(doc: Any) -> Snapshot:
     incident = doc.get("incidentComponent")
     status = IncidentStatus.ACTIVE
     if incident is not None:
-        if not isinstance(incident, Mapping):
+        if not _is_object(incident):
             raise RejectedMessage("invalid-field", "must be an object", "/incidentComponent")
         status, fields = _incident(incident, "/incidentComponent")
     closed_at = None
@@ -291,8 +300,12 @@ def _notes(doc: Mapping[str, Any]) -> tuple[Note, ...]:
         if text:
             notes.append(Note(text=text, time=time))
     # Arrays carry no order in EIDO; the narrative reads oldest first (stable for equal times).
-    notes.sort(key=lambda n: n.time or _EPOCH)
+    notes.sort(key=_note_time)
     return tuple(notes)
+
+
+def _note_time(note: Note) -> datetime:
+    return note.time or _EPOCH
 
 
 def html_to_text(html: str, where: str) -> str:
@@ -329,8 +342,11 @@ def html_to_text(html: str, where: str) -> str:
 
 
 def _lines(text: str) -> str:
-    lines = (" ".join(line.split()) for line in text.splitlines())
-    return "\n".join(line for line in lines if line)
+    lines = text.splitlines()
+    if len(lines) == 1:  # the usual note: one line
+        return " ".join(lines[0].split())
+    cleaned = (" ".join(line.split()) for line in lines)
+    return "\n".join(line for line in cleaned if line)
 
 
 def _html_parser() -> lxml.html.HTMLParser:
@@ -349,7 +365,7 @@ def _person(component: Mapping[str, Any], where: str) -> Person:
     if nc is None:
         return Person(roles=roles)
     where = f"{where}/ncPersonComponent"
-    if not isinstance(nc, Mapping):
+    if not _is_object(nc):
         raise RejectedMessage("invalid-field", "must be an object", where)
     return Person(
         roles=roles,
@@ -364,7 +380,7 @@ def _person_name(value: Any, where: str) -> str | None:
     for w, name in _niem_items(value, where):
         if isinstance(name, str):
             return _clean(name, w).strip() or None
-        if not isinstance(name, Mapping):
+        if not _is_object(name):
             raise RejectedMessage("invalid-field", "a person name must be an object", w)
         full = _niem_text(name.get("personFullName"), f"{w}/personFullName")
         if full:
@@ -381,7 +397,7 @@ def _person_name(value: Any, where: str) -> str | None:
 
 def _birth_date(value: Any, where: str) -> str | None:
     for w, date in _niem_items(value, where):
-        if isinstance(date, Mapping) and "value" not in date:
+        if _is_object(date) and "value" not in date:
             for key in ("date", "time", "yearMonth", "year"):
                 found = _niem_text(date.get(key), f"{w}/{key}")
                 if found:
@@ -395,8 +411,11 @@ def _birth_date(value: Any, where: str) -> str | None:
 
 def _phone(nc: Mapping[str, Any], where: str) -> str | None:
     for key in ("homeContactInformation", "employmentContactInformation"):
-        for w, contact in _niem_items(nc.get(key), f"{where}/{key}"):
-            if not isinstance(contact, Mapping):
+        contacts = nc.get(key)
+        if contacts is None:
+            continue
+        for w, contact in _niem_items(contacts, f"{where}/{key}"):
+            if not _is_object(contact):
                 raise RejectedMessage("invalid-field", "contact information must be an object", w)
             for tw, number in _niem_items(
                 contact.get("contactTelephoneNumber"), f"{w}/contactTelephoneNumber"
@@ -408,17 +427,17 @@ def _phone(nc: Mapping[str, Any], where: str) -> str | None:
 
 
 def _telephone(number: Any, where: str) -> str | None:
-    if not isinstance(number, Mapping) or set(number) <= {"value", "@context"}:
+    if not _is_object(number) or number.keys() <= _NIEM_VALUE_KEYS:
         return _niem_text(number, where)
     for fw, full in _niem_items(number.get("full"), f"{where}/full"):
-        if isinstance(full, Mapping) and "telephoneNumberFullID" in full:
+        if _is_object(full) and "telephoneNumberFullID" in full:
             found = _niem_text(full["telephoneNumberFullID"], f"{fw}/telephoneNumberFullID")
         else:
             found = _niem_text(full, fw)
         if found:
             return found
     for nw, nanp in _niem_items(number.get("NANP"), f"{where}/NANP"):
-        if not isinstance(nanp, Mapping):
+        if not _is_object(nanp):
             raise RejectedMessage("invalid-field", "must be an object", nw)
         parts = [
             _niem_text(nanp.get(k), f"{nw}/{k}")
@@ -427,7 +446,7 @@ def _telephone(number: Any, where: str) -> str | None:
         if all(parts):
             return "-".join(p for p in parts if p)
     for iw, intl in _niem_items(number.get("international"), f"{where}/international"):
-        if not isinstance(intl, Mapping):
+        if not _is_object(intl):
             raise RejectedMessage("invalid-field", "must be an object", iw)
         country = _niem_text(intl.get("telephoneCountryCodeID"), f"{iw}/telephoneCountryCodeID")
         rest = _niem_text(intl.get("telephoneNumberID"), f"{iw}/telephoneNumberID")
@@ -437,6 +456,8 @@ def _telephone(number: Any, where: str) -> str | None:
 
 
 def _joined(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
     texts = [t for w, item in _niem_items(value, where) if (t := _niem_text(item, w))]
     return "; ".join(texts) or None
 
@@ -474,6 +495,11 @@ def _caution(component: Mapping[str, Any], where: str) -> Caution:
 # --- typed access with JSON pointers -----------------------------------------------------------
 
 
+def _is_object(value: Any) -> bool:
+    # json.loads gives plain dicts; the ABC check (slow) is for other mappings passed in.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _components(
     obj: Mapping[str, Any], key: str, *, where: str = "", required: bool = False
 ) -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -486,14 +512,15 @@ def _components(
     if not isinstance(value, list):
         raise RejectedMessage("invalid-field", "must be an array", f"{where}/{key}")
     for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
+        if not _is_object(item):
             raise RejectedMessage("invalid-field", "must be an object", f"{where}/{key}/{i}")
         yield f"{where}/{key}/{i}", item
 
 
 def _clean(text: str, where: str) -> str:
     # Lone surrogates (legal in JSON escapes) and NUL cannot be stored or encoded downstream.
-    if _SURROGATE.search(text):
+    # An ASCII string holds no surrogate: skip the regex for the common case.
+    if not text.isascii() and _SURROGATE.search(text):
         raise RejectedMessage("invalid-field", "string holds an unpaired UTF-16 surrogate", where)
     if "\x00" in text:
         raise RejectedMessage("invalid-field", "string holds a NUL character", where)
@@ -512,33 +539,36 @@ def _text(
     """The string at ``key``; ``required`` means present, ``nonempty`` (default: as
     ``required``) that it holds more than blanks."""
     value = obj.get(key)
-    pointer = f"{where}/{key}"
     if value is None:
         if required:
-            raise RejectedMessage("missing-field", "required field is missing", pointer)
+            raise RejectedMessage("missing-field", "required field is missing", f"{where}/{key}")
         return None
     if not isinstance(value, str):
-        raise RejectedMessage("invalid-field", "must be a string", pointer)
-    text = _clean(value, pointer).strip() if strip else _clean(value, pointer)
-    if (required if nonempty is None else nonempty) and not text.strip():
-        raise RejectedMessage("missing-field", "required field is empty", pointer)
+        raise RejectedMessage("invalid-field", "must be a string", f"{where}/{key}")
+    # The pointer is built only for an error: this runs for every string in every message.
+    if "\x00" in value or not value.isascii():
+        _clean(value, f"{where}/{key}")
+    text = value.strip() if strip else value
+    if (required if nonempty is None else nonempty) and not (text if strip else text.strip()):
+        raise RejectedMessage("missing-field", "required field is empty", f"{where}/{key}")
     return text or None
 
 
 def _texts(obj: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> list[str]:
     value = obj.get(key)
-    pointer = f"{where}/{key}"
     if value is None:
         if required:
-            raise RejectedMessage("missing-field", "required field is missing", pointer)
+            raise RejectedMessage("missing-field", "required field is missing", f"{where}/{key}")
         return []
     if not isinstance(value, list):
-        raise RejectedMessage("invalid-field", "must be an array of strings", pointer)
+        raise RejectedMessage("invalid-field", "must be an array of strings", f"{where}/{key}")
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise RejectedMessage("invalid-field", "must be a string", f"{pointer}/{i}")
-        text = _clean(item, f"{pointer}/{i}").strip()
+            raise RejectedMessage("invalid-field", "must be a string", f"{where}/{key}/{i}")
+        if "\x00" in item or not item.isascii():
+            _clean(item, f"{where}/{key}/{i}")
+        text = item.strip()
         if text:
             out.append(text)
     return out
@@ -548,7 +578,19 @@ def _time(
     obj: Mapping[str, Any], key: str, where: str, *, required: bool = False
 ) -> datetime | None:
     text = _text(obj, key, where, required=required)
-    return parse_time(text, f"{where}/{key}") if text else None
+    if not text:
+        return None
+    return _recent_time(text) or parse_time(text, f"{where}/{key}")  # the latter raises
+
+
+# Updates of one incident repeat most of its timestamps (call start, notes): parse each once.
+@functools.lru_cache(maxsize=1024)
+def _recent_time(text: str) -> datetime | None:
+    """``parse_time(text)``; None when it would be rejected (errors are not cached)."""
+    try:
+        return parse_time(text, "")
+    except RejectedMessage:
+        return None
 
 
 def _bool(obj: Mapping[str, Any], key: str, where: str) -> bool | None:
@@ -562,7 +604,7 @@ def _reference(obj: Mapping[str, Any], key: str, where: str) -> str | None:
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, Mapping):
+    if not _is_object(value):
         raise RejectedMessage("invalid-field", "must be a reference object", f"{where}/{key}")
     return _text(value, "$ref", f"{where}/{key}")
 
@@ -579,8 +621,41 @@ def _niem_items(value: Any, where: str) -> Iterator[tuple[str, Any]]:
         yield where, value
 
 
-def _niem_text(value: Any, where: str, depth: int = 0) -> str | None:
+def _niem_text(value: Any, where: str) -> str | None:
     """The first text in a NIEM value: ``"x"``, ``{"value": "x"}`` or a list of those."""
+    try:
+        return _niem_text_unchecked(value, 0)
+    except _Recheck:
+        # Something to reject (or a non-ASCII string to check): walk again with pointers.
+        return _niem_text_checked(value, where, 0)
+
+
+class _Recheck(Exception):
+    """Raised by the pointer-less fast path where the checked walk may have to reject."""
+
+
+def _niem_text_unchecked(value: Any, depth: int) -> str | None:
+    # Same walk as _niem_text_checked, without building a JSON pointer at every step.
+    if value is None:
+        return None
+    if depth > _NIEM_DEPTH:
+        raise _Recheck
+    if isinstance(value, str):
+        if "\x00" in value or not value.isascii():
+            raise _Recheck
+        return value.strip() or None
+    if isinstance(value, list):
+        for item in value:
+            found = _niem_text_unchecked(item, depth + 1)
+            if found:
+                return found
+        return None
+    if _is_object(value) and "value" in value:
+        return _niem_text_unchecked(value["value"], depth + 1)
+    raise _Recheck
+
+
+def _niem_text_checked(value: Any, where: str, depth: int) -> str | None:
     if value is None:
         return None
     if depth > _NIEM_DEPTH:
@@ -589,12 +664,12 @@ def _niem_text(value: Any, where: str, depth: int = 0) -> str | None:
         return _clean(value, where).strip() or None
     if isinstance(value, list):
         for i, item in enumerate(value):
-            found = _niem_text(item, f"{where}/{i}", depth + 1)
+            found = _niem_text_checked(item, f"{where}/{i}", depth + 1)
             if found:
                 return found
         return None
-    if isinstance(value, Mapping) and "value" in value:
-        return _niem_text(value["value"], f"{where}/value", depth + 1)
+    if _is_object(value) and "value" in value:
+        return _niem_text_checked(value["value"], f"{where}/value", depth + 1)
     raise RejectedMessage("invalid-field", "must be a string or a NIEM text object", where)
 
 

@@ -20,6 +20,7 @@ and a document with a DOCTYPE is refused outright (a PIDF-LO never needs one).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
@@ -46,20 +47,24 @@ EPSG_3D: Final = "urn:ogc:def:crs:EPSG::4979"
 STREET_PARTS: Final = ("HNO", "HNS", "PRM", "PRD", "RD", "STS", "POD", "POM")
 UNIT_PARTS: Final = ("BLD", "UNIT", "FLR", "ROOM", "LOC")
 
-_CIVIC = etree.XPath("//gp:location-info/ca:civicAddress", namespaces=NS)
+# Tags we look for, in Clark notation: one walk over the (small) tree comparing tags is several
+# times faster than an XPath per question (``//`` steps, a dozen ``self::`` tests).
+_LOCATION_INFO_TAG: Final = f"{{{GP}}}location-info"
+_CIVIC_TAG: Final = f"{{{CA}}}civicAddress"
+_CA_PREFIX: Final = f"{{{CA}}}"
+_POS_TAG: Final = f"{{{GML}}}pos"
 # Shapes whose first gml:pos child is the centre (RFC 5491 section 5).
 _SHAPES: Final = ("Circle", "Sphere", "Ellipse", "Ellipsoid", "ArcBand", "Prism")
-_CENTRED = etree.XPath(
-    "//gp:location-info//*[self::gml:Point or self::gml:Polygon or "
-    + " or ".join(f"self::{p}:{shape}" for p in ("gs", "gsd") for shape in _SHAPES)
-    + "]",
-    namespaces=NS,
+_SHAPE_TAGS: Final = frozenset(
+    {
+        f"{{{GML}}}Point",
+        f"{{{GML}}}Polygon",
+        *(f"{{{ns}}}{shape}" for ns in (GS, GS_DRAFT) for shape in _SHAPES),
+    }
 )
-_POS = etree.XPath("gml:pos", namespaces=NS)
 _RING = etree.XPath(".//gml:exterior/gml:LinearRing", namespaces=NS)
 _RING_POS = etree.XPath("gml:pos", namespaces=NS)
 _RING_POSLIST = etree.XPath("gml:posList", namespaces=NS)
-_LOCATION_INFO = etree.XPath("//gp:location-info", namespaces=NS)
 
 _AXES: Final = {2: "lat lon", 3: "lat lon alt"}
 _XML_DECLARATION = re.compile(r"\A\s*<\?xml[^>]*\?>")
@@ -93,6 +98,21 @@ def parse_pidf_lo(xml_text: str, where: str) -> Location:
     """
     if not isinstance(xml_text, str):
         raise RejectedMessage("bad-pidf-lo", "PIDF-LO must be an XML document in a string", where)
+    try:
+        return _recent_location(xml_text)
+    except RejectedMessage as err:
+        raise RejectedMessage(err.code, err.reason, where) from None
+
+
+# An EIDO carries the whole incident every time, so each update of an incident usually repeats
+# the same PIDF-LO document: remember the last few results (a Location is immutable; failures
+# are not cached). Bounded, so the few addresses it holds are only recent ones.
+@functools.lru_cache(maxsize=256)
+def _recent_location(xml_text: str) -> Location:
+    return _parse_pidf_lo(xml_text, "")
+
+
+def _parse_pidf_lo(xml_text: str, where: str) -> Location:
     # A str cannot carry an encoding declaration into lxml; the JSON text is already decoded.
     text = _XML_DECLARATION.sub("", xml_text.lstrip("\ufeff"), count=1)
     if not text.strip():
@@ -105,7 +125,8 @@ def parse_pidf_lo(xml_text: str, where: str) -> Location:
         raise RejectedMessage(
             "bad-pidf-lo", "PIDF-LO holds characters that XML does not allow", where
         ) from None
-    if root.getroottree().docinfo.internalDTD is not None or root.getroottree().docinfo.doctype:
+    docinfo = root.getroottree().docinfo
+    if docinfo.internalDTD is not None or docinfo.doctype:
         raise RejectedMessage("bad-pidf-lo", "PIDF-LO must not have a DOCTYPE", where)
     if root.tag != f"{{{PIDF}}}presence":
         raise RejectedMessage(
@@ -113,17 +134,16 @@ def parse_pidf_lo(xml_text: str, where: str) -> Location:
             "root element is not a PIDF presence (urn:ietf:params:xml:ns:pidf)",
             where,
         )
-    if not _LOCATION_INFO(root):
+    has_info, civic, shape = _location_elements(root)
+    if not has_info:
         raise RejectedMessage("bad-pidf-lo", "PIDF-LO has no gp:geopriv/gp:location-info", where)
-    civic = _CIVIC(root)
     address = city = state = None
-    if civic:
-        parts = _civic_parts(civic[0])
+    if civic is not None:
+        parts = _civic_parts(civic)
         address = _address(parts)
         city = parts.get("A3")
         state = parts.get("A1")
-    shapes = _CENTRED(root)
-    point = _point(shapes[0], where) if shapes else None
+    point = _point(shape, where) if shape is not None else None
     return Location(point=point, address=address, city=city, state=state)
 
 
@@ -134,13 +154,45 @@ def _syntax_reason(err: etree.XMLSyntaxError) -> str:
     return f"PIDF-LO is not well-formed XML ({name}) at line {line}, column {column}"
 
 
+def _location_elements(
+    root: etree._Element,
+) -> tuple[bool, etree._Element | None, etree._Element | None]:
+    """One walk in document order (instead of an XPath each): whether there is any
+    ``gp:location-info``, the first ``//gp:location-info/ca:civicAddress``, and the first shape
+    (point, polygon, GeoShape) anywhere inside a ``gp:location-info``."""
+    has_info = False
+    civic = shape = None
+    for element in root.iter():
+        tag = element.tag
+        if tag == _LOCATION_INFO_TAG:
+            has_info = True
+        elif tag == _CIVIC_TAG:
+            parent = element.getparent()
+            if civic is None and parent is not None and parent.tag == _LOCATION_INFO_TAG:
+                civic = element
+                if shape is not None:
+                    break
+        elif tag in _SHAPE_TAGS and shape is None and _inside_info(element):
+            shape = element
+            if civic is not None:
+                break
+    return has_info, civic, shape
+
+
+def _inside_info(element: etree._Element) -> bool:
+    return next(element.iterancestors(_LOCATION_INFO_TAG), None) is not None
+
+
 def _civic_parts(civic: etree._Element) -> dict[str, str]:
     parts: dict[str, str] = {}
     for child in civic:
-        if not isinstance(child.tag, str) or not child.tag.startswith(f"{{{CA}}}"):
+        tag = child.tag
+        if not isinstance(tag, str) or not tag.startswith(_CA_PREFIX):
             continue
-        name = child.tag[len(CA) + 2 :]
-        value = " ".join("".join(child.itertext()).split())
+        name = tag[len(_CA_PREFIX) :]
+        # A leaf's text is all its text; itertext() is much slower and only needed otherwise.
+        raw = "".join(child.itertext()) if len(child) else child.text
+        value = " ".join(raw.split()) if raw else ""
         if value and name not in parts:
             parts[name] = value
     return parts
@@ -156,7 +208,7 @@ def _address(parts: dict[str, str]) -> str | None:
 
 
 def _point(shape: etree._Element, where: str) -> GeoPoint:
-    local = etree.QName(shape).localname
+    local = shape.tag.rpartition("}")[2]  # every shape tag has a namespace
     srs = shape.get("srsName")
     if srs is not None and srs.strip() not in (EPSG_2D, EPSG_3D):
         raise RejectedMessage(
@@ -166,10 +218,10 @@ def _point(shape: etree._Element, where: str) -> GeoPoint:
         )
     if local in ("Polygon", "Prism"):
         return _polygon_centre(shape, local, srs, where)
-    positions = _POS(shape)
-    if not positions:
+    position = next(shape.iterchildren(_POS_TAG), None)
+    if position is None:
         raise RejectedMessage("bad-pidf-lo", f"gml {local} has no gml:pos", where)
-    return _position(positions[0].text, local, srs, where)
+    return _position(position.text, local, srs, where)
 
 
 def _dimension(srs: str | None, count: int) -> int:

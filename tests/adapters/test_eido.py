@@ -744,3 +744,64 @@ def test_fuzz_truncated_and_flipped_bytes(data: st.DataObject) -> None:
         if raw:
             raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     only_rejections(bytes(raw))
+
+
+# --- fast paths give the same answers as the checked ones --------------------------------------
+
+
+def _with_person(nc: dict[str, Any]) -> dict[str, Any]:
+    return minimal(
+        personComponent=[{"personIncidentRoleRegistryText": ["Patient"], "ncPersonComponent": nc}]
+    )
+
+
+def test_non_ascii_niem_text_is_read() -> None:
+    nc = {"name": [{"personFullName": [{"value": " Sào Tëst "}]}], "mentalState": ["Ängstlich"]}
+    person = parse(_with_person(nc)).persons[0]
+    assert (person.name, person.mental_state) == ("Sào Tëst", "Ängstlich")
+
+
+@pytest.mark.parametrize(
+    ("nc", "where"),
+    [
+        ({"name": [{"personFullName": [{"value": "a\ud800"}]}]},
+         "/name/0/personFullName/0/value"),
+        ({"birthDate": [{"date": [{"value": "1990\x00"}]}]}, "/birthDate/0/date/0/value"),
+        ({"mentalState": ["calm", {"value": ["x\udfff"]}]}, "/mentalState/1/value/0"),
+    ],
+)  # fmt: skip
+def test_bad_characters_deep_in_niem_values_are_pointed_at(nc: dict[str, Any], where: str) -> None:
+    err = rejected(json.dumps(_with_person(nc)).encode())
+    person = "/personComponent/0/ncPersonComponent"
+    assert (err.code, err.where) == ("invalid-field", person + where)
+
+
+def test_repeated_timestamps_and_locations_parse_the_same_and_fail_in_place() -> None:
+    doc = located("CurrentIncident")
+    doc["notesComponent"] = [
+        {"notesActionComments": "a", "lastUpdateTimeStamp": "2026-03-14T21:00:00Z"},
+        {"notesActionComments": "b", "lastUpdateTimeStamp": "2026-03-14T21:00:00Z"},
+    ]
+    assert parse(doc) == parse(json.loads(json.dumps(doc)))
+    doc["notesComponent"][1]["lastUpdateTimeStamp"] = "2026-13-14T21:00:00Z"
+    for _ in range(2):  # a rejected value is not remembered as good
+        err = rejected(encode(doc))
+        assert (err.code, err.where) == ("invalid-field", "/notesComponent/1/lastUpdateTimeStamp")
+    doc["notesComponent"].pop()
+    doc["locationComponent"].append(
+        {"locationTypeDescriptionRegistryText": "Caller", "locationByValue": "<presence/>"}
+    )
+    doc["locationComponent"][0]["locationTypeDescriptionRegistryText"] = "Staging"
+    err = rejected(encode(doc))
+    assert (err.code, err.where) == ("bad-pidf-lo", "/locationComponent/1/locationByValue")
+
+
+def test_multi_line_and_single_line_notes() -> None:
+    texts = ["  one   line  ", "two\r\n\n  lines ", " \u2028 "]
+    doc = minimal(
+        notesComponent=[
+            {"notesActionComments": text, "lastUpdateTimeStamp": f"2026-03-14T21:0{i}Z"}
+            for i, text in enumerate(texts)
+        ]
+    )
+    assert parse(doc).narrative == "one line\ntwo\nlines"

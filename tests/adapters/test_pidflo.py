@@ -231,3 +231,69 @@ def test_fuzz_mutations_of_a_valid_document(data: st.DataObject) -> None:
     except RejectedMessage as err:
         assert err.code == "bad-pidf-lo"
         assert_no_phi(str(err))
+
+
+# --- the one-walk lookup against the XPath expressions it replaced ----------------------------
+
+_NS = {
+    "gp": "urn:ietf:params:xml:ns:pidf:geopriv10",
+    "ca": "urn:ietf:params:xml:ns:pidf:geopriv10:civicAddr",
+    "gml": "http://www.opengis.net/gml",
+    "gs": "http://www.opengis.net/pidflo/1.0",
+    "gsd": "urn:ietf:params:xml:ns:pidf:geopriv10:geoShape",
+}
+_SHAPE_TESTS = " or ".join(
+    ["self::gml:Point", "self::gml:Polygon"]
+    + [
+        f"self::{p}:{s}"
+        for p in ("gs", "gsd")
+        for s in ("Circle", "Sphere", "Ellipse", "Ellipsoid", "ArcBand", "Prism")
+    ]
+)
+_XPATH_INFO = "//gp:location-info"
+_XPATH_CIVIC = "//gp:location-info/ca:civicAddress"
+_XPATH_SHAPE = f"//gp:location-info//*[{_SHAPE_TESTS}]"
+
+# Elements that matter, nested anywhere (location-info inside location-info, shapes outside it,
+# civic addresses one level too deep...), each marked so the test can tell them apart.
+_PIECES = ["gp:location-info", "ca:civicAddress", "gml:Point", "gml:Polygon", "gs:Circle",
+           "gsd:Ellipse", "gs:Prism", "dm:device", "gp:geopriv", "x"]  # fmt: skip
+
+
+@st.composite
+def _trees(draw: st.DrawFn, depth: int = 0) -> str:
+    children = draw(st.lists(st.sampled_from(_PIECES), max_size=3 if depth < 4 else 0))
+    out = []
+    for tag in children:
+        mark = draw(st.integers(0, 999))
+        inner = draw(_trees(depth + 1))
+        name = tag if tag != "x" else "dm:other"
+        out.append(f'<{name} mark="{mark}">{inner}</{name}>')
+    return "".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_trees())
+def test_one_walk_finds_what_the_xpaths_found(inner: str) -> None:
+    from lxml import etree
+
+    from corespond.adapters.pidflo import _location_elements
+
+    root = etree.fromstring(HEAD.replace("<gp:location-info>", "") + inner + "</gp:geopriv>"
+                            "</dm:device></presence>")  # fmt: skip
+    has_info, civic, shape = _location_elements(root)
+    assert has_info == bool(root.xpath(_XPATH_INFO, namespaces=_NS))
+    civics = root.xpath(_XPATH_CIVIC, namespaces=_NS)
+    shapes = root.xpath(_XPATH_SHAPE, namespaces=_NS)
+    assert civic is (civics[0] if civics else None)
+    assert shape is (shapes[0] if shapes else None)
+
+
+def test_repeated_documents_give_equal_results_and_errors_keep_their_pointer() -> None:
+    good = doc(CIVIC)
+    assert parse_pidf_lo(good, WHERE) == parse_pidf_lo(good, "/elsewhere")
+    bad = doc("<gml:Point><gml:pos>91 0</gml:pos></gml:Point>")
+    for where in (WHERE, "/other/0/locationByValue"):
+        with pytest.raises(RejectedMessage) as info:
+            parse_pidf_lo(bad, where)
+        assert (info.value.code, info.value.where) == ("bad-pidf-lo", where)
