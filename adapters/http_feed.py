@@ -237,8 +237,11 @@ class FeedResource(Resource):
     def _answer(self, outcomes: Sequence[Outcome], exchange: _Exchange) -> None:
         status, body = response_for(outcomes)
         accepted = sum(1 for o in outcomes if isinstance(o, Accepted))
-        log.info("feed.http.request.answered", feed=self.feed, peer=exchange.peer, status=status,
-                 accepted=accepted, rejected=len(outcomes) - accepted)  # fmt: skip
+        # cad.snapshot.stored already says what a 200 did: one line per snapshot is enough.
+        (log.debug if status == 200 else log.info)(
+            "feed.http.request.answered", feed=self.feed, peer=exchange.peer, status=status,
+            accepted=accepted, rejected=len(outcomes) - accepted,
+        )  # fmt: skip
         self._finish(exchange, status, body)
 
     def _ingest_failed(self, failure: Failure, exchange: _Exchange) -> None:

@@ -28,16 +28,18 @@ ALLOWED_FIELDS = frozenset(
         "event", "level", "timestamp", "logger",
         # where things come from
         "feed", "source", "format", "transport", "peer", "file", "path", "url", "host", "port",
-        "config", "mode", "framing", "subscription_id", "transaction_id",
+        "config", "mode", "framing", "subscription_id", "transaction_id", "request_id", "kind",
         # identifiers
         "incident_id", "incident_pk", "snapshot_id", "reject_id", "revision", "version", "pid",
         # outcomes and decisions
         "state", "code", "reason", "where", "status", "behavioral_health", "category",
         "response", "old_response", "rules", "ruleset", "old_ruleset", "new_ruleset", "score",
-        "changed", "changes", "accepted", "rejected", "clean", "kept_as",
+        "changed", "changes", "accepted", "rejected", "clean", "kept_as", "known", "presented",
+        "status_text", "renew", "expires",
         # counts and timings
         "count", "incidents", "snapshots", "decisions", "rejects", "messages", "batch", "size",
         "attempt", "in_flight", "framing_errors", "discarded_bytes", "dropped_bytes", "seconds",
+        "bytes", "limit",
         "duration_ms",
         # failures
         "error", "errors", "exception", "signal",
