@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def create_store_engine(
             parsed,
             echo=echo,
             pool_pre_ping=True,
-            json_serializer=_dumps,
+            json_serializer=json_text,
         )
     raise ValueError(
         f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
@@ -51,8 +52,9 @@ def create_store_engine(
 
 
 # ASCII escapes: a NUL or lone surrogate from a feed stays storable JSON text. One encoder for
-# all: json.dumps with arguments would build a new one per value.
-_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+# all: json.dumps with arguments would build a new one per value. The writer's driver-level
+# statements encode with it too, so that their JSON text is what SQLAlchemy would have bound.
+json_text: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
 def _sqlite_engine(url: URL, synchronous: str, echo: bool) -> Engine:
@@ -67,7 +69,7 @@ def _sqlite_engine(url: URL, synchronous: str, echo: bool) -> Engine:
         url,
         echo=echo,
         connect_args={"check_same_thread": False},
-        json_serializer=_dumps,
+        json_serializer=json_text,
     )
 
     @event.listens_for(engine, "connect")

@@ -65,21 +65,25 @@ class UTCDateTime(TypeDecorator[datetime]):
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
 
-        # The hot path binds several times per snapshot: format the text SQLite's DATETIME
-        # stores ("YYYY-MM-DD HH:MM:SS.ffffff", UTC) in one step.
-        def process(value: datetime | None) -> str | None:
-            if value is None:
-                return None
-            if value.tzinfo is not UTC:
-                value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-            return value.isoformat(" ", "microseconds")[:26]  # without "+00:00"
-
-        return process
+        return sqlite_datetime_text
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def sqlite_datetime_text(value: datetime | None) -> str | None:
+    """The text a :class:`UTCDateTime` holds on SQLite: ``YYYY-MM-DD HH:MM:SS.ffffff``, UTC.
+
+    One step instead of the decorator's two (the hot path binds several times per snapshot);
+    the writer's driver-level statements bind with it too, so both store identical text.
+    """
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without "+00:00"
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

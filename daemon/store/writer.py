@@ -16,10 +16,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection, Engine, bindparam, insert, select, tuple_, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from twisted.internet.defer import Deferred, fail, succeed
@@ -35,7 +36,7 @@ from corespond.daemon.snapshot import (
     snapshot_public_json,
     utc,
 )
-from corespond.daemon.store.engine import READ_ONLY
+from corespond.daemon.store.engine import READ_ONLY, json_text
 from corespond.daemon.store.queries import DECISION_COLUMNS, decision_from_row
 from corespond.daemon.store.tables import (
     clean_text,
@@ -43,6 +44,7 @@ from corespond.daemon.store.tables import (
     incidents,
     rejected_messages,
     snapshots,
+    sqlite_datetime_text,
 )
 
 __all__ = [
@@ -133,8 +135,11 @@ _SELECT_INCIDENTS = (
         snapshots.c.received_at,
     )
     .select_from(incidents.outerjoin(snapshots, snapshots.c.id == incidents.c.current_snapshot_id))
+    # One source per statement: SQLite (3.40) finds rows by a row-value IN (VALUES ...) only by
+    # scanning the whole table, but uses the unique index for source = ? AND external_id IN.
     .where(
-        tuple_(incidents.c.source, incidents.c.external_id).in_(bindparam("keys", expanding=True))
+        incidents.c.source == bindparam("source"),
+        incidents.c.external_id.in_(bindparam("external_ids", expanding=True)),
     )
     .order_by(incidents.c.id)  # lock order: two writers cannot deadlock on incidents
 )
@@ -148,14 +153,131 @@ _INSERT_REJECTS = insert(rejected_messages).returning(
 _UPDATE_INCIDENT = update(incidents).where(incidents.c.id == bindparam("incident_pk"))
 
 
+def _same(value: T) -> T:
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Binds:
+    """How the hot path hands times and JSON values over: as Python objects to SQLAlchemy
+    (which converts them), or already converted for the driver."""
+
+    time: Callable[[datetime | None], Any]
+    json: Callable[[Any], Any]
+
+
+# Formatting a datetime costs more than a dict look-up, and a batch binds the same few times
+# again and again (received, source and opening times): remember the latest ones.
+_SQLITE_TIMES: dict[datetime, str | None] = {}
+_SQLITE_TIMES_MAX = 4096
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    text = _SQLITE_TIMES.get(value)
+    if text is None:
+        if len(_SQLITE_TIMES) >= _SQLITE_TIMES_MAX:
+            _SQLITE_TIMES.clear()
+        text = _SQLITE_TIMES[value] = sqlite_datetime_text(value)
+    return text
+
+
+def _sqlite_json(value: Any) -> str:
+    return "[]" if value == [] else json_text(value)  # no rules, no evidence: most decisions
+
+
+_CORE_BINDS = _Binds(time=_same, json=_same)
+# Exactly what UTCDateTime and JSON bind on SQLite (the same functions underneath).
+_SQLITE_BINDS = _Binds(time=_sqlite_time, json=_sqlite_json)
+
+
 @dataclass(frozen=True, slots=True)
 class _DialectStatements:
     insert_incidents: Any  # INSERT .. ON CONFLICT DO NOTHING
     insert_snapshots: Any  # the same, RETURNING id, digest
     select_incidents: Any  # FOR UPDATE on PostgreSQL
+    # SQLite: the hot inserts and updates go to the driver's executemany (see _DriverInsert).
+    driver_level: bool
+    binds: _Binds
 
 
 _STATEMENTS: dict[str, _DialectStatements] = {}
+
+
+# --- SQLite: driver-level executemany for the hot writes -------------------------------------
+#
+# SQLAlchemy's per-row parameter processing and insertmanyvalues' RETURNING cost several times
+# what SQLite itself spends on these rows. A write transaction on SQLite holds the database's
+# write lock (BEGIN IMMEDIATE; a deferred one fails to upgrade if anything changed since it
+# read), so the writer numbers new rows itself, from max(id) + 1 on - the ids SQLite would have
+# assigned (no AUTOINCREMENT) - and inserts them with the driver's executemany, values bound as
+# UTCDateTime and JSON would bind them (_SQLITE_BINDS).
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverInsert:
+    """``INSERT INTO table (id, columns...)`` with ids numbered by the writer (SQLite only)."""
+
+    sql: str
+    max_id: str
+    values: Callable[[dict[str, Any]], tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, table: Table, columns: Sequence[str]) -> _DriverInsert:
+        assert len(columns) > 1  # itemgetter of one name gives a value, not a tuple
+        names = ", ".join(_quoted(c) for c in ("id", *columns))
+        marks = ", ".join("?" * (len(columns) + 1))
+        return cls(
+            sql=f"INSERT INTO {_quoted(table.name)} ({names}) VALUES ({marks})",
+            max_id=f"SELECT max(id) FROM {_quoted(table.name)}",
+            values=itemgetter(*columns),
+        )
+
+    def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert ``rows`` (every column of the statement, driver-ready); their ids, in order."""
+        first = (conn.exec_driver_sql(self.max_id).scalar() or 0) + 1
+        ids = list(range(first, first + len(rows)))
+        conn.exec_driver_sql(
+            self.sql, [(i, *self.values(row)) for i, row in zip(ids, rows, strict=True)]
+        )
+        return ids
+
+
+_SNAPSHOT_COLUMNS = (
+    "incident_id", "feed", "format", "received_at", "source_updated_at", "digest", "raw",
+    "public", "protected",
+)  # fmt: skip
+_DECISION_COLUMNS = (
+    "snapshot_id", "incident_id", "created_at", "ruleset", "behavioral_health", "category",
+    "response", "score", "rules", "evidence", "changed",
+)  # fmt: skip
+_PLACEHOLDER_COLUMNS = (
+    "source", "external_id", "status", "updated_at", "first_received_at", "last_received_at",
+    "snapshot_count", "behavioral_health", "response",
+)  # fmt: skip
+_DRIVER_SNAPSHOTS = _DriverInsert.of(snapshots, _SNAPSHOT_COLUMNS)
+_DRIVER_DECISIONS = _DriverInsert.of(decisions, _DECISION_COLUMNS)
+_DRIVER_INCIDENTS = _DriverInsert.of(incidents, _PLACEHOLDER_COLUMNS)
+_DRIVER_UPDATES: dict[tuple[str, ...], tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
+
+
+def _driver_update(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """``UPDATE incidents SET ... WHERE id = incident_pk`` for rows of one shape (SQLite)."""
+    shape = tuple(rows[0])
+    if shape not in _DRIVER_UPDATES:
+        columns = [c for c in shape if c != "incident_pk"]
+        assignments = ", ".join(f"{_quoted(c)} = ?" for c in columns)
+        _DRIVER_UPDATES[shape] = (
+            f"UPDATE {_quoted(incidents.name)} SET {assignments} WHERE id = ?",
+            itemgetter(*columns, "incident_pk"),
+        )
+    sql, values = _DRIVER_UPDATES[shape]
+    conn.exec_driver_sql(sql, [values(row) for row in rows])
 
 
 # --- the unit of work ------------------------------------------------------------------------
@@ -320,6 +442,8 @@ def _dialect_statements(conn: Connection) -> _DialectStatements:
             select_incidents=_SELECT_INCIDENTS.with_for_update(of=incidents)
             if name == "postgresql"
             else _SELECT_INCIDENTS,
+            driver_level=name == "sqlite",
+            binds=_SQLITE_BINDS if name == "sqlite" else _CORE_BINDS,
         )
     return _STATEMENTS[name]
 
@@ -329,23 +453,32 @@ def _lock_incidents(
 ) -> dict[tuple[str, str], _IncidentState]:
     """The incidents for ``keys``, created when missing, locked until the transaction ends.
 
-    Rows are locked in id order and created in key order, so that two writers on one
-    PostgreSQL cannot deadlock on them (SQLite writers are serialized by BEGIN IMMEDIATE).
+    Rows are locked source by source (in ``keys`` order, sorted) in id order, and created in
+    key order, so that two writers on one PostgreSQL cannot deadlock on them (SQLite writers
+    are serialized by BEGIN IMMEDIATE).
     """
     states = _select_incidents(conn, keys)
     missing = [k for k in keys if k not in states]
-    if missing:
-        conn.execute(
-            _dialect_statements(conn).insert_incidents,
-            [_placeholder(source, external_id) for source, external_id in missing],
-        )
+    if not missing:
+        return states
+    sql = _dialect_statements(conn)
+    placeholders = [_placeholder(source, external_id, sql.binds) for source, external_id in missing]
+    if sql.driver_level:
+        # Nobody else can have created them (the write lock): no need to read them back.
+        for key, pk in zip(missing, _DRIVER_INCIDENTS.execute(conn, placeholders), strict=True):
+            states[key] = _IncidentState(pk, key[1], 0, None, None, None, None, None)
+    else:
+        conn.execute(sql.insert_incidents, placeholders)
         states.update(_select_incidents(conn, missing))
     return states
 
 
-def _placeholder(source: str, external_id: str) -> dict[str, Any]:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _placeholder(source: str, external_id: str, binds: _Binds) -> dict[str, Any]:
     # Filled in by the update at the end of the batch; never committed as is.
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    epoch = binds.time(_EPOCH)
     return {
         "source": source,
         "external_id": external_id,
@@ -364,12 +497,20 @@ def _select_incidents(
 ) -> dict[tuple[str, str], _IncidentState]:
     states: dict[tuple[str, str], _IncidentState] = {}
     stmt = _dialect_statements(conn).select_incidents
-    for chunk in _chunks(keys):
+    by_source: dict[str, list[str]] = {}
+    for source, external_id in keys:
+        by_source.setdefault(source, []).append(external_id)
+    queries = [
+        {"source": source, "external_ids": list(chunk)}
+        for source, external_ids in by_source.items()
+        for chunk in _chunks(external_ids)
+    ]
+    for params in queries:
         # Unpacked as tuples: attribute access on rows costs more than the query here.
         for (
             pk, source, external_id, count, first_received, last_received, snapshot_id,
             decision_id, behavioral_health, category, response, source_updated, received,
-        ) in conn.execute(stmt, {"keys": list(chunk)}):  # fmt: skip
+        ) in conn.execute(stmt, params):  # fmt: skip
             rank = outcome = None
             if snapshot_id is not None:
                 rank = (source_updated, received, snapshot_id)
@@ -391,22 +532,28 @@ def _insert_snapshots(
     conn: Connection, candidates: list[_Pending], states: dict[tuple[str, str], _IncidentState]
 ) -> dict[str, int]:
     """Insert the candidates; digest -> new snapshot id for those that were not there yet."""
-    stmt = _dialect_statements(conn).insert_snapshots
+    sql = _dialect_statements(conn)
+    time, json = sql.binds.time, sql.binds.json
     params = [
         {
             "incident_id": states[p.key].pk,
             "feed": p.record.feed,
             "format": p.record.format,
-            "received_at": p.received_at,
-            "source_updated_at": p.record.snapshot.updated_at,
+            "received_at": time(p.received_at),
+            "source_updated_at": time(p.record.snapshot.updated_at),
             "digest": p.digest,
             "raw": p.record.raw,
-            "public": snapshot_public_json(p.record.snapshot),
-            "protected": snapshot_protected_json(p.record.snapshot),
+            "public": json(snapshot_public_json(p.record.snapshot)),
+            "protected": json(snapshot_protected_json(p.record.snapshot)),
         }
         for p in candidates
     ]
-    return {digest: snapshot_id for snapshot_id, digest in conn.execute(stmt, params)}
+    if sql.driver_level:
+        # The digests are not there (checked under the write lock): every row goes in.
+        ids = _DRIVER_SNAPSHOTS.execute(conn, params)
+        return {p.digest: snapshot_id for p, snapshot_id in zip(candidates, ids, strict=True)}
+    rows = conn.execute(sql.insert_snapshots, params)
+    return {digest: snapshot_id for snapshot_id, digest in rows}
 
 
 def _apply(
@@ -417,6 +564,8 @@ def _apply(
     results: list[StoredSnapshot | int | None],
 ) -> None:
     """Decide, in item order, what each new snapshot does to its incident; write it down."""
+    sql = _dialect_statements(conn)
+    time, json = sql.binds.time, sql.binds.json
     decision_params: list[dict[str, Any]] = []
     previous_to_load: dict[int, int] = {}  # item index -> stored decision id
     for p in candidates:
@@ -444,14 +593,14 @@ def _apply(
             {
                 "snapshot_id": snapshot_id,
                 "incident_id": state.pk,
-                "created_at": p.received_at,
+                "created_at": time(p.received_at),
                 "ruleset": decision.ruleset,
                 "behavioral_health": decision.behavioral_health,
                 "category": clean_text(decision.category),
                 "response": decision.response.value,
                 "score": decision.score,
-                "rules": list(decision.rules),
-                "evidence": decision.evidence_json(),
+                "rules": json(list(decision.rules)),
+                "evidence": json(decision.evidence_json()),
                 "changed": changed,
             }
         )
@@ -468,17 +617,27 @@ def _apply(
         _fill_previous(conn, previous_to_load, results)
     if not decision_params:
         return
-    rows = conn.execute(_INSERT_DECISIONS, decision_params)
-    decision_ids = {snapshot_id: decision_id for decision_id, snapshot_id in rows}
+    if sql.driver_level:
+        ids = _DRIVER_DECISIONS.execute(conn, decision_params)
+        decision_ids = {
+            params["snapshot_id"]: decision_id
+            for params, decision_id in zip(decision_params, ids, strict=True)
+        }
+    else:
+        rows = conn.execute(_INSERT_DECISIONS, decision_params)
+        decision_ids = {snapshot_id: decision_id for decision_id, snapshot_id in rows}
     # executemany needs one shape per statement: incidents with a new current snapshot, and
     # incidents that only received late ones.
     shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for state in states.values():
         if state.touched:
-            values = _incident_update(state, decision_ids)
+            values = _incident_update(state, decision_ids, sql.binds)
             shapes.setdefault(tuple(values), []).append(values)
     for params in shapes.values():
-        conn.execute(_UPDATE_INCIDENT, params)
+        if sql.driver_level:
+            _driver_update(conn, params)
+        else:
+            conn.execute(_UPDATE_INCIDENT, params)
 
 
 def _outcome(decision: Decision) -> tuple[bool, str | None, str]:
@@ -500,24 +659,31 @@ def _fill_previous(
         results[index] = replace(result, previous_decision=loaded[decision_id])
 
 
-def _incident_update(state: _IncidentState, decision_ids: dict[int, int]) -> dict[str, Any]:
+def _incident_update(
+    state: _IncidentState, decision_ids: dict[int, int], binds: _Binds
+) -> dict[str, Any]:
     values: dict[str, Any] = {
         "incident_pk": state.pk,
         "snapshot_count": state.snapshot_count,
-        "first_received_at": state.first_received_at,
-        "last_received_at": state.last_received_at,
+        "first_received_at": binds.time(state.first_received_at),
+        "last_received_at": binds.time(state.last_received_at),
     }
     if state.current is not None:
         assert state.snapshot_id is not None
-        values.update(incident_columns(state.current.record.snapshot))
+        values.update(incident_columns(state.current.record.snapshot, binds.time))
         values.update(decision_columns(state.current.record.decision))
         values["current_snapshot_id"] = state.snapshot_id
         values["current_decision_id"] = decision_ids[state.snapshot_id]
     return values
 
 
-def incident_columns(snap: Snapshot) -> dict[str, Any]:
-    """The incident columns that a snapshot determines when it is the current one."""
+def incident_columns(
+    snap: Snapshot, time: Callable[[datetime | None], Any] = _same
+) -> dict[str, Any]:
+    """The incident columns that a snapshot determines when it is the current one.
+
+    ``time`` converts the times (the driver-level path binds them as text).
+    """
     point = snap.location.point if snap.location else None
     return {
         "incident_number": clean_text(snap.incident_number),
@@ -530,9 +696,9 @@ def incident_columns(snap: Snapshot) -> dict[str, Any]:
         "zone": clean_text(snap.zone),
         "lat": point.lat if point else None,
         "lon": point.lon if point else None,
-        "opened_at": snap.opened_at,
-        "closed_at": snap.closed_at,
-        "updated_at": snap.updated_at,
+        "opened_at": time(snap.opened_at),
+        "closed_at": time(snap.closed_at),
+        "updated_at": time(snap.updated_at),
     }
 
 
