@@ -257,7 +257,12 @@ class Pipeline:
             )
         else:
             self.counts.new += 1
-            # One summary line per decision.
+            previous = stored.previous_decision
+            # A new incident that is not behavioral-health is no event for anyone.
+            changed = stored.decision_changed and (
+                previous is not None or decision.behavioral_health
+            )
+            # One summary line per decision; a changed outcome is said on the same line.
             log.info(
                 "cad.snapshot.stored",
                 feed=record.feed,
@@ -270,23 +275,14 @@ class Pipeline:
                 response=decision.response.value,
                 rules=list(decision.rules),
                 ruleset=decision.ruleset,
+                changed=changed,
+                old_response=previous.response.value if changed and previous else None,
             )
-            previous = stored.previous_decision
-            # A new incident that is not behavioral-health is no event for anyone.
-            if stored.decision_changed and (previous is not None or decision.behavioral_health):
+            if changed:
                 self.counts.decision_changes += 1
                 if decision.behavioral_health and not (previous and previous.behavioral_health):
                     self.counts.behavioral_health += 1
                 self.metrics.decision_changes.labels(record.feed).inc()
-                log.info(
-                    "incident.decision.changed",
-                    feed=record.feed,
-                    incident_id=stored.external_id,
-                    snapshot_id=stored.snapshot_id,
-                    old_response=previous.response.value if previous else None,
-                    response=decision.response.value,
-                    category=decision.category,
-                )
                 for observer in self.observers:
                     try:
                         observer(record, stored)

@@ -136,8 +136,9 @@ def test_ingest_reload_and_clean_stop(tmp_path: Path) -> None:
             b'{"id": "no-time"}',
         ]
         assert send_lines(ports["tcp"], lines) == b"\x06\x06\x15"
-        changed = daemon.wait_event("incident.decision.changed", response="police")
+        changed = daemon.wait_event("cad.snapshot.stored", changed=True, response="police")
         assert changed["incident_id"] == weapon.incident_id
+        assert changed["old_response"] == "clinician"
 
         # A broken configuration is refused whole; the daemon says so and keeps running.
         write_config(tmp_path, broken=True)
