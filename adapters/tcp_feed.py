@@ -120,6 +120,11 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
         self._connected = True
         self.peer = peer_name(self._transport.getPeer())
         self.factory.connections.add(self)
+        # An answer is one small segment that the sender waits for: with Nagle's algorithm it
+        # would wait for the sender's delayed ACK of the previous answer (up to 40 ms).
+        no_delay = getattr(self._transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         log.info("feed.tcp.connection.made", feed=self.factory.feed, peer=self.peer)
         self.setTimeout(self.factory.idle_timeout)
 
