@@ -1,0 +1,249 @@
+"""Ingest benchmark: the real daemon in its own process, driven over TCP from this one.
+
+    .venv/bin/python bench/ingest.py [--messages 30000] [--window 64] [--rate 300] [--seconds 10]
+
+The daemon runs `corespond run` with an EIDO feed on a TCP listener (STX/ETX framing, an ACK
+byte per message written only after the snapshot is durably committed) and SQLite in WAL mode
+with synchronous=FULL. It is pinned to CPU 0; this client to CPU 1. Every message is a distinct,
+realistic EIDO snapshot (3-4 KB: notes, persons, PIDF-LO location).
+
+Two figures for each server:
+- sustained: snapshots/s with `--window` messages in flight, and the send-to-ack latency;
+- paced: p50/p99 latency at a fixed `--rate` (the design peak, 300/s) for `--seconds`.
+
+The baseline is measured in the same run: bench/naive_server.py, the same parser and
+classifier behind the same framing, but one ORM session and one commit per snapshot, as a
+straightforward implementation would do. Peak RSS is the server's VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STX, ETX, ACK = b"\x02", b"\x03", 0x06
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def messages(count: int, seed: int = 1) -> list[bytes]:
+    """Distinct EIDO snapshots: incidents with three updates each, framed with STX/ETX."""
+    from corespond.adapters.eido import eido_document
+    from corespond.daemon.demo import incident_lifecycles
+
+    rng = random.Random(seed)
+    out: list[bytes] = []
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    n = 0
+    while len(out) < count:
+        for lifecycle in incident_lifecycles(rng, 200, start + timedelta(days=n), first=n * 200):
+            for snap in lifecycle:
+                out.append(STX + json.dumps(eido_document(snap)).encode() + ETX)
+        n += 1
+    return out[:count]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def start_daemon(workdir: Path) -> Server:
+    port = free_port()
+    config = workdir / "bench.yaml"
+    config.write_text(
+        f"""
+state_dir: {workdir / "state"}
+store: {{sqlite_synchronous: full, batch_max: 256}}
+logging: {{level: info, format: json}}
+feeds:
+  bench:
+    format: eido
+    transport:
+      type: tcp
+      listen: {{host: 127.0.0.1, port: {port}}}
+      framing: stx-etx
+      ack: ack-nak
+"""
+    )
+    notify = workdir / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(120)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corespond.daemon.cli", "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, NOTIFY_SOCKET=str(notify)),
+        preexec_fn=lambda: pin(0),
+    )
+    while b"READY=1" not in sock.recv(4096):
+        pass
+    sock.close()
+    return Server("corespond (group commit, Core)", proc, port)
+
+
+def start_naive(workdir: Path) -> Server:
+    port = free_port()
+    ready = workdir / "naive.ready"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(port),
+         str(workdir / "naive.db"), str(ready)],
+        preexec_fn=lambda: pin(0),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ready.exists():  # the naive server has no sd_notify; poll its ready file
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("naive server failed to start")
+        time.sleep(0.05)
+    return Server("naive (ORM, one commit per snapshot)", proc, port)
+
+
+def drive(port: int, frames: list[bytes], window: int, rate: float | None) -> list[float]:
+    """Send every frame, keeping at most ``window`` unacknowledged (or pacing at ``rate``);
+    returns the send-to-ack latency of each, in seconds."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sent_at: deque[float] = deque()
+    latencies: list[float] = []
+    next_send = 0
+    start = time.perf_counter()
+    while len(latencies) < len(frames):
+        now = time.perf_counter()
+        can_send = next_send < len(frames) and len(sent_at) < window
+        if can_send and rate is not None and now < start + next_send / rate:
+            can_send = False
+        if can_send:
+            batch = []
+            while next_send < len(frames) and len(sent_at) < window:
+                if rate is not None and time.perf_counter() < start + next_send / rate:
+                    break
+                batch.append(frames[next_send])
+                sent_at.append(time.perf_counter())
+                next_send += 1
+            sock.sendall(b"".join(batch))
+            sock.setblocking(False)
+        else:
+            timeout = None
+            if rate is not None and next_send < len(frames):
+                timeout = max(0.0, start + next_send / rate - now)
+            sock.settimeout(timeout)
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, TimeoutError):
+            data = None
+        sock.setblocking(True)
+        if data == b"":
+            raise SystemExit("server closed the connection")
+        if data:
+            acked = time.perf_counter()
+            for byte in data:
+                if byte != ACK:
+                    raise SystemExit(f"server refused a message (byte {byte:#x})")
+                latencies.append(acked - sent_at.popleft())
+    sock.close()
+    return latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def measure(server: Server, frames: list[bytes], args: argparse.Namespace) -> dict[str, float]:
+    warm = frames[: min(500, len(frames) // 10)]
+    drive(server.port, warm, args.window, None)
+    body = frames[len(warm) :]
+    split = len(body) - int(args.rate * args.seconds)
+    sustained, paced_frames = body[:split], body[split:]
+    t0 = time.perf_counter()
+    lat = drive(server.port, sustained, args.window, None)
+    elapsed = time.perf_counter() - t0
+    paced = drive(server.port, paced_frames, 10_000, args.rate)
+    return {
+        "rate": len(sustained) / elapsed,
+        "sustained_p50_ms": statistics.median(lat) * 1000,
+        "sustained_p99_ms": percentile(lat, 99) * 1000,
+        "paced_p50_ms": statistics.median(paced) * 1000,
+        "paced_p99_ms": percentile(paced, 99) * 1000,
+        "rss_mib": server.peak_rss_mib(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=300.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--naive-messages", type=int, default=8_000)
+    args = parser.parse_args()
+    pin(1)
+    print(f"generating {args.messages} EIDO snapshots ...", flush=True)
+    frames = messages(args.messages + int(args.rate * args.seconds))
+    size = statistics.mean(len(f) for f in frames)
+    print(f"mean message size {size:.0f} bytes; window {args.window}; paced at {args.rate:.0f}/s "
+          f"for {args.seconds:.0f} s; server on CPU 0, client on CPU 1\n", flush=True)  # fmt: skip
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="corespond-bench-") as tmp:
+        for start, count in ((start_naive, args.naive_messages), (start_daemon, args.messages)):
+            workdir = Path(tmp) / start.__name__
+            workdir.mkdir()
+            server = start(workdir)
+            try:
+                n = count + int(args.rate * args.seconds)
+                results[server.name] = measure(server, frames[:n], args)
+            finally:
+                server.stop()
+    header = f"{'server':<40} {'snapshots/s':>11} {'p50 ms':>7} {'p99 ms':>7} " \
+             f"{'@' + str(int(args.rate)) + '/s p50':>10} {'p99':>7} {'peak RSS':>9}"  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        print(f"{name:<40} {r['rate']:>11.0f} {r['sustained_p50_ms']:>7.2f} "
+              f"{r['sustained_p99_ms']:>7.2f} {r['paced_p50_ms']:>10.2f} {r['paced_p99_ms']:>7.2f} "
+              f"{r['rss_mib']:>6.0f} MiB")  # fmt: skip
+    naive, tuned = list(results.values())
+    print(f"\ntuned / naive throughput: {tuned['rate'] / naive['rate']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
