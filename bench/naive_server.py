@@ -94,7 +94,9 @@ class NaiveFeed(Protocol):
             frame, _, self.buffer = self.buffer.partition(b"\x03")
             raw = frame[frame.find(b"\x02") + 1 :]
             # One at a time, in order: each waits for the previous commit.
-            self.chain.addCallback(lambda _, raw=raw: threads.deferToThread(store, self.engine, raw))
+            self.chain.addCallback(
+                lambda _, raw=raw: threads.deferToThread(store, self.engine, raw)
+            )
             self.chain.addCallbacks(self._ack, self._nak)
 
     def _ack(self, _: object) -> None:
