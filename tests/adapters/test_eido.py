@@ -639,7 +639,8 @@ def test_text_to_html_escapes() -> None:
     assert text_to_html('a < b & "c"\nnext') == "a &lt; b &amp; &quot;c&quot;<br>next"
 
 
-SCHEMA = Path("/work/shared/reference/nena/eido-openapi.yaml")
+# shared/ lies beside the checkout, for developers and CI alike.
+SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "reference" / "nena" / "eido-openapi.yaml"
 
 
 @pytest.mark.skipif(not SCHEMA.exists(), reason="NENA EIDO schema (reference copy) not present")
