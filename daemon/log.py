@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
@@ -212,12 +213,29 @@ def _drop_below_level(
     return event_dict
 
 
-class _NamedWriteLogger(structlog.WriteLogger):
-    """structlog's stream writer, with the name ``add_logger_name`` reads."""
+class _NamedWriteLogger:
+    """Writes each rendered event as one line, with the name ``add_logger_name`` reads.
+
+    Not structlog's WriteLogger: its lock is not reentrant, and a signal handler that logs
+    (Twisted's SIGTERM handler does) while the main thread is inside a write deadlocks on it.
+    """
 
     def __init__(self, file: TextIO, name: str) -> None:
-        super().__init__(file)
         self.name = name
+        self._write = file.write
+        self._flush = file.flush
+
+    def msg(self, message: str) -> None:
+        with _WRITE_LOCK:
+            self._write(message + "\n")
+            self._flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+# Reentrant: a signal handler may log while the main thread holds it (see above).
+_WRITE_LOCK = threading.RLock()
 
 
 class _NamedWriteLoggerFactory:

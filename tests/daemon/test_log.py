@@ -248,3 +248,29 @@ def test_the_allowlist_holds_what_the_brief_started_with() -> None:
     assert set(start) <= ALLOWED_FIELDS
     for phi in ("name", "caller_name", "dob", "birth_date", "phone", "narrative", "address"):
         assert phi not in ALLOWED_FIELDS
+
+
+class InterruptingStream(io.StringIO):
+    """Logs once from inside a write, as a signal handler that logs does (Twisted's SIGTERM)."""
+
+    interrupted = False
+
+    def write(self, text: str) -> int:
+        if not self.interrupted:
+            self.interrupted = True
+            structlog.get_logger("twisted").info("daemon.stopping")
+        return super().write(text)
+
+
+def test_a_log_call_inside_a_write_does_not_deadlock() -> None:
+    import threading
+
+    stream = InterruptingStream()
+    configure_logging("info", "json", stream, cache_loggers=False)
+    worker = threading.Thread(
+        target=lambda: structlog.get_logger("t").info("daemon.started"), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the logger deadlocked on its own lock"
+    assert [e["event"] for e in json_lines(stream)] == ["daemon.stopping", "daemon.started"]
