@@ -33,7 +33,7 @@ from corespond.daemon.config import (
     load_config,
 )
 from corespond.daemon.decision import Classifier
-from corespond.daemon.feeds import FeedSet, HttpListener, TcpListener, listen
+from corespond.daemon.feeds import FeedServices, FeedSet, HttpListener, TcpListener, listen
 from corespond.daemon.pipeline import IngestMetrics, Pipeline
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
 from corespond.daemon.store import migrate
@@ -116,7 +116,7 @@ class Corespond:
                 install=self._install_classifier,
             )
         self.rules_watcher: RulesWatcher | None = None
-        self.feeds = FeedSet(reactor, self.clock, self.pipeline, self.io_threads)
+        self.feeds = FeedSet(FeedServices(reactor, self.clock, self.pipeline, self.io_threads))
         self.watchdog: Watchdog | None = None
         self.simulator: Any = None
         self._metrics_port: Any = None

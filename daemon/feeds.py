@@ -8,9 +8,9 @@ which is what a reload swaps.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import structlog
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -82,52 +82,88 @@ def listen(reactor: Any, where: ListenConfig, factory: Any) -> IListeningPort:
     return port
 
 
-class Component(Protocol):
-    key: tuple[Any, ...]
-    spec: Any
+@dataclass(frozen=True)
+class FeedServices:
+    """What every running feed is built from."""
 
-    def start(self) -> None: ...
+    reactor: Any
+    clock: Clock
+    pipeline: Pipeline
+    threads: ThreadPool  # for disk I/O (spool directories)
+
+
+class Component:
+    """One running piece of the feed set: a listener, a subscription or a spool poller.
+
+    ``spec`` is the configuration it was built from: a reload restarts it only when that
+    changes. Components are single-use: ``fresh()`` gives an unstarted copy.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, services: FeedServices, spec: Any) -> None:
+        self.services = services
+        self.spec = spec
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.kind, self.spec.name)
+
+    def fresh(self) -> Component:
+        return type(self)(self.services, self.spec)
+
+    def ingest_for(self, feed: FeedConfig) -> Any:
+        return self.services.pipeline.ingest_for(feed_context(feed))
+
+    def start(self) -> None:
+        raise NotImplementedError
 
     def stop(self) -> Deferred[None]:
         """Stop accepting, then fire when everything in flight is answered."""
-        ...
+        raise NotImplementedError
 
 
-@dataclass
-class HttpListener:
-    """One HTTP listener serving one or more feeds by path."""
+@dataclass(frozen=True)
+class HttpGroup:
+    """The HTTP feeds that share one listener, each on its own path."""
 
-    reactor: Any
-    pipeline: Pipeline
     where: ListenConfig
     feeds: tuple[FeedConfig, ...]
-    key: tuple[Any, ...] = ()
-    spec: Any = None
-    _port: IListeningPort | None = None
-    _resources: list[Any] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.key = ("http", self.where.host, self.where.port)
-        self.spec = (self.where, self.feeds)
+
+class HttpListener(Component):
+    kind = "http"
+    spec: HttpGroup
+
+    def __init__(self, services: FeedServices, spec: HttpGroup) -> None:
+        super().__init__(services, spec)
+        self._port: IListeningPort | None = None
+        self._resources: list[Any] = []
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.kind, self.spec.where.host, self.spec.where.port)
 
     def start(self) -> None:
         from corespond.adapters.http_feed import FeedResource, build_feed_site
 
         routes = {}
-        for feed in self.feeds:
+        for feed in self.spec.feeds:
             transport = feed.transport
             assert isinstance(transport, HttpTransport)
             resource = FeedResource(
-                self.pipeline.ingest_for(feed_context(feed)),
+                self.ingest_for(feed),
                 feed=feed.name,
                 token=transport.token,
                 max_message_bytes=feed.max_message_bytes,
             )
             self._resources.append(resource)
             routes[transport.path] = resource
-        self._port = listen(self.reactor, self.where, build_feed_site(routes, reactor=self.reactor))
-        log.info("feed.http.listening", host=self.where.host, port=self._port.getHost().port,
-                 count=len(self.feeds))  # fmt: skip
+        reactor = self.services.reactor
+        site = build_feed_site(routes, reactor=reactor)
+        self._port = listen(reactor, self.spec.where, site)
+        log.info("feed.http.listening", host=self.spec.where.host, port=self.port,
+                 count=len(self.spec.feeds))  # fmt: skip
 
     @property
     def port(self) -> int | None:
@@ -138,37 +174,31 @@ class HttpListener:
         return stopped.addCallback(lambda _: _all(r.drain() for r in self._resources))
 
 
-@dataclass
-class TcpListener:
-    reactor: Any
-    clock: Clock
-    pipeline: Pipeline
-    feed: FeedConfig
-    key: tuple[Any, ...] = ()
-    spec: Any = None
-    _port: IListeningPort | None = None
-    _factory: Any = None
+class TcpListener(Component):
+    kind = "tcp"
+    spec: FeedConfig
 
-    def __post_init__(self) -> None:
-        self.key = ("tcp", self.feed.name)
-        self.spec = self.feed
+    def __init__(self, services: FeedServices, spec: FeedConfig) -> None:
+        super().__init__(services, spec)
+        self._port: IListeningPort | None = None
+        self._factory: Any = None
 
     def start(self) -> None:
         from corespond.adapters.tcp_feed import TcpFeedFactory
 
-        transport = self.feed.transport
+        transport = self.spec.transport
         assert isinstance(transport, TcpTransport)
         self._factory = TcpFeedFactory(
-            self.pipeline.ingest_for(feed_context(self.feed)),
-            feed=self.feed.name,
+            self.ingest_for(self.spec),
+            feed=self.spec.name,
             framing=transport.framing,
             ack=transport.ack,
-            max_message_bytes=self.feed.max_message_bytes,
-            clock=self.clock,
+            max_message_bytes=self.spec.max_message_bytes,
+            clock=self.services.clock,
             idle_timeout=transport.idle_timeout_seconds,
         )
-        self._port = listen(self.reactor, transport.listen, self._factory)
-        log.info("feed.tcp.listening", feed=self.feed.name, port=self._port.getHost().port,
+        self._port = listen(self.services.reactor, transport.listen, self._factory)
+        log.info("feed.tcp.listening", feed=self.spec.name, port=self.port,
                  framing=transport.framing)  # fmt: skip
 
     @property
@@ -181,30 +211,24 @@ class TcpListener:
         return stopped.addCallback(lambda _: factory.drain() if factory else None)
 
 
-@dataclass
-class WebSocketFeed:
-    reactor: Any
-    clock: Clock
-    pipeline: Pipeline
-    feed: FeedConfig
-    key: tuple[Any, ...] = ()
-    spec: Any = None
-    _feed: Any = None
+class WebSocketFeed(Component):
+    kind = "websocket"
+    spec: FeedConfig
 
-    def __post_init__(self) -> None:
-        self.key = ("websocket", self.feed.name)
-        self.spec = self.feed
+    def __init__(self, services: FeedServices, spec: FeedConfig) -> None:
+        super().__init__(services, spec)
+        self._feed: Any = None
 
     def start(self) -> None:
         from corespond.adapters.sta024 import Sta024Feed
 
-        transport = self.feed.transport
+        transport = self.spec.transport
         assert isinstance(transport, WebSocketTransport)
         self._feed = Sta024Feed.from_config(
-            self.reactor,
-            self.clock,
-            self.pipeline.ingest_for(feed_context(self.feed)),
-            feed=self.feed.name,
+            self.services.reactor,
+            self.services.clock,
+            self.ingest_for(self.spec),
+            feed=self.spec.name,
             transport=transport,
             listen=listen,
         )
@@ -214,43 +238,37 @@ class WebSocketFeed:
         return self._feed.stop() if self._feed else succeed(None)
 
 
-@dataclass
-class SpoolFeed:
-    clock: Clock
-    pipeline: Pipeline
-    feed: FeedConfig
-    threads: ThreadPool
-    reactor: Any
-    key: tuple[Any, ...] = ()
-    spec: Any = None
-    _spool: Any = None
+class SpoolFeed(Component):
+    kind = "spool"
+    spec: FeedConfig
 
-    def __post_init__(self) -> None:
-        self.key = ("spool", self.feed.name)
-        self.spec = self.feed
+    def __init__(self, services: FeedServices, spec: FeedConfig) -> None:
+        super().__init__(services, spec)
+        self._spool: Any = None
 
     def start(self) -> None:
         from corespond.adapters.spool import SpoolDirectory
 
-        transport = self.feed.transport
+        transport = self.spec.transport
         assert isinstance(transport, SpoolTransport)
+        services = self.services
 
         def run_in_thread(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-            return deferToThreadPool(self.reactor, self.threads, fn, *args)
+            return deferToThreadPool(services.reactor, services.threads, fn, *args)
 
         self._spool = SpoolDirectory(
             Path(transport.directory),
-            self.pipeline.ingest_for(feed_context(self.feed)),
-            feed=self.feed.name,
-            clock=self.clock,
+            self.ingest_for(self.spec),
+            feed=self.spec.name,
+            clock=services.clock,
             run_in_thread=run_in_thread,
             pattern=transport.pattern,
             poll_interval=transport.poll_interval_seconds,
             keep_done=transport.keep_done,
-            max_message_bytes=self.feed.max_message_bytes,
+            max_message_bytes=self.spec.max_message_bytes,
         )
         self._spool.start()
-        log.info("feed.spool.watching", feed=self.feed.name, path=str(transport.directory))
+        log.info("feed.spool.watching", feed=self.spec.name, path=str(transport.directory))
 
     def stop(self) -> Deferred[None]:
         return self._spool.stop() if self._spool else succeed(None)
@@ -263,11 +281,8 @@ def _all(deferreds: Any) -> Deferred[None]:
 class FeedSet:
     """The running feeds. ``apply`` turns the running set into a new configuration."""
 
-    def __init__(self, reactor: Any, clock: Clock, pipeline: Pipeline, threads: ThreadPool) -> None:
-        self.reactor = reactor
-        self.clock = clock
-        self.pipeline = pipeline
-        self.threads = threads
+    def __init__(self, services: FeedServices) -> None:
+        self.services = services
         self.components: dict[tuple[Any, ...], Component] = {}
 
     def plan(self, feeds: Sequence[FeedConfig]) -> dict[tuple[Any, ...], Component]:
@@ -278,21 +293,18 @@ class FeedSet:
             if not feed.enabled:
                 continue
             t = feed.transport
-            comp: Component
             if isinstance(t, HttpTransport):
                 http_groups.setdefault((t.listen.host, t.listen.port), []).append(feed)
                 continue
-            if isinstance(t, TcpTransport):
-                comp = TcpListener(self.reactor, self.clock, self.pipeline, feed)
-            elif isinstance(t, WebSocketTransport):
-                comp = WebSocketFeed(self.reactor, self.clock, self.pipeline, feed)
-            else:
-                comp = SpoolFeed(self.clock, self.pipeline, feed, self.threads, self.reactor)
+            kind = {TcpTransport: TcpListener, WebSocketTransport: WebSocketFeed}.get(
+                type(t), SpoolFeed
+            )
+            comp = kind(self.services, feed)
             out[comp.key] = comp
         for group in http_groups.values():
             transport = group[0].transport
             assert isinstance(transport, HttpTransport)
-            listener = HttpListener(self.reactor, self.pipeline, transport.listen, tuple(group))
+            listener = HttpListener(self.services, HttpGroup(transport.listen, tuple(group)))
             out[listener.key] = listener
         return out
 
@@ -321,9 +333,9 @@ class FeedSet:
             for key in started:
                 await self.components.pop(key).stop()
             for key, comp in stopped.items():
-                comp_again = _rebuild(self, comp)
-                comp_again.start()
-                self.components[key] = comp_again
+                again = comp.fresh()
+                again.start()
+                self.components[key] = again
             raise
         return [f"stopped {_name(k)}" for k in stale if k not in fresh] + [
             f"{'restarted' if k in stale else 'started'} {_name(k)}" for k in fresh
@@ -339,18 +351,6 @@ class FeedSet:
             if key[0] == kind and name_or_port in key[1:]:
                 return comp
         return None
-
-
-def _rebuild(feeds: FeedSet, comp: Component) -> Component:
-    """A fresh, unstarted copy of a stopped component (components are single-use)."""
-    if isinstance(comp, HttpListener):
-        return HttpListener(feeds.reactor, feeds.pipeline, comp.where, comp.feeds)
-    if isinstance(comp, TcpListener):
-        return TcpListener(feeds.reactor, feeds.clock, feeds.pipeline, comp.feed)
-    if isinstance(comp, WebSocketFeed):
-        return WebSocketFeed(feeds.reactor, feeds.clock, feeds.pipeline, comp.feed)
-    assert isinstance(comp, SpoolFeed)
-    return SpoolFeed(feeds.clock, feeds.pipeline, comp.feed, feeds.threads, feeds.reactor)
 
 
 def _name(key: tuple[Any, ...]) -> str:
