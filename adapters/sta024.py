@@ -622,7 +622,7 @@ class TlsClientEndpoint:
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         tls = TLSMemoryBIOFactory(self.creator, True, factory, clock=self.clock)
-        d: Deferred[Any] = self.wrapped.connect(tls)  # type: ignore[call-arg,misc]
+        d: Deferred[Any] = self.wrapped.connect(tls)
         return d.addCallback(lambda proto: proto.wrappedProtocol)
 
 

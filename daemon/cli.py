@@ -201,7 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return ensureDeferred(daemon.stop()).addCallbacks(done, failed)
 
     def reload(*_: Any) -> None:
-        reactor.callFromThread(lambda: ensureDeferred(daemon.reload()))
+        reactor.callFromThread(  # type: ignore[attr-defined]
+            lambda: ensureDeferred(daemon.reload())
+        )
 
     reactor.callWhenRunning(lambda: ensureDeferred(daemon.start()).addErrback(start_failed))
     reactor.addSystemEventTrigger("before", "shutdown", stop)

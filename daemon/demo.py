@@ -211,7 +211,7 @@ class CadSimulator:
         rng = random.Random(seed)
         start = clock.now().replace(microsecond=0) - timedelta(hours=1)
         self._queue = list(self._schedule(rng, incidents, start))
-        self._agent = Agent(reactor)  # type: ignore[arg-type]
+        self._agent = Agent(reactor)
         self._loop = None
         self.sent = 0
 
@@ -304,6 +304,7 @@ class CadSimulator:
 
     def _send_line(self, line: bytes) -> None:
         assert self.targets.tcp_host and self.targets.tcp_port
-        factory = ClientFactory.forProtocol(lambda: _LineSender([line]))  # type: ignore[arg-type]
+        factory = ClientFactory()
+        factory.protocol = lambda: _LineSender([line])
         tcp: IReactorTCP = self.reactor  # type: ignore[assignment]
         tcp.connectTCP(self.targets.tcp_host, self.targets.tcp_port, factory)

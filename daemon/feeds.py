@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import structlog
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
@@ -167,7 +168,7 @@ class HttpListener(Component):
 
     @property
     def port(self) -> int | None:
-        return self._port.getHost().port if self._port else None
+        return cast(IPv4Address, self._port.getHost()).port if self._port else None
 
     def stop(self) -> Deferred[None]:
         stopped = maybeDeferred(self._port.stopListening) if self._port else succeed(None)
@@ -203,7 +204,7 @@ class TcpListener(Component):
 
     @property
     def port(self) -> int | None:
-        return self._port.getHost().port if self._port else None
+        return cast(IPv4Address, self._port.getHost()).port if self._port else None
 
     def stop(self) -> Deferred[None]:
         stopped = maybeDeferred(self._port.stopListening) if self._port else succeed(None)

@@ -17,12 +17,14 @@ from datetime import datetime
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.failure import Failure
 
 from corespond.adapters.formats import MessageFormat
 from corespond.daemon.clock import Clock
 from corespond.daemon.decision import Classifier, Decision, Response
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
+from corespond.daemon.snapshot import Snapshot
 from corespond.daemon.store.writer import (
     IncidentStore,
     RejectRecord,
@@ -77,8 +79,8 @@ def prepare_records(
         except Exception:
             # A parser bug must not stall the feed: keep the message, say it was our fault.
             log.exception("cad.parser.failed", feed=feed.name, format=fmt.name)
-            err = RejectedMessage("parser-error", f"the {fmt.name} parser failed internally")
-            records.append(_reject(feed, origin, received_at, message, err))
+            bug = RejectedMessage("parser-error", f"the {fmt.name} parser failed internally")
+            records.append(_reject(feed, origin, received_at, message, bug))
             continue
         records.append(
             SnapshotRecord(
@@ -94,10 +96,10 @@ def prepare_records(
     return records
 
 
-def classify_safely(classifier: Classifier, snapshot: object, feed: str) -> Decision:
+def classify_safely(classifier: Classifier, snapshot: Snapshot, feed: str) -> Decision:
     """The classifier's decision; if it fails, a decision that says so (the snapshot is kept)."""
     try:
-        return classifier.classify(snapshot)  # type: ignore[arg-type]
+        return classifier.classify(snapshot)
     except Exception:
         log.exception("classifier.failed", feed=feed, ruleset=classifier.version)
         return Decision(
@@ -215,7 +217,7 @@ class Pipeline:
             self.metrics.latency.labels(feed.name).observe(time.perf_counter() - started)
             return outcomes
 
-        def failed(failure):  # type: ignore[no-untyped-def]
+        def failed(failure: Failure) -> Failure:
             self.metrics.store_failures.labels(feed.name).inc()
             log.error(
                 "cad.payload.not_stored",
