@@ -44,6 +44,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from corespond.adapters.tcp_feed import peer_name
 from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome, Rejected
+from corespond.daemon.log import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -232,7 +233,7 @@ class FeedResource(Resource):
         if not exchange.gone:
             exchange.gone = True
             log.info("feed.http.client.gone", feed=self.feed, peer=exchange.peer,
-                     error=failure.getErrorMessage()[:200])  # fmt: skip
+                     error=error_text(failure))  # fmt: skip
 
     def _answer(self, outcomes: Sequence[Outcome], exchange: _Exchange) -> None:
         status, body = response_for(outcomes)
@@ -246,14 +247,14 @@ class FeedResource(Resource):
 
     def _ingest_failed(self, failure: Failure, exchange: _Exchange) -> None:
         log.error("feed.http.ingest.failed", feed=self.feed, peer=exchange.peer,
-                  error=failure.getErrorMessage()[:200])  # fmt: skip
+                  error=error_text(failure))  # fmt: skip
         exchange.request.setHeader(b"retry-after", str(self.retry_after).encode())
         reason = "the message could not be stored; retry later"
         self._finish(exchange, 503, {"error": "unavailable", "reason": reason})
 
     def _bug(self, failure: Failure, exchange: _Exchange) -> None:
         log.error("feed.http.protocol.failed", feed=self.feed, peer=exchange.peer,
-                  error=failure.getErrorMessage()[:200])  # fmt: skip
+                  error=error_text(failure))  # fmt: skip
         if not exchange.gone:
             exchange.gone = True
             exchange.request.loseConnection()

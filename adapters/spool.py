@@ -42,6 +42,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succ
 
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome, Rejected
+from corespond.daemon.log import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -279,7 +280,7 @@ class SpoolDirectory:
 
         def failed(failure: Any) -> bool:
             log.error("feed.spool.poll.failed", feed=self.feed, path=str(self.directory),
-                      error=failure.getErrorMessage()[:200])  # fmt: skip
+                      error=error_text(failure))  # fmt: skip
             return False
 
         def finished(full: bool) -> bool:
@@ -352,7 +353,7 @@ class SpoolDirectory:
             except Exception as e:
                 self.failed += 1
                 log.error("feed.spool.ingest.failed", feed=self.feed, file=name,
-                          error=str(e)[:200])  # fmt: skip
+                          error=error_text(e))  # fmt: skip
                 self._held.insert(0, (name, fd))
                 return False
             rejected = [o for o in outcomes if not isinstance(o, Accepted)]

@@ -66,6 +66,7 @@ from corespond.adapters.tcp_feed import peer_name
 from corespond.adapters.tls import client_tls_options
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Accepted, IngestFn, Origin
+from corespond.daemon.log import error_text
 
 if TYPE_CHECKING:
     from corespond.daemon.config import ListenConfig, WebSocketTransport
@@ -494,7 +495,7 @@ class SubscriberSession:
         if failures:
             log.error("feed.sta024.ingest.failed", feed=self.feed.name, peer=self.peer_label,
                       transaction_id=_short(tid),
-                      error=failures[0].getErrorMessage()[:200])  # fmt: skip
+                      error=error_text(failures[0]))  # fmt: skip
             self._event_response(tid, 503, "Could not store the notification; resend")
             return
         problems = []
@@ -515,7 +516,7 @@ class SubscriberSession:
 
     def _bug(self, failure: Failure) -> None:
         log.error("feed.sta024.protocol.failed", feed=self.feed.name, peer=self.peer_label,
-                  error=failure.getErrorMessage()[:200])  # fmt: skip
+                  error=error_text(failure))  # fmt: skip
         self._abort()
 
     def _event_settled(self, _: object) -> None:

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from corespond.adapters.framing import FRAMINGS, FramingError, make_deframer
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome
+from corespond.daemon.log import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -236,7 +237,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
 
     def _ingest_failed(self, failure: Failure, entry: _Pending) -> None:
         log.error("feed.tcp.ingest.failed", feed=self.factory.feed, peer=self.peer,
-                  error=failure.getErrorMessage()[:200])  # fmt: skip
+                  error=error_text(failure))  # fmt: skip
         entry.ready = entry.failed = True
         # Nothing after this message may be answered (acks are positional): stop taking frames.
         self._closing = True
@@ -244,7 +245,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
 
     def _bug(self, failure: Failure) -> None:
         log.error("feed.tcp.protocol.failed", feed=self.factory.feed, peer=self.peer,
-                  error=failure.getErrorMessage()[:200])  # fmt: skip
+                  error=error_text(failure))  # fmt: skip
         self._silent = self._closing = True
         self._close()
 

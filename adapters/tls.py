@@ -31,10 +31,12 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
+from corespond.daemon.errors import SafeMessage
+
 MINIMUM_TLS = TLSVersion.TLSv1_2
 
 
-class TlsFileError(ValueError):
+class TlsFileError(SafeMessage, ValueError):
     """A certificate, key or CA file that cannot be used; ``path`` names it."""
 
     def __init__(self, path: str | Path, problem: str) -> None:

@@ -46,7 +46,7 @@ from lxml import etree
 
 from corespond.adapters.cad_values import ISO, TimeReader, cad_point, check_time_format, time_zone
 from corespond.adapters.xml_safety import element_path, is_nil, local_name, parse_untrusted_xml
-from corespond.daemon.errors import RejectedMessage
+from corespond.daemon.errors import RejectedMessage, SafeMessage
 from corespond.daemon.snapshot import (
     Caution,
     Disposition,
@@ -133,7 +133,7 @@ class MappingProblem:
         return f"{self.location}:{key} {self.message}"
 
 
-class MappingError(Exception):
+class MappingError(SafeMessage, Exception):
     """A mapping file that cannot be used; ``problems`` holds every problem found."""
 
     def __init__(self, problems: list[MappingProblem]) -> None:

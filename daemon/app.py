@@ -33,7 +33,9 @@ from corespond.daemon.config import (
     load_config,
 )
 from corespond.daemon.decision import Classifier
+from corespond.daemon.errors import SafeMessage
 from corespond.daemon.feeds import FeedServices, FeedSet, HttpListener, TcpListener, listen
+from corespond.daemon.log import error_text
 from corespond.daemon.pipeline import IngestMetrics, Pipeline
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
 from corespond.daemon.store import migrate
@@ -44,7 +46,7 @@ from corespond.daemon.store.writer import IncidentStore
 log = structlog.get_logger(__name__)
 
 
-class StartupError(Exception):
+class StartupError(SafeMessage, Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
@@ -178,7 +180,7 @@ class Corespond:
             lambda: ensureDeferred(self._rules_changed()),
         )
         ensureDeferred(self.rules_watcher.start()).addErrback(
-            lambda f: log.error("rules.watch.failed", error=f.getErrorMessage()[:300])
+            lambda f: log.error("rules.watch.failed", error=error_text(f))
         )
 
     async def _rules_changed(self) -> None:
@@ -317,7 +319,7 @@ class Corespond:
             log.error(
                 "config.reload.aborted",
                 reason="a feed could not start; previous feeds restored",
-                error=str(err)[:300],
+                error=error_text(err),
             )
             return False
         if new.logging != self.config.logging:

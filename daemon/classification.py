@@ -30,6 +30,8 @@ from twisted.internet.task import LoopingCall
 
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import RulesConfig
+from corespond.daemon.errors import SafeMessage
+from corespond.daemon.log import error_text
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 from corespond.rules.model import RuleSet
@@ -64,7 +66,7 @@ class LoadedRules:
         return self.ruleset.version
 
 
-class RulesUnavailable(Exception):
+class RulesUnavailable(SafeMessage, Exception):
     """No usable rule set: the site rules are broken and there is no last good set."""
 
     def __init__(self, problems: Sequence[Problem | str], reason: str) -> None:
@@ -386,7 +388,7 @@ class RuleKeeper:
             log.error(
                 "rules.last_good.not_saved",
                 path=str(self.last_good.root),
-                error=str(err)[:300],
+                error=error_text(err),
             )
             return
         if saved:
@@ -465,7 +467,7 @@ class RulesWatcher:
 
     def _failed(self, failure: Any) -> None:
         log.error(
-            "rules.watch.failed", path=str(self.directory), error=failure.getErrorMessage()[:300]
+            "rules.watch.failed", path=str(self.directory), error=error_text(failure)
         )
 
     def _done(self, _: object) -> None:

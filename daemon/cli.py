@@ -163,7 +163,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
-    from corespond.daemon.log import configure_logging
+    from corespond.daemon.log import configure_logging, error_text
 
     config = _load(args.config)
     if config is None:
@@ -179,15 +179,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon = Corespond(config, reactor)
     except Exception as err:
-        log.critical("daemon.start.failed", error=str(err)[:500])
+        log.critical("daemon.start.failed", error=error_text(err))
         print(f"corespond: cannot start: {err}", file=sys.stderr)
         return 1
     outcome: dict[str, Any] = {"code": 0, "summary": None}
 
     def start_failed(failure: Any) -> None:
         outcome["code"] = 1
-        log.critical("daemon.start.failed", error=failure.getErrorMessage()[:500])
-        print(f"corespond: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
+        log.critical("daemon.start.failed", error=error_text(failure))
+        print(f"corespond: cannot start: {error_text(failure, limit=100_000)}", file=sys.stderr)
         reactor.stop()
 
     def stop() -> Any:
@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def failed(failure: Any) -> None:
             outcome["code"] = 1
-            log.critical("daemon.stop.failed", error=failure.getErrorMessage()[:500])
+            log.critical("daemon.stop.failed", error=error_text(failure))
 
         return ensureDeferred(daemon.stop()).addCallbacks(done, failed)
 

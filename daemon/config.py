@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jsonschema import Draft202012Validator, ValidationError
 
+from corespond.daemon.errors import SafeMessage
 from corespond.daemon.yaml_source import (
     KeyPath,
     SourceLocation,
@@ -81,7 +82,7 @@ class ConfigProblem:
         return f"{where}:{at}: {self.message}" if at else f"{where}: {self.message}"
 
 
-class ConfigError(Exception):
+class ConfigError(SafeMessage, Exception):
     """The configuration is unusable; ``problems`` lists everything wrong, not only the first."""
 
     def __init__(self, problems: list[ConfigProblem]) -> None:

@@ -30,6 +30,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from corespond.daemon.clock import Clock
+from corespond.daemon.log import error_text
 from corespond.daemon.snapshot import (
     Caution,
     Disposition,
@@ -292,7 +293,7 @@ class CadSimulator:
             )
 
         d.addCallback(answered)
-        d.addErrback(lambda f: log.warning("demo.http.failed", error=f.getErrorMessage()))
+        d.addErrback(lambda f: log.warning("demo.http.failed", error=error_text(f)))
 
     def _drop_file(self, body: bytes) -> None:
         assert self.targets.spool_dir is not None

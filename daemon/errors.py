@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 
-class RejectedMessage(Exception):
+class SafeMessage:
+    """Marks an exception whose message never quotes input, so logs may carry it."""
+
+
+class RejectedMessage(SafeMessage, Exception):
     """A message that cannot be parsed or validated.
 
     ``code`` is a short stable token (``malformed-json``, ``wrong-namespace``, ``bad-pidf-lo``,

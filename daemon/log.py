@@ -16,12 +16,18 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import traceback
 from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from corespond.daemon.errors import SafeMessage
 
 ALLOWED_FIELDS = frozenset(
     {
@@ -100,6 +106,60 @@ def allowlist_fields(
     return out
 
 
+def error_text(error: BaseException | Failure, limit: int = 300) -> str:
+    """What a log line may say of an error: its message only when it cannot quote input
+    (our :class:`~corespond.daemon.errors.SafeMessage` errors, OS and connection errors),
+    otherwise its type alone."""
+    exc = error.value if isinstance(error, Failure) else error
+    if isinstance(exc, SafeMessage | OSError | ConnectError | ConnectionLost | CancelledError):
+        return f"{type(exc).__qualname__}: {exc}"[:limit]
+    return f"{type(exc).__qualname__} [message withheld]"
+
+
+def traceback_without_messages(value: BaseException, tb: Any) -> str:
+    """The traceback's frames and exception types, but no exception message.
+
+    A message may quote what was being processed: a KeyError of a caller's name, a database
+    error with its parameters, a parser error with a piece of the document. Only the frames
+    (file, line, function) and the types are safe to write to a log.
+    """
+    lines: list[str] = []
+    seen: set[int] = set()
+    exc: BaseException | None = value
+    chain: list[tuple[BaseException, Any]] = []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append((exc, tb if exc is value else exc.__traceback__))
+        exc = exc.__cause__ or exc.__context__
+    for n, (exc, exc_tb) in enumerate(reversed(chain)):
+        if n:
+            lines.append("\nDuring handling of the above exception, another one occurred:\n\n")
+        lines.append("Traceback (most recent call last):\n")
+        lines.extend(traceback.format_tb(exc_tb))
+        name = type(exc).__qualname__
+        if isinstance(exc, SafeMessage):
+            lines.append(f"{name}: {exc}\n")
+        else:
+            lines.append(f"{name}: [message withheld: it may quote protected information]\n")
+    return "".join(lines).rstrip("\n")
+
+
+def format_exception_without_messages(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog's format_exc_info, but through :func:`traceback_without_messages`."""
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if exc_info[1] is not None:
+        event_dict["exception"] = traceback_without_messages(exc_info[1], exc_info[2])
+    return event_dict
+
+
 def _capped(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
@@ -151,7 +211,7 @@ def configure_logging(
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
+        format_exception_without_messages,
     ]
     # Our own events go straight to the stream (structlog's native path: no LogRecord, no
     # frame inspection; it is the dearest stage after parsing on the ingest hot path). The
@@ -278,9 +338,11 @@ class TwistedLogBridge:
         failure = event.get("log_failure")
         if failure is not None:
             try:
-                fields["exception"] = failure.getTraceback()
+                fields["exception"] = traceback_without_messages(
+                    failure.value, failure.getTracebackObject()
+                )
             except Exception:  # a broken failure must not break logging
-                fields["exception"] = repr(failure)
+                fields["exception"] = type(failure.value).__qualname__
         structlog.get_logger(namespace).log(level, TWISTED_EVENT, **fields)
 
 

@@ -24,6 +24,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.decision import Classifier, Decision, Response
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
+from corespond.daemon.log import error_text
 from corespond.daemon.snapshot import Snapshot
 from corespond.daemon.store.writer import (
     IncidentStore,
@@ -224,7 +225,7 @@ class Pipeline:
                 feed=feed.name,
                 peer=origin.peer,
                 file=origin.name,
-                error=failure.getErrorMessage()[:200],
+                error=error_text(failure),
             )
             return failure
 

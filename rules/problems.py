@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from corespond.daemon.errors import SafeMessage
+
 Severity = Literal["error", "warning"]
 
 
@@ -33,7 +35,7 @@ class Problem:
         }
 
 
-class RuleSetError(Exception):
+class RuleSetError(SafeMessage, Exception):
     """A rule set that cannot be built; ``problems`` holds every error (and the warnings)."""
 
     def __init__(self, problems: list[Problem]) -> None:

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from corespond.daemon.decision import Decision
+from corespond.daemon.errors import SafeMessage
 from corespond.daemon.ingest import SnapshotState
 from corespond.daemon.snapshot import (
     Snapshot,
@@ -107,7 +108,7 @@ class RejectRecord:
     origin_name: str | None
 
 
-class StoreClosed(Exception):
+class StoreClosed(SafeMessage, Exception):
     """Submitted to an :class:`IncidentStore` after :meth:`IncidentStore.stop`."""
 
 
@@ -720,7 +721,7 @@ RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
 
 
-class StoreError(Exception):
+class StoreError(SafeMessage, Exception):
     """A batch could not be committed. The message names the error, never the data."""
 
 

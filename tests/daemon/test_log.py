@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from corespond.daemon import log as corespond_log
+from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.log import (
     ALLOWED_FIELDS,
     MAX_EXCEPTION_CHARS,
@@ -103,14 +104,37 @@ def test_message_is_allowed_only_on_twisted_events() -> None:
 def test_exceptions_keep_their_traceback_truncated() -> None:
     stream = configured()
     try:
-        raise ValueError("x" * 10_000)
-    except ValueError:
+        raise RejectedMessage("invalid-field", "x" * 10_000)  # ours: its message is kept
+    except RejectedMessage:
         structlog.get_logger("t").exception("cad.parser.failed", feed="cad-eido")
     [line] = json_lines(stream)
     assert line["level"] == "error"
     assert line["exception"].startswith("Traceback")
     assert len(line["exception"]) < MAX_EXCEPTION_CHARS + 100
     assert line["exception"].endswith("characters]")
+
+
+def test_exception_messages_that_may_quote_input_are_withheld() -> None:
+    """A parser bug's KeyError, a database error's parameters: frames and types only."""
+    stream = configured()
+    name, phone = "Testy McTestface", "+1-303-555-0142"  # tracebacks show source lines
+    try:
+        try:
+            {}[name]
+        except KeyError as err:
+            raise RuntimeError(f"while reading {phone}") from err
+    except RuntimeError:
+        structlog.get_logger("t").exception("cad.parser.failed", feed="cad-eido")
+    Logger(namespace="corespond.test").failure(
+        "Unhandled error", Failure(ValueError(name))
+    )
+    text = stream.getvalue()
+    assert "McTestface" not in text and "555-0142" not in text
+    first, twisted = json_lines(stream)
+    assert "KeyError: [message withheld" in first["exception"]
+    assert "RuntimeError: [message withheld" in first["exception"]
+    assert "test_exception_messages_that_may_quote_input_are_withheld" in first["exception"]
+    assert "ValueError: [message withheld" in twisted["exception"]
 
 
 def test_twisted_log_events_come_out_in_the_same_stream() -> None:
@@ -274,3 +298,13 @@ def test_a_log_call_inside_a_write_does_not_deadlock() -> None:
     worker.join(timeout=30)
     assert not worker.is_alive(), "the logger deadlocked on its own lock"
     assert [e["event"] for e in json_lines(stream)] == ["daemon.stopping", "daemon.started"]
+
+
+def test_error_text_keeps_only_messages_that_cannot_quote_input() -> None:
+    from corespond.daemon.log import error_text
+    from corespond.daemon.store.writer import StoreError
+
+    assert error_text(KeyError("Testy McTestface")) == "KeyError [message withheld]"
+    assert error_text(Failure(ValueError("Testy McTestface"))) == "ValueError [message withheld]"
+    assert error_text(StoreError("OperationalError (SQLSTATE 53300)")).startswith("StoreError: ")
+    assert error_text(ConnectionRefusedError(111, "Connection refused")).endswith("refused")
