@@ -658,3 +658,100 @@ def write_fix(conn: Connection, fix: LocationFix, now: datetime) -> None:
             fixed_at=fix.fixed_at, received_at=now, source=fix.source, accuracy_m=fix.accuracy_m,
         ),
     )  # fmt: skip
+
+
+# --- reads for the CLI -------------------------------------------------------------------------
+
+
+def list_pages(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """Recent pages, newest first; endpoints by gateway only (addresses are protected)."""
+    p = pages.c
+    rows = conn.execute(
+        select(
+            p.page_ref, p.created_at, incidents.c.external_id, p.kind, p.clinician_id, p.state,
+            p.delivery, p.gateway, p.receipt, p.answered_at, p.answered_via,
+        )
+        .join(incidents, incidents.c.id == p.incident_pk)
+        .order_by(p.created_at.desc(), p.id.desc())
+        .limit(limit)
+    ).mappings()  # fmt: skip
+    return [dict(row) for row in rows]
+
+
+def page_detail(conn: Connection, page_ref: str) -> dict[str, Any] | None:
+    """One page with its chain, the step that sent it (with the dispatcher's reasons) and the
+    replies received (answers and outcomes; not their text)."""
+    p = pages.c
+    row = conn.execute(
+        select(
+            p.id, p.page_ref, p.chain_id, p.step_id, p.kind, p.clinician_id, p.state, p.text,
+            p.created_at, p.answered_at, p.answered_via, p.endpoint_index, p.delivery,
+            p.gateway, p.gateway_id, p.submitted_at, p.receipt, p.receipt_at, p.last_error,
+            incidents.c.external_id.label("incident_id"),
+        )
+        .join(incidents, incidents.c.id == p.incident_pk)
+        .where(func.upper(p.page_ref) == page_ref.upper())
+    ).mappings().first()  # fmt: skip
+    if row is None:
+        return None
+    page = dict(row)
+    c, s, r = escalation_chains.c, escalation_steps.c, page_replies.c
+    chain = conn.execute(
+        select(c.id, c.kind, c.program, c.response, c.state, c.created_at, c.closed_at,
+               c.accepted_by, c.steps).where(c.id == page["chain_id"])
+    ).mappings().one()  # fmt: skip
+    steps = conn.execute(
+        select(s.step, s.action, s.state, s.due_at, s.done_at, s.outcome)
+        .where(s.chain_id == page["chain_id"])
+        .order_by(s.step)
+    ).mappings()
+    step = conn.execute(
+        select(s.step, s.action, s.dispatch).where(s.id == page.pop("step_id"))
+    ).mappings().one()  # fmt: skip
+    replies = conn.execute(
+        select(r.received_at, r.gateway, r.answer, r.matched_by, r.outcome)
+        .where(r.page_id == page.pop("id"))
+        .order_by(r.id)
+    ).mappings()
+    return {
+        "page": page,
+        "dispatch": step["dispatch"],
+        "chain": dict(chain),
+        "steps": [dict(x) for x in steps],
+        "replies": [dict(x) for x in replies],
+    }
+
+
+def clinician_status(conn: Connection, roster: Roster, now: datetime) -> list[dict[str, Any]]:
+    """Every clinician of the roster: availability, on call now, last fix age, open pages."""
+    t = clinician_states.c
+    states = {
+        row.clinician_id: row
+        for row in conn.execute(select(t.clinician_id, t.availability, t.changed_at, t.via))
+    }
+    fixes = latest_fixes(conn)
+    p = pages.c
+    open_pages: dict[str, int] = dict(
+        conn.execute(
+            select(p.clinician_id, func.count())
+            .where(p.kind == "page", p.state.in_((OPEN, *ACTIVE_PAGE_STATES)))
+            .group_by(p.clinician_id)
+        ).all()
+    )
+    on_call = roster.on_call(now)
+    out = []
+    for cid, clinician in roster.clinicians.items():
+        state = states.get(cid)
+        fix = fixes.get(cid)
+        out.append(
+            {
+                "clinician_id": cid,
+                "program": clinician.program,
+                "availability": state.availability if state else Availability.AVAILABLE.value,
+                "availability_since": state.changed_at if state else None,
+                "on_call": cid in on_call,
+                "fix_age_seconds": round((now - fix.fixed_at).total_seconds()) if fix else None,
+                "open_pages": int(open_pages.get(cid, 0)),
+            }
+        )
+    return out

@@ -381,3 +381,48 @@ def test_two_workers_never_claim_the_same_step(w: World) -> None:
         assert db.claim_due_steps(conn, now, "b", lease, 10) == []  # claimed, lease running
         later = db.claim_due_steps(conn, now + lease * 2, "b", lease, 10)
     assert [s.step_id for s in later] == [mine[0].step_id]
+
+
+def test_the_cli_shows_pages_and_clinicians(
+    w: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from corespond.daemon.cli import main
+
+    w.service.set_availability("c-102", Availability.UNAVAILABLE, "api")
+    incident(w, Response.CLINICIAN)
+    w.service.reply(Reply("wctp", T, PageAnswer.ACCEPT, gateway_id="wctp-1", text="ZQXREPLY"))
+    url = w.engine.url.render_as_string(hide_password=False)
+    config = tmp_path / "corespond.yaml"
+    config.write_text(
+        f"store: {{url: '{url}', migrate_on_start: false}}\n"
+        f"paging: {{roster: {FIXTURES / 'roster.yaml'}}}\n"
+    )
+    capsys.readouterr()
+    assert main(["pages", "list", "--json", "-c", str(config)]) == 0
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["page_ref"] == "C1445-1" and listed["state"] == "accepted"
+    assert listed["clinician_id"] == "c-101" and listed["gateway"] == "wctp"
+    assert main(["pages", "show", "c1445-1", "--json", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out)
+    assert shown["dispatch"]["chosen"] == "c-101"
+    assert shown["chain"]["state"] == "accepted"
+    assert shown["replies"][0]["answer"] == "accept"
+    assert "ZQXREPLY" not in out and "5550101" not in out  # reply text, addresses: protected
+    assert main(["pages", "show", "C9999-1", "-c", str(config)]) == 1
+    assert main(["pages", "list", "-c", str(config)]) == 0
+    assert "C1445-1" in capsys.readouterr().out
+    assert main(["clinicians", "status", "--json", "-c", str(config)]) == 0
+    status = {
+        row["clinician_id"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())
+    }
+    assert status["c-101"]["open_pages"] == 1 and status["c-101"]["fix_age_seconds"] is not None
+    assert status["c-102"]["availability"] == "unavailable"
+    assert status["c-201"]["fix_age_seconds"] is None
+    assert main(["clinicians", "list", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "c-101" in out and "wctp,sms" in out and "Test Clinician" not in out
+    assert main(["clinicians", "status", "-c", str(config)]) == 0
+    assert "AVAILABILITY" in capsys.readouterr().out
