@@ -71,6 +71,20 @@ def _read(args: argparse.Namespace, fn: Callable[[Connection, Config], Any]) -> 
         engine.dispose()
 
 
+def _rows(
+    args: argparse.Namespace, fn: Callable[[Connection, Config], list[dict[str, Any]]]
+) -> list[dict[str, Any]] | None:
+    """The rows ``fn`` reads (None when the config does not load); printed as JSON lines
+    already when ``--json`` was asked for."""
+    rows, status = _read(args, fn)
+    if status:
+        return None
+    if args.json:
+        for row in rows:
+            print(_json_line(row))
+    return list(rows)
+
+
 def _roster(config: Config) -> Any:
     if config.paging is None:
         raise SystemExit("corespond: paging is not configured (no paging: section)")
@@ -90,12 +104,10 @@ def _when(value: datetime | None) -> str:
 def cmd_pages_list(args: argparse.Namespace) -> int:
     from corespond.daemon.store.paging import list_pages
 
-    rows, status = _read(args, lambda conn, _: list_pages(conn, args.limit))
-    if status:
-        return status
+    rows = _rows(args, lambda conn, _: list_pages(conn, args.limit))
+    if rows is None:
+        return 1
     if args.json:
-        for row in rows:
-            print(_json_line(row))
         return 0
     print(f"{'PAGE':<12} {'CREATED (UTC)':<20} {'KIND':<7} {'TO':<12} {'STATE':<10} "
           f"{'DELIVERY':<10} {'GATEWAY':<8} {'RECEIPT':<10} INCIDENT")  # fmt: skip
@@ -136,12 +148,10 @@ def cmd_clinicians_list(args: argparse.Namespace) -> int:
             for c in roster.clinicians.values()
         ]
 
-    rows, status = _read(args, listing)
-    if status:
-        return status
+    rows = _rows(args, listing)
+    if rows is None:
+        return 1
     if args.json:
-        for row in rows:
-            print(_json_line(row))
         return 0
     print(f"{'CLINICIAN':<14} {'PROGRAM':<12} {'GATEWAYS':<20} SKILLS")
     for r in rows:
@@ -154,12 +164,10 @@ def cmd_clinicians_status(args: argparse.Namespace) -> int:
     from corespond.daemon.store.paging import clinician_status
 
     now = datetime.now(UTC)
-    rows, status = _read(args, lambda conn, config: clinician_status(conn, _roster(config), now))
-    if status:
-        return status
+    rows = _rows(args, lambda conn, config: clinician_status(conn, _roster(config), now))
+    if rows is None:
+        return 1
     if args.json:
-        for row in rows:
-            print(_json_line(row))
         return 0
     print(f"{'CLINICIAN':<14} {'PROGRAM':<12} {'AVAILABILITY':<13} {'ON CALL':<8} "
           f"{'FIX AGE':>9} {'OPEN PAGES':>10}")  # fmt: skip
