@@ -325,6 +325,8 @@ class Corespond:
             )
             if old != now
         ]
+        if (self.config.paging is None) != (new.paging is None):
+            needs_restart.append("paging")
         if needs_restart:
             log.error(
                 "config.reload.aborted",
@@ -345,6 +347,11 @@ class Corespond:
             from corespond.daemon.log import set_level
 
             set_level(new.logging.level)
+        if self.paging is not None and new.paging is not None:
+            # Running chains keep the steps they were snapshotted with; new steps see the new
+            # roster (clinicians, zones, schedules) at once.
+            self.paging.reconfigure(new.paging.roster, paging_settings(new.paging))
+            changes = [*(changes or ["no feed changed"]), "paging roster reloaded"]
         self.config = new
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
         return True

@@ -154,6 +154,15 @@ class PagingService:
         self._idle.append(waiter)
         return waiter
 
+    def reconfigure(self, roster: Roster, settings: PagingSettings) -> None:
+        """A reloaded roster and settings, from the next step on (this worker keeps its name
+        unless the new settings give one)."""
+        self.roster = roster
+        self.settings = settings
+        if settings.worker_id:
+            self.worker = settings.worker_id
+        self.wake()
+
     def wake(self) -> None:
         """Run a pass now (or right after the current one)."""
         if not self._running:

@@ -559,7 +559,7 @@ def apply_answer(
         if chain.state == OPEN:
             advance_chain(conn, page.chain_id, now)
         return "applied"
-    if chain.state == OPEN:
+    if chain.state in (OPEN, "exhausted"):  # a late accept still closes the call
         conn.execute(
             update(escalation_chains)
             .where(c.id == page.chain_id)

@@ -179,6 +179,9 @@ def test_full_chain_pages_nearest_then_next_then_supervisor_then_dispatch(w: Wor
     assert w.rows("SELECT state FROM escalation_chains") == [("exhausted",)]
     w.advance(60)
     assert len(w.sent()) == 5
+    # A late accept of a page nobody withdrew still closes the call.
+    w.service.reply(Reply("wctp", T, PageAnswer.ACCEPT, page_ref="C1445-2"))
+    assert w.rows("SELECT state, accepted_by FROM escalation_chains") == [("accepted", "c-102")]
     no_phi_outside_phi_columns(w)
 
 

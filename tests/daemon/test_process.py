@@ -257,6 +257,9 @@ def test_paging_starts_a_chain_from_a_decision(tmp_path: Path) -> None:
         # straight on to the supervisors (no gateway is configured here: the notices fail).
         daemon.wait_event("escalation.step.done", action="supervisor")
         daemon.wait_event("page.submit.failed", outcome="undeliverable")
+        daemon.send_signal(signal.SIGHUP)
+        complete = daemon.wait_event("config.reload.complete")
+        assert complete["changes"] == ["no feed changed", "paging roster reloaded"]
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
         daemon.kill()
