@@ -429,3 +429,27 @@ def test_the_cli_shows_pages_and_clinicians(
     assert "c-101" in out and "wctp,sms" in out and "Test Clinician" not in out
     assert main(["clinicians", "status", "-c", str(config)]) == 0
     assert "AVAILABILITY" in capsys.readouterr().out
+
+
+def test_a_worker_that_lost_its_claim_writes_nothing(w: World, roster: Roster) -> None:
+    result_of(w.service.stop())
+    incident(w, Response.CLINICIAN)  # the chain's first step is due; nobody runs it yet
+    now = w.service.clock.now()
+    lease = timedelta(minutes=2)
+    with w.engine.begin() as conn:
+        (slow,) = db.claim_due_steps(conn, now, "slow", lease, 10)
+        work = db.gather_step(conn, slow, roster, now, timedelta(hours=12))
+    # The slow worker's lease runs out; another takes the step and runs it.
+    later = now + lease * 2
+    with w.engine.begin() as conn:
+        (fast,) = db.claim_due_steps(conn, later, "fast", lease, 10)
+        assert fast.step_id == slow.step_id
+    outcome = db.StepOutcome("no-candidate", None, (), None, True)
+    with w.engine.begin() as conn:
+        assert db.finish_step(conn, work, outcome, "fast", later) == []
+    with w.engine.begin() as conn:
+        assert db.finish_step(conn, work, outcome, "slow", later) is None
+    assert w.rows("SELECT step, state FROM escalation_steps ORDER BY step") == [
+        (0, "done"),
+        (1, "pending"),
+    ]
