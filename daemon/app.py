@@ -5,7 +5,9 @@ Nothing here reaches for the global reactor; the entry point (``corespond run``)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -28,14 +30,17 @@ from corespond.daemon.config import (
     Config,
     ConfigError,
     HttpTransport,
+    PagingConfig,
     SpoolTransport,
     TcpTransport,
     load_config,
 )
 from corespond.daemon.decision import Classifier
 from corespond.daemon.errors import SafeMessage
+from corespond.daemon.escalation import PagingService, PagingSettings
 from corespond.daemon.feeds import FeedServices, FeedSet, HttpListener, TcpListener, listen
 from corespond.daemon.log import error_text
+from corespond.daemon.pager import Pager
 from corespond.daemon.pipeline import IngestMetrics, Pipeline
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
 from corespond.daemon.store import migrate
@@ -86,6 +91,7 @@ class Corespond:
         notifier: SystemdNotifier | None = None,
         registry: CollectorRegistry | None = None,
         classifier: Classifier | None = None,
+        pagers: Mapping[str, Pager] | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -119,6 +125,17 @@ class Corespond:
             )
         self.rules_watcher: RulesWatcher | None = None
         self.feeds = FeedSet(FeedServices(reactor, self.clock, self.pipeline, self.io_threads))
+        # Paging: gateways by name (built from config by corespond.daemon.gateways at merge).
+        self.paging: PagingService | None = None
+        if config.paging is not None:
+            self.paging = PagingService(
+                self.engine,
+                config.paging.roster,
+                pagers or {},
+                reactor,
+                paging_settings(config.paging),
+            )
+            self.pipeline.observers.append(self.paging.observe)
         self.watchdog: Watchdog | None = None
         self.simulator: Any = None
         self._metrics_port: Any = None
@@ -139,6 +156,8 @@ class Corespond:
         await self._prepare_schema()
         self.store.start()
         self._store_started = True
+        if self.paging is not None:
+            self.paging.start()  # resumes every chain and page that was due or in flight
         try:
             await self.feeds.apply(self.config.feeds)
         except Exception as err:
@@ -306,6 +325,8 @@ class Corespond:
             )
             if old != now
         ]
+        if (self.config.paging is None) != (new.paging is None):
+            needs_restart.append("paging")
         if needs_restart:
             log.error(
                 "config.reload.aborted",
@@ -326,6 +347,11 @@ class Corespond:
             from corespond.daemon.log import set_level
 
             set_level(new.logging.level)
+        if self.paging is not None and new.paging is not None:
+            # Running chains keep the steps they were snapshotted with; new steps see the new
+            # roster (clinicians, zones, schedules) at once.
+            self.paging.reconfigure(new.paging.roster, paging_settings(new.paging))
+            changes = [*(changes or ["no feed changed"]), "paging roster reloaded"]
         self.config = new
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
         return True
@@ -354,6 +380,8 @@ class Corespond:
         if self._metrics_port is not None:
             await self._metrics_port.stopListening()
         await self.feeds.stop()
+        if self.paging is not None:
+            await self.paging.stop()
         # A start that failed early (rules, schema) never started the store's reader threads.
         store_totals = (
             await self.store.run_read(totals) if self._store_started else Totals(0, 0, 0, 0)
@@ -373,6 +401,16 @@ class Corespond:
             incidents=store_totals.incidents,
         )
         return summary
+
+
+def paging_settings(config: PagingConfig) -> PagingSettings:
+    return PagingSettings(
+        max_fix_age=timedelta(seconds=config.max_fix_age_seconds),
+        eta_candidates=config.eta_candidates,
+        recent_window=timedelta(hours=config.recent_pages_hours),
+        lease=timedelta(seconds=config.lease_seconds),
+        worker_id=config.worker_id or "",
+    )
 
 
 def _loopback(host: str) -> str:

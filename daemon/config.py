@@ -250,6 +250,19 @@ class RulesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PagingConfig:
+    """Paging: the roster file (loaded and checked with the config) and the worker's knobs."""
+
+    roster_file: Path
+    roster: Any = field(repr=False)  # corespond.daemon.roster.Roster
+    max_fix_age_seconds: float = 1800.0
+    eta_candidates: int = 3
+    recent_pages_hours: float = 12.0
+    lease_seconds: float = 120.0
+    worker_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -260,6 +273,7 @@ class Config:
     feeds: tuple[FeedConfig, ...]
     demo: DemoConfig | None
     rules: RulesConfig = RulesConfig()
+    paging: PagingConfig | None = None
 
     def feed(self, name: str) -> FeedConfig | None:
         return next((f for f in self.feeds if f.name == name), None)
@@ -878,6 +892,63 @@ class RulesSection(Section):
         return RulesConfig()
 
 
+class PagingSection(Section):
+    key = "paging"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "roster": string("the roster file: clinicians, programs, zones, schedules"),
+                "max_fix_age_seconds": number(
+                    "a location fix older than this does not count", exclusiveMinimum=0,
+                    default=1800.0,
+                ),
+                "eta_candidates": integer(
+                    "how many of the nearest to ask the routing service about", minimum=0,
+                    maximum=25, default=3,
+                ),
+                "recent_pages_hours": number(
+                    "window of the recent-pages count that breaks ties", exclusiveMinimum=0,
+                    default=12.0,
+                ),
+                "lease_seconds": number(
+                    "how long a claimed step or page is held before another worker may take it",
+                    minimum=10, default=120.0,
+                ),
+                "worker_id": string("this daemon's name on claimed rows [random per start]"),
+            },
+            required=("roster",),
+            nullable=True,
+            description="paging on-call clinicians and escalating; absent: no paging",
+        )  # fmt: skip
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> PagingConfig | None:
+        if raw is None:
+            return None
+        from corespond.daemon.roster import RosterError, load_roster
+
+        values = with_defaults(raw, cls.schema())
+        path = ctx.existing_file(("paging", "roster"), values["roster"])
+        if path is None or not path.is_file():
+            return None
+        try:
+            roster = load_roster(path)
+        except RosterError as err:
+            ctx.problems.extend(err.problems)
+            return None
+        return PagingConfig(
+            roster_file=path,
+            roster=roster,
+            max_fix_age_seconds=float(values["max_fix_age_seconds"]),
+            eta_candidates=int(values["eta_candidates"]),
+            recent_pages_hours=float(values["recent_pages_hours"]),
+            lease_seconds=float(values["lease_seconds"]),
+            worker_id=values.get("worker_id"),
+        )
+
+
 # In parse order: a section may read ``ctx.values`` of those before it.
 SECTIONS: tuple[type[Section], ...] = (
     StateDirSection,
@@ -888,6 +959,7 @@ SECTIONS: tuple[type[Section], ...] = (
     FeedsSection,
     DemoSection,
     RulesSection,
+    PagingSection,
 )
 
 

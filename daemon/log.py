@@ -48,6 +48,9 @@ ALLOWED_FIELDS = frozenset(
         "attempt", "in_flight", "framing_errors", "discarded_bytes", "dropped_bytes", "seconds",
         "bytes", "limit",
         "duration_ms",
+        # paging: ids, references and codes only (no addresses, names or reply text)
+        "page_ref", "pages", "clinician_id", "chain_id", "step", "action", "outcome", "program",
+        "gateway", "matched_by", "answer", "via",
         # failures
         "error", "errors", "exception", "signal",
     }

@@ -219,3 +219,133 @@ def phi_columns(metadata: MetaData = Base.metadata) -> list[str]:
         for column in table.columns
         if column.info.get("phi")
     )
+
+
+# --- paging: availability, location fixes, escalation chains and steps, pages, replies --------
+
+
+class ClinicianStateRow(Base):
+    """A clinician's availability as they last set it (no row: available)."""
+
+    __tablename__ = "clinician_states"
+
+    clinician_id: Mapped[str] = mapped_column(String, primary_key=True)
+    availability: Mapped[str] = mapped_column(String)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    via: Mapped[str] = mapped_column(String)
+
+
+class LocationFixRow(Base):
+    """One position report of a clinician (staff, not a patient: not protected)."""
+
+    __tablename__ = "location_fixes"
+    __table_args__ = (Index(None, "clinician_id", "fixed_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    clinician_id: Mapped[str] = mapped_column(String)
+    lat: Mapped[float] = mapped_column(Float)
+    lon: Mapped[float] = mapped_column(Float)
+    fixed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String)
+    accuracy_m: Mapped[float | None] = mapped_column(Float)
+
+
+class EscalationChainRow(Base):
+    """One escalation for one incident: the program's chain as it was when it started."""
+
+    __tablename__ = "escalation_chains"
+    __table_args__ = (Index(None, "incident_pk"), Index(None, "state"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    incident_pk: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"))
+    kind: Mapped[str] = mapped_column(String)  # dispatch | notify
+    program: Mapped[str] = mapped_column(String)
+    response: Mapped[str] = mapped_column(String)  # the decision that started it
+    steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # snapshot of the program's chain
+    state: Mapped[str] = mapped_column(String)  # open, accepted, exhausted, cancelled
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    accepted_by: Mapped[str | None] = mapped_column(String)
+    pages_sent: Mapped[int] = mapped_column(Integer)  # numbers the page references
+
+
+class EscalationStepRow(Base):
+    """One step of a chain, due at ``due_at``; (chain, step) is unique: never run twice."""
+
+    __tablename__ = "escalation_steps"
+    __table_args__ = (UniqueConstraint("chain_id", "step"), Index(None, "state", "due_at"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    chain_id: Mapped[int] = mapped_column(Id, ForeignKey("escalation_chains.id"))
+    step: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String)  # page, supervisor, dispatch
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String)  # pending, claimed, done, cancelled
+    claimed_by: Mapped[str | None] = mapped_column(String)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String)  # paged, no-candidate, notified, ...
+    dispatch: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # choice and candidates
+
+
+class PageRow(Base):
+    """One page to one person: the outbox row its delivery is claimed from."""
+
+    __tablename__ = "pages"
+    __table_args__ = (
+        Index(None, "delivery", "next_try_at"),
+        Index(None, "clinician_id", "created_at"),
+        Index(None, "gateway", "gateway_id"),
+        Index(None, "chain_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    page_ref: Mapped[str] = mapped_column(String, unique=True)
+    chain_id: Mapped[int] = mapped_column(Id, ForeignKey("escalation_chains.id"))
+    step_id: Mapped[int] = mapped_column(Id, ForeignKey("escalation_steps.id"))
+    incident_pk: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"))
+    kind: Mapped[str] = mapped_column(String)  # page (answerable) or notice
+    clinician_id: Mapped[str | None] = mapped_column(String)  # None: a bare supervisor endpoint
+    state: Mapped[str] = mapped_column(String)  # open, accepted, declined, en_route, ...
+    text: Mapped[str] = mapped_column(String)  # free of protected information by construction
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    answered_via: Mapped[str | None] = mapped_column(String)
+    # Delivery, in the clinician's order of endpoints: pending, sending, submitted, failed.
+    endpoints: Mapped[list[dict[str, str]]] = phi_column(JSON)  # [{gateway, address}]
+    endpoint_index: Mapped[int] = mapped_column(Integer)
+    delivery: Mapped[str] = mapped_column(String)
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    gateway: Mapped[str | None] = mapped_column(String)
+    gateway_id: Mapped[str | None] = mapped_column(String)
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    receipt: Mapped[str | None] = mapped_column(String)  # the carrier's latest word
+    receipt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String)  # a gateway code, never text
+
+
+class PageReplyRow(Base):
+    """Every reply received, matched or not; its text and sender are the clinician's own."""
+
+    __tablename__ = "page_replies"
+    __table_args__ = (Index(None, "page_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    page_id: Mapped[int | None] = mapped_column(Id, ForeignKey("pages.id"))
+    gateway: Mapped[str] = mapped_column(String)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answer: Mapped[str | None] = mapped_column(String)
+    matched_by: Mapped[str | None] = mapped_column(String)  # page_ref, gateway_id, sender
+    outcome: Mapped[str] = mapped_column(String)  # applied, unmatched, page-closed, ...
+    sender: Mapped[str | None] = phi_column(String)
+    text: Mapped[str] = phi_column(String)
+
+
+clinician_states: Table = ClinicianStateRow.__table__  # type: ignore[assignment]
+location_fixes: Table = LocationFixRow.__table__  # type: ignore[assignment]
+escalation_chains: Table = EscalationChainRow.__table__  # type: ignore[assignment]
+escalation_steps: Table = EscalationStepRow.__table__  # type: ignore[assignment]
+pages: Table = PageRow.__table__  # type: ignore[assignment]
+page_replies: Table = PageReplyRow.__table__  # type: ignore[assignment]

@@ -545,3 +545,29 @@ def test_rules_section_problems(tmp: Path) -> None:
         '("7")',
         "at 'rules.watch': must be true or false, not text",
     ]
+
+
+PAGING_FIXTURES = REPO / "tests" / "fixtures" / "paging"
+
+
+def test_paging_loads_the_roster(tmp: Path) -> None:
+    roster = PAGING_FIXTURES / "roster.yaml"
+    config = load_config(write(tmp, f"paging:\n  roster: {roster}\n  max_fix_age_seconds: 600\n"))
+    assert config.paging is not None
+    assert config.paging.max_fix_age_seconds == 600 and config.paging.eta_candidates == 3
+    assert set(config.paging.roster.programs) == {"metro", "county"}
+    assert load_config(write(tmp, "# no paging\n")).paging is None
+
+
+def test_roster_problems_are_config_problems_with_their_own_file(tmp: Path) -> None:
+    roster = tmp / "roster.yaml"
+    roster.write_text("clinicians: []\nprograms:\n  - id: p\n    zones: [{file: nope.json}]\n")
+    path = write(tmp, "paging:\n  roster: roster.yaml\n  eta_candidates: 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{roster}:4: at 'programs[0].zones[0]': zone file {tmp / 'nope.json'} cannot be read"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp, "paging:\n  roster: missing.yaml\n"))
+    assert "missing.yaml does not exist" in str(caught.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import socket
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from corespond.adapters.eido import eido_document
-from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
+from corespond.daemon.snapshot import GeoPoint, Location, Note, Snapshot, snapshot_to_json
 from tests.daemon.daemon_process import DaemonProcess
 
 pytestmark = pytest.mark.process
@@ -239,3 +240,30 @@ def test_sigkill_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
     listed = cli("incidents", "list", "--json", "--limit", "1000", "-c", str(config))
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(rows) == 400 and all(r["snapshot_count"] == 1 for r in rows)
+
+
+def test_paging_starts_a_chain_from_a_decision(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    roster = Path(__file__).parent.parent / "fixtures" / "paging" / "roster.yaml"
+    config.write_text(config.read_text() + f"paging:\n  roster: {roster}\n")
+    daemon = DaemonProcess(config, tmp_path)
+    try:
+        ports = started(daemon)
+        snap = dataclasses.replace(snapshot(7), location=Location(GeoPoint(30.25, -97.75)))
+        assert send_lines(ports["tcp"], [json.dumps(snapshot_to_json(snap)).encode()]) == b"\x06"
+        chain = daemon.wait_event("escalation.chain.started", incident_id=snap.incident_id)
+        assert chain["program"] == "metro" and chain["kind"] == "dispatch"
+        # Nobody has a location fix yet: the page steps find no candidate and the chain goes
+        # straight on to the supervisors (no gateway is configured here: the notices fail).
+        daemon.wait_event("escalation.step.done", action="supervisor")
+        daemon.wait_event("page.submit.failed", outcome="undeliverable")
+        daemon.send_signal(signal.SIGHUP)
+        complete = daemon.wait_event("config.reload.complete")
+        assert complete["changes"] == ["no feed changed", "paging roster reloaded"]
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.kill()
+    outcomes = [e["outcome"] for e in daemon.log if e.get("event") == "escalation.step.done"]
+    assert outcomes == ["no-candidate", "no-candidate", "notified"]
+    text = json.dumps(daemon.log)
+    assert "hearing voices" not in text and "5550" not in text

@@ -22,6 +22,9 @@ def test_the_phi_columns() -> None:
     field encryption with it."""
     assert phi_columns() == [
         "decisions.evidence",
+        "page_replies.sender",
+        "page_replies.text",
+        "pages.endpoints",
         "rejected_messages.raw",
         "snapshots.protected",
         "snapshots.raw",
@@ -33,6 +36,9 @@ MARKERS = {
     "person": "ZQXPERSON",
     "address": "ZQXADDRESS",
 }
+
+
+INGEST_TABLES = {"incidents", "snapshots", "decisions", "rejected_messages"}
 
 
 def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
@@ -53,7 +59,11 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
         )
     hits: dict[str, list[str]] = {}
     with engine.connect() as conn:
+        # The ingest path's tables; the paging tables are checked after a whole escalation in
+        # tests/daemon/test_escalation.py.
         for table in Base.metadata.sorted_tables:
+            if table.name not in INGEST_TABLES:
+                continue
             rows = conn.execute(select(table)).mappings().all()
             assert rows, table.name
             for column in table.columns:

@@ -1,0 +1,757 @@
+"""The paging core's units of work: one function per transaction, plain values in and out.
+
+Escalation steps and pages are outbox rows with a due time. A worker claims due rows (``FOR
+UPDATE SKIP LOCKED`` on PostgreSQL, so two daemons never take the same row; SQLite has one
+writer at a time) under a lease; a claim whose lease ran out (its daemon died) is taken again.
+A step is finished only by the worker that still holds it, and the next step is inserted in
+the same transaction under the unique (chain, step) constraint: a step never runs twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
+
+from corespond.daemon.dispatcher import CandidateState, Fix
+from corespond.daemon.pager import PageAnswer
+from corespond.daemon.responders import Availability, LocationFix, PageView
+from corespond.daemon.roster import Roster
+from corespond.daemon.store.tables import (
+    clinician_states,
+    escalation_chains,
+    escalation_steps,
+    incidents,
+    location_fixes,
+    page_replies,
+    pages,
+    snapshots,
+)
+
+OPEN = "open"
+ACTIVE_PAGE_STATES = ("accepted", "en_route", "on_scene")  # a clinician who took the call
+TERMINAL_CHAIN_STATES = ("accepted", "exhausted", "cancelled")
+
+
+def _for_update(conn: Connection, stmt: Any) -> Any:
+    if conn.dialect.name == "postgresql":
+        return stmt.with_for_update(skip_locked=True)
+    return stmt  # SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE)
+
+
+# --- chains ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewChain:
+    incident_pk: int
+    kind: str  # dispatch (page clinicians) or notify (supervisors only)
+    program: str
+    response: str
+    steps: list[dict[str, Any]]
+
+
+def start_chain(conn: Connection, chain: NewChain, now: datetime) -> int | None:
+    """The new chain's id; None when the incident is closed, or already has an open chain of
+    this kind or an accepted clinician."""
+    status = conn.execute(
+        select(incidents.c.status).where(incidents.c.id == chain.incident_pk)
+    ).scalar_one_or_none()
+    if status != "active":
+        return None
+    existing = conn.execute(
+        select(escalation_chains.c.id).where(
+            escalation_chains.c.incident_pk == chain.incident_pk,
+            or_(
+                and_(escalation_chains.c.kind == chain.kind, escalation_chains.c.state == OPEN),
+                escalation_chains.c.state == "accepted",
+            ),
+        )
+    ).first()
+    if existing is not None:
+        return None
+    chain_id = conn.execute(
+        insert(escalation_chains).returning(escalation_chains.c.id),
+        dict(
+            incident_pk=chain.incident_pk,
+            kind=chain.kind,
+            program=chain.program,
+            response=chain.response,
+            steps=chain.steps,
+            state=OPEN,
+            created_at=now,
+            pages_sent=0,
+        ),
+    ).scalar_one()
+    _insert_step(conn, chain_id, 0, chain.steps[0]["action"], now)
+    return int(chain_id)
+
+
+def _insert_step(conn: Connection, chain_id: int, step: int, action: str, due: datetime) -> None:
+    conn.execute(
+        insert(escalation_steps),
+        dict(chain_id=chain_id, step=step, action=action, due_at=due, state="pending"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedStep:
+    step_id: int
+    chain_id: int
+    step: int
+    action: str
+
+
+def claim_due_steps(
+    conn: Connection, now: datetime, worker: str, lease: timedelta, limit: int
+) -> list[ClaimedStep]:
+    s = escalation_steps.c
+    due = or_(
+        and_(s.state == "pending", s.due_at <= now),
+        and_(s.state == "claimed", s.lease_until < now),
+    )
+    stmt = select(s.id, s.chain_id, s.step, s.action).where(due).order_by(s.due_at).limit(limit)
+    rows = conn.execute(_for_update(conn, stmt)).all()
+    if rows:
+        conn.execute(
+            update(escalation_steps)
+            .where(s.id.in_([r.id for r in rows]))
+            .values(state="claimed", claimed_by=worker, lease_until=now + lease)
+        )
+    return [ClaimedStep(r.id, r.chain_id, r.step, r.action) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentFacts:
+    """What a page may say about an incident, and where it is."""
+
+    incident_pk: int
+    status: str
+    number: str
+    call_type: str
+    general_location: str
+    lat: float | None
+    lon: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepWork:
+    step: ClaimedStep
+    chain_state: str
+    chain_kind: str
+    program: str
+    steps: list[dict[str, Any]]
+    incident: IncidentFacts
+    candidates: tuple[CandidateState, ...]
+    attempts: int  # pages already sent for the incident
+
+
+def incident_facts(conn: Connection, incident_pk: int) -> IncidentFacts:
+    i = incidents.c
+    row = conn.execute(
+        select(
+            i.id, i.status, i.incident_number, i.external_id, i.call_type, i.apco_type,
+            i.zone, i.lat, i.lon, snapshots.c.public,
+        )
+        .select_from(incidents.outerjoin(snapshots, snapshots.c.id == i.current_snapshot_id))
+        .where(i.id == incident_pk)
+    ).one()  # fmt: skip
+    location = (row.public or {}).get("location") or {}
+    parts = [f"zone {row.zone}" if row.zone else None, location.get("city")]
+    general = ", ".join(str(p)[:40] for p in parts if p) or "see CAD"
+    call_type = str(row.call_type or row.apco_type or "call")[:40]
+    return IncidentFacts(
+        row.id, row.status, row.incident_number or row.external_id, call_type, general,
+        row.lat, row.lon,
+    )  # fmt: skip
+
+
+def gather_step(
+    conn: Connection,
+    step: ClaimedStep,
+    roster: Roster,
+    now: datetime,
+    recent_window: timedelta,
+) -> StepWork:
+    """Everything the step needs, read in the claiming transaction."""
+    c = escalation_chains.c
+    chain = conn.execute(
+        select(c.incident_pk, c.state, c.kind, c.program, c.steps).where(c.id == step.chain_id)
+    ).one()
+    facts = incident_facts(conn, chain.incident_pk)
+    attempts = conn.execute(
+        select(func.count()).select_from(pages).where(pages.c.incident_pk == chain.incident_pk)
+    ).scalar_one()
+    candidates: tuple[CandidateState, ...] = ()
+    if step.action == "page" and chain.state == OPEN:
+        candidates = candidate_states(conn, roster, chain.incident_pk, now, recent_window)
+    return StepWork(
+        step, chain.state, chain.kind, chain.program, list(chain.steps), facts, candidates,
+        int(attempts),
+    )  # fmt: skip
+
+
+def candidate_states(
+    conn: Connection, roster: Roster, incident_pk: int, now: datetime, recent_window: timedelta
+) -> tuple[CandidateState, ...]:
+    states: dict[str, str] = dict(
+        conn.execute(select(clinician_states.c.clinician_id, clinician_states.c.availability)).all()
+    )
+    fixes = latest_fixes(conn)
+    p = pages.c
+    paged: dict[str, bool] = {}
+    for cid, state in conn.execute(
+        select(p.clinician_id, p.state).where(p.incident_pk == incident_pk, p.kind == "page")
+    ):
+        paged[cid] = paged.get(cid, False) or state == "declined"
+    busy = set(
+        conn.execute(
+            select(p.clinician_id)
+            .join(incidents, incidents.c.id == p.incident_pk)
+            .where(
+                p.state.in_(ACTIVE_PAGE_STATES),
+                p.incident_pk != incident_pk,
+                incidents.c.status == "active",
+            )
+        ).scalars()
+    )
+    recent: dict[str, int] = dict(
+        conn.execute(
+            select(p.clinician_id, func.count())
+            .where(p.kind == "page", p.created_at >= now - recent_window)
+            .group_by(p.clinician_id)
+        ).all()
+    )
+    on_call = roster.on_call(now)
+    return tuple(
+        CandidateState(
+            clinician_id=cid,
+            program=clinician.program,
+            availability=Availability(states.get(cid, Availability.AVAILABLE)),
+            on_call=cid in on_call,
+            fix=fixes.get(cid),
+            busy=cid in busy,
+            paged=cid in paged,
+            declined=paged.get(cid, False),
+            recent_pages=int(recent.get(cid, 0)),
+        )
+        for cid, clinician in roster.clinicians.items()
+    )
+
+
+def latest_fixes(conn: Connection) -> dict[str, Fix]:
+    f = location_fixes.c
+    latest = (
+        select(f.clinician_id, func.max(f.fixed_at).label("fixed_at"))
+        .group_by(f.clinician_id)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(f.clinician_id, f.lat, f.lon, f.fixed_at).join(
+            latest,
+            and_(f.clinician_id == latest.c.clinician_id, f.fixed_at == latest.c.fixed_at),
+        )
+    )
+    return {r.clinician_id: Fix(r.lat, r.lon, r.fixed_at) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class NewPage:
+    kind: str  # page (answerable) or notice
+    clinician_id: str | None
+    endpoints: list[dict[str, str]]
+    text_for: Any  # Callable[[str], str]: the page text, given its reference
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    outcome: str  # paged, no-candidate, notified, nobody-to-notify, chain-closed, incident-closed
+    dispatch: dict[str, Any] | None
+    pages: Sequence[NewPage]
+    close_chain: str | None  # exhausted or cancelled, when the chain ends here
+    advance_now: bool  # the next step is due now rather than after this step's wait
+
+
+def finish_step(
+    conn: Connection,
+    work: StepWork,
+    result: StepOutcome,
+    worker: str,
+    now: datetime,
+) -> list[str] | None:
+    """The references of the pages created; None when the claim was lost (lease ran out and
+    another worker took the step): nothing is written then."""
+    s = escalation_steps.c
+    held = conn.execute(
+        _for_update(conn, select(s.id).where(
+            s.id == work.step.step_id, s.state == "claimed", s.claimed_by == worker
+        ))
+    ).first()  # fmt: skip
+    if held is None:
+        return None
+    conn.execute(
+        update(escalation_steps)
+        .where(s.id == work.step.step_id)
+        .values(
+            state="done", done_at=now, lease_until=None, outcome=result.outcome,
+            dispatch=result.dispatch,
+        )
+    )  # fmt: skip
+    refs: list[str] = []
+    attempts = work.attempts
+    for page in result.pages:
+        attempts += 1
+        ref = page_reference(conn, work.incident, attempts)
+        conn.execute(
+            insert(pages),
+            dict(
+                page_ref=ref, chain_id=work.step.chain_id, step_id=work.step.step_id,
+                incident_pk=work.incident.incident_pk, kind=page.kind,
+                clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
+                text=page.text_for(ref), created_at=now, endpoints=page.endpoints,
+                endpoint_index=0, delivery="pending", next_try_at=now,
+            ),
+        )  # fmt: skip
+        refs.append(ref)
+    c = escalation_chains.c
+    if refs:
+        conn.execute(
+            update(escalation_chains)
+            .where(c.id == work.step.chain_id)
+            .values(pages_sent=c.pages_sent + len(refs))
+        )
+    following = work.step.step + 1
+    if result.close_chain is None and following < len(work.steps):
+        wait = timedelta(minutes=float(work.steps[work.step.step].get("wait_minutes", 0)))
+        due = now if result.advance_now else now + wait
+        _insert_step(conn, work.step.chain_id, following, work.steps[following]["action"], due)
+    else:
+        conn.execute(
+            update(escalation_chains)
+            .where(c.id == work.step.chain_id, c.state == OPEN)
+            .values(state=result.close_chain or "exhausted", closed_at=now)
+        )
+    return refs
+
+
+def page_reference(conn: Connection, incident: IncidentFacts, attempt: int) -> str:
+    """``C1445-2``: the incident's short number and the attempt; longer if that is taken."""
+    digits = "".join(ch for ch in incident.number if ch.isdigit()) or str(incident.incident_pk)
+    for length in (4, 6, len(digits)):
+        ref = f"C{digits[-length:]}-{attempt}"
+        taken = conn.execute(
+            select(pages.c.incident_pk).where(pages.c.page_ref == ref)
+        ).scalar_one_or_none()
+        if taken is None:
+            return ref
+    return f"C{digits}-{incident.incident_pk}-{attempt}"
+
+
+def advance_chain(conn: Connection, chain_id: int, now: datetime) -> None:
+    """Make the chain's waiting step due now (a decline, or a page nobody could receive)."""
+    s = escalation_steps.c
+    conn.execute(
+        update(escalation_steps)
+        .where(s.chain_id == chain_id, s.state == "pending", s.due_at > now)
+        .values(due_at=now)
+    )
+
+
+def next_due(conn: Connection) -> datetime | None:
+    """When the worker must next look: the earliest due step, page or expiring lease."""
+    s, p = escalation_steps.c, pages.c
+    candidates = [
+        conn.execute(select(func.min(s.due_at)).where(s.state == "pending")).scalar(),
+        conn.execute(select(func.min(s.lease_until)).where(s.state == "claimed")).scalar(),
+        conn.execute(select(func.min(p.next_try_at)).where(p.delivery == "pending")).scalar(),
+        conn.execute(select(func.min(p.lease_until)).where(p.delivery == "sending")).scalar(),
+    ]
+    found = [c for c in candidates if c is not None]
+    return min(found) if found else None
+
+
+# --- page delivery -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedPage:
+    page_id: int
+    page_ref: str
+    kind: str
+    chain_id: int
+    text: str
+    endpoint_index: int
+    gateway: str
+    address: str
+
+
+def claim_due_pages(
+    conn: Connection, now: datetime, worker: str, lease: timedelta, limit: int
+) -> list[ClaimedPage]:
+    p = pages.c
+    due = or_(
+        and_(p.delivery == "pending", p.next_try_at <= now),
+        and_(p.delivery == "sending", p.lease_until < now),
+    )
+    stmt = (
+        select(p.id, p.page_ref, p.kind, p.chain_id, p.text, p.endpoint_index, p.endpoints)
+        .where(due)
+        .order_by(p.id)
+        .limit(limit)
+    )
+    rows = conn.execute(_for_update(conn, stmt)).all()
+    if rows:
+        conn.execute(
+            update(pages)
+            .where(p.id.in_([r.id for r in rows]))
+            .values(delivery="sending", lease_until=now + lease)
+        )
+    out = []
+    for r in rows:
+        endpoint = r.endpoints[r.endpoint_index]
+        out.append(
+            ClaimedPage(
+                r.id, r.page_ref, r.kind, r.chain_id, r.text, r.endpoint_index,
+                endpoint["gateway"], endpoint["address"],
+            )
+        )  # fmt: skip
+    return out
+
+
+def page_submitted(
+    conn: Connection, page: ClaimedPage, gateway_id: str | None, now: datetime
+) -> None:
+    conn.execute(
+        update(pages)
+        .where(pages.c.id == page.page_id, pages.c.endpoint_index == page.endpoint_index)
+        .values(
+            delivery="submitted", gateway=page.gateway, gateway_id=gateway_id, submitted_at=now,
+            lease_until=None, next_try_at=None, last_error=None,
+        )
+    )  # fmt: skip
+
+
+def page_failed(
+    conn: Connection, page: ClaimedPage, code: str, retry_at: datetime | None, now: datetime
+) -> bool:
+    """Record a failed submission: retry this endpoint at ``retry_at``, else try the next one.
+    True when no endpoint is left (the page could not be delivered)."""
+    p = pages.c
+    count = len(conn.execute(select(p.endpoints).where(p.id == page.page_id)).scalar_one())
+    if retry_at is not None:
+        values: dict[str, Any] = dict(delivery="pending", next_try_at=retry_at)
+        exhausted = False
+    elif page.endpoint_index + 1 < count:
+        values = dict(delivery="pending", next_try_at=now, endpoint_index=page.endpoint_index + 1)
+        exhausted = False
+    else:
+        values = dict(delivery="failed", next_try_at=None)
+        exhausted = True
+    conn.execute(
+        update(pages)
+        .where(p.id == page.page_id, p.endpoint_index == page.endpoint_index)
+        .values(lease_until=None, last_error=code[:200], **values)
+    )
+    if exhausted and page.kind == "page":
+        advance_chain(conn, page.chain_id, now)  # nobody can answer it: go on now
+    return exhausted
+
+
+# --- answers, replies, receipts ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageRecord:
+    page_id: int
+    page_ref: str
+    chain_id: int
+    kind: str
+    clinician_id: str | None
+    state: str
+
+
+_PAGE_COLUMNS = (
+    pages.c.id, pages.c.page_ref, pages.c.chain_id, pages.c.kind, pages.c.clinician_id,
+    pages.c.state,
+)  # fmt: skip
+
+
+def _record(row: Any) -> PageRecord:
+    return PageRecord(row.id, row.page_ref, row.chain_id, row.kind, row.clinician_id, row.state)
+
+
+def find_page(
+    conn: Connection,
+    *,
+    page_ref: str | None = None,
+    gateway: str | None = None,
+    gateway_id: str | None = None,
+    clinician_ids: Iterable[str] = (),
+) -> tuple[PageRecord, str] | None:
+    """The page a reply answers, and how it was matched: by reference, else by the gateway's
+    id, else the sender's most recent open page."""
+    p = pages.c
+    if page_ref:
+        row = conn.execute(
+            select(*_PAGE_COLUMNS).where(func.upper(p.page_ref) == page_ref.upper())
+        ).first()
+        if row is not None:
+            return _record(row), "page_ref"
+    if gateway and gateway_id:
+        row = conn.execute(
+            select(*_PAGE_COLUMNS).where(p.gateway == gateway, p.gateway_id == gateway_id)
+        ).first()
+        if row is not None:
+            return _record(row), "gateway_id"
+    ids = list(clinician_ids)
+    if ids:
+        row = conn.execute(
+            select(*_PAGE_COLUMNS)
+            .where(
+                p.clinician_id.in_(ids),
+                p.kind == "page",
+                p.state.in_((OPEN, "accepted", "en_route")),
+            )
+            .order_by(p.created_at.desc(), p.id.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            return _record(row), "sender"
+    return None
+
+
+# Which answers a page in each state still takes.
+ANSWERABLE: dict[str, tuple[PageAnswer, ...]] = {
+    OPEN: (PageAnswer.ACCEPT, PageAnswer.DECLINE, PageAnswer.EN_ROUTE),
+    "accepted": (PageAnswer.EN_ROUTE, PageAnswer.ON_SCENE),
+    "en_route": (PageAnswer.ON_SCENE,),
+}
+
+
+def apply_answer(
+    conn: Connection, page: PageRecord, answer: PageAnswer, via: str, now: datetime
+) -> str:
+    """Apply a human answer; the outcome token (``applied`` or why not)."""
+    if page.kind != "page" or page.clinician_id is None:
+        return "not-answerable"
+    p, c = pages.c, escalation_chains.c
+    chain = conn.execute(
+        select(c.state, c.accepted_by, incidents.c.status)
+        .join(incidents, incidents.c.id == c.incident_pk)
+        .where(c.id == page.chain_id)
+    ).one()
+    if answer not in ANSWERABLE.get(page.state, ()):
+        return "page-closed"
+    if chain.status != "active" and answer in (PageAnswer.ACCEPT, PageAnswer.EN_ROUTE):
+        return "incident-closed"
+    if chain.state == "accepted" and chain.accepted_by != page.clinician_id:
+        return "taken"
+    new_state = {"accept": "accepted", "decline": "declined"}.get(answer.value, answer.value)
+    conn.execute(
+        update(pages)
+        .where(p.id == page.page_id)
+        .values(state=new_state, answered_at=now, answered_via=via)
+    )
+    if answer is PageAnswer.DECLINE:
+        if chain.state == OPEN:
+            advance_chain(conn, page.chain_id, now)
+        return "applied"
+    if chain.state in (OPEN, "exhausted"):  # a late accept still closes the call
+        conn.execute(
+            update(escalation_chains)
+            .where(c.id == page.chain_id)
+            .values(state="accepted", accepted_by=page.clinician_id, closed_at=now)
+        )
+        s = escalation_steps.c
+        conn.execute(
+            update(escalation_steps)
+            .where(s.chain_id == page.chain_id, s.state.in_(("pending", "claimed")))
+            .values(state="cancelled", done_at=now, lease_until=None)
+        )
+        conn.execute(
+            update(pages)
+            .where(p.chain_id == page.chain_id, p.id != page.page_id, p.state == OPEN)
+            .values(state="cancelled")
+        )
+    if answer in (PageAnswer.EN_ROUTE, PageAnswer.ON_SCENE):
+        write_availability(conn, page.clinician_id, Availability(answer.value), via, now)
+    return "applied"
+
+
+def record_reply(
+    conn: Connection,
+    page: PageRecord | None,
+    matched_by: str | None,
+    reply: Any,
+    outcome: str,
+) -> None:
+    conn.execute(
+        insert(page_replies),
+        dict(
+            page_id=page.page_id if page else None, gateway=reply.gateway,
+            received_at=reply.received_at, answer=reply.answer.value if reply.answer else None,
+            matched_by=matched_by, outcome=outcome, sender=reply.sender, text=reply.text,
+        ),
+    )  # fmt: skip
+
+
+def record_receipt(
+    conn: Connection, gateway: str, gateway_id: str, state: str, at: datetime
+) -> int:
+    result = conn.execute(
+        update(pages)
+        .where(pages.c.gateway == gateway, pages.c.gateway_id == gateway_id)
+        .values(receipt=state, receipt_at=at)
+    )
+    return int(result.rowcount or 0)
+
+
+def page_view(conn: Connection, page_ref: str) -> PageView | None:
+    p = pages.c
+    row = conn.execute(
+        select(p.page_ref, p.clinician_id, p.incident_pk, p.created_at, p.state, p.kind).where(
+            p.page_ref == page_ref
+        )
+    ).first()
+    if row is None or row.kind != "page" or row.clinician_id is None:
+        return None
+    facts = incident_facts(conn, row.incident_pk)
+    return PageView(
+        page_ref=row.page_ref,
+        clinician_id=row.clinician_id,
+        incident_ref=facts.number,
+        call_type=facts.call_type,
+        general_location=facts.general_location,
+        paged_at=row.created_at,
+        state=row.state,
+        answers=ANSWERABLE.get(row.state, ()),
+    )
+
+
+# --- clinicians --------------------------------------------------------------------------------
+
+
+def write_availability(
+    conn: Connection, clinician_id: str, state: Availability, via: str, now: datetime
+) -> None:
+    t = clinician_states.c
+    done = conn.execute(
+        update(clinician_states)
+        .where(t.clinician_id == clinician_id)
+        .values(availability=state.value, changed_at=now, via=via)
+    )
+    if not done.rowcount:
+        conn.execute(
+            insert(clinician_states),
+            dict(clinician_id=clinician_id, availability=state.value, changed_at=now, via=via),
+        )
+
+
+def write_fix(conn: Connection, fix: LocationFix, now: datetime) -> None:
+    conn.execute(
+        insert(location_fixes),
+        dict(
+            clinician_id=fix.clinician_id, lat=fix.latitude, lon=fix.longitude,
+            fixed_at=fix.fixed_at, received_at=now, source=fix.source, accuracy_m=fix.accuracy_m,
+        ),
+    )  # fmt: skip
+
+
+# --- reads for the CLI -------------------------------------------------------------------------
+
+
+def list_pages(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """Recent pages, newest first; endpoints by gateway only (addresses are protected)."""
+    p = pages.c
+    rows = conn.execute(
+        select(
+            p.page_ref, p.created_at, incidents.c.external_id, p.kind, p.clinician_id, p.state,
+            p.delivery, p.gateway, p.receipt, p.answered_at, p.answered_via,
+        )
+        .join(incidents, incidents.c.id == p.incident_pk)
+        .order_by(p.created_at.desc(), p.id.desc())
+        .limit(limit)
+    ).mappings()  # fmt: skip
+    return [dict(row) for row in rows]
+
+
+def page_detail(conn: Connection, page_ref: str) -> dict[str, Any] | None:
+    """One page with its chain, the step that sent it (with the dispatcher's reasons) and the
+    replies received (answers and outcomes; not their text)."""
+    p = pages.c
+    row = conn.execute(
+        select(
+            p.id, p.page_ref, p.chain_id, p.step_id, p.kind, p.clinician_id, p.state, p.text,
+            p.created_at, p.answered_at, p.answered_via, p.endpoint_index, p.delivery,
+            p.gateway, p.gateway_id, p.submitted_at, p.receipt, p.receipt_at, p.last_error,
+            incidents.c.external_id.label("incident_id"),
+        )
+        .join(incidents, incidents.c.id == p.incident_pk)
+        .where(func.upper(p.page_ref) == page_ref.upper())
+    ).mappings().first()  # fmt: skip
+    if row is None:
+        return None
+    page = dict(row)
+    c, s, r = escalation_chains.c, escalation_steps.c, page_replies.c
+    chain = conn.execute(
+        select(c.id, c.kind, c.program, c.response, c.state, c.created_at, c.closed_at,
+               c.accepted_by, c.steps).where(c.id == page["chain_id"])
+    ).mappings().one()  # fmt: skip
+    steps = conn.execute(
+        select(s.step, s.action, s.state, s.due_at, s.done_at, s.outcome)
+        .where(s.chain_id == page["chain_id"])
+        .order_by(s.step)
+    ).mappings()
+    step = conn.execute(
+        select(s.step, s.action, s.dispatch).where(s.id == page.pop("step_id"))
+    ).mappings().one()  # fmt: skip
+    replies = conn.execute(
+        select(r.received_at, r.gateway, r.answer, r.matched_by, r.outcome)
+        .where(r.page_id == page.pop("id"))
+        .order_by(r.id)
+    ).mappings()
+    return {
+        "page": page,
+        "dispatch": step["dispatch"],
+        "chain": dict(chain),
+        "steps": [dict(x) for x in steps],
+        "replies": [dict(x) for x in replies],
+    }
+
+
+def clinician_status(conn: Connection, roster: Roster, now: datetime) -> list[dict[str, Any]]:
+    """Every clinician of the roster: availability, on call now, last fix age, open pages."""
+    t = clinician_states.c
+    states = {
+        row.clinician_id: row
+        for row in conn.execute(select(t.clinician_id, t.availability, t.changed_at, t.via))
+    }
+    fixes = latest_fixes(conn)
+    p = pages.c
+    open_pages: dict[str, int] = dict(
+        conn.execute(
+            select(p.clinician_id, func.count())
+            .where(p.kind == "page", p.state.in_((OPEN, *ACTIVE_PAGE_STATES)))
+            .group_by(p.clinician_id)
+        ).all()
+    )
+    on_call = roster.on_call(now)
+    out = []
+    for cid, clinician in roster.clinicians.items():
+        state = states.get(cid)
+        fix = fixes.get(cid)
+        out.append(
+            {
+                "clinician_id": cid,
+                "program": clinician.program,
+                "availability": state.availability if state else Availability.AVAILABLE.value,
+                "availability_since": state.changed_at if state else None,
+                "on_call": cid in on_call,
+                "fix_age_seconds": round((now - fix.fixed_at).total_seconds()) if fix else None,
+                "open_pages": int(open_pages.get(cid, 0)),
+            }
+        )
+    return out
