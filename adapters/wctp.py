@@ -39,6 +39,7 @@ from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from corespond.adapters.gateway_events import answer_after_commit, deliver
 from corespond.adapters.http_client import HttpFailure, request
 from corespond.adapters.xml_safety import local_name, parse_untrusted_xml
 from corespond.daemon.clock import Clock
@@ -399,12 +400,6 @@ def event_for(inbound: Inbound, gateway: str, now: datetime) -> Reply | Delivery
     )
 
 
-def deliver(events: PagerEvents, event: Reply | DeliveryReceipt) -> Deferred[None]:
-    if isinstance(event, Reply):
-        return events.reply(event)
-    return events.receipt(event)
-
-
 # --- the pager ---------------------------------------------------------------------------------
 
 
@@ -493,25 +488,14 @@ class WctpCallbackResource(Resource):
                         reason=err.reason, where=err.where, status=code)  # fmt: skip
             return build_confirmation(code, str(err), success=False)
         event = event_for(inbound, self.gateway, self.clock.now())
-        d = deliver(self.events, event)
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def answer(ok: bool) -> None:
-            if gone:
-                return  # the carrier gave up; it will resend and we will take it again
             if ok:
                 request.write(build_confirmation(200, "Message received", success=True))
             else:
                 request.write(build_confirmation(604, "Not stored; resend later", success=False))
-            request.finish()
 
-        def failed(failure: Failure) -> None:
-            log.error("page.wctp.inbound.failed", transport=self.gateway,
-                      exception=failure.type.__name__)  # fmt: skip
-            answer(False)
-
-        d.addCallbacks(lambda _: answer(True), failed)
+        answer_after_commit(request, deliver(self.events, event), answer, gateway=self.gateway)
         return NOT_DONE_YET
 
     def render_GET(self, request: Request) -> bytes:

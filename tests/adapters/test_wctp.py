@@ -3,7 +3,7 @@ confirmations and failures, the callback resource and the poller, and the parser
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock as TaskClock
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
@@ -35,7 +34,6 @@ from corespond.adapters.wctp import (
 from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.pager import (
-    DeliveryReceipt,
     DeliveryState,
     PageAnswer,
     PageMessage,
@@ -44,6 +42,7 @@ from corespond.daemon.pager import (
     Submitted,
 )
 from tests.adapters.loopback import Loopback
+from tests.adapters.pager_events import RecordingEvents
 from tests.adapters.tlsfiles import make_pki
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -80,34 +79,6 @@ def status_xml(to: str = "att-7f3a", kind: str = "DELIVERED") -> bytes:
         '<wctp-Recipient recipientID="corespond"/></wctp-ResponseHeader>'
         f'<wctp-Notification type="{kind}"/></wctp-StatusInfo>'
     )
-
-
-@dataclass
-class RecordingEvents:
-    """A PagerEvents that records and commits at once (or fails, when told to)."""
-
-    replies: list[Reply] = field(default_factory=list)
-    receipts: list[DeliveryReceipt] = field(default_factory=list)
-    fail_next: int = 0
-    hold: list[Deferred[None]] | None = None
-
-    def _done(self) -> Deferred[None]:
-        if self.fail_next:
-            self.fail_next -= 1
-            return fail(RuntimeError("commit failed"))
-        if self.hold is not None:
-            d: Deferred[None] = Deferred()
-            self.hold.append(d)
-            return d
-        return succeed(None)
-
-    def reply(self, reply: Reply) -> Deferred[None]:
-        self.replies.append(reply)
-        return self._done()
-
-    def receipt(self, receipt: DeliveryReceipt) -> Deferred[None]:
-        self.receipts.append(receipt)
-        return self._done()
 
 
 # --- a fake carrier speaking WCTP over HTTP -----------------------------------------------------
