@@ -2,7 +2,7 @@
 
 One ESMTP session per page with ``twisted.mail.smtp.ESMTPSenderFactory``: STARTTLS is
 ``required`` (refuse a server that does not offer it), ``opportunistic`` (use it when offered)
-or ``off``; AUTH when a user name is configured (the password is read from a file). A 250 only
+or ``none``; AUTH when a user name is configured (the password is read from a file). A 250 only
 means the relay took the message. A 5xx answer (an unknown mailbox, a refused sender, a failed
 AUTH) is permanent for this page; a 4xx, a refused or dropped connection and the adapter's
 timeout are retryable. The adapter makes one attempt: GatewayQueue owns retries.
@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from corespond.daemon.clock import Clock
 from corespond.daemon.pager import PageMessage, PagerError, Submitted
 
-STARTTLS_MODES = ("required", "opportunistic", "off")
+STARTTLS_MODES = ("required", "opportunistic", "none")
 
 
 def page_email(message: PageMessage, *, sender: str, now: Any, domain: str) -> bytes:
@@ -74,7 +74,7 @@ class SmtpPager:
     ) -> None:
         if starttls not in STARTTLS_MODES:
             raise ValueError(f"starttls must be one of {', '.join(STARTTLS_MODES)}")
-        if starttls != "off" and tls is None:
+        if starttls != "none" and tls is None:
             raise ValueError("STARTTLS needs client TLS options (tls)")
         self.name, self.reactor, self.clock, self.timer = name, reactor, clock, timer
         self.host, self.port, self.sender = host, port, sender
@@ -95,7 +95,7 @@ class SmtpPager:
             result,
             retries=0,
             timeout=None,  # ours, on the injected clock, below
-            contextFactory=self.tls if self.starttls != "off" else None,
+            contextFactory=self.tls if self.starttls != "none" else None,
             heloFallback=False,
             requireAuthentication=self.username is not None,
             requireTransportSecurity=self.starttls == "required",

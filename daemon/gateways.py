@@ -21,14 +21,24 @@ from __future__ import annotations
 
 import random as random_module
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.web.resource import Resource
 
+from corespond.adapters.http_client import PinnedTrustPolicy, make_agent
+from corespond.adapters.sms_gateway import SmsCallbackResource, SmsPager
+from corespond.adapters.smtp_pager import SmtpPager
+from corespond.adapters.snpp import SnppPager
+from corespond.adapters.tls import client_tls_options
+from corespond.adapters.wctp import WctpCallbackResource, WctpPager, WctpPoller
 from corespond.daemon.clock import Clock
-from corespond.daemon.pager import PageMessage, Pager, PagerError, Submitted
+from corespond.daemon.config import GatewayConfig
+from corespond.daemon.pager import PageMessage, Pager, PagerError, PagerEvents, Submitted
 
 log = structlog.get_logger(__name__)
 
@@ -127,3 +137,132 @@ class GatewayQueue:
         d: Deferred[None] = Deferred(cancel)
         call = self.clock.call_later(seconds, d.callback, None)
         return d
+
+
+# --- from configuration ---------------------------------------------------------------------------
+
+
+def _http_policy(config: GatewayConfig) -> PinnedTrustPolicy:
+    tls = config.tls
+    if tls is None:
+        return PinnedTrustPolicy()
+    return PinnedTrustPolicy(tls.ca_file, tls.cert_file, tls.key_file)
+
+
+def _client_tls(config: GatewayConfig) -> IOpenSSLClientConnectionCreator | None:
+    tls = config.tls
+    if tls is None or config.host is None:
+        return None
+    return client_tls_options(config.host, tls.ca_file, tls.cert_file, tls.key_file)
+
+
+def build_pager(config: GatewayConfig, reactor: Any, clock: Clock) -> Pager:
+    """The bare adapter for one configured gateway (one attempt per submit)."""
+    timer: IReactorTime = reactor
+    if config.type in ("wctp", "sms"):
+        agent, _ = make_agent(reactor, tls=_http_policy(config),
+                              connect_timeout=config.timeout_seconds,
+                              max_connections=config.max_in_flight)  # fmt: skip
+        assert config.url is not None
+        if config.type == "wctp":
+            assert config.sender_id is not None
+            return WctpPager(
+                config.name, agent=agent, clock=clock, reactor=timer, url=config.url,
+                sender_id=config.sender_id, security_code=config.secret,
+                send_responses_to=config.send_responses_to, timeout=config.timeout_seconds,
+            )  # fmt: skip
+        assert config.account_sid is not None and config.secret is not None
+        return SmsPager(
+            config.name, agent=agent, reactor=timer, base_url=config.url,
+            account_sid=config.account_sid, auth_user=config.auth_user,
+            auth_secret=config.secret, sender=config.sender,
+            messaging_service_sid=config.messaging_service_sid,
+            status_callback=config.callback_url, timeout=config.timeout_seconds,
+        )  # fmt: skip
+    assert config.host is not None
+    if config.type == "snpp":
+        return SnppPager(
+            config.name, reactor=reactor, clock=timer, host=config.host,
+            port=config.port or 444, login=config.login, password=config.secret,
+            tls=_client_tls(config) if config.use_tls else None, timeout=config.timeout_seconds,
+        )  # fmt: skip
+    if config.type == "smtp":
+        assert config.sender is not None
+        return SmtpPager(
+            config.name, reactor=reactor, clock=clock, timer=timer, host=config.host,
+            port=config.port or 587, sender=config.sender, username=config.login,
+            password=config.secret, starttls=config.starttls,
+            tls=_client_tls(config) if config.starttls != "none" else None,
+            timeout=config.timeout_seconds,
+        )  # fmt: skip
+    raise ValueError(f"unknown gateway type {config.type!r}")
+
+
+def build_gateways(
+    config_section: Sequence[GatewayConfig],
+    reactor: Any,
+    clock: Clock,
+    events: PagerEvents,
+    *,
+    random: Callable[[], float] = random_module.random,
+) -> dict[str, Pager]:
+    """Every configured gateway by name, each adapter inside its :class:`GatewayQueue`.
+
+    ``events`` receives what two-way gateways bring back: see :func:`build_gateway_inbound`
+    for the callback resources and pollers built with it.
+    """
+    del events  # the pagers only send; inbound goes through build_gateway_inbound
+    return {
+        config.name: GatewayQueue(
+            build_pager(config, reactor, clock),
+            clock=clock,
+            max_in_flight=config.max_in_flight,
+            retries=config.retries,
+            backoff_initial=config.backoff_initial_seconds,
+            backoff_max=config.backoff_max_seconds,
+            random=random,
+        )
+        for config in config_section
+    }
+
+
+@dataclass
+class GatewayInbound:
+    """What two-way gateways need on our side: HTTP resources to mount (path -> resource,
+    under ``/gateways/<name>``) and pollers to start and stop with the daemon."""
+
+    resources: dict[str, Resource] = field(default_factory=dict)
+    pollers: list[WctpPoller] = field(default_factory=list)
+
+    def start(self) -> None:
+        for poller in self.pollers:
+            poller.start()
+
+    def stop(self) -> Deferred[None]:
+        stopped = DeferredList([poller.stop() for poller in self.pollers], consumeErrors=True)
+        return stopped.addCallback(lambda _: None)
+
+
+def build_gateway_inbound(
+    config_section: Sequence[GatewayConfig], reactor: Any, clock: Clock, events: PagerEvents
+) -> GatewayInbound:
+    inbound = GatewayInbound()
+    for config in config_section:
+        path = f"/gateways/{config.name}"
+        if config.type == "wctp":
+            inbound.resources[path] = WctpCallbackResource(config.name, events, clock)
+            if config.poll_interval_seconds is not None:
+                assert config.url is not None and config.sender_id is not None
+                agent, _ = make_agent(reactor, tls=_http_policy(config), max_connections=1)
+                inbound.pollers.append(WctpPoller(
+                    config.name, agent=agent, clock=clock, reactor=reactor, url=config.url,
+                    poller_id=config.sender_id, security_code=config.secret, events=events,
+                    interval=config.poll_interval_seconds, timeout=config.timeout_seconds,
+                ))  # fmt: skip
+        elif config.type == "sms" and config.callback_url is not None:
+            assert config.secret is not None
+            inbound.resources[path] = SmsCallbackResource(
+                config.name, events, clock, auth_token=config.secret,
+                public_url=config.callback_url,
+            )  # fmt: skip
+    return inbound

@@ -4,8 +4,10 @@ so no test waits on the wall clock."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import pytest
 from twisted.internet.base import BlockingResolver
 from twisted.internet.defer import Deferred
 from twisted.internet.selectreactor import SelectReactor
@@ -68,3 +70,14 @@ class Loopback:
             elif hasattr(reader, "loseConnection"):
                 reader.loseConnection()
         self.turn(20)
+
+
+@pytest.fixture(name="loopback")
+def loopback_fixture() -> Iterator[Loopback]:
+    """A private reactor with real sockets on 127.0.0.1, closed after the test (import this
+    into a conftest or a test module to use ``loopback``)."""
+    lb = Loopback()
+    try:
+        yield lb
+    finally:
+        lb.close()

@@ -86,7 +86,7 @@ def rig(lb: Loopback) -> tuple[SmtpPager, FakeSmtpServer, TaskClock]:
     timer.advance(NOW.timestamp())
     pager = SmtpPager("mail-supervisors", reactor=lb.reactor, clock=Clock(timer), timer=timer,
                       host="127.0.0.1", port=port, sender="corespond@program.example",
-                      starttls="off", timeout=20)  # fmt: skip
+                      starttls="none", timeout=20)  # fmt: skip
     return pager, server, timer
 
 
