@@ -9,12 +9,13 @@ that replies and receipts carry it back as ``responseToMessageID``, and the offe
 page, except 304 ("poll first"); 5xx (message processing) and 6xx (system) are worth a retry.
 
 Inbound, :class:`WctpCallbackResource` is what the carrier POSTs ``wctp-MessageReply`` and
-``wctp-StatusInfo`` to. It answers ``wctp-Confirmation/wctp-Success`` only after
-:class:`PagerEvents` has committed the event; a parse error gets a ``wctp-Failure`` with the
-precise code (301 cannot parse, 302 validation, 300 operation not supported) and text naming
-what and where, never the content. :class:`WctpPoller` pulls the same operations with
-``wctp-PollForMessages`` for carriers that do not push, on the injected clock, acknowledging
-each batch (``wctp-MessageReceived@sequenceNo``) in the next poll only once it is committed.
+``wctp-StatusInfo`` to, showing our callback token (WCTP signs nothing). It answers
+``wctp-Confirmation/wctp-Success`` only after :class:`PagerEvents` has committed the event; a
+parse error gets a ``wctp-Failure`` with the precise code (301 cannot parse, 302 validation,
+300 operation not supported) and text naming what and where, never the content.
+:class:`WctpPoller` pulls the same operations with ``wctp-PollForMessages`` for carriers that
+do not push, on the injected clock, acknowledging each batch
+(``wctp-MessageReceived@sequenceNo``) in the next poll only once it is committed.
 
 XML goes through :func:`corespond.adapters.xml_safety.parse_untrusted_xml`. The one exception
 to its "no DTD" rule: WCTP documents conventionally start with an *external* document type
@@ -24,6 +25,7 @@ that exact shape, without an internal subset, is removed before parsing (nothing
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -468,18 +470,40 @@ class WctpPager:
 
 
 class WctpCallbackResource(Resource):
-    """Where the carrier POSTs ``wctp-MessageReply`` and ``wctp-StatusInfo``."""
+    """Where the carrier POSTs ``wctp-MessageReply`` and ``wctp-StatusInfo``.
+
+    WCTP signs nothing, and a forged reply could accept a page for someone else, so every
+    request must show our callback ``token``: as ``Authorization: Bearer <token>`` or as the
+    ``token`` query parameter of the URL we give the carrier (``sendResponsesToID`` or the
+    carrier's account setting). Anything else gets HTTP 403 with ``wctp-Failure`` 402.
+    """
 
     isLeaf = True
 
-    def __init__(self, gateway: str, events: PagerEvents, clock: Clock) -> None:
+    def __init__(self, gateway: str, events: PagerEvents, clock: Clock, *, token: str) -> None:
         super().__init__()
+        if not token:
+            raise ValueError("a WCTP callback needs a token")
         self.gateway, self.events, self.clock = gateway, events, clock
+        self._token = token.encode("utf-8")
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, credentials = header.partition(b" ")
+        presented = credentials.strip() if scheme.lower() == b"bearer" else b""
+        if not presented:
+            args: dict[bytes, list[bytes]] = request.args or {}
+            presented = (args.get(b"token") or [b""])[0]
+        return hmac.compare_digest(presented, self._token)
 
     def render_POST(self, request: Request) -> bytes | int:
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        if not self._authorized(request):
+            request.setResponseCode(403)
+            log.warning("page.wctp.inbound.forged", transport=self.gateway, status=403)
+            return build_confirmation(402, "Invalid or missing callback token", success=False)
         content = request.content
         body = content.read(MAX_WCTP_BYTES + 1) if content is not None else b""
-        request.setHeader(b"content-type", CONTENT_TYPE)
         try:
             inbound = parse_inbound(parse_wctp(body))
         except RejectedMessage as err:

@@ -277,6 +277,8 @@ class GatewayConfig:
     starttls: str = "required"  # smtp
     secret_file: Path | None = None  # security_code_file / auth_token_file / password_file
     secret: str | None = field(default=None, repr=False)
+    callback_token_file: Path | None = None  # wctp: what the carrier shows on our callback
+    callback_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -935,6 +937,10 @@ GATEWAY_SCHEMAS: dict[str, dict[str, Any]] = {
             "sender_id": string("wctp-Originator senderID"),
             "security_code_file": string(_SECRET_FILE.format(what="wctp securityCode")),
             "send_responses_to": string("sendResponsesToID: where the carrier pushes replies"),
+            "callback_token_file": string(
+                _SECRET_FILE.format(what="token the carrier must show on our callback URL")
+                + "; without it, replies come only by polling"
+            ),
             "poll_interval_seconds": number(
                 "poll for replies (wctp-PollForMessages) this often", exclusiveMinimum=0
             ),
@@ -1048,6 +1054,9 @@ def parse_gateway(name: str, raw: dict[str, Any], ctx: ParseContext) -> GatewayC
         ctx.problem((*path, "backoff", "initial_seconds"), "is greater than max_seconds")
     secret_key = {"wctp": "security_code_file", "sms": "auth_token_file"}.get(kind, "password_file")
     secret_file, secret = ctx.secret((*path, secret_key), values.get(secret_key))
+    token_file, token = ctx.secret(
+        (*path, "callback_token_file"), values.get("callback_token_file")
+    )
     tls = parse_client_tls(values["tls"], (*path, "tls"), ctx) if "tls" in values else None
     url = values.get("url")
     if tls is not None and url is not None and not url.startswith("https://"):
@@ -1085,6 +1094,8 @@ def parse_gateway(name: str, raw: dict[str, Any], ctx: ParseContext) -> GatewayC
         starttls=values.get("starttls", "required"),
         secret_file=secret_file,
         secret=secret,
+        callback_token_file=token_file,
+        callback_token=token,
     )
 
 

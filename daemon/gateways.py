@@ -250,7 +250,10 @@ def build_gateway_inbound(
     for config in config_section:
         path = f"/gateways/{config.name}"
         if config.type == "wctp":
-            inbound.resources[path] = WctpCallbackResource(config.name, events, clock)
+            if config.callback_token is not None:
+                inbound.resources[path] = WctpCallbackResource(
+                    config.name, events, clock, token=config.callback_token
+                )
             if config.poll_interval_seconds is not None:
                 assert config.url is not None and config.sender_id is not None
                 agent, _ = make_agent(reactor, tls=_http_policy(config), max_connections=1)

@@ -253,13 +253,17 @@ def post(lb: Loopback, url: str, body: bytes) -> tuple[int, bytes]:
     return answer.code, answer.body
 
 
+CALLBACK_TOKEN = "cb-token-7"
+
+
 def callback_rig(lb: Loopback, events: RecordingEvents) -> str:
     timeouts = TaskClock()
     timeouts.advance(NOW.timestamp())
     root = Resource()
-    root.putChild(b"wctp", WctpCallbackResource("wctp-main", events, Clock(timeouts)))
+    resource = WctpCallbackResource("wctp-main", events, Clock(timeouts), token=CALLBACK_TOKEN)
+    root.putChild(b"wctp", resource)
     port = lb.listen(Site(root, reactor=lb.reactor))
-    return f"http://127.0.0.1:{port}/wctp"
+    return f"http://127.0.0.1:{port}/wctp?token={CALLBACK_TOKEN}"
 
 
 def test_carrier_pushes_a_reply_and_gets_200_after_the_commit(loopback: Loopback) -> None:
@@ -319,6 +323,41 @@ def test_bad_input_gets_a_precise_wctp_failure(
     assert failure.get("errorCode") == str(code)
     assert says in failure.get("errorText")
     assert not events.replies and not events.receipts
+
+
+@pytest.mark.parametrize(
+    ("suffix", "headers"),
+    [("", {}), ("x", {}), ("", {b"authorization": b"Bearer nope"})],
+)
+def test_callbacks_without_our_token_are_refused(
+    loopback: Loopback, suffix: str, headers: dict[bytes, bytes]
+) -> None:
+    from corespond.adapters.http_client import request
+
+    events = RecordingEvents()
+    url = callback_rig(loopback, events)
+    url = url.split("?")[0] + ("?token=" + suffix if suffix else "")
+    agent, pool = make_agent(loopback.reactor)
+    loopback.cleanups.append(pool.closeCachedConnections)
+    answer = loopback.until(request(agent, loopback.reactor, b"POST", url, body=reply_xml(),
+                                    headers=headers, timeout=30))  # fmt: skip
+    assert answer.code == 403
+    assert parse_confirmation(answer.body).code == 402
+    assert not events.replies
+
+
+def test_the_token_may_come_as_a_bearer_header(loopback: Loopback) -> None:
+    from corespond.adapters.http_client import request
+
+    events = RecordingEvents()
+    url = callback_rig(loopback, events).split("?")[0]
+    agent, pool = make_agent(loopback.reactor)
+    loopback.cleanups.append(pool.closeCachedConnections)
+    answer = loopback.until(request(
+        agent, loopback.reactor, b"POST", url, body=reply_xml(), timeout=30,
+        headers={b"authorization": f"Bearer {CALLBACK_TOKEN}".encode()},
+    ))  # fmt: skip
+    assert answer.code == 200 and len(events.replies) == 1
 
 
 # --- the poller -----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ gateways:
     url: {url}
     sender_id: corespond
     security_code_file: wctp.code
+    callback_token_file: wctp.code
     poll_interval_seconds: 30
     timeout_seconds: 5
     retries: 2
