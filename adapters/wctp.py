@@ -454,7 +454,7 @@ class WctpPager:
             confirmation = parse_confirmation(answer.body)
         except RejectedMessage as err:
             # The carrier may or may not have taken it; we cannot tell, so the page is retried
-            # (WCTP carriers drop a repeated messageID within their dedup window).
+            # with the same messageID (a carrier that deduplicates on it drops the repeat).
             raise PagerError(
                 self.name, f"unreadable confirmation ({err})", retryable=True
             ) from None

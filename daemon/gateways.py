@@ -7,12 +7,13 @@
 jitter, on the injected clock and random source. A permanent refusal is passed on at once: the
 escalation moves to the clinician's next endpoint.
 
-Retries stay inside one claimed attempt row of the engine: every try sends the same
-``attempt_id`` (gateways that take a client message id drop repeats), and the engine marks the
-row sent only when ``submit`` fires. A daemon killed during a backoff leaves the row claimed and
-unsent, and the engine's claim expiry sends it again after the restart. The wait for a slot
-does not count against the adapter's own timeout, and a slot is given back during a backoff so
-one failing page does not hold up the others.
+Retries belong to one attempt row that the escalation engine has claimed: every try sends the
+same ``attempt_id`` (as WCTP's ``messageID``, so a carrier that deduplicates can drop a repeat),
+and the engine must mark the row sent only when ``submit`` fires. A daemon killed during a
+backoff then leaves the row claimed and unsent; the engine's claim expiry (its business, not
+this module's) sends it again after the restart. The backoff timer itself is only in memory.
+The wait for a slot does not count against the adapter's own timeout, and a slot is given back
+during a backoff so one failing page does not hold up the others.
 
 :func:`build_gateways` turns the typed ``gateways:`` configuration into these queues.
 """

@@ -132,3 +132,29 @@ def test_inbound_side_mounts_callbacks_and_pollers(tmp_path: Path) -> None:
     sms = inbound.resources["/gateways/sms-main"]
     assert isinstance(sms, SmsCallbackResource) and sms.auth_token == "tok-secret-9"
     assert len(inbound.pollers) == 1 and inbound.pollers[0].interval == 30
+
+
+def test_a_carrier_outage_is_retried_through_the_queue(tmp_path: Path, loopback: Loopback) -> None:
+    """The whole outbound path: config -> GatewayQueue -> WctpPager -> carrier answering
+    WCTP 604 (system error) once, then accepting; the retry waits on the injected clock."""
+    carrier = FakeCarrier()
+    carrier.mode = "fail604"
+    port = loopback.listen(Site(carrier, reactor=loopback.reactor))
+    config = load_config(write(tmp_path, FULL.format(url=f"http://127.0.0.1:{port}/wctp")))
+    timer = TaskClock()
+    pagers = build_gateways(config.gateways[:1], loopback.reactor, Clock(timer),
+                            RecordingEvents(), random=lambda: 1.0)  # fmt: skip
+    queue = pagers["wctp-main"]
+    assert isinstance(queue, GatewayQueue)
+    loopback.cleanups.append(queue.pager.agent._pool.closeCachedConnections)  # type: ignore[attr-defined]
+    d = queue.submit(PageMessage("C1-1", "att-1", "5550100", "C1-1 Welfare check"))
+    loopback.until_true(lambda: len(carrier.submits) == 1)
+    loopback.until_true(lambda: timer.getDelayedCalls() and not queue.in_flight)
+    carrier.mode = "ok"
+    timer.advance(0.99)  # backoff 1 s (initial_seconds: 1, jitter draw 1.0)
+    loopback.turn(20)
+    assert len(carrier.submits) == 1
+    timer.advance(0.01)
+    assert loopback.until(d) == Submitted("wctp-main", "att-1")
+    controls = [s.find("wctp-SubmitHeader/wctp-MessageControl") for s in carrier.submits]
+    assert [c.get("messageID") for c in controls] == ["att-1", "att-1"]
