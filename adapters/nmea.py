@@ -29,6 +29,8 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from corespond.adapters.gateway_events import Quarantine, quarantine_copy
+from corespond.adapters.tcp_feed import peer_name
 from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.responders import ClinicianDesk, LocationFix
@@ -215,9 +217,12 @@ class NmeaFeedProtocol(Protocol):
             self._line(line.rstrip(b"\r"))
         if len(self._buffer) > MAX_SENTENCE_BYTES:
             # Garbage with no line end: drop it and everything up to the next line end.
-            self._buffer = b""
+            dropped, self._buffer = self._buffer, b""
             self._discarding = True
-            self._reject(RejectedMessage("malformed-nmea", "no line end within the size limit"))
+            self._reject(
+                RejectedMessage("malformed-nmea", "no line end within the size limit"),
+                dropped[:MAX_SENTENCE_BYTES],
+            )
 
     def _line(self, line: bytes) -> None:
         if not line.strip():
@@ -225,7 +230,7 @@ class NmeaFeedProtocol(Protocol):
         try:
             parsed = parse_sentence(line, self.owner.clock.now())
         except RejectedMessage as err:
-            self._reject(err)
+            self._reject(err, line)
             return
         if isinstance(parsed, NmeaIdentity):
             self.clinician_id = parsed.clinician_id
@@ -245,10 +250,12 @@ class NmeaFeedProtocol(Protocol):
             )
         )
 
-    def _reject(self, err: RejectedMessage) -> None:
+    def _reject(self, err: RejectedMessage, raw: bytes) -> None:
         self.rejected += 1
         log.info("nmea.sentence.rejected", feed=self.owner.feed, peer=self.peer,
                  code=err.code, reason=err.reason, where=err.where)  # fmt: skip
+        quarantine_copy(self.owner.quarantine, feed=self.owner.feed, format="nmea", raw=raw,
+                        err=err, received_at=self.owner.clock.now(), origin=self.peer)  # fmt: skip
 
     def _record(self, fix: LocationFix) -> None:
         if self._in_flight:
@@ -279,17 +286,20 @@ class NmeaFeedProtocol(Protocol):
 
 
 def _peer(transport: interfaces.ITransport | None) -> str:
-    try:
-        address = transport.getPeer()  # type: ignore[union-attr]
-    except Exception:
-        return "unknown"
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    return f"{host}:{port}" if host is not None else str(address)
+    return peer_name(transport.getPeer()) if transport is not None else "unknown"
 
 
 class NmeaFeedFactory(Factory):
-    def __init__(self, desk: ClinicianDesk, *, feed: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        desk: ClinicianDesk,
+        *,
+        feed: str,
+        clock: Clock,
+        quarantine: Quarantine | None = None,
+    ) -> None:
         self.desk = desk
+        self.quarantine = quarantine
         self.feed = feed
         self.clock = clock
 

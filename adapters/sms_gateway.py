@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -37,8 +38,14 @@ from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from corespond.adapters.gateway_events import answer_after_commit, deliver
+from corespond.adapters.gateway_events import (
+    Quarantine,
+    answer_after_commit,
+    deliver,
+    quarantine_copy,
+)
 from corespond.adapters.http_client import HttpFailure, request
+from corespond.adapters.tcp_feed import peer_name
 from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.pager import (
@@ -228,11 +235,19 @@ class SmsCallbackResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, gateway: str, events: PagerEvents, clock: Clock, *, auth_token: str, public_url: str
+        self,
+        gateway: str,
+        events: PagerEvents,
+        clock: Clock,
+        *,
+        auth_token: str,
+        public_url: str,
+        quarantine: Quarantine | None = None,
     ) -> None:
         super().__init__()
         self.gateway, self.events, self.clock = gateway, events, clock
         self.auth_token, self.public_url = auth_token, public_url
+        self.quarantine = quarantine
 
     def render_POST(self, request: Request) -> bytes | int:
         params = _form(request)
@@ -253,6 +268,11 @@ class SmsCallbackResource(Resource):
             request.setResponseCode(400)
             log.warning("page.sms.callback.rejected", transport=self.gateway, code=err.code,
                         reason=err.reason, where=err.where, status=400)  # fmt: skip
+            content = request.content
+            raw = content.getvalue() if isinstance(content, io.BytesIO) else b""
+            quarantine_copy(self.quarantine, feed=self.gateway, format="sms-callback", raw=raw,
+                            err=err, received_at=self.clock.now(),
+                            origin=peer_name(request.getClientAddress()))  # fmt: skip
             return f"{err}\n".encode()
         def answer(ok: bool) -> None:
             request.setResponseCode(200 if ok else 503)

@@ -41,8 +41,14 @@ from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from corespond.adapters.gateway_events import answer_after_commit, deliver
+from corespond.adapters.gateway_events import (
+    Quarantine,
+    answer_after_commit,
+    deliver,
+    quarantine_copy,
+)
 from corespond.adapters.http_client import HttpFailure, request
+from corespond.adapters.tcp_feed import peer_name
 from corespond.adapters.xml_safety import local_name, parse_untrusted_xml
 from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
@@ -480,12 +486,21 @@ class WctpCallbackResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, gateway: str, events: PagerEvents, clock: Clock, *, token: str) -> None:
+    def __init__(
+        self,
+        gateway: str,
+        events: PagerEvents,
+        clock: Clock,
+        *,
+        token: str,
+        quarantine: Quarantine | None = None,
+    ) -> None:
         super().__init__()
         if not token:
             raise ValueError("a WCTP callback needs a token")
         self.gateway, self.events, self.clock = gateway, events, clock
         self._token = token.encode("utf-8")
+        self.quarantine = quarantine
 
     def _authorized(self, request: Request) -> bool:
         header = request.getHeader(b"authorization") or b""
@@ -510,6 +525,9 @@ class WctpCallbackResource(Resource):
             code = failure_code(err)
             log.warning("page.wctp.inbound.rejected", transport=self.gateway, code=err.code,
                         reason=err.reason, where=err.where, status=code)  # fmt: skip
+            quarantine_copy(self.quarantine, feed=self.gateway, format="wctp", raw=body, err=err,
+                            received_at=self.clock.now(),
+                            origin=peer_name(request.getClientAddress()))  # fmt: skip
             return build_confirmation(code, str(err), success=False)
         event = event_for(inbound, self.gateway, self.clock.now())
 
@@ -552,7 +570,9 @@ class WctpPoller:
         events: PagerEvents,
         interval: float = 30.0,
         timeout: float = 15.0,
+        quarantine: Quarantine | None = None,
     ) -> None:
+        self.quarantine = quarantine
         self.gateway, self.agent, self.clock, self.reactor = gateway, agent, clock, reactor
         self.url, self.poller_id, self.security_code = url, poller_id, security_code
         self.events, self.interval, self.timeout = events, interval, timeout
@@ -627,6 +647,10 @@ class WctpPoller:
             if isinstance(inbound, RejectedMessage):
                 log.warning("page.wctp.inbound.rejected", transport=self.gateway, code=inbound.code,
                             reason=inbound.reason, where=inbound.where)  # fmt: skip
+                # The batch as received: the bad message's own bytes are not kept apart.
+                quarantine_copy(self.quarantine, feed=self.gateway, format="wctp",
+                                raw=answer.body, err=inbound, received_at=now,
+                                origin=f"poll sequenceNo {sequence_no}"[:80])  # fmt: skip
                 self._received.append((sequence_no, failure_code(inbound)))
                 continue
             d = deliver(self.events, event_for(inbound, self.gateway, now))

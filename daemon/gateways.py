@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.web.resource import Resource
 
+from corespond.adapters.gateway_events import Quarantine
 from corespond.adapters.http_client import PinnedTrustPolicy, make_agent
 from corespond.adapters.sms_gateway import SmsCallbackResource, SmsPager
 from corespond.adapters.smtp_pager import SmtpPager
@@ -245,15 +246,22 @@ class GatewayInbound:
 
 
 def build_gateway_inbound(
-    config_section: Sequence[GatewayConfig], reactor: Any, clock: Clock, events: PagerEvents
+    config_section: Sequence[GatewayConfig],
+    reactor: Any,
+    clock: Clock,
+    events: PagerEvents,
+    *,
+    quarantine: Quarantine | None = None,
 ) -> GatewayInbound:
+    """Callback resources and pollers of the two-way gateways; ``quarantine`` (the store's
+    ``store_reject``) keeps what they refuse."""
     inbound = GatewayInbound()
     for config in config_section:
         path = f"/gateways/{config.name}"
         if config.type == "wctp":
             if config.callback_token is not None:
                 inbound.resources[path] = WctpCallbackResource(
-                    config.name, events, clock, token=config.callback_token
+                    config.name, events, clock, token=config.callback_token, quarantine=quarantine
                 )
             if config.poll_interval_seconds is not None:
                 assert config.url is not None and config.sender_id is not None
@@ -262,11 +270,12 @@ def build_gateway_inbound(
                     config.name, agent=agent, clock=clock, reactor=reactor, url=config.url,
                     poller_id=config.sender_id, security_code=config.secret, events=events,
                     interval=config.poll_interval_seconds, timeout=config.timeout_seconds,
+                    quarantine=quarantine,
                 ))  # fmt: skip
         elif config.type == "sms" and config.callback_url is not None:
             assert config.secret is not None
             inbound.resources[path] = SmsCallbackResource(
                 config.name, events, clock, auth_token=config.secret,
-                public_url=config.callback_url,
+                public_url=config.callback_url, quarantine=quarantine,
             )  # fmt: skip
     return inbound

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, fail, succeed
 
 from corespond.daemon.pager import DeliveryReceipt, Reply
+from corespond.daemon.store.writer import RejectRecord
 
 
 @dataclass
@@ -35,3 +36,14 @@ class RecordingEvents:
     def receipt(self, receipt: DeliveryReceipt) -> Deferred[None]:
         self.receipts.append(receipt)
         return self._done()
+
+
+@dataclass
+class RecordingQuarantine:
+    """Stands where IncidentStore.store_reject goes; numbers the records it keeps."""
+
+    records: list[RejectRecord] = field(default_factory=list)
+
+    def __call__(self, record: RejectRecord) -> Deferred[int]:
+        self.records.append(record)
+        return succeed(len(self.records))

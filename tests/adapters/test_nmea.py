@@ -24,6 +24,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.responders import Availability, LocationFix
 from tests.adapters.loopback import Loopback
+from tests.adapters.pager_events import RecordingQuarantine
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -163,10 +164,12 @@ class RecordingDesk:
         raise AssertionError("not used by the feed")
 
 
-def feed(desk: RecordingDesk) -> tuple[NmeaFeedFactory, object, StringTransport]:
+def feed(
+    desk: RecordingDesk, quarantine: RecordingQuarantine | None = None
+) -> tuple[NmeaFeedFactory, object, StringTransport]:
     clock = TaskClock()
     clock.advance(NOW.timestamp())
-    factory = NmeaFeedFactory(desk, feed="avl-1", clock=Clock(clock))
+    factory = NmeaFeedFactory(desk, feed="avl-1", clock=Clock(clock), quarantine=quarantine)
     protocol = factory.buildProtocol(None)
     assert protocol is not None
     transport = StringTransport()
@@ -201,6 +204,15 @@ def test_a_slow_desk_gets_one_fix_at_a_time_and_the_newest_waiting() -> None:
     assert desk.held is not None
     desk.held[0].callback(None)
     assert [f.fixed_at.second for f in desk.fixes] == [1, 3]
+
+
+def test_rejected_sentences_are_quarantined() -> None:
+    quarantine = RecordingQuarantine()
+    _, protocol, _ = feed(RecordingDesk(), quarantine)
+    protocol.dataReceived(STREAM)  # type: ignore[attr-defined]
+    (kept,) = quarantine.records
+    assert (kept.feed, kept.format, kept.raw, kept.code) == ("avl-1", "nmea", b"garbage",
+                                                             "malformed-nmea")  # fmt: skip
 
 
 def test_an_endless_line_is_dropped_and_the_stream_goes_on() -> None:

@@ -26,7 +26,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.pager import DeliveryState, PageAnswer, PageMessage, PagerError
 from tests.adapters.loopback import Loopback
-from tests.adapters.pager_events import RecordingEvents
+from tests.adapters.pager_events import RecordingEvents, RecordingQuarantine
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
 SID = "AC" + "0" * 32
@@ -127,12 +127,14 @@ def test_send_times_out(loopback: Loopback) -> None:
 PUBLIC_URL = "https://corespond.example/gateways/sms-main"
 
 
-def callback_rig(lb: Loopback, events: RecordingEvents) -> str:
+def callback_rig(
+    lb: Loopback, events: RecordingEvents, quarantine: RecordingQuarantine | None = None
+) -> str:
     clock = TaskClock()
     clock.advance(NOW.timestamp())
     root = Resource()
     resource = SmsCallbackResource("sms-main", events, Clock(clock), auth_token=TOKEN,
-                                   public_url=PUBLIC_URL)  # fmt: skip
+                                   public_url=PUBLIC_URL, quarantine=quarantine)  # fmt: skip
     root.putChild(b"sms", resource)
     port = lb.listen(Site(root, reactor=lb.reactor))
     return f"http://127.0.0.1:{port}/sms"
@@ -202,9 +204,13 @@ def test_a_failed_commit_gets_503(loopback: Loopback) -> None:
 
 def test_signed_but_meaningless_form_gets_400(loopback: Loopback) -> None:
     events = RecordingEvents()
-    url = callback_rig(loopback, events)
+    quarantine = RecordingQuarantine()
+    url = callback_rig(loopback, events, quarantine)
     form = {"MessageSid": "SM1", "MessageStatus": "exploded"}
     assert post_form(loopback, url, form, signed(form)) == 400
+    (kept,) = quarantine.records
+    assert kept.raw == urlencode(form).encode() and kept.code == "invalid-field"
+    assert kept.where == "MessageStatus" and kept.format == "sms-callback"
 
 
 @settings(max_examples=300, deadline=None)

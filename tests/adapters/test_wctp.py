@@ -42,7 +42,7 @@ from corespond.daemon.pager import (
     Submitted,
 )
 from tests.adapters.loopback import Loopback
-from tests.adapters.pager_events import RecordingEvents
+from tests.adapters.pager_events import RecordingEvents, RecordingQuarantine
 from tests.adapters.tlsfiles import make_pki
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -256,11 +256,14 @@ def post(lb: Loopback, url: str, body: bytes) -> tuple[int, bytes]:
 CALLBACK_TOKEN = "cb-token-7"
 
 
-def callback_rig(lb: Loopback, events: RecordingEvents) -> str:
+def callback_rig(
+    lb: Loopback, events: RecordingEvents, quarantine: RecordingQuarantine | None = None
+) -> str:
     timeouts = TaskClock()
     timeouts.advance(NOW.timestamp())
     root = Resource()
-    resource = WctpCallbackResource("wctp-main", events, Clock(timeouts), token=CALLBACK_TOKEN)
+    resource = WctpCallbackResource("wctp-main", events, Clock(timeouts), token=CALLBACK_TOKEN,
+                                    quarantine=quarantine)  # fmt: skip
     root.putChild(b"wctp", resource)
     port = lb.listen(Site(root, reactor=lb.reactor))
     return f"http://127.0.0.1:{port}/wctp?token={CALLBACK_TOKEN}"
@@ -316,9 +319,13 @@ def test_bad_input_gets_a_precise_wctp_failure(
     loopback: Loopback, body: bytes, code: int, says: str
 ) -> None:
     events = RecordingEvents()
-    url = callback_rig(loopback, events)
+    quarantine = RecordingQuarantine()
+    url = callback_rig(loopback, events, quarantine)
     status, answer = post(loopback, url, body)
     assert status == 200
+    (kept,) = quarantine.records
+    assert (kept.feed, kept.format, kept.raw, kept.received_at) == ("wctp-main", "wctp", body, NOW)
+    assert kept.origin_name is not None and kept.origin_name.startswith("127.0.0.1:")
     failure = etree.fromstring(answer.replace(DOCTYPE, b"")).find("wctp-Confirmation/wctp-Failure")
     assert failure.get("errorCode") == str(code)
     assert says in failure.get("errorText")
@@ -372,15 +379,20 @@ def test_poller_delivers_and_acknowledges_only_committed_messages(loopback: Loop
             reply_xml(text="2 C1445-2").index(b"<wctp-MessageReply"):-len(b"</wctp-Operation>")]),
         ("3", b"<wctp-StatusInfo/>"),
     ]  # fmt: skip
+    quarantine = RecordingQuarantine()
     poller = WctpPoller(
         "wctp-main", agent=rig.agent, clock=Clock(rig.timeouts), reactor=rig.timeouts,
         url=rig.url, poller_id="corespond", security_code="pw-123", events=events, interval=30,
+        quarantine=quarantine,
     )  # fmt: skip
     delay = loopback.until(poller.poll_once())
     assert delay == 30
     assert len(events.receipts) == 1 and len(events.replies) == 1
     reply = events.replies[0]
     assert reply.answer is PageAnswer.DECLINE and reply.page_ref == "C1445-2"
+    (kept,) = quarantine.records
+    assert kept.code == "missing-field" and b"<wctp-StatusInfo/>" in kept.raw
+    assert kept.origin_name == "poll sequenceNo 3"
     loopback.until(poller.poll_once())
     acks = {
         m.get("sequenceNo"): (m[0].tag, m[0].get("errorCode"))

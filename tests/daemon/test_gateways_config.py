@@ -15,7 +15,7 @@ from corespond.daemon.config import ConfigError, load_config
 from corespond.daemon.gateways import GatewayQueue, build_gateway_inbound, build_gateways
 from corespond.daemon.pager import PageMessage, Submitted
 from tests.adapters.loopback import Loopback, loopback_fixture
-from tests.adapters.pager_events import RecordingEvents
+from tests.adapters.pager_events import RecordingEvents, RecordingQuarantine
 from tests.adapters.test_wctp import FakeCarrier
 
 __all__ = ["loopback_fixture"]  # the fixture, for this module
@@ -126,12 +126,15 @@ def test_built_gateways_page_through_a_carrier(tmp_path: Path, loopback: Loopbac
 def test_inbound_side_mounts_callbacks_and_pollers(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL.format(url="https://wctp.example/wctp")))
     timer = TaskClock()
-    inbound = build_gateway_inbound(config.gateways, timer, Clock(timer), RecordingEvents())
+    quarantine = RecordingQuarantine()
+    inbound = build_gateway_inbound(config.gateways, timer, Clock(timer), RecordingEvents(),
+                                    quarantine=quarantine)  # fmt: skip
     assert sorted(inbound.resources) == ["/gateways/sms-main", "/gateways/wctp-main"]
     assert isinstance(inbound.resources["/gateways/wctp-main"], WctpCallbackResource)
     sms = inbound.resources["/gateways/sms-main"]
     assert isinstance(sms, SmsCallbackResource) and sms.auth_token == "tok-secret-9"
     assert len(inbound.pollers) == 1 and inbound.pollers[0].interval == 30
+    assert inbound.pollers[0].quarantine is quarantine and sms.quarantine is quarantine
 
 
 def test_a_carrier_outage_is_retried_through_the_queue(tmp_path: Path, loopback: Loopback) -> None:
