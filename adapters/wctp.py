@@ -196,9 +196,11 @@ class Confirmation:
 
 @dataclass(frozen=True, slots=True)
 class InboundReply:
-    """A ``wctp-MessageReply``: what the device user sent back."""
+    """A ``wctp-MessageReply`` (what the device user sent back to one of our messages), or a
+    ``wctp-SubmitRequest`` from the carrier (an uncorrelated message from the device, as
+    WCTP-to-SMS gateways send replies they could not match; ``response_to`` is then None)."""
 
-    response_to: str
+    response_to: str | None
     sender: str | None
     text: str
     multiple_choice: bool
@@ -300,11 +302,21 @@ def parse_confirmation(body: bytes) -> Confirmation:
 
 
 def parse_inbound(op: etree._Element) -> Inbound:
-    """A ``wctp-MessageReply`` or ``wctp-StatusInfo`` element (from a push or a poll)."""
+    """A ``wctp-MessageReply``, ``wctp-StatusInfo`` or ``wctp-SubmitRequest`` element (pushed
+    or polled)."""
     name = local_name(op)
-    if name not in ("wctp-MessageReply", "wctp-StatusInfo"):
-        raise RejectedMessage("unsupported", "only wctp-MessageReply and wctp-StatusInfo are "
-                                             "accepted here", "/wctp-Operation")  # fmt: skip
+    if name not in ("wctp-MessageReply", "wctp-StatusInfo", "wctp-SubmitRequest"):
+        raise RejectedMessage(
+            "unsupported",
+            "only wctp-MessageReply, wctp-StatusInfo and wctp-SubmitRequest are accepted here",
+            "/wctp-Operation",
+        )
+    if name == "wctp-SubmitRequest":
+        header = _child(op, "wctp-SubmitHeader", _where(name))
+        where = _where(name, "wctp-SubmitHeader")
+        originator = _child(header, "wctp-Originator", where)
+        sender = _identifier(originator, "senderID", f"{where}/wctp-Originator")
+        return InboundReply(None, sender, _payload_text(op, name), False)
     header = _child(op, "wctp-ResponseHeader", _where(name))
     where = _where(name, "wctp-ResponseHeader")
     response_to = _identifier(header, "responseToMessageID", where)
@@ -322,12 +334,17 @@ def parse_inbound(op: etree._Element) -> Inbound:
                                                    "required", _where(name))  # fmt: skip
         code = _code(failure, "errorCode", _where(name, "wctp-Failure"))
         return InboundStatus(response_to, DeliveryState.FAILED, str(code))
-    originator = _optional_child(header, "wctp-Originator")
-    sender = (
-        _identifier(originator, "senderID", f"{where}/wctp-Originator")
-        if originator is not None
+    replier = _optional_child(header, "wctp-Originator")
+    replied_by = (
+        _identifier(replier, "senderID", f"{where}/wctp-Originator")
+        if replier is not None
         else None
     )
+    multiple_choice = (op.get("MCRMessageReply") or "false").strip() == "true"
+    return InboundReply(response_to, replied_by, _payload_text(op, name), multiple_choice)
+
+
+def _payload_text(op: etree._Element, name: str) -> str:
     payload = _child(op, "wctp-Payload", _where(name))
     content = next((c for c in payload if isinstance(c.tag, str)), None)
     if content is None or local_name(content) not in ("wctp-Alphanumeric", "wctp-MCR"):
@@ -337,11 +354,8 @@ def parse_inbound(op: etree._Element) -> Inbound:
         )  # fmt: skip
     if local_name(content) == "wctp-MCR":
         mcr_where = _where(name, "wctp-Payload", "wctp-MCR")
-        text = _child(content, "wctp-MessageText", mcr_where).text or ""
-    else:
-        text = content.text or ""
-    multiple_choice = (op.get("MCRMessageReply") or "false").strip() == "true"
-    return InboundReply(response_to, sender, text.strip(), multiple_choice)
+        return (_child(content, "wctp-MessageText", mcr_where).text or "").strip()
+    return (content.text or "").strip()
 
 
 def parse_poll_response(body: bytes) -> PollBatch:

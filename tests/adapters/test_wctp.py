@@ -309,6 +309,8 @@ def test_a_failed_commit_is_answered_with_a_failure_the_carrier_retries(
     [
         (b"<wctp-Operation", 301, "malformed-xml"),
         (wctp("<wctp-VersionQuery inquirer='x'/>"), 300, "unsupported"),
+        (wctp("<wctp-SubmitRequest><wctp-SubmitHeader/></wctp-SubmitRequest>"), 302,
+         "wctp-Originator is required"),
         (wctp("<wctp-StatusInfo><wctp-Notification type='READ'/></wctp-StatusInfo>"), 302,
          "wctp-ResponseHeader is required"),
         (b'<!DOCTYPE x [<!ENTITY a "b">]><wctp-Operation/>', 300, "document type"),
@@ -463,6 +465,22 @@ def test_free_text_replies_are_read_by_the_core_words() -> None:
     assert event.answer is PageAnswer.EN_ROUTE and event.page_ref == "C1445-2"
 
 
+def test_an_uncorrelated_submit_from_the_carrier_is_a_reply_matched_by_sender() -> None:
+    body = wctp(
+        '<wctp-SubmitRequest><wctp-SubmitHeader><wctp-Originator senderID="5550100"/>'
+        '<wctp-MessageControl messageID="x1"/><wctp-Recipient recipientID="corespond"/>'
+        "</wctp-SubmitHeader><wctp-Payload><wctp-Alphanumeric>yes C1445-2</wctp-Alphanumeric>"
+        "</wctp-Payload></wctp-SubmitRequest>"
+    )
+    from corespond.adapters.wctp import event_for
+
+    event = event_for(parse_inbound(parse_wctp(body)), "g", NOW)
+    assert isinstance(event, Reply)
+    assert (event.answer, event.page_ref, event.sender, event.gateway_id) == (
+        PageAnswer.ACCEPT, "C1445-2", "5550100", None
+    )  # fmt: skip
+
+
 def test_status_failure_is_a_failed_receipt_with_the_code() -> None:
     body = wctp(
         '<wctp-StatusInfo><wctp-ResponseHeader responseToMessageID="m9">'
@@ -510,7 +528,8 @@ def test_fuzz_arbitrary_bytes_only_ever_reject(data: bytes) -> None:
 
 
 _names = st.sampled_from([
-    "wctp-MessageReply", "wctp-StatusInfo", "wctp-ResponseHeader", "wctp-Payload",
+    "wctp-SubmitRequest", "wctp-SubmitHeader", "wctp-MessageReply", "wctp-StatusInfo",
+    "wctp-ResponseHeader", "wctp-Payload",
     "wctp-Alphanumeric", "wctp-MCR", "wctp-MessageText", "wctp-Notification", "wctp-Failure",
     "wctp-Originator", "wctp-PollResponse", "wctp-Message", "wctp-Confirmation", "wctp-Success",
 ])  # fmt: skip
