@@ -116,8 +116,17 @@ class _CappedReader(Protocol):
 
 
 def read_capped(response: IResponse, cap: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
-    done: Deferred[bytes] = Deferred()
-    response.deliverBody(_CappedReader(done, cap))
+    """The body, at most ``cap`` bytes; cancelling stops the transfer (closes the connection)."""
+    readers: list[_CappedReader] = []
+
+    def cancel(_: Deferred[bytes]) -> None:
+        transport = readers[0].transport if readers else None
+        if transport is not None:
+            transport.stopProducing()  # type: ignore[attr-defined]
+
+    done: Deferred[bytes] = Deferred(cancel)
+    readers.append(_CappedReader(done, cap))
+    response.deliverBody(readers[0])
     return done
 
 

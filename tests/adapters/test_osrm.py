@@ -28,11 +28,17 @@ class FakeOsrm(Resource):
         super().__init__()
         self.mode = "ok"
         self.paths: list[bytes] = []
+        self.closed: list[bool] = []
 
     def render_GET(self, request: Request) -> bytes | int:
         self.paths.append(request.uri)
         request.setHeader(b"content-type", b"application/json")
         if self.mode == "hang":
+            return NOT_DONE_YET
+        if self.mode == "trickle":  # headers and half a body, then nothing
+            request.setHeader(b"content-length", b"1000")
+            request.write(b'{"code":"Ok",')
+            request.notifyFinish().addErrback(lambda _: self.closed.append(True))
             return NOT_DONE_YET
         if self.mode == "503":
             request.setResponseCode(503)
@@ -85,6 +91,20 @@ def test_a_slow_router_times_out_on_the_clock(loopback: Loopback) -> None:
     with pytest.raises(RoutingUnavailable) as caught:
         loopback.until(d)
     assert caught.value.kind == "timeout"
+
+
+def test_a_timeout_mid_body_closes_the_connection(loopback: Loopback) -> None:
+    osrm, server, timeouts = client(loopback)
+    server.mode = "trickle"
+    d = osrm.durations(CLINICIANS, INCIDENT)
+    loopback.until_true(lambda: server.paths)
+    loopback.turn(20)
+    assert not d.called
+    timeouts.advance(2.0)
+    with pytest.raises(RoutingUnavailable) as caught:
+        loopback.until(d)
+    assert caught.value.kind == "timeout"
+    loopback.until_true(lambda: server.closed)
 
 
 def test_nobody_listening(loopback: Loopback) -> None:
