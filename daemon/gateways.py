@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.web.resource import Resource
@@ -40,9 +41,51 @@ from corespond.adapters.tls import client_tls_options
 from corespond.adapters.wctp import WctpCallbackResource, WctpPager, WctpPoller
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import GatewayConfig
-from corespond.daemon.pager import PageMessage, Pager, PagerError, PagerEvents, Submitted
+from corespond.daemon.pager import (
+    DeliveryReceipt,
+    PageMessage,
+    Pager,
+    PagerError,
+    PagerEvents,
+    Reply,
+    Submitted,
+)
+from corespond.daemon.store.writer import RejectRecord
 
 log = structlog.get_logger(__name__)
+
+
+class GatewayMetrics:
+    """Per-gateway figures for the metrics endpoint."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "corespond_page_attempts",
+            "Submissions to a pager gateway, by outcome (accepted, retried, refused, exhausted)",
+            ["gateway", "outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "corespond_gateway_in_flight", "Submissions in progress", ["gateway"],
+            registry=registry,
+        )  # fmt: skip
+        self.queued = Gauge(
+            "corespond_gateway_queued", "Submissions waiting for a slot", ["gateway"],
+            registry=registry,
+        )  # fmt: skip
+        self.submit_seconds = Histogram(
+            "corespond_gateway_submit_seconds",
+            "Time from submit to the gateway's acceptance, retries included",
+            ["gateway"],
+            registry=registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+        )
+        self.inbound = Counter(
+            "corespond_gateway_inbound",
+            "What gateways brought back, by kind (reply, receipt, rejected)",
+            ["gateway", "kind"],
+            registry=registry,
+        )
 
 
 class GatewayQueue:
@@ -58,6 +101,7 @@ class GatewayQueue:
         backoff_initial: float = 2.0,
         backoff_max: float = 60.0,
         random: Callable[[], float] = random_module.random,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -72,8 +116,18 @@ class GatewayQueue:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.random = random
+        self.metrics = metrics
         self.in_flight = 0
         self._waiting: deque[Deferred[None]] = deque()
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.attempts.labels(self.name, outcome).inc()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(self.name).set(self.in_flight)
+            self.metrics.queued.labels(self.name).set(len(self._waiting))
 
     @property
     def queued(self) -> int:
@@ -91,6 +145,7 @@ class GatewayQueue:
 
     async def _submit(self, message: PageMessage) -> Submitted:
         attempt = 0
+        started = self.clock.seconds()
         while True:
             attempt += 1
             await self._slot()
@@ -102,11 +157,17 @@ class GatewayQueue:
                             request_id=message.attempt_id, attempt=attempt, error=str(err),
                             state="retrying" if retry else "given-up")  # fmt: skip
                 if not retry:
+                    self._count("exhausted" if err.retryable else "refused")
                     raise
+                self._count("retried")
             else:
                 if attempt > 1:
                     log.info("page.gateway.recovered", transport=self.name,
                              request_id=message.attempt_id, attempt=attempt)  # fmt: skip
+                self._count("accepted")
+                if self.metrics is not None:
+                    elapsed = self.clock.seconds() - started
+                    self.metrics.submit_seconds.labels(self.name).observe(elapsed)
                 return result
             finally:
                 self._release()
@@ -119,17 +180,20 @@ class GatewayQueue:
             d.callback(None)
         else:
             self._waiting.append(d)
+        self._gauges()
         return d
 
     def _abandon_wait(self, d: Deferred[Any]) -> None:
         if d in self._waiting:
             self._waiting.remove(d)
+            self._gauges()
 
     def _release(self) -> None:
         if self._waiting:
             self._waiting.popleft().callback(None)  # the slot passes on; in_flight unchanged
         else:
             self.in_flight -= 1
+        self._gauges()
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         def cancel(_: Deferred[None]) -> None:
@@ -207,6 +271,7 @@ def build_gateways(
     events: PagerEvents,
     *,
     random: Callable[[], float] = random_module.random,
+    metrics: GatewayMetrics | None = None,
 ) -> dict[str, Pager]:
     """Every configured gateway by name, each adapter inside its :class:`GatewayQueue`.
 
@@ -223,9 +288,40 @@ def build_gateways(
             backoff_initial=config.backoff_initial_seconds,
             backoff_max=config.backoff_max_seconds,
             random=random,
+            metrics=metrics,
         )
         for config in config_section
     }
+
+
+@dataclass
+class CountingEvents:
+    """Counts replies and receipts (once committed) on the way to the core's PagerEvents."""
+
+    events: PagerEvents
+    metrics: GatewayMetrics
+
+    def reply(self, reply: Reply) -> Deferred[None]:
+        d = self.events.reply(reply)
+        d.addCallback(self._counted, reply.gateway, "reply")
+        return d
+
+    def receipt(self, receipt: DeliveryReceipt) -> Deferred[None]:
+        d = self.events.receipt(receipt)
+        d.addCallback(self._counted, receipt.gateway, "receipt")
+        return d
+
+    def _counted(self, result: None, gateway: str, kind: str) -> None:
+        self.metrics.inbound.labels(gateway, kind).inc()
+        return result
+
+
+def counting_quarantine(quarantine: Quarantine, metrics: GatewayMetrics) -> Quarantine:
+    def keep(record: RejectRecord) -> Deferred[int]:
+        metrics.inbound.labels(record.feed, "rejected").inc()
+        return quarantine(record)
+
+    return keep
 
 
 @dataclass
@@ -252,9 +348,14 @@ def build_gateway_inbound(
     events: PagerEvents,
     *,
     quarantine: Quarantine | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> GatewayInbound:
     """Callback resources and pollers of the two-way gateways; ``quarantine`` (the store's
     ``store_reject``) keeps what they refuse."""
+    if metrics is not None:
+        events = CountingEvents(events, metrics)
+        if quarantine is not None:
+            quarantine = counting_quarantine(quarantine, metrics)
     inbound = GatewayInbound()
     for config in config_section:
         path = f"/gateways/{config.name}"

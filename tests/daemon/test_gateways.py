@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import CollectorRegistry
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock as TaskClock
 
 from corespond.daemon.clock import Clock
-from corespond.daemon.gateways import GatewayQueue
+from corespond.daemon.gateways import GatewayMetrics, GatewayQueue
 from corespond.daemon.pager import PageMessage, PagerError, Submitted
 
 
@@ -132,3 +133,47 @@ def test_bad_settings_are_refused() -> None:
         rig(max_in_flight=0)
     with pytest.raises(ValueError):
         rig(retries=-1)
+
+
+def test_metrics_count_outcomes_and_slots() -> None:
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    queue, pager, clock = rig(metrics=metrics, max_in_flight=1, retries=1)
+    first = queue.submit(page(1))
+    queue.submit(page(2)).addErrback(lambda f: f.trap(PagerError))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"gateway": "wctp-a", **labels})
+
+    assert value("corespond_gateway_in_flight") == 1 and value("corespond_gateway_queued") == 1
+    pager.calls[0][1].errback(PagerError("wctp-a", "timeout", retryable=True))
+    pager.calls[1][1].errback(PagerError("wctp-a", "WCTP 403", retryable=False))
+    clock.advance(2.5)
+    clock.advance(1.0)
+    pager.calls[2][1].callback(ok())
+    assert first.called
+    assert value("corespond_page_attempts_total", outcome="retried") == 1
+    assert value("corespond_page_attempts_total", outcome="refused") == 1
+    assert value("corespond_page_attempts_total", outcome="accepted") == 1
+    assert value("corespond_gateway_submit_seconds_count") == 1
+    assert value("corespond_gateway_submit_seconds_sum") == 3.5
+    assert value("corespond_gateway_in_flight") == 0 and value("corespond_gateway_queued") == 0
+
+
+def test_counting_events_count_only_what_committed() -> None:
+    from datetime import UTC, datetime
+
+    from corespond.daemon.gateways import CountingEvents
+    from corespond.daemon.pager import DeliveryReceipt, DeliveryState, Reply
+    from tests.adapters.pager_events import RecordingEvents
+
+    registry = CollectorRegistry()
+    inner = RecordingEvents(fail_next=1)
+    events = CountingEvents(inner, GatewayMetrics(registry))
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    events.reply(Reply("g", now, None)).addErrback(lambda f: None)
+    events.reply(Reply("g", now, None))
+    events.receipt(DeliveryReceipt("g", "m", DeliveryState.SENT, now))
+    get = registry.get_sample_value
+    assert get("corespond_gateway_inbound_total", {"gateway": "g", "kind": "reply"}) == 1
+    assert get("corespond_gateway_inbound_total", {"gateway": "g", "kind": "receipt"}) == 1
