@@ -8,10 +8,13 @@ from email.policy import default
 from typing import Any
 
 import pytest
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock as TaskClock
 from twisted.mail import smtp
+from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from zope.interface import implementer
 
 from corespond.adapters.smtp_pager import SmtpPager
@@ -62,18 +65,36 @@ class Delivery:
         return lambda: Mailbox(self.server)
 
 
+@implementer(IRealm)
+class MailRealm:
+    def __init__(self, server: FakeSmtpServer) -> None:
+        self.server = server
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        return smtp.IMessageDelivery, Delivery(self.server), lambda: None
+
+
 class FakeSmtpServer(Factory):
-    def __init__(self) -> None:
+    """Twisted's ESMTP server; with ``users``, it takes mail only after AUTH (LOGIN/PLAIN)."""
+
+    def __init__(self, users: dict[str, bytes] | None = None) -> None:
         self.mode = "ok"
         self.mail: list[bytes] = []
+        self.users = users
 
     def buildProtocol(self, addr: Any) -> smtp.ESMTP:
         if self.mode == "silent":
             from twisted.internet.protocol import Protocol
 
             return Protocol()  # type: ignore[return-value]
-        protocol = smtp.ESMTP()
-        protocol.delivery = Delivery(self)
+        if self.users is None:
+            protocol = smtp.ESMTP()
+            protocol.delivery = Delivery(self)
+        else:
+            protocol = smtp.ESMTP({b"LOGIN": LOGINCredentials, b"PLAIN": PLAINCredentials})
+            protocol.portal = Portal(
+                MailRealm(self), [InMemoryUsernamePasswordDatabaseDontUse(**self.users)]
+            )
         protocol.factory = self
         protocol.timeout = None
         return protocol
@@ -114,6 +135,28 @@ def test_failures(loopback: Loopback, address: str, mode: str, retryable: bool, 
     assert caught.value.retryable is retryable and says in str(caught.value)
     assert "nobody" not in str(caught.value)
     assert not server.mail
+
+
+@pytest.mark.parametrize(("password", "delivered"), [("s3cret", True), ("wrong", False)])
+def test_auth_when_a_login_is_configured(
+    loopback: Loopback, password: str, delivered: bool
+) -> None:
+    server = FakeSmtpServer(users={"corespond": b"s3cret"})
+    port = loopback.listen(server)
+    timer = TaskClock()
+    pager = SmtpPager("mail-sup", reactor=loopback.reactor, clock=Clock(timer), timer=timer,
+                      host="127.0.0.1", port=port, sender="corespond@program.example",
+                      username="corespond", password=password, starttls="none",
+                      timeout=20)  # fmt: skip
+    d = pager.submit(PAGE)
+    if delivered:
+        assert loopback.until(d) == Submitted("mail-sup", None)
+        assert len(server.mail) == 1
+    else:
+        with pytest.raises(PagerError) as caught:
+            loopback.until(d)
+        assert not caught.value.retryable and not server.mail
+        assert "refused our AUTH" in str(caught.value) and "wrong" not in str(caught.value)
 
 
 def test_required_starttls_refuses_a_relay_without_it(loopback: Loopback) -> None:
