@@ -14,19 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
-from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     HTTPConnectionPool,
     ResponseDone,
     ResponseFailed,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from corespond.adapters.tls import client_tls_options
@@ -83,13 +91,29 @@ def make_agent(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_connections
     pool.retryAutomatically = False  # a retried POST could page twice; GatewayQueue decides
-    agent = Agent(
-        reactor,
-        contextFactory=tls or PinnedTrustPolicy(),
-        connectTimeout=connect_timeout,
-        pool=pool,
-    )
-    return agent, pool
+    endpoints = ReactorEndpoints(reactor, tls or PinnedTrustPolicy(), connect_timeout)
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
+
+
+@implementer(IAgentEndpointFactory)
+class ReactorEndpoints:
+    """TCP, or TLS over TCP, on the given reactor only: Twisted's default endpoint factory
+    leaves the TLS layer's write scheduling to the global reactor."""
+
+    def __init__(self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self.reactor, self.tls, self.connect_timeout = reactor, tls, connect_timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, host, uri.port, timeout=self.connect_timeout
+        )
+        if uri.scheme == b"https":
+            creator = self.tls.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint, clock=self.reactor)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+        return endpoint
 
 
 class _CappedReader(Protocol):

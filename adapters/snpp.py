@@ -167,7 +167,7 @@ class SnppPager:
     async def _page(self, message: PageMessage, protocols: list[SnppClientProtocol]) -> Submitted:
         endpoint: Any = HostnameEndpoint(self.reactor, self.host, self.port)
         if self.tls is not None:
-            endpoint = wrapClientTLS(self.tls, endpoint)
+            endpoint = wrapClientTLS(self.tls, endpoint, clock=self.reactor)
         protocol = SnppClientProtocol()
         await connectProtocol(endpoint, protocol)
         protocols.append(protocol)

@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 from twisted.internet.task import Clock as TaskClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from corespond.adapters.http_client import PinnedTrustPolicy, make_agent
-from corespond.adapters.tls import TlsFileError
+from corespond.adapters.tls import TlsFileError, server_tls_options
 from corespond.adapters.wctp import (
     WctpCallbackResource,
     WctpPager,
@@ -227,10 +228,43 @@ def test_connection_refused_is_retryable(loopback: Loopback) -> None:
     assert caught.value.retryable and "connect" in str(caught.value)
 
 
+def tls_carrier(lb: Loopback, tmp_path: Path, trust: str) -> CarrierRig:
+    """The fake carrier behind TLS (its certificate names 127.0.0.1), the pager trusting
+    ``trust``: ``ca`` (the carrier's CA) or ``other`` (a CA that signed nothing here)."""
+    pki = make_pki(tmp_path)
+    carrier = FakeCarrier()
+    server = TLSMemoryBIOFactory(
+        server_tls_options(pki.server_cert, pki.server_key), False,
+        Site(carrier, reactor=lb.reactor), clock=lb.reactor,
+    )  # fmt: skip
+    port = lb.listen(server)
+    ca = pki.ca_cert if trust == "ca" else pki.other_ca_cert
+    agent, pool = make_agent(lb.reactor, tls=PinnedTrustPolicy(ca_file=ca))
+    lb.cleanups.append(pool.closeCachedConnections)
+    timeouts = TaskClock()
+    pager = WctpPager(
+        "wctp-main", agent=agent, clock=Clock(timeouts), reactor=timeouts,
+        url=f"https://127.0.0.1:{port}/wctp", sender_id="corespond", security_code="pw-123",
+        timeout=10,
+    )  # fmt: skip
+    return CarrierRig(lb, carrier, pager.url, agent, timeouts, pager)
+
+
+def test_submit_over_tls_to_a_trusted_carrier(loopback: Loopback, tmp_path: Path) -> None:
+    rig = tls_carrier(loopback, tmp_path, "ca")
+    assert loopback.until(rig.pager.submit(PAGE)) == Submitted("wctp-main", "att-7f3a")
+    assert len(rig.carrier.submits) == 1
+
+
+def test_submit_over_tls_refuses_an_untrusted_carrier(loopback: Loopback, tmp_path: Path) -> None:
+    rig = tls_carrier(loopback, tmp_path, "other")
+    with pytest.raises(PagerError) as caught:
+        loopback.until(rig.pager.submit(PAGE))
+    assert caught.value.retryable
+    assert not rig.carrier.submits  # nothing was sent to a server we could not verify
+
+
 def test_tls_policy_builds_our_client_options_per_host(tmp_path: Path) -> None:
-    """HTTPS goes through adapters/tls.py (tested there over TLS); here: the policy uses it.
-    (TLS over the private loopback reactor is out of reach: Twisted's TLS layer schedules its
-    writes on the global reactor.)"""
     pki = make_pki(tmp_path)
     policy = PinnedTrustPolicy(ca_file=pki.ca_cert)
     first = policy.creatorForNetloc(b"carrier.example.test", 443)
