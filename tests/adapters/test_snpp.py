@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock as TaskClock
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from corespond.adapters.snpp import SnppPager
+from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.pager import PageMessage, PagerError, Submitted
 from tests.adapters.loopback import Loopback
+from tests.adapters.tlsfiles import make_pki
 
 PAGE = PageMessage("C1445-2", "att-1", "5550100", "C1445-2 Welfare check, 400 blk Main St")
 
@@ -156,3 +160,22 @@ def test_nobody_listening(loopback: Loopback) -> None:
     with pytest.raises(PagerError) as caught:
         loopback.until(pager.submit(PAGE))
     assert caught.value.retryable and "connect" in str(caught.value)
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_snpp_over_tls(loopback: Loopback, tmp_path: Path, trusted: bool) -> None:
+    pki = make_pki(tmp_path)
+    server = FakeSnppServer()
+    wrapped = TLSMemoryBIOFactory(server_tls_options(pki.server_cert, pki.server_key), False,
+                                  server, clock=loopback.reactor)  # fmt: skip
+    port = loopback.listen(wrapped)
+    ca = pki.ca_cert if trusted else pki.other_ca_cert
+    pager = SnppPager("snpp-tls", reactor=loopback.reactor, clock=TaskClock(), host="127.0.0.1",
+                      port=port, tls=client_tls_options("127.0.0.1", ca), timeout=10)  # fmt: skip
+    if trusted:
+        loopback.until(pager.submit(PAGE))
+        assert server.sent == [("5550100", PAGE.text)]
+    else:
+        with pytest.raises(PagerError) as caught:
+            loopback.until(pager.submit(PAGE))
+        assert caught.value.retryable and not server.sent and not server.log
