@@ -6,12 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock as TaskClock
+from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
-from corespond.adapters.snpp import SnppPager
+from corespond.adapters.snpp import SnppClientProtocol, SnppFailure, SnppPager
 from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.pager import PageMessage, PagerError, Submitted
 from tests.adapters.loopback import Loopback
@@ -179,3 +184,27 @@ def test_snpp_over_tls(loopback: Loopback, tmp_path: Path, trusted: bool) -> Non
         with pytest.raises(PagerError) as caught:
             loopback.until(pager.submit(PAGE))
         assert caught.value.retryable and not server.sent and not server.log
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40).filter(lambda b: b"\r\n" not in b), max_size=5),
+       st.integers(1, 7))  # fmt: skip
+def test_fuzz_reply_lines_give_a_code_or_a_failure(lines: list[bytes], chunk: int) -> None:
+    """Whatever a terminal sends, each waiting command gets a code or a failure, never a hang
+    or an exception; fed whole and in small pieces alike."""
+    protocol = SnppClientProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    outcomes: list[object] = []
+    waiting = [protocol.greeted] + [protocol.command("NOOP") for _ in lines[1:]]
+    for d in waiting:
+        d.addBoth(outcomes.append)
+    data = b"".join(line + b"\r\n" for line in lines)
+    for i in range(0, len(data), chunk):
+        protocol.dataReceived(data[i : i + chunk])
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(outcomes) == len(waiting)
+    for outcome in outcomes:
+        assert isinstance(outcome, int) or (
+            isinstance(outcome, Failure) and outcome.check(SnppFailure)
+        )
