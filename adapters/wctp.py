@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 from lxml import etree
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
@@ -367,7 +367,7 @@ def parse_poll_response(body: bytes) -> PollBatch:
     min_next: float | None = None
     if interval is not None:
         try:
-            # The DTD leaves the unit open; carriers send minutes. Clamp to something sane.
+            # The DTD leaves the unit open; read as minutes (unverified), clamped to an hour.
             min_next = min(max(float(interval), 0.0), 60.0) * 60.0
         except ValueError:
             raise RejectedMessage("invalid-field", "minNextPollInterval must be a number",
@@ -567,8 +567,10 @@ class WctpPoller:
     """``wctp-PollForMessages`` every ``interval`` seconds (or the carrier's minimum, if longer).
 
     A batch is acknowledged in the *next* poll, each message with Success once its event is
-    committed or Failure (604) if the commit failed or the message could not be parsed, so the
-    carrier resends what we did not store and nothing is lost between two polls.
+    committed, Failure 604 if the commit failed (the carrier resends it) or Failure 301/302 if
+    it could not be read (quarantined; resending would not help), so nothing is lost between
+    two polls. ``minNextPollInterval`` is read as minutes (an assumption: the DTD leaves
+    the unit unstated).
     """
 
     def __init__(
@@ -605,9 +607,7 @@ class WctpPoller:
             self._call.cancel()
         current = self._current
         if current is None:
-            d: Deferred[None] = Deferred()
-            d.callback(None)
-            return d
+            return succeed(None)
         done: Deferred[None] = Deferred()
         current.addBoth(lambda _: done.callback(None))
         return done
