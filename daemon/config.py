@@ -263,6 +263,38 @@ class PagingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """One pager gateway (``gateways.<name>``); which fields are set depends on ``type``."""
+
+    name: str
+    type: str  # wctp | sms | snpp | smtp
+    timeout_seconds: float
+    retries: int
+    max_in_flight: int
+    backoff_initial_seconds: float
+    backoff_max_seconds: float
+    url: str | None = None  # wctp: the carrier's endpoint; sms: the API base URL
+    host: str | None = None  # snpp, smtp
+    port: int | None = None
+    tls: ClientTlsConfig | None = None
+    use_tls: bool = False  # snpp: TLS from the first byte
+    sender_id: str | None = None  # wctp Originator@senderID
+    send_responses_to: str | None = None  # wctp: where the carrier pushes replies
+    poll_interval_seconds: float | None = None  # wctp: poll instead of (or besides) push
+    account_sid: str | None = None  # sms
+    auth_user: str | None = None  # sms: an API key SID instead of the account SID
+    sender: str | None = None  # sms From number; smtp From address
+    messaging_service_sid: str | None = None  # sms
+    callback_url: str | None = None  # sms: the public URL of our callback (signed by the gateway)
+    login: str | None = None  # snpp LOGI / smtp AUTH user
+    starttls: str = "required"  # smtp
+    secret_file: Path | None = None  # security_code_file / auth_token_file / password_file
+    secret: str | None = field(default=None, repr=False)
+    callback_token_file: Path | None = None  # wctp: what the carrier shows on our callback
+    callback_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -274,6 +306,7 @@ class Config:
     demo: DemoConfig | None
     rules: RulesConfig = RulesConfig()
     paging: PagingConfig | None = None
+    gateways: tuple[GatewayConfig, ...] = ()
 
     def feed(self, name: str) -> FeedConfig | None:
         return next((f for f in self.feeds if f.name == name), None)
@@ -949,6 +982,194 @@ class PagingSection(Section):
         )
 
 
+# --- pager gateways ------------------------------------------------------------------------------
+
+GATEWAY_TYPES = ("wctp", "sms", "snpp", "smtp")
+_GATEWAY_COMMON: dict[str, Any] = {
+    "type": choice("the gateway's protocol", GATEWAY_TYPES),
+    "timeout_seconds": number("one attempt's time limit", exclusiveMinimum=0, default=15.0),
+    "retries": integer("retries of a retryable failure", minimum=0, maximum=20, default=3),
+    "max_in_flight": integer("submissions at once", minimum=1, maximum=256, default=4),
+    "backoff": obj(
+        {
+            "initial_seconds": number("first retry delay", exclusiveMinimum=0, default=2.0),
+            "max_seconds": number("longest retry delay", exclusiveMinimum=0, default=60.0),
+        },
+        nullable=True,
+        description="exponential backoff with jitter between retries",
+    ),
+}
+_SECRET_FILE = "file holding the {what} (first line); may start with ${{CREDENTIALS_DIRECTORY}}/"
+GATEWAY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "wctp": obj(
+        {
+            **_GATEWAY_COMMON,
+            "url": string("the carrier's WCTP endpoint", pattern="^https?://"),
+            "sender_id": string("wctp-Originator senderID"),
+            "security_code_file": string(_SECRET_FILE.format(what="wctp securityCode")),
+            "send_responses_to": string("sendResponsesToID: where the carrier pushes replies"),
+            "callback_token_file": string(
+                _SECRET_FILE.format(what="token the carrier must show on our callback URL")
+                + "; without it, replies come only by polling"
+            ),
+            "poll_interval_seconds": number(
+                "poll for replies (wctp-PollForMessages) this often", exclusiveMinimum=0
+            ),
+            "tls": CLIENT_TLS_SCHEMA,
+        },
+        required=("type", "url", "sender_id"),
+    ),
+    "sms": obj(
+        {
+            **_GATEWAY_COMMON,
+            "url": string("API base URL", pattern="^https?://", default="https://api.twilio.com"),
+            "account_sid": string("account SID (in the URL path)", pattern="^[A-Za-z0-9]+$"),
+            "auth_user": string("API key SID to authenticate with [account_sid]"),
+            "auth_token_file": string(_SECRET_FILE.format(what="auth token (signs callbacks)")),
+            "from": string("sender number (E.164) or short code"),
+            "messaging_service_sid": string("send through this messaging service instead"),
+            "callback_url": string(
+                "public URL of our callback for this gateway, exactly as the gateway calls it",
+                pattern="^https?://",
+            ),
+            "tls": CLIENT_TLS_SCHEMA,
+        },
+        required=("type", "account_sid", "auth_token_file"),
+    ),
+    "snpp": obj(
+        {
+            **_GATEWAY_COMMON,
+            "host": string("the paging terminal"),
+            "port": integer("TCP port", minimum=1, maximum=65535, default=444),
+            "login": string("LOGI user"),
+            "password_file": string(_SECRET_FILE.format(what="LOGI password")),
+            "use_tls": boolean("TLS from the first byte", False),
+            "tls": CLIENT_TLS_SCHEMA,
+        },
+        required=("type", "host"),
+    ),
+    "smtp": obj(
+        {
+            **_GATEWAY_COMMON,
+            "host": string("the mail relay"),
+            "port": integer("TCP port", minimum=1, maximum=65535, default=587),
+            "from": string("envelope and header sender address"),
+            "login": string("AUTH user"),
+            "password_file": string(_SECRET_FILE.format(what="AUTH password")),
+            "starttls": choice(
+                "STARTTLS", ("required", "opportunistic", "none"), default="required"
+            ),
+            "tls": CLIENT_TLS_SCHEMA,
+        },
+        required=("type", "host", "from"),
+    ),
+}
+GATEWAY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "one pager gateway; the keys depend on type",
+    "required": ["type"],
+    "properties": {"type": choice("gateway protocol", GATEWAY_TYPES)},
+    "allOf": [
+        {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": schema}
+        for name, schema in GATEWAY_SCHEMAS.items()
+    ],
+}
+
+
+class GatewaysSection(Section):
+    key = "gateways"
+    granular = True
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return {
+            "type": ["object", "null"],
+            "description": "pager gateways by name (WCTP, SMS, SNPP, SMTP)",
+            "propertyNames": {"pattern": FEED_NAME_PATTERN, "maxLength": 64},
+            "additionalProperties": GATEWAY_SCHEMA,
+        }
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> tuple[GatewayConfig, ...]:
+        return tuple(
+            parse_gateway(name, values, ctx)
+            for name, values in (raw or {}).items()
+            if ctx.valid(("gateways", name))
+        )
+
+    @classmethod
+    def fallback(cls) -> tuple[GatewayConfig, ...]:
+        return ()
+
+
+def parse_client_tls(
+    raw: dict[str, Any] | None, path: KeyPath, ctx: ParseContext
+) -> ClientTlsConfig:
+    t = raw or {}
+    tls = ClientTlsConfig(
+        ctx.existing_file((*path, "ca_file"), t.get("ca_file")),
+        ctx.existing_file((*path, "cert_file"), t.get("cert_file")),
+        ctx.existing_file((*path, "key_file"), t.get("key_file")),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        ctx.problem(path, "cert_file and key_file go together")
+    return tls
+
+
+def parse_gateway(name: str, raw: dict[str, Any], ctx: ParseContext) -> GatewayConfig:
+    path: KeyPath = ("gateways", name)
+    kind = raw["type"]
+    values = with_defaults(raw, GATEWAY_SCHEMAS[kind])
+    backoff = with_defaults(values.get("backoff"), _GATEWAY_COMMON["backoff"])
+    if backoff["initial_seconds"] > backoff["max_seconds"]:
+        ctx.problem((*path, "backoff", "initial_seconds"), "is greater than max_seconds")
+    secret_key = {"wctp": "security_code_file", "sms": "auth_token_file"}.get(kind, "password_file")
+    secret_file, secret = ctx.secret((*path, secret_key), values.get(secret_key))
+    token_file, token = ctx.secret(
+        (*path, "callback_token_file"), values.get("callback_token_file")
+    )
+    tls = parse_client_tls(values["tls"], (*path, "tls"), ctx) if "tls" in values else None
+    url = values.get("url")
+    if tls is not None and url is not None and not url.startswith("https://"):
+        ctx.problem((*path, "tls"), "tls applies to https:// URLs only")
+    if kind == "sms" and ("from" in values) == ("messaging_service_sid" in values):
+        ctx.problem(path, "give exactly one of from and messaging_service_sid")
+    if kind == "smtp" and values["starttls"] != "none" and tls is None:
+        tls = ClientTlsConfig()  # the system's CAs
+    if kind == "snpp" and values["use_tls"] and tls is None:
+        tls = ClientTlsConfig()
+    if kind in ("snpp", "smtp") and secret is not None and "login" not in values:
+        ctx.problem((*path, "password_file"), "needs login")
+    return GatewayConfig(
+        name=name,
+        type=kind,
+        timeout_seconds=float(values["timeout_seconds"]),
+        retries=values["retries"],
+        max_in_flight=values["max_in_flight"],
+        backoff_initial_seconds=float(backoff["initial_seconds"]),
+        backoff_max_seconds=float(backoff["max_seconds"]),
+        url=url,
+        host=values.get("host"),
+        port=values.get("port"),
+        tls=tls,
+        use_tls=values.get("use_tls", False),
+        sender_id=values.get("sender_id"),
+        send_responses_to=values.get("send_responses_to"),
+        poll_interval_seconds=values.get("poll_interval_seconds"),
+        account_sid=values.get("account_sid"),
+        auth_user=values.get("auth_user"),
+        sender=values.get("from"),
+        messaging_service_sid=values.get("messaging_service_sid"),
+        callback_url=values.get("callback_url"),
+        login=values.get("login"),
+        starttls=values.get("starttls", "required"),
+        secret_file=secret_file,
+        secret=secret,
+        callback_token_file=token_file,
+        callback_token=token,
+    )
+
+
 # In parse order: a section may read ``ctx.values`` of those before it.
 SECTIONS: tuple[type[Section], ...] = (
     StateDirSection,
@@ -960,6 +1181,7 @@ SECTIONS: tuple[type[Section], ...] = (
     DemoSection,
     RulesSection,
     PagingSection,
+    GatewaysSection,
 )
 
 
@@ -1082,15 +1304,7 @@ def parse_websocket(values: dict[str, Any], path: KeyPath, ctx: ParseContext) ->
         if "tls" in values:
             if url is not None and not url.startswith("wss://"):
                 ctx.problem((*path, "tls"), "tls applies to wss:// URLs only")
-            t = values["tls"] or {}
-            tp = (*path, "tls")
-            tls = ClientTlsConfig(
-                ctx.existing_file((*tp, "ca_file"), t.get("ca_file")),
-                ctx.existing_file((*tp, "cert_file"), t.get("cert_file")),
-                ctx.existing_file((*tp, "key_file"), t.get("key_file")),
-            )
-            if (tls.cert_file is None) != (tls.key_file is None):
-                ctx.problem(tp, "cert_file and key_file go together")
+            tls = parse_client_tls(values["tls"], (*path, "tls"), ctx)
     else:
         if "listen" not in values:
             ctx.problem(path, "mode listen needs listen: {host, port}")

@@ -19,9 +19,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.web.client import Agent, Response, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from corespond.adapters.http_client import BytesProducer
 from corespond.adapters.http_feed import CappedBody, FeedResource, FeedSite, build_feed_site
 from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
@@ -476,28 +477,6 @@ def agent_post(r: Rig, body: bytes, token: str | None = TOKEN) -> tuple[Deferred
         headers.addRawHeader(b"authorization", b"Bearer " + token.encode())
     d = agent.request(b"POST", b"http://cad.example.test/feeds/cad-a", headers, BytesProducer(body))
     return d, endpoints
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body written at once (FileBodyProducer would need the global cooperator)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def test_agent_gets_answer_only_after_commit() -> None:
