@@ -37,6 +37,7 @@ from corespond.daemon.errors import SafeMessage
 from corespond.daemon.feeds import FeedServices, FeedSet, HttpListener, TcpListener, listen
 from corespond.daemon.log import error_text
 from corespond.daemon.pipeline import IngestMetrics, Pipeline
+from corespond.daemon.responders import ClinicianDesk, PageDesk
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
 from corespond.daemon.store import migrate
 from corespond.daemon.store.engine import create_store_engine
@@ -86,6 +87,8 @@ class Corespond:
         notifier: SystemdNotifier | None = None,
         registry: CollectorRegistry | None = None,
         classifier: Classifier | None = None,
+        page_desk: PageDesk | None = None,
+        clinician_desk: ClinicianDesk | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -122,6 +125,11 @@ class Corespond:
         self.watchdog: Watchdog | None = None
         self.simulator: Any = None
         self._metrics_port: Any = None
+        # The paging core's desks, which the web listener (ack page, API) calls into.
+        self.page_desk = page_desk
+        self.clinician_desk = clinician_desk
+        self.web_site: Any = None
+        self._web_port: Any = None
         self._started = False
         self._store_started = False
 
@@ -144,6 +152,7 @@ class Corespond:
         except Exception as err:
             raise StartupError(f"a feed could not start: {err}") from err
         self._start_metrics()
+        self._start_web()
         self._start_simulator()
         self._start_rules_watcher()
         self.notifier.ready()
@@ -220,6 +229,27 @@ class Corespond:
         site.displayTracebacks = False
         self._metrics_port = listen(self.reactor, self.config.metrics.listen, site)
         log.info("metrics.listening", port=self._metrics_port.getHost().port)
+
+    def _start_web(self) -> None:
+        """The ack page and API listener (config section ``web``), on the paging core's desks."""
+        if self.config.web is None:
+            return
+        if self.page_desk is None or self.clinician_desk is None:
+            raise StartupError(
+                "the web section needs the paging core (its page and clinician desks), which "
+                "this daemon does not run: remove the web section"
+            )
+        from corespond.daemon.web import build_web_site
+
+        self.web_site = build_web_site(
+            self.config.web, self.page_desk, self.clinician_desk,
+            clock=self.clock, reactor=self.reactor,
+        )  # fmt: skip
+        try:
+            self._web_port = listen(self.reactor, self.config.web.listen, self.web_site)
+        except Exception as err:
+            raise StartupError(f"the web listener could not start: {error_text(err)}") from err
+        log.info("web.listening", port=self._web_port.getHost().port)
 
     def _start_simulator(self) -> None:
         demo = self.config.demo
@@ -303,6 +333,7 @@ class Corespond:
                 ("state_dir", self.config.state_dir, new.state_dir),
                 ("metrics", self.config.metrics, new.metrics),
                 ("demo", self.config.demo, new.demo),
+                ("web", self.config.web, new.web),
             )
             if old != now
         ]
@@ -353,6 +384,8 @@ class Corespond:
             self.simulator.stop()
         if self._metrics_port is not None:
             await self._metrics_port.stopListening()
+        if self._web_port is not None:
+            await self._web_port.stopListening()
         await self.feeds.stop()
         # A start that failed early (rules, schema) never started the store's reader threads.
         store_totals = (

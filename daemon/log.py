@@ -48,6 +48,8 @@ ALLOWED_FIELDS = frozenset(
         "attempt", "in_flight", "framing_errors", "discarded_bytes", "dropped_bytes", "seconds",
         "bytes", "limit",
         "duration_ms",
+        # the web listener (ack page, API): identifiers of pages, clinicians and API systems
+        "page_ref", "clinician_id", "answer", "system",
         # failures
         "error", "errors", "exception", "signal",
     }
