@@ -123,3 +123,14 @@ def test_refusals_never_quote_the_token() -> None:
             SIGNER.verify(text, NOW + 10**6)
         except LinkRefused as err:
             assert text not in str(err) and "secret" not in str(err)
+
+
+@given(elapsed=st.floats(min_value=-1e6, max_value=1e7, allow_nan=False))
+def test_a_link_opens_exactly_until_its_expiry(elapsed: float) -> None:
+    expires = int(NOW) + 3600
+    if NOW + elapsed >= expires:
+        with pytest.raises(LinkRefused) as caught:
+            SIGNER.verify(TOKEN, NOW + elapsed)
+        assert caught.value.code == "expired"
+    else:
+        assert SIGNER.verify(TOKEN, NOW + elapsed).expires == expires

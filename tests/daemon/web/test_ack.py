@@ -6,6 +6,8 @@ import re
 from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from corespond.daemon.clock import Clock
@@ -215,3 +217,34 @@ def test_ack_links_point_at_the_public_url() -> None:
     token = url.rsplit("/", 1)[1]
     assert r.signer.verify(token, NOW).clinician_id == "clin-7"
     assert LINK_KEY not in url
+
+
+# --- fuzzed: whatever arrives, a deliberate answer, never a crash -------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.binary(max_size=300)
+    | st.dictionaries(
+        st.sampled_from(["nonce", "answer", "x", ""]), st.text(max_size=30), max_size=4
+    ).map(lambda d: urlencode(d).encode()),
+    use_nonce=st.booleans(),
+)
+def test_any_form_body_gets_a_deliberate_answer(body: bytes, use_nonce: bool) -> None:
+    r = rig()
+    token = r.link()
+    if use_nonce:
+        body += b"&nonce=" + r.signer.form_nonce(token).encode()
+    got = r.request("POST", f"/ack/{token}", body, (ORIGIN, FORM))
+    assert got.status in (200, 400, 403, 409, 413), got.status
+    if got.status != 200:
+        assert "<form" not in got.text and r.desks.answers == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(st.characters(codec="ascii", exclude_characters="/?#% \r\n\t"), max_size=200))
+def test_any_token_in_the_path_gets_a_plain_refusal(token: str) -> None:
+    r = rig()
+    got = r.request("GET", f"/ack/{token}")
+    assert got.status in (404, 410, 400)
+    assert "Welfare" not in got.text

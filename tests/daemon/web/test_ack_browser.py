@@ -108,10 +108,19 @@ def test_tapping_accept_on_a_phone(browser: Any, served: ServedReactor, tmp_path
     assert not [m for m in console if "Content Security Policy" in m], console
 
 
-def test_an_expired_link_shows_nothing_in_the_browser(browser: Any, served: ServedReactor) -> None:
+def test_forged_and_expired_links_show_nothing_in_the_browser(
+    browser: Any, served: ServedReactor
+) -> None:
     from selenium.webdriver.common.by import By
 
     url, _desks, _site = serve_ack_site(served)
-    browser.get(url[:-3] + "AAA")
+    browser.get(url[:-3] + ("AAA" if not url.endswith("AAA") else "BBB"))
     text = browser.find_element(By.TAG_NAME, "body").text
     assert text == "This link is not valid.\nAnswer by pager or call dispatch."
+    base = url.rsplit("/ack/", 1)[0]
+    config = web_config(public_url=base)
+    stale = link_signer(config).sign("C1445-2", "clin-7", served.reactor.seconds() - 3600)
+    browser.get(f"{base}/ack/{stale}")
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert text == "This link has expired.\nAnswer by pager or call dispatch."
+    assert browser.find_elements(By.TAG_NAME, "form") == []

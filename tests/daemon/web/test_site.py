@@ -101,3 +101,24 @@ def test_the_daemon_refuses_a_web_section_without_the_paging_core(tmp_path: Path
             app._start_web()
     finally:
         app.engine.dispose()
+
+
+def test_hsts_only_over_tls() -> None:
+    from twisted.internet.interfaces import ISSLTransport
+    from twisted.internet.testing import StringTransport
+    from zope.interface import directlyProvides
+
+    from tests.daemon.web.rig import PEER, parse, raw
+
+    r = web_rig()
+    assert b"strict-transport-security" not in r.request("GET", "/ack/x").headers
+    proto = r.site.buildProtocol(PEER)
+    assert proto is not None
+    transport: Any = StringTransport(peerAddress=PEER)
+    directlyProvides(transport, ISSLTransport)
+    transport.setTcpNoDelay = lambda enabled: None  # HTTPChannel asks TLS transports for it
+    proto.makeConnection(transport)
+    proto.dataReceived(raw("GET", "/ack/x"))
+    got = parse(transport.value())
+    assert got.status == 404
+    assert got.headers[b"strict-transport-security"] == b"max-age=31536000"
