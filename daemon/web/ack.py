@@ -74,7 +74,6 @@ dt{color:#d4d4d4}
 dd{margin:0;font-weight:600}
 .note{margin:0 0 1rem;padding:.75rem 1rem;border:2px solid #f5f5f5;border-radius:.5rem;
 font-weight:600}
-.note.bad{border-color:#fca5a5}
 form{display:grid;gap:.9rem}
 button{min-height:4.5rem;width:100%;border:3px solid #f5f5f5;border-radius:.75rem;
 color:#fff;font:700 1.5rem system-ui,sans-serif;cursor:pointer}
@@ -141,7 +140,6 @@ def view_page(
     nonce: str,
     zone: ZoneInfo,
     note: str | None = None,
-    bad: bool = False,
     status: int = 200,
 ) -> bytes:
     """The page of ``view``: only its fields, and a button per answer it still takes."""
@@ -156,7 +154,7 @@ def view_page(
         f"<h1>{escape(view.call_type)}</h1>",
     ]
     if note is not None:
-        parts.append(f'<p class="note{" bad" if bad else ""}" role=status>{escape(note)}</p>')
+        parts.append(f"<p class=note role=status>{escape(note)}</p>")
     parts.append(
         "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows) + "</dl>"
     )

@@ -10,11 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.responders import Availability, LocationFix
 from corespond.daemon.web.api import parse_availability, parse_location
-from tests.daemon.web.rig import NOW, SYSTEM_TOKEN, Response, WebRig, parse, raw, web_rig
+from tests.daemon.web.rig import NOW, PEER, SYSTEM_TOKEN, Response, WebRig, parse, raw, web_rig
 
 FIXED_AT = "2026-11-18T09:00:00Z"
 WHEN = datetime.fromtimestamp(NOW, UTC)
@@ -247,3 +250,21 @@ def test_deeply_nested_json_is_refused_not_crashed() -> None:
     with pytest.raises(RejectedMessage) as caught:
         parse_location(b"[" * 100_000 + b"]" * 100_000, WHEN)
     assert caught.value.code == "malformed-json"
+
+
+def test_a_client_that_leaves_before_the_commit_gets_nothing_and_breaks_nothing() -> None:
+    r = rig()
+    r.desks.hold = True
+    proto = r.site.buildProtocol(PEER)
+    assert proto is not None
+    transport = StringTransport(peerAddress=PEER)
+    proto.makeConnection(transport)
+    headers = [("Content-Type", "application/json"), ("Authorization", f"Bearer {SYSTEM_TOKEN}")]
+    proto.dataReceived(raw("POST", "/api/v1/clinicians/clin-7/availability",
+                           b'{"state": "on_scene"}', headers))  # fmt: skip
+    proto.connectionLost(Failure(ConnectionLost()))
+    with capture_logs() as logs:
+        r.desks.release()
+    assert transport.value() == b""
+    assert r.desks.availability_changes == [("clin-7", Availability.ON_SCENE, "api")]
+    assert [e["event"] for e in logs] == ["web.api.availability.recorded", "web.answer.dropped"]
