@@ -130,6 +130,12 @@ class Corespond:
         self.clinician_desk = clinician_desk
         self.web_site: Any = None
         self._web_port: Any = None
+        # What the paging core puts in a page: the signed ack-page link (None: no web section).
+        self.ack_links: Any = None
+        if config.web is not None:
+            from corespond.daemon.web import ack_links
+
+            self.ack_links = ack_links(config.web, self.clock)
         self._started = False
         self._store_started = False
 

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from corespond.daemon.app import Corespond, StartupError
 from corespond.daemon.config import load_config
 from corespond.daemon.web import WebSite
-from tests.daemon.web.desks import DictDesks
-from tests.daemon.web.rig import web_rig
+from tests.daemon.web.desks import DictDesks, page_view
+from tests.daemon.web.rig import PEER, parse, raw, web_rig
 
 
 class Hello(Resource):
@@ -90,6 +90,16 @@ def test_the_daemon_serves_the_web_site_on_its_listener(tmp_path: Path) -> None:
         assert factory is app.web_site and isinstance(factory, WebSite)
         assert {b"ack", b"api"} <= set(app.web_site.resource.children)
         app.web_site.mount("/gateways/twilio", Hello())  # what the lead mounts later
+        # The links the paging core puts in pages open on this site.
+        url = app.ack_links.url("C1445-2", "clin-7")
+        assert url.startswith("https://corespond.example.test/ack/v1.")
+        desks.pages["C1445-2"] = page_view()
+        proto = app.web_site.buildProtocol(PEER)
+        transport = StringTransport(peerAddress=PEER)
+        proto.makeConnection(transport)
+        proto.dataReceived(raw("GET", url.removeprefix("https://corespond.example.test")))
+        got = parse(transport.value())
+        assert got.status == 200 and "Welfare check" in got.text
     finally:
         app.engine.dispose()
 
@@ -105,10 +115,7 @@ def test_the_daemon_refuses_a_web_section_without_the_paging_core(tmp_path: Path
 
 def test_hsts_only_over_tls() -> None:
     from twisted.internet.interfaces import ISSLTransport
-    from twisted.internet.testing import StringTransport
     from zope.interface import directlyProvides
-
-    from tests.daemon.web.rig import PEER, parse, raw
 
     r = web_rig()
     assert b"strict-transport-security" not in r.request("GET", "/ack/x").headers
