@@ -11,7 +11,8 @@ Fixtures (import them into a test module, or a conftest, to use them):
   network by the browser itself (no sync, no component updates, no first-run pages);
 - ``served``: a private Twisted reactor (never the global one) running in a thread, with
   ``listen(site)`` to serve a site on 127.0.0.1 and ``call(fn, *args)`` to run code on the
-  reactor thread and get its result (Deferreds are waited for).
+  reactor thread and get its result (Deferreds are waited for). It needs no browser: plain
+  loopback tests (TLS included) use it too.
 
 Nothing sleeps: selenium's ``get`` and a form's ``click`` return once the new page has loaded.
 """
@@ -135,10 +136,11 @@ class ServedReactor:
 
 
 @pytest.fixture
-def served() -> Iterator[ServedReactor]:
-    if SKIP_BROWSER:
-        pytest.skip("CORESPOND_TEST_SKIP_BROWSER=1")
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServedReactor]:
     served = ServedReactor()
+    # Twisted's TLS layer batches small writes on the *global* reactor unless told otherwise;
+    # in tests the global one never runs, so TLS listeners must use ours (a hook for tests).
+    monkeypatch.setattr("twisted.protocols.tls._get_default_clock", lambda: served.reactor)
     served.start()
     try:
         yield served

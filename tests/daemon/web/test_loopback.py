@@ -6,10 +6,7 @@ import http.client
 import json
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import ListenConfig, ServerTlsConfig
@@ -17,22 +14,11 @@ from corespond.daemon.feeds import listen
 from corespond.daemon.responders import Availability
 from corespond.daemon.web import build_web_site
 from tests.adapters.tlsfiles import SERVER_NAME, make_pki
-from tests.browser import ServedReactor
+from tests.browser import ServedReactor, served
 from tests.daemon.web.desks import DictDesks
 from tests.daemon.web.rig import SYSTEM_TOKEN, web_config
 
-
-@pytest.fixture
-def reactor_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServedReactor]:
-    served = ServedReactor()
-    # Twisted's TLS layer batches small writes on the *global* reactor unless told otherwise;
-    # here the global one never runs, so it must use ours (the hook exists for tests).
-    monkeypatch.setattr("twisted.protocols.tls._get_default_clock", lambda: served.reactor)
-    served.start()
-    try:
-        yield served
-    finally:
-        served.stop()
+__all__ = ["served"]  # the fixture, imported for pytest
 
 
 class _Https(http.client.HTTPSConnection):
@@ -43,15 +29,15 @@ class _Https(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=SERVER_NAME)  # type: ignore[attr-defined]
 
 
-def test_availability_over_https(reactor_thread: ServedReactor, tmp_path: Path) -> None:
+def test_availability_over_https(served: ServedReactor, tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     where = ListenConfig("127.0.0.1", 0, ServerTlsConfig(pki.server_cert, pki.server_key))
     desks = DictDesks(clinicians={"clin-7": Availability.OFF_DUTY})
     site = build_web_site(
         web_config(listen=where), desks, desks,
-        clock=Clock(reactor_thread.reactor), reactor=reactor_thread.reactor,
+        clock=Clock(served.reactor), reactor=served.reactor,
     )  # fmt: skip
-    port = reactor_thread.call(listen, reactor_thread.reactor, where, site)
+    port = served.call(listen, served.reactor, where, site)
     try:
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         conn = _Https("127.0.0.1", port.getHost().port, context=context)
@@ -65,7 +51,7 @@ def test_availability_over_https(reactor_thread: ServedReactor, tmp_path: Path) 
         body = json.loads(response.read())
         conn.close()
     finally:
-        reactor_thread.call(port.stopListening)
+        served.call(port.stopListening)
     assert response.status == 200 and body == {"clinician_id": "clin-7", "state": "available"}
     assert response.getheader("strict-transport-security") == "max-age=31536000"
-    assert reactor_thread.call(lambda: dict(desks.clinicians)) == {"clin-7": Availability.AVAILABLE}
+    assert served.call(lambda: dict(desks.clinicians)) == {"clin-7": Availability.AVAILABLE}
