@@ -118,6 +118,10 @@ class LinkSigner:
             tag = _unb64(tag_text)
         except (ValueError, binascii.Error):
             raise LinkRefused("malformed", "the signature is not base64url") from None
+        # Only the canonical spelling: a last character differing in its unused bits decodes
+        # to the same tag, and a link must not have two spellings.
+        if _b64(tag) != tag_text:
+            raise LinkRefused("malformed", "the signature is not canonical base64url")
         signed = f"{version}.{body}".encode("ascii")
         # Both keys are always tried, so the time taken says nothing about which one matched.
         good = False

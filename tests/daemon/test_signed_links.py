@@ -78,6 +78,20 @@ def test_a_payload_re_signed_with_another_key_is_refused() -> None:
     assert caught.value.code == "bad-signature"
 
 
+def test_a_tag_spelled_another_way_is_refused() -> None:
+    # The tag's last base64 character carries two unused bits: 4 spellings, 1 accepted.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    head, last = TOKEN[:-1], TOKEN[-1]
+    value = alphabet.index(last) & ~0b11
+    for spare in range(4):
+        spelled = head + alphabet[value | spare]
+        if spelled == TOKEN:
+            assert SIGNER.verify(spelled, NOW).page_ref == "C1445-2"
+        else:
+            with pytest.raises(LinkRefused):
+                SIGNER.verify(spelled, NOW)
+
+
 def test_a_changed_payload_with_the_old_signature_is_refused() -> None:
     version, _body, tag = TOKEN.split(".")
     payload = json.dumps(["C1445-2", "clin-7", int(NOW) + 10**6], separators=(",", ":"))
