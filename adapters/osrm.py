@@ -118,3 +118,9 @@ class OsrmClient:
             return parse_table(answer.body, len(sources))
 
         return Deferred.fromCoroutine(ask())
+
+    def eta_seconds(
+        self, origin_points: list[LatLon], dest: LatLon
+    ) -> Deferred[list[float | None]]:
+        """The dispatcher's ETA source (``corespond.daemon.escalation.EtaSource``)."""
+        return self.durations(origin_points, dest)

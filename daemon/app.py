@@ -39,9 +39,16 @@ from corespond.daemon.decision import Classifier
 from corespond.daemon.errors import SafeMessage
 from corespond.daemon.escalation import PagingService, PagingSettings
 from corespond.daemon.feeds import FeedServices, FeedSet, HttpListener, TcpListener, listen
+from corespond.daemon.gateways import (
+    GatewayInbound,
+    GatewayMetrics,
+    build_gateway_inbound,
+    build_gateways,
+)
 from corespond.daemon.log import error_text
 from corespond.daemon.pager import Pager
 from corespond.daemon.pipeline import IngestMetrics, Pipeline
+from corespond.daemon.responders import ClinicianDesk, PageDesk
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
 from corespond.daemon.store import migrate
 from corespond.daemon.store.engine import create_store_engine
@@ -92,6 +99,8 @@ class Corespond:
         registry: CollectorRegistry | None = None,
         classifier: Classifier | None = None,
         pagers: Mapping[str, Pager] | None = None,
+        page_desk: PageDesk | None = None,
+        clinician_desk: ClinicianDesk | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -125,8 +134,16 @@ class Corespond:
             )
         self.rules_watcher: RulesWatcher | None = None
         self.feeds = FeedSet(FeedServices(reactor, self.clock, self.pipeline, self.io_threads))
-        # Paging: gateways by name (built from config by corespond.daemon.gateways at merge).
+        # What the paging core puts in a page: the signed ack-page link (None: no web section).
+        self.ack_links: Any = None
+        if config.web is not None:
+            from corespond.daemon.web import ack_links
+
+            self.ack_links = ack_links(config.web, self.clock)
+        # Paging: gateways from the config (or given, in tests), replies and receipts back
+        # through the paging core, which also serves the web side's desks.
         self.paging: PagingService | None = None
+        self.gateway_inbound: GatewayInbound | None = None
         if config.paging is not None:
             self.paging = PagingService(
                 self.engine,
@@ -134,11 +151,30 @@ class Corespond:
                 pagers or {},
                 reactor,
                 paging_settings(config.paging),
+                eta_source=self._eta_source(config.paging),
+                link_for=self.ack_links.url if self.ack_links is not None else None,
             )
             self.pipeline.observers.append(self.paging.observe)
+            if pagers is None:
+                metrics = GatewayMetrics(self.registry)
+                self.paging.pagers.update(
+                    build_gateways(config.gateways, reactor, self.clock, self.paging,
+                                   metrics=metrics)
+                )  # fmt: skip
+                self.gateway_inbound = build_gateway_inbound(
+                    config.gateways, reactor, self.clock, self.paging,
+                    quarantine=self.store.store_reject, metrics=metrics,
+                )  # fmt: skip
+            page_desk = page_desk or self.paging
+            clinician_desk = clinician_desk or self.paging
         self.watchdog: Watchdog | None = None
         self.simulator: Any = None
         self._metrics_port: Any = None
+        # The paging core's desks, which the web listener (ack page, API) calls into.
+        self.page_desk = page_desk
+        self.clinician_desk = clinician_desk
+        self.web_site: Any = None
+        self._web_port: Any = None
         self._started = False
         self._store_started = False
 
@@ -163,6 +199,8 @@ class Corespond:
         except Exception as err:
             raise StartupError(f"a feed could not start: {err}") from err
         self._start_metrics()
+        self._start_web()
+        self._start_gateway_inbound()
         self._start_simulator()
         self._start_rules_watcher()
         self.notifier.ready()
@@ -239,6 +277,54 @@ class Corespond:
         site.displayTracebacks = False
         self._metrics_port = listen(self.reactor, self.config.metrics.listen, site)
         log.info("metrics.listening", port=self._metrics_port.getHost().port)
+
+    def _eta_source(self, paging: PagingConfig) -> Any:
+        """The OSRM-compatible routing client for drive-time ETAs, when one is configured."""
+        if paging.routing_url is None:
+            return None
+        from corespond.adapters.http_client import make_agent
+        from corespond.adapters.osrm import OsrmClient
+
+        agent, _ = make_agent(self.reactor, connect_timeout=paging.routing_timeout_seconds)
+        return OsrmClient(
+            agent, self.reactor, paging.routing_url, timeout=paging.routing_timeout_seconds
+        )
+
+    def _start_gateway_inbound(self) -> None:
+        inbound = self.gateway_inbound
+        if inbound is None:
+            return
+        if inbound.resources and self.web_site is None:
+            log.warning(
+                "gateways.callbacks.unmounted",
+                reason="gateway callbacks need the web section; replies come only by polling",
+                count=len(inbound.resources),
+            )
+        inbound.start()
+
+    def _start_web(self) -> None:
+        """The ack page and API listener (config section ``web``), on the paging core's desks."""
+        if self.config.web is None:
+            return
+        if self.page_desk is None or self.clinician_desk is None:
+            raise StartupError(
+                "the web section needs the paging core (its page and clinician desks), which "
+                "this daemon does not run: remove the web section"
+            )
+        from corespond.daemon.web import build_web_site
+
+        self.web_site = build_web_site(
+            self.config.web, self.page_desk, self.clinician_desk,
+            clock=self.clock, reactor=self.reactor,
+        )  # fmt: skip
+        if self.gateway_inbound is not None:
+            for path, resource in self.gateway_inbound.resources.items():
+                self.web_site.mount(path, resource)
+        try:
+            self._web_port = listen(self.reactor, self.config.web.listen, self.web_site)
+        except Exception as err:
+            raise StartupError(f"the web listener could not start: {error_text(err)}") from err
+        log.info("web.listening", port=self._web_port.getHost().port)
 
     def _start_simulator(self) -> None:
         demo = self.config.demo
@@ -322,6 +408,7 @@ class Corespond:
                 ("state_dir", self.config.state_dir, new.state_dir),
                 ("metrics", self.config.metrics, new.metrics),
                 ("demo", self.config.demo, new.demo),
+                ("web", self.config.web, new.web),
             )
             if old != now
         ]
@@ -379,6 +466,10 @@ class Corespond:
             self.simulator.stop()
         if self._metrics_port is not None:
             await self._metrics_port.stopListening()
+        if self._web_port is not None:
+            await self._web_port.stopListening()
+        if self.gateway_inbound is not None:
+            await self.gateway_inbound.stop()
         await self.feeds.stop()
         if self.paging is not None:
             await self.paging.stop()

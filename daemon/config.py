@@ -260,6 +260,8 @@ class PagingConfig:
     recent_pages_hours: float = 12.0
     lease_seconds: float = 120.0
     worker_id: str | None = None
+    routing_url: str | None = None  # an OSRM-compatible service for drive-time ETAs
+    routing_timeout_seconds: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +297,31 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSystemConfig:
+    """A system allowed on the API (an AVL gateway, a CAD): its name and bearer token."""
+
+    name: str
+    token_file: Path
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The HTTP listener for the clinician's ack page and the API."""
+
+    listen: ListenConfig
+    public_url: str
+    link_key_file: Path
+    link_key: str = field(repr=False)
+    link_previous_key_file: Path | None = None
+    link_previous_key: str | None = field(default=None, repr=False)
+    link_lifetime_seconds: int = 14_400
+    timezone: str = "UTC"
+    max_body_bytes: int = 65_536
+    systems: tuple[WebSystemConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -307,6 +334,7 @@ class Config:
     rules: RulesConfig = RulesConfig()
     paging: PagingConfig | None = None
     gateways: tuple[GatewayConfig, ...] = ()
+    web: WebConfig | None = None
 
     def feed(self, name: str) -> FeedConfig | None:
         return next((f for f in self.feeds if f.name == name), None)
@@ -950,6 +978,14 @@ class PagingSection(Section):
                     minimum=10, default=120.0,
                 ),
                 "worker_id": string("this daemon's name on claimed rows [random per start]"),
+                "routing_url": string(
+                    "an OSRM-compatible service (its /table/v1 API) for drive-time ETAs of the "
+                    "nearest candidates; absent or down: great-circle distance",
+                    pattern="^https?://",
+                ),
+                "routing_timeout_seconds": number(
+                    "time limit of one routing request", exclusiveMinimum=0, default=2.0,
+                ),
             },
             required=("roster",),
             nullable=True,
@@ -979,6 +1015,8 @@ class PagingSection(Section):
             recent_pages_hours=float(values["recent_pages_hours"]),
             lease_seconds=float(values["lease_seconds"]),
             worker_id=values.get("worker_id"),
+            routing_url=values.get("routing_url"),
+            routing_timeout_seconds=float(values["routing_timeout_seconds"]),
         )
 
 
@@ -1170,6 +1208,127 @@ def parse_gateway(name: str, raw: dict[str, Any], ctx: ParseContext) -> GatewayC
     )
 
 
+# --- web (ack page and API) -----------------------------------------------------------------
+
+MIN_LINK_KEY_CHARS = 32
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+class WebSection(Section):
+    key = "web"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "listen": LISTEN_SCHEMA,
+                "public_url": string(
+                    "the URL clinicians' phones reach this listener at, as put in the links "
+                    "of pages (https://, or http:// on loopback only)",
+                    pattern="^https?://[^/?#]+(/[^?#]*)?$",
+                ),
+                "link_key_file": string(
+                    f"file holding the key that signs ack-page links (at least "
+                    f"{MIN_LINK_KEY_CHARS} characters: openssl rand -base64 48)"
+                ),
+                "link_previous_key_file": string(
+                    "the key before the last rotation: links it signed stay valid until they "
+                    "expire"
+                ),
+                "link_lifetime_seconds": integer(
+                    "how long a page's link stays valid", minimum=60, maximum=7 * 86_400,
+                    default=14_400,
+                ),
+                "timezone": string("IANA zone the ack page shows times in", default="UTC"),
+                "max_body_bytes": integer(
+                    "largest request body accepted (413 beyond)", minimum=1_024,
+                    maximum=MAX_MESSAGE_BYTES_LIMIT, default=65_536,
+                ),
+                "systems": {
+                    "type": ["object", "null"],
+                    "description": "systems allowed on the API, each with its bearer token file",
+                    "propertyNames": {"pattern": FEED_NAME_PATTERN, "maxLength": 64},
+                    "additionalProperties": obj({"token_file": _TOKEN_FILE}, ("token_file",)),
+                },
+            },
+            required=("listen", "public_url", "link_key_file"),
+            nullable=True,
+            description="the clinicians' ack page and the location/availability API "
+            "(absent: off)",
+        )  # fmt: skip
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> WebConfig | None:
+        if raw is None:
+            return None
+        values = with_defaults(raw, cls.schema())
+        listen = parse_listen(values["listen"], ("web", "listen"), ctx)
+        public_url = values["public_url"].rstrip("/")
+        host = public_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].lower()
+        if public_url.startswith("http://") and host not in LOOPBACK_HOSTS:
+            ctx.problem(
+                ("web", "public_url"),
+                "links carry a credential: use https:// (http:// only on loopback, for tests)",
+            )
+        key_file, key = ctx.secret(("web", "link_key_file"), values["link_key_file"])
+        previous_file, previous = ctx.secret(
+            ("web", "link_previous_key_file"), values.get("link_previous_key_file")
+        )
+        for name, secret in (("link_key_file", key), ("link_previous_key_file", previous)):
+            if secret is not None and len(secret.encode()) < MIN_LINK_KEY_CHARS:
+                ctx.problem(
+                    ("web", name),
+                    f"the key is shorter than {MIN_LINK_KEY_CHARS} characters "
+                    "(make one with: openssl rand -base64 48)",
+                )
+        try:
+            ZoneInfo(values["timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            hint = _did_you_mean(values["timezone"], _zone_names())
+            ctx.problem(("web", "timezone"), f"unknown time zone {values['timezone']!r}{hint}")
+        systems = []
+        for name, system in (values.get("systems") or {}).items():
+            token_file, token = ctx.secret(("web", "systems", name, "token_file"),
+                                           system["token_file"])  # fmt: skip
+            if token_file is not None and token is not None:
+                systems.append(WebSystemConfig(name, token_file, token))
+        check_web_listener(listen, ctx)
+        assert key_file is not None
+        return WebConfig(
+            listen=listen,
+            public_url=public_url,
+            link_key_file=key_file,
+            link_key=key or "",
+            link_previous_key_file=previous_file,
+            link_previous_key=previous,
+            link_lifetime_seconds=values["link_lifetime_seconds"],
+            timezone=values["timezone"],
+            max_body_bytes=values["max_body_bytes"],
+            systems=tuple(systems),
+        )
+
+
+def check_web_listener(listen: ListenConfig, ctx: ParseContext) -> None:
+    """The web listener takes a port of its own: no feed or metrics listener on it."""
+    web = _Listener("web", "web", listen, ("web", "listen"))
+    metrics: MetricsConfig | None = ctx.values.get("metrics")
+    others = []
+    if metrics is not None:
+        others.append(_Listener("metrics", "metrics", metrics.listen, ("metrics", "listen")))
+    for feed in ctx.values.get("feeds", ()):
+        t = feed.transport
+        if feed.enabled and getattr(t, "listen", None) is not None:
+            others.append(
+                _Listener(f"feed {feed.name!r}", t.type, t.listen,
+                          ("feeds", feed.name, "transport", "listen"))
+            )  # fmt: skip
+    for other in others:
+        message = _clash(other, web, ctx)
+        if message:
+            ctx.problem(("web", "listen", "port"), message)
+            return
+
+
 # In parse order: a section may read ``ctx.values`` of those before it.
 SECTIONS: tuple[type[Section], ...] = (
     StateDirSection,
@@ -1182,6 +1341,7 @@ SECTIONS: tuple[type[Section], ...] = (
     RulesSection,
     PagingSection,
     GatewaysSection,
+    WebSection,
 )
 
 
@@ -1611,7 +1771,9 @@ __all__ = [
     "SubscriptionConfig",
     "TcpTransport",
     "Transport",
+    "WebConfig",
     "WebSocketTransport",
+    "WebSystemConfig",
     "config_schema",
     "load_config",
 ]

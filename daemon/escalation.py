@@ -101,7 +101,7 @@ class PagingService:
         settings: PagingSettings = PagingSettings(),
         *,
         eta_source: EtaSource | None = None,
-        link_for: Callable[[str], str] | None = None,
+        link_for: Callable[[str, str], str] | None = None,
         run_in_thread: RunInThread | None = None,
     ) -> None:
         self.engine = engine
@@ -309,7 +309,7 @@ class PagingService:
         if not endpoints:
             return db.StepOutcome("nobody-to-notify", None, (), None, True)
         notices = [
-            db.NewPage("notice", cid, eps, self._text(kind, facts, work.program, link=False))
+            db.NewPage("notice", cid, eps, self._text(kind, facts, work.program, link_to=None))
             for cid, eps in endpoints
         ]
         return db.StepOutcome("notified", None, notices, None, False)
@@ -330,7 +330,7 @@ class PagingService:
             "page",
             clinician.id,
             [e.as_json() for e in clinician.endpoints],
-            self._text("page", facts, work.program, link=True),
+            self._text("page", facts, work.program, link_to=clinician.id),
         )
         return db.StepOutcome("paged", result.as_json(), [page], None, False)
 
@@ -348,13 +348,21 @@ class PagingService:
         return out
 
     def _text(
-        self, kind: str, facts: db.IncidentFacts, program: str, *, link: bool
+        self, kind: str, facts: db.IncidentFacts, program: str, *, link_to: str | None
     ) -> Callable[[str], str]:
+        """The page text, given its reference; ``link_to``: the clinician its ack link is for."""
+
         def text_for(ref: str) -> str:
-            url = self.link_for(ref) if link and self.link_for is not None else None
+            url = self._link(ref, link_to)
             return page_text(kind, ref, facts, url, program)
 
         return text_for
+
+    def _link(self, page_ref: str, clinician_id: str | None) -> str | None:
+        """The signed ack-page link of an answerable page (none for notices or without web)."""
+        if self.link_for is None or clinician_id is None:
+            return None
+        return self.link_for(page_ref, clinician_id)
 
     async def _deliver(self, page: db.ClaimedPage) -> None:
         pager = self.pagers.get(page.gateway)
@@ -367,9 +375,7 @@ class PagingService:
                 attempt_id=f"{page.page_id}.{page.endpoint_index}",
                 address=page.address,
                 text=page.text,
-                link=self.link_for(page.page_ref)
-                if self.link_for is not None and page.kind == "page"
-                else None,
+                link=self._link(page.page_ref, page.clinician_id if page.kind == "page" else None),
                 **({"answers": answers} if answers is not None else {}),
             )
             submitted: Submitted = await pager.submit(message)

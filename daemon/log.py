@@ -50,7 +50,7 @@ ALLOWED_FIELDS = frozenset(
         "duration_ms",
         # paging: ids, references and codes only (no addresses, names or reply text)
         "page_ref", "pages", "clinician_id", "chain_id", "step", "action", "outcome", "program",
-        "gateway", "matched_by", "answer", "via",
+        "gateway", "matched_by", "answer", "via", "system",
         # failures
         "error", "errors", "exception", "signal",
     }

@@ -386,6 +386,7 @@ class ClaimedPage:
     endpoint_index: int
     gateway: str
     address: str
+    clinician_id: str | None  # None for a notice to a bare endpoint
 
 
 def claim_due_pages(
@@ -397,7 +398,16 @@ def claim_due_pages(
         and_(p.delivery == "sending", p.lease_until < now),
     )
     stmt = (
-        select(p.id, p.page_ref, p.kind, p.chain_id, p.text, p.endpoint_index, p.endpoints)
+        select(
+            p.id,
+            p.page_ref,
+            p.kind,
+            p.chain_id,
+            p.text,
+            p.endpoint_index,
+            p.endpoints,
+            p.clinician_id,
+        )
         .where(due)
         .order_by(p.id)
         .limit(limit)
@@ -415,7 +425,7 @@ def claim_due_pages(
         out.append(
             ClaimedPage(
                 r.id, r.page_ref, r.kind, r.chain_id, r.text, r.endpoint_index,
-                endpoint["gateway"], endpoint["address"],
+                endpoint["gateway"], endpoint["address"], r.clinician_id,
             )
         )  # fmt: skip
     return out

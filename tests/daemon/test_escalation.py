@@ -100,7 +100,7 @@ def make_service(
         reactor,
         PagingSettings(worker_id=kw.pop("worker_id", "w1")),
         run_in_thread=inline,
-        link_for=lambda ref: f"https://corespond.example/p/{ref}?sig=x",
+        link_for=lambda ref, clinician: f"https://corespond.example/p/{ref}?for={clinician}",
         **kw,
     )
 
