@@ -335,7 +335,7 @@ def parse_reply(data: bytes) -> Hl7Reply:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = data.decode("latin-1")
-    text = text.lstrip("\x0b\r\n ")
+    text = text.lstrip("\ufeff\x0b\r\n ")  # a BOM, as some engines write, is no content
     if not text.startswith("MSH"):
         raise RejectedMessage(
             "missing-field", "the message does not start with an MSH segment", "MSH"
@@ -429,6 +429,15 @@ def parse_reply(data: bytes) -> Hl7Reply:
     )
 
 
+def parse_header(data: bytes) -> Hl7Reply | None:
+    """The MSH alone of ``data`` (to answer a message whose body is wrong), or None."""
+    first = re.split(rb"\r|\n", data.lstrip(b"\xef\xbb\xbf\x0b\r\n "), maxsplit=1)[0]
+    try:
+        return parse_reply(first)
+    except RejectedMessage:
+        return None
+
+
 def _parse_ts(value: str | None) -> datetime | None:
     """An HL7 TS (YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]) as UTC; None when unusable."""
     if not value:
@@ -493,6 +502,7 @@ __all__ = [
     "build_ack",
     "build_message",
     "escape",
+    "parse_header",
     "parse_reply",
     "unescape",
 ]

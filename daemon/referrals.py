@@ -51,9 +51,10 @@ from corespond.adapters.hl7_referral import (
     ReferralContent,
     build_ack,
     build_message,
+    parse_header,
     parse_reply,
 )
-from corespond.adapters.tls import client_tls_options
+from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import ProviderConfig, ReferralsConfig
 from corespond.daemon.errors import RejectedMessage, SafeMessage
@@ -873,6 +874,7 @@ def store_inbound(
     Blocking: run it in a thread. ACKs are never answered (no ACK of an ACK).
     """
     reply: Hl7Reply | None = None
+    header: Hl7Reply | None = None
     error: RejectedMessage | None = None
     if isinstance(raw, FramingError):
         error = RejectedMessage(raw.code, raw.reason)
@@ -887,8 +889,10 @@ def store_inbound(
                 )
         except RejectedMessage as err:
             error = err
+            header = parse_header(data)  # to name the message in the AE
     referral_id: int | None = None
     outcome: str | None = None
+    known = reply or header
     with engine.begin() as conn:
         if reply is not None and error is None:
             referral_id = _match(conn, reply)
@@ -902,9 +906,9 @@ def store_inbound(
                 .values(
                     received_at=now,
                     peer=peer,
-                    message_type=reply.message_type if reply else None,
-                    control_id=reply.control_id if reply else None,
-                    acked_control_id=reply.acked_control_id if reply else None,
+                    message_type=known.message_type if known else None,
+                    control_id=known.control_id if known else None,
+                    acked_control_id=known.acked_control_id if known else None,
                     referral_id=referral_id,
                     error_code=error.code if error else None,
                     error_reason=error.reason if error else None,
@@ -942,9 +946,9 @@ def store_inbound(
         code = "AA"
         if error is not None:
             # AR: not HL7 we can read at all; AE: readable, but wrong.
-            code = "AR" if reply is None else "AE"
+            code = "AR" if reply is None and header is None else "AE"
         ack = build_ack(
-            reply,
+            reply or header,
             code,
             new_control_id(),
             now,
@@ -993,7 +997,35 @@ class ReferralListener:
         self.config = config
         self.clock = Clock(clock or reactor)
         self._pool = ThreadPool(0, 1, name="corespond-hl7-inbound")
+        self._port: Any = None
+
+    def start(self) -> None:
+        """Listen where ``config.listen`` says (TLS and client certificates as configured)."""
         self._pool.start()
+        listen = self.config.listen
+        if listen is None:
+            return
+        tls = None
+        if listen.tls is not None:
+            tls = server_tls_options(
+                listen.tls.cert_file,
+                listen.tls.key_file,
+                listen.tls.client_ca_file,
+                listen.tls.require_client_cert,
+            )
+        self._port = mllp.listen(
+            self.reactor, listen.port, self.factory(), interface=listen.host, tls=tls
+        )
+        log.info(
+            "hl7.listener.started",
+            host=listen.host,
+            port=self.port,
+            transport="tls" if tls else "tcp",
+        )
+
+    @property
+    def port(self) -> int | None:
+        return int(self._port.getHost().port) if self._port is not None else None
 
     def factory(self) -> mllp.MLLPServerFactory:
         return mllp.MLLPServerFactory(self.handle, self.config.max_message_bytes)
@@ -1013,5 +1045,24 @@ class ReferralListener:
 
         return deferToThreadPool(self.reactor, self._pool, store)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        if self._port is not None:
+            await self._port.stopListening()
+            self._port = None
         self._pool.stop()
+
+
+class ReferralService:
+    """The outbox worker and the inbound listener, started and stopped with the daemon."""
+
+    def __init__(self, engine: Engine, reactor: Any, config: ReferralsConfig) -> None:
+        self.worker = ReferralWorker(engine, reactor, config)
+        self.listener = ReferralListener(engine, reactor, config)
+
+    def start(self) -> None:
+        self.worker.start()
+        self.listener.start()
+
+    async def stop(self) -> None:
+        await self.listener.stop()
+        await self.worker.stop()
