@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
 from corespond.adapters import mllp
@@ -242,3 +244,24 @@ def test_mutual_tls_listener(engine: Engine, tmp_path: Path, client_cert: bool) 
     finally:
         stop_listener(loop, listener)
     assert len(inbound_rows(engine)) == (1 if client_cert else 0)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.binary(max_size=200)
+    | st.builds(
+        lambda tail: b"MSH|^~\\&|A|B|C|D|2027||RRI^I12|X|P|2.5.1\r" + tail, st.binary(max_size=120)
+    )
+)
+def test_fuzz_whatever_arrives_is_kept_and_answered(engine: Engine, data: bytes) -> None:
+    from corespond.daemon.referrals import store_inbound
+
+    result = store_inbound(engine, data, "127.0.0.1:9", now())
+    with engine.connect() as conn:
+        row = conn.execute(select(hl7_inbound).where(hl7_inbound.c.id == result.inbound_id)).one()
+    assert row.raw == data
+    if result.ack is not None:
+        assert parse_reply(result.ack).ack_code in ("AA", "AE", "AR")
+        assert (parse_reply(result.ack).ack_code == "AA") == (row.error_code is None)

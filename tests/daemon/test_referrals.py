@@ -477,3 +477,27 @@ def test_tls_peer_with_an_untrusted_certificate_is_not_delivered(
     finally:
         loop_stop(loop, worker, peer)
     assert peer.received == []
+
+
+def test_two_workers_on_one_database_deliver_each_message_once(engine: Engine) -> None:
+    """Two daemons share the database: each message reaches the peer exactly once."""
+    cfg = config(provider("csu"), provider("mcrt"))
+    created = [
+        create_referral(engine, cfg, request(provider=name, incident_ref=f"I-{n}"), now())
+        for n in range(4)
+        for name in ("csu", "mcrt")
+    ]
+    loop = Loop()
+    peer = Peer(loop).start()
+    cfg = with_port(with_port(cfg, "csu", peer.port), "mcrt", peer.port)
+    workers = [start_worker(engine, loop, cfg, worker_id=f"w{n}") for n in range(2)]
+    try:
+        loop.spin(lambda: sum(w.delivered for w in workers) == len(created))
+        loop.settle()
+    finally:
+        for worker in workers:
+            d = worker.stop()
+            loop.spin(lambda d=d: d.called)
+        peer.stop()
+    assert sorted(peer.control_ids()) == sorted(c.control_id for c in created)
+    assert sum(w.delivered for w in workers) == len(created)
