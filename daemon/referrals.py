@@ -515,6 +515,7 @@ def claim_due(
     busy: frozenset[str] = frozenset(),
     lease: timedelta,
     limit: int = 50,
+    provider: str | None = None,
 ) -> list[Claimed]:
     """Claim due rows, at most one per provider and none for a provider in ``busy`` or with a
     live claim elsewhere; rows locked by another daemon are skipped (PostgreSQL)."""
@@ -536,6 +537,8 @@ def claim_due(
     )
     if busy:
         query = query.where(m.c.provider.not_in(sorted(busy)))
+    if provider is not None:
+        query = query.where(m.c.provider == provider)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True, of=m)
     chosen: dict[str, int] = {}
@@ -729,10 +732,7 @@ class ReferralWorker:
                 self._again = False
                 now = self.clock.now()
                 busy = frozenset(self._in_flight)
-                longest = max(
-                    (p.ack_timeout + p.connect_timeout for p in self.config.providers), default=60.0
-                )
-                lease = timedelta(seconds=longest + self._lease_margin)
+                lease = self._lease()
 
                 try:
                     claimed = await self._in_thread(partial(self._claim, now, busy, lease))
@@ -748,6 +748,13 @@ class ReferralWorker:
         finally:
             self._polling = False
 
+    def _lease(self) -> timedelta:
+        """How long a claim holds: the longest connect and ACK wait, and a margin."""
+        longest = max(
+            (p.ack_timeout + p.connect_timeout for p in self.config.providers), default=60.0
+        )
+        return timedelta(seconds=longest + self._lease_margin)
+
     def _claim(self, now: datetime, busy: frozenset[str], lease: timedelta) -> list[Claimed]:
         with self.engine.begin() as conn:
             return claim_due(conn, now, self.worker_id, busy=busy, lease=lease)
@@ -762,7 +769,14 @@ class ReferralWorker:
 
     # --- one delivery --------------------------------------------------------------------------
 
-    async def _deliver(self, item: Claimed) -> None:
+    async def _deliver(self, first: Claimed) -> None:
+        """Send ``first``, then whatever else is due for its provider: each result is committed
+        in the transaction that claims the next message, before that message goes."""
+        item: Claimed | None = first
+        while item is not None:
+            item = await self._deliver_one(item)
+
+    async def _deliver_one(self, item: Claimed) -> Claimed | None:
         provider = self.config.provider(item.provider)
         if provider is None:
             await self._commit(
@@ -770,7 +784,7 @@ class ReferralWorker:
                     c, item, "unknown-provider: the provider is not configured", self.clock.now()
                 )
             )
-            return
+            return None
         try:
             link = self._links.get(provider.name)
             if link is None or not link.connected_:
@@ -779,11 +793,23 @@ class ReferralWorker:
             reply = await link.send(item.message, item.control_id, provider.ack_timeout)
         except Exception as err:
             await self._failed(item, provider, err)
-            return
+            return None
         code = reply.ack_code or ""
         now = self.clock.now()
         if code in ACCEPTED:
-            await self._commit(lambda c: record_delivered(c, item, code, now))
+            record = partial(record_delivered, claimed=item, ack_code=code, now=now)
+        else:
+            reason = f"peer-error: the provider answered {code}"
+            record = partial(
+                record_held,
+                claimed=item,
+                reason=reason,
+                now=now,
+                ack_code=code,
+                peer_text=reply.ack_text,
+            )
+        next_item = await self._in_thread(partial(self._record_and_claim, record, provider, now))
+        if code in ACCEPTED:
             self.delivered += 1
             log.info(
                 "referral.delivered",
@@ -793,13 +819,23 @@ class ReferralWorker:
                 attempt=item.attempts + 1,
             )
         else:
-            reason = f"peer-error: the provider answered {code}"
-            await self._commit(
-                lambda c: record_held(c, item, reason, now, ack_code=code, peer_text=reply.ack_text)
-            )
             log.warning(
                 "referral.held", control_id=item.control_id, provider=provider.name, code=code
             )
+        return next_item
+
+    def _record_and_claim(
+        self, record: Callable[..., None], provider: ProviderConfig, now: datetime
+    ) -> Claimed | None:
+        """One transaction: the result of this message, and the claim of the provider's next."""
+        with self.engine.begin() as conn:
+            record(conn)
+            if not self._loop or not self._loop.running:
+                return None  # stopping: claim nothing more
+            claimed = claim_due(
+                conn, now, self.worker_id, lease=self._lease(), limit=1, provider=provider.name
+            )
+        return claimed[0] if claimed else None
 
     async def _failed(self, item: Claimed, provider: ProviderConfig, err: Exception) -> None:
         link = self._links.pop(provider.name, None)
@@ -1055,9 +1091,33 @@ class ReferralListener:
 class ReferralService:
     """The outbox worker and the inbound listener, started and stopped with the daemon."""
 
-    def __init__(self, engine: Engine, reactor: Any, config: ReferralsConfig) -> None:
-        self.worker = ReferralWorker(engine, reactor, config)
-        self.listener = ReferralListener(engine, reactor, config)
+    def __init__(
+        self,
+        engine: Engine,
+        reactor: Any,
+        config: ReferralsConfig,
+        clock: Any = None,
+        build: Callable[[ReferralContent, str], bytes] = build_message,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self._build = build
+        self.worker = ReferralWorker(engine, reactor, config, clock=clock)
+        self.listener = ReferralListener(engine, reactor, config, clock=clock)
+
+    def create(self, request: ReferralRequest) -> Deferred[CreatedReferral]:
+        """Create a referral from inside the daemon (an API, a rule): the hl7apy build and the
+        insert run in the worker's thread pool, never on the reactor; then the worker looks."""
+        now = self.worker.clock.now()
+        done = self.worker._in_thread(
+            lambda: create_referral(self.engine, self.config, request, now, build=self._build)
+        )
+
+        def wake(created: CreatedReferral) -> CreatedReferral:
+            self.worker.wake()
+            return created
+
+        return done.addCallback(wake)
 
     def start(self) -> None:
         self.worker.start()

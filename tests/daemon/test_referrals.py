@@ -501,3 +501,34 @@ def test_two_workers_on_one_database_deliver_each_message_once(engine: Engine) -
         peer.stop()
     assert sorted(peer.control_ids()) == sorted(c.control_id for c in created)
     assert sum(w.delivered for w in workers) == len(created)
+
+
+def test_the_service_builds_off_the_reactor_thread(engine: Engine) -> None:
+    import threading
+
+    from corespond.adapters.hl7_referral import build_message
+    from corespond.daemon.referrals import ReferralService
+
+    threads: list[threading.Thread] = []
+
+    def build(*args: Any) -> bytes:
+        threads.append(threading.current_thread())
+        return build_message(*args)
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    cfg = with_port(config(), "csu", peer.port)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, build=build)
+    service.start()
+    try:
+        d = service.create(request())
+        loop.spin(lambda: d.called)
+        loop.spin(lambda: service.worker.delivered == 1)
+    finally:
+        from twisted.internet.defer import ensureDeferred
+
+        stopped = ensureDeferred(service.stop())
+        loop.spin(lambda: stopped.called)
+        peer.stop()
+    assert threads and threads[0] is not threading.main_thread()
+    assert peer.control_ids() == [d.result.control_id]
