@@ -429,6 +429,17 @@ def parse_reply(data: bytes) -> Hl7Reply:
     )
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,40}")
+
+
+def log_token(value: str | None) -> str | None:
+    """``value`` if it looks like an id or a code (safe for a log line), else a placeholder:
+    peers control MSH-9 and MSH-10, and a misbehaving one could put anything there."""
+    if value is None:
+        return None
+    return value if _TOKEN.fullmatch(value) else "(not an id)"
+
+
 def parse_header(data: bytes) -> Hl7Reply | None:
     """The MSH alone of ``data`` (to answer a message whose body is wrong), or None."""
     first = re.split(rb"\r|\n", data.lstrip(b"\xef\xbb\xbf\x0b\r\n "), maxsplit=1)[0]
@@ -502,6 +513,7 @@ __all__ = [
     "build_ack",
     "build_message",
     "escape",
+    "log_token",
     "parse_header",
     "parse_reply",
     "unescape",

@@ -40,12 +40,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from corespond.adapters.framing import Frame, FramingError, make_deframer
-from corespond.adapters.hl7_referral import Hl7Reply, parse_reply
+from corespond.adapters.hl7_referral import Hl7Reply, log_token, parse_reply
 from corespond.daemon.errors import RejectedMessage, SafeMessage
 
 log = structlog.get_logger("corespond.mllp")
 
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+MAX_QUEUED = 64  # frames received and not yet handled, per connection, before reading pauses
 
 
 class MllpSendError(SafeMessage, Exception):
@@ -122,7 +123,7 @@ class MLLPClientProtocol(Protocol):
             self.ignored += 1
             log.warning(
                 "hl7.ack.ignored",
-                control_id=reply.acked_control_id,
+                control_id=log_token(reply.acked_control_id),
                 expected=self._control_id,
                 code=reply.ack_code,
             )
@@ -214,6 +215,7 @@ class MLLPServerProtocol(Protocol):
         self._queue: deque[Frame] = deque()
         self._busy = False
         self._gone = False
+        self._paused = False
         self.peer: str | None = None
 
     def connectionMade(self) -> None:
@@ -223,6 +225,10 @@ class MLLPServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._queue.extend(self._deframer.feed(data))
+        if len(self._queue) > MAX_QUEUED and self.transport is not None and not self._paused:
+            # A fast sender waits for our commits instead of filling memory.
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
         self._next()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDropped())) -> None:  # noqa: B008
@@ -240,6 +246,9 @@ class MLLPServerProtocol(Protocol):
 
     def _reply(self, reply: bytes | None) -> None:
         self._busy = False
+        if self._paused and len(self._queue) <= MAX_QUEUED // 2 and not self._gone:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
         if reply is not None and not self._gone and self.transport is not None:
             self.transport.write(frame(reply))
         self._next()

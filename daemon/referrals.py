@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Engine, and_, exists, or_, select
 from sqlalchemy.orm import aliased
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from corespond.adapters import mllp
@@ -51,6 +52,7 @@ from corespond.adapters.hl7_referral import (
     ReferralContent,
     build_ack,
     build_message,
+    log_token,
     parse_header,
     parse_reply,
 )
@@ -761,7 +763,7 @@ class ReferralWorker:
 
     def _delivered(self, result: object, provider: str) -> None:
         self._in_flight.pop(provider, None)
-        if hasattr(result, "value"):  # a Failure: _deliver catches everything it expects
+        if isinstance(result, Failure):  # _deliver catches everything it expects
             log.error(
                 "referral.worker.failed", provider=provider, error=type(result.value).__name__
             )
@@ -995,8 +997,8 @@ def store_inbound(
     log.info(
         "hl7.inbound.stored",
         peer=peer,
-        kind=reply.message_type if reply else None,
-        control_id=reply.control_id if reply else None,
+        kind=log_token(known.message_type) if known else None,
+        control_id=log_token(known.control_id) if known else None,
         referral_pk=referral_id,
         code=error.code if error else None,
         state=outcome,

@@ -221,3 +221,11 @@ def test_fuzz_mutated_ack(at: int, insert: bytes, delete: bool) -> None:
         assert "text" not in err.reason  # never quotes the message
         return
     assert reply.message_type
+
+
+def test_log_token_keeps_ids_only() -> None:
+    from corespond.adapters.hl7_referral import log_token
+
+    assert log_token("CR0123-ABC.9_x") == "CR0123-ABC.9_x"
+    assert log_token("Jane Doe 1990-01-01") == "(not an id)"
+    assert log_token("x" * 41) == "(not an id)" and log_token(None) is None

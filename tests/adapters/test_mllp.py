@@ -155,3 +155,19 @@ def test_parse_of_what_the_server_received_is_not_its_job() -> None:
     proto, _ = server(lambda item, peer: got.append(item) or succeed(None))
     proto.dataReceived(b"noise" + frame(MSG))
     assert got == [MSG] and parse_reply(got[0]).control_id == "CR1"
+
+
+def test_server_pauses_a_sender_that_outruns_the_store() -> None:
+    pending: list[Deferred[bytes | None]] = []
+
+    def handler(item: Any, peer: Any) -> Deferred[bytes | None]:
+        d: Deferred[bytes | None] = Deferred()
+        pending.append(d)
+        return d
+
+    proto, transport = server(handler)
+    proto.dataReceived(frame(b"m") * 100)
+    assert transport.producerState == "paused"
+    while transport.producerState == "paused":
+        pending[-1].callback(b"ok")
+    assert len(pending) > 60 and transport.producerState == "producing"
