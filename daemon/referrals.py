@@ -35,7 +35,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection, Engine, and_, exists, or_, select
+from sqlalchemy import Connection, Engine, and_, exists, func, or_, select
 from sqlalchemy.orm import aliased
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -546,6 +546,8 @@ def claim_due(
     chosen: dict[str, int] = {}
     for row in conn.execute(query):
         chosen.setdefault(row.provider, row.id)
+    if conn.dialect.name == "postgresql":
+        chosen = {p: i for p, i in chosen.items() if _provider_free(conn, p, now)}
     if not chosen:
         return []
     ids = sorted(chosen.values())
@@ -558,6 +560,23 @@ def claim_due(
         Claimed(r.id, r.referral_id, r.control_id, r.provider, r.profile, r.attempts, r.message)
         for r in conn.execute(select(m).where(m.c.id.in_(ids)).order_by(m.c.id))
     ]
+
+
+def _provider_free(conn: Connection, provider: str, now: datetime) -> bool:
+    """PostgreSQL: hold the provider's claim lock for this transaction, then look again.
+
+    Two daemons may each pick a different row of one provider before either commits (SKIP
+    LOCKED hides the other's row, the live-claim check its uncommitted claim); the lock lets
+    one of them through, and the second look sees a claim committed meanwhile.
+    """
+    key = func.hashtext("corespond.referrals:" + provider)
+    if not conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
+        return False
+    m = referral_messages
+    live = select(
+        exists().where(m.c.provider == provider, m.c.state == "sending", m.c.lease_until > now)
+    )
+    return not conn.execute(live).scalar()
 
 
 def record_delivered(conn: Connection, claimed: Claimed, ack_code: str, now: datetime) -> None:

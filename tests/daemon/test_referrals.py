@@ -203,6 +203,24 @@ def test_skip_locked_on_postgresql(engine: Engine) -> None:
         assert [c.provider for c in claimed] == ["mcrt"]
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_two_daemons_never_have_one_provider_in_flight_twice(engine: Engine) -> None:
+    for n in range(2):
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now())
+    lease = timedelta(seconds=30)
+    with engine.connect() as first:
+        first_tx = first.begin()
+        # As a worker claims a provider's next message: one row, not yet committed.
+        [claimed] = claim_due(first, now(), "w1", lease=lease, limit=1)
+        with engine.begin() as second:  # skips the locked row, cannot see the claim yet
+            assert claim_due(second, now(), "w2", lease=lease) == []
+        first_tx.commit()
+    with engine.begin() as second:  # the committed claim is live: still nothing
+        assert claim_due(second, now(), "w2", lease=lease) == []
+    assert claimed.provider == "csu"
+
+
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert backoff_delay(1, 5, 600, rand=lambda: 1.0) == 5
     assert backoff_delay(1, 5, 600, rand=lambda: 0.0) == 2.5
