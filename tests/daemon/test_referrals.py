@@ -550,3 +550,27 @@ def test_the_service_builds_off_the_reactor_thread(engine: Engine) -> None:
         peer.stop()
     assert threads and threads[0] is not threading.main_thread()
     assert peer.control_ids() == [d.result.control_id]
+
+
+@pytest.mark.parametrize("with_cert", [True, False], ids=["client-cert", "no-client-cert"])
+def test_mutual_tls_provider(engine: Engine, tmp_path: Path, with_cert: bool) -> None:
+    from corespond.daemon.config import ReferralTlsConfig
+
+    pki = make_pki(tmp_path)
+    loop = Loop()
+    tls = server_tls_options(pki.server_cert, pki.server_key, pki.ca_cert, True)
+    peer = Peer(loop).start(tls=tls)
+    cert = (pki.client_cert, pki.client_key) if with_cert else (None, None)
+    cfg = with_port(
+        config(), "csu", peer.port, tls=ReferralTlsConfig(SERVER_NAME, pki.ca_cert, *cert)
+    )
+    create_referral(engine, cfg, request(), now())
+    worker = start_worker(engine, loop, cfg)
+    try:
+        if with_cert:
+            loop.spin(lambda: worker.delivered == 1)
+        else:
+            loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+    finally:
+        loop_stop(loop, worker, peer)
+    assert len(peer.received) == (1 if with_cert else 0)
