@@ -200,3 +200,66 @@ def test_cli_without_the_section(tmp_path: Path, capsys: pytest.CaptureFixture[s
     config = str(config_file(tmp_path, ""))
     code, _, err = run(capsys, "referrals", "list", "-c", config)
     assert code == 1 and "referrals are not configured" in err
+
+
+def test_cli_takes_the_person_and_zone_from_the_incident(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sqlalchemy import select
+
+    from corespond.adapters.hl7_referral import parse_reply
+    from corespond.daemon.store.engine import create_store_engine
+    from corespond.daemon.store.tables import referral_messages
+    from corespond.daemon.store.writer import write_batch
+    from tests.daemon.store.records import record, snapshot
+
+    regional = REFERRALS + "      regions: [Z9]\n"
+    config = str(config_file(tmp_path, regional))
+    run(capsys, "db", "upgrade", "-c", config)
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'state' / 'corespond.db'}")
+    try:
+        with engine.begin() as conn:
+            write_batch(conn, [record(snapshot("CAD-5", person="Ada Q Testperson"))])
+        code, out, err = run(
+            capsys,
+            "referrals",
+            "create",
+            "NCAD-5",
+            "--provider",
+            "csu",
+            "--service",
+            "crisis-stabilization",
+            "--clinician",
+            "CLIN-1",
+            "--json",
+            "-c",
+            config,
+        )
+        assert code == 0, err
+        assert "not in the store" not in err
+        with engine.connect() as conn:
+            message = conn.execute(select(referral_messages.c.message)).scalar_one()
+    finally:
+        engine.dispose()
+    pid = next(s for s in message.split(b"\r") if s.startswith(b"PID"))
+    fields = pid.split(b"|")
+    assert fields[5] == b"Testperson^Ada Q" and fields[7] == b"19900101"
+    assert fields[11] == b"12 Imaginary Lane" and fields[13] == b"555-0100^PRN^PH"
+    assert parse_reply(message).originating_referral_id == json.loads(out)["ref"]
+    # The incident's zone is its region: a provider for other regions refuses it.
+    other = str(config_file(tmp_path, REFERRALS + "      regions: [north]\n"))
+    code, _, err = run(
+        capsys,
+        "referrals",
+        "create",
+        "NCAD-5",
+        "--provider",
+        "csu",
+        "--service",
+        "crisis-stabilization",
+        "--clinician",
+        "CLIN-1",
+        "-c",
+        other,
+    )
+    assert code == 1 and "does not take region Z9" in err
