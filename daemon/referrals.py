@@ -646,7 +646,9 @@ def record_held(
     )
 
 
-def record_retry(conn: Connection, claimed: Claimed, error: str, next_due: datetime) -> None:
+def record_retry(
+    conn: Connection, claimed: Claimed, error: str, next_due: datetime, *, count: bool = True
+) -> None:
     conn.execute(
         referral_messages.update()
         .where(referral_messages.c.id == claimed.id, referral_messages.c.state == "sending")
@@ -654,7 +656,7 @@ def record_retry(conn: Connection, claimed: Claimed, error: str, next_due: datet
             state="pending",
             next_due=next_due,
             lease_until=None,
-            attempts=claimed.attempts + 1,
+            attempts=claimed.attempts + (1 if count else 0),
             last_error=error,
         )
     )
@@ -702,6 +704,7 @@ class ReferralWorker:
         self._again = False
         self._loop: Any = None
         self._tls: dict[str, Any] = {}
+        self._stopping = False
         self.delivered = 0
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -719,6 +722,7 @@ class ReferralWorker:
         self._loop = self.clock.looping_call(self.config.poll_interval, self.poll, now=True)
 
     def stop(self) -> Deferred[None]:
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         for link in list(self._links.values()):
@@ -863,8 +867,12 @@ class ReferralWorker:
         if link is not None:
             link.close()
         code = getattr(err, "code", None) or f"connect-failed ({type(err).__name__})"
-        attempts = item.attempts + 1
         now = self.clock.now()
+        if self._stopping:
+            # Our own shutdown cut it short: due again at once, and not counted as an attempt.
+            await self._commit(lambda c: record_retry(c, item, "daemon-stopped", now, count=False))
+            return
+        attempts = item.attempts + 1
         if provider.max_attempts and attempts >= provider.max_attempts:
             reason = f"undeliverable: {code} after {attempts} attempts"
             await self._commit(lambda c: record_held(c, item, reason, now))

@@ -574,3 +574,16 @@ def test_mutual_tls_provider(engine: Engine, tmp_path: Path, with_cert: bool) ->
     finally:
         loop_stop(loop, worker, peer)
     assert len(peer.received) == (1 if with_cert else 0)
+
+
+def test_a_clean_stop_mid_flight_releases_the_message_at_once(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop, mode="silent").start()
+    create_referral(engine, config(), request(), now())
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    loop.spin(lambda: len(peer.unanswered) == 1)
+    loop_stop(loop, worker, peer)
+    with engine.connect() as conn:
+        row = conn.execute(select(referral_messages)).one()
+    assert (row.state, row.attempts, row.last_error) == ("pending", 0, "daemon-stopped")
+    assert row.next_due == now() and row.lease_until is None
