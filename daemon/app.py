@@ -177,6 +177,7 @@ class Corespond:
         self._web_port: Any = None
         self._started = False
         self._store_started = False
+        self.referrals: Any = None
 
     def in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.io_threads, fn, *args)
@@ -198,6 +199,14 @@ class Corespond:
             await self.feeds.apply(self.config.feeds)
         except Exception as err:
             raise StartupError(f"a feed could not start: {err}") from err
+        if self.config.referrals is not None:
+            from corespond.daemon.referrals import ReferralService
+
+            try:
+                self.referrals = ReferralService(self.engine, self.reactor, self.config.referrals)
+                self.referrals.start()
+            except Exception as err:
+                raise StartupError(f"referrals could not start: {err}") from err
         self._start_metrics()
         self._start_web()
         self._start_gateway_inbound()
@@ -473,6 +482,8 @@ class Corespond:
         await self.feeds.stop()
         if self.paging is not None:
             await self.paging.stop()
+        if self.referrals is not None:
+            await self.referrals.stop()
         # A start that failed early (rules, schema) never started the store's reader threads.
         store_totals = (
             await self.store.run_read(totals) if self._store_started else Totals(0, 0, 0, 0)

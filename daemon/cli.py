@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from corespond.daemon import paging_cli
 
     paging_cli.register(sub)
+    from corespond.daemon import referrals_cli
+
+    referrals_cli.register(sub)
     return parser
 
 

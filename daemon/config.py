@@ -322,6 +322,47 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReferralTlsConfig:
+    server_name: str  # the name the provider's certificate must carry
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    host: str
+    port: int
+    profile: str = "ref-i12"
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    tls: ReferralTlsConfig | None = None
+    service_types: tuple[str, ...] = ()
+    programs: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    ack_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    backoff_initial: float = 5.0
+    backoff_max: float = 600.0
+    max_attempts: int = 0  # 0: retry until a person cancels
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralsConfig:
+    sending_application: str
+    sending_facility: str
+    providers: tuple[ProviderConfig, ...]
+    processing_id: str = "P"
+    poll_interval: float = 2.0
+    listen: ListenConfig | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -335,6 +376,7 @@ class Config:
     paging: PagingConfig | None = None
     gateways: tuple[GatewayConfig, ...] = ()
     web: WebConfig | None = None
+    referrals: ReferralsConfig | None = None
 
     def feed(self, name: str) -> FeedConfig | None:
         return next((f for f in self.feeds if f.name == name), None)
@@ -1329,6 +1371,148 @@ def check_web_listener(listen: ListenConfig, ctx: ParseContext) -> None:
             return
 
 
+_NAMES = {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True}
+_HL7_NAME = {"pattern": "^[^|^~\\\\&\r\n]+$"}  # travels in MSH as is: no HL7 delimiters
+
+PROVIDER_SCHEMA = obj(
+    {
+        "host": string("MLLP host of the provider's interface engine"),
+        "port": integer("MLLP port", minimum=1, maximum=65535),
+        "tls": obj(
+            {
+                "server_name": string("name the provider's certificate must carry [host]"),
+                "ca_file": string(
+                    "PEM CA bundle the provider's certificate must chain to [system CAs]"
+                ),
+                "cert_file": string("PEM client certificate, for mutual TLS"),
+                "key_file": string("PEM private key of cert_file"),
+            },
+            description="MLLP over TLS 1.2+ (absent: plain MLLP, e.g. inside a VPN)",
+        ),
+        "profile": choice("message profile", ("ref-i12", "adt-a04", "mdm-t02"), default="ref-i12"),
+        "receiving_application": string("MSH-5", **_HL7_NAME),
+        "receiving_facility": string("MSH-6", **_HL7_NAME),
+        "service_types": dict(_NAMES, description="service types it takes (empty: any)"),
+        "programs": dict(_NAMES, description="programs that may refer to it (empty: any)"),
+        "regions": dict(_NAMES, description="regions (CAD zones) it serves (empty: any)"),
+        "ack_timeout": number(
+            "seconds to wait for the ACK before closing and resending",
+            exclusiveMinimum=0,
+            default=30,
+        ),
+        "connect_timeout": number(
+            "seconds to wait for a connection", exclusiveMinimum=0, default=10
+        ),
+        "backoff": obj(
+            {
+                "initial": number("first retry delay, seconds", exclusiveMinimum=0, default=5),
+                "max": number("longest retry delay, seconds", exclusiveMinimum=0, default=600),
+                "max_attempts": integer(
+                    "hold for a person after this many failed attempts (0: never)",
+                    minimum=0,
+                    default=0,
+                ),
+            },
+            description="retries after connection failures and ACK timeouts (with jitter)",
+        ),
+    },
+    required=("host", "port", "receiving_application", "receiving_facility"),
+)
+
+
+class ReferralsSection(Section):
+    key = "referrals"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return obj(
+            {
+                "sending_application": string("MSH-3", **_HL7_NAME),
+                "sending_facility": string("MSH-4", **_HL7_NAME),
+                "processing_id": choice(
+                    "MSH-11: P production, T training/test, D debugging",
+                    ("P", "T", "D"),
+                    default="P",
+                ),
+                "poll_interval": number(
+                    "seconds between outbox scans", exclusiveMinimum=0, default=2
+                ),
+                "max_message_bytes": integer(
+                    "largest inbound HL7 message",
+                    minimum=1,
+                    maximum=MAX_MESSAGE_BYTES_LIMIT,
+                    default=DEFAULT_MAX_MESSAGE_BYTES,
+                ),
+                "providers": {
+                    "type": "object",
+                    "description": "treatment providers by name",
+                    "propertyNames": {"pattern": FEED_NAME_PATTERN, "maxLength": 64},
+                    "additionalProperties": PROVIDER_SCHEMA,
+                },
+                "listen": LISTEN_SCHEMA,
+            },
+            required=("sending_application", "sending_facility", "providers"),
+            nullable=True,
+            description="HL7 v2 referrals to treatment providers over MLLP (absent: off)",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> ReferralsConfig | None:
+        if raw is None:
+            return None
+        values = with_defaults(raw, cls.schema())
+        providers = []
+        for name, p in raw["providers"].items():
+            path: KeyPath = ("referrals", "providers", name)
+            pv = with_defaults(p, PROVIDER_SCHEMA)
+            backoff = with_defaults(p.get("backoff"), PROVIDER_SCHEMA["properties"]["backoff"])
+            if backoff["initial"] > backoff["max"]:
+                ctx.problem((*path, "backoff", "initial"), "is longer than backoff.max")
+            tls = None
+            if "tls" in p:
+                t = p["tls"] or {}
+                tp = (*path, "tls")
+                if ("cert_file" in t) != ("key_file" in t):
+                    ctx.problem(tp, "cert_file and key_file go together")
+                tls = ReferralTlsConfig(
+                    server_name=t.get("server_name", pv["host"]),
+                    ca_file=ctx.existing_file((*tp, "ca_file"), t.get("ca_file")),
+                    cert_file=ctx.existing_file((*tp, "cert_file"), t.get("cert_file")),
+                    key_file=ctx.existing_file((*tp, "key_file"), t.get("key_file")),
+                )
+            providers.append(
+                ProviderConfig(
+                    name=name,
+                    host=pv["host"],
+                    port=pv["port"],
+                    profile=pv["profile"],
+                    receiving_application=pv["receiving_application"],
+                    receiving_facility=pv["receiving_facility"],
+                    tls=tls,
+                    service_types=tuple(pv.get("service_types", ())),
+                    programs=tuple(pv.get("programs", ())),
+                    regions=tuple(pv.get("regions", ())),
+                    ack_timeout=float(pv["ack_timeout"]),
+                    connect_timeout=float(pv["connect_timeout"]),
+                    backoff_initial=float(backoff["initial"]),
+                    backoff_max=float(backoff["max"]),
+                    max_attempts=backoff["max_attempts"],
+                )
+            )
+        listen = (
+            parse_listen(raw["listen"], ("referrals", "listen"), ctx) if "listen" in raw else None
+        )
+        return ReferralsConfig(
+            sending_application=values["sending_application"],
+            sending_facility=values["sending_facility"],
+            providers=tuple(providers),
+            processing_id=values["processing_id"],
+            poll_interval=float(values["poll_interval"]),
+            listen=listen,
+            max_message_bytes=values["max_message_bytes"],
+        )
+
+
 # In parse order: a section may read ``ctx.values`` of those before it.
 SECTIONS: tuple[type[Section], ...] = (
     StateDirSection,
@@ -1342,6 +1526,7 @@ SECTIONS: tuple[type[Section], ...] = (
     PagingSection,
     GatewaysSection,
     WebSection,
+    ReferralsSection,
 )
 
 

@@ -349,3 +349,135 @@ escalation_chains: Table = EscalationChainRow.__table__  # type: ignore[assignme
 escalation_steps: Table = EscalationStepRow.__table__  # type: ignore[assignment]
 pages: Table = PageRow.__table__  # type: ignore[assignment]
 page_replies: Table = PageReplyRow.__table__  # type: ignore[assignment]
+
+
+# --- referrals: HL7 v2 referrals to treatment providers, their outbox, consents and replies ---
+
+
+class ConsentRow(Base):
+    """A recorded 42 CFR Part 2 consent: who may receive SUD information, for what purpose."""
+
+    __tablename__ = "referral_consents"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    consent_ref: Mapped[str] = mapped_column(String, unique=True)  # the consent form's id
+    provider: Mapped[str] = mapped_column(String)
+    purpose: Mapped[str] = mapped_column(String)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ReferralRow(Base):
+    """One referral of a person met on an incident to a treatment provider."""
+
+    __tablename__ = "referrals"
+    __table_args__ = (Index(None, "incident_ref"), Index(None, "state"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    ref: Mapped[str] = mapped_column(String(32), unique=True)  # RF1-6, our referral id
+    incident_ref: Mapped[str] = mapped_column(String)  # the CAD incident number
+    provider: Mapped[str] = mapped_column(String)
+    service_type: Mapped[str] = mapped_column(String)
+    urgency: Mapped[str] = mapped_column(String(16))
+    program: Mapped[str | None] = mapped_column(String)
+    region: Mapped[str | None] = mapped_column(String)
+    referring_clinician: Mapped[str] = mapped_column(String)  # an id, never a name
+    # queued, delivered, held, cancelled
+    state: Mapped[str] = mapped_column(String(16))
+    hold_reason: Mapped[str | None] = mapped_column(String)  # a code and fixed wording
+    part2: Mapped[bool] = mapped_column(Boolean)
+    consent_id: Mapped[int | None] = mapped_column(Id, ForeignKey("referral_consents.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The provider's clinical answer (RRI^I12 RF1-1): accepted, rejected, pending, expired.
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    outcome_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    appointment_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    person: Mapped[dict[str, Any]] = phi_column(JSON)  # demographics and contact as recorded
+    summary: Mapped[str | None] = phi_column(String)  # written by the clinician
+    peer_error: Mapped[str | None] = phi_column(String)  # the peer's text may quote the message
+
+
+class ReferralMessageRow(Base):
+    """The outbox: one HL7 message, its exact bytes and its delivery state.
+
+    ``state``: pending (due at ``next_due``), sending (claimed until ``lease_until``),
+    delivered, held (for a person), cancelled.
+    """
+
+    __tablename__ = "referral_messages"
+    __table_args__ = (Index(None, "state", "next_due"), Index(None, "referral_id"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    referral_id: Mapped[int] = mapped_column(Id, ForeignKey("referrals.id"))
+    control_id: Mapped[str] = mapped_column(String(20), unique=True)  # MSH-10
+    provider: Mapped[str] = mapped_column(String)
+    profile: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_due: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String)
+    last_error: Mapped[str | None] = mapped_column(String)  # our own wording, never the peer's
+    ack_code: Mapped[str | None] = mapped_column(String(2))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    message: Mapped[bytes] = phi_column(LargeBinary)  # ER7, built once, resent unchanged
+
+
+class DisclosureRow(Base):
+    """Accounting of disclosures: what left, to whom, when, under which consent."""
+
+    __tablename__ = "referral_disclosures"
+    __table_args__ = (Index(None, "referral_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    referral_id: Mapped[int] = mapped_column(Id, ForeignKey("referrals.id"))
+    message_id: Mapped[int] = mapped_column(Id, ForeignKey("referral_messages.id"))
+    control_id: Mapped[str] = mapped_column(String(20))
+    provider: Mapped[str] = mapped_column(String)
+    consent_id: Mapped[int | None] = mapped_column(Id, ForeignKey("referral_consents.id"))
+    what: Mapped[str] = mapped_column(String)  # a description of the record, not its content
+    disclosed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class InboundHl7Row(Base):
+    """Every message received on the MLLP listener, verbatim, with its parse error if any."""
+
+    __tablename__ = "hl7_inbound"
+    __table_args__ = (Index(None, "received_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    peer: Mapped[str | None] = mapped_column(String)
+    message_type: Mapped[str | None] = mapped_column(String)
+    control_id: Mapped[str | None] = mapped_column(String)
+    acked_control_id: Mapped[str | None] = mapped_column(String)  # MSA-2
+    referral_id: Mapped[int | None] = mapped_column(Id, ForeignKey("referrals.id"))
+    error_code: Mapped[str | None] = mapped_column(String)
+    error_reason: Mapped[str | None] = mapped_column(String)  # never quotes content
+    raw: Mapped[bytes] = phi_column(LargeBinary)
+
+
+class ReferralOutcomeRow(Base):
+    """A provider's RRI^I12 answer to a referral."""
+
+    __tablename__ = "referral_outcomes"
+    __table_args__ = (Index(None, "referral_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    referral_id: Mapped[int] = mapped_column(Id, ForeignKey("referrals.id"))
+    inbound_id: Mapped[int] = mapped_column(Id, ForeignKey("hl7_inbound.id"))
+    status: Mapped[str] = mapped_column(String(16))  # accepted, rejected, pending, expired
+    appointment_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+referral_consents: Table = ConsentRow.__table__  # type: ignore[assignment]
+referrals: Table = ReferralRow.__table__  # type: ignore[assignment]
+referral_messages: Table = ReferralMessageRow.__table__  # type: ignore[assignment]
+referral_disclosures: Table = DisclosureRow.__table__  # type: ignore[assignment]
+hl7_inbound: Table = InboundHl7Row.__table__  # type: ignore[assignment]
+referral_outcomes: Table = ReferralOutcomeRow.__table__  # type: ignore[assignment]

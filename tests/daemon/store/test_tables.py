@@ -22,9 +22,14 @@ def test_the_phi_columns() -> None:
     field encryption with it."""
     assert phi_columns() == [
         "decisions.evidence",
+        "hl7_inbound.raw",
         "page_replies.sender",
         "page_replies.text",
         "pages.endpoints",
+        "referral_messages.message",
+        "referrals.peer_error",
+        "referrals.person",
+        "referrals.summary",
         "rejected_messages.raw",
         "snapshots.protected",
         "snapshots.raw",
@@ -57,6 +62,7 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
                 reject(bad),
             ],
         )
+    _write_referral_rows(engine)
     hits: dict[str, list[str]] = {}
     with engine.connect() as conn:
         # The ingest path's tables; the paging tables are checked after a whole escalation in
@@ -78,6 +84,42 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
     # ... and the markers did reach the PHI columns (the test would be vacuous otherwise).
     assert {"snapshots.raw", "snapshots.protected", "decisions.evidence"} <= set(hits)
     assert "rejected_messages.raw" in hits
+    assert {"referrals.person", "referrals.summary", "referral_messages.message"} <= set(hits)
+    assert "hl7_inbound.raw" in hits
+
+
+def _write_referral_rows(engine: Engine) -> None:
+    """A Part 2 referral delivered under consent and answered by an RRI^I12 (every table)."""
+    from datetime import timedelta
+
+    from corespond.adapters.hl7_referral import Person
+    from corespond.daemon.referrals import (
+        claim_due,
+        create_referral,
+        record_consent,
+        record_delivered,
+        store_inbound,
+    )
+    from tests.daemon.referral_rig import config, now, request
+
+    with engine.begin() as conn:
+        record_consent(conn, "CONS-1", "csu", now())
+    person = Person(family=MARKERS["person"], street=MARKERS["address"])
+    created = create_referral(
+        engine,
+        config(),
+        request(person=person, summary=MARKERS["narrative"], part2=True, consent_ref="CONS-1"),
+        now(),
+    )
+    with engine.begin() as conn:
+        [claimed] = claim_due(conn, now(), "w", lease=timedelta(seconds=30))
+        record_delivered(conn, claimed, "AA", now())
+    rri = (
+        f"MSH|^~\\&|BHRECV|CSU|CORESPOND|COUNTY-BH|20270115090000||RRI^I12^RRI_I12|RRI1|P|2.5.1\r"
+        f"MSA|AA|{created.control_id}\rRF1|A|||||{created.ref}^CORESPOND\r"
+        f"NTE|1||{MARKERS['narrative']} accepted\r"
+    ).encode()
+    assert store_inbound(engine, rri, "127.0.0.1:1", now()).outcome == "accepted"
 
 
 def test_times_come_back_aware_utc(engine: Engine) -> None:
@@ -117,11 +159,23 @@ def test_string_columns_are_unbounded_where_input_lands() -> None:
         for c in t.columns
         if isinstance(c.type, String | Text) and c.type.length is not None
     ]
-    # status and response are written from enums; digests are sha256 hex.
+    # status and response are written from enums; digests are sha256 hex. Referrals: ids we
+    # make (ref, control_id), our states, and peer codes only after checking them against
+    # their tables (MSA-1, RF1-1).
     assert sorted(bounded) == [
         "decisions.response",
         "incidents.response",
         "incidents.status",
+        "referral_disclosures.control_id",
+        "referral_messages.ack_code",
+        "referral_messages.control_id",
+        "referral_messages.profile",
+        "referral_messages.state",
+        "referral_outcomes.status",
+        "referrals.outcome",
+        "referrals.ref",
+        "referrals.state",
+        "referrals.urgency",
         "rejected_messages.digest",
         "snapshots.digest",
     ]

@@ -1,0 +1,589 @@
+"""Referrals: creation, Part 2 consent, and the outbox delivered to real MLLP peers.
+
+Store tests run on SQLite and PostgreSQL (the ``engine`` fixture). Delivery runs over real
+loopback sockets on a private reactor; ACK timeouts and backoff run on a fake clock.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from corespond.adapters.hl7_referral import PART2_NOTICE, parse_reply
+from corespond.adapters.tls import server_tls_options
+from corespond.daemon.referrals import (
+    ReferralError,
+    ReferralWorker,
+    attach_consent,
+    backoff_delay,
+    cancel_referral,
+    claim_due,
+    create_referral,
+    list_referrals,
+    record_consent,
+    retry_referral,
+    show_referral,
+)
+from corespond.daemon.store.tables import (
+    referral_disclosures,
+    referral_messages,
+    referrals,
+)
+from tests.adapters.tlsfiles import SERVER_NAME, make_pki
+from tests.daemon.referral_rig import (
+    Loop,
+    Peer,
+    config,
+    now,
+    provider,
+    python_hl7_peer,
+    request,
+    txhl7_peer,
+    with_port,
+)
+
+
+def message_states(engine: Engine) -> list[tuple[str, str, int]]:
+    with engine.connect() as conn:
+        return [
+            (r.control_id, r.state, r.attempts)
+            for r in conn.execute(select(referral_messages).order_by(referral_messages.c.id))
+        ]
+
+
+def referral_state(engine: Engine, ref: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(referrals).where(referrals.c.ref == ref)).one()
+
+
+# --- creation ----------------------------------------------------------------------------------
+
+
+def test_create_queues_the_message_built_once(engine: Engine) -> None:
+    created = create_referral(engine, config(), request(), now())
+    assert created.state == "queued" and created.control_id is not None
+    with engine.connect() as conn:
+        row = conn.execute(select(referral_messages)).one()
+    assert row.state == "pending" and row.attempts == 0 and row.next_due == now()
+    reply = parse_reply(row.message)
+    assert (reply.message_type, reply.trigger, reply.control_id) == (
+        "REF",
+        "I12",
+        created.control_id,
+    )
+    assert reply.originating_referral_id == created.ref
+    assert b"needs a bed \\S\\ tonight \\T\\ follow-up" in row.message
+    assert PART2_NOTICE.encode() not in row.message
+
+
+def test_routing_rules_refuse(engine: Engine) -> None:
+    cfg = config(provider(service_types=("outpatient",), regions=("north",)))
+    with pytest.raises(ReferralError, match="does not take service type crisis-stabilization"):
+        create_referral(engine, cfg, request(), now())
+    cfg = config(provider(regions=("north",)))
+    with pytest.raises(ReferralError, match="does not take region south"):
+        create_referral(engine, cfg, request(region="south"), now())
+    with pytest.raises(ReferralError, match="unknown provider nowhere"):
+        create_referral(engine, cfg, request(provider="nowhere"), now())
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(referrals)).scalar() == 0
+
+
+def test_part2_without_consent_is_held_and_not_queued(engine: Engine) -> None:
+    created = create_referral(engine, config(), request(part2=True), now())
+    assert created.state == "held" and created.control_id is None
+    assert created.hold_reason is not None and "part2-no-consent" in created.hold_reason
+    assert message_states(engine) == []
+    # A consent for another provider or one that expired does not cover it either.
+    with engine.begin() as conn:
+        record_consent(conn, "CONS-OTHER", "elsewhere", now())
+        record_consent(
+            conn,
+            "CONS-OLD",
+            "csu",
+            now() - timedelta(days=400),
+            expires_at=now() - timedelta(days=1),
+        )
+    for ref, why in (
+        ("CONS-OTHER", "does not cover provider csu"),
+        ("CONS-OLD", "has expired"),
+        ("CONS-NONE", "no consent CONS-NONE"),
+    ):
+        held = create_referral(engine, config(), request(part2=True, consent_ref=ref), now())
+        assert held.state == "held" and why in (held.hold_reason or "")
+    assert message_states(engine) == []
+
+
+def test_part2_with_consent_carries_the_notice_and_is_disclosed_once(engine: Engine) -> None:
+    with engine.begin() as conn:
+        record_consent(conn, "CONS-1", "csu", now())
+    created = create_referral(engine, config(), request(part2=True, consent_ref="CONS-1"), now())
+    assert created.state == "queued"
+    with engine.connect() as conn:
+        message = conn.execute(select(referral_messages.c.message)).scalar_one()
+    assert f"|{PART2_NOTICE}|P2NOTICE^".encode() in message
+    loop = Loop()
+    peer = Peer(loop).start()
+    worker = ReferralWorker(
+        engine, loop.reactor, with_port(config(), "csu", peer.port), clock=loop.clock
+    )
+    worker.start()
+    try:
+        loop.spin(lambda: worker.delivered == 1)
+    finally:
+        loop_stop(loop, worker, peer)
+    with engine.connect() as conn:
+        [d] = conn.execute(select(referral_disclosures)).all()
+    consent_id = referral_state(engine, created.ref).consent_id
+    assert (d.provider, d.control_id, d.consent_id) == ("csu", created.control_id, consent_id)
+    assert "42 CFR Part 2" in d.what and d.disclosed_at == now()
+
+
+def test_attach_consent_later_queues_a_held_referral(engine: Engine) -> None:
+    held = create_referral(engine, config(), request(part2=True), now())
+    with pytest.raises(ReferralError, match="held for consent"):
+        retry_referral(engine, config(), held.ref, now())
+    with engine.begin() as conn:
+        record_consent(conn, "CONS-2", "csu", now())
+    queued = attach_consent(engine, config(), held.ref, "CONS-2", now())
+    assert queued.state == "queued" and referral_state(engine, held.ref).hold_reason is None
+    assert [s for _, s, _ in message_states(engine)] == ["pending"]
+
+
+def test_cancel_and_list(engine: Engine) -> None:
+    a = create_referral(engine, config(), request(), now())
+    b = create_referral(engine, config(), request(incident_ref="INC-2"), now())
+    assert cancel_referral(engine, a.ref, now()) == "queued"
+    with pytest.raises(ReferralError, match="already cancelled"):
+        cancel_referral(engine, a.ref, now())
+    with engine.connect() as conn:
+        listed = list_referrals(conn)
+        shown = show_referral(conn, b.ref)
+    assert [r["ref"] for r in listed] == [b.ref, a.ref]
+    assert [r["message_state"] for r in listed] == ["pending", "cancelled"]
+    assert "person" not in shown and "summary" not in shown
+    assert (
+        shown["messages"][0]["control_id"] == b.control_id and "message" not in shown["messages"][0]
+    )
+
+
+def test_claim_one_per_provider_and_skips_live_claims(engine: Engine) -> None:
+    cfg = config(provider("csu"), provider("mcrt"))
+    for provider_name in ("csu", "csu", "mcrt"):
+        create_referral(engine, cfg, request(provider=provider_name), now())
+    lease = timedelta(seconds=30)
+    with engine.begin() as conn:
+        first = claim_due(conn, now(), "w1", lease=lease)
+    assert sorted(c.provider for c in first) == ["csu", "mcrt"]
+    with engine.begin() as conn:  # both providers have a live claim: nothing for another worker
+        assert claim_due(conn, now(), "w2", lease=lease) == []
+    with engine.begin() as conn:  # the lease ran out (its worker died): claimed again, same bytes
+        again = claim_due(conn, now() + lease, "w2", lease=lease)
+    assert sorted((c.id, c.message) for c in again) == sorted((c.id, c.message) for c in first)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_skip_locked_on_postgresql(engine: Engine) -> None:
+    cfg = config(provider("csu"), provider("mcrt"))
+    create_referral(engine, cfg, request(provider="csu"), now())
+    create_referral(engine, cfg, request(provider="mcrt"), now())
+    lease = timedelta(seconds=30)
+    with engine.begin() as held_open:
+        from corespond.daemon.store.tables import referral_messages as m
+
+        # Another daemon's transaction holds the csu row locked, not yet claimed.
+        held_open.execute(select(m.c.id).where(m.c.provider == "csu").with_for_update()).all()
+        with engine.begin() as conn:
+            claimed = claim_due(conn, now(), "w2", lease=lease)
+        assert [c.provider for c in claimed] == ["mcrt"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_two_daemons_never_have_one_provider_in_flight_twice(engine: Engine) -> None:
+    for n in range(2):
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now())
+    lease = timedelta(seconds=30)
+    with engine.connect() as first:
+        first_tx = first.begin()
+        # As a worker claims a provider's next message: one row, not yet committed.
+        [claimed] = claim_due(first, now(), "w1", lease=lease, limit=1)
+        with engine.begin() as second:  # skips the locked row, cannot see the claim yet
+            assert claim_due(second, now(), "w2", lease=lease) == []
+        first_tx.commit()
+    with engine.begin() as second:  # the committed claim is live: still nothing
+        assert claim_due(second, now(), "w2", lease=lease) == []
+    assert claimed.provider == "csu"
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    assert backoff_delay(1, 5, 600, rand=lambda: 1.0) == 5
+    assert backoff_delay(1, 5, 600, rand=lambda: 0.0) == 2.5
+    assert backoff_delay(4, 5, 600, rand=lambda: 1.0) == 40
+    assert backoff_delay(40, 5, 600, rand=lambda: 1.0) == 600
+    assert backoff_delay(10_000, 5, 600, rand=lambda: 0.5) == 450
+
+
+# --- delivery ----------------------------------------------------------------------------------
+
+
+def loop_stop(loop: Loop, worker: ReferralWorker, *peers: Peer) -> None:
+    d = worker.stop()
+    loop.spin(lambda: d.called)
+    for peer in peers:
+        peer.stop()
+
+
+def start_worker(engine: Engine, loop: Loop, cfg: Any, **kwargs: Any) -> ReferralWorker:
+    worker = ReferralWorker(engine, loop.reactor, cfg, clock=loop.clock, rand=lambda: 1.0, **kwargs)
+    worker.start()
+    return worker
+
+
+def test_delivers_in_order_one_in_flight(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop).start()
+    created = [
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now()) for n in range(3)
+    ]
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    try:
+        loop.spin(lambda: worker.delivered == 3)
+    finally:
+        loop_stop(loop, worker, peer)
+    assert peer.control_ids() == [c.control_id for c in created]
+    assert peer.connections == 1  # one connection per destination, reused
+    assert [s for _, s, _ in message_states(engine)] == ["delivered"] * 3
+    assert all(referral_state(engine, c.ref).state == "delivered" for c in created)
+
+
+@pytest.mark.parametrize("code", ["AE", "AR", "CE", "CR"])
+def test_peer_error_holds_with_its_text_and_the_rest_goes_on(engine: Engine, code: str) -> None:
+    loop = Loop()
+    peer = Peer(loop, mode=code.lower()).start()
+    first = create_referral(engine, config(), request(), now())
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    try:
+        loop.spin(lambda: referral_state(engine, first.ref).state == "held")
+        peer.mode = "aa"
+        second = create_referral(engine, config(), request(incident_ref="I-2"), now())
+        worker.wake()
+        loop.spin(lambda: worker.delivered == 1)
+    finally:
+        loop_stop(loop, worker, peer)
+    held = referral_state(engine, first.ref)
+    assert held.hold_reason == f"peer-error: the provider answered {code}"
+    assert held.peer_error is not None and "ZQXPEER rejects this" in held.peer_error
+    assert referral_state(engine, second.ref).state == "delivered"
+    assert peer.control_ids() == [first.control_id, second.control_id]  # never resent on its own
+    # An operator retries: the same bytes, the same MSH-10.
+    retry_referral(engine, config(), first.ref, now())
+    loop2 = Loop()
+    peer2 = Peer(loop2).start()
+    worker2 = start_worker(engine, loop2, with_port(config(), "csu", peer2.port))
+    try:
+        loop2.spin(lambda: worker2.delivered == 1)
+    finally:
+        loop_stop(loop2, worker2, peer2)
+    assert peer2.received == [peer.received[0]]
+
+
+def test_no_ack_in_time_closes_and_resends_the_same_bytes(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop, mode="silent").start()
+    first = create_referral(engine, config(), request(), now())
+    second = create_referral(engine, config(), request(incident_ref="I-2"), now())
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    try:
+        loop.spin(lambda: len(peer.unanswered) == 1)
+        loop.advance(5.0)  # the ACK timeout: the connection is closed
+        loop.spin(lambda: peer.live == [])
+        loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+        # The held message does not block the next one, sent on a new connection meanwhile.
+        loop.spin(lambda: len(peer.unanswered) == 2)
+        peer.answer_late()  # the late ACK of the first has no connection to land on
+        loop.spin(lambda: worker.delivered == 1)
+        peer.mode = "aa"
+        loop.advance(2.0)  # the backoff (rand=1: initial)
+        loop.spin(lambda: worker.delivered == 2)
+    finally:
+        loop_stop(loop, worker, peer)
+    assert peer.control_ids() == [first.control_id, second.control_id, first.control_id]
+    assert peer.received[0] == peer.received[2]
+    assert peer.connections == 2
+    assert [(s, n) for _, s, n in message_states(engine)] == [("delivered", 2), ("delivered", 1)]
+
+
+def test_late_ack_on_the_same_connection_is_not_matched_to_the_next(engine: Engine) -> None:
+    """A peer that answers each message with the previous message's ACK first (as a late or
+    duplicated ACK would arrive): only the ACK naming the message in flight completes it."""
+    loop = Loop()
+    peer = Peer(loop, mode="double").start()
+    created = [
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now()) for n in range(3)
+    ]
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    try:
+        loop.spin(lambda: worker.delivered == 3)
+        link = worker._links["csu"]
+    finally:
+        loop_stop(loop, worker, peer)
+    assert peer.control_ids() == [c.control_id for c in created]
+    assert link.ignored == 2 + 3  # previous message's ACK twice, each duplicate three times
+
+
+def test_wrong_msa2_is_ignored_until_the_timeout(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop, mode="wrong").start()
+    create_referral(engine, config(), request(), now())
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    try:
+        loop.spin(lambda: len(peer.received) == 1)
+        loop.settle()
+        assert message_states(engine)[0][1] == "sending"  # the stranger's ACK completed nothing
+        loop.advance(5.0)
+        loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+    finally:
+        loop_stop(loop, worker, peer)
+
+
+def test_dropped_before_the_ack_is_retried_not_delivered(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop, mode="drop").start()
+    created = create_referral(engine, config(), request(), now())
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    try:
+        loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+        assert referral_state(engine, created.ref).state == "queued"
+        peer.mode = "aa"
+        loop.advance(2.0)
+        loop.spin(lambda: worker.delivered == 1)
+    finally:
+        loop_stop(loop, worker, peer)
+    assert peer.control_ids() == [created.control_id] * 2
+
+
+def test_unreachable_backs_off_then_holds_after_max_attempts(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop).start()
+    port = peer.port
+    peer.stop()  # nothing listens there now
+    cfg = with_port(config(), "csu", port, max_attempts=3)
+    created = create_referral(engine, cfg, request(), now())
+    worker = start_worker(engine, loop, cfg)
+    try:
+        loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+        with engine.connect() as conn:
+            due = conn.execute(select(referral_messages.c.next_due)).scalar_one()
+        assert due == now() + timedelta(seconds=2)
+        loop.advance(2.0)
+        loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 2))
+        loop.advance(4.0)
+        loop.spin(lambda: message_states(engine)[0][1] == "held")
+    finally:
+        loop_stop(loop, worker)
+    state = referral_state(engine, created.ref)
+    assert state.state == "held" and state.hold_reason.startswith("undeliverable: connect-failed")
+
+
+def test_a_restart_mid_flight_resends_only_what_was_not_acknowledged(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The daemon dies with one message delivered and one sent but unanswered; a fresh engine
+    and worker over the same database send the unanswered one again, and nothing else."""
+    from corespond.daemon.store.engine import create_store_engine
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    cfg = with_port(config(), "csu", peer.port)
+    first = create_referral(engine, cfg, request(), now())
+    worker = start_worker(engine, loop, cfg)
+    loop.spin(lambda: worker.delivered == 1)
+    peer.mode = "silent"
+    second = create_referral(engine, cfg, request(incident_ref="I-2"), now())
+    worker.wake()
+    loop.spin(lambda: len(peer.unanswered) == 1)
+    # SIGKILL: nothing more of this worker runs; its connection dies with the process.
+    for proto in list(peer.live):
+        assert proto.transport is not None
+        proto.transport.abortConnection()
+    loop.settle()
+    worker._pool.stop()
+
+    fresh = create_store_engine(engine.url)
+    try:
+        loop2 = Loop()
+        peer2 = Peer(loop2).start()
+        worker2 = start_worker(fresh, loop2, with_port(cfg, "csu", peer2.port))
+        loop2.settle()
+        assert peer2.received == []  # the lease of the dead worker's claim still runs
+        loop2.advance(5.0 + 5.0 + 30.0)  # ack + connect timeout + margin
+        loop2.spin(lambda: worker2.delivered == 1)
+        loop_stop(loop2, worker2, peer2)
+    finally:
+        fresh.dispose()
+        peer.stop()
+    assert peer2.control_ids() == [second.control_id]
+    assert peer2.received[0] == peer.received[1]
+    assert referral_state(engine, first.ref).state == "delivered"
+    assert referral_state(engine, second.ref).state == "delivered"
+
+
+# --- independent peers -------------------------------------------------------------------------
+
+
+def test_python_hl7_asyncio_server(engine: Engine, tmp_path: Path) -> None:
+    created = [
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now()) for n in range(3)
+    ]
+    with python_hl7_peer(tmp_path) as (port, received):
+        loop = Loop()
+        worker = start_worker(engine, loop, with_port(config(), "csu", port))
+        try:
+            loop.spin(lambda: worker.delivered == 3)
+        finally:
+            loop_stop(loop, worker)
+    assert received.read_text().split() == [c.control_id for c in created]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_txhl7_under_twistd(engine: Engine, tmp_path: Path, tls: bool) -> None:
+    created = [
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now()) for n in range(2)
+    ]
+    pki = make_pki(tmp_path) if tls else None
+    with txhl7_peer(tmp_path, (pki.server_cert, pki.server_key) if pki else None) as port:
+        cfg = config()
+        if pki is not None:
+            from corespond.daemon.config import ReferralTlsConfig
+
+            cfg = with_port(cfg, "csu", port, tls=ReferralTlsConfig(SERVER_NAME, pki.ca_cert))
+        else:
+            cfg = with_port(cfg, "csu", port)
+        loop = Loop()
+        worker = start_worker(engine, loop, cfg)
+        try:
+            loop.spin(lambda: worker.delivered == 2)
+        finally:
+            loop_stop(loop, worker)
+    assert all(referral_state(engine, c.ref).state == "delivered" for c in created)
+    with engine.connect() as conn:
+        codes = conn.execute(select(referral_messages.c.ack_code)).scalars().all()
+    assert codes == ["AA", "AA"]
+
+
+def test_tls_peer_with_an_untrusted_certificate_is_not_delivered(
+    engine: Engine, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path)
+    loop = Loop()
+    peer = Peer(loop).start(tls=server_tls_options(pki.server_cert, pki.server_key))
+    from corespond.daemon.config import ReferralTlsConfig
+
+    cfg = with_port(
+        config(), "csu", peer.port, tls=ReferralTlsConfig(SERVER_NAME, pki.other_ca_cert)
+    )
+    create_referral(engine, cfg, request(), now())
+    worker = start_worker(engine, loop, cfg)
+    try:
+        loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+    finally:
+        loop_stop(loop, worker, peer)
+    assert peer.received == []
+
+
+def test_two_workers_on_one_database_deliver_each_message_once(engine: Engine) -> None:
+    """Two daemons share the database: each message reaches the peer exactly once."""
+    cfg = config(provider("csu"), provider("mcrt"))
+    created = [
+        create_referral(engine, cfg, request(provider=name, incident_ref=f"I-{n}"), now())
+        for n in range(4)
+        for name in ("csu", "mcrt")
+    ]
+    loop = Loop()
+    peer = Peer(loop).start()
+    cfg = with_port(with_port(cfg, "csu", peer.port), "mcrt", peer.port)
+    workers = [start_worker(engine, loop, cfg, worker_id=f"w{n}") for n in range(2)]
+    try:
+        loop.spin(lambda: sum(w.delivered for w in workers) == len(created))
+        loop.settle()
+    finally:
+        for worker in workers:
+            d = worker.stop()
+            loop.spin(lambda d=d: d.called)
+        peer.stop()
+    assert sorted(peer.control_ids()) == sorted(c.control_id for c in created)
+    assert sum(w.delivered for w in workers) == len(created)
+
+
+def test_the_service_builds_off_the_reactor_thread(engine: Engine) -> None:
+    import threading
+
+    from corespond.adapters.hl7_referral import build_message
+    from corespond.daemon.referrals import ReferralService
+
+    threads: list[threading.Thread] = []
+
+    def build(*args: Any) -> bytes:
+        threads.append(threading.current_thread())
+        return build_message(*args)
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    cfg = with_port(config(), "csu", peer.port)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, build=build)
+    service.start()
+    try:
+        d = service.create(request())
+        loop.spin(lambda: d.called)
+        loop.spin(lambda: service.worker.delivered == 1)
+    finally:
+        from twisted.internet.defer import ensureDeferred
+
+        stopped = ensureDeferred(service.stop())
+        loop.spin(lambda: stopped.called)
+        peer.stop()
+    assert threads and threads[0] is not threading.main_thread()
+    assert peer.control_ids() == [d.result.control_id]
+
+
+@pytest.mark.parametrize("with_cert", [True, False], ids=["client-cert", "no-client-cert"])
+def test_mutual_tls_provider(engine: Engine, tmp_path: Path, with_cert: bool) -> None:
+    from corespond.daemon.config import ReferralTlsConfig
+
+    pki = make_pki(tmp_path)
+    loop = Loop()
+    tls = server_tls_options(pki.server_cert, pki.server_key, pki.ca_cert, True)
+    peer = Peer(loop).start(tls=tls)
+    cert = (pki.client_cert, pki.client_key) if with_cert else (None, None)
+    cfg = with_port(
+        config(), "csu", peer.port, tls=ReferralTlsConfig(SERVER_NAME, pki.ca_cert, *cert)
+    )
+    create_referral(engine, cfg, request(), now())
+    worker = start_worker(engine, loop, cfg)
+    try:
+        if with_cert:
+            loop.spin(lambda: worker.delivered == 1)
+        else:
+            loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
+    finally:
+        loop_stop(loop, worker, peer)
+    assert len(peer.received) == (1 if with_cert else 0)
+
+
+def test_a_clean_stop_mid_flight_releases_the_message_at_once(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop, mode="silent").start()
+    create_referral(engine, config(), request(), now())
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    loop.spin(lambda: len(peer.unanswered) == 1)
+    loop_stop(loop, worker, peer)
+    with engine.connect() as conn:
+        row = conn.execute(select(referral_messages)).one()
+    assert (row.state, row.attempts, row.last_error) == ("pending", 0, "daemon-stopped")
+    assert row.next_due == now() and row.lease_until is None
