@@ -95,6 +95,23 @@ def test_new_then_duplicate(pipeline: Pipeline, store: IncidentStore) -> None:
     assert (pipeline.counts.new, pipeline.counts.duplicate) == (1, 1)
 
 
+def test_message_counts_by_outcome_add_up(
+    pipeline: Pipeline, registry: CollectorRegistry
+) -> None:
+    for n in (1, 2, 1):
+        result(pipeline.ingest(feed(), eido(snap(n)), ORIGIN))
+    result(pipeline.ingest(feed(), b"{", ORIGIN))
+    counts = {
+        outcome: registry.get_sample_value(
+            "corespond_cad_messages_total", {"feed": "cad", "outcome": outcome}
+        )
+        for outcome in ("new", "duplicate", "rejected")
+    }
+    assert counts == {"new": 2, "duplicate": 1, "rejected": 1}
+    latency = registry.get_sample_value("corespond_ingest_seconds_count", {"feed": "cad"})
+    assert latency == 4
+
+
 def test_rejects_are_quarantined_with_the_reason(
     pipeline: Pipeline, engine: Engine, registry: CollectorRegistry
 ) -> None:
