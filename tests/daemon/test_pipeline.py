@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock as TaskClock
+from twisted.python.failure import Failure
 
 from corespond.adapters.corespond_json import CorespondJsonFormat
 from corespond.adapters.eido import EidoFormat, eido_document
@@ -23,7 +24,7 @@ from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
 from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
 from corespond.daemon.store.queries import totals
 from corespond.daemon.store.tables import RejectedMessageRow
-from corespond.daemon.store.writer import IncidentStore
+from corespond.daemon.store.writer import IncidentStore, StoreError
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 
@@ -203,8 +204,12 @@ def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: Collector
     store.start()
     pipeline = Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(registry))
     failure = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
-    assert not isinstance(failure, list)  # a Failure: the transport must not ack
-    assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 1
+    assert isinstance(failure, Failure)  # the transport must not ack
+    assert failure.check(StoreError)
+    two = json.dumps(snapshot_to_json(snap(1))) + "\n" + json.dumps(snapshot_to_json(snap(2)))
+    failure = result(pipeline.ingest(feed(CorespondJsonFormat()), two.encode(), ORIGIN))
+    assert isinstance(failure, Failure) and failure.check(StoreError)  # the same, unwrapped
+    assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 2
 
 
 def test_a_split_that_refuses_rejects_the_payload(pipeline: Pipeline) -> None:
