@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import lxml.html
+import orjson
 from lxml import etree
 
 from corespond.adapters.pidflo import parse_pidf_lo, pidf_lo_document
@@ -140,6 +141,18 @@ def load_json(message: bytes) -> Any:
     if message.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise RejectedMessage("bad-encoding", "UTF-16 byte order mark: EIDO must be UTF-8", "/")
     offset = 3 if message.startswith(b"\xef\xbb\xbf") else 0
+    # orjson decodes a 4 KB EIDO in about half of json's time (32 -> 17 us). It takes a subset
+    # of what json takes (strict UTF-8, no lone surrogate escapes, no NaN) and gives the same
+    # value for it, with one exception: it reads an integer beyond 64 bits as a float. So a
+    # message with a run of 19 or more digits anywhere (4 us to look for) goes the way below,
+    # as does anything orjson refuses; that way accepts or rejects it precisely, as before.
+    # (One deliberate difference: valid JSON nested between Python's recursion limit, about
+    # 1,000 levels, and orjson's 1,024 is now read instead of refused as too deep.)
+    if _LONG_DIGIT_RUN not in message.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(message[offset:] if offset else message)
+        except orjson.JSONDecodeError:
+            pass
     try:
         text = message[offset:].decode("utf-8")
     except UnicodeDecodeError as err:
@@ -171,6 +184,8 @@ def _reject_constant(name: str) -> Any:
 # One decoder for all messages (json.loads(..., parse_constant=...) would build one per call);
 # decoders keep no state between calls, so threads may share it.
 _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+_DIGITS_AS_ZERO: Final = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_DIGIT_RUN: Final = b"0" * 19  # the shortest integer that may not fit 64 bits
 
 
 # --- JSON to Snapshot --------------------------------------------------------------------------

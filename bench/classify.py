@@ -5,9 +5,9 @@ Three figures from the same run and the same synthetic incidents (default vendor
 - compiled: :class:`corespond.rules.engine.RuleClassifier` (Aho-Corasick prefilter, gated rules);
 - naive: one ``\\b(?:term|term...)\\b`` regex with ``re.I`` per rule, searched over the call type
   and the narrative (no negation, no decision logic: a floor for what a plain loop costs);
-- end to end: JSON line in -> incident -> decision -> JSON line out, as ``corespond classify``
-  does it (``json.loads``, :func:`incident_snapshot`, ``RuleClassifier.classify``,
-  ``json.dumps``).
+- end to end: JSON line in -> incident -> decision -> JSON line out: the function
+  ``corespond classify`` runs (:func:`corespond.daemon.rules_cli.classify_lines`), writing into
+  memory instead of standard output.
 
 Rates are per second of CPU time of this process (``time.process_time``), best of ``--repeat``
 runs: on a shared machine, wall-clock time also counts the other processes on the core. Pin to
@@ -19,12 +19,14 @@ Run: .venv/bin/python bench/classify.py [--count N] [--repeat R]
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import re
 import time
 from collections.abc import Callable
 
+from corespond.daemon.rules_cli import classify_lines
 from corespond.daemon.snapshot import Snapshot
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import iter_conditions, load_ruleset
@@ -160,10 +162,8 @@ def main() -> None:
             naive(s)
 
     def run_end_to_end() -> None:
-        for line in lines:
-            obj = json.loads(line)
-            decision = engine.classify(incident_snapshot(obj))
-            json.dumps(dict(decision.as_json(), id=obj["id"]))
+        # What `corespond classify` runs, into memory instead of standard output.
+        classify_lines(ruleset, lines, io.StringIO())
 
     compiled = rate(run_compiled, len(snaps), args.repeat)
     naive_rate = rate(run_naive, len(snaps), min(args.repeat, 2))  # slow and only a baseline

@@ -9,7 +9,9 @@ realistic EIDO snapshot (3-4 KB: notes, persons, PIDF-LO location).
 
 Two figures for each server:
 - sustained: snapshots/s with `--window` messages in flight, and the send-to-ack latency;
-- paced: p50/p99 latency at a fixed `--rate` (the design peak, 300/s) for `--seconds`.
+- paced: p50/p99 latency at a fixed `--rate` (the design peak, 300/s) for `--seconds`;
+- CPU us/snap: the server's CPU time (all threads, from /proc) over the sustained run, per
+  snapshot: on a shared machine this moves far less than the throughput does.
 
 The baseline is measured in the same run: bench/naive_server.py, the same parser and
 classifier behind the same framing, but one ORM session and one commit per snapshot, as a
@@ -71,6 +73,11 @@ class Server:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -192,12 +199,13 @@ def measure(server: Server, frames: list[bytes], args: argparse.Namespace) -> di
     body = frames[len(warm) :]
     split = len(body) - int(args.rate * args.seconds)
     sustained, paced_frames = body[:split], body[split:]
-    t0 = time.perf_counter()
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     lat = drive(server.port, sustained, args.window, None)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
     paced = drive(server.port, paced_frames, 10_000, args.rate)
     return {
         "rate": len(sustained) / elapsed,
+        "cpu_us": cpu / len(sustained) * 1e6,
         "sustained_p50_ms": statistics.median(lat) * 1000,
         "sustained_p99_ms": percentile(lat, 99) * 1000,
         "paced_p50_ms": statistics.median(paced) * 1000,
@@ -234,13 +242,14 @@ def main() -> None:
             finally:
                 server.stop()
     header = f"{'server':<40} {'snapshots/s':>11} {'p50 ms':>7} {'p99 ms':>7} " \
-             f"{'@' + str(int(args.rate)) + '/s p50':>10} {'p99':>7} {'peak RSS':>9}"  # fmt: skip
+             f"{'@' + str(int(args.rate)) + '/s p50':>10} {'p99':>7} {'peak RSS':>9} " \
+             f"{'CPU us/snap':>11}"  # fmt: skip
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         print(f"{name:<40} {r['rate']:>11.0f} {r['sustained_p50_ms']:>7.2f} "
               f"{r['sustained_p99_ms']:>7.2f} {r['paced_p50_ms']:>10.2f} {r['paced_p99_ms']:>7.2f} "
-              f"{r['rss_mib']:>6.0f} MiB")  # fmt: skip
+              f"{r['rss_mib']:>6.0f} MiB {r['cpu_us']:>11.0f}")  # fmt: skip
     naive, tuned = list(results.values())
     print(f"\ntuned / naive throughput: {tuned['rate'] / naive['rate']:.1f}x")
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -362,6 +364,23 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if bad else EXIT_OK
 
 
+_ASCII_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _json_line(value: Any) -> str:
+    """One compact JSON output line, ASCII only (escapes), whatever stdout's encoding is.
+
+    orjson takes about 1 us for a decision with its evidence, json about 9 (of the 100 us a
+    line costs end to end); orjson writes non-ASCII as UTF-8, so a line that has any (rare in
+    CAD text), or that orjson cannot encode (a lone surrogate), is written by json instead.
+    """
+    try:
+        line = orjson.dumps(value).decode()
+    except TypeError:
+        return _ASCII_JSON(value)
+    return line if line.isascii() else _ASCII_JSON(value)
+
+
 def classify_lines(ruleset: Any, lines: Iterable[str], out: IO[str]) -> int:
     """Write one decision (or error) per non-blank input line; return how many lines were bad."""
     from corespond.daemon.errors import RejectedMessage
@@ -371,7 +390,7 @@ def classify_lines(ruleset: Any, lines: Iterable[str], out: IO[str]) -> int:
     classifier = RuleClassifier(ruleset)
     classify = classifier.classify
     timezone = ruleset.timezone
-    dumps = json.JSONEncoder().encode
+    dumps = _json_line
     loads = json.loads
     pending: list[str] = []
     bad = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from corespond.daemon.snapshot import (
     Person,
     Snapshot,
     Unit,
+    format_time,
     snapshot_to_json,
 )
 
@@ -251,3 +253,17 @@ def test_fuzz_byte_mutations(data: st.DataObject) -> None:
         else:
             del mutated[where : where + data.draw(st.integers(1, 20))]
     parse_or_reject(bytes(mutated))
+
+
+def test_times_format_the_same_instant_the_same_way_every_time() -> None:
+    new_york = ZoneInfo("America/New_York")
+    # 01:30 happens twice on 2026-11-01 in New York; the two compare equal as datetimes.
+    first = datetime(2026, 11, 1, 1, 30, tzinfo=new_york)
+    second = first.replace(fold=1)
+    assert first == second
+    assert format_time(first) == "2026-11-01T05:30:00Z"
+    assert format_time(second) == "2026-11-01T06:30:00Z"
+    in_utc = datetime(2026, 11, 1, 5, 30, 0, 250000, tzinfo=UTC)
+    assert [format_time(in_utc) for _ in range(2)] == ["2026-11-01T05:30:00.250000Z"] * 2
+    assert format_time(in_utc.replace(tzinfo=None)) == "2026-11-01T05:30:00.250000Z"  # naive
+    assert format_time(None) is None

@@ -17,6 +17,7 @@ from corespond.adapters.eido import (
     EidoFormat,
     eido_document,
     html_to_text,
+    load_json,
     text_to_html,
 )
 from corespond.daemon.errors import RejectedMessage
@@ -459,6 +460,41 @@ def test_malformed_json_says_line_and_column() -> None:
     err = rejected(b'{\n  "$id": "Testy McTestface",\n  "x": [1, 2,,]\n}')
     assert err.code == "malformed-json"
     assert err.reason == "Expecting value at line 3 column 14"
+
+
+# Any JSON value, with what orjson refuses and json takes made likely: lone surrogates (as
+# escapes), integers beyond 64 bits, deep-ish nesting.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 2, max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec=None) | st.sampled_from("\ud800\udfff\x00\ufeff")),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON_VALUES, st.booleans(), st.booleans())
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_load_json_reads_what_json_reads(value: Any, ascii_only: bool, bom: bool) -> None:
+    """The orjson fast path gives exactly json's value, and falls back where it refuses."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    try:
+        message = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate without ASCII escapes: not UTF-8 at all
+        assert load_json_rejects(text.encode("utf-8", "surrogatepass"), "bad-encoding")
+        return
+    if bom:
+        message = b"\xef\xbb\xbf" + message
+    assert repr(load_json(message)) == repr(json.loads(text))
+
+
+def load_json_rejects(message: bytes, code: str) -> bool:
+    with pytest.raises(RejectedMessage) as info:
+        load_json(message)
+    return info.value.code == code
 
 
 @pytest.mark.parametrize(

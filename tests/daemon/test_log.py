@@ -6,6 +6,8 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,8 @@ from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.log import (
     ALLOWED_FIELDS,
     MAX_EXCEPTION_CHARS,
+    MAX_MESSAGE_CHARS,
+    MAX_VALUE_CHARS,
     allowlist_fields,
     configure_logging,
     set_level,
@@ -93,6 +97,31 @@ def test_bound_and_context_fields_pass_the_same_allowlist() -> None:
     assert line["incident_id"] == "inc-7"
     assert line["redacted"] == ["address", "person"]
     assert PHI not in stream.getvalue()
+
+
+def test_long_values_are_capped_and_short_ones_kept_as_they_are() -> None:
+    class Kind(StrEnum):
+        NEW = "new"
+
+    long = "x" * (MAX_VALUE_CHARS + 10)
+    kept = allowlist_fields(None, "info", {"event": "e", "state": Kind.NEW, "reason": long})
+    assert kept["state"] is Kind.NEW  # a str subclass passes as it is
+    assert kept["reason"] == "x" * MAX_VALUE_CHARS + "... [truncated 10 characters]"
+    message = "m" * (MAX_MESSAGE_CHARS + 1)
+    twisted = allowlist_fields(None, "info", {"event": "twisted.log", "message": message})
+    assert twisted["message"] == "m" * MAX_MESSAGE_CHARS + "... [truncated 1 characters]"
+    short = "s" * MAX_MESSAGE_CHARS
+    assert allowlist_fields(None, "info", {"event": "twisted.log", "message": short}) == {
+        "event": "twisted.log",
+        "message": short,
+    }
+
+
+def test_values_json_cannot_encode_are_written_as_text() -> None:
+    stream = configured()
+    structlog.get_logger("t").info("x", path=Path("/var/lib/corespond"), count=3)
+    [line] = json_lines(stream)
+    assert (line["path"], line["count"]) == ("/var/lib/corespond", 3)
 
 
 def test_message_is_allowed_only_on_twisted_events() -> None:

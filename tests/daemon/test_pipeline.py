@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock as TaskClock
+from twisted.python.failure import Failure
 
 from corespond.adapters.corespond_json import CorespondJsonFormat
 from corespond.adapters.eido import EidoFormat, eido_document
@@ -23,7 +24,7 @@ from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
 from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
 from corespond.daemon.store.queries import totals
 from corespond.daemon.store.tables import RejectedMessageRow
-from corespond.daemon.store.writer import IncidentStore
+from corespond.daemon.store.writer import IncidentStore, StoreError
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 
@@ -93,6 +94,23 @@ def test_new_then_duplicate(pipeline: Pipeline, store: IncidentStore) -> None:
     t = result(store.run_read(totals))
     assert (t.incidents, t.snapshots, t.decisions, t.rejects) == (1, 1, 1, 0)
     assert (pipeline.counts.new, pipeline.counts.duplicate) == (1, 1)
+
+
+def test_message_counts_by_outcome_add_up(
+    pipeline: Pipeline, registry: CollectorRegistry
+) -> None:
+    for n in (1, 2, 1):
+        result(pipeline.ingest(feed(), eido(snap(n)), ORIGIN))
+    result(pipeline.ingest(feed(), b"{", ORIGIN))
+    counts = {
+        outcome: registry.get_sample_value(
+            "corespond_cad_messages_total", {"feed": "cad", "outcome": outcome}
+        )
+        for outcome in ("new", "duplicate", "rejected")
+    }
+    assert counts == {"new": 2, "duplicate": 1, "rejected": 1}
+    latency = registry.get_sample_value("corespond_ingest_seconds_count", {"feed": "cad"})
+    assert latency == 4
 
 
 def test_rejects_are_quarantined_with_the_reason(
@@ -186,8 +204,12 @@ def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: Collector
     store.start()
     pipeline = Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(registry))
     failure = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
-    assert not isinstance(failure, list)  # a Failure: the transport must not ack
-    assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 1
+    assert isinstance(failure, Failure)  # the transport must not ack
+    assert failure.check(StoreError)
+    two = json.dumps(snapshot_to_json(snap(1))) + "\n" + json.dumps(snapshot_to_json(snap(2)))
+    failure = result(pipeline.ingest(feed(CorespondJsonFormat()), two.encode(), ORIGIN))
+    assert isinstance(failure, Failure) and failure.check(StoreError)  # the same, unwrapped
+    assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 2
 
 
 def test_a_split_that_refuses_rejects_the_payload(pipeline: Pipeline) -> None:

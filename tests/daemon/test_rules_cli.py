@@ -287,6 +287,24 @@ def test_classify_writes_one_decision_per_line_and_an_error_for_bad_ones(
     assert "not json" not in out
 
 
+def test_classify_output_is_ascii_json_whatever_the_text(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [
+        {"id": "a", "call_type": "MENTAL SUBJECT", "narrative": "RP hearing voices"},
+        {"id": "b\u00e9", "call_type": "MENTAL SUBJECT", "narrative": "caf\u00e9: voices"},
+        {"id": "c\ud800", "call_type": "MENTAL SUBJECT"},  # a lone surrogate
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(json.dumps(x) for x in lines)))
+    code, out, _ = run(capsys, "classify")
+    assert code == 0 and out.isascii()
+    plain, accented, surrogate = out.splitlines()
+    assert plain.startswith('{"id":"a","behavioral_health":true,')  # compact, like the others
+    assert accented.startswith('{"id":"b\\u00e9","behavioral_health":true,')
+    assert json.loads(surrogate)["id"] == "c\ud800"
+    assert json.loads(accented)["id"] == "b\u00e9"
+
+
 def test_classify_a_file_with_site_rules(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
-from corespond.daemon.store.engine import create_store_engine
+from corespond.daemon.store.engine import create_store_engine, json_text
+
+# What snapshot and decision JSON can hold, with what orjson cannot encode made likely.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63, max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec=None) | st.sampled_from("\ud800\udfff\x00")),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON_VALUES)
+@settings(max_examples=300)
+def test_json_text_reads_back_as_the_value(value: Any) -> None:
+    encoded = json_text(value)
+    assert repr(json.loads(encoded)) == repr(value)
+    assert "\x00" not in encoded  # NUL is escaped: storable text on both databases
+
+
+def test_json_text_falls_back_to_ascii_escapes() -> None:
+    assert json_text({"a": ["caf\u00e9", 1]}) == '{"a":["caf\u00e9",1]}'  # orjson: UTF-8
+    assert json_text({"a": "\ud800"}) == '{"a":"\\ud800"}'  # a lone surrogate: json
+    assert json_text([2**64]) == "[18446744073709551616]"
+    assert json_text({1: "x"}) == '{"1":"x"}'  # a key that is not a string, as json writes it
 
 
 @pytest.mark.parametrize(("synchronous", "level"), [("full", 2), ("NORMAL", 1)])
