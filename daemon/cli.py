@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     from corespond.daemon import rules_cli
 
     rules_cli.register(sub)
+    from corespond.daemon import report_cli
+
+    report_cli.register(sub)
     return parser
 
 

@@ -290,6 +290,8 @@ class OutcomesConfig:
     person_key: bytes | None = field(default=None, repr=False)
     custom_fields: tuple[CustomField, ...] = ()
     zone_population: tuple[tuple[str, int], ...] = ()
+    demo_encounters: int = 0  # synthetic encounters seeded into an empty store (demo only)
+    demo_months: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -978,6 +980,19 @@ class OutcomesSection(Section):
                     "propertyNames": {"pattern": CUSTOM_FIELD_PATTERN},
                     "additionalProperties": custom,
                 },
+                "demo_encounters": integer(
+                    "seed this many synthetic encounters into an empty store at start "
+                    "(demos only: they are invented)",
+                    minimum=0,
+                    maximum=100_000,
+                    default=0,
+                ),
+                "demo_months": integer(
+                    "months, up to today, the demo encounters spread over",
+                    minimum=1,
+                    maximum=36,
+                    default=4,
+                ),
                 "zone_population": {
                     "type": ["object", "null"],
                     "description": "residents per zone, for encounters per 1,000 population",
@@ -1037,6 +1052,8 @@ class OutcomesSection(Section):
             person_key=key.encode("utf-8") if key else None,
             custom_fields=tuple(fields_),
             zone_population=tuple(sorted((values.get("zone_population") or {}).items())),
+            demo_encounters=values["demo_encounters"],
+            demo_months=values["demo_months"],
         )
 
     @classmethod

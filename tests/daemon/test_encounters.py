@@ -4,6 +4,7 @@ person linking through the blind index."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,3 +297,71 @@ def test_validation_never_fails_on_any_input(changes: Any) -> None:
     for where, reason in problems:
         assert isinstance(where, str) and isinstance(reason, str)
     assert set(values) <= set(encounters.c.keys())
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, outcomes: str) -> Any:
+    from corespond.daemon.config import load_config
+
+    path = tmp_path / "corespond.yaml"
+    path.write_text(f"state_dir: {tmp_path}\noutcomes:\n{outcomes}")
+    return load_config(path)
+
+
+def test_the_outcomes_section(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("s" * 40 + "\n")
+    config = _load(
+        tmp_path,
+        "  person_key_file: key\n  suppress_below: 5\n"
+        "  frequent_utilizer: {threshold: 4}\n"
+        "  custom_fields:\n"
+        "    insurance: {type: choice, values: [medicaid, none], required: true}\n"
+        "    visits: {type: integer, minimum: 0, maximum: 9}\n",
+    ).outcomes
+    assert config.person_key == b"s" * 40 and config.suppress_below == 5
+    assert (config.frequent_utilizer.threshold, config.frequent_utilizer.window_days) == (4, 365)
+    assert [f.name for f in config.custom_fields] == ["insurance", "visits"]
+    assert config.custom_fields[0].required and config.custom_fields[1].maximum == 9
+
+
+def test_outcomes_section_errors_name_their_key(tmp_path: Path) -> None:
+    from corespond.daemon.config import ConfigError
+
+    (tmp_path / "short").write_text("too short")
+    with pytest.raises(ConfigError) as caught:
+        _load(
+            tmp_path,
+            "  person_key_file: short\n"
+            "  custom_fields:\n"
+            "    disposition: {type: boolean}\n"
+            "    level: {type: choice}\n"
+            "    flag: {type: boolean, values: [a]}\n"
+            "    count: {type: integer, minimum: 5, maximum: 1}\n",
+        )
+    assert {p.path for p in caught.value.problems} == {
+        "outcomes.person_key_file",
+        "outcomes.custom_fields.disposition",
+        "outcomes.custom_fields.level",
+        "outcomes.custom_fields.flag.values",
+        "outcomes.custom_fields.count.minimum",
+    }
+    # Schema errors: a type that is not offered (no free text), a name that is not a key.
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, "  custom_fields:\n    note: {type: text}\n    Bad-Name: {type: boolean}\n")
+    paths = {p.path for p in caught.value.problems}
+    assert "outcomes.custom_fields.note.type" in paths
+    assert any("Bad-Name" in p.path for p in caught.value.problems)
+
+
+def test_demo_encounters_are_seeded_once(engine: Engine) -> None:
+    from corespond.daemon.synthetic_encounters import seed_demo_encounters
+
+    today = NOW.date()
+    assert seed_demo_encounters(engine, 300, 3, today) == 300
+    assert seed_demo_encounters(engine, 300, 3, today) == 0  # not into a store that has some
+    with engine.connect() as conn:
+        times = conn.execute(select(encounters.c.call_received_at)).scalars().all()
+    assert len(times) == 300
+    assert min(times).date() >= today - timedelta(days=92) and max(times).date() <= today
