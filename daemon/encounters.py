@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -573,3 +573,48 @@ def _completeness(row: Mapping[str, Any], config: OutcomesConfig) -> list[tuple[
         if spec.required and custom.get(spec.name) is None:
             problems.append((f"custom.{spec.name}", "is required to complete"))
     return problems
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+# Encounter columns in an export, in order: coded values only (no CAD number, no identifiers).
+EXPORT_COLUMNS = (
+    "id", "program", "team_type", "status", "agency", "zone", "call_type", "call_source",
+    "priority", "classifier_response", "classifier_category", "bh_nexus_confirmed",
+    "call_received_at", *TIMELINE, "response_mode", "response_seconds", "page_ack_seconds",
+    "on_scene_seconds", "officer_returned_seconds", "presenting_issues", "actions",
+    "disposition", "destination_type", *FLAGS[1:], "demographics_source", "race_ethnicity",
+    "race_group", "gender", "age_band", "veteran", "housing", "language", "completed_at",
+)  # fmt: skip
+
+
+def export_encounters(
+    conn: Connection,
+    since: datetime,
+    until: datetime,
+    custom_fields: Sequence[CustomField],
+    program: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One flat row per encounter received in [since, until): the coded fields, the person's
+    pseudonym, and one ``custom.NAME`` column per configured field (lists joined by ``;``)."""
+    from corespond.daemon.store.tables import persons
+
+    e = encounters.c
+    query = (
+        select(*(e[c] for c in EXPORT_COLUMNS), e.custom, persons.c.pseudonym.label("person"))
+        .select_from(encounters.outerjoin(persons, persons.c.id == e.person_id))
+        .where(e.call_received_at >= since, e.call_received_at < until)
+        .order_by(e.call_received_at, e.id)
+    )
+    if program is not None:
+        query = query.where(e.program == program)
+    for row in conn.execute(query).mappings():
+        out: dict[str, Any] = {"encounter": row["id"], "person": row["person"]}
+        for name in EXPORT_COLUMNS[1:]:
+            value = row[name]
+            out[name] = ";".join(value) if isinstance(value, list) else value
+        custom = row["custom"] or {}
+        for spec in custom_fields:
+            value = custom.get(spec.name)
+            out[f"custom.{spec.name}"] = ";".join(value) if isinstance(value, list) else value
+        yield out

@@ -7,10 +7,12 @@ suppression rule; small cells are suppressed; the output names no person and no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import html
 import json
 import sys
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import IO, Any
@@ -56,6 +58,21 @@ def register(sub: Any) -> None:
     outcomes.add_argument("--format", choices=FORMATS, default="table")
     outcomes.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
 
+    export = kinds.add_parser(
+        "encounters",
+        help="one row per encounter: coded fields, pseudonymous person, custom fields",
+        description="Every encounter received in the period, one row each: the coded fields, "
+        "the person's pseudonym and the program's custom fields. Not for publication: it is "
+        "row-level data (no names, CAD numbers or free text).",
+    )
+    export.set_defaults(handler=cmd_encounters)
+    export.add_argument("-c", "--config", type=Path, default=None, help="configuration file")
+    export.add_argument("--from", dest="start", required=True, type=_day, metavar="DATE")
+    export.add_argument("--to", dest="end", required=True, type=_day, metavar="DATE")
+    export.add_argument("--program", metavar="P")
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+
 
 def _day(text: str) -> date:
     try:
@@ -65,16 +82,12 @@ def _day(text: str) -> date:
 
 
 def cmd_outcomes(args: argparse.Namespace) -> int:
-    import os
-
-    from corespond.daemon.cli import DEFAULT_CONFIG, _engine, _load
-    from corespond.daemon.store import migrate
     from corespond.daemon.store.engine import READ_ONLY
 
-    path = args.config or Path(os.environ.get("CORESPOND_CONFIG", DEFAULT_CONFIG))
-    config = _load(path)
-    if config is None:
-        return 1
+    opened = _open_store(args.config, "outcomes")
+    if isinstance(opened, int):
+        return opened
+    config, engine = opened
     try:
         req = ReportRequest(
             start=args.start,
@@ -86,27 +99,84 @@ def cmd_outcomes(args: argparse.Namespace) -> int:
             zone_population=dict(config.outcomes.zone_population),
         )
     except ValueError as err:
+        engine.dispose()
         print(f"corespond report outcomes: {err}", file=sys.stderr)
         return 2
-    engine = _engine(config)
     try:
-        if not migrate.is_up_to_date(engine):
-            print(
-                "corespond report outcomes: the database schema is not current; run "
-                "`corespond db upgrade`",
-                file=sys.stderr,
-            )
-            return 1
         with engine.connect() as conn, conn.execution_options(**{READ_ONLY: True}).begin():
             report = outcome_report(conn, req)
     finally:
         engine.dispose()
-    if args.output is not None:
-        with args.output.open("w", encoding="utf-8", newline="") as out:
-            write_report(report, args.format, out)
-    else:
-        write_report(report, args.format, sys.stdout)
+    with _output(args.output) as out:
+        write_report(report, args.format, out)
     return 0
+
+
+def cmd_encounters(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, time, timedelta
+
+    from corespond.daemon.encounters import export_encounters
+    from corespond.daemon.store.engine import READ_ONLY
+
+    if args.end < args.start:
+        print("corespond report encounters: the period ends before it starts", file=sys.stderr)
+        return 2
+    opened = _open_store(args.config, "encounters")
+    if isinstance(opened, int):
+        return opened
+    config, engine = opened
+    since = datetime.combine(args.start, time(), UTC)
+    until = datetime.combine(args.end + timedelta(days=1), time(), UTC)
+    fields = config.outcomes.custom_fields
+    try:
+        with engine.connect() as conn, conn.execution_options(**{READ_ONLY: True}).begin():
+            rows = export_encounters(conn, since, until, fields, args.program)
+            with _output(args.output) as out:
+                if args.format == "json":
+                    for row in rows:
+                        out.write(json.dumps(row, default=str, sort_keys=False) + "\n")
+                else:
+                    first = next(rows, None)
+                    if first is None:
+                        return 0
+                    writer = csv.DictWriter(out, list(first), lineterminator="\n")
+                    writer.writeheader()
+                    writer.writerow(first)
+                    writer.writerows(rows)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _open_store(config_path: Path | None, command: str) -> tuple[Any, Any] | int:
+    """The configuration and an engine on a current schema, or the exit status."""
+    import os
+
+    from corespond.daemon.cli import DEFAULT_CONFIG, _engine, _load
+    from corespond.daemon.store import migrate
+
+    config = _load(config_path or Path(os.environ.get("CORESPOND_CONFIG", DEFAULT_CONFIG)))
+    if config is None:
+        return 1
+    engine = _engine(config)
+    if not migrate.is_up_to_date(engine):
+        engine.dispose()
+        print(
+            f"corespond report {command}: the database schema is not current; run "
+            "`corespond db upgrade`",
+            file=sys.stderr,
+        )
+        return 1
+    return config, engine
+
+
+@contextlib.contextmanager
+def _output(path: Path | None) -> Iterator[IO[str]]:
+    if path is None:
+        yield sys.stdout
+        return
+    with path.open("w", encoding="utf-8", newline="") as out:
+        yield out
 
 
 def write_report(report: Report, fmt: str, out: IO[str]) -> None:

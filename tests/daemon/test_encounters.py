@@ -3,6 +3,7 @@ person linking through the blind index."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -365,3 +366,23 @@ def test_demo_encounters_are_seeded_once(engine: Engine) -> None:
         times = conn.execute(select(encounters.c.call_received_at)).scalars().all()
     assert len(times) == 300
     assert min(times).date() >= today - timedelta(days=92) and max(times).date() <= today
+
+
+def test_the_export_carries_custom_fields_and_no_identifiers(engine: Engine) -> None:
+    from corespond.daemon.encounters import export_encounters
+
+    eid = _open(engine, cad_incident_no="ZQXCAD-77")
+    changes = {**COMPLETE, "person": {"name": "ZQXPERSON Doe", "dob": "1990-01-01"}}
+    with engine.begin() as conn:
+        update_encounter(conn, eid, changes, CONFIG, NOW, complete=True)
+    _open(engine)  # another: no person, no custom values
+    with engine.connect() as conn:
+        rows = list(export_encounters(conn, RECEIVED, NOW, CONFIG.custom_fields))
+        pseudonym = conn.execute(select(persons.c.pseudonym)).scalar_one()
+    assert len(rows) == 2
+    row = next(r for r in rows if r["encounter"] == eid)
+    assert row["person"] == pseudonym
+    assert row["custom.insurance"] == "medicaid" and row["custom.supports"] == "family"
+    assert row["custom.mou_signed"] is None
+    assert row["race_ethnicity"] == "black_african_american;hispanic_latino"
+    assert "ZQX" not in json.dumps(rows, default=str).upper()

@@ -347,6 +347,25 @@ def test_the_report_command(
     assert main([*base[:-4], "--from", "2030-05-01", "--to", "2030-04-01"]) == 2
 
 
+def test_the_encounter_export_command(
+    synthetic: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = synthetic.url.render_as_string(hide_password=False)
+    config = _config(tmp_path, url)
+    config.write_text(
+        config.read_text() + "  custom_fields:\n    insurance: {type: choice, values: [a, b]}\n"
+    )
+    args = ["report", "encounters", "-c", str(config), "--from", "2030-03-01", "--to", "2030-03-31"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows and "custom.insurance" in rows[0] and "cad_incident_no" not in rows[0]
+    assert all(r["call_received_at"].startswith("2030-03") for r in rows)
+    assert main([*args, "--format", "json", "--program", "beta"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines and all(row["program"] == "beta" for row in lines)
+    assert all("SYN-" not in json.dumps(row) for row in lines)
+
+
 def test_the_report_command_wants_a_current_schema(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
