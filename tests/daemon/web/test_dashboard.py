@@ -1,0 +1,234 @@
+"""The dashboard over loopback: sign-in, roles, sessions on the injected clock, CSRF, the login
+throttle, CSV downloads, and figures equal to the outcome report's."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from datetime import date, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corespond.daemon.outcomes import ALL, Value, outcome_report
+from corespond.daemon.web.dashboard import (
+    CHARTS,
+    DEFAULT_DAYS,
+    PAGE_CSP,
+    report_request,
+    response_bins,
+)
+from corespond.daemon.web.sessions import ABSOLUTE_SECONDS, IDLE_SECONDS, LOCKOUT_SECONDS
+from tests.browser import served
+from tests.daemon.web.dashboard_rig import (
+    OUTCOMES,
+    PASSWORDS,
+    TODAY,
+    DashRig,
+    cards,
+    csrf_of,
+    dash_rig,
+)
+
+__all__ = ["dash_rig", "served"]  # the fixtures, imported for pytest
+
+
+def _expected_cards(rig: DashRig, start: date, end: date) -> dict[str, str]:
+    with rig.dashboard.engine.connect() as conn:
+        report = outcome_report(conn, report_request(OUTCOMES, start, end))
+    out = {}
+    for metric in report.metrics:
+        v = metric.values[ALL]
+        out[metric.key] = "suppressed" if v.suppressed else repr(v.value)
+    return out
+
+
+def test_nothing_without_signing_in(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    r = c.get("/dashboard/")
+    assert (r.status, r.header("location")) == (303, "/dashboard/login")
+    assert c.get("/dashboard").header("location") == "/dashboard/"
+    assert c.get("/dashboard/csv/headline.csv").status == 401
+    # A made-up session id is nobody.
+    c.jar["corespond_session"] = "x" * 43
+    assert c.get("/dashboard/").status == 303
+    assert c.get("/dashboard/nothing").status == 404
+
+
+def test_a_program_manager_signs_in_and_sees_the_reports_figures(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    page = c.get("/dashboard/login")
+    assert page.status == 200 and page.header("content-security-policy") == PAGE_CSP
+    login_cookie = next(x for x in page.cookies() if x.startswith("corespond_login="))
+    assert "Secure" in login_cookie and "HttpOnly" in login_cookie
+    r = c.post(
+        "/dashboard/login",
+        {"csrf": csrf_of(page.text), "name": "dana", "password": PASSWORDS["dana"]},
+    )
+    assert (r.status, r.header("location")) == (303, "/dashboard/")
+    [session_cookie] = [x for x in r.cookies() if x.startswith("corespond_session=")]
+    attributes = {a.strip().lower() for a in session_cookie.split(";")[1:]}
+    assert {"secure", "httponly", "samesite=strict", "path=/dashboard"} <= attributes
+    assert len(session_cookie.split(";")[0].split("=", 1)[1]) >= 43  # 32 random bytes
+    page = c.get("/dashboard/")
+    assert page.status == 200
+    assert page.header("content-security-policy") == PAGE_CSP
+    assert page.header("cache-control") == "no-store"
+    assert "<script" not in page.text and " style=" not in page.text
+    start = TODAY - timedelta(days=DEFAULT_DAYS - 1)
+    assert f'name="from" value="{start.isoformat()}"' in page.text
+    shown = cards(page.text)
+    expected = _expected_cards(dash_rig, start, TODAY)
+    assert len(shown) == 14
+    assert shown == {k: expected[k] for k in shown}
+    assert shown["bh_encounters"] not in ("", "suppressed", "0")
+    for chart in CHARTS:
+        assert f"/dashboard/csv/{chart}.csv?from={start.isoformat()}" in page.text
+    # Another period.
+    page = c.get("/dashboard/?from=2026-06-01&to=2026-07-31")
+    assert (
+        cards(page.text)["bh_encounters"]
+        == _expected_cards(dash_rig, date(2026, 6, 1), date(2026, 7, 31))["bh_encounters"]
+    )
+    bad = c.get("/dashboard/?from=2026-07-31&to=2026-06-01")
+    assert bad.status == 400 and "the period ends before it starts" in bad.text
+    assert c.get("/dashboard/?from=yesterday").status == 400
+
+
+def test_an_admin_sees_the_same_as_a_program_manager(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    assert c.login("root").status == 303
+    assert len(cards(c.get("/dashboard/").text)) == 14
+    assert c.get("/dashboard/csv/areas.csv").status == 200
+
+
+def test_a_clinician_sees_only_their_own_encounters(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    assert c.login("sam").status == 303
+    page = c.get("/dashboard/")
+    assert page.status == 200
+    assert cards(page.text) == {}  # no program-wide figure
+    assert "data-chart" not in page.text and "/csv/" not in page.text
+    assert "Your encounters" in page.text
+    for chart in CHARTS:
+        assert c.get(f"/dashboard/csv/{chart}.csv").status == 403
+
+
+def test_wrong_passwords_and_unknown_names_are_refused_alike(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    wrong = c.login("dana", "not-the-password")
+    unknown = c.login("nobody", "not-the-password")
+    assert wrong.status == unknown.status == 401
+    assert "Wrong name or password." in wrong.text and "Wrong name or password." in unknown.text
+    assert "corespond_session" not in c.jar
+
+
+def test_login_needs_the_forms_csrf_token(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    c.get("/dashboard/login")
+    form = {"name": "dana", "password": PASSWORDS["dana"]}
+    assert c.post("/dashboard/login", form).status == 403
+    assert c.post("/dashboard/login", {**form, "csrf": "forged"}).status == 403
+    # The right token without its cookie (another site's form) is refused too.
+    page = c.get("/dashboard/login")
+    token = csrf_of(page.text)
+    c.jar.pop("corespond_login")
+    assert c.post("/dashboard/login", {**form, "csrf": token}).status == 403
+    assert "corespond_session" not in c.jar
+
+
+def test_logout_needs_the_csrf_token_and_ends_the_session(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    c.login("dana")
+    page = c.get("/dashboard/")
+    assert c.post("/dashboard/logout", {"csrf": "forged"}).status == 403
+    assert c.get("/dashboard/").status == 200  # still signed in
+    session_id = c.jar["corespond_session"]
+    r = c.post("/dashboard/logout", {"csrf": csrf_of(page.text)})
+    assert (r.status, r.header("location")) == (303, "/dashboard/login")
+    c.jar["corespond_session"] = session_id  # a copy of the old cookie is worth nothing
+    assert c.get("/dashboard/").status == 303
+    assert len(dash_rig.dashboard.sessions) == 0
+
+
+def test_sessions_expire_when_idle_and_after_the_absolute_limit(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    c.login("dana")
+    dash_rig.advance(IDLE_SECONDS - 1)
+    assert c.get("/dashboard/csv/headline.csv").status == 200  # renews the idle time
+    dash_rig.advance(IDLE_SECONDS - 1)
+    assert c.get("/dashboard/csv/headline.csv").status == 200
+    dash_rig.advance(IDLE_SECONDS)
+    assert c.get("/dashboard/csv/headline.csv").status == 401
+    c.login("dana")
+    for _ in range(math.ceil(ABSOLUTE_SECONDS / (IDLE_SECONDS - 60))):
+        assert c.get("/dashboard/csv/headline.csv").status == 200
+        dash_rig.advance(IDLE_SECONDS - 60)
+    assert c.get("/dashboard/csv/headline.csv").status == 401
+
+
+def test_five_failures_lock_the_name_for_ten_minutes(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    for _ in range(5):
+        assert c.login("dana", "guess-guess-guess").status == 401
+    locked = c.login("dana")  # even the right password
+    assert locked.status == 429 and "Too many failed sign-ins" in locked.text
+    assert c.login("root").status == 303  # other names are not locked
+    dash_rig.advance(LOCKOUT_SECONDS)
+    assert dash_rig.client().login("dana").status == 303
+    # Names that do not exist are locked the same way.
+    c = dash_rig.client()
+    for _ in range(5):
+        c.login("ghost", "guess-guess-guess")
+    assert c.login("ghost", "guess-guess-guess").status == 429
+
+
+def test_every_chart_downloads_as_csv(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    c.login("dana")
+    start, end = date(2026, 5, 1), TODAY
+    with dash_rig.dashboard.engine.connect() as conn:
+        report = outcome_report(conn, report_request(OUTCOMES, start, end))
+    for chart in CHARTS:
+        r = c.get(f"/dashboard/csv/{chart}.csv?from={start}&to={end}")
+        assert r.status == 200, chart
+        assert r.header("content-type") == "text/csv; charset=utf-8"
+        assert r.header("content-disposition") == (
+            f'attachment; filename="corespond-{chart}-{start}-{end}.csv"'
+        )
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        assert rows and {row["chart"] for row in rows} == {chart}
+        if chart == "headline":
+            by_key = {row["series"]: row for row in rows}
+            v = report.metric("arrest_avoidance").values[ALL]
+            assert float(by_key["arrest_avoidance"]["value"]) == pytest.approx(v.value)
+            assert int(by_key["arrest_avoidance"]["numerator"]) == v.numerator
+        if chart == "areas":
+            zones = report.areas[0].values
+            assert {row["group"] for row in rows} == set(zones)
+            for row in rows:
+                v = zones[row["group"]]
+                assert row["value"] == ("" if v.suppressed else str(v.value))
+    assert c.get("/dashboard/csv/secrets.csv").status == 404
+    assert c.get("/dashboard/csv/headline.csv?to=x").status == 400
+
+
+def test_response_bins_are_suppressed_like_report_cells() -> None:
+    histogram = [(30, 40), (9 * 60 + 59, 1), (12 * 60, 5), (25 * 60, 11), (200 * 60, 3)]
+    bins = dict(response_bins(histogram, 11))
+    assert bins["0-10 min"] == Value(41)
+    assert bins["10-20 min"] == Value(5, suppressed=True)
+    assert bins["20-30 min"] == Value(11)
+    assert bins["30-45 min"] == Value(0)  # zero is shown: it identifies nobody
+    assert bins["90+ min"] == Value(3, suppressed=True)
+    assert sum(v.value or 0 for v in bins.values()) == 60
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 50)), max_size=30))
+def test_response_bins_count_everything_once(histogram: list[tuple[int, int]]) -> None:
+    bins = response_bins(histogram, 11)
+    assert sum(int(v.value or 0) for _, v in bins) == sum(n for _, n in histogram)
+    assert all(v.suppressed == (0 < int(v.value or 0) < 11) for _, v in bins)
