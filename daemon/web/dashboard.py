@@ -116,8 +116,9 @@ section{background:var(--card);border:1px solid var(--line);border-radius:8px;
 padding:.9rem 1rem;margin-top:1rem}
 section h2{font-size:1rem;margin:0 0 .5rem;display:flex;justify-content:space-between;gap:1rem}
 section h2 a{font-size:.8rem;font-weight:400;color:var(--bar)}
-.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:0 1rem}
-svg{width:100%;height:auto;display:block}
+.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(360px,100%),1fr));
+gap:.5rem 1.5rem}
+svg{max-width:100%;height:auto;display:block}
 svg text{font:12px system-ui,sans-serif;fill:var(--ink)}
 svg .muted{fill:var(--muted)}
 svg rect.bar{fill:var(--bar)}
@@ -284,41 +285,47 @@ def _is_number(text: str) -> bool:
 # --- SVG ---------------------------------------------------------------------------------------
 
 
-def bar_chart(title: str, bars: Sequence[tuple[str, Value]], kind: str, chart_id: str) -> str:
+def bar_chart(
+    title: str, bars: Sequence[tuple[str, Value]], kind: str, chart_id: str, *, narrow: bool = False
+) -> str:
     """Horizontal bars, one per (label, value); a suppressed or empty value has no bar and says
-    so. Rates are drawn on a 0-100% scale, counts and times against the largest bar."""
-    row_h, label_w, width, value_w = 24, 150, 640, 130
+    so. Rates are drawn on a 0-100% scale, counts and times against the largest bar. Drawn at
+    its natural size (text stays legible), scaled down only on a narrower screen."""
+    row_h = 22
+    width, label_w, value_w = (380, 118, 112) if narrow else (680, 190, 150)
     plot_w = width - label_w - value_w
     height = row_h * max(1, len(bars)) + 8
     shown = [v.value for _, v in bars if not v.suppressed and v.value is not None]
     top = 1.0 if kind == "rate" else max([float(x) for x in shown] + [1.0])
     parts = [
-        f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}" '
+        f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(title)}" '
         f'data-chart="{chart_id}" xmlns="http://www.w3.org/2000/svg">'
     ]
     for i, (label, v) in enumerate(bars):
         y = 4 + i * row_h
         parts.append(
-            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">{escape(_short(label))}</text>'
+            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">'
+            f"{escape(_short(label, 16 if narrow else 28))}</text>"
         )
         if not v.suppressed and v.value is not None:
             w = max(1.0, plot_w * float(v.value) / top) if v.value else 0.0
             parts.append(
-                f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" '
+                f'<rect class="bar" x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
                 f'rx="2"><title>{escape(label)}: {escape(v.shown(kind))}</title></rect>'
             )
         text = v.shown(kind)
         parts.append(
-            f'<text x="{width - value_w + 6}" y="{y + 16}" class="muted" '
+            f'<text x="{width - value_w + 6}" y="{y + 15}" class="muted" '
             f'data-group="{escape(label)}">{escape(text)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _short(label: str) -> str:
-    label = label.strip(" .")
-    return label if len(label) <= 24 else label[:23] + "…"
+def _short(label: str, most: int) -> str:
+    label = label.strip(" .").replace("_", " ")
+    return label if len(label) <= most else label[: most - 1] + "…"
 
 
 # --- HTML --------------------------------------------------------------------------------------
@@ -401,7 +408,7 @@ def dashboard_page(
         bars = [(g, metric.values[g]) for g in data.monthly.groups]
         trend_parts.append(
             f'<div><h3 class="note">{escape(metric.label.strip(" ."))}</h3>'
-            f"{bar_chart(metric.label, bars, metric.kind, f'trend-{key}')}</div>"
+            f"{bar_chart(metric.label, bars, metric.kind, f'trend-{key}', narrow=True)}</div>"
         )
     trend = _section(
         "Trends by month", "trend", start, end, f'<div class="grid2">{"".join(trend_parts)}</div>'
@@ -426,7 +433,7 @@ def dashboard_page(
         bars = [(g, metric.values[g]) for g in report.groups]
         demo_parts.append(
             f'<div><h3 class="note">{escape(title)}</h3>'
-            f"{bar_chart(title, bars, 'count', f'demographics-{by}')}</div>"
+            f"{bar_chart(title, bars, 'count', f'demographics-{by}', narrow=True)}</div>"
         )
     demographics = _section(
         "Who is served (BH encounters)", "demographics", start, end,
