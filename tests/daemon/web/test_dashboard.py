@@ -7,6 +7,8 @@ import csv
 import io
 import math
 from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -232,3 +234,40 @@ def test_response_bins_count_everything_once(histogram: list[tuple[int, int]]) -
     bins = response_bins(histogram, 11)
     assert sum(int(v.value or 0) for _, v in bins) == sum(n for _, n in histogram)
     assert all(v.suppressed == (0 < int(v.value or 0) < 11) for _, v in bins)
+
+
+def test_the_daemon_mounts_the_dashboard_when_users_are_configured(tmp_path: Path) -> None:
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from corespond.daemon.app import Corespond
+    from corespond.daemon.config import load_config
+    from tests.adapters.test_http_feed import parse_response as parse
+    from tests.daemon.web.desks import DictDesks
+    from tests.daemon.web.rig import PEER
+    from tests.daemon.web.test_site import daemon_config
+
+    def started(config: Path) -> Any:
+        desks = DictDesks()
+        app = Corespond(load_config(config), MemoryReactorClock(), page_desk=desks,
+                        clinician_desk=desks)  # fmt: skip
+        app._start_web()
+        return app
+
+    config = daemon_config(tmp_path)
+    app = started(config)
+    try:
+        assert b"dashboard" not in app.web_site.resource.children  # no users_file: none
+    finally:
+        app.engine.dispose()
+    config.write_text(config.read_text() + "  users_file: users\n")
+    app = started(config)
+    try:
+        proto = app.web_site.buildProtocol(PEER)
+        transport = StringTransport(peerAddress=PEER)
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET /dashboard/login HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = parse(transport.value())
+        assert got.status == 200 and b"Sign in" in got.body
+        assert got.headers[b"content-security-policy"] == PAGE_CSP.encode()
+    finally:
+        app.engine.dispose()
