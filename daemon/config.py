@@ -262,6 +262,7 @@ class PagingConfig:
     worker_id: str | None = None
     routing_url: str | None = None  # an OSRM-compatible service for drive-time ETAs
     routing_timeout_seconds: float = 2.0
+    nmea_listen: ListenConfig | None = None  # AVL devices streaming NMEA 0183 over TCP
 
 
 @dataclass(frozen=True, slots=True)
@@ -1028,6 +1029,7 @@ class PagingSection(Section):
                 "routing_timeout_seconds": number(
                     "time limit of one routing request", exclusiveMinimum=0, default=2.0,
                 ),
+                "nmea_listen": LISTEN_SCHEMA,
             },
             required=("roster",),
             nullable=True,
@@ -1059,6 +1061,9 @@ class PagingSection(Section):
             worker_id=values.get("worker_id"),
             routing_url=values.get("routing_url"),
             routing_timeout_seconds=float(values["routing_timeout_seconds"]),
+            nmea_listen=parse_listen(raw["nmea_listen"], ("paging", "nmea_listen"), ctx)
+            if "nmea_listen" in raw
+            else None,
         )
 
 
