@@ -343,6 +343,7 @@ class Corespond:
         self.web_site = build_web_site(
             self.config.web, self.page_desk, self.clinician_desk,
             clock=self.clock, reactor=self.reactor,
+            referrals=self.referrals.create_from_request if self.referrals is not None else None,
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():
