@@ -192,6 +192,7 @@ class Corespond:
         self._started = True
         await self._load_rules()
         await self._prepare_schema()
+        await self._seed_demo_encounters()
         self.store.start()
         self._store_started = True
         if self.paging is not None:
@@ -270,6 +271,19 @@ class Corespond:
                 "the database schema is not up to date: run `corespond db upgrade -c CONFIG` "
                 "(or set store.migrate_on_start: true)"
             )
+
+    async def _seed_demo_encounters(self) -> None:
+        outcomes = self.config.outcomes
+        if outcomes.demo_encounters <= 0:
+            return
+        from corespond.daemon.synthetic_encounters import seed_demo_encounters
+
+        today = self.clock.now().date()
+        seeded = await self.in_thread(
+            seed_demo_encounters, self.engine, outcomes.demo_encounters, outcomes.demo_months, today
+        )
+        if seeded:
+            log.info("outcomes.demo.seeded", count=seeded)
 
     def healthy(self) -> bool:
         """Whether the watchdog may say so: the reactor runs this, and the store commits."""

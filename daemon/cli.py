@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     from corespond.daemon import referrals_cli
 
     referrals_cli.register(sub)
+    from corespond.daemon import report_cli
+
+    report_cli.register(sub)
     return parser
 
 

@@ -363,6 +363,51 @@ class ReferralsConfig:
         return next((p for p in self.providers if p.name == name), None)
 
 
+CUSTOM_FIELD_TYPES = ("boolean", "integer", "number", "choice", "multichoice", "date")
+CUSTOM_FIELD_PATTERN = "^[a-z][a-z0-9_]{0,39}$"
+MIN_PERSON_KEY_CHARS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class CustomField:
+    """A program-defined encounter field (no free text: every field may reach an export)."""
+
+    name: str
+    type: str
+    values: tuple[str, ...] = ()  # for choice and multichoice
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FrequentUtilizerConfig:
+    threshold: int = 3
+    window_days: int = 365
+
+    def describe(self) -> str:
+        return (
+            f"a person with {self.threshold} or more behavioral-health encounters within "
+            f"{self.window_days} days (counting encounters before the period)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomesConfig:
+    """Encounters, people and outcome reports."""
+
+    program: str = "co-responder"
+    suppress_below: int = 11
+    frequent_utilizer: FrequentUtilizerConfig = FrequentUtilizerConfig()
+    person_key_file: Path | None = None
+    person_key: bytes | None = field(default=None, repr=False)
+    custom_fields: tuple[CustomField, ...] = ()
+    zone_population: tuple[tuple[str, int], ...] = ()
+    demo_encounters: int = 0  # synthetic encounters seeded into an empty store (demo only)
+    demo_months: int = 4
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
@@ -378,6 +423,7 @@ class Config:
     gateways: tuple[GatewayConfig, ...] = ()
     web: WebConfig | None = None
     referrals: ReferralsConfig | None = None
+    outcomes: OutcomesConfig = OutcomesConfig()
 
     def feed(self, name: str) -> FeedConfig | None:
         return next((f for f in self.feeds if f.name == name), None)
@@ -1518,6 +1564,143 @@ class ReferralsSection(Section):
         )
 
 
+class OutcomesSection(Section):
+    key = "outcomes"
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        custom = obj(
+            {
+                "type": choice("the value's type", CUSTOM_FIELD_TYPES),
+                "values": {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "minItems": 1,
+                    "uniqueItems": True,
+                    "description": "allowed values (choice and multichoice only)",
+                },
+                "required": boolean("an encounter cannot be completed without it", False),
+                "minimum": number("smallest allowed value (integer and number)"),
+                "maximum": number("largest allowed value (integer and number)"),
+                "description": string("what the field records, for forms"),
+            },
+            required=("type",),
+        )
+        return obj(
+            {
+                "program": string(
+                    "program name of encounters that do not name one",
+                    maxLength=64,
+                    default="co-responder",
+                ),
+                "suppress_below": integer(
+                    "report cells counting fewer than this many (but not zero) are suppressed",
+                    minimum=1,
+                    default=11,
+                ),
+                "frequent_utilizer": obj(
+                    {
+                        "threshold": integer(
+                            "encounters that make a frequent utilizer", minimum=2, default=3
+                        ),
+                        "window_days": integer(
+                            "within this many days", minimum=1, maximum=3650, default=365
+                        ),
+                    },
+                    nullable=True,
+                    description="who counts as a frequent utilizer (printed on every report)",
+                ),
+                "person_key_file": string(
+                    "file holding the secret key (32 or more characters) of the person blind "
+                    "index; without it encounters are not linked to persons"
+                ),
+                "custom_fields": {
+                    "type": ["object", "null"],
+                    "description": "program-defined encounter fields by name",
+                    "propertyNames": {"pattern": CUSTOM_FIELD_PATTERN},
+                    "additionalProperties": custom,
+                },
+                "demo_encounters": integer(
+                    "seed this many synthetic encounters into an empty store at start "
+                    "(demos only: they are invented)",
+                    minimum=0,
+                    maximum=100_000,
+                    default=0,
+                ),
+                "demo_months": integer(
+                    "months, up to today, the demo encounters spread over",
+                    minimum=1,
+                    maximum=36,
+                    default=4,
+                ),
+                "zone_population": {
+                    "type": ["object", "null"],
+                    "description": "residents per zone, for encounters per 1,000 population",
+                    "additionalProperties": {"type": "integer", "minimum": 1},
+                },
+            },
+            nullable=True,
+            description="encounters, people and outcome reports",
+        )
+
+    @classmethod
+    def parse(cls, raw: Any, ctx: ParseContext) -> OutcomesConfig:
+        from corespond.daemon.encounters import FIELD_NAMES
+
+        values = with_defaults(raw, cls.schema())
+        fu = with_defaults(
+            values.get("frequent_utilizer"), cls.schema()["properties"]["frequent_utilizer"]
+        )
+        key_file, key = ctx.secret(("outcomes", "person_key_file"), values.get("person_key_file"))
+        if key is not None and len(key) < MIN_PERSON_KEY_CHARS:
+            ctx.problem(
+                ("outcomes", "person_key_file"),
+                f"the key is shorter than {MIN_PERSON_KEY_CHARS} characters",
+            )
+        fields_ = []
+        for name, spec in (values.get("custom_fields") or {}).items():
+            path: KeyPath = ("outcomes", "custom_fields", name)
+            kind = spec["type"]
+            allowed = tuple(spec.get("values") or ())
+            if name in FIELD_NAMES:
+                ctx.problem(path, f"{name!r} is a built-in encounter field; choose another name")
+            if kind in ("choice", "multichoice") and not allowed:
+                ctx.problem(path, f"a {kind} field needs 'values'")
+            if kind not in ("choice", "multichoice") and allowed:
+                ctx.problem((*path, "values"), f"a {kind} field takes no 'values'")
+            bounds = [spec.get("minimum"), spec.get("maximum")]
+            if kind not in ("integer", "number") and any(b is not None for b in bounds):
+                ctx.problem(path, f"a {kind} field takes no minimum or maximum")
+            if None not in bounds and bounds[0] > bounds[1]:
+                ctx.problem((*path, "minimum"), "is greater than maximum")
+            fields_.append(
+                CustomField(
+                    name=name,
+                    type=kind,
+                    values=allowed,
+                    required=spec.get("required", False),
+                    minimum=spec.get("minimum"),
+                    maximum=spec.get("maximum"),
+                    description=spec.get("description"),
+                )
+            )
+        return OutcomesConfig(
+            program=values["program"],
+            suppress_below=values["suppress_below"],
+            frequent_utilizer=FrequentUtilizerConfig(fu["threshold"], fu["window_days"]),
+            person_key_file=key_file,
+            person_key=key.encode("utf-8") if key else None,
+            custom_fields=tuple(fields_),
+            zone_population=tuple(sorted((values.get("zone_population") or {}).items())),
+            demo_encounters=values["demo_encounters"],
+            demo_months=values["demo_months"],
+        )
+
+    @classmethod
+    def fallback(cls) -> OutcomesConfig:
+        return OutcomesConfig()
+
+
 # In parse order: a section may read ``ctx.values`` of those before it.
 SECTIONS: tuple[type[Section], ...] = (
     StateDirSection,
@@ -1532,6 +1715,7 @@ SECTIONS: tuple[type[Section], ...] = (
     GatewaysSection,
     WebSection,
     ReferralsSection,
+    OutcomesSection,
 )
 
 

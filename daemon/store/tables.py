@@ -481,3 +481,129 @@ referral_messages: Table = ReferralMessageRow.__table__  # type: ignore[assignme
 referral_disclosures: Table = DisclosureRow.__table__  # type: ignore[assignment]
 hl7_inbound: Table = InboundHl7Row.__table__  # type: ignore[assignment]
 referral_outcomes: Table = ReferralOutcomeRow.__table__  # type: ignore[assignment]
+
+
+# --- outcomes: encounters and the people they link -------------------------------------------
+
+
+class PersonRow(Base):
+    """A pseudonymous person: a random public id, nothing identifying."""
+
+    __tablename__ = "persons"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    pseudonym: Mapped[str] = mapped_column(String, unique=True)  # random, shown in exports
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PersonIdentifierRow(Base):
+    """One recorded identifier of a person, found again through its keyed blind index.
+
+    ``blind_index`` is HMAC-SHA256 (key from a file) of the normalized identifier; the raw
+    identifier is kept only in ``value`` (protected) so that the index can be rebuilt under a
+    new key.
+    """
+
+    __tablename__ = "person_identifiers"
+    __table_args__ = (UniqueConstraint("kind", "blind_index"), Index(None, "person_id"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    person_id: Mapped[int] = mapped_column(Id, ForeignKey("persons.id"))
+    kind: Mapped[str] = mapped_column(String)  # name_dob, mrn, cad_person
+    blind_index: Mapped[str] = mapped_column(String)  # hex
+    key_id: Mapped[str] = mapped_column(String)  # which key made blind_index
+    value: Mapped[str] = phi_column(String)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EncounterRow(Base):
+    """One behavioral-health incident a clinician handled: pre-filled from CAD and the
+    daemon's records, completed by the clinician. No free text and no identifiers: every
+    column here may feed an aggregate report."""
+
+    __tablename__ = "encounters"
+    __table_args__ = (
+        UniqueConstraint("incident_id"),
+        Index(None, "call_received_at"),
+        Index(None, "person_id", "call_received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    incident_id: Mapped[int | None] = mapped_column(Id, ForeignKey("incidents.id"))
+    person_id: Mapped[int | None] = mapped_column(Id, ForeignKey("persons.id"))
+    program: Mapped[str] = mapped_column(String)
+    team_type: Mapped[str | None] = mapped_column(String)
+    clinician: Mapped[str | None] = mapped_column(String)  # responder id
+    status: Mapped[str] = mapped_column(String)  # open, completed
+    # From CAD and the classifier.
+    cad_incident_no: Mapped[str | None] = mapped_column(String)
+    agency: Mapped[str | None] = mapped_column(String)
+    zone: Mapped[str | None] = mapped_column(String)
+    call_type: Mapped[str | None] = mapped_column(String)
+    call_source: Mapped[str | None] = mapped_column(String)
+    priority: Mapped[str | None] = mapped_column(String)
+    classifier_response: Mapped[str | None] = mapped_column(String)
+    classifier_category: Mapped[str | None] = mapped_column(String)
+    bh_nexus_confirmed: Mapped[bool | None] = mapped_column(Boolean)
+    # The timeline; each is filled by whoever knows it (CAD, paging, the clinician).
+    call_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    clinician_paged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    page_ack_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    en_route_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    on_scene_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cleared_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    officer_cleared_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    response_mode: Mapped[str | None] = mapped_column(String)
+    # Derived from the timeline by the same UPDATE that changes it (encounters.refresh_derived):
+    # whole seconds, so that reports aggregate integers on every backend.
+    call_received_epoch: Mapped[int] = mapped_column(BigInteger)
+    response_seconds: Mapped[int | None] = mapped_column(Integer)  # on scene - paged
+    page_ack_seconds: Mapped[int | None] = mapped_column(Integer)  # acknowledged - paged
+    on_scene_seconds: Mapped[int | None] = mapped_column(Integer)  # cleared - on scene
+    officer_returned_seconds: Mapped[int | None] = mapped_column(Integer)  # cleared - officer
+    # Completed by the clinician (fixed vocabularies, see corespond.daemon.encounters).
+    presenting_issues: Mapped[list[str]] = mapped_column(JSON)
+    actions: Mapped[list[str]] = mapped_column(JSON)
+    service_on_scene: Mapped[bool] = mapped_column(Boolean)  # at least one action
+    disposition: Mapped[str | None] = mapped_column(String)
+    destination_type: Mapped[str | None] = mapped_column(String)
+    would_have_been_arrest: Mapped[bool | None] = mapped_column(Boolean)
+    would_have_been_ed: Mapped[bool | None] = mapped_column(Boolean)
+    use_of_force: Mapped[bool | None] = mapped_column(Boolean)
+    injury_subject: Mapped[bool | None] = mapped_column(Boolean)
+    injury_officer: Mapped[bool | None] = mapped_column(Boolean)
+    weapon_present: Mapped[bool | None] = mapped_column(Boolean)
+    demographics_source: Mapped[str | None] = mapped_column(String)
+    race_ethnicity: Mapped[list[str]] = mapped_column(JSON)
+    race_group: Mapped[str | None] = mapped_column(String)  # one selection or multiracial
+    gender: Mapped[str | None] = mapped_column(String)
+    age_band: Mapped[str | None] = mapped_column(String)
+    veteran: Mapped[str | None] = mapped_column(String)
+    housing: Mapped[str | None] = mapped_column(String)
+    language: Mapped[str | None] = mapped_column(String)
+    custom: Mapped[dict[str, Any]] = mapped_column(JSON)  # outcomes.custom_fields
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class EncounterReferralRow(Base):
+    """A referral made at an encounter and what came of it: the ``referral_outcomes`` shape
+    the outcome report reads (HL7 referrals map onto the same columns)."""
+
+    __tablename__ = "encounter_referrals"
+    __table_args__ = (Index(None, "encounter_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    encounter_id: Mapped[int] = mapped_column(Id, ForeignKey("encounters.id"))
+    referred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    provider: Mapped[str] = mapped_column(String)  # provider id, not a person
+    outcome: Mapped[str] = mapped_column(String)  # pending, accepted, declined, enrolled...
+    appointment_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+persons: Table = PersonRow.__table__  # type: ignore[assignment]
+person_identifiers: Table = PersonIdentifierRow.__table__  # type: ignore[assignment]
+encounters: Table = EncounterRow.__table__  # type: ignore[assignment]
+encounter_referrals: Table = EncounterReferralRow.__table__  # type: ignore[assignment]

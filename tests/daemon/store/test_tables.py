@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from sqlalchemy import Engine, String, Text, select
+from sqlalchemy import Connection, Engine, String, Text, select
 
 from corespond.daemon.decision import Response
 from corespond.daemon.store.tables import (
     Base,
     clean_text,
+    incidents,
     phi_columns,
     rejected_messages,
 )
@@ -26,6 +27,7 @@ def test_the_phi_columns() -> None:
         "page_replies.sender",
         "page_replies.text",
         "pages.endpoints",
+        "person_identifiers.value",
         "referral_messages.message",
         "referrals.peer_error",
         "referrals.person",
@@ -44,6 +46,7 @@ MARKERS = {
 
 
 INGEST_TABLES = {"incidents", "snapshots", "decisions", "rejected_messages"}
+OUTCOME_TABLES = {"persons", "person_identifiers", "encounters", "encounter_referrals"}
 REFERRAL_TABLES = {
     "referrals", "referral_messages", "referral_consents", "referral_disclosures",
     "hl7_inbound", "referral_outcomes",
@@ -67,12 +70,14 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
             ],
         )
     _write_referral_rows(engine)
+    with engine.begin() as conn:
+        _encounter_with_person(conn, f"{MARKERS['person']} McTestface")
     hits: dict[str, list[str]] = {}
     with engine.connect() as conn:
         # The ingest path's and the referrals' tables; the paging tables are checked after a
         # whole escalation in tests/daemon/test_escalation.py.
         for table in Base.metadata.sorted_tables:
-            if table.name not in INGEST_TABLES | REFERRAL_TABLES:
+            if table.name not in INGEST_TABLES | REFERRAL_TABLES | OUTCOME_TABLES:
                 continue
             rows = conn.execute(select(table)).mappings().all()
             assert rows, table.name
@@ -81,7 +86,8 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
                     (v.decode("latin-1") if isinstance(v, bytes) else str(v))
                     for v in (row[column.name] for row in rows)
                 )
-                found = [m for m in MARKERS.values() if m in text]
+                # Case-blind: a normalized (lowercased) copy of an identifier is still PHI.
+                found = [m for m in MARKERS.values() if m.lower() in text.lower()]
                 if found:
                     hits[f"{table.name}.{column.name}"] = found
     assert set(hits) <= set(phi_columns())
@@ -90,6 +96,26 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
     assert "rejected_messages.raw" in hits
     assert {"referrals.person", "referrals.summary", "referral_messages.message"} <= set(hits)
     assert "hl7_inbound.raw" in hits
+    assert "person_identifiers.value" in hits
+
+
+def _encounter_with_person(conn: Connection, name: str) -> None:
+    """An encounter of the stored incident, completed and linked to a person by name."""
+    from corespond.daemon.config import OutcomesConfig
+    from corespond.daemon.encounters import add_referral, encounter_from_incident, update_encounter
+
+    incident_id = conn.execute(select(incidents.c.id)).scalars().first()
+    assert incident_id is not None
+    now = datetime(2031, 3, 4, 6, tzinfo=UTC)
+    eid = encounter_from_incident(conn, incident_id, "co-responder", now)
+    person = {"name": name, "dob": "1990-01-01", "mrn": "M-1"}
+    changes = {
+        "bh_nexus_confirmed": True,
+        "disposition": "resolved_with_referral",
+        "person": person,
+    }
+    update_encounter(conn, eid, changes, OutcomesConfig(person_key=b"k" * 32), now, complete=True)
+    add_referral(conn, eid, "prov-1", now, "enrolled", now + timedelta(days=2))
 
 
 def _write_referral_rows(engine: Engine) -> None:

@@ -1,0 +1,935 @@
+"""The outcome report: every metric of a co-responder program, computed in SQL.
+
+:func:`outcome_report` runs a handful of aggregate queries (SQLAlchemy Core, the same SQL
+meaning on SQLite and PostgreSQL) over the encounters of a period and returns a
+:class:`Report`: each metric with its definition, per group (month, program, agency, zone,
+race/ethnicity group, gender or age band), small cells suppressed. No row of the result
+names a person or an incident.
+
+Definitions (printed beside every figure, see :data:`METRICS`):
+
+- *BH encounters*: encounters in the period whose clinician confirmed a behavioral-health nexus;
+  *documented*: those of them with a primary disposition recorded. Disposition rates are over
+  documented BH encounters, so that encounters still open do not count as "no arrest".
+- Times are whole seconds (each time truncated to the second, then subtracted); medians and
+  90th percentiles are nearest-rank over the exact per-second distribution that SQL returns.
+- Person metrics count pseudonymous persons (encounters not linked to a person are left out
+  and counted separately).
+- Referral linkage reads a ``referral_outcomes`` relation: one row per referral with the columns
+  ``encounter_id``, ``referred_at``, ``provider``, ``outcome`` (pending, accepted, declined,
+  enrolled, no_show, cancelled) and ``appointment_at``. By default it is the table
+  ``encounter_referrals``; the HL7 referral records (RRI^I12 outcomes) are mapped onto the same
+  columns by passing a select to ``referral_outcomes``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    Integer,
+    Select,
+    String,
+    and_,
+    case,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+
+from corespond.daemon.config import FrequentUtilizerConfig
+from corespond.daemon.store.sql_time import epoch_seconds, utc_month
+from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
+
+GROUPINGS = ("month", "program", "agency", "zone", "race", "gender", "age")
+ALL = "all"
+NOT_RECORDED = "(not recorded)"
+DAY = 86_400
+LINKAGE_DAYS = (30, 90)
+REPEAT_DAYS = (30, 90, 365)
+ED_DISPOSITIONS = ("ems_transport",)  # an EMS transport goes to an emergency department
+ENFORCEMENT = ("arrest", "citation", "jail_booking")
+ARRESTED = ("arrest", "jail_booking")
+DESTINATIONS = ("crisis_center", "ed", "detox", "shelter", "home_family", "other")
+
+
+# --- the request and the result ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRequest:
+    start: date  # first day, UTC
+    end: date  # last day (inclusive), UTC
+    program: str | None = None
+    by: str | None = None
+    suppress_below: int = 11
+    frequent_utilizer: FrequentUtilizerConfig = field(default_factory=FrequentUtilizerConfig)
+    zone_population: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise ValueError("the period ends before it starts")
+        if self.by is not None and self.by not in GROUPINGS:
+            raise ValueError(f"--by must be one of {', '.join(GROUPINGS)}")
+
+    @property
+    def since(self) -> datetime:
+        return datetime.combine(self.start, time(), UTC)
+
+    @property
+    def until(self) -> datetime:  # exclusive
+        return datetime.combine(self.end + timedelta(days=1), time(), UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """One cell: a count, a rate (numerator/denominator) or a time in seconds."""
+
+    value: float | int | None
+    numerator: int | None = None
+    denominator: int | None = None
+    suppressed: bool = False
+
+    def shown(self, kind: str) -> str:
+        if self.suppressed:
+            return "suppressed"
+        if self.value is None:
+            return "-"
+        if kind == "rate":
+            return f"{100 * self.value:.1f}% ({self.numerator}/{self.denominator})"
+        if kind == "seconds":
+            return duration_text(int(self.value))
+        if kind == "hours":
+            return f"{self.value:.1f} h"
+        if kind == "per1000":
+            return f"{self.value:.2f}"
+        return str(self.value)
+
+    def as_json(self) -> dict[str, Any]:
+        if self.suppressed:
+            return {"suppressed": True}
+        out: dict[str, Any] = {"value": self.value}
+        if self.numerator is not None:
+            out["numerator"] = self.numerator
+            out["denominator"] = self.denominator
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    label: str
+    definition: str
+    kind: str  # count, rate, seconds, hours, per1000
+    values: dict[str, Value]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    request: ReportRequest
+    groups: list[str]
+    metrics: list[Metric]
+    areas: list[Metric]  # keyed by zone, not by group
+    notes: list[str]
+
+    def metric(self, key: str) -> Metric:
+        return next(m for m in self.metrics if m.key == key)
+
+
+def duration_text(seconds: int) -> str:
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# --- the queries --------------------------------------------------------------------------------
+
+
+def group_column(by: str | None) -> ColumnElement[Any]:
+    e = encounters.c
+    columns: dict[str, ColumnElement[Any]] = {
+        "month": utc_month(e.call_received_at),
+        "program": e.program,
+        "agency": e.agency,
+        "zone": e.zone,
+        "race": e.race_group,
+        "gender": e.gender,
+        "age": e.age_band,
+    }
+    if by is None:
+        return literal(ALL, String())
+    return columns[by]
+
+
+def _in_period(req: ReportRequest) -> ColumnElement[bool]:
+    e = encounters.c
+    cond = _received_between(req.since, req.until)
+    if req.program is not None:
+        cond = and_(cond, e.program == req.program)
+    return cond
+
+
+def _received_between(since: datetime, until: datetime) -> ColumnElement[bool]:
+    """Received in [since, until), both whole seconds. On the derived integer, not the indexed
+    time: a report reads most of the table, and SQLite would otherwise walk the time index and
+    fetch every row by id (several times slower than scanning the table)."""
+    epoch = encounters.c.call_received_epoch
+    return and_(epoch >= int(since.timestamp()), epoch < int(until.timestamp()))
+
+
+def _count(cond: ColumnElement[bool]) -> Any:
+    return func.sum(case((cond, 1), else_=0))
+
+
+def _is(column: Any) -> ColumnElement[bool]:
+    return column.is_(True)
+
+
+def default_referral_outcomes() -> FromClause:
+    """The referral_outcomes relation of referrals recorded on encounters."""
+    r = encounter_referrals.c
+    return select(r.encounter_id, r.referred_at, r.provider, r.outcome, r.appointment_at).subquery(
+        "referral_outcomes"
+    )
+
+
+def _referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
+    """Per encounter: referred at all, enrolled within 30 and 90 days of the call."""
+    r = referral_outcomes.c
+    e = encounters.c
+    enrolled = r.outcome == "enrolled"
+    gap = epoch_seconds(r.appointment_at) - e.call_received_epoch
+    return (
+        select(
+            r.encounter_id.label("encounter_id"),
+            literal(1, Integer()).label("referred"),
+            func.max(case((enrolled, 1), else_=0)).label("enrolled"),
+            *(
+                func.max(
+                    case(
+                        (and_(enrolled, r.appointment_at.is_not(None), gap <= days * DAY), 1),
+                        else_=0,
+                    )
+                ).label(f"linked_{days}")
+                for days in LINKAGE_DAYS
+            ),
+        )
+        .select_from(referral_outcomes.join(encounters, e.id == r.encounter_id))
+        .group_by(r.encounter_id)
+        .subquery("per_encounter_referrals")
+    )
+
+
+def _encounter_counts(
+    conn: Connection, req: ReportRequest, referrals: FromClause
+) -> dict[str, dict[str, int]]:
+    e = encounters.c
+    g = group_column(req.by).label("g")
+    bh = _is(e.bh_nexus_confirmed)
+    documented = and_(bh, e.disposition.is_not(None))
+    d = e.disposition
+    ed_transport = or_(
+        d.in_(ED_DISPOSITIONS),
+        and_(d.in_(("voluntary_transport", "involuntary_hold")), e.destination_type == "ed"),
+    )
+    cf_arrest = and_(documented, _is(e.would_have_been_arrest))
+    counts: dict[str, Any] = {
+        "encounters": func.count(),
+        "bh": _count(bh),
+        "documented": _count(documented),
+        "arrested": _count(and_(documented, d.in_(ARRESTED))),
+        "enforcement": _count(and_(documented, d.in_(ENFORCEMENT))),
+        "no_action": _count(and_(documented, d == "resolved_on_scene")),
+        "with_referral": _count(and_(documented, d == "resolved_with_referral")),
+        "voluntary": _count(and_(documented, d == "voluntary_transport")),
+        "involuntary": _count(and_(documented, d == "involuntary_hold")),
+        "ems": _count(and_(documented, d == "ems_transport")),
+        "ed_diverted": _count(and_(documented, _is(e.would_have_been_ed), not_(ed_transport))),
+        "cf_arrest": _count(cf_arrest),
+        "jail_diverted": _count(and_(cf_arrest, d.not_in(ARRESTED))),
+        "active": _count(and_(bh, e.on_scene_at.is_not(None))),
+        "served": _count(and_(bh, e.on_scene_at.is_not(None), _is(e.service_on_scene))),
+        "use_of_force": _count(and_(documented, _is(e.use_of_force))),
+        "injury_subject": _count(and_(documented, _is(e.injury_subject))),
+        "injury_officer": _count(and_(documented, _is(e.injury_officer))),
+        "unlinked": _count(and_(bh, e.person_id.is_(None))),
+    }
+    for dest in DESTINATIONS:
+        counts[f"voluntary_{dest}"] = _count(
+            and_(documented, d == "voluntary_transport", e.destination_type == dest)
+        )
+    query = _grouped(
+        select(g, *(v.label(k) for k, v in counts.items())).where(_in_period(req)), req, g
+    )
+    out = {
+        _label(row.g): {k: int(row._mapping[k] or 0) for k in counts}
+        for row in conn.execute(query)
+        if row.encounters
+    }
+    # Encounters referred, counted from the (far fewer) referrals rather than joined to all.
+    referred = _grouped(
+        select(g, func.count().label("n"))
+        .select_from(referrals.join(encounters, e.id == referrals.c.encounter_id))
+        .where(_in_period(req), bh),
+        req,
+        g,
+    )
+    for row in conn.execute(referred):
+        if row.n:
+            out.setdefault(_label(row.g), {k: 0 for k in counts})["referred"] = int(row.n)
+    for values in out.values():
+        values.setdefault("referred", 0)
+    return out
+
+
+def _grouped(query: Select[Any], req: ReportRequest, g: Any) -> Select[Any]:
+    """``query`` grouped by the report's grouping; without one, a plain aggregate (a GROUP BY
+    a constant would make SQLite sort every row for nothing)."""
+    return query if req.by is None else query.group_by(g)
+
+
+DURATIONS = {
+    # key: the derived column (see encounters.derived_columns)
+    "response": "response_seconds",
+    "page_ack": "page_ack_seconds",
+    "on_scene": "on_scene_seconds",
+    "officer_returned": "officer_returned_seconds",
+}
+
+
+def _duration_histograms(
+    conn: Connection, req: ReportRequest
+) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """Per duration and group: (seconds, how many) sorted by seconds."""
+    e = encounters.c
+    g = group_column(req.by).label("g")
+    out: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    for key, name in DURATIONS.items():
+        seconds = e[name]
+        cond = and_(_in_period(req), _is(e.bh_nexus_confirmed), seconds.is_not(None))
+        if key == "officer_returned":  # only where the clinician stayed on after the officer
+            cond = and_(cond, seconds > 0)
+        query = (
+            select(g, seconds.label("s"), func.count().label("n")).where(cond).group_by(g, seconds)
+        )
+        hist: dict[str, list[tuple[int, int]]] = {}
+        for row in conn.execute(query):
+            hist.setdefault(_label(row.g), []).append((int(row.s), int(row.n)))
+        for values in hist.values():
+            values.sort()
+        out[key] = hist
+    return out
+
+
+def nearest_rank(histogram: Sequence[tuple[int, int]], percent: int) -> int | None:
+    """The nearest-rank percentile of a sorted (value, count) histogram."""
+    total = sum(n for _, n in histogram)
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(total * percent / 100))
+    seen = 0
+    for value, n in histogram:
+        seen += n
+        if seen >= rank:
+            return value
+    raise AssertionError("unreachable")
+
+
+def _person_counts(
+    conn: Connection, req: ReportRequest, referrals: FromClause
+) -> dict[str, dict[str, int]]:
+    """Per group: persons served, repeat encounters, frequent utilizers, referral linkage and
+    enrollment by contact band, from one window pass over each person's encounters."""
+    e = encounters.c
+    fu = req.frequent_utilizer
+    lookback = req.since - timedelta(days=fu.window_days)
+    lookahead = req.until + timedelta(days=max(REPEAT_DAYS))
+    cond = and_(
+        _is(e.bh_nexus_confirmed),
+        e.person_id.is_not(None),
+        _received_between(lookback, lookahead),
+    )
+    if req.program is not None:
+        cond = and_(cond, e.program == req.program)
+    order = (e.call_received_epoch, e.id)
+    timeline = (
+        select(
+            e.person_id.label("person_id"),
+            group_column(req.by).label("g"),
+            _received_between(req.since, req.until).label(
+                "in_period"
+            ),
+            (
+                func.lead(e.call_received_epoch).over(partition_by=e.person_id, order_by=order)
+                - e.call_received_epoch
+            ).label("gap"),
+            (
+                e.call_received_epoch
+                - func.lag(e.call_received_epoch, fu.threshold - 1).over(
+                    partition_by=e.person_id, order_by=order
+                )
+            ).label("span"),
+            func.coalesce(referrals.c.referred, 0).label("referred"),
+            func.coalesce(referrals.c.enrolled, 0).label("enrolled"),
+            *(
+                func.coalesce(referrals.c[f"linked_{d}"], 0).label(f"linked_{d}")
+                for d in LINKAGE_DAYS
+            ),
+        )
+        .select_from(encounters.outerjoin(referrals, referrals.c.encounter_id == e.id))
+        .where(cond)
+        .subquery("timeline")
+    )
+    t = timeline.c
+    per_person = (
+        select(
+            t.g,
+            t.person_id,
+            func.count().label("contacts"),
+            func.min(t.gap).label("gap"),
+            func.max(case((t.span <= fu.window_days * DAY, 1), else_=0)).label("frequent"),
+            func.max(t.referred).label("referred"),
+            func.max(t.enrolled).label("enrolled"),
+            *(func.max(t[f"linked_{d}"]).label(f"linked_{d}") for d in LINKAGE_DAYS),
+        )
+        .where(t.in_period == true())
+        .group_by(t.g, t.person_id)
+        .subquery("per_person")
+    )
+    p = per_person.c
+    counts: dict[str, Any] = {
+        "persons": func.count(),
+        "referred": func.sum(p.referred),
+        "enrolled": func.sum(p.enrolled),
+        "frequent": func.sum(p.frequent),
+        "frequent_encounters": func.sum(case((p.frequent == 1, p.contacts), else_=0)),
+        "person_encounters": func.sum(p.contacts),
+    }
+    for d in LINKAGE_DAYS:
+        counts[f"linked_{d}"] = func.sum(p[f"linked_{d}"])
+    for d in REPEAT_DAYS:
+        counts[f"repeat_{d}"] = _count(p.gap <= d * DAY)
+    bands = {"1": p.contacts == 1, "2": p.contacts == 2, "3+": p.contacts >= 3}
+    for band, band_cond in bands.items():
+        counts[f"band_{band}"] = _count(band_cond)
+        counts[f"band_{band}_enrolled"] = _count(and_(band_cond, p.enrolled == 1))
+    query = select(p.g, *(v.label(k) for k, v in counts.items())).group_by(p.g)
+    return {
+        _label(row.g): {k: int(row._mapping[k] or 0) for k in counts} for row in conn.execute(query)
+    }
+
+
+def _cad_calls(conn: Connection, req: ReportRequest) -> dict[str, int] | None:
+    """All CAD incidents of the period, for the groupings incidents have."""
+    if req.by not in (None, "month", "agency", "zone"):
+        return None
+    i = incidents.c
+    received = func.coalesce(i.opened_at, i.first_received_at)
+    g = {
+        None: literal(ALL, String()),
+        "month": utc_month(received),
+        "agency": i.agency,
+        "zone": i.zone,
+    }[req.by].label("g")
+    query = (
+        select(g, func.count().label("n"))
+        .where(and_(received >= req.since, received < req.until))
+        .group_by(g)
+    )
+    return {_label(row.g): int(row.n) for row in conn.execute(query)}
+
+
+def _zone_counts(conn: Connection, req: ReportRequest) -> dict[str, int]:
+    e = encounters.c
+    query = (
+        select(e.zone, func.count().label("n"))
+        .where(_in_period(req), _is(e.bh_nexus_confirmed))
+        .group_by(e.zone)
+    )
+    return {_label(row.zone): int(row.n) for row in conn.execute(query)}
+
+
+def _label(value: Any) -> str:
+    return NOT_RECORDED if value is None else str(value)
+
+
+# --- assembling the metrics ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Def:
+    key: str
+    label: str
+    definition: str
+    kind: str
+    compute: Callable[[dict[str, int], dict[str, int]], tuple[int | None, int | None]]
+
+
+def _rate(
+    num: str, den: str, source: str = "e"
+) -> Callable[[dict[str, int], dict[str, int]], tuple[int | None, int | None]]:
+    def compute(enc: dict[str, int], per: dict[str, int]) -> tuple[int | None, int | None]:
+        values = enc if source == "e" else per
+        return values.get(num, 0), values.get(den, 0)
+
+    return compute
+
+
+def _metric_defs(fu: FrequentUtilizerConfig) -> list[_Def]:
+    defs = [
+        _Def(
+            "arrest_avoidance",
+            "Arrest-avoidance rate",
+            "1 - (arrest or jail booking) / documented BH encounters",
+            "rate",
+            lambda e, p: (e.get("documented", 0) - e.get("arrested", 0), e.get("documented", 0)),
+        ),
+        _Def(
+            "enforcement",
+            "Enforcement rate",
+            "(arrest + citation + jail booking) / documented BH encounters",
+            "rate",
+            _rate("enforcement", "documented"),
+        ),
+        _Def(
+            "no_action",
+            "No-action rate",
+            "resolved on scene, no further action / documented BH encounters",
+            "rate",
+            _rate("no_action", "documented"),
+        ),
+        _Def(
+            "resolved_with_referral",
+            "Resolved with referral",
+            "resolved on scene with referral / documented BH encounters",
+            "rate",
+            _rate("with_referral", "documented"),
+        ),
+        _Def(
+            "voluntary_transport",
+            "Voluntary transport rate",
+            "voluntary transport / documented BH encounters",
+            "rate",
+            _rate("voluntary", "documented"),
+        ),
+    ]
+    for dest in DESTINATIONS:
+        defs.append(
+            _Def(
+                f"voluntary_transport_{dest}",
+                f"  ... to {dest.replace('_', ' ')}",
+                f"voluntary transport with destination {dest} / documented BH encounters",
+                "rate",
+                _rate(f"voluntary_{dest}", "documented"),
+            )
+        )
+    defs += [
+        _Def(
+            "involuntary_hold",
+            "Involuntary hold rate",
+            "involuntary hold / documented BH encounters (use --by month for the trend)",
+            "rate",
+            _rate("involuntary", "documented"),
+        ),
+        _Def(
+            "ems_transport",
+            "EMS transport rate",
+            "EMS (medical) transport / documented BH encounters",
+            "rate",
+            _rate("ems", "documented"),
+        ),
+        _Def(
+            "ed_diversion",
+            "ED diversion rate",
+            "flagged 'would have been an ED visit' and not transported to an ED (EMS transport, "
+            "or a transport or hold with destination ED) / documented BH encounters",
+            "rate",
+            _rate("ed_diverted", "documented"),
+        ),
+        _Def(
+            "jail_diversion",
+            "Jail diversion rate",
+            "flagged 'would have been an arrest' and neither arrested nor booked / "
+            "encounters flagged 'would have been an arrest'",
+            "rate",
+            _rate("jail_diverted", "cf_arrest"),
+        ),
+        _Def(
+            "service_on_scene",
+            "Service-on-scene rate",
+            "BH encounters with at least one action / BH encounters with an on-scene time",
+            "rate",
+            _rate("served", "active"),
+        ),
+        _Def(
+            "referral",
+            "Referral rate",
+            "BH encounters with at least one referral / BH encounters",
+            "rate",
+            _rate("referred", "bh"),
+        ),
+    ]
+    for d in LINKAGE_DAYS:
+        defs.append(
+            _Def(
+                f"linkage_{d}",
+                f"Linkage rate ({d} days)",
+                f"persons with a referral outcome 'enrolled' whose appointment is within {d} "
+                "days of the call / persons referred",
+                "rate",
+                _rate(f"linked_{d}", "referred", "p"),
+            )
+        )
+    for band in ("1", "2", "3+"):
+        defs.append(
+            _Def(
+                f"enrollment_band_{band}",
+                f"Enrollment, {band} contact(s)",
+                f"persons with {band} BH encounter(s) in the period who enrolled / those persons",
+                "rate",
+                _rate(f"band_{band}_enrolled", f"band_{band}", "p"),
+            )
+        )
+    for d in REPEAT_DAYS:
+        defs.append(
+            _Def(
+                f"repeat_{d}",
+                f"Repeat-encounter rate ({d} days)",
+                f"persons served with another BH encounter within {d} days after one in the "
+                "period / persons served",
+                "rate",
+                _rate(f"repeat_{d}", "persons", "p"),
+            )
+        )
+    defs += [
+        _Def(
+            "frequent_utilizers",
+            "Frequent utilizers",
+            f"persons served who are frequent utilizers: {fu.describe()}",
+            "count",
+            lambda e, p: (p.get("frequent", 0), None),
+        ),
+        _Def(
+            "frequent_utilizer_share",
+            "Frequent utilizers' encounter share",
+            "BH encounters of frequent utilizers / BH encounters linked to a person",
+            "rate",
+            _rate("frequent_encounters", "person_encounters", "p"),
+        ),
+        _Def(
+            "use_of_force",
+            "Use-of-force rate",
+            "use of force / documented BH encounters",
+            "rate",
+            _rate("use_of_force", "documented"),
+        ),
+        _Def(
+            "injury_subject",
+            "Injury rate (person served)",
+            "injury to the person served / documented BH encounters",
+            "rate",
+            _rate("injury_subject", "documented"),
+        ),
+        _Def(
+            "injury_officer",
+            "Injury rate (officer)",
+            "injury to an officer / documented BH encounters",
+            "rate",
+            _rate("injury_officer", "documented"),
+        ),
+    ]
+    return defs
+
+
+def outcome_report(
+    conn: Connection,
+    req: ReportRequest,
+    referral_outcomes: FromClause | None = None,
+) -> Report:
+    """The outcome report for ``req``; run it in one read transaction."""
+    return assemble_report(req, report_aggregates(conn, req, referral_outcomes))
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregates:
+    """What the SQL returns: counts per group, per-second duration histograms, zone counts."""
+
+    encounters: dict[str, dict[str, int]]
+    persons: dict[str, dict[str, int]]
+    durations: dict[str, dict[str, list[tuple[int, int]]]]
+    cad_calls: dict[str, int] | None
+    zones: dict[str, int]
+
+
+def report_aggregates(
+    conn: Connection, req: ReportRequest, referral_outcomes: FromClause | None = None
+) -> Aggregates:
+    referrals = _referrals_per_encounter(
+        referral_outcomes if referral_outcomes is not None else default_referral_outcomes()
+    )
+    return Aggregates(
+        encounters=_encounter_counts(conn, req, referrals),
+        persons=_person_counts(conn, req, referrals),
+        durations=_duration_histograms(conn, req),
+        cad_calls=_cad_calls(conn, req),
+        zones=_zone_counts(conn, req),
+    )
+
+
+def assemble_report(req: ReportRequest, agg: Aggregates) -> Report:
+    """The metrics, definitions and suppression over the aggregates."""
+    enc, per, hist, cad = agg.encounters, agg.persons, agg.durations, agg.cad_calls
+    groups = sorted(set(enc) | set(per), key=lambda g: (g == NOT_RECORDED, g))
+    if not groups:
+        groups = [ALL] if req.by is None else []
+    low = req.suppress_below
+
+    def small(n: int | None) -> bool:
+        return n is not None and 0 < n < low
+
+    metrics: list[Metric] = []
+
+    def add(key: str, label: str, definition: str, kind: str, values: dict[str, Value]) -> None:
+        metrics.append(Metric(key, label, definition, kind, values))
+
+    def counts(name: str, source: Mapping[str, Mapping[str, int]]) -> dict[str, Value]:
+        out = {}
+        for g in groups:
+            n = source.get(g, {}).get(name, 0)
+            out[g] = Value(n, suppressed=small(n))
+        return out
+
+    add(
+        "encounters",
+        "Encounters",
+        "encounters in the period (any nexus)",
+        "count",
+        counts("encounters", enc),
+    )
+    add(
+        "bh_encounters",
+        "BH call volume",
+        "encounters with a behavioral-health nexus confirmed by the clinician",
+        "count",
+        counts("bh", enc),
+    )
+    add(
+        "documented",
+        "Documented BH encounters",
+        "BH encounters with a primary disposition recorded (denominator of disposition rates)",
+        "count",
+        counts("documented", enc),
+    )
+    if cad is not None:
+        share = {}
+        for g in groups:
+            num, den = enc.get(g, {}).get("bh", 0), cad.get(g, 0)
+            share[g] = _rate_value(num, den, small)
+        add(
+            "bh_share_of_cad",
+            "BH share of CAD calls",
+            "BH encounters / all CAD incidents received in the period (all programs)",
+            "rate",
+            share,
+        )
+    add(
+        "unlinked",
+        "BH encounters without a person",
+        "BH encounters not linked to a pseudonymous person (left out of person metrics)",
+        "count",
+        counts("unlinked", enc),
+    )
+    add(
+        "persons",
+        "Persons served",
+        "distinct pseudonymous persons with a BH encounter",
+        "count",
+        counts("persons", per),
+    )
+    for d in _metric_defs(req.frequent_utilizer):
+        values = {}
+        for g in groups:
+            part, whole = d.compute(enc.get(g, {}), per.get(g, {}))
+            if d.kind == "count":
+                values[g] = Value(part, suppressed=small(part))
+            else:
+                values[g] = _rate_value(part or 0, whole or 0, small)
+        add(d.key, d.label, d.definition, d.kind, values)
+    timing = [
+        (
+            "response",
+            50,
+            "Response time (median)",
+            "median of on scene - clinician paged, BH encounters with both times",
+        ),
+        (
+            "response",
+            90,
+            "Response time (90th percentile)",
+            "90th percentile of on scene - clinician paged",
+        ),
+        (
+            "page_ack",
+            50,
+            "Page acknowledgement time (median)",
+            "median of page acknowledged - clinician paged",
+        ),
+        ("on_scene", 50, "Time on scene (median)", "median of cleared - on scene"),
+        (
+            "officer_returned",
+            50,
+            "Officer time returned (median)",
+            "median of clinician cleared - officer cleared, where the officer left first",
+        ),
+    ]
+    for key, percent, label, definition in timing:
+        values = {}
+        for g in groups:
+            h = hist[key].get(g, [])
+            n = sum(c for _, c in h)
+            values[g] = Value(nearest_rank(h, percent), numerator=None, suppressed=small(n))
+        add(f"{key}_p{percent}", label, definition, "seconds", values)
+    returned = {}
+    for g in groups:
+        h = hist["officer_returned"].get(g, [])
+        n = sum(c for _, c in h)
+        total = sum(s * c for s, c in h)
+        returned[g] = Value(round(total / 3600, 1) if n else None, suppressed=small(n))
+    add(
+        "officer_hours_returned",
+        "Officer hours returned",
+        "sum of clinician cleared - officer cleared, where the officer left first",
+        "hours",
+        returned,
+    )
+    return Report(req, groups, metrics, _areas(agg.zones, req, small), _notes(req))
+
+
+def _rate_value(num: int, den: int, small: Callable[[int | None], bool]) -> Value:
+    if den == 0:
+        return Value(None, num, den)
+    return Value(num / den, num, den, suppressed=small(num) or small(den) or small(den - num))
+
+
+def _areas(
+    zones: dict[str, int], req: ReportRequest, small: Callable[[int | None], bool]
+) -> list[Metric]:
+    """Areas of greatest need: BH encounters by zone, per 1,000 residents where known."""
+    ranked = sorted(zones.items(), key=lambda kv: (-kv[1], kv[0]))
+    metric_rows = []
+    count_values = {z: Value(n, suppressed=small(n)) for z, n in ranked}
+    metric_rows.append(
+        Metric(
+            "zone_encounters",
+            "BH encounters by zone (areas of greatest need)",
+            "BH encounters per zone in the period, most first",
+            "count",
+            count_values,
+        )
+    )
+    if req.zone_population:
+        per = {}
+        for z, n in ranked:
+            population = req.zone_population.get(z)
+            if population:
+                per[z] = Value(1000 * n / population, n, population, suppressed=small(n))
+        metric_rows.append(
+            Metric(
+                "zone_per_1000",
+                "BH encounters per 1,000 residents by zone",
+                "BH encounters / zone population (outcomes.zone_population) x 1,000",
+                "per1000",
+                per,
+            )
+        )
+    return metric_rows
+
+
+def _notes(req: ReportRequest) -> list[str]:
+    return [
+        f"Frequent utilizer: {req.frequent_utilizer.describe()}.",
+        f"Cells counting 1 to {req.suppress_below - 1} are suppressed, and so are rates "
+        f"whose numerator, denominator or remainder count 1 to {req.suppress_below - 1}.",
+        "Times are whole seconds; medians and percentiles are nearest-rank.",
+        "Repeat encounters look up to 365 days past the period: a recent period undercounts.",
+        "Referral linkage reads referral_outcomes (encounter_id, referred_at, provider, outcome, "
+        "appointment_at): referrals recorded on encounters.",
+        "No personal identifiers; zones and groups only.",
+    ]
+
+
+def report_rows(report: Report) -> Iterable[dict[str, Any]]:
+    """The report in long form (one row per metric and group), for CSV."""
+    for metric in [*report.metrics, *report.areas]:
+        for group, value in metric.values.items():
+            yield {
+                "metric": metric.key,
+                "label": metric.label.strip(" ."),
+                "group": group,
+                "value": "" if value.suppressed or value.value is None else value.value,
+                "numerator": "" if value.suppressed or value.numerator is None else value.numerator,
+                "denominator": ""
+                if value.suppressed or value.denominator is None
+                else value.denominator,
+                "suppressed": value.suppressed,
+                "definition": metric.definition,
+            }
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    req = report.request
+    return {
+        "period": {"from": req.start.isoformat(), "to": req.end.isoformat()},
+        "program": req.program,
+        "by": req.by,
+        "suppress_below": req.suppress_below,
+        "frequent_utilizer": {
+            "threshold": req.frequent_utilizer.threshold,
+            "window_days": req.frequent_utilizer.window_days,
+            "definition": req.frequent_utilizer.describe(),
+        },
+        "groups": report.groups,
+        "metrics": [
+            {
+                "key": m.key,
+                "label": m.label.strip(" ."),
+                "definition": m.definition,
+                "kind": m.kind,
+                "values": {g: v.as_json() for g, v in m.values.items()},
+            }
+            for m in report.metrics
+        ],
+        "areas": [
+            {
+                "key": m.key,
+                "label": m.label,
+                "definition": m.definition,
+                "kind": m.kind,
+                "values": {z: v.as_json() for z, v in m.values.items()},
+            }
+            for m in report.areas
+        ],
+        "notes": report.notes,
+    }
+
+
+__all__ = [
+    "GROUPINGS",
+    "Metric",
+    "Report",
+    "ReportRequest",
+    "Value",
+    "outcome_report",
+    "report_json",
+    "report_rows",
+]
