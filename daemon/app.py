@@ -175,6 +175,7 @@ class Corespond:
         self.clinician_desk = clinician_desk
         self.web_site: Any = None
         self._web_port: Any = None
+        self._nmea_port: Any = None
         self._started = False
         self._store_started = False
         self.referrals: Any = None
@@ -211,6 +212,7 @@ class Corespond:
         self._start_metrics()
         self._start_web()
         self._start_gateway_inbound()
+        self._start_locations()
         self._start_simulator()
         self._start_rules_watcher()
         self.notifier.ready()
@@ -313,6 +315,22 @@ class Corespond:
             agent, self.reactor, paging.routing_url, timeout=paging.routing_timeout_seconds
         )
 
+    def _start_locations(self) -> None:
+        """The NMEA 0183 listener for AVL devices (``paging.nmea_listen``)."""
+        paging = self.config.paging
+        if self.paging is None or paging is None or paging.nmea_listen is None:
+            return
+        from corespond.adapters.nmea import NmeaFeedFactory
+
+        factory = NmeaFeedFactory(
+            self.paging, feed="nmea", clock=self.clock, quarantine=self.store.store_reject
+        )
+        try:
+            self._nmea_port = listen(self.reactor, paging.nmea_listen, factory)
+        except Exception as err:
+            raise StartupError(f"the NMEA listener could not start: {error_text(err)}") from err
+        log.info("locations.nmea.listening", port=self._nmea_port.getHost().port)
+
     def _start_gateway_inbound(self) -> None:
         inbound = self.gateway_inbound
         if inbound is None:
@@ -339,6 +357,7 @@ class Corespond:
         self.web_site = build_web_site(
             self.config.web, self.page_desk, self.clinician_desk,
             clock=self.clock, reactor=self.reactor,
+            referrals=self.referrals.create_from_request if self.referrals is not None else None,
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():
@@ -498,6 +517,8 @@ class Corespond:
             await self._metrics_port.stopListening()
         if self._web_port is not None:
             await self._web_port.stopListening()
+        if self._nmea_port is not None:
+            await self._nmea_port.stopListening()
         if self.gateway_inbound is not None:
             await self.gateway_inbound.stop()
         await self.feeds.stop()

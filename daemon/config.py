@@ -249,51 +249,6 @@ class RulesConfig:
     watch_interval_seconds: float = 5.0
 
 
-CUSTOM_FIELD_TYPES = ("boolean", "integer", "number", "choice", "multichoice", "date")
-CUSTOM_FIELD_PATTERN = "^[a-z][a-z0-9_]{0,39}$"
-MIN_PERSON_KEY_CHARS = 32
-
-
-@dataclass(frozen=True, slots=True)
-class CustomField:
-    """A program-defined encounter field (no free text: every field may reach an export)."""
-
-    name: str
-    type: str
-    values: tuple[str, ...] = ()  # for choice and multichoice
-    required: bool = False
-    minimum: float | None = None
-    maximum: float | None = None
-    description: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FrequentUtilizerConfig:
-    threshold: int = 3
-    window_days: int = 365
-
-    def describe(self) -> str:
-        return (
-            f"a person with {self.threshold} or more behavioral-health encounters within "
-            f"{self.window_days} days (counting encounters before the period)"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class OutcomesConfig:
-    """Encounters, people and outcome reports."""
-
-    program: str = "co-responder"
-    suppress_below: int = 11
-    frequent_utilizer: FrequentUtilizerConfig = FrequentUtilizerConfig()
-    person_key_file: Path | None = None
-    person_key: bytes | None = field(default=None, repr=False)
-    custom_fields: tuple[CustomField, ...] = ()
-    zone_population: tuple[tuple[str, int], ...] = ()
-    demo_encounters: int = 0  # synthetic encounters seeded into an empty store (demo only)
-    demo_months: int = 4
-
-
 @dataclass(frozen=True, slots=True)
 class PagingConfig:
     """Paging: the roster file (loaded and checked with the config) and the worker's knobs."""
@@ -307,6 +262,7 @@ class PagingConfig:
     worker_id: str | None = None
     routing_url: str | None = None  # an OSRM-compatible service for drive-time ETAs
     routing_timeout_seconds: float = 2.0
+    nmea_listen: ListenConfig | None = None  # AVL devices streaming NMEA 0183 over TCP
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +362,51 @@ class ReferralsConfig:
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
+
+
+CUSTOM_FIELD_TYPES = ("boolean", "integer", "number", "choice", "multichoice", "date")
+CUSTOM_FIELD_PATTERN = "^[a-z][a-z0-9_]{0,39}$"
+MIN_PERSON_KEY_CHARS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class CustomField:
+    """A program-defined encounter field (no free text: every field may reach an export)."""
+
+    name: str
+    type: str
+    values: tuple[str, ...] = ()  # for choice and multichoice
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FrequentUtilizerConfig:
+    threshold: int = 3
+    window_days: int = 365
+
+    def describe(self) -> str:
+        return (
+            f"a person with {self.threshold} or more behavioral-health encounters within "
+            f"{self.window_days} days (counting encounters before the period)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomesConfig:
+    """Encounters, people and outcome reports."""
+
+    program: str = "co-responder"
+    suppress_below: int = 11
+    frequent_utilizer: FrequentUtilizerConfig = FrequentUtilizerConfig()
+    person_key_file: Path | None = None
+    person_key: bytes | None = field(default=None, repr=False)
+    custom_fields: tuple[CustomField, ...] = ()
+    zone_population: tuple[tuple[str, int], ...] = ()
+    demo_encounters: int = 0  # synthetic encounters seeded into an empty store (demo only)
+    demo_months: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -1075,6 +1076,7 @@ class PagingSection(Section):
                 "routing_timeout_seconds": number(
                     "time limit of one routing request", exclusiveMinimum=0, default=2.0,
                 ),
+                "nmea_listen": LISTEN_SCHEMA,
             },
             required=("roster",),
             nullable=True,
@@ -1106,6 +1108,9 @@ class PagingSection(Section):
             worker_id=values.get("worker_id"),
             routing_url=values.get("routing_url"),
             routing_timeout_seconds=float(values["routing_timeout_seconds"]),
+            nmea_listen=parse_listen(raw["nmea_listen"], ("paging", "nmea_listen"), ctx)
+            if "nmea_listen" in raw
+            else None,
         )
 
 

@@ -17,9 +17,12 @@ Definitions (printed beside every figure, see :data:`METRICS`):
   and counted separately).
 - Referral linkage reads a ``referral_outcomes`` relation: one row per referral with the columns
   ``encounter_id``, ``referred_at``, ``provider``, ``outcome`` (pending, accepted, declined,
-  enrolled, no_show, cancelled) and ``appointment_at``. By default it is the table
-  ``encounter_referrals``; the HL7 referral records (RRI^I12 outcomes) are mapped onto the same
-  columns by passing a select to ``referral_outcomes``.
+  enrolled, no_show, cancelled) and ``appointment_at``. By default it is the union of the
+  referrals recorded on encounters (``encounter_referrals``) and the HL7 referrals sent to
+  providers (``referrals``, matched to the encounter by CAD incident number), whose RRI^I12
+  answers map as: accepted with an appointment date = enrolled (linked to care at that date),
+  accepted without one = accepted, rejected = declined, pending = pending; a cancelled HL7
+  referral does not count.
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
 )
 
 from corespond.daemon.config import FrequentUtilizerConfig
 from corespond.daemon.store.sql_time import epoch_seconds, utc_month
 from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
+from corespond.daemon.store.tables import referrals as hl7_referrals
 
 GROUPINGS = ("month", "program", "agency", "zone", "race", "gender", "age")
 ALL = "all"
@@ -196,11 +201,29 @@ def _is(column: Any) -> ColumnElement[bool]:
 
 
 def default_referral_outcomes() -> FromClause:
-    """The referral_outcomes relation of referrals recorded on encounters."""
+    """The referral_outcomes relation: referrals recorded on encounters, and HL7 referrals
+    with their RRI^I12 outcomes (see the module's notes for the mapping)."""
     r = encounter_referrals.c
-    return select(r.encounter_id, r.referred_at, r.provider, r.outcome, r.appointment_at).subquery(
-        "referral_outcomes"
+    recorded = select(
+        r.encounter_id.label("encounter_id"),
+        r.referred_at.label("referred_at"),
+        r.provider.label("provider"),
+        r.outcome.label("outcome"),
+        r.appointment_at.label("appointment_at"),
     )
+    h, e = hl7_referrals.c, encounters.c
+    outcome = case(
+        (and_(h.outcome == "accepted", h.appointment_at.is_not(None)), literal("enrolled")),
+        (h.outcome == "accepted", literal("accepted")),
+        (h.outcome == "rejected", literal("declined")),
+        else_=literal("pending"),
+    )
+    sent = (
+        select(e.id, h.created_at, h.provider, outcome, h.appointment_at)
+        .select_from(hl7_referrals.join(encounters, e.cad_incident_no == h.incident_ref))
+        .where(h.state != "cancelled")
+    )
+    return union_all(recorded, sent).subquery("referral_outcomes")
 
 
 def _referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -1117,6 +1117,38 @@ class ReferralListener:
         self._pool.stop()
 
 
+def person_of_incident(conn: Connection, incident: str) -> tuple[Person, str | None] | None:
+    """The first person recorded on the incident's current snapshot, and its zone."""
+    from corespond.daemon.store.tables import incidents, snapshots
+
+    row = conn.execute(
+        select(incidents.c.current_snapshot_id, incidents.c.zone)
+        .where(or_(incidents.c.incident_number == incident, incidents.c.external_id == incident))
+        .order_by(incidents.c.last_received_at.desc())
+    ).first()
+    if row is None:
+        return None
+    protected = (
+        conn.execute(
+            select(snapshots.c.protected).where(snapshots.c.id == row.current_snapshot_id)
+        ).scalar()
+        or {}
+    )
+    persons = protected.get("persons") or []
+    chosen = next(
+        (p for p in persons if "patient" in (p.get("roles") or [])), persons[0] if persons else {}
+    )
+    name = (chosen.get("name") or "").strip()
+    given, _, family = name.rpartition(" ") if " " in name else ("", "", name)
+    return Person(
+        family=family or None,
+        given=given or None,
+        birth_date=chosen.get("birth_date"),
+        phone=chosen.get("phone"),
+        street=protected.get("address"),
+    ), row.zone
+
+
 class ReferralService:
     """The outbox worker and the inbound listener, started and stopped with the daemon."""
 
@@ -1147,6 +1179,22 @@ class ReferralService:
             return created
 
         return done.addCallback(wake)
+
+    def create_from_request(self, request: ReferralRequest) -> Deferred[CreatedReferral]:
+        """Like :meth:`create`, for a request that may leave out the person (the API): then
+        the person recorded on the incident's current snapshot, and its zone as the region."""
+        if request.person != Person():
+            return self.create(request)
+
+        def with_person() -> ReferralRequest:
+            with self.engine.connect() as conn:
+                found = person_of_incident(conn, request.incident_ref)
+            if found is None:
+                return request
+            person, zone = found
+            return replace(request, person=person, region=request.region or zone)
+
+        return self.worker._in_thread(with_person).addCallback(self.create)
 
     def start(self) -> None:
         self.worker.start()

@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from sqlalchemy import Connection, or_, select
-
 from corespond.adapters.hl7_referral import URGENCIES, Person
 
 STATES = ("queued", "delivered", "held", "cancelled")
@@ -136,43 +134,16 @@ def _fail(err: Exception) -> int:
     return 1
 
 
-def person_of_incident(conn: Connection, incident: str) -> tuple[Person, str | None] | None:
-    """The first person recorded on the incident's current snapshot, and its zone."""
-    from corespond.daemon.store.tables import incidents, snapshots
-
-    row = conn.execute(
-        select(incidents.c.current_snapshot_id, incidents.c.zone)
-        .where(or_(incidents.c.incident_number == incident, incidents.c.external_id == incident))
-        .order_by(incidents.c.last_received_at.desc())
-    ).first()
-    if row is None:
-        return None
-    protected = (
-        conn.execute(
-            select(snapshots.c.protected).where(snapshots.c.id == row.current_snapshot_id)
-        ).scalar()
-        or {}
-    )
-    persons = protected.get("persons") or []
-    chosen = next(
-        (p for p in persons if "patient" in (p.get("roles") or [])), persons[0] if persons else {}
-    )
-    name = (chosen.get("name") or "").strip()
-    given, _, family = name.rpartition(" ") if " " in name else ("", "", name)
-    return Person(
-        family=family or None,
-        given=given or None,
-        birth_date=chosen.get("birth_date"),
-        phone=chosen.get("phone"),
-        street=protected.get("address"),
-    ), row.zone
-
-
 # --- commands ----------------------------------------------------------------------------------
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from corespond.daemon.referrals import ReferralError, ReferralRequest, create_referral
+    from corespond.daemon.referrals import (
+        ReferralError,
+        ReferralRequest,
+        create_referral,
+        person_of_incident,
+    )
 
     setup = _setup(args)
     if setup is None:

@@ -588,7 +588,46 @@ def apply_answer(
         )
     if answer in (PageAnswer.EN_ROUTE, PageAnswer.ON_SCENE):
         write_availability(conn, page.clinician_id, Availability(answer.value), via, now)
+    record_encounter_times(conn, page, answer, now)
     return "applied"
+
+
+# The encounter timeline columns a human answer fills (the first time stays).
+ANSWER_TIMES = {
+    PageAnswer.ACCEPT: ("page_ack_at",),
+    PageAnswer.EN_ROUTE: ("page_ack_at", "en_route_at"),
+    PageAnswer.ON_SCENE: ("page_ack_at", "on_scene_at"),
+}
+
+
+def record_encounter_times(
+    conn: Connection, page: PageRecord, answer: PageAnswer, now: datetime
+) -> None:
+    """A clinician who takes a call makes it an encounter (issue 6): created pre-filled from
+    the incident on the first accept, its timeline filled from the paging records, in the same
+    transaction as the answer."""
+    from corespond.daemon.encounters import encounter_from_incident, record_times
+
+    fields = ANSWER_TIMES.get(answer)
+    if not fields:
+        return
+    chain = conn.execute(
+        select(escalation_chains.c.incident_pk, escalation_chains.c.program).where(
+            escalation_chains.c.id == page.chain_id
+        )
+    ).one()
+    first_paged = conn.execute(
+        select(func.min(func.coalesce(pages.c.submitted_at, pages.c.created_at))).where(
+            pages.c.chain_id == page.chain_id, pages.c.kind == "page"
+        )
+    ).scalar()
+    encounter = encounter_from_incident(
+        conn, chain.incident_pk, chain.program, now, clinician=page.clinician_id
+    )
+    times = dict.fromkeys(fields, now)
+    if first_paged is not None:
+        times["clinician_paged_at"] = first_paged
+    record_times(conn, encounter, times, now)
 
 
 def record_reply(

@@ -16,7 +16,7 @@ from corespond.daemon.config import WebConfig
 from corespond.daemon.responders import ClinicianDesk, PageDesk
 from corespond.daemon.signed_links import LinkKeys, LinkSigner
 from corespond.daemon.web.ack import AckLinks, AckPages
-from corespond.daemon.web.api import ApiV1
+from corespond.daemon.web.api import ApiV1, ReferralCreator
 from corespond.daemon.web.auth import SystemTokens
 from corespond.daemon.web.site import WebSite
 
@@ -38,8 +38,10 @@ def build_web_site(
     *,
     clock: Clock,
     reactor: Any = None,
+    referrals: ReferralCreator | None = None,
 ) -> WebSite:
-    """The site ``corespond run`` listens with: ``/ack/<token>`` and ``/api/v1``."""
+    """The site ``corespond run`` listens with: ``/ack/<token>`` and ``/api/v1`` (with
+    ``/api/v1/referrals`` when ``referrals`` creates them)."""
     signer = link_signer(config)
     site = WebSite(max_body_bytes=config.max_body_bytes, reactor=reactor)
     site.mount(
@@ -53,7 +55,10 @@ def build_web_site(
         ),
     )
     systems = SystemTokens({s.name: s.token for s in config.systems})
-    site.mount("/api/v1", ApiV1(clinician_desk, systems=systems, signer=signer, clock=clock))
+    site.mount(
+        "/api/v1",
+        ApiV1(clinician_desk, systems=systems, signer=signer, clock=clock, referrals=referrals),
+    )
     return site
 
 

@@ -5,6 +5,8 @@
                                           "accuracy_m"?}`` -> ``ClinicianDesk.record_fix``
 ``POST /api/v1/clinicians/<id>/availability``  ``{"state": "available" | ...}``
                                           -> ``ClinicianDesk.set_availability``
+``POST /api/v1/referrals``                 a referral (see :mod:`.referral_api`), when the
+                                          daemon sends referrals; system tokens only
 =======================================  ======================================================
 
 Callers authenticate with ``Authorization: Bearer <token>``: a system token from
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -47,6 +50,9 @@ from corespond.daemon.web.site import (
 )
 
 log = structlog.get_logger(__name__)
+
+# Creates a referral (``ReferralService.create_from_request``); fires after the commit.
+ReferralCreator = Callable[[Any], Deferred[Any]]
 
 # A device clock a little ahead of ours is normal; a fix from the future beyond that is not.
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -187,9 +193,11 @@ class ApiV1(Resource):
         systems: SystemTokens,
         signer: LinkSigner,
         clock: Clock,
+        referrals: ReferralCreator | None = None,
     ) -> None:
         super().__init__()
         self.desk = desk
+        self.referrals = referrals
         self.systems = systems
         self.signer = signer
         self.clock = clock
@@ -200,6 +208,8 @@ class ApiV1(Resource):
             handler = self._location
         elif len(path) == 3 and path[0] == b"clinicians" and path[2] == b"availability":
             handler = self._availability
+        elif path == [b"referrals"] and self.referrals is not None:
+            handler = self._referral
         else:
             return json_error(request, 404, "not-found", "nothing at this path")
         if request.method != b"POST":
@@ -268,6 +278,40 @@ class ApiV1(Resource):
             lambda _: self._availability_recorded(request, clinician_id, state, caller.name),
             lambda f: self._failed(request, f, clinician_id, peer),
         )
+
+    def _referral(
+        self, request: Request, caller: Any, body: bytes, path: list[bytes], peer: str
+    ) -> bytes | int:
+        from corespond.daemon.web.referral_api import parse_referral
+
+        assert isinstance(caller, SystemCaller) and self.referrals is not None
+        wanted = parse_referral(body)
+        d = maybeDeferred(self.referrals, wanted)
+        return answer_when(
+            request,
+            d,
+            lambda created: self._referral_created(request, created, caller.name),
+            lambda f: self._referral_failed(request, f, peer),
+        )
+
+    def _referral_created(self, request: Request, created: Any, system: str) -> bytes:
+        log.info("web.api.referral.created", referral_id=created.ref, state=created.state,
+                 system=system)  # fmt: skip
+        return json_response(
+            request,
+            201,
+            {"ref": created.ref, "state": created.state, "hold_reason": created.hold_reason},
+        )
+
+    def _referral_failed(self, request: Request, failure: Failure, peer: str) -> bytes:
+        from corespond.daemon.referrals import ReferralError
+
+        if failure.check(ReferralError):
+            log.info("web.api.refused", peer=peer, status=422, code="referral-refused")
+            return json_error(request, 422, "referral-refused", str(failure.value))
+        log.error("web.api.referral.failed", peer=peer, error=error_text(failure))
+        request.setHeader(b"retry-after", str(RETRY_AFTER_SECONDS).encode())
+        return json_error(request, 503, "unavailable", "the referral could not be stored; retry")
 
     def _location_recorded(self, request: Request, fix: LocationFix, system: str) -> bytes:
         log.debug("web.api.location.recorded", clinician_id=fix.clinician_id, system=system)

@@ -228,6 +228,13 @@ def test_accept_by_reply_stops_the_chain(w: World) -> None:
     view = result_of(w.service.answer("C1445-1", "c-101", PageAnswer.ON_SCENE, "ack-page"))
     assert view.state == "on_scene" and view.answers == ()
     assert view.call_type == "WELFARE CHECK" and view.general_location == "zone Z9, Testville"
+    # The call became an encounter (issue 6) with its timeline from the paging records.
+    [(clinician, paged, ack, en_route, on_scene)] = w.rows(
+        "SELECT clinician, clinician_paged_at, page_ack_at, en_route_at, on_scene_at "
+        "FROM encounters"
+    )
+    assert clinician == "c-101"
+    assert None not in (paged, ack, en_route, on_scene) and str(paged) <= str(ack)
     # A decision change on the same incident does not page again: a clinician accepted.
     incident(w, Response.CLINICIAN)
     w.advance(1)

@@ -373,3 +373,42 @@ def test_the_report_command_wants_a_current_schema(
     assert main(["report", "outcomes", "-c", str(config), "--from", "2030-01-01",
                  "--to", "2030-01-31"]) == 1  # fmt: skip
     assert "corespond db upgrade" in capsys.readouterr().err
+
+
+def test_hl7_referrals_and_their_rri_outcomes_count_for_linkage(engine: Engine) -> None:
+    """An HL7 referral sent for the encounter's incident, accepted by the provider with an
+    appointment (RRI^I12), is a linkage; a rejected one is a referral without linkage; a
+    cancelled one does not count."""
+    from corespond.daemon.store.tables import referrals
+
+    def hl7_referral(ref: str, incident: str, state: str, outcome: str | None,
+                     appointment: datetime | None) -> dict[str, Any]:
+        return {
+            "ref": ref, "incident_ref": incident, "provider": "csu", "service_type": "crisis",
+            "urgency": "routine", "referring_clinician": "c-1", "state": state, "part2": False,
+            "created_at": DAY1, "updated_at": DAY1, "outcome": outcome, "outcome_at": DAY1,
+            "appointment_at": appointment, "person": {},
+        }  # fmt: skip
+
+    with engine.begin() as conn:
+        for n, person in enumerate(("P", "Q", "R")):
+            eid = create_encounter(
+                conn,
+                Prefill(program="alpha", call_received_at=DAY1, cad_incident_no=f"24-77{n}"),
+                DAY1,
+            )
+            update_encounter(conn, eid, {"bh_nexus_confirmed": True,
+                             "disposition": "resolved_with_referral", "person": {"mrn": person}},
+                             CONFIG, DAY1, complete=True)  # fmt: skip
+        conn.execute(referrals.insert(), [
+            hl7_referral("R1", "24-770", "delivered", "accepted", DAY1 + timedelta(days=3)),
+            hl7_referral("R2", "24-771", "delivered", "rejected", None),
+            hl7_referral("R3", "24-772", "cancelled", None, None),
+        ])  # fmt: skip
+    req = ReportRequest(date(2030, 5, 1), date(2030, 5, 31), suppress_below=1)
+    with engine.connect() as conn:
+        report = outcome_report(conn, req)
+    referral = _value(report, "referral")
+    assert (referral.numerator, referral.denominator) == (2, 3)
+    linkage = _value(report, "linkage_30")
+    assert (linkage.numerator, linkage.denominator) == (1, 2)

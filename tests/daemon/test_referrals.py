@@ -587,3 +587,38 @@ def test_a_clean_stop_mid_flight_releases_the_message_at_once(engine: Engine) ->
         row = conn.execute(select(referral_messages)).one()
     assert (row.state, row.attempts, row.last_error) == ("pending", 0, "daemon-stopped")
     assert row.next_due == now() and row.lease_until is None
+
+
+def test_an_api_request_without_a_person_takes_the_incident_s(engine: Engine) -> None:
+    """``create_from_request`` (the API) fills the person and region from the incident."""
+    from dataclasses import replace
+
+    from sqlalchemy import select
+
+    from corespond.adapters.hl7_referral import Person
+    from corespond.daemon.referrals import ReferralService
+    from corespond.daemon.store.tables import referral_messages, referrals
+    from corespond.daemon.store.writer import write_batch
+    from tests.daemon.store.records import record, snapshot
+
+    with engine.begin() as conn:
+        write_batch(conn, [record(snapshot("CAD-7", person="Ada Q Testperson"))])
+    loop = Loop()
+    service = ReferralService(engine, loop.reactor, config(), clock=loop.clock)
+    service.start()
+    try:
+        created: list[Any] = []
+        service.create_from_request(
+            replace(request(), incident_ref="NCAD-7", person=Person())
+        ).addCallback(created.append)
+        loop.spin(lambda: bool(created))
+    finally:
+        from twisted.internet.defer import ensureDeferred
+
+        stopped = ensureDeferred(service.stop())
+        loop.spin(lambda: stopped.called)
+    assert created[0].ref
+    with engine.connect() as conn:
+        message = conn.execute(select(referral_messages.c.message)).scalar_one()
+        person = conn.execute(select(referrals.c.person)).scalar_one()
+    assert b"Testperson" in message and person["family"] == "Testperson"

@@ -46,11 +46,11 @@ MARKERS = {
 
 
 INGEST_TABLES = {"incidents", "snapshots", "decisions", "rejected_messages"}
+OUTCOME_TABLES = {"persons", "person_identifiers", "encounters", "encounter_referrals"}
 REFERRAL_TABLES = {
     "referrals", "referral_messages", "referral_consents", "referral_disclosures",
     "hl7_inbound", "referral_outcomes",
 }  # fmt: skip
-OUTCOME_TABLES = {"persons", "person_identifiers", "encounters", "encounter_referrals"}
 
 
 def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
@@ -99,6 +99,25 @@ def test_no_phi_outside_the_phi_columns(engine: Engine) -> None:
     assert "person_identifiers.value" in hits
 
 
+def _encounter_with_person(conn: Connection, name: str) -> None:
+    """An encounter of the stored incident, completed and linked to a person by name."""
+    from corespond.daemon.config import OutcomesConfig
+    from corespond.daemon.encounters import add_referral, encounter_from_incident, update_encounter
+
+    incident_id = conn.execute(select(incidents.c.id)).scalars().first()
+    assert incident_id is not None
+    now = datetime(2031, 3, 4, 6, tzinfo=UTC)
+    eid = encounter_from_incident(conn, incident_id, "co-responder", now)
+    person = {"name": name, "dob": "1990-01-01", "mrn": "M-1"}
+    changes = {
+        "bh_nexus_confirmed": True,
+        "disposition": "resolved_with_referral",
+        "person": person,
+    }
+    update_encounter(conn, eid, changes, OutcomesConfig(person_key=b"k" * 32), now, complete=True)
+    add_referral(conn, eid, "prov-1", now, "enrolled", now + timedelta(days=2))
+
+
 def _write_referral_rows(engine: Engine) -> None:
     """A Part 2 referral delivered under consent and answered by an RRI^I12 (every table)."""
     from datetime import timedelta
@@ -131,25 +150,6 @@ def _write_referral_rows(engine: Engine) -> None:
         f"NTE|1||{MARKERS['narrative']} accepted\r"
     ).encode()
     assert store_inbound(engine, rri, "127.0.0.1:1", now()).outcome == "accepted"
-
-
-def _encounter_with_person(conn: Connection, name: str) -> None:
-    """An encounter of the stored incident, completed and linked to a person by name."""
-    from corespond.daemon.config import OutcomesConfig
-    from corespond.daemon.encounters import add_referral, encounter_from_incident, update_encounter
-
-    incident_id = conn.execute(select(incidents.c.id)).scalars().first()
-    assert incident_id is not None
-    now = datetime(2031, 3, 4, 6, tzinfo=UTC)
-    eid = encounter_from_incident(conn, incident_id, "co-responder", now)
-    person = {"name": name, "dob": "1990-01-01", "mrn": "M-1"}
-    changes = {
-        "bh_nexus_confirmed": True,
-        "disposition": "resolved_with_referral",
-        "person": person,
-    }
-    update_encounter(conn, eid, changes, OutcomesConfig(person_key=b"k" * 32), now, complete=True)
-    add_referral(conn, eid, "prov-1", now, "enrolled", now + timedelta(days=2))
 
 
 def test_times_come_back_aware_utc(engine: Engine) -> None:

@@ -36,10 +36,9 @@ MINIMAL = """\
 def test_the_sample_web_section_loads_once_uncommented(tmp_path: Path) -> None:
     path = sample_copy(tmp_path)
     text = path.read_text()
-    lines = text[text.index("# web:") :].splitlines(keepends=True)
-    # The section: its key and the indented lines under it (other sections follow it).
-    n = 1 + next(i for i, line in enumerate(lines[1:]) if not line.startswith("#  "))
-    block = "".join(lines[:n])
+    start = text.index("# web:")
+    end = text.find("\n\n", start)
+    block = text[start : end if end != -1 else len(text)]
     uncommented = re.sub(r"^# ?", "", block, flags=re.MULTILINE)
     write(tmp_path / "etc", KEY, "secrets/link.key")
     write(tmp_path / "etc", "avl-token-0123456789\n", "secrets/avl-gateway.token")

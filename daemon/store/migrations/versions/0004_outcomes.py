@@ -1,7 +1,7 @@
 """Outcomes: encounters, pseudonymous persons with blind-indexed identifiers, referrals made.
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 Create Date: 2026-11-27
 """
 
