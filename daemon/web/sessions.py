@@ -160,8 +160,11 @@ class LoginThrottle:
             if now >= e.locked_until and all(now - t >= self.lockout_seconds for t in e.times)
         ]:
             del self._names[name]
-        if len(self._names) >= MAX_TRACKED_NAMES:  # a flood of names: drop the oldest
-            for name in list(self._names)[: len(self._names) // 2]:
+        if len(self._names) >= MAX_TRACKED_NAMES:
+            # A flood of names: forget the oldest counts, never a lock (flooding must not be a
+            # way to unlock a name).
+            unlocked = [n for n, e in self._names.items() if now >= e.locked_until]
+            for name in unlocked[: len(unlocked) // 2 + 1]:
                 del self._names[name]
 
 

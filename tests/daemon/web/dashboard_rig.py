@@ -42,7 +42,7 @@ OUTCOMES = OutcomesConfig(suppress_below=11)
 def write_users(path: Path) -> Path:
     add_user(path, User("dana", "program_manager", hash_password(PASSWORDS["dana"])))
     add_user(path, User("root", "admin", hash_password(PASSWORDS["root"])))
-    add_user(path, User("sam", "clinician", hash_password(PASSWORDS["sam"]), "clin-1"))
+    add_user(path, User("sam", "clinician", hash_password(PASSWORDS["sam"]), "clin-07"))
     return path
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,19 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import Engine, select
 
-from corespond.daemon.outcomes import ALL, Value, outcome_report
+from corespond.daemon.outcomes import ALL, Value, outcome_report, report_json
+from corespond.daemon.store.tables import encounters
+from corespond.daemon.synthetic_encounters import seed_encounters
 from corespond.daemon.web.dashboard import (
     CHARTS,
     DEFAULT_DAYS,
     PAGE_CSP,
+    PeriodError,
+    clinician_counts,
+    load_dashboard,
+    parse_period,
     report_request,
     response_bins,
 )
@@ -114,6 +123,12 @@ def test_a_clinician_sees_only_their_own_encounters(dash_rig: DashRig) -> None:
     assert cards(page.text) == {}  # no program-wide figure
     assert "data-chart" not in page.text and "/csv/" not in page.text
     assert "Your encounters" in page.text
+    start = TODAY - timedelta(days=DEFAULT_DAYS - 1)
+    req = report_request(OUTCOMES, start, TODAY)
+    own = clinician_counts(dash_rig.dashboard.engine, req, "clin-07")
+    assert sum(own.values()) > 0
+    shown = dict(re.findall(r'data-status="([a-z_]+)">(\d+)<', page.text))
+    assert shown == {status: str(n) for status, n in own.items()}
     for chart in CHARTS:
         assert c.get(f"/dashboard/csv/{chart}.csv").status == 403
 
@@ -271,3 +286,71 @@ def test_the_daemon_mounts_the_dashboard_when_users_are_configured(tmp_path: Pat
         assert got.headers[b"content-security-policy"] == PAGE_CSP.encode()
     finally:
         app.engine.dispose()
+
+
+def test_the_queries_on_both_backends(engine: Engine) -> None:
+    """What the page loads is the report's, and a clinician's counts are their encounters'."""
+    with engine.begin() as conn:
+        seed_encounters(conn, 1200, date(2026, 1, 1), date(2026, 6, 30), seed=4)
+    req = report_request(OUTCOMES, date(2026, 2, 1), date(2026, 5, 31))
+    data = load_dashboard(engine, req)
+    with engine.connect() as conn:
+        assert report_json(data.overall) == report_json(outcome_report(conn, req))
+        by_month = outcome_report(conn, replace(req, by="month"))
+        assert report_json(data.monthly) == report_json(by_month)
+        rows = conn.execute(
+            select(encounters.c.clinician, encounters.c.status, encounters.c.call_received_at)
+        ).all()
+    assert data.monthly.groups == ["2026-02", "2026-03", "2026-04", "2026-05"]
+    assert set(data.demographics) == {"race", "gender", "age"}
+    assert sum(n for _, n in data.response_histogram) == sum(
+        v.value or 0 for _, v in response_bins(data.response_histogram, 1_000_000)
+    )
+    expected: dict[str, int] = {}
+    for clinician, status, received in rows:
+        if clinician == "clin-07" and req.since <= received < req.until:
+            expected[status] = expected.get(status, 0) + 1
+    assert sum(expected.values()) > 0
+    assert clinician_counts(engine, req, "clin-07") == expected
+    assert clinician_counts(engine, req, "nobody") == {}
+
+
+def _iso(d: date) -> bytes:
+    return d.isoformat().encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from([b"from", b"to", b"x"]),
+        st.lists(st.one_of(st.binary(max_size=12), st.dates().map(_iso)), max_size=2),
+    )
+)  # fmt: skip
+def test_the_period_parser_accepts_a_period_or_says_why(args: dict[bytes, list[bytes]]) -> None:
+    try:
+        start, end = parse_period(args, TODAY)
+    except PeriodError as err:
+        assert str(err) in (
+            "'from' must be a date YYYY-MM-DD", "'to' must be a date YYYY-MM-DD",
+            "the period ends before it starts", "a period is at most 3660 days",
+        )  # fmt: skip
+        return
+    assert start <= end and (end - start).days < 3660
+
+
+def test_a_flood_of_names_never_unlocks_one() -> None:
+    from twisted.internet import task
+
+    from corespond.daemon.clock import Clock
+    from corespond.daemon.web import sessions
+
+    clock = task.Clock()
+    throttle = sessions.LoginThrottle(Clock(clock))
+    for _ in range(sessions.MAX_FAILURES):
+        throttle.failed("dana")
+    for i in range(sessions.MAX_TRACKED_NAMES * 2):
+        throttle.failed(f"flood-{i}")
+    assert throttle.locked("dana")
+    assert len(throttle._names) <= sessions.MAX_TRACKED_NAMES
+    clock.advance(sessions.LOCKOUT_SECONDS)
+    assert not throttle.locked("dana")
