@@ -32,8 +32,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 import structlog
-from sqlalchemy import Engine, func, select
-from twisted.internet.defer import Deferred
+from sqlalchemy import Connection, Engine, func, select
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -43,12 +43,17 @@ from corespond.daemon.config import OutcomesConfig
 from corespond.daemon.log import error_text
 from corespond.daemon.outcomes import (
     ALL,
+    DURATIONS,
+    Aggregates,
     Metric,
     Report,
     ReportRequest,
     Value,
+    _duration_histograms,
+    _encounter_counts,
+    _referrals_per_encounter,
     assemble_report,
-    outcome_report,
+    default_referral_outcomes,
     report_aggregates,
 )
 from corespond.daemon.store.engine import READ_ONLY
@@ -73,6 +78,9 @@ DEFAULT_DAYS = 90
 MAX_DAYS = 3660
 MANAGERS = ("program_manager", "admin")
 MAX_FIELD_CHARS = 1024
+# A period's figures are kept this long, so the CSVs of the page just shown cost nothing.
+CACHE_SECONDS = 300
+CACHE_PERIODS = 8
 
 # The headline cards: report metric keys, in order.
 HEADLINE = (
@@ -87,6 +95,7 @@ DISPOSITIONS = (
 TREND = ("bh_encounters", "arrest_avoidance", "involuntary_hold", "response_p50")
 DEMOGRAPHICS = (("race", "Race / ethnicity"), ("gender", "Gender"), ("age", "Age band"))
 RESPONSE_BINS = (0, 10, 20, 30, 45, 60, 90)  # minutes; the last bin is open-ended
+DURATION_KEYS = tuple(DURATIONS)
 CHARTS = ("headline", "trend", "dispositions", "response", "demographics", "areas")
 
 STYLE = """
@@ -160,15 +169,37 @@ def report_request(outcomes: OutcomesConfig, start: date, end: date) -> ReportRe
 
 
 def load_dashboard(engine: Engine, req: ReportRequest) -> DashboardData:
-    """Every report the page shows, in one read transaction (blocking: run it in a thread)."""
+    """Every report the page shows, in one read transaction (blocking: run it in a thread).
+
+    The whole report for the period; by month and by demographic group only the report's
+    per-encounter queries (the page shows no per-person metric by group), assembled by the
+    report's own code, so each figure shown is the one ``corespond report outcomes --by``
+    prints."""
     with engine.connect() as conn, conn.execution_options(**{READ_ONLY: True}).begin():
         agg = report_aggregates(conn, req)
         overall = assemble_report(req, agg)
-        monthly = outcome_report(conn, replace(req, by="month"))
-        demographics = {by: outcome_report(conn, replace(req, by=by)) for by, _ in DEMOGRAPHICS}
+        monthly = _encounter_report(conn, replace(req, by="month"), durations=True)
+        demographics = {
+            by: _encounter_report(conn, replace(req, by=by), durations=False)
+            for by, _ in DEMOGRAPHICS
+        }
     return DashboardData(
         overall, list(agg.durations["response"].get(ALL, [])), monthly, demographics
     )
+
+
+def _encounter_report(conn: Connection, req: ReportRequest, *, durations: bool) -> Report:
+    """The report's per-encounter metrics by ``req.by`` (its person metrics are left empty)."""
+    referrals = _referrals_per_encounter(default_referral_outcomes())
+    hist = _duration_histograms(conn, req) if durations else {k: {} for k in DURATION_KEYS}
+    agg = Aggregates(
+        encounters=_encounter_counts(conn, req, referrals),
+        persons={},
+        durations=hist,
+        cad_calls=None,
+        zones={},
+    )
+    return assemble_report(req, agg)
 
 
 def clinician_counts(engine: Engine, req: ReportRequest, clinician: str) -> dict[str, int]:
@@ -565,6 +596,25 @@ class Dashboard(Resource):
         self.clock = clock
         self.sessions = sessions if sessions is not None else Sessions(clock)
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+        self._cache: dict[tuple[date, date], tuple[float, DashboardData]] = {}
+
+    def _data(self, req: ReportRequest) -> Deferred[DashboardData]:
+        """The period's figures: computed in the thread pool, or kept from the last
+        ``CACHE_SECONDS`` (the reactor thread alone reads and writes the cache)."""
+        key = (req.start, req.end)
+        now = self.clock.seconds()
+        kept = self._cache.get(key)
+        if kept is not None and now - kept[0] < CACHE_SECONDS:
+            return succeed(kept[1])
+
+        def keep(data: DashboardData) -> DashboardData:
+            self._cache[key] = (now, data)
+            for old in sorted(self._cache, key=lambda k: self._cache[k][0])[:-CACHE_PERIODS]:
+                del self._cache[old]
+            return data
+
+        d: Deferred[DashboardData] = self.in_thread(load_dashboard, self.engine, req)
+        return d.addCallback(keep)
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"" and not request.postpath:
@@ -630,7 +680,7 @@ class Dashboard(Resource):
             start = end - timedelta(days=DEFAULT_DAYS - 1)
         req = report_request(self.outcomes, start, end)
         if session.role in MANAGERS:
-            d = self.in_thread(load_dashboard, self.engine, req)
+            d = self._data(req)
             return answer_when(
                 request, d,
                 lambda data: self._html(
@@ -681,7 +731,7 @@ class Dashboard(Resource):
             return chart_csv(data, chart)
 
         return answer_when(
-            request, self.in_thread(load_dashboard, self.engine, req), done,
+            request, self._data(req), done,
             self._failed(request),
         )  # fmt: skip
 

@@ -135,6 +135,7 @@ class DashRig:
     dashboard: Dashboard
     port: int
     fake_time: task.Clock
+    ran: list[str]  # what ran in the thread pool, by function name
 
     def client(self) -> Client:
         return Client(self.port)
@@ -151,7 +152,10 @@ def dash_rig(served: ServedReactor, sqlite_template: Path, tmp_path: Path) -> It
     fake_time = task.Clock()
     fake_time.advance(NOW)
 
+    ran: list[str] = []
+
     def in_thread(fn: Any, *args: Any) -> Any:
+        ran.append(fn.__name__)
         return deferToThreadPool(served.reactor, pool, fn, *args)
 
     dashboard = Dashboard(
@@ -165,7 +169,7 @@ def dash_rig(served: ServedReactor, sqlite_template: Path, tmp_path: Path) -> It
     site.mount("/dashboard", dashboard)
     port = served.listen(site)
     try:
-        yield DashRig(served, dashboard, port, fake_time)
+        yield DashRig(served, dashboard, port, fake_time, ran)
     finally:
         pool.stop()
         engine.dispose()

@@ -21,9 +21,12 @@ from corespond.daemon.outcomes import ALL, Value, outcome_report, report_json
 from corespond.daemon.store.tables import encounters
 from corespond.daemon.synthetic_encounters import seed_encounters
 from corespond.daemon.web.dashboard import (
+    CACHE_SECONDS,
     CHARTS,
     DEFAULT_DAYS,
+    DEMOGRAPHICS,
     PAGE_CSP,
+    TREND,
     PeriodError,
     clinician_counts,
     load_dashboard,
@@ -232,6 +235,20 @@ def test_every_chart_downloads_as_csv(dash_rig: DashRig) -> None:
     assert c.get("/dashboard/csv/headline.csv?to=x").status == 400
 
 
+def test_a_periods_figures_are_computed_once_for_the_page_and_its_csvs(dash_rig: DashRig) -> None:
+    c = dash_rig.client()
+    c.login("dana")
+    assert c.get("/dashboard/").status == 200
+    for chart in CHARTS:
+        assert c.get(f"/dashboard/csv/{chart}.csv").status == 200
+    assert dash_rig.ran.count("load_dashboard") == 1
+    assert c.get("/dashboard/?from=2026-06-01").status == 200  # another period
+    assert dash_rig.ran.count("load_dashboard") == 2
+    dash_rig.advance(CACHE_SECONDS)
+    assert c.get("/dashboard/csv/trend.csv").status == 200
+    assert dash_rig.ran.count("load_dashboard") == 3
+
+
 def test_response_bins_are_suppressed_like_report_cells() -> None:
     histogram = [(30, 40), (9 * 60 + 59, 1), (12 * 60, 5), (25 * 60, 11), (200 * 60, 3)]
     bins = dict(response_bins(histogram, 11))
@@ -296,8 +313,15 @@ def test_the_queries_on_both_backends(engine: Engine) -> None:
     data = load_dashboard(engine, req)
     with engine.connect() as conn:
         assert report_json(data.overall) == report_json(outcome_report(conn, req))
+        # Every figure shown by group is the full `--by` report's.
         by_month = outcome_report(conn, replace(req, by="month"))
-        assert report_json(data.monthly) == report_json(by_month)
+        assert data.monthly.groups == by_month.groups
+        for key in TREND:
+            assert data.monthly.metric(key) == by_month.metric(key)
+        for by, _ in DEMOGRAPHICS:
+            full = outcome_report(conn, replace(req, by=by))
+            assert data.demographics[by].groups == full.groups
+            assert data.demographics[by].metric("bh_encounters") == full.metric("bh_encounters")
         rows = conn.execute(
             select(encounters.c.clinician, encounters.c.status, encounters.c.call_received_at)
         ).all()
@@ -354,3 +378,22 @@ def test_a_flood_of_names_never_unlocks_one() -> None:
     assert len(throttle._names) <= sessions.MAX_TRACKED_NAMES
     clock.advance(sessions.LOCKOUT_SECONDS)
     assert not throttle.locked("dana")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=300), st.sampled_from([b"application/x-www-form-urlencoded", b"text/plain"])
+)
+def test_the_form_parser_takes_any_body(body: bytes, content_type: bytes) -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from corespond.daemon.web.dashboard import MAX_FIELD_CHARS, _form
+
+    request = DummyRequest([b"login"])
+    request.content = io.BytesIO(body)
+    request.requestHeaders.setRawHeaders(b"content-type", [content_type])
+    form = _form(request)  # type: ignore[arg-type]
+    if content_type != b"application/x-www-form-urlencoded":
+        assert form is None
+    elif form is not None:
+        assert len(form) <= 10 and all(len(v) <= MAX_FIELD_CHARS for v in form.values())
