@@ -190,6 +190,9 @@ class Corespond:
     async def start(self) -> None:
         self.io_threads.start()
         self._started = True
+        # The rules directory as it is before the rules are read: the watcher compares with
+        # this, so a file changed while the daemon starts is still picked up.
+        rules_baseline = await self._rules_baseline()
         await self._load_rules()
         await self._prepare_schema()
         await self._seed_demo_encounters()
@@ -214,7 +217,7 @@ class Corespond:
         self._start_gateway_inbound()
         self._start_locations()
         self._start_simulator()
-        self._start_rules_watcher()
+        self._start_rules_watcher(rules_baseline)
         self.notifier.ready()
         self._status(f"running {len(self.feeds.components)} feed components")
         self.watchdog = Watchdog.from_environment(self.notifier, self.clock, self.healthy)
@@ -237,7 +240,14 @@ class Corespond:
             log.critical("rules.unavailable", reason=err.reason, errors=err.problems)
             raise StartupError(str(err)) from None
 
-    def _start_rules_watcher(self) -> None:
+    async def _rules_baseline(self) -> Any:
+        if self.rules is None or not self.config.rules.watch:
+            return None
+        from corespond.daemon.classification import fingerprint
+
+        return await self.in_thread(fingerprint, self.config.rules.site_dir)
+
+    def _start_rules_watcher(self, baseline: Any = None) -> None:
         if self.rules is None or not self.config.rules.watch:
             return
         settings = self.config.rules
@@ -248,7 +258,7 @@ class Corespond:
             self.in_thread,
             lambda: ensureDeferred(self._rules_changed()),
         )
-        ensureDeferred(self.rules_watcher.start()).addErrback(
+        ensureDeferred(self.rules_watcher.start(baseline)).addErrback(
             lambda f: log.error("rules.watch.failed", error=error_text(f))
         )
 
