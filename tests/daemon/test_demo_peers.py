@@ -37,15 +37,8 @@ from corespond.daemon.demo_peers import (
 )
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.pager import DeliveryState, PageAnswer, PageMessage
+from corespond.daemon.store import tables as t
 from corespond.daemon.store.activity import activity_since
-from corespond.daemon.store.tables import (
-    escalation_chains,
-    escalation_steps,
-    incidents,
-    pages,
-    referral_messages,
-    referrals,
-)
 
 NOW = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
 
@@ -155,9 +148,9 @@ def test_fuzz_sms_send_form_only_ever_rejects(data: bytes) -> None:
 
 
 REF = (
-    "MSH|^~\\&|CORESPOND|DEMO-BH|BHRECV|CSU|20270115120000||REF^I12^REF_I12|CR00AA|T|2.5.1\r"
-    "RF1|P^Pending^HL70283|||||RABC123^CORESPOND|20270115120000\r"
-).encode()
+    b"MSH|^~\\&|CORESPOND|DEMO-BH|BHRECV|CSU|20270115120000||REF^I12^REF_I12|CR00AA|T|2.5.1\r"
+    b"RF1|P^Pending^HL70283|||||RABC123^CORESPOND|20270115120000\r"
+)
 
 
 def provider(**kwargs: Any) -> tuple[DemoProvider, TaskClock, list[Any]]:
@@ -205,30 +198,30 @@ def test_which_calls_are_referred_is_the_same_on_every_look() -> None:
 
 
 def _incident(conn: Any, n: int) -> int:
-    return int(conn.execute(incidents.insert().values(
+    return int(conn.execute(t.incidents.insert().values(
         source="s", external_id=f"e{n}", incident_number=f"26-{n}", status="active",
         updated_at=NOW, first_received_at=NOW, last_received_at=NOW, snapshot_count=1,
         behavioral_health=True, response="clinician",
-    ).returning(incidents.c.id)).scalar_one())  # fmt: skip
+    ).returning(t.incidents.c.id)).scalar_one())  # fmt: skip
 
 
 def _chain(conn: Any, incident_pk: int, state: str, steps: list[tuple[str, str]]) -> int:
-    chain = int(conn.execute(escalation_chains.insert().values(
+    chain = int(conn.execute(t.escalation_chains.insert().values(
         incident_pk=incident_pk, kind="dispatch", program="north", response="clinician",
         steps=[], state=state, created_at=NOW, pages_sent=0,
         accepted_by="c-101" if state == "accepted" else None,
         closed_at=NOW if state != "open" else None,
-    ).returning(escalation_chains.c.id)).scalar_one())  # fmt: skip
+    ).returning(t.escalation_chains.c.id)).scalar_one())  # fmt: skip
     for n, (action, step_state) in enumerate(steps):
-        conn.execute(escalation_steps.insert().values(
+        conn.execute(t.escalation_steps.insert().values(
             chain_id=chain, step=n, action=action, due_at=NOW, state=step_state))  # fmt: skip
     return chain
 
 
 def _page(conn: Any, chain: int, incident_pk: int, ref: str, kind: str, state: str) -> None:
-    step = conn.execute(escalation_steps.select().where(
-        escalation_steps.c.chain_id == chain)).first()  # fmt: skip
-    conn.execute(pages.insert().values(
+    step = conn.execute(t.escalation_steps.select().where(
+        t.escalation_steps.c.chain_id == chain)).first()  # fmt: skip
+    conn.execute(t.pages.insert().values(
         page_ref=ref, chain_id=chain, step_id=step.id, incident_pk=incident_pk, kind=kind,
         clinician_id="c-101" if kind == "page" else None, state=state, text="t", created_at=NOW,
         answered_at=NOW if state in ("accepted", "declined") else None, endpoints=[],
@@ -250,13 +243,13 @@ def test_the_summary_counts_pages_answers_escalations_and_referrals(engine: Engi
         _page(conn, second, b, "C2-3", "notice", "sent")
         third = _chain(conn, c, "accepted", [("page", "done")])
         _page(conn, third, c, "C3-1", "page", "accepted")
-        ref = int(conn.execute(referrals.insert().values(
+        ref = int(conn.execute(t.referrals.insert().values(
             ref="R1", incident_ref="26-1", provider="demo-csu", service_type="x",
             urgency="asap", referring_clinician="c-101", state="delivered", part2=False,
             created_at=NOW, updated_at=NOW, person={}, outcome="accepted",
-        ).returning(referrals.c.id)).scalar_one())  # fmt: skip
+        ).returning(t.referrals.c.id)).scalar_one())  # fmt: skip
         for n, code in enumerate((None, "AA")):  # a resend: the latest message counts
-            conn.execute(referral_messages.insert().values(
+            conn.execute(t.referral_messages.insert().values(
                 referral_id=ref, control_id=f"CR{n}", provider="demo-csu", profile="ref-i12",
                 state="acked", attempts=1, next_due=NOW, created_at=NOW, message=b"x",
                 ack_code=code))  # fmt: skip
