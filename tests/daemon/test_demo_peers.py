@@ -3,8 +3,10 @@ provider's answers and RRI^I12, and the stop summary's counts over a real store.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +29,10 @@ from corespond.adapters.wctp import (
 )
 from corespond.daemon.app import activity_lines
 from corespond.daemon.clock import Clock
-from corespond.daemon.config import DemoPeersConfig
+from corespond.daemon.config import ConfigError, DemoPeersConfig, load_config
 from corespond.daemon.demo_peers import (
+    DemoPeers,
+    DemoPeersError,
     DemoProvider,
     _chosen,
     _Later,
@@ -267,3 +271,45 @@ def test_the_summary_counts_pages_answers_escalations_and_referrals(engine: Engi
     assert [w.incident_number for w in waiting] == ["26-3"]
     text = "\n".join(activity_lines(got))
     assert "pages sent                 5" in text and "(ACK AA, RRI accepted)" in text
+
+
+def test_demo_peers_config_is_checked_precisely(tmp_path: Path) -> None:
+    path = tmp_path / "corespond.yaml"
+    path.write_text("demo:\n  peers: {wctp_port: 0, sms_port: 8942, answer_share: 1.5}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    found = [str(p) for p in caught.value.problems]
+    assert any("'demo.peers.wctp_port'" in p for p in found), found
+    assert any("'demo.peers.answer_share'" in p for p in found), found
+    assert any("'demo.peers'" in p and "mllp_port" in p for p in found), found
+    path.write_text("demo:\n  peers: {wctp_port: 1, sms_port: 2, mllp_port: 3}\n")
+    peers = load_config(path).demo.peers  # type: ignore[union-attr]
+    assert peers == DemoPeersConfig(wctp_port=1, sms_port=2, mllp_port=3)
+
+
+def test_the_demo_config_asks_for_every_peer() -> None:
+    config = load_config(Path(__file__).resolve().parents[2] / "config" / "demo.yaml")
+    assert config.demo is not None and config.demo.peers is not None
+    peers = config.demo.peers
+    assert config.web is not None and peers.avl_system in {s.name for s in config.web.systems}
+    assert config.referrals is not None and config.referrals.provider(
+        peers.referral_provider or ""
+    ) is not None
+    by_type = {g.type: g for g in config.gateways}
+    assert by_type["wctp"].url == f"http://127.0.0.1:{peers.wctp_port}/wctp"
+    assert by_type["sms"].url == f"http://127.0.0.1:{peers.sms_port}"
+    assert config.referrals.providers[0].port == peers.mllp_port
+    assert config.paging is not None and len(config.paging.roster.clinicians) >= 24
+
+
+def test_peers_that_name_nothing_configured_stop_the_start() -> None:
+    config = load_config(Path(__file__).resolve().parents[2] / "config" / "demo.yaml")
+    assert config.demo is not None and config.demo.peers is not None
+    wrong = dataclasses.replace(
+        config, demo=dataclasses.replace(
+            config.demo, peers=dataclasses.replace(config.demo.peers, avl_system="nobody")),
+    )  # fmt: skip
+    clock = TaskClock()
+    with pytest.raises(DemoPeersError, match="avl_system 'nobody'"):
+        DemoPeers(wrong, clock, Clock(clock), engine=None, in_thread=lambda f: None,
+                  referrals=None, referral_listener=lambda: None)  # fmt: skip
