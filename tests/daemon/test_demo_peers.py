@@ -4,6 +4,7 @@ provider's answers and RRI^I12, and the stop summary's counts over a real store.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from lxml import etree
 from sqlalchemy import Engine
 from twisted.internet.task import Clock as TaskClock
+from twisted.internet.testing import MemoryReactorClock
 
 from corespond.adapters.hl7_referral import parse_reply
 from corespond.adapters.wctp import (
@@ -313,3 +315,28 @@ def test_peers_that_name_nothing_configured_stop_the_start() -> None:
     with pytest.raises(DemoPeersError, match="avl_system 'nobody'"):
         DemoPeers(wrong, clock, Clock(clock), engine=None, in_thread=lambda f: None,
                   referrals=None, referral_listener=lambda: None)  # fmt: skip
+
+
+def test_the_simulator_holds_closes_back_and_still_sends_them() -> None:
+    from corespond.adapters.eido import eido_document
+    from corespond.adapters.newworld import newworld_document
+    from corespond.daemon.demo import CadSimulator, SimulatorTargets
+
+    reactor = MemoryReactorClock()
+    reactor.advance(NOW.timestamp())
+    sim = CadSimulator(reactor, Clock(reactor), SimulatorTargets(tcp_host="127.0.0.1", tcp_port=9),
+                       incidents=3, interval=1.0, seed=7, eido_document=eido_document,
+                       newworld_document=newworld_document, close_after=30.0)  # fmt: skip
+    sim.start()
+    sent: list[tuple[float, str]] = []
+    for _ in range(60):
+        reactor.advance(1.0)
+        while reactor.tcpClients:
+            factory = reactor.tcpClients.pop(0)[2]
+            [line] = factory.buildProtocol(None).lines
+            sent.append((reactor.seconds() - NOW.timestamp(), json.loads(line)["status"]))
+    closes = [at for at, status in sent if status == "closed"]
+    opens = [at for at, status in sent if status != "closed"]
+    assert len(closes) >= 3 and opens  # every close is sent (resends may repeat one)
+    assert min(closes) >= 30 + min(opens)
+    assert not sim._loop.running  # type: ignore[attr-defined]
