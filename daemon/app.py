@@ -366,6 +366,8 @@ class Corespond:
         demo = self.config.demo
         if demo is None or demo.peers is None:
             return
+        from twisted.internet.error import CannotListenError
+
         from corespond.daemon.demo_peers import DemoPeers, DemoPeersError
 
         listener = self.referrals.listener if self.referrals is not None else None
@@ -383,7 +385,7 @@ class Corespond:
                 referral_listener=referral_listener,
             )  # fmt: skip
             self.demo_peers.start()
-        except (DemoPeersError, OSError) as err:
+        except (DemoPeersError, CannotListenError) as err:
             raise StartupError(f"the demo peers could not start: {error_text(err)}") from err
 
     def _start_simulator(self) -> None:

@@ -112,13 +112,13 @@ class _Poster:
     """HTTP POSTs back to the daemon (callbacks, the API); failures are logged, not retried
     (the daemon's replies are a human's: the demo clinician just does not answer again)."""
 
-    def __init__(self, reactor: Any, clock: Clock) -> None:
-        self.clock = clock
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
         self.agent, self.pool = make_agent(reactor, connect_timeout=TIMEOUT)
         self.answers: list[int] = []
 
     def post(self, url: str, body: bytes, headers: dict[bytes, bytes], what: str) -> Deferred[Any]:
-        d = request(self.agent, self.clock._reactor, b"POST", url, headers=headers, body=body,
+        d = request(self.agent, self.reactor, b"POST", url, headers=headers, body=body,
                     timeout=TIMEOUT)  # fmt: skip
 
         def answered(answer: Any) -> None:
@@ -562,7 +562,7 @@ class DemoPeers:
         assert config.demo is not None and config.demo.peers is not None
         self.settings = settings = config.demo.peers
         self.reactor, self.clock = reactor, clock
-        self.poster = _Poster(reactor, clock)
+        self.poster = _Poster(reactor)
         self.later = _Later(clock)
         seed = settings.seed
         public = config.web.public_url if config.web is not None else None
