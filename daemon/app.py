@@ -236,7 +236,7 @@ class Corespond:
         self._start_web()
         self._start_gateway_inbound()
         self._start_demo_peers()
-        self._start_simulator()
+        await self._start_simulator()
         self._start_rules_watcher()
         self.notifier.ready()
         self._status(f"running {len(self.feeds.components)} feed components")
@@ -388,10 +388,13 @@ class Corespond:
         except (DemoPeersError, CannotListenError) as err:
             raise StartupError(f"the demo peers could not start: {error_text(err)}") from err
 
-    def _start_simulator(self) -> None:
+    async def _start_simulator(self) -> None:
         demo = self.config.demo
         if demo is None or demo.simulator is None:
             return
+        # A rerun over the same store plays new incidents, numbered after those it holds, so
+        # that they are paged for (known ones would only be duplicates).
+        first = (await self.store.run_read(totals)).incidents
         from corespond.adapters.eido import eido_document
         from corespond.adapters.newworld import newworld_document
         from corespond.daemon.demo import CadSimulator, SimulatorTargets
@@ -426,6 +429,7 @@ class Corespond:
             eido_document=eido_document,
             newworld_document=newworld_document,
             close_after=sim.close_after_seconds,
+            first=first,
         )
         self.simulator.start()
 

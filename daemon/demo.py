@@ -202,6 +202,7 @@ class CadSimulator:
         newworld_document: Callable[[Snapshot], bytes],
         on_finished: Callable[[], None] | None = None,
         close_after: float = 0.0,
+        first: int = 0,
     ) -> None:
         self.reactor = reactor
         self.clock = clock
@@ -212,7 +213,7 @@ class CadSimulator:
         self._on_finished = on_finished
         rng = random.Random(seed)
         start = clock.now().replace(microsecond=0) - timedelta(hours=1)
-        self._queue = list(self._schedule(rng, incidents, start))
+        self._queue = list(self._schedule(rng, incidents, start, first))
         # Closes held back (close_after > 0) so calls stay open long enough to be paged for,
         # answered and escalated: (due, channel, payload).
         self.close_after = close_after
@@ -222,7 +223,7 @@ class CadSimulator:
         self.sent = 0
 
     def _schedule(
-        self, rng: random.Random, count: int, start: datetime
+        self, rng: random.Random, count: int, start: datetime, first: int = 0
     ) -> Iterator[tuple[str, bytes, bool]]:
         """(channel, payload, is a close) in the order a busy dispatch floor would produce
         them."""
@@ -232,7 +233,7 @@ class CadSimulator:
         ) if ok]  # fmt: skip
         if not channels:
             return
-        lifecycles = list(incident_lifecycles(rng, count, start))
+        lifecycles = list(incident_lifecycles(rng, count, start, first=first))
         # Interleave: the first snapshot of incident n+1 before the update of incident n.
         steps: list[tuple[int, int]] = []
         for n in range(len(lifecycles)):

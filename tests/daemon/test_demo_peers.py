@@ -340,3 +340,16 @@ def test_the_simulator_holds_closes_back_and_still_sends_them() -> None:
     assert len(closes) >= 3 and opens  # every close is sent (resends may repeat one)
     assert min(closes) >= 30 + min(opens)
     assert not sim._loop.running  # type: ignore[attr-defined]
+
+
+def test_a_rerun_numbers_its_incidents_after_those_the_store_holds() -> None:
+    from corespond.adapters.eido import eido_document
+    from corespond.adapters.newworld import newworld_document
+    from corespond.daemon.demo import CadSimulator, SimulatorTargets
+
+    reactor = MemoryReactorClock()
+    sim = CadSimulator(reactor, Clock(reactor), SimulatorTargets(tcp_host="127.0.0.1", tcp_port=9),
+                       incidents=2, interval=1.0, seed=7, eido_document=eido_document,
+                       newworld_document=newworld_document, first=40)  # fmt: skip
+    numbers = {json.loads(payload)["number"] for _, payload, _ in sim._queue}
+    assert numbers == {"26-100040", "26-100041"}
