@@ -185,6 +185,31 @@ def build_poll(
     return _serialize(op)
 
 
+def build_message_reply(
+    response_to: str, text: str, *, replier: str | None = None, multiple_choice: bool = True
+) -> bytes:
+    """A carrier's ``wctp-MessageReply`` to our message ``response_to`` (what a device user
+    answered): the carrier's side, for stand-in carriers (the demo, tests)."""
+    op = _operation()
+    reply = etree.SubElement(op, "wctp-MessageReply",
+                             MCRMessageReply="true" if multiple_choice else "false")  # fmt: skip
+    header = etree.SubElement(reply, "wctp-ResponseHeader", responseToMessageID=response_to)
+    if replier is not None:
+        etree.SubElement(header, "wctp-Originator", senderID=replier)
+    payload = etree.SubElement(reply, "wctp-Payload")
+    etree.SubElement(payload, "wctp-Alphanumeric").text = text
+    return _serialize(op)
+
+
+def build_status_info(response_to: str, kind: str) -> bytes:
+    """A carrier's ``wctp-StatusInfo`` notification (QUEUED, DELIVERED or READ)."""
+    op = _operation()
+    status = etree.SubElement(op, "wctp-StatusInfo")
+    etree.SubElement(status, "wctp-ResponseHeader", responseToMessageID=response_to)
+    etree.SubElement(status, "wctp-Notification", type=kind)
+    return _serialize(op)
+
+
 # --- parsing -----------------------------------------------------------------------------------
 
 
@@ -356,6 +381,43 @@ def _payload_text(op: etree._Element, name: str) -> str:
         mcr_where = _where(name, "wctp-Payload", "wctp-MCR")
         return (_child(content, "wctp-MessageText", mcr_where).text or "").strip()
     return (content.text or "").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """A ``wctp-SubmitRequest`` as a carrier reads it (stand-in carriers: the demo, tests)."""
+
+    message_id: str
+    sender_id: str
+    recipient: str
+    text: str
+    choices: tuple[str, ...]
+    send_responses_to: str | None
+
+
+def parse_submit_request(body: bytes) -> SubmitRequest:
+    """The submit in ``body``; raises :class:`RejectedMessage` naming what and where."""
+    op = parse_wctp(body)
+    name = local_name(op)
+    if name != "wctp-SubmitRequest":
+        raise RejectedMessage("unsupported", "expected wctp-SubmitRequest", "/wctp-Operation")
+    header = _child(op, "wctp-SubmitHeader", _where(name))
+    where = _where(name, "wctp-SubmitHeader")
+    originator = _child(header, "wctp-Originator", where)
+    sender = _identifier(originator, "senderID", f"{where}/wctp-Originator")
+    control = _child(header, "wctp-MessageControl", where)
+    message_id = _identifier(control, "messageID", f"{where}/wctp-MessageControl")
+    responses_to = control.get("sendResponsesToID")
+    recipient = _identifier(_child(header, "wctp-Recipient", where), "recipientID",
+                            f"{where}/wctp-Recipient")  # fmt: skip
+    mcr = _optional_child(_child(op, "wctp-Payload", _where(name)), "wctp-MCR")
+    choices = tuple(
+        (c.text or "").strip()
+        for c in (mcr if mcr is not None else ())
+        if isinstance(c.tag, str) and local_name(c) == "wctp-Choice"
+    )
+    return SubmitRequest(message_id, sender, recipient, _payload_text(op, name), choices,
+                         responses_to.strip() if responses_to else None)  # fmt: skip
 
 
 def parse_poll_response(body: bytes) -> PollBatch:

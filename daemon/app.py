@@ -51,6 +51,7 @@ from corespond.daemon.pipeline import IngestMetrics, Pipeline
 from corespond.daemon.responders import ClinicianDesk, PageDesk
 from corespond.daemon.sdnotify import SystemdNotifier, Watchdog
 from corespond.daemon.store import migrate
+from corespond.daemon.store.activity import Activity, activity_since
 from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.queries import Totals, totals
 from corespond.daemon.store.writer import IncidentStore
@@ -72,6 +73,7 @@ class RunSummary:
     decision_changes: int
     behavioral_health: int
     store: Totals
+    activity: Activity | None = None  # paging and referrals of this run, when they run
 
     def text(self) -> str:
         s = self.store
@@ -85,8 +87,29 @@ class RunSummary:
                 "In the store:",
                 f"  incidents {s.incidents}, snapshots {s.snapshots}, decisions {s.decisions}, "
                 f"rejects {s.rejects}",
+                *(activity_lines(self.activity) if self.activity is not None else []),
             ]
         )
+
+
+def activity_lines(a: Activity) -> list[str]:
+    """The paging and referral part of the stop summary."""
+    out = [
+        "Paging, this run:",
+        f"  pages sent          {a.pages_sent:>8}   (to clinicians: {a.clinician_pages}; the "
+        f"rest told supervisors or dispatch)",
+        f"  accepted            {a.accepted:>8}   (accept, en route or on scene)",
+        f"  declined            {a.declined:>8}",
+        f"  no answer           {a.unanswered:>8}   (timed out, or another clinician took it)",
+        f"  escalations         {a.escalated:>8}   (of {a.chains} calls: went past the first "
+        f"page; {a.reached_supervisor} reached a supervisor, {a.reached_dispatch} dispatch)",
+        f"Referrals, this run: {a.referral_total}",
+    ]
+    for r in a.referrals:
+        ack = r.ack_code or "no ACK yet"
+        outcome = f"RRI {r.outcome}" if r.outcome else "no RRI yet"
+        out.append(f"  {r.state:<18} {r.count:>8}   (ACK {ack}, {outcome})")
+    return out
 
 
 class Corespond:
@@ -179,6 +202,8 @@ class Corespond:
         self._started = False
         self._store_started = False
         self.referrals: Any = None
+        self.demo_peers: Any = None
+        self._started_at = self.clock.now()
 
     def in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.io_threads, fn, *args)
@@ -190,6 +215,9 @@ class Corespond:
     async def start(self) -> None:
         self.io_threads.start()
         self._started = True
+        # The rules directory as it is before the rules are read: the watcher compares with
+        # this, so a file changed while the daemon starts is still picked up.
+        rules_baseline = await self._rules_baseline()
         await self._load_rules()
         await self._prepare_schema()
         await self._seed_demo_encounters()
@@ -213,8 +241,9 @@ class Corespond:
         self._start_web()
         self._start_gateway_inbound()
         self._start_locations()
-        self._start_simulator()
-        self._start_rules_watcher()
+        self._start_demo_peers()
+        await self._start_simulator()
+        self._start_rules_watcher(rules_baseline)
         self.notifier.ready()
         self._status(f"running {len(self.feeds.components)} feed components")
         self.watchdog = Watchdog.from_environment(self.notifier, self.clock, self.healthy)
@@ -237,7 +266,14 @@ class Corespond:
             log.critical("rules.unavailable", reason=err.reason, errors=err.problems)
             raise StartupError(str(err)) from None
 
-    def _start_rules_watcher(self) -> None:
+    async def _rules_baseline(self) -> Any:
+        if self.rules is None or not self.config.rules.watch:
+            return None
+        from corespond.daemon.classification import fingerprint
+
+        return await self.in_thread(fingerprint, self.config.rules.site_dir)
+
+    def _start_rules_watcher(self, baseline: Any = None) -> None:
         if self.rules is None or not self.config.rules.watch:
             return
         settings = self.config.rules
@@ -248,7 +284,7 @@ class Corespond:
             self.in_thread,
             lambda: ensureDeferred(self._rules_changed()),
         )
-        ensureDeferred(self.rules_watcher.start()).addErrback(
+        ensureDeferred(self.rules_watcher.start(baseline)).addErrback(
             lambda f: log.error("rules.watch.failed", error=error_text(f))
         )
 
@@ -375,10 +411,40 @@ class Corespond:
             raise StartupError(f"the web listener could not start: {error_text(err)}") from err
         log.info("web.listening", port=self._web_port.getHost().port)
 
-    def _start_simulator(self) -> None:
+    def _start_demo_peers(self) -> None:
+        """The stand-in carrier, SMS gateway, AVL and provider of ``make demo`` (demo.peers)."""
+        demo = self.config.demo
+        if demo is None or demo.peers is None:
+            return
+        from twisted.internet.error import CannotListenError
+
+        from corespond.daemon.demo_peers import DemoPeers, DemoPeersError
+
+        listener = self.referrals.listener if self.referrals is not None else None
+        listen = self.config.referrals.listen if self.config.referrals is not None else None
+
+        def referral_listener() -> tuple[str, int] | None:
+            if listener is None or listen is None or listener.port is None:
+                return None
+            return _loopback(listen.host), listener.port
+
+        try:
+            self.demo_peers = DemoPeers(
+                self.config, self.reactor, self.clock, engine=self.engine,
+                in_thread=self.in_thread, referrals=self.referrals,
+                referral_listener=referral_listener,
+            )  # fmt: skip
+            self.demo_peers.start()
+        except (DemoPeersError, CannotListenError) as err:
+            raise StartupError(f"the demo peers could not start: {error_text(err)}") from err
+
+    async def _start_simulator(self) -> None:
         demo = self.config.demo
         if demo is None or demo.simulator is None:
             return
+        # A rerun over the same store plays new incidents, numbered after those it holds, so
+        # that they are paged for (known ones would only be duplicates).
+        first = (await self.store.run_read(totals)).incidents
         from corespond.adapters.eido import eido_document
         from corespond.adapters.newworld import newworld_document
         from corespond.daemon.demo import CadSimulator, SimulatorTargets
@@ -412,6 +478,8 @@ class Corespond:
             seed=sim.seed,
             eido_document=eido_document,
             newworld_document=newworld_document,
+            close_after=sim.close_after_seconds,
+            first=first,
         )
         self.simulator.start()
 
@@ -513,6 +581,8 @@ class Corespond:
             self.rules_watcher.stop()
         if self.simulator is not None:
             self.simulator.stop()
+        if self.demo_peers is not None:
+            await self.demo_peers.stop()
         if self._metrics_port is not None:
             await self._metrics_port.stopListening()
         if self._web_port is not None:
@@ -530,13 +600,18 @@ class Corespond:
         store_totals = (
             await self.store.run_read(totals) if self._store_started else Totals(0, 0, 0, 0)
         )
+        activity: Activity | None = None
+        if self._store_started and (self.paging is not None or self.referrals is not None):
+            since = self._started_at
+            activity = await self.store.run_read(lambda conn: activity_since(conn, since))
         await self.store.stop()
         if self._started:
             self.io_threads.stop()
         self.engine.dispose()
         c = self.pipeline.counts
         summary = RunSummary(
-            c.new, c.duplicate, c.rejected, c.decision_changes, c.behavioral_health, store_totals
+            c.new, c.duplicate, c.rejected, c.decision_changes, c.behavioral_health, store_totals,
+            activity,
         )
         log.info(
             "daemon.stopped",

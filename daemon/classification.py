@@ -435,8 +435,12 @@ class RulesWatcher:
         self._busy = False
         self._loop: LoopingCall | None = None
 
-    async def start(self) -> None:
-        self.seen = await self.in_thread(fingerprint, self.directory)
+    async def start(self, baseline: Fingerprint | None = None) -> None:
+        """Poll from now on; ``baseline`` is the directory as it was when the running rules
+        were read (taken before reading them, so a change made meanwhile is not missed)."""
+        self.seen = baseline if baseline is not None else await self.in_thread(
+            fingerprint, self.directory
+        )
         self._loop = self.clock.looping_call(self.interval, self._poll)
         log.info("rules.watch.started", path=str(self.directory), seconds=self.interval)
 

@@ -232,11 +232,30 @@ class SimulatorConfig:
     http_feed: str | None = None
     spool_feed: str | None = None
     tcp_feed: str | None = None
+    close_after_seconds: float = 0.0  # hold each close this long (0: in its turn)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoPeersConfig:
+    """The stand-in carrier, SMS gateway, AVL and provider engine of ``make demo``."""
+
+    wctp_port: int
+    sms_port: int
+    mllp_port: int
+    seed: int = 7
+    answer_share: float = 0.6
+    reply_delay_seconds: float = 8.0
+    rri_share: float = 0.7
+    ae_share: float = 0.15
+    avl_system: str | None = None
+    referral_provider: str | None = None
+    referral_share: float = 0.7
 
 
 @dataclass(frozen=True, slots=True)
 class DemoConfig:
     simulator: SimulatorConfig | None
+    peers: DemoPeersConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +485,14 @@ def number(description: str, **extra: Any) -> dict[str, Any]:
 
 def boolean(description: str, default: bool) -> dict[str, Any]:
     return {"type": "boolean", "description": description, "default": default}
+
+
+def port_number(description: str) -> dict[str, Any]:
+    return integer(description, minimum=1, maximum=65535)
+
+
+def share(description: str, default: float) -> dict[str, Any]:
+    return number(description, minimum=0, maximum=1, default=default)
 
 
 def choice(description: str, values: Iterable[str], **extra: Any) -> dict[str, Any]:
@@ -946,8 +973,39 @@ class DemoSection(Section):
                         "http_feed": {**feed_ref, "description": "http feed, format eido"},
                         "spool_feed": {**feed_ref, "description": "spool feed, format newworld"},
                         "tcp_feed": {**feed_ref, "description": "tcp feed, format jsonl, newline"},
+                        "close_after_seconds": number(
+                            "send each incident's close this long after its turn (0: in turn)",
+                            minimum=0, default=0.0,
+                        ),
                     },
                     nullable=True,
+                ),
+                "peers": obj(
+                    {
+                        "wctp_port": port_number("the demo WCTP carrier's HTTP port"),
+                        "sms_port": port_number("the demo SMS gateway's HTTP port"),
+                        "mllp_port": port_number("the demo provider engine's MLLP port"),
+                        "seed": integer("random seed of the peers' answers", default=7),
+                        "answer_share": share("share of pages the demo clinicians answer", 0.6),
+                        "reply_delay_seconds": number(
+                            "how long a demo clinician takes to answer", minimum=0, default=8.0
+                        ),
+                        "rri_share": share("share of delivered referrals the provider answers "
+                                           "with an RRI^I12", 0.7),
+                        "ae_share": share("share of referrals the provider refuses (AE)", 0.15),
+                        "avl_system": string(
+                            "the web.systems entry whose token the demo AVL posts locations with"
+                        ),
+                        "referral_provider": string(
+                            "the referrals provider the demo refers accepted calls to"
+                        ),
+                        "referral_share": share(
+                            "share of accepted calls the demo clinicians refer", 0.7
+                        ),
+                    },
+                    required=("wctp_port", "sms_port", "mllp_port"),
+                    nullable=True,
+                    description="stand-in peers (WCTP carrier, SMS gateway, AVL, MLLP provider)",
                 ),
             },
             nullable=True,
@@ -958,8 +1016,13 @@ class DemoSection(Section):
     def parse(cls, raw: Any, ctx: ParseContext) -> DemoConfig | None:
         if raw is None:
             return None
-        if "simulator" not in raw:
-            return DemoConfig(None)
+        peers = None
+        if raw.get("peers") is not None:
+            peers = DemoPeersConfig(
+                **with_defaults(raw["peers"], cls.schema()["properties"]["peers"])
+            )
+        if raw.get("simulator") is None:
+            return DemoConfig(None, peers)
         sim = SimulatorConfig(
             **with_defaults(raw["simulator"], cls.schema()["properties"]["simulator"])
         )
@@ -991,7 +1054,7 @@ class DemoSection(Section):
                 ctx.problem(path, f"feed {name!r} is not {wants}")
             elif not feed.enabled:
                 ctx.problem(path, f"feed {name!r} is disabled")
-        return DemoConfig(sim)
+        return DemoConfig(sim, peers)
 
 
 class RulesSection(Section):
@@ -2150,6 +2213,7 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "DemoConfig",
+    "DemoPeersConfig",
     "FeedConfig",
     "HttpTransport",
     "ListenConfig",

@@ -201,6 +201,8 @@ class CadSimulator:
         eido_document: Callable[[Snapshot], dict[str, Any]],
         newworld_document: Callable[[Snapshot], bytes],
         on_finished: Callable[[], None] | None = None,
+        close_after: float = 0.0,
+        first: int = 0,
     ) -> None:
         self.reactor = reactor
         self.clock = clock
@@ -211,22 +213,27 @@ class CadSimulator:
         self._on_finished = on_finished
         rng = random.Random(seed)
         start = clock.now().replace(microsecond=0) - timedelta(hours=1)
-        self._queue = list(self._schedule(rng, incidents, start))
+        self._queue = list(self._schedule(rng, incidents, start, first))
+        # Closes held back (close_after > 0) so calls stay open long enough to be paged for,
+        # answered and escalated: (due, channel, payload).
+        self.close_after = close_after
+        self._held: list[tuple[datetime, str, bytes]] = []
         self._agent = Agent(reactor)
         self._loop = None
         self.sent = 0
 
     def _schedule(
-        self, rng: random.Random, count: int, start: datetime
-    ) -> Iterator[tuple[str, bytes]]:
-        """(channel, payload) in the order a busy dispatch floor would produce them."""
+        self, rng: random.Random, count: int, start: datetime, first: int = 0
+    ) -> Iterator[tuple[str, bytes, bool]]:
+        """(channel, payload, is a close) in the order a busy dispatch floor would produce
+        them."""
         channels = [c for c, ok in (
             ("http", self.targets.http_url), ("spool", self.targets.spool_dir),
             ("tcp", self.targets.tcp_port),
         ) if ok]  # fmt: skip
         if not channels:
             return
-        lifecycles = list(incident_lifecycles(rng, count, start))
+        lifecycles = list(incident_lifecycles(rng, count, start, first=first))
         # Interleave: the first snapshot of incident n+1 before the update of incident n.
         steps: list[tuple[int, int]] = []
         for n in range(len(lifecycles)):
@@ -239,13 +246,18 @@ class CadSimulator:
             progress[n] += 1
             channel = channels[n % len(channels)]
             payload = self._encode(channel, snap)
-            yield channel, payload
+            closing = snap.status is IncidentStatus.CLOSED
+            yield channel, payload, closing
             if i % 7 == 3:
-                yield channel, payload  # CADs resend the same snapshot
+                yield channel, payload, closing  # CADs resend the same snapshot
             if i == 11 and "http" in channels:
-                yield "http", b'{"$id": "urn:emergency:uid:incidentid:broken", "eidoVer'
+                yield "http", b'{"$id": "urn:emergency:uid:incidentid:broken", "eidoVer', False
             if i == 17 and "spool" in channels:
-                yield "spool", b'<?xml version="1.0"?><Call xmlns="urn:example:not-new-world"/>'
+                yield (
+                    "spool",
+                    b'<?xml version="1.0"?><Call xmlns="urn:example:not-new-world"/>',
+                    False,
+                )
 
     def _encode(self, channel: str, snap: Snapshot) -> bytes:
         if channel == "http":
@@ -263,13 +275,22 @@ class CadSimulator:
             self._loop.stop()
 
     def _tick(self) -> None:
-        if not self._queue:
+        now = self.clock.now()
+        if self._held and self._held[0][0] <= now:
+            _, channel, payload = self._held.pop(0)
+        elif self._queue:
+            channel, payload, closing = self._queue.pop(0)
+            if closing and self.close_after > 0:
+                self._held.append((now + timedelta(seconds=self.close_after), channel, payload))
+                return
+        elif self._held:
+            return  # only held closes left, none due yet
+        else:
             self.stop()
             log.info("demo.simulator.finished", count=self.sent)
             if self._on_finished:
                 self._on_finished()
             return
-        channel, payload = self._queue.pop(0)
         self.sent += 1
         if channel == "http":
             self._post(payload)

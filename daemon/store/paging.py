@@ -57,8 +57,13 @@ class NewChain:
 def start_chain(conn: Connection, chain: NewChain, now: datetime) -> int | None:
     """The new chain's id; None when the incident is closed, or already has an open chain of
     this kind or an accepted clinician."""
+    # The incident's row lock serializes chain starts per incident across daemons sharing one
+    # PostgreSQL (two decision changes at once must not start two chains); SQLite's
+    # transaction already holds the write lock.
     status = conn.execute(
-        select(incidents.c.status).where(incidents.c.id == chain.incident_pk)
+        select(incidents.c.status)
+        .where(incidents.c.id == chain.incident_pk)
+        .with_for_update(of=incidents)
     ).scalar_one_or_none()
     if status != "active":
         return None

@@ -344,6 +344,26 @@ def test_the_watcher_never_overlaps_a_slow_reload(tmp_path: Path) -> None:
     watcher.stop()
 
 
+def test_a_change_made_while_starting_is_seen(tmp_path: Path) -> None:
+    """The baseline is the directory as the running rules were read: a file written after
+    that but before the watcher's first look still counts as a change."""
+    clock = TaskClock()
+    baseline = fingerprint(tmp_path)  # taken before the rules are read
+    write(tmp_path / "a.yaml", "engine: 1\n")  # ... and a file lands meanwhile
+    changes: list[int] = []
+
+    def changed() -> Deferred[None]:
+        changes.append(1)
+        return succeed(None)
+
+    watcher = RulesWatcher(Clock(clock), tmp_path, 1, in_thread, changed)
+    run(watcher.start(baseline))
+    clock.advance(1)
+    clock.advance(1)
+    assert changes == [1]
+    watcher.stop()
+
+
 def test_fingerprint_sees_names_sizes_and_times_of_rule_files_only(tmp_path: Path) -> None:
     assert fingerprint(tmp_path / "missing") == ()
     write(tmp_path / "a.yaml", "x")

@@ -393,6 +393,43 @@ def test_two_workers_never_claim_the_same_step(w: World) -> None:
     assert [s.step_id for s in later] == [mine[0].step_id]
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_two_daemons_never_start_two_chains_for_one_incident(w: World) -> None:
+    """Both see a decision change at once: the incident's row lock makes the second wait for
+    the first's commit, and then it sees the open chain."""
+    import threading
+
+    result_of(w.service.stop())
+    stored = incident(w, Response.NONE)  # stored, no chain
+    with w.engine.connect() as conn:
+        (pk,) = conn.execute(text("SELECT id FROM incidents")).one()
+    chain = db.NewChain(pk, "dispatch", "metro", "clinician", [{"action": "page"}])
+    now = w.service.clock.now()
+    theirs: list[int | None] = []
+    with w.engine.connect() as first:
+        with first.begin():
+            mine = db.start_chain(first, chain, now)
+
+            def second() -> None:
+                with w.engine.begin() as conn:
+                    theirs.append(db.start_chain(conn, chain, now))
+
+            thread = threading.Thread(target=second)
+            thread.start()
+            # It waits on the row lock while this transaction lives (PostgreSQL says so).
+            with w.engine.connect() as watcher:
+                for _ in range(1_000_000):  # until it waits (or, without the lock, ends)
+                    waiting = watcher.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    )).scalar()  # fmt: skip
+                    if waiting or not thread.is_alive():
+                        break
+            assert waiting == 1 and theirs == []
+        thread.join(timeout=60)
+    assert mine is not None and theirs == [None] and stored.external_id
+
+
 def test_the_cli_shows_pages_and_clinicians(
     w: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
