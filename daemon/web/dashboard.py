@@ -66,7 +66,7 @@ from corespond.daemon.web.sessions import (
     csrf_ok,
 )
 from corespond.daemon.web.site import NotFound, answer_when, body_of, plain_response
-from corespond.daemon.web.users import UsersFileError, read_users, verify_password
+from corespond.daemon.web.users import User, UsersFileError, read_users, verify_password
 
 log = structlog.get_logger(__name__)
 
@@ -664,12 +664,28 @@ class Dashboard(Resource):
 
     # -- pages
 
+    def _current(self, request: Request) -> Deferred[Session | None]:
+        """The request's session, if its user is still in the users file with the same role
+        (read in the thread pool): removing a user or changing their role ends their
+        sessions at their next request."""
+        session = self._session(request)
+        if session is None:
+            return succeed(None)
+
+        def check(users: dict[str, User]) -> Session | None:
+            user = users.get(session.user)
+            if user is None or (user.role, user.clinician) != (session.role, session.clinician):
+                self.sessions.end_user(session.user)
+                log.info("web.session.revoked", role=session.role)
+                return None
+            return session
+
+        d: Deferred[dict[str, User]] = self.in_thread(read_users, self.users_file)
+        return d.addCallback(check)
+
     def _index(self, request: Request) -> bytes | int:
         if request.method != b"GET":
             return plain_response(request, 405, "Method not allowed.")
-        session = self._session(request)
-        if session is None:
-            return self._redirect(request, f"{PREFIX}/login")
         error = None
         try:
             start, end = parse_period(request.args or {}, self._today())
@@ -679,28 +695,35 @@ class Dashboard(Resource):
             end = self._today()
             start = end - timedelta(days=DEFAULT_DAYS - 1)
         req = report_request(self.outcomes, start, end)
-        if session.role in MANAGERS:
-            d = self._data(req)
-            return answer_when(
-                request, d,
-                lambda data: self._html(
-                    request, status, dashboard_page(session, data, start, end, error)
-                ),
-                self._failed(request),
-            )  # fmt: skip
-        clinician = session.clinician or ""
-        d = self.in_thread(clinician_counts, self.engine, req, clinician)
-        return answer_when(
-            request, d,
-            lambda counts: self._html(
-                request, status, clinician_page(session, counts, start, end, error)
-            ),
-            self._failed(request),
-        )  # fmt: skip
+
+        def page(session: Session | None) -> Deferred[bytes] | bytes:
+            if session is None:
+                return self._redirect(request, f"{PREFIX}/login")
+            if session.role in MANAGERS:
+                return self._data(req).addCallback(
+                    lambda data: self._html(
+                        request, status, dashboard_page(session, data, start, end, error)
+                    )
+                )
+            clinician = session.clinician or ""
+            d: Deferred[dict[str, int]] = self.in_thread(
+                clinician_counts, self.engine, req, clinician
+            )
+            return d.addCallback(
+                lambda counts: self._html(
+                    request, status, clinician_page(session, counts, start, end, error)
+                )
+            )
+
+        d: Deferred[bytes] = self._current(request).addCallback(page)
+        return answer_when(request, d, lambda body: body, self._failed(request))
 
     def _failed(self, request: Request) -> Callable[[Failure], bytes]:
         def failed(failure: Failure) -> bytes:
-            log.error("web.dashboard.failed", error=error_text(failure))
+            if failure.check(UsersFileError):
+                log.error("web.users_file.bad", error=error_text(failure))
+            else:
+                log.error("web.dashboard.failed", error=error_text(failure))
             return plain_response(request, 503, "The figures could not be computed; try again.")
 
         return failed
@@ -708,11 +731,6 @@ class Dashboard(Resource):
     def _csv(self, request: Request) -> bytes | int:
         if request.method != b"GET":
             return plain_response(request, 405, "Method not allowed.")
-        session = self._session(request)
-        if session is None:
-            return plain_response(request, 401, "Sign in first.")
-        if session.role not in MANAGERS:
-            return plain_response(request, 403, "Program-wide figures are for program managers.")
         name = (request.postpath or [b""])[0]
         chart = name[:-4].decode("ascii", "replace") if name.endswith(b".csv") else ""
         if chart not in CHARTS:
@@ -723,6 +741,15 @@ class Dashboard(Resource):
             return plain_response(request, 400, str(err))
         req = report_request(self.outcomes, start, end)
 
+        def csv_of(session: Session | None) -> Deferred[bytes] | bytes:
+            if session is None:
+                return plain_response(request, 401, "Sign in first.")
+            if session.role not in MANAGERS:
+                return plain_response(
+                    request, 403, "Program-wide figures are for program managers."
+                )
+            return self._data(req).addCallback(done)
+
         def done(data: DashboardData) -> bytes:
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/csv; charset=utf-8")
@@ -730,10 +757,8 @@ class Dashboard(Resource):
             request.setHeader(b"content-disposition", f'attachment; filename="{filename}"'.encode())
             return chart_csv(data, chart)
 
-        return answer_when(
-            request, self._data(req), done,
-            self._failed(request),
-        )  # fmt: skip
+        d: Deferred[bytes] = self._current(request).addCallback(csv_of)
+        return answer_when(request, d, lambda body: body, self._failed(request))
 
     def _login(self, request: Request) -> bytes | int:
         if request.method == b"GET":

@@ -397,3 +397,30 @@ def test_the_form_parser_takes_any_body(body: bytes, content_type: bytes) -> Non
         assert form is None
     elif form is not None:
         assert len(form) <= 10 and all(len(v) <= MAX_FIELD_CHARS for v in form.values())
+
+
+def test_removing_a_user_or_changing_their_role_ends_their_sessions(
+    dash_rig: DashRig,
+) -> None:
+    from corespond.daemon.web.users import User, add_user, hash_password
+
+    users_file = dash_rig.dashboard.users_file
+    dana, root = dash_rig.client(), dash_rig.client()
+    dana.login("dana")
+    root.login("root")
+    assert dana.get("/dashboard/csv/headline.csv").status == 200
+    # dana becomes a clinician: the manager's session is over.
+    add_user(users_file, User("dana", "clinician", hash_password(PASSWORDS["dana"]), "clin-07"))
+    assert dana.get("/dashboard/csv/headline.csv").status == 401
+    assert dana.get("/dashboard/").header("location") == "/dashboard/login"
+    assert dana.login("dana").status == 303  # signs in again, as what they now are
+    assert cards(dana.get("/dashboard/").text) == {}
+    # root is removed from the file.
+    users_file.write_text(
+        "\n".join(line for line in users_file.read_text().splitlines() if "root" not in line)
+    )
+    assert root.get("/dashboard/").status == 303
+    assert len(dash_rig.dashboard.sessions) == 1  # dana's new one
+    # A broken file fails closed.
+    users_file.write_text("dana boss x\n")
+    assert dana.get("/dashboard/").status == 503
