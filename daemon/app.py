@@ -398,6 +398,13 @@ class Corespond:
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():
                 self.web_site.mount(path, resource)
+        if self.config.web.users_file is not None:
+            from corespond.daemon.web.dashboard import Dashboard
+
+            self.web_site.mount("/dashboard", Dashboard(
+                engine=self.engine, users_file=self.config.web.users_file,
+                outcomes=self.config.outcomes, in_thread=self.in_thread, clock=self.clock,
+            ))  # fmt: skip
         try:
             self._web_port = listen(self.reactor, self.config.web.listen, self.web_site)
         except Exception as err:

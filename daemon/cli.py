@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from corespond.daemon import report_cli
 
     report_cli.register(sub)
+    from corespond.daemon import users_cli
+
+    users_cli.register(sub)
     return parser
 
 

@@ -339,6 +339,7 @@ class WebConfig:
     timezone: str = "UTC"
     max_body_bytes: int = 65_536
     systems: tuple[WebSystemConfig, ...] = ()
+    users_file: Path | None = None  # the dashboard's users (absent: no dashboard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1406,6 +1407,9 @@ class WebSection(Section):
                     "propertyNames": {"pattern": FEED_NAME_PATTERN, "maxLength": 64},
                     "additionalProperties": obj({"token_file": _TOKEN_FILE}, ("token_file",)),
                 },
+                "users_file": string(
+                    "the dashboard's users (`corespond users add`); absent: no /dashboard"
+                ),
             },
             required=("listen", "public_url", "link_key_file"),
             nullable=True,
@@ -1461,7 +1465,24 @@ class WebSection(Section):
             timezone=values["timezone"],
             max_body_bytes=values["max_body_bytes"],
             systems=tuple(systems),
+            users_file=_users_file(values.get("users_file"), ctx),
         )
+
+
+def _users_file(value: str | None, ctx: ParseContext) -> Path | None:
+    """The dashboard's users file; checked now when it exists (it may be made later, with
+    ``corespond users add``, and is read at each sign-in)."""
+    if value is None:
+        return None
+    from corespond.daemon.web.users import UsersFileError, read_users
+
+    path = ctx.resolve(value)
+    if path.exists():
+        try:
+            read_users(path)
+        except UsersFileError as err:
+            ctx.problem(("web", "users_file"), str(err))
+    return path
 
 
 def check_web_listener(listen: ListenConfig, ctx: ParseContext) -> None:

@@ -116,3 +116,17 @@ def test_the_web_listener_needs_a_port_of_its_own(tmp_path: Path) -> None:
 
 def test_the_sample_mentions_the_web_section() -> None:
     assert "\n# web:" in (REPO / "config" / "corespond.yaml").read_text()
+
+
+def test_the_dashboards_users_file(tmp_path: Path) -> None:
+    from corespond.daemon.web.users import User, add_user, hash_password
+
+    config = load_config(setup(tmp_path, MINIMAL + "  users_file: users\n"))
+    assert config.web is not None and config.web.users_file == (tmp_path / "users").resolve()
+    # It may not exist yet (`corespond users add` makes it); when it does, it is checked.
+    add_user(tmp_path / "users", User("dana", "admin", hash_password("synthetic-password-1")))
+    assert load_config(setup(tmp_path, MINIMAL + "  users_file: users\n")).web is not None
+    (tmp_path / "users").write_text("dana boss nothing\n")
+    [problem] = web_problems(setup(tmp_path, MINIMAL + "  users_file: users\n"))
+    assert "web.users_file" in problem and "line 1: the role must be one of" in problem
+    assert load_config(setup(tmp_path, MINIMAL)).web.users_file is None  # type: ignore[union-attr]
