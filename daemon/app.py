@@ -379,6 +379,23 @@ class Corespond:
             )
         inbound.start()
 
+    def update_encounter(
+        self, encounter_id: int, changes: dict[str, Any], complete: bool
+    ) -> Deferred[dict[str, Any]]:
+        """A clinician's documentation of an encounter (the API), in one transaction."""
+        from corespond.daemon.encounters import update_encounter
+
+        now = self.clock.now()
+
+        def work() -> dict[str, Any]:
+            with self.engine.begin() as conn:
+                row = update_encounter(
+                    conn, encounter_id, changes, self.config.outcomes, now, complete=complete
+                )
+            return {"id": row["id"], "status": row["status"]}
+
+        return self.in_thread(work)
+
     def _start_web(self) -> None:
         """The ack page and API listener (config section ``web``), on the paging core's desks."""
         if self.config.web is None:
@@ -394,6 +411,7 @@ class Corespond:
             self.config.web, self.page_desk, self.clinician_desk,
             clock=self.clock, reactor=self.reactor,
             referrals=self.referrals.create_from_request if self.referrals is not None else None,
+            encounters=self.update_encounter,
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():

@@ -39,7 +39,7 @@ ALLOWED_FIELDS = frozenset(
         "config", "mode", "framing", "subscription_id", "transaction_id", "request_id", "kind",
         # identifiers
         "incident_id", "incident_pk", "snapshot_id", "reject_id", "revision", "version", "pid",
-        "control_id", "expected", "provider", "referral_id", "referral_pk",
+        "control_id", "expected", "provider", "referral_id", "referral_pk", "encounter_id",
         # outcomes and decisions
         "state", "code", "reason", "where", "status", "behavioral_health", "category",
         "response", "old_response", "rules", "ruleset", "old_ruleset", "new_ruleset", "score",

@@ -16,7 +16,7 @@ from corespond.daemon.config import WebConfig
 from corespond.daemon.responders import ClinicianDesk, PageDesk
 from corespond.daemon.signed_links import LinkKeys, LinkSigner
 from corespond.daemon.web.ack import AckLinks, AckPages
-from corespond.daemon.web.api import ApiV1, ReferralCreator
+from corespond.daemon.web.api import ApiV1, EncounterUpdater, ReferralCreator
 from corespond.daemon.web.auth import SystemTokens
 from corespond.daemon.web.site import WebSite
 
@@ -39,6 +39,7 @@ def build_web_site(
     clock: Clock,
     reactor: Any = None,
     referrals: ReferralCreator | None = None,
+    encounters: EncounterUpdater | None = None,
 ) -> WebSite:
     """The site ``corespond run`` listens with: ``/ack/<token>`` and ``/api/v1`` (with
     ``/api/v1/referrals`` when ``referrals`` creates them)."""
@@ -57,7 +58,14 @@ def build_web_site(
     systems = SystemTokens({s.name: s.token for s in config.systems})
     site.mount(
         "/api/v1",
-        ApiV1(clinician_desk, systems=systems, signer=signer, clock=clock, referrals=referrals),
+        ApiV1(
+            clinician_desk,
+            systems=systems,
+            signer=signer,
+            clock=clock,
+            referrals=referrals,
+            encounters=encounters,
+        ),
     )
     return site
 

@@ -7,6 +7,10 @@
                                           -> ``ClinicianDesk.set_availability``
 ``POST /api/v1/referrals``                 a referral (see :mod:`.referral_api`), when the
                                           daemon sends referrals; system tokens only
+``POST /api/v1/encounters/<id>``          ``{"changes": {...}, "complete": bool}``: a
+                                          clinician's documentation of an encounter
+                                          (``corespond.daemon.encounters.update_encounter``);
+                                          400 lists every problem with its field path
 =======================================  ======================================================
 
 Callers authenticate with ``Authorization: Bearer <token>``: a system token from
@@ -53,6 +57,8 @@ log = structlog.get_logger(__name__)
 
 # Creates a referral (``ReferralService.create_from_request``); fires after the commit.
 ReferralCreator = Callable[[Any], Deferred[Any]]
+# Updates an encounter: (id, changes, complete) -> {"id", "status"}; fires after the commit.
+EncounterUpdater = Callable[[int, dict[str, Any], bool], Deferred[dict[str, Any]]]
 
 # A device clock a little ahead of ours is normal; a fix from the future beyond that is not.
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -194,10 +200,12 @@ class ApiV1(Resource):
         signer: LinkSigner,
         clock: Clock,
         referrals: ReferralCreator | None = None,
+        encounters: EncounterUpdater | None = None,
     ) -> None:
         super().__init__()
         self.desk = desk
         self.referrals = referrals
+        self.encounters = encounters
         self.systems = systems
         self.signer = signer
         self.clock = clock
@@ -210,6 +218,8 @@ class ApiV1(Resource):
             handler = self._availability
         elif path == [b"referrals"] and self.referrals is not None:
             handler = self._referral
+        elif len(path) == 2 and path[0] == b"encounters" and self.encounters is not None:
+            handler = self._encounter
         else:
             return json_error(request, 404, "not-found", "nothing at this path")
         if request.method != b"POST":
@@ -293,6 +303,52 @@ class ApiV1(Resource):
             lambda created: self._referral_created(request, created, caller.name),
             lambda f: self._referral_failed(request, f, peer),
         )
+
+    def _encounter(
+        self, request: Request, caller: Any, body: bytes, path: list[bytes], peer: str
+    ) -> bytes | int:
+        assert isinstance(caller, SystemCaller) and self.encounters is not None
+        if not path[1].isdigit() or len(path[1]) > 18:
+            raise RejectedMessage("invalid-field", "the encounter id in the path is a number")
+        encounter_id = int(path[1])
+        value = json_object(body)
+        _unknown_fields(value, ("changes", "complete"))
+        changes = value.get("changes", {})
+        if not isinstance(changes, dict):
+            raise RejectedMessage("invalid-field", "changes must be an object", "/changes")
+        complete = value.get("complete", False)
+        if not isinstance(complete, bool):
+            raise RejectedMessage("invalid-field", "complete must be true or false", "/complete")
+        d = maybeDeferred(self.encounters, encounter_id, changes, complete)
+        return answer_when(
+            request,
+            d,
+            lambda row: self._encounter_updated(request, row, caller.name),
+            lambda f: self._encounter_failed(request, f, encounter_id, peer),
+        )
+
+    def _encounter_updated(self, request: Request, row: dict[str, Any], system: str) -> bytes:
+        log.info("web.api.encounter.updated", encounter_id=row["id"], status=row["status"],
+                 system=system)  # fmt: skip
+        return json_response(request, 200, {"id": row["id"], "status": row["status"]})
+
+    def _encounter_failed(
+        self, request: Request, failure: Failure, encounter_id: int, peer: str
+    ) -> bytes:
+        from corespond.daemon.encounters import EncounterInvalid, EncounterNotFound
+
+        if failure.check(EncounterInvalid):
+            err = failure.value
+            assert isinstance(err, EncounterInvalid)
+            log.info("web.api.rejected", peer=peer, code="invalid-encounter",
+                     encounter_id=encounter_id, count=len(err.problems))  # fmt: skip
+            return json_response(request, 400, err.as_json())
+        if failure.check(EncounterNotFound):
+            return json_error(request, 404, "unknown-encounter", f"no encounter {encounter_id}")
+        log.error("web.api.encounter.failed", peer=peer, encounter_id=encounter_id,
+                  error=error_text(failure))  # fmt: skip
+        request.setHeader(b"retry-after", str(RETRY_AFTER_SECONDS).encode())
+        return json_error(request, 503, "unavailable", "the encounter could not be stored; retry")
 
     def _referral_created(self, request: Request, created: Any, system: str) -> bytes:
         log.info("web.api.referral.created", referral_id=created.ref, state=created.state,

@@ -83,14 +83,20 @@ class WebRig:
         return parse(transport.value())
 
 
-def web_rig(config: WebConfig | None = None, referrals: Any = None, **desk_kw: Any) -> WebRig:
+def web_rig(
+    config: WebConfig | None = None,
+    referrals: Any = None,
+    encounters: Any = None,
+    **desk_kw: Any,
+) -> WebRig:
     reactor = MemoryReactorClock()
     reactor.advance(NOW)
     desks = DictDesks(**desk_kw)
     config = config or web_config()
     site = build_web_site(
-        config, desks, desks, clock=Clock(reactor), reactor=reactor, referrals=referrals
-    )
+        config, desks, desks, clock=Clock(reactor), reactor=reactor, referrals=referrals,
+        encounters=encounters,
+    )  # fmt: skip
     return WebRig(site, desks, reactor, link_signer(config))
 
 
