@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -27,6 +28,7 @@ from twisted.web.server import Site
 
 from corespond.adapters.http_client import HttpAnswer, make_agent, request
 from corespond.adapters.sms_gateway import twilio_signature
+from corespond.daemon.snapshot import GeoPoint, Location, Note, Snapshot
 from tests.adapters.loopback import Loopback
 
 T = TypeVar("T")
@@ -39,6 +41,11 @@ WCTP_CALLBACK_TOKEN = "e2e-wctp-callback-token"
 SMS_SID = "AC" + "1" * 32
 SMS_TOKEN = "e2e-sms-auth-token"
 SMS_CALLBACK_URL = "https://corespond.example.test/gateways/sms-main"
+
+MARKERS = ("ZQXNARRATIVE", "ZQXPERSON")
+INCIDENT_1 = GeoPoint(30.25, -97.75)  # c-1 is 1 km away, c-2 6 km, c-3 14 km
+INCIDENT_2 = GeoPoint(30.35, -97.65)  # c-3 is 1 km away, c-2 7 km, c-1 14 km
+FIXES = {"c-1": (30.26, -97.75), "c-2": (30.30, -97.70), "c-3": (30.36, -97.65)}
 
 # Synthetic clinicians, all on call (the program has no schedule), in the metro zone's area.
 ROSTER = """\
@@ -146,6 +153,19 @@ web:
 {extra}"""
     )
     return config
+
+
+def cad_snapshot(n: int, point: GeoPoint) -> Snapshot:
+    return Snapshot(
+        incident_id=f"urn:emergency:uid:incidentid:e2e{n}:psap.test.invalid",
+        updated_at=datetime.now(UTC),
+        call_type="EMOTIONALLY DISTURBED PERSON",
+        call_type_code="EDP",
+        apco_type="EDP",
+        agency="police.test.invalid",
+        notes=(Note(f"{MARKERS[0]} RP states {MARKERS[1]} hearing voices", datetime.now(UTC)),),
+        location=Location(point),
+    )
 
 
 def sms_callback(form: dict[str, str]) -> tuple[bytes, dict[bytes, bytes]]:

@@ -11,7 +11,6 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +20,26 @@ from twisted.internet.defer import ensureDeferred
 from corespond.daemon.app import Corespond
 from corespond.daemon.config import load_config
 from corespond.daemon.feeds import HttpListener
-from corespond.daemon.snapshot import GeoPoint, Location, Note, Snapshot, snapshot_to_json
+from corespond.daemon.snapshot import Snapshot, snapshot_to_json
 from tests.adapters.carriers import FakeCarrier, FakeMessagesApi, reply_xml
 from tests.browser import free_port
 from tests.daemon.paging_rig import (
     FEED_TOKEN,
+    FIXES,
+    INCIDENT_1,
+    INCIDENT_2,
+    MARKERS,
     SYSTEM_TOKEN,
     WCTP_CALLBACK_TOKEN,
     Turner,
+    cad_snapshot,
     location_body,
     rows,
     sms_callback,
     write_daemon_config,
 )
 
-MARKERS = ("ZQXNARRATIVE", "ZQXPERSON")
-INCIDENT_1 = GeoPoint(30.25, -97.75)  # c-1 is 1 km away, c-2 6 km, c-3 14 km
-INCIDENT_2 = GeoPoint(30.35, -97.65)  # c-3 is 1 km away, c-2 7 km, c-1 14 km
-FIXES = {"c-1": (30.26, -97.75), "c-2": (30.30, -97.70), "c-3": (30.36, -97.65)}
 LINK = re.compile(r"http://127\.0\.0\.1:\d+/ack/v1\.[A-Za-z0-9_\-.]+")
-
-
-def cad_snapshot(n: int, point: GeoPoint) -> Snapshot:
-    return Snapshot(
-        incident_id=f"urn:emergency:uid:incidentid:e2e{n}:psap.test.invalid",
-        updated_at=datetime.now(UTC),
-        call_type="EMOTIONALLY DISTURBED PERSON",
-        call_type_code="EDP",
-        apco_type="EDP",
-        agency="police.test.invalid",
-        notes=(Note(f"{MARKERS[0]} RP states {MARKERS[1]} hearing voices", datetime.now(UTC)),),
-        location=Location(point),
-    )
 
 
 @dataclass
