@@ -36,7 +36,10 @@ MINIMAL = """\
 def test_the_sample_web_section_loads_once_uncommented(tmp_path: Path) -> None:
     path = sample_copy(tmp_path)
     text = path.read_text()
-    block = text[text.index("# web:") :]
+    start = text.index("# web:")
+    # The section ends where the next section's prose begins (a comment that is not a key).
+    end = re.search(r"^# [A-Z]", text[start:], flags=re.MULTILINE)
+    block = text[start : start + end.start()] if end else text[start:]
     uncommented = re.sub(r"^# ?", "", block, flags=re.MULTILINE)
     write(tmp_path / "etc", KEY, "secrets/link.key")
     write(tmp_path / "etc", "avl-token-0123456789\n", "secrets/avl-gateway.token")
