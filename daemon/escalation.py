@@ -74,19 +74,19 @@ class PagingSettings:
     worker_id: str = ""
 
 
-def page_text(kind: str, ref: str, facts: db.IncidentFacts, link: str | None, program: str) -> str:
-    """The words of a page: reference, call type, general location, link. Never a narrative,
-    a name or a diagnosis: nothing else from the incident is passed in."""
+def page_text(kind: str, ref: str, facts: db.IncidentFacts, program: str) -> str:
+    """The words of a page: reference, call type, general location. Never a narrative, a name
+    or a diagnosis: nothing else from the incident is passed in. The signed ack link is not
+    part of the text: it is made at each delivery attempt (a fresh expiry) and travels as
+    :attr:`PageMessage.link`, which every adapter appends once."""
     where = f"{facts.call_type}, {facts.general_location}"
     if kind == "page":
-        text = f"{ref} {where}. Reply ACCEPT, DECLINE or ENROUTE {ref}"
-    elif kind == "police":
-        text = f"{ref} police-first BH call ({program}): {where}. No clinician sent"
-    elif kind == "supervisor":
-        text = f"{ref} no clinician has accepted ({program}): {where}"
-    else:
-        text = f"{ref} no co-responder clinician available ({program}): {where}"
-    return f"{text} {link}" if link else text
+        return f"{ref} {where}. Reply ACCEPT, DECLINE or ENROUTE {ref}"
+    if kind == "police":
+        return f"{ref} police-first BH call ({program}): {where}. No clinician sent"
+    if kind == "supervisor":
+        return f"{ref} no clinician has accepted ({program}): {where}"
+    return f"{ref} no co-responder clinician available ({program}): {where}"
 
 
 class PagingService:
@@ -309,7 +309,7 @@ class PagingService:
         if not endpoints:
             return db.StepOutcome("nobody-to-notify", None, (), None, True)
         notices = [
-            db.NewPage("notice", cid, eps, self._text(kind, facts, work.program, link_to=None))
+            db.NewPage("notice", cid, eps, self._text(kind, facts, work.program))
             for cid, eps in endpoints
         ]
         return db.StepOutcome("notified", None, notices, None, False)
@@ -330,7 +330,7 @@ class PagingService:
             "page",
             clinician.id,
             [e.as_json() for e in clinician.endpoints],
-            self._text("page", facts, work.program, link_to=clinician.id),
+            self._text("page", facts, work.program),
         )
         return db.StepOutcome("paged", result.as_json(), [page], None, False)
 
@@ -347,16 +347,9 @@ class PagingService:
                 out.append((None, [member.endpoint.as_json()]))
         return out
 
-    def _text(
-        self, kind: str, facts: db.IncidentFacts, program: str, *, link_to: str | None
-    ) -> Callable[[str], str]:
-        """The page text, given its reference; ``link_to``: the clinician its ack link is for."""
-
-        def text_for(ref: str) -> str:
-            url = self._link(ref, link_to)
-            return page_text(kind, ref, facts, url, program)
-
-        return text_for
+    def _text(self, kind: str, facts: db.IncidentFacts, program: str) -> Callable[[str], str]:
+        """The page text, given its reference."""
+        return partial(page_text, kind, facts=facts, program=program)
 
     def _link(self, page_ref: str, clinician_id: str | None) -> str | None:
         """The signed ack-page link of an answerable page (none for notices or without web)."""

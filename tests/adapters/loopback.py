@@ -18,8 +18,8 @@ MAX_TURNS = 2000
 
 
 class Loopback:
-    def __init__(self) -> None:
-        self.reactor = SelectReactor()
+    def __init__(self, reactor: SelectReactor | None = None) -> None:
+        self.reactor = reactor if reactor is not None else SelectReactor()
         # The default resolver runs getaddrinfo in the reactor's thread pool, which only a
         # running reactor starts; tests only dial 127.0.0.1, resolved at once.
         self.reactor.installResolver(BlockingResolver())

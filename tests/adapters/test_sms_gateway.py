@@ -4,16 +4,15 @@ posted over loopback, the signature checked against Twilio's published example."
 from __future__ import annotations
 
 import base64
-import json
 from datetime import UTC, datetime
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import urlencode
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock as TaskClock
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Site
 
 from corespond.adapters.http_client import make_agent, request
 from corespond.adapters.sms_gateway import (
@@ -25,6 +24,7 @@ from corespond.adapters.sms_gateway import (
 from corespond.daemon.clock import Clock
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.pager import DeliveryState, PageAnswer, PageMessage, PagerError
+from tests.adapters.carriers import FakeMessagesApi
 from tests.adapters.loopback import Loopback
 from tests.adapters.pager_events import RecordingEvents, RecordingQuarantine
 
@@ -40,34 +40,6 @@ def test_twilio_published_example() -> None:
               "From": ["+12349013030"], "To": ["+18005551212"]}  # fmt: skip
     url = "https://mycompany.com/myapp.php?foo=1&bar=2"
     assert twilio_signature(url, params, "12345") == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
-
-
-class FakeMessagesApi(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mode = "ok"
-        self.posts: list[tuple[bytes, dict[str, list[str]], bytes | None]] = []
-
-    def render_POST(self, request: Request) -> bytes | int:
-        form = parse_qs(request.content.read().decode())  # type: ignore[union-attr]
-        self.posts.append((request.path, form, request.getHeader(b"authorization")))
-        request.setHeader(b"content-type", b"application/json")
-        if self.mode == "hang":
-            return NOT_DONE_YET
-        if self.mode == "bad-number":
-            request.setResponseCode(400)
-            return json.dumps({"code": 21211, "message": "The 'To' number +1555 is not valid.",
-                               "status": 400}).encode()  # fmt: skip
-        if self.mode == "429":
-            request.setResponseCode(429)
-            return json.dumps({"code": 20429, "message": "Too Many Requests"}).encode()
-        if self.mode == "500":
-            request.setResponseCode(500)
-            return b"<html>error</html>"
-        request.setResponseCode(201)
-        return json.dumps({"sid": "SM" + "a" * 32, "status": "queued"}).encode()
 
 
 def sms_rig(lb: Loopback) -> tuple[SmsPager, FakeMessagesApi, TaskClock]:

@@ -154,6 +154,7 @@ def test_full_chain_pages_nearest_then_next_then_supervisor_then_dispatch(w: Wor
     page = w.pagers["wctp"].sent[0]
     assert page.text.startswith("C1445-1 WELFARE CHECK, zone Z9, Testville.")
     assert page.link == "https://corespond.example/p/C1445-1?for=c-101"
+    assert "https://" not in page.text  # the adapter appends the link, once
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 0")
     stored = db_json(dispatch[0])
     assert stored["chosen"] == "c-101"

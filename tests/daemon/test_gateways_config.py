@@ -14,9 +14,9 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.config import ConfigError, load_config
 from corespond.daemon.gateways import GatewayQueue, build_gateway_inbound, build_gateways
 from corespond.daemon.pager import PageMessage, Submitted
+from tests.adapters.carriers import FakeCarrier
 from tests.adapters.loopback import Loopback, loopback_fixture
 from tests.adapters.pager_events import RecordingEvents, RecordingQuarantine
-from tests.adapters.test_wctp import FakeCarrier
 
 __all__ = ["loopback_fixture"]  # the fixture, for this module
 

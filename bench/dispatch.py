@@ -1,0 +1,375 @@
+"""Dispatch benchmark: CAD snapshot to page at a local WCTP endpoint, with and without referrals.
+
+    .venv/bin/python bench/dispatch.py [--rate 300] [--seconds 30] [--clinicians 500]
+
+The daemon (the real Corespond app: HTTP feed, rules, SQLite store, paging with a roster of
+``--clinicians`` clinicians who all have a location fix, the WCTP gateway, referrals) runs in a
+child process on the real reactor, as ``corespond run`` does. This process is the CAD and the
+carrier: it posts distinct snapshots to the HTTP feed at ``--rate`` per second (5% of them
+behavioral-health calls inside the program's zone, the rest calls no rule sends anyone to) over
+8 keep-alive connections, and serves the WCTP endpoint the daemon submits pages to. Both
+timestamps come from this process's clock:
+
+- stored: from the snapshot's scheduled send time to the feed's 200 (sent after the commit);
+- page: from the behavioral-health snapshot's scheduled send time to the moment its
+  wctp-SubmitRequest has arrived at the endpoint (the snapshot's call type carries a marker
+  that the page text repeats).
+
+Three phases, each with a fresh database and daemon, in the same run:
+1. no paging: the same load, a daemon without the paging section (CAD to stored only);
+2. paging: the daemon pages (the baseline of page latency);
+3. paging + referrals: as 2, while the daemon builds referrals without pause
+   (ReferralService.create in a loop: hl7apy build and validation in its thread pool, queued
+   and sent to a local MLLP peer, python-hl7's asyncio server in another process).
+
+Latency is measured from the scheduled send time (no coordinated omission). The machine may be
+shared: compare phases of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from referrals import PEER, free_port
+
+FEED_TOKEN = "bench-feed-token-0123456789"
+ZONE = (-97.9, 30.1, -97.5, 30.5)  # lon/lat box of the program's zone
+CONNECTIONS = 8
+MARK = re.compile(rb"BENCH(\d{7})")
+
+
+# --- the daemon, in its own process ------------------------------------------------------------
+
+
+def write_config(
+    tmp: Path, *, paging: bool, wctp_port: int, mllp_port: int, clinicians: int
+) -> Path:
+    (tmp / "feed.token").write_text(FEED_TOKEN + "\n")
+    west, south, east, north = ZONE
+    zone = {
+        "type": "Polygon",
+        "coordinates": [
+            [[west, south], [east, south], [east, north], [west, north], [west, south]]
+        ],
+    }
+    people = "".join(
+        f"  - {{id: c-{n:04d}, name: Bench Clinician {n}, program: metro,\n"
+        f'     endpoints: [{{gateway: wctp, address: "55{n:05d}"}}]}}\n'
+        for n in range(clinicians)
+    )
+    (tmp / "roster.yaml").write_text(
+        f"timezone: UTC\nclinicians:\n{people}programs:\n  - id: metro\n"
+        f"    zones: [{json.dumps(zone)}]\n"
+    )
+    section = (
+        f"paging: {{roster: {tmp / 'roster.yaml'}}}\n"
+        "gateways:\n"
+        f"  wctp: {{type: wctp, url: 'http://127.0.0.1:{wctp_port}/wctp', sender_id: bench,\n"
+        "         max_in_flight: 16, retries: 0}\n"
+        if paging
+        else ""
+    )
+    config = tmp / "corespond.yaml"
+    config.write_text(
+        f"state_dir: {tmp / 'state'}\n"
+        "logging: {level: warning, format: json}\n"
+        f"store: {{url: 'sqlite:///{tmp / 'bench.db'}'}}\n"
+        "feeds:\n  cad:\n    format: jsonl\n"
+        "    transport: {type: http, listen: {host: 127.0.0.1, port: 0}, path: /feeds/cad,\n"
+        f"                token_file: {tmp / 'feed.token'}}}\n"
+        f"{section}"
+        "referrals:\n  sending_application: CORESPOND\n  sending_facility: COUNTY-BH\n"
+        f"  providers:\n    csu: {{host: 127.0.0.1, port: {mllp_port}, "
+        "receiving_application: BHRECV, receiving_facility: CSU}\n"
+    )
+    return config
+
+
+def run_daemon(config_path: Path, referral_load: bool) -> None:
+    """The child: the app on the global reactor (this is an entry point), then referrals."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    from corespond.adapters.hl7_referral import Person
+    from corespond.daemon.app import Corespond
+    from corespond.daemon.config import load_config
+    from corespond.daemon.feeds import HttpListener
+    from corespond.daemon.log import configure_logging
+    from corespond.daemon.referrals import ReferralRequest
+    from corespond.daemon.responders import LocationFix
+
+    config = load_config(config_path)
+    configure_logging(config.logging.level, "json", sys.stderr)
+    app = Corespond(config, reactor)
+    state = {"running": True, "referrals": 0}
+
+    async def referrals() -> None:
+        n = 0
+        while state["running"]:
+            request = ReferralRequest(
+                incident_ref=f"INC-{n:06d}", provider="csu", service_type="crisis-stabilization",
+                referring_clinician="CLIN-17", urgency="stat",
+                person=Person("Testperson", "Alex", "1990-01-01", "U", "555-0100", "1 Main St"),
+                summary="Synthetic summary for the benchmark, two sentences.\nSecond line.",
+            )  # fmt: skip
+            await app.referrals.create(request)
+            n += 1
+            state["referrals"] = n
+
+    async def start() -> None:
+        await app.start()
+        if app.paging is not None:
+            rng = random.Random(7)
+            now = datetime.now(UTC)
+            west, south, east, north = ZONE
+            for cid in app.paging.roster.clinicians:
+                lat, lon = rng.uniform(south, north), rng.uniform(west, east)
+                await app.paging.record_fix(LocationFix(cid, lat, lon, now, "bench"))
+        listener = app.feeds.find("http", 0)
+        assert isinstance(listener, HttpListener)
+        print(f"ready {listener.port}", flush=True)
+        if referral_load:
+            reactor.callLater(0, lambda: ensureDeferred(referrals()))  # type: ignore[attr-defined]
+
+    async def stop() -> None:
+        state["running"] = False
+        await app.stop()
+        print(f"referrals {state['referrals']}", flush=True)
+
+    reactor.callWhenRunning(lambda: ensureDeferred(start()))  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(stop()))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+# --- the CAD and the carrier, in this process --------------------------------------------------
+
+
+@dataclass
+class Phase:
+    name: str
+    stored: list[float] = field(default_factory=list)
+    page: list[float] = field(default_factory=list)
+    sent_bh: int = 0
+    referrals: int = 0
+    seconds: float = 0.0
+
+
+def snapshots(count: int, rate_bh: float, seed: int) -> list[tuple[int | None, bytes]]:
+    """(marker number or None, JSON line) for ``count`` distinct snapshots."""
+    from corespond.daemon.snapshot import GeoPoint, Location, Note, Snapshot, snapshot_to_json
+
+    rng = random.Random(seed)
+    west, south, east, north = ZONE
+    now = datetime.now(UTC)
+    out: list[tuple[int | None, bytes]] = []
+    every = round(1 / rate_bh)
+    for n in range(count):
+        bh = n % every == every - 1
+        snap = Snapshot(
+            incident_id=f"urn:emergency:uid:incidentid:bench{seed}-{n}:psap.test.invalid",
+            updated_at=now,
+            call_type=f"EDP BENCH{n:07d}" if bh else "TRAFFIC STOP",  # a page shows 40 chars
+            call_type_code="EDP" if bh else "TS",
+            apco_type="EDP" if bh else "TRAFFIC",
+            agency="police.test.invalid",
+            notes=(Note("RP states brother hearing voices" if bh else "plate check", now),),
+            location=Location(GeoPoint(rng.uniform(south, north), rng.uniform(west, east))),
+        )
+        out.append((n if bh else None, json.dumps(snapshot_to_json(snap)).encode()))
+    return out
+
+
+async def read_http(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length, chunked = 0, False
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        elif name.strip().lower() == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+    if not chunked:
+        return head, await reader.readexactly(length) if length else b""
+    body = b""
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        body += (await reader.readexactly(size + 2))[:-2]
+    await reader.readuntil(b"\r\n")  # the empty trailer
+    return head, body
+
+
+class WctpEndpoint:
+    """Takes every SubmitRequest, notes when the marked page arrived, confirms it."""
+
+    def __init__(self) -> None:
+        from corespond.adapters.wctp import build_confirmation
+
+        self.arrived: dict[int, float] = {}
+        body = build_confirmation(200, "Message accepted", success=True)
+        self.answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                _head, body = await read_http(reader)
+                at = time.perf_counter()
+                found = MARK.search(body)
+                if found:
+                    self.arrived.setdefault(int(found.group(1)), at)
+                writer.write(self.answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, phase: Phase,
+                endpoint: WctpEndpoint) -> None:  # fmt: skip
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    scheduled: dict[int, float] = {}
+    head = (f"POST /feeds/cad HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {FEED_TOKEN}"
+            "\r\nContent-Type: application/json\r\n").encode()  # fmt: skip
+
+    async def one(at: float, body: bytes) -> None:
+        reader, writer = await pool.get()
+        writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, _ = await read_http(reader)
+        phase.stored.append(time.perf_counter() - at)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        pool.put_nowait((reader, writer))
+
+    start = time.perf_counter() + 0.1
+    tasks = []
+    for i, (marker, body) in enumerate(load):
+        at = start + i / rate
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load generator, not waiting for a result
+        if marker is not None:
+            scheduled[marker] = at
+        tasks.append(asyncio.create_task(one(at, body)))
+    await asyncio.gather(*tasks)
+    phase.seconds = time.perf_counter() - start
+    phase.sent_bh = len(scheduled)
+    deadline = time.perf_counter() + (30 if phase.name != "no paging" else 0)
+    while len(endpoint.arrived) < len(scheduled) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)  # the last pages are still on their way
+    phase.page = [endpoint.arrived[m] - at for m, at in scheduled.items() if m in endpoint.arrived]
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+
+
+async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_port: int,
+                    endpoint: WctpEndpoint, seed: int) -> Phase:  # fmt: skip
+    phase = Phase(name)
+    endpoint.arrived.clear()
+    load = snapshots(int(args.rate * args.seconds), 0.05, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(Path(tmp), paging=name != "no paging", wctp_port=wctp_port,
+                              mllp_port=mllp_port, clinicians=args.clinicians)  # fmt: skip
+        migrate = [sys.executable, "-m", "corespond.daemon.cli", "db", "upgrade", "-c", str(config)]
+        subprocess.run(migrate, check=True, capture_output=True)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--daemon", str(config),
+            *(["--referral-load"] if name == "paging + referrals" else []),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert child.stdout is not None
+        try:
+            line = (await child.stdout.readline()).decode().split()
+            assert line and line[0] == "ready", line
+            print(f"{name}: daemon ready, driving", file=sys.stderr, flush=True)
+            await drive(int(line[1]), load, args.rate, phase, endpoint)
+            print(f"{name}: {len(phase.stored)} stored, {len(phase.page)} pages", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            child.send_signal(signal.SIGTERM)
+            out = (await child.stdout.read()).decode().split()
+            await child.wait()
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        if "referrals" in out:
+            phase.referrals = int(out[out.index("referrals") + 1])
+    return phase
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def bench(args: argparse.Namespace) -> list[Phase]:
+    endpoint = WctpEndpoint()
+    server = await asyncio.start_server(endpoint.serve, "127.0.0.1", 0)
+    wctp_port = server.sockets[0].getsockname()[1]
+    mllp_port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "peer.py"
+        script.write_text(PEER)
+        peer = subprocess.Popen([sys.executable, str(script), str(mllp_port)],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+            phases = []
+            for seed, name in enumerate(("no paging", "paging", "paging + referrals")):
+                phases.append(await run_phase(name, args, wctp_port, mllp_port, endpoint, seed))
+        finally:
+            peer.terminate()
+            peer.wait()
+            server.close()
+    return phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=300.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--clinicians", type=int, default=500)
+    parser.add_argument("--daemon", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--referral-load", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.daemon is not None:
+        run_daemon(args.daemon, args.referral_load)
+        return
+    phases = asyncio.run(bench(args))
+    print(f"load: {args.rate:.0f} snapshots/s for {args.seconds:.0f} s, 5% behavioral-health, "
+          f"roster of {args.clinicians} clinicians (all with a fix), SQLite")  # fmt: skip
+    print(f"{'phase':<20} {'stored p50':>10} {'p99':>8} {'page p50':>9} {'p99':>8} "
+          f"{'max':>8} {'pages':>9} {'referrals/s':>11}")  # fmt: skip
+    for p in phases:
+        pages = f"{len(p.page)}/{p.sent_bh}" if p.name != "no paging" else "-"
+        page = f"{'-':>9} {'-':>8} {'-':>8}"
+        if p.page:
+            page = (f"{pct(p.page, 0.5):>9.1f} {pct(p.page, 0.99):>8.1f} "
+                    f"{max(p.page) * 1000:>8.1f}")  # fmt: skip
+        print(f"{p.name:<20} {pct(p.stored, 0.5):>10.1f} {pct(p.stored, 0.99):>8.1f} {page} "
+              f"{pages:>9} {p.referrals / p.seconds:>11.1f}")  # fmt: skip
+    base, loaded = phases[1], phases[2]
+    if base.page and loaded.page:
+        added = pct(loaded.page, 0.99) - pct(base.page, 0.99)
+        print(f"referral building adds {added:+.1f} ms to page p99 "
+              f"(p50 {pct(loaded.page, 0.5) - pct(base.page, 0.5):+.1f} ms)")  # fmt: skip
+    print("all figures in milliseconds")
+
+
+if __name__ == "__main__":
+    main()
