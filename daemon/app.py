@@ -176,6 +176,11 @@ class Corespond:
                 paging_settings(config.paging),
                 eta_source=self._eta_source(config.paging),
                 link_for=self.ack_links.url if self.ack_links is not None else None,
+                # SQLite has one writer at a time: paging writes queue on the store's writer
+                # thread rather than sleep in SQLite's busy handler (bench/dispatch.py).
+                run_in_thread=self.store.run_on_writer
+                if self.engine.dialect.name == "sqlite"
+                else None,
             )
             self.pipeline.observers.append(self.paging.observe)
             if pagers is None:

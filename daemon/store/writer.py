@@ -817,6 +817,15 @@ class IncidentStore:
 
         return self.drain().addCallback(stopped)
 
+    def run_on_writer(self, fn: Callable[[], T]) -> Deferred[T]:
+        """``fn()`` on the store's one writer thread, between group commits.
+
+        For other writers of an SQLite database (paging): SQLite lets one connection write at a
+        time, and a connection that finds the lock taken waits in SQLite's busy handler, which
+        *sleeps* (1, 2, 5 ... 100 ms). Writers that share this thread queue in order instead.
+        """
+        return self._run_write(fn)
+
     def run_read(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         """``fn(conn)`` in a read-only transaction on a reader thread, never on the reactor."""
 
