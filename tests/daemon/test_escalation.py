@@ -424,6 +424,8 @@ def test_two_daemons_never_start_two_chains_for_one_incident(w: World) -> None:
                     waiting = watcher.execute(text(
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                     )).scalar()  # fmt: skip
+                    # pg_stat_activity is a snapshot per transaction: end it to look again.
+                    watcher.rollback()
                     if waiting or not thread.is_alive():
                         break
             assert waiting == 1 and theirs == []
