@@ -550,6 +550,16 @@ class EncounterRow(Base):
             )
             for column in REPORT_INDEXED
         ),
+        # The report's per-person pass reads each person's BH encounters in (time, id) order,
+        # its window order, from this index alone: no sort, no row fetched.
+        Index(
+            "ix_encounters_report_person",
+            "person_id",
+            "call_received_epoch",
+            "id",
+            "bh_nexus_confirmed",
+            "program",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

@@ -6,6 +6,9 @@
   (bh_nexus_confirmed, the value, call_received_epoch, program): the report's filter (BH
   nexus, period, program) is answered from the index, and SQLite groups by the value in index
   order instead of sorting up to a million rows.
+- (person_id, call_received_epoch, id, bh_nexus_confirmed, program): the per-person pass
+  (repeats, frequent utilizers) reads each person's encounters in its window order from the
+  index alone.
 
 Revision ID: 0005
 Revises: 0004
@@ -41,9 +44,15 @@ def upgrade() -> None:
             "encounters",
             ["bh_nexus_confirmed", column, "call_received_epoch", "program"],
         )
+    op.create_index(
+        "ix_encounters_report_person",
+        "encounters",
+        ["person_id", "call_received_epoch", "id", "bh_nexus_confirmed", "program"],
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_encounters_report_person", table_name="encounters")
     for column in REPORT_INDEXED:
         op.drop_index(f"ix_encounters_report_{column}", table_name="encounters")
     op.drop_index("ix_encounters_cad_incident_no", table_name="encounters")
