@@ -27,8 +27,9 @@ Definitions (printed beside every figure, see :data:`METRICS`):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -52,7 +53,7 @@ from sqlalchemy import (
 )
 
 from corespond.daemon.config import FrequentUtilizerConfig
-from corespond.daemon.store.sql_time import epoch_seconds, utc_month
+from corespond.daemon.store.sql_time import epoch_month, epoch_seconds, utc_month
 from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
 from corespond.daemon.store.tables import referrals as hl7_referrals
 
@@ -163,7 +164,9 @@ def duration_text(seconds: int) -> str:
 def group_column(by: str | None) -> ColumnElement[Any]:
     e = encounters.c
     columns: dict[str, ColumnElement[Any]] = {
-        "month": utc_month(e.call_received_at),
+        # The month of the whole second (the same month): an integer the report's covering
+        # indexes hold, where the time text is not.
+        "month": epoch_month(e.call_received_epoch),
         "program": e.program,
         "agency": e.agency,
         "zone": e.zone,
@@ -176,24 +179,36 @@ def group_column(by: str | None) -> ColumnElement[Any]:
     return columns[by]
 
 
-def _in_period(req: ReportRequest) -> ColumnElement[bool]:
+def _in_period(req: ReportRequest, *, by_value_index: bool = False) -> ColumnElement[bool]:
+    """In the period and program. ``by_value_index``: the query groups by a column with a
+    covering index (tables.REPORT_INDEXED); the period is then written so that no index can
+    search it (``epoch + 0``, the same meaning), else SQLite's planner, given the statistics
+    of the several low-cardinality report indexes, may skip-scan another one and fetch every
+    row from the table instead of reading the covering index in the column's order."""
     e = encounters.c
-    cond = _received_between(req.since, req.until)
+    cond = _received_between(req.since, req.until, searchable=not by_value_index)
     if req.program is not None:
         cond = and_(cond, e.program == req.program)
     return cond
 
 
-def _received_between(since: datetime, until: datetime) -> ColumnElement[bool]:
+def _received_between(
+    since: datetime, until: datetime, *, searchable: bool = True
+) -> ColumnElement[bool]:
     """Received in [since, until), both whole seconds. On the derived integer, not the indexed
     time: a report reads most of the table, and SQLite would otherwise walk the time index and
     fetch every row by id (several times slower than scanning the table)."""
-    epoch = encounters.c.call_received_epoch
+    epoch: ColumnElement[int] = encounters.c.call_received_epoch
+    if not searchable:
+        epoch = epoch + literal(0, Integer())
     return and_(epoch >= int(since.timestamp()), epoch < int(until.timestamp()))
 
 
 def _count(cond: ColumnElement[bool]) -> Any:
-    return func.sum(case((cond, 1), else_=0))
+    """How many rows meet ``cond``: ``count(*) FILTER (WHERE ...)``, which SQLite (3.30 and
+    later) evaluates about a third faster than ``sum(CASE WHEN ... THEN 1 ELSE 0 END)``; 0
+    rather than NULL over no rows, which the callers read as 0 either way."""
+    return func.count().filter(cond)
 
 
 def _is(column: Any) -> ColumnElement[bool]:
@@ -339,12 +354,15 @@ def _duration_histograms(
     out: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for key, name in DURATIONS.items():
         seconds = e[name]
-        cond = and_(_in_period(req), _is(e.bh_nexus_confirmed), seconds.is_not(None))
+        cond = and_(
+            _in_period(req, by_value_index=True), _is(e.bh_nexus_confirmed), seconds.is_not(None)
+        )
         if key == "officer_returned":  # only where the clinician stayed on after the officer
             cond = and_(cond, seconds > 0)
-        query = (
-            select(g, seconds.label("s"), func.count().label("n")).where(cond).group_by(g, seconds)
-        )
+        # Without a grouping, by the seconds alone: SQLite reads them in the order of their
+        # covering index (tables.REPORT_INDEXED) instead of sorting every row.
+        query = select(g, seconds.label("s"), func.count().label("n")).where(cond)
+        query = query.group_by(seconds) if req.by is None else query.group_by(g, seconds)
         hist: dict[str, list[tuple[int, int]]] = {}
         for row in conn.execute(query):
             hist.setdefault(_label(row.g), []).append((int(row.s), int(row.n)))
@@ -476,7 +494,7 @@ def _zone_counts(conn: Connection, req: ReportRequest) -> dict[str, int]:
     e = encounters.c
     query = (
         select(e.zone, func.count().label("n"))
-        .where(_in_period(req), _is(e.bh_nexus_confirmed))
+        .where(_in_period(req, by_value_index=True), _is(e.bh_nexus_confirmed))
         .group_by(e.zone)
     )
     return {_label(row.zone): int(row.n) for row in conn.execute(query)}
@@ -700,13 +718,40 @@ def report_aggregates(
     referrals = _referrals_per_encounter(
         referral_outcomes if referral_outcomes is not None else default_referral_outcomes()
     )
-    return Aggregates(
-        encounters=_encounter_counts(conn, req, referrals),
-        persons=_person_counts(conn, req, referrals),
-        durations=_duration_histograms(conn, req),
-        cad_calls=_cad_calls(conn, req),
-        zones=_zone_counts(conn, req),
-    )
+    with _sqlite_read_tuning(conn):
+        return Aggregates(
+            encounters=_encounter_counts(conn, req, referrals),
+            persons=_person_counts(conn, req, referrals),
+            durations=_duration_histograms(conn, req),
+            cad_calls=_cad_calls(conn, req),
+            zones=_zone_counts(conn, req),
+        )
+
+
+# A report reads most of the encounters table and sorts up to a million rows; SQLite's
+# defaults (a 2 MiB page cache, sorts spilled to temporary files, read() per page) make it pay
+# for that several times over. Set on the report's connection only, and put back afterwards:
+# the connection returns to a pool the daemon's writers share.
+SQLITE_READ_PRAGMAS = {
+    "cache_size": -256 * 1024,  # KiB: 256 MiB of page cache
+    "mmap_size": 1 << 30,  # read the file through a 1 GiB memory map
+    "temp_store": 2,  # MEMORY: sorters and transient indexes stay in memory
+}
+
+
+@contextlib.contextmanager
+def _sqlite_read_tuning(conn: Connection) -> Iterator[None]:
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    before = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar() for name in SQLITE_READ_PRAGMAS}
+    for name, value in SQLITE_READ_PRAGMAS.items():
+        conn.exec_driver_sql(f"PRAGMA {name}={int(value)}")
+    try:
+        yield
+    finally:
+        for name, old in before.items():
+            conn.exec_driver_sql(f"PRAGMA {name}={int(old or 0)}")
 
 
 def assemble_report(req: ReportRequest, agg: Aggregates) -> Report:

@@ -53,3 +53,23 @@ def _month_postgresql(element: utc_month, compiler: SQLCompiler, **kw: Any) -> s
 def seconds_between(later: Any, earlier: Any) -> ColumnElement[int]:
     """Whole seconds from ``earlier`` to ``later`` (each truncated to the second first)."""
     return epoch_seconds(later) - epoch_seconds(earlier)
+
+
+class epoch_month(FunctionElement[str]):
+    """``YYYY-MM`` (UTC) of whole seconds since 1970: the month of an integer column, so that an
+    index holding that integer covers a query grouped by month."""
+
+    type = String()
+    inherit_cache = True
+    name = "epoch_month"
+
+
+@compiles(epoch_month, "sqlite")
+def _epoch_month_sqlite(element: epoch_month, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"strftime('%Y-%m', {compiler.process(element.clauses, **kw)}, 'unixepoch')"
+
+
+@compiles(epoch_month, "postgresql")
+def _epoch_month_postgresql(element: epoch_month, compiler: SQLCompiler, **kw: Any) -> str:
+    arg = compiler.process(element.clauses, **kw)
+    return f"to_char(to_timestamp({arg}) AT TIME ZONE 'UTC', 'YYYY-MM')"

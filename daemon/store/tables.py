@@ -516,6 +516,16 @@ class PersonIdentifierRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# Columns the outcome report groups by, each with a covering index (see EncounterRow).
+REPORT_INDEXED = (
+    "response_seconds",
+    "page_ack_seconds",
+    "on_scene_seconds",
+    "officer_returned_seconds",
+    "zone",
+)
+
+
 class EncounterRow(Base):
     """One behavioral-health incident a clinician handled: pre-filled from CAD and the
     daemon's records, completed by the clinician. No free text and no identifiers: every
@@ -526,6 +536,30 @@ class EncounterRow(Base):
         UniqueConstraint("incident_id"),
         Index(None, "call_received_at"),
         Index(None, "person_id", "call_received_at"),
+        # The outcome report (migration 0005): HL7 referrals find their encounter by CAD
+        # number; each per-second histogram and the zone counts read a covering index in
+        # value order instead of sorting the table's rows.
+        Index(None, "cad_incident_no"),
+        *(
+            Index(
+                f"ix_encounters_report_{column}",
+                "bh_nexus_confirmed",
+                column,
+                "call_received_epoch",
+                "program",
+            )
+            for column in REPORT_INDEXED
+        ),
+        # The report's per-person pass reads each person's BH encounters in (time, id) order,
+        # its window order, from this index alone: no sort, no row fetched.
+        Index(
+            "ix_encounters_report_person",
+            "person_id",
+            "call_received_epoch",
+            "id",
+            "bh_nexus_confirmed",
+            "program",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

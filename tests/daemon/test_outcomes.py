@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, event, select
 
 from corespond.daemon.cli import main
 from corespond.daemon.config import FrequentUtilizerConfig, OutcomesConfig
@@ -412,3 +412,35 @@ def test_hl7_referrals_and_their_rri_outcomes_count_for_linkage(engine: Engine) 
     assert (referral.numerator, referral.denominator) == (2, 3)
     linkage = _value(report, "linkage_30")
     assert (linkage.numerator, linkage.denominator) == (1, 2)
+
+
+def test_sqlite_report_reads_covering_indexes_and_restores_the_connection(
+    synthetic: Engine,
+) -> None:
+    """The per-second histograms and zone counts read their covering index (migration 0005)
+    even with statistics that tempt SQLite into skip-scans, and the read tuning (page cache,
+    memory map, temp store) stays on the report's connection only."""
+    if synthetic.dialect.name != "sqlite":
+        pytest.skip("SQLite query plans and pragmas")
+    with synthetic.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")
+    statements: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        statements.append((statement, params))
+
+    event.listen(synthetic, "before_cursor_execute", record)
+    with synthetic.connect() as conn:
+        pragmas = ("cache_size", "mmap_size", "temp_store")
+        before = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas]
+        for by in (None, "month", "program"):
+            outcome_report(conn, ReportRequest(date(2030, 3, 1), date(2030, 8, 31), by=by))
+        assert [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas] == before
+        event.remove(synthetic, "before_cursor_execute", record)
+        plans = []
+        for statement, params in statements:
+            if "AS s, count(*)" in statement or statement.startswith("SELECT encounters.zone"):
+                rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params)
+                plans.append(" ".join(str(r[-1]) for r in rows))
+    assert len(plans) == 3 * 5
+    assert all("USING COVERING INDEX ix_encounters_report_" in p for p in plans), plans
