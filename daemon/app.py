@@ -533,7 +533,8 @@ class Corespond:
 
     async def _reload_config(self) -> bool:
         try:
-            new = load_config(self.config.path)
+            # Off the reactor: the roster, its GeoJSON zones and iCalendar files load with it.
+            new = await self.in_thread(load_config, self.config.path)
         except ConfigError as err:
             log.error(
                 "config.reload.aborted",

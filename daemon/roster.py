@@ -331,6 +331,10 @@ def parse_roster(text: str, file: Path) -> Roster:
     problems = _Problems(file, document)
     for error in Draft202012Validator(ROSTER_SCHEMA).iter_errors(document.value):
         for key_path, message in schema_problems(error, document):
+            if "address" in key_path:
+                # A pager address is a phone number or a mail address: never in a message,
+                # which reaches the log on a reload (schema messages quote what YAML read).
+                message = "must be text: write the address in quotes (its value is not shown)"
             problems.add(key_path, message)
     if problems.items:
         raise RosterError(problems.items)
@@ -493,6 +497,9 @@ def geometries_of_geojson(data: Any, file: Path, problems: _Problems) -> list[Ba
     else:
         items = [((), data)]
     out = []
+    if not items:
+        # An empty FeatureCollection covers nothing: a zone that can never match is a mistake.
+        problems.add(("features",), "a FeatureCollection needs at least one feature", file=file)
     for where, spec in items:
         geometry = geometry_of(spec, where, problems, file=file)
         if geometry is not None:

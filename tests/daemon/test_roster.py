@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from corespond.daemon.roster import RosterError, load_roster, parse_roster
@@ -78,6 +78,27 @@ def problems_of(path: Path) -> list[str]:
     with pytest.raises(RosterError) as caught:
         load_roster(path)
     return [str(p) for p in caught.value.problems]
+
+
+def test_an_unquoted_phone_number_is_never_repeated_in_a_problem(tmp_path: Path) -> None:
+    """YAML reads +15550001234 as a number; the problem says to quote it without quoting it
+    (roster problems reach the log on a SIGHUP reload)."""
+    path = write_roster(
+        tmp_path,
+        """\
+clinicians:
+  - id: c-1
+    name: Test Person
+    program: metro
+    endpoints: [{gateway: sms, address: +15550001234}]
+programs:
+  - id: metro
+    zones: [{file: metro.geojson}]
+""",
+    )
+    [problem] = problems_of(path)
+    assert "clinicians[0].endpoints[0].address" in problem and "in quotes" in problem
+    assert "5550001234" not in problem
 
 
 def test_every_problem_with_file_and_line(tmp_path: Path) -> None:
@@ -165,6 +186,7 @@ geo_values = st.recursive(
 
 @settings(max_examples=300)
 @given(geo_values, st.sampled_from(["Polygon", "MultiPolygon", "Feature", "FeatureCollection"]))
+@example({"features": []}, "FeatureCollection")  # found by hypothesis: no zone, no problem
 def test_any_geojson_is_zones_or_problems(value: object, kind: str) -> None:
     from corespond.daemon.roster import _Problems, geometries_of_geojson
 
