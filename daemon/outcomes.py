@@ -241,7 +241,7 @@ def default_referral_outcomes() -> FromClause:
     return union_all(recorded, sent).subquery("referral_outcomes")
 
 
-def _referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
+def referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
     """Per encounter: referred at all, enrolled within 30 and 90 days of the call."""
     r = referral_outcomes.c
     e = encounters.c
@@ -268,7 +268,7 @@ def _referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
     )
 
 
-def _encounter_counts(
+def encounter_counts(
     conn: Connection, req: ReportRequest, referrals: FromClause
 ) -> dict[str, dict[str, int]]:
     e = encounters.c
@@ -345,7 +345,7 @@ DURATIONS = {
 }
 
 
-def _duration_histograms(
+def duration_histograms(
     conn: Connection, req: ReportRequest
 ) -> dict[str, dict[str, list[tuple[int, int]]]]:
     """Per duration and group: (seconds, how many) sorted by seconds."""
@@ -715,14 +715,14 @@ class Aggregates:
 def report_aggregates(
     conn: Connection, req: ReportRequest, referral_outcomes: FromClause | None = None
 ) -> Aggregates:
-    referrals = _referrals_per_encounter(
+    referrals = referrals_per_encounter(
         referral_outcomes if referral_outcomes is not None else default_referral_outcomes()
     )
     with _sqlite_read_tuning(conn):
         return Aggregates(
-            encounters=_encounter_counts(conn, req, referrals),
+            encounters=encounter_counts(conn, req, referrals),
             persons=_person_counts(conn, req, referrals),
-            durations=_duration_histograms(conn, req),
+            durations=duration_histograms(conn, req),
             cad_calls=_cad_calls(conn, req),
             zones=_zone_counts(conn, req),
         )

@@ -49,11 +49,11 @@ from corespond.daemon.outcomes import (
     Report,
     ReportRequest,
     Value,
-    _duration_histograms,
-    _encounter_counts,
-    _referrals_per_encounter,
     assemble_report,
     default_referral_outcomes,
+    duration_histograms,
+    encounter_counts,
+    referrals_per_encounter,
     report_aggregates,
 )
 from corespond.daemon.store.engine import READ_ONLY
@@ -190,10 +190,10 @@ def load_dashboard(engine: Engine, req: ReportRequest) -> DashboardData:
 
 def _encounter_report(conn: Connection, req: ReportRequest, *, durations: bool) -> Report:
     """The report's per-encounter metrics by ``req.by`` (its person metrics are left empty)."""
-    referrals = _referrals_per_encounter(default_referral_outcomes())
-    hist = _duration_histograms(conn, req) if durations else {k: {} for k in DURATION_KEYS}
+    referrals = referrals_per_encounter(default_referral_outcomes())
+    hist = duration_histograms(conn, req) if durations else {k: {} for k in DURATION_KEYS}
     agg = Aggregates(
-        encounters=_encounter_counts(conn, req, referrals),
+        encounters=encounter_counts(conn, req, referrals),
         persons={},
         durations=hist,
         cad_calls=None,
