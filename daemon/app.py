@@ -159,10 +159,16 @@ class Corespond:
         self.feeds = FeedSet(FeedServices(reactor, self.clock, self.pipeline, self.io_threads))
         # What the paging core puts in a page: the signed ack-page link (None: no web section).
         self.ack_links: Any = None
+        # The link signer and system tokens the web side checks with; a reload updates these
+        # in place (new keys, tokens) so every page, link and API request sees them at once.
+        self.link_signer: Any = None
+        self.system_tokens: Any = None
         if config.web is not None:
-            from corespond.daemon.web import ack_links
+            from corespond.daemon.web import ack_links, link_signer, system_tokens
 
-            self.ack_links = ack_links(config.web, self.clock)
+            self.link_signer = link_signer(config.web)
+            self.system_tokens = system_tokens(config.web)
+            self.ack_links = ack_links(config.web, self.clock, self.link_signer)
         # Paging: gateways from the config (or given, in tests), replies and receipts back
         # through the paging core, which also serves the web side's desks.
         self.paging: PagingService | None = None
@@ -416,7 +422,8 @@ class Corespond:
             self.config.web, self.page_desk, self.clinician_desk,
             clock=self.clock, reactor=self.reactor,
             referrals=self.referrals.create_from_request if self.referrals is not None else None,
-            encounters=self.update_encounter,
+            encounters=self.update_encounter, signer=self.link_signer,
+            systems=self.system_tokens,
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():
@@ -549,10 +556,13 @@ class Corespond:
                 ("state_dir", self.config.state_dir, new.state_dir),
                 ("metrics", self.config.metrics, new.metrics),
                 ("demo", self.config.demo, new.demo),
-                ("web", self.config.web, new.web),
             )
             if old != now
         ]
+        from corespond.daemon.web import web_restart_needed
+
+        if web_restart_needed(self.config.web, new.web):
+            needs_restart.append("web")
         if (self.config.paging is None) != (new.paging is None):
             needs_restart.append("paging")
         if needs_restart:
@@ -560,6 +570,15 @@ class Corespond:
                 "config.reload.aborted",
                 reason="these sections change only with a restart; nothing changed",
                 errors=needs_restart,
+            )
+            return False
+        try:
+            web_secrets = self._web_secrets(new)
+        except ValueError as err:
+            log.error(
+                "config.reload.aborted",
+                reason="the web keys or tokens are unusable; nothing changed",
+                error=error_text(err),
             )
             return False
         try:
@@ -571,6 +590,8 @@ class Corespond:
                 error=error_text(err),
             )
             return False
+        if web_secrets is not None:
+            changes = [*(changes or ["no feed changed"]), *self._apply_web_secrets(*web_secrets)]
         if new.logging != self.config.logging:
             from corespond.daemon.log import set_level
 
@@ -583,6 +604,45 @@ class Corespond:
         self.config = new
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
         return True
+
+    def _web_secrets(self, new: Config) -> tuple[Any, int, dict[str, str]] | None:
+        """The link keys, link lifetime and system tokens of ``new``, checked (ValueError) but
+        not yet applied; None when the daemon has no web side."""
+        if new.web is None or self.link_signer is None:
+            return None
+        from corespond.daemon.signed_links import LinkSigner
+        from corespond.daemon.web import link_keys
+        from corespond.daemon.web.auth import SystemTokens
+
+        keys, tokens = link_keys(new.web), {s.name: s.token for s in new.web.systems}
+        LinkSigner(keys, new.web.link_lifetime_seconds)
+        SystemTokens(tokens)
+        return keys, new.web.link_lifetime_seconds, tokens
+
+    def _apply_web_secrets(self, keys: Any, lifetime: int, tokens: dict[str, str]) -> list[str]:
+        """Swap in new link keys and system tokens: what changed, for the reload's log line
+        (names of systems, never a key or token)."""
+        changes = []
+        old = self.link_signer.keys
+        if (keys.current, keys.previous) != (old.current, old.previous):
+            changes.append("link keys reloaded")
+        if lifetime != self.link_signer.lifetime:
+            changes.append("link lifetime changed")
+        self.link_signer.rotate(keys, lifetime)
+        before = {s.name: s.token for s in self.config.web.systems} if self.config.web else {}
+        if before != tokens:
+            added, removed = (
+                sorted(tokens.keys() - before.keys()),
+                sorted(before.keys() - tokens.keys()),
+            )
+            changed = sorted(n for n in tokens.keys() & before.keys() if tokens[n] != before[n])
+            changes.append(
+                "system tokens reloaded"
+                + "".join(f"; {what}: {', '.join(names)}" for what, names in
+                          (("added", added), ("removed", removed), ("changed", changed)) if names)
+            )  # fmt: skip
+        self.system_tokens.replace(tokens)
+        return changes
 
     def _reloaded(self, config_ok: bool, rules_ok: bool) -> bool:
         self.notifier.ready()
@@ -634,7 +694,12 @@ class Corespond:
         self.engine.dispose()
         c = self.pipeline.counts
         summary = RunSummary(
-            c.new, c.duplicate, c.rejected, c.decision_changes, c.behavioral_health, store_totals,
+            c.new,
+            c.duplicate,
+            c.rejected,
+            c.decision_changes,
+            c.behavioral_health,
+            store_totals,
             activity,
         )
         log.info(
