@@ -210,6 +210,9 @@ class Corespond:
         self.web_site: Any = None
         self._web_port: Any = None
         self._nmea_port: Any = None
+        self.login_threads: ThreadPool | None = None
+        self.session_threads: ThreadPool | None = None
+        self._session_purge: Any = None
         self._started = False
         self._store_started = False
         self.referrals: Any = None
@@ -429,17 +432,53 @@ class Corespond:
             for path, resource in self.gateway_inbound.resources.items():
                 self.web_site.mount(path, resource)
         if self.config.web.users_file is not None:
-            from corespond.daemon.web.dashboard import Dashboard
-
-            self.web_site.mount("/dashboard", Dashboard(
-                engine=self.engine, users_file=self.config.web.users_file,
-                outcomes=self.config.outcomes, in_thread=self.in_thread, clock=self.clock,
-            ))  # fmt: skip
+            self.web_site.mount("/dashboard", self._dashboard(self.config.web))
         try:
             self._web_port = listen(self.reactor, self.config.web.listen, self.web_site)
         except Exception as err:
             raise StartupError(f"the web listener could not start: {error_text(err)}") from err
         log.info("web.listening", port=self._web_port.getHost().port)
+
+    def _dashboard(self, web: Any) -> Any:
+        """The dashboard: sessions in the database (on SQLite through the store's writer
+        thread, else a small pool of their own), password hashes in a bounded pool of their
+        own (never the I/O pool spool ingest needs), expired sessions purged every few
+        minutes."""
+        from corespond.daemon.web.dashboard import Dashboard
+        from corespond.daemon.web.sessions import PURGE_SECONDS, LoginGate, SessionStore
+
+        self.login_threads = ThreadPool(0, web.login_hashes_at_once, name="corespond-login")
+        self.login_threads.start()
+        if self.engine.dialect.name == "sqlite":
+            run_sessions = self.store.run_on_writer
+        else:
+            self.session_threads = ThreadPool(0, 2, name="corespond-sessions")
+            self.session_threads.start()
+            pool = self.session_threads
+
+            def run_sessions(fn: Any) -> Deferred[Any]:
+                return deferToThreadPool(self.reactor, pool, fn)
+
+        sessions = SessionStore(
+            self.engine, self.clock, run_sessions, idle_seconds=web.session_idle_seconds,
+            absolute_seconds=web.session_absolute_seconds,
+        )  # fmt: skip
+        gate = LoginGate(self.clock, max_hashing=web.login_hashes_at_once,
+                         rate=web.logins_per_second, burst=web.login_burst)  # fmt: skip
+
+        def purge() -> None:
+            sessions.purge().addErrback(
+                lambda f: log.error("web.session.purge_failed", error=error_text(f))
+            )
+
+        self._session_purge = self.clock.looping_call(PURGE_SECONDS, purge)
+        return Dashboard(
+            engine=self.engine, users_file=web.users_file, outcomes=self.config.outcomes,
+            in_thread=self.in_thread, clock=self.clock, sessions=sessions, gate=gate,
+            hash_in_thread=lambda fn, *a: deferToThreadPool(
+                self.reactor, self.login_threads, fn, *a
+            ),
+        )  # fmt: skip
 
     def _start_demo_peers(self) -> None:
         """The stand-in carrier, SMS gateway, AVL and provider of ``make demo`` (demo.peers)."""
@@ -671,6 +710,8 @@ class Corespond:
             await self._metrics_port.stopListening()
         if self._web_port is not None:
             await self._web_port.stopListening()
+        if self._session_purge is not None and self._session_purge.running:
+            self._session_purge.stop()
         if self._nmea_port is not None:
             await self._nmea_port.stopListening()
         if self.gateway_inbound is not None:
@@ -691,6 +732,9 @@ class Corespond:
         await self.store.stop()
         if self._started:
             self.io_threads.stop()
+        for pool in (self.login_threads, self.session_threads):
+            if pool is not None and pool.started:
+                pool.stop()
         self.engine.dispose()
         c = self.pipeline.counts
         summary = RunSummary(
