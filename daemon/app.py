@@ -172,6 +172,7 @@ class Corespond:
         # Paging: gateways from the config (or given, in tests), replies and receipts back
         # through the paging core, which also serves the web side's desks.
         self.paging: PagingService | None = None
+        self.unit_locations: Any = None
         self.gateway_inbound: GatewayInbound | None = None
         if config.paging is not None:
             self.paging = PagingService(
@@ -189,6 +190,14 @@ class Corespond:
                 else None,
             )
             self.pipeline.observers.append(self.paging.observe)
+            # AVL from the CAD feeds: EIDO unit positions become clinicians' fixes.
+            from corespond.daemon.unit_locations import EidoUnitLocations
+
+            paging = self.paging
+            self.unit_locations = EidoUnitLocations(
+                paging, lambda: paging.roster, self.store.store_reject
+            )
+            self.pipeline.snapshot_observers.append(self.unit_locations.observe)
             if pagers is None:
                 metrics = GatewayMetrics(self.registry)
                 self.paging.pagers.update(
