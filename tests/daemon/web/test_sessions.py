@@ -261,7 +261,7 @@ def test_the_gate_counts_tokens_and_slots() -> None:
         LoginGate(Clock(clock), rate=0)
 
 
-def test_the_daemon_hashes_in_a_pool_of_its_own_and_purges(tmp_path: Path) -> None:
+def test_the_daemon_hashes_in_a_pool_of_its_own_and_purges(tmp_path: Path, db_url: str) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     from corespond.daemon.app import Corespond
@@ -271,7 +271,9 @@ def test_the_daemon_hashes_in_a_pool_of_its_own_and_purges(tmp_path: Path) -> No
 
     config = daemon_config(tmp_path)
     config.write_text(
-        config.read_text() + "  users_file: users\n  login_hashes_at_once: 3\n"
+        f"store: {{url: '{db_url}'}}\n"
+        + config.read_text()
+        + "  users_file: users\n  login_hashes_at_once: 3\n"
         "  logins_per_second: 2\n  login_burst: 7\n  session_idle_seconds: 900\n"
     )
     reactor = MemoryReactorClock()
@@ -287,11 +289,16 @@ def test_the_daemon_hashes_in_a_pool_of_its_own_and_purges(tmp_path: Path) -> No
         gate = dashboard.gate
         assert (gate.max_hashing, gate.rate, gate.burst) == (3, 2.0, 7)
         assert dashboard.sessions.idle == timedelta(seconds=900)
-        # SQLite: session writes queue on the store's writer thread.
-        assert dashboard.sessions._run == app.store.run_on_writer
+        if db_url.startswith("sqlite"):  # session writes queue on the store's writer thread
+            assert dashboard.sessions._run == app.store.run_on_writer
+            assert app.session_threads is None
+        else:  # PostgreSQL: a small pool of their own, not the I/O pool
+            assert app.session_threads is not None and app.session_threads.max == 2
+            assert dashboard.sessions._run != app.store.run_on_writer
         assert app._session_purge is not None and app._session_purge.running
     finally:
         app._session_purge.stop()
-        assert app.login_threads is not None
-        app.login_threads.stop()
+        for pool in (app.login_threads, app.session_threads):
+            if pool is not None:
+                pool.stop()
         app.engine.dispose()
