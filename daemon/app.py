@@ -159,13 +159,20 @@ class Corespond:
         self.feeds = FeedSet(FeedServices(reactor, self.clock, self.pipeline, self.io_threads))
         # What the paging core puts in a page: the signed ack-page link (None: no web section).
         self.ack_links: Any = None
+        # The link signer and system tokens the web side checks with; a reload updates these
+        # in place (new keys, tokens) so every page, link and API request sees them at once.
+        self.link_signer: Any = None
+        self.system_tokens: Any = None
         if config.web is not None:
-            from corespond.daemon.web import ack_links
+            from corespond.daemon.web import ack_links, link_signer, system_tokens
 
-            self.ack_links = ack_links(config.web, self.clock)
+            self.link_signer = link_signer(config.web)
+            self.system_tokens = system_tokens(config.web)
+            self.ack_links = ack_links(config.web, self.clock, self.link_signer)
         # Paging: gateways from the config (or given, in tests), replies and receipts back
         # through the paging core, which also serves the web side's desks.
         self.paging: PagingService | None = None
+        self.unit_locations: Any = None
         self.gateway_inbound: GatewayInbound | None = None
         if config.paging is not None:
             self.paging = PagingService(
@@ -183,6 +190,14 @@ class Corespond:
                 else None,
             )
             self.pipeline.observers.append(self.paging.observe)
+            # AVL from the CAD feeds: EIDO unit positions become clinicians' fixes.
+            from corespond.daemon.unit_locations import EidoUnitLocations
+
+            paging = self.paging
+            self.unit_locations = EidoUnitLocations(
+                paging, lambda: paging.roster, self.store.store_reject
+            )
+            self.pipeline.snapshot_observers.append(self.unit_locations.observe)
             if pagers is None:
                 metrics = GatewayMetrics(self.registry)
                 self.paging.pagers.update(
@@ -204,6 +219,9 @@ class Corespond:
         self.web_site: Any = None
         self._web_port: Any = None
         self._nmea_port: Any = None
+        self.login_threads: ThreadPool | None = None
+        self.session_threads: ThreadPool | None = None
+        self._session_purge: Any = None
         self._started = False
         self._store_started = False
         self.referrals: Any = None
@@ -416,23 +434,60 @@ class Corespond:
             self.config.web, self.page_desk, self.clinician_desk,
             clock=self.clock, reactor=self.reactor,
             referrals=self.referrals.create_from_request if self.referrals is not None else None,
-            encounters=self.update_encounter,
+            encounters=self.update_encounter, signer=self.link_signer,
+            systems=self.system_tokens,
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():
                 self.web_site.mount(path, resource)
         if self.config.web.users_file is not None:
-            from corespond.daemon.web.dashboard import Dashboard
-
-            self.web_site.mount("/dashboard", Dashboard(
-                engine=self.engine, users_file=self.config.web.users_file,
-                outcomes=self.config.outcomes, in_thread=self.in_thread, clock=self.clock,
-            ))  # fmt: skip
+            self.web_site.mount("/dashboard", self._dashboard(self.config.web))
         try:
             self._web_port = listen(self.reactor, self.config.web.listen, self.web_site)
         except Exception as err:
             raise StartupError(f"the web listener could not start: {error_text(err)}") from err
         log.info("web.listening", port=self._web_port.getHost().port)
+
+    def _dashboard(self, web: Any) -> Any:
+        """The dashboard: sessions in the database (on SQLite through the store's writer
+        thread, else a small pool of their own), password hashes in a bounded pool of their
+        own (never the I/O pool spool ingest needs), expired sessions purged every few
+        minutes."""
+        from corespond.daemon.web.dashboard import Dashboard
+        from corespond.daemon.web.sessions import PURGE_SECONDS, LoginGate, SessionStore
+
+        self.login_threads = ThreadPool(0, web.login_hashes_at_once, name="corespond-login")
+        self.login_threads.start()
+        if self.engine.dialect.name == "sqlite":
+            run_sessions = self.store.run_on_writer
+        else:
+            self.session_threads = ThreadPool(0, 2, name="corespond-sessions")
+            self.session_threads.start()
+            pool = self.session_threads
+
+            def run_sessions(fn: Any) -> Deferred[Any]:
+                return deferToThreadPool(self.reactor, pool, fn)
+
+        sessions = SessionStore(
+            self.engine, self.clock, run_sessions, idle_seconds=web.session_idle_seconds,
+            absolute_seconds=web.session_absolute_seconds,
+        )  # fmt: skip
+        gate = LoginGate(self.clock, max_hashing=web.login_hashes_at_once,
+                         rate=web.logins_per_second, burst=web.login_burst)  # fmt: skip
+
+        def purge() -> None:
+            sessions.purge().addErrback(
+                lambda f: log.error("web.session.purge_failed", error=error_text(f))
+            )
+
+        self._session_purge = self.clock.looping_call(PURGE_SECONDS, purge)
+        return Dashboard(
+            engine=self.engine, users_file=web.users_file, outcomes=self.config.outcomes,
+            in_thread=self.in_thread, clock=self.clock, sessions=sessions, gate=gate,
+            hash_in_thread=lambda fn, *a: deferToThreadPool(
+                self.reactor, self.login_threads, fn, *a
+            ),
+        )  # fmt: skip
 
     def _start_demo_peers(self) -> None:
         """The stand-in carrier, SMS gateway, AVL and provider of ``make demo`` (demo.peers)."""
@@ -549,10 +604,13 @@ class Corespond:
                 ("state_dir", self.config.state_dir, new.state_dir),
                 ("metrics", self.config.metrics, new.metrics),
                 ("demo", self.config.demo, new.demo),
-                ("web", self.config.web, new.web),
             )
             if old != now
         ]
+        from corespond.daemon.web import web_restart_needed
+
+        if web_restart_needed(self.config.web, new.web):
+            needs_restart.append("web")
         if (self.config.paging is None) != (new.paging is None):
             needs_restart.append("paging")
         if needs_restart:
@@ -560,6 +618,15 @@ class Corespond:
                 "config.reload.aborted",
                 reason="these sections change only with a restart; nothing changed",
                 errors=needs_restart,
+            )
+            return False
+        try:
+            web_secrets = self._web_secrets(new)
+        except ValueError as err:
+            log.error(
+                "config.reload.aborted",
+                reason="the web keys or tokens are unusable; nothing changed",
+                error=error_text(err),
             )
             return False
         try:
@@ -571,6 +638,8 @@ class Corespond:
                 error=error_text(err),
             )
             return False
+        if web_secrets is not None:
+            changes = [*(changes or ["no feed changed"]), *self._apply_web_secrets(*web_secrets)]
         if new.logging != self.config.logging:
             from corespond.daemon.log import set_level
 
@@ -583,6 +652,45 @@ class Corespond:
         self.config = new
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
         return True
+
+    def _web_secrets(self, new: Config) -> tuple[Any, int, dict[str, str]] | None:
+        """The link keys, link lifetime and system tokens of ``new``, checked (ValueError) but
+        not yet applied; None when the daemon has no web side."""
+        if new.web is None or self.link_signer is None:
+            return None
+        from corespond.daemon.signed_links import LinkSigner
+        from corespond.daemon.web import link_keys
+        from corespond.daemon.web.auth import SystemTokens
+
+        keys, tokens = link_keys(new.web), {s.name: s.token for s in new.web.systems}
+        LinkSigner(keys, new.web.link_lifetime_seconds)
+        SystemTokens(tokens)
+        return keys, new.web.link_lifetime_seconds, tokens
+
+    def _apply_web_secrets(self, keys: Any, lifetime: int, tokens: dict[str, str]) -> list[str]:
+        """Swap in new link keys and system tokens: what changed, for the reload's log line
+        (names of systems, never a key or token)."""
+        changes = []
+        old = self.link_signer.keys
+        if (keys.current, keys.previous) != (old.current, old.previous):
+            changes.append("link keys reloaded")
+        if lifetime != self.link_signer.lifetime:
+            changes.append("link lifetime changed")
+        self.link_signer.rotate(keys, lifetime)
+        before = {s.name: s.token for s in self.config.web.systems} if self.config.web else {}
+        if before != tokens:
+            added, removed = (
+                sorted(tokens.keys() - before.keys()),
+                sorted(before.keys() - tokens.keys()),
+            )
+            changed = sorted(n for n in tokens.keys() & before.keys() if tokens[n] != before[n])
+            changes.append(
+                "system tokens reloaded"
+                + "".join(f"; {what}: {', '.join(names)}" for what, names in
+                          (("added", added), ("removed", removed), ("changed", changed)) if names)
+            )  # fmt: skip
+        self.system_tokens.replace(tokens)
+        return changes
 
     def _reloaded(self, config_ok: bool, rules_ok: bool) -> bool:
         self.notifier.ready()
@@ -611,6 +719,8 @@ class Corespond:
             await self._metrics_port.stopListening()
         if self._web_port is not None:
             await self._web_port.stopListening()
+        if self._session_purge is not None and self._session_purge.running:
+            self._session_purge.stop()
         if self._nmea_port is not None:
             await self._nmea_port.stopListening()
         if self.gateway_inbound is not None:
@@ -631,10 +741,18 @@ class Corespond:
         await self.store.stop()
         if self._started:
             self.io_threads.stop()
+        for pool in (self.login_threads, self.session_threads):
+            if pool is not None and pool.started:
+                pool.stop()
         self.engine.dispose()
         c = self.pipeline.counts
         summary = RunSummary(
-            c.new, c.duplicate, c.rejected, c.decision_changes, c.behavioral_health, store_totals,
+            c.new,
+            c.duplicate,
+            c.rejected,
+            c.decision_changes,
+            c.behavioral_health,
+            store_totals,
             activity,
         )
         log.info(

@@ -340,6 +340,11 @@ class WebConfig:
     max_body_bytes: int = 65_536
     systems: tuple[WebSystemConfig, ...] = ()
     users_file: Path | None = None  # the dashboard's users (absent: no dashboard)
+    session_idle_seconds: int = 1_800
+    session_absolute_seconds: int = 43_200
+    login_hashes_at_once: int = 2
+    logins_per_second: float = 5.0
+    login_burst: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -975,7 +980,8 @@ class DemoSection(Section):
                         "tcp_feed": {**feed_ref, "description": "tcp feed, format jsonl, newline"},
                         "close_after_seconds": number(
                             "send each incident's close this long after its turn (0: in turn)",
-                            minimum=0, default=0.0,
+                            minimum=0,
+                            default=0.0,
                         ),
                     },
                     nullable=True,
@@ -990,8 +996,9 @@ class DemoSection(Section):
                         "reply_delay_seconds": number(
                             "how long a demo clinician takes to answer", minimum=0, default=8.0
                         ),
-                        "rri_share": share("share of delivered referrals the provider answers "
-                                           "with an RRI^I12", 0.7),
+                        "rri_share": share(
+                            "share of delivered referrals the provider answers with an RRI^I12", 0.7
+                        ),
                         "ae_share": share("share of referrals the provider refuses (AE)", 0.15),
                         "avl_system": string(
                             "the web.systems entry whose token the demo AVL posts locations with"
@@ -1410,6 +1417,27 @@ class WebSection(Section):
                 "users_file": string(
                     "the dashboard's users (`corespond users add`); absent: no /dashboard"
                 ),
+                "session_idle_seconds": integer(
+                    "a dashboard session ends after this long without a request",
+                    minimum=60, maximum=86_400, default=1_800,
+                ),
+                "session_absolute_seconds": integer(
+                    "a dashboard session ends this long after sign-in, active or not",
+                    minimum=300, maximum=7 * 86_400, default=43_200,
+                ),
+                "login_hashes_at_once": integer(
+                    "password hashes (scrypt, 16 MiB each) run at once, all sign-ins together; "
+                    "more sign-ins get 429 with Retry-After",
+                    minimum=1, maximum=16, default=2,
+                ),
+                "logins_per_second": number(
+                    "sign-in attempts a second, all names together (429 beyond)",
+                    exclusiveMinimum=0, maximum=1_000, default=5.0,
+                ),
+                "login_burst": integer(
+                    "sign-in attempts at once above logins_per_second",
+                    minimum=1, maximum=1_000, default=20,
+                ),
             },
             required=("listen", "public_url", "link_key_file"),
             nullable=True,
@@ -1466,6 +1494,11 @@ class WebSection(Section):
             max_body_bytes=values["max_body_bytes"],
             systems=tuple(systems),
             users_file=_users_file(values.get("users_file"), ctx),
+            session_idle_seconds=values["session_idle_seconds"],
+            session_absolute_seconds=values["session_absolute_seconds"],
+            login_hashes_at_once=values["login_hashes_at_once"],
+            logins_per_second=float(values["logins_per_second"]),
+            login_burst=values["login_burst"],
         )
 
 

@@ -53,6 +53,8 @@ ALLOWED_FIELDS = frozenset(
         # paging: ids, references and codes only (no addresses, names or reply text)
         "page_ref", "pages", "clinician_id", "chain_id", "step", "action", "outcome", "program",
         "gateway", "matched_by", "answer", "via", "system",
+        # AVL: a CAD unit id (a vehicle or call sign, not a person)
+        "unit",
         # the dashboard: a user's role code (never their name)
         "role",
         # failures

@@ -211,6 +211,8 @@ class Pipeline:
         self.metrics = metrics
         self.counts = RunCounts()
         self.observers: list[DecisionObserver] = []
+        # Called for every new snapshot (not only decision changes), after its commit.
+        self.snapshot_observers: list[DecisionObserver] = []
 
     def ingest_for(self, feed: FeedContext) -> Callable[[bytes, Origin], Deferred[list[Outcome]]]:
         """The :data:`corespond.daemon.ingest.IngestFn` for one feed."""
@@ -314,10 +316,17 @@ class Pipeline:
                 if decision.behavioral_health and not (previous and previous.behavioral_health):
                     self.counts.behavioral_health += 1
                 metrics.child(metrics.decision_changes, record.feed).inc()
-                for observer in self.observers:
-                    try:
-                        observer(record, stored)
-                    except Exception:
-                        log.exception("incident.observer.failed", incident_id=stored.external_id)
+                self._tell(self.observers, record, stored)
+            if self.snapshot_observers:
+                self._tell(self.snapshot_observers, record, stored)
         return Accepted(stored.external_id, stored.snapshot_id, stored.state)
 
+    @staticmethod
+    def _tell(
+        observers: list[DecisionObserver], record: SnapshotRecord, stored: StoredSnapshot
+    ) -> None:
+        for observer in observers:
+            try:
+                observer(record, stored)
+            except Exception:
+                log.exception("incident.observer.failed", incident_id=stored.external_id)

@@ -84,6 +84,9 @@ class Clinician:
     program: str
     skills: frozenset[str]
     endpoints: tuple[Endpoint, ...]
+    # CAD unit ids (EIDO emergencyResourceName) the clinician rides as: their AVL positions
+    # are the clinician's location.
+    units: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,12 @@ class Roster:
     clinicians: Mapping[str, Clinician]
     programs: Mapping[str, Program]  # in file order: the first covering program leads a chain
 
+    unit_clinicians: Mapping[str, str] = field(default_factory=dict)  # casefolded unit id
+
+    def clinician_of_unit(self, unit: str) -> str | None:
+        """The clinician who rides as CAD unit ``unit`` (ids compared without case)."""
+        return self.unit_clinicians.get(unit.casefold())
+
     def programs_covering(self, lat: float, lon: float) -> list[Program]:
         return [p for p in self.programs.values() if p.covers(lat, lon)]
 
@@ -257,6 +266,7 @@ ROSTER_SCHEMA: dict[str, Any] = {
                     "program": _id("program id"),
                     "skills": {"type": "array", "items": {"type": "string", "minLength": 1}},
                     "endpoints": {"type": "array", "items": _ENDPOINT, "minItems": 1},
+                    "units": {"type": "array", "items": _id("CAD unit id (EIDO resource name)")},
                 },
                 "required": ["id", "name", "program", "endpoints"],
                 "additionalProperties": False,
@@ -349,10 +359,15 @@ def parse_roster(text: str, file: Path) -> Roster:
     program_ids = [p["id"] for p in raw["programs"]]
     clinician_ids = {c["id"] for c in raw["clinicians"]}
     clinicians: dict[str, Clinician] = {}
+    unit_owners: dict[str, str] = {}
     for n, item in enumerate(raw["clinicians"]):
         at: KeyPath = ("clinicians", n)
         if item["id"] in clinicians:
             problems.add((*at, "id"), f"clinician id {item['id']!r} is used twice")
+        for m, unit in enumerate(item.get("units", ())):
+            owner = unit_owners.setdefault(unit.casefold(), item["id"])
+            if owner != item["id"] or unit.casefold() in (u.casefold() for u in item["units"][:m]):
+                problems.add((*at, "units", m), f"unit {unit!r} is already {owner!r}'s")
         if item["program"] not in program_ids:
             problems.add((*at, "program"), f"there is no program {item['program']!r}")
         clinicians[item["id"]] = Clinician(
@@ -361,6 +376,7 @@ def parse_roster(text: str, file: Path) -> Roster:
             program=item["program"],
             skills=frozenset(item.get("skills", ())),
             endpoints=tuple(Endpoint(e["gateway"], e["address"]) for e in item["endpoints"]),
+            units=tuple(item.get("units", ())),
         )
     for n, item in enumerate(raw["programs"]):
         at = ("programs", n)
@@ -369,7 +385,7 @@ def parse_roster(text: str, file: Path) -> Roster:
         programs[item["id"]] = _program(item, at, file.parent, zone, clinician_ids, problems)
     if problems.items:
         raise RosterError(problems.items)
-    return Roster(file=file, clinicians=clinicians, programs=programs)
+    return Roster(file=file, clinicians=clinicians, programs=programs, unit_clinicians=unit_owners)
 
 
 def _program(

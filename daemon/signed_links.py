@@ -96,6 +96,14 @@ class LinkSigner:
         self.keys = keys
         self.lifetime = lifetime
 
+    def rotate(self, keys: LinkKeys, lifetime: int) -> None:
+        """New keys (a reload): links signed with a key still in ``keys`` keep verifying, those
+        of a key no longer there stop at once; new links use ``keys.current``."""
+        if lifetime < 1:
+            raise ValueError("a link lifetime must be at least one second")
+        self.keys = keys
+        self.lifetime = lifetime
+
     def sign(self, page_ref: str, clinician_id: str, now: float) -> str:
         for name, value in (("page_ref", page_ref), ("clinician_id", clinician_id)):
             if not value or len(value) > MAX_ID_CHARS:

@@ -641,3 +641,31 @@ persons: Table = PersonRow.__table__  # type: ignore[assignment]
 person_identifiers: Table = PersonIdentifierRow.__table__  # type: ignore[assignment]
 encounters: Table = EncounterRow.__table__  # type: ignore[assignment]
 encounter_referrals: Table = EncounterReferralRow.__table__  # type: ignore[assignment]
+
+
+# --- ops: dashboard sessions ---------------------------------------------------------------------
+
+
+class DashboardSessionRow(Base):
+    """A signed-in dashboard user, shared by every daemon on the database. Only the SHA-256 of
+    the session id (the cookie) is kept: a copy of the table opens no session. The user is a
+    staff login name, not a patient."""
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (
+        Index(None, "user_name"),
+        Index(None, "expires_at"),
+        Index(None, "last_seen_at"),
+    )
+
+    id_hash: Mapped[str] = mapped_column(String, primary_key=True)  # hex SHA-256 of the id
+    user_name: Mapped[str] = mapped_column(String)
+    role: Mapped[str] = mapped_column(String)
+    clinician: Mapped[str | None] = mapped_column(String)
+    csrf: Mapped[str] = mapped_column(String)  # the token its forms carry back
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)  # idle expiry counts from it
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the absolute limit
+
+
+dashboard_sessions: Table = DashboardSessionRow.__table__  # type: ignore[assignment]

@@ -8,6 +8,7 @@ callbacks and the dashboard are mounted on the same site with
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,15 +21,37 @@ from corespond.daemon.web.api import ApiV1, EncounterUpdater, ReferralCreator
 from corespond.daemon.web.auth import SystemTokens
 from corespond.daemon.web.site import WebSite
 
+# What SIGHUP may change in the web section without a restart: the link keys (and the lifetime
+# of new links) and the systems' tokens, which are secrets an operator rotates.
+RELOADABLE = (
+    "link_key_file", "link_key", "link_previous_key_file", "link_previous_key",
+    "link_lifetime_seconds", "systems",
+)  # fmt: skip
+
+
+def link_keys(config: WebConfig) -> LinkKeys:
+    return LinkKeys.from_text(config.link_key, config.link_previous_key)
+
 
 def link_signer(config: WebConfig) -> LinkSigner:
-    keys = LinkKeys.from_text(config.link_key, config.link_previous_key)
-    return LinkSigner(keys, config.link_lifetime_seconds)
+    return LinkSigner(link_keys(config), config.link_lifetime_seconds)
 
 
-def ack_links(config: WebConfig, clock: Clock) -> AckLinks:
-    """What the paging core calls to put a signed link in a page."""
-    return AckLinks(link_signer(config), config.public_url, clock)
+def system_tokens(config: WebConfig) -> SystemTokens:
+    return SystemTokens({s.name: s.token for s in config.systems})
+
+
+def web_restart_needed(old: WebConfig | None, new: WebConfig | None) -> bool:
+    """Whether going from ``old`` to ``new`` changes more than :data:`RELOADABLE` holds."""
+    if old is None or new is None:
+        return old is not new
+    return replace(new, **{name: getattr(old, name) for name in RELOADABLE}) != old
+
+
+def ack_links(config: WebConfig, clock: Clock, signer: LinkSigner | None = None) -> AckLinks:
+    """What the paging core calls to put a signed link in a page (``signer``: the one the web
+    site checks links with, so that a key reload reaches both)."""
+    return AckLinks(signer or link_signer(config), config.public_url, clock)
 
 
 def build_web_site(
@@ -40,10 +63,13 @@ def build_web_site(
     reactor: Any = None,
     referrals: ReferralCreator | None = None,
     encounters: EncounterUpdater | None = None,
+    signer: LinkSigner | None = None,
+    systems: SystemTokens | None = None,
 ) -> WebSite:
     """The site ``corespond run`` listens with: ``/ack/<token>`` and ``/api/v1`` (with
-    ``/api/v1/referrals`` when ``referrals`` creates them)."""
-    signer = link_signer(config)
+    ``/api/v1/referrals`` when ``referrals`` creates them). ``signer`` and ``systems``: the
+    daemon's own, which a reload updates in place; made from ``config`` when not given."""
+    signer = signer or link_signer(config)
     site = WebSite(max_body_bytes=config.max_body_bytes, reactor=reactor)
     site.mount(
         "/ack",
@@ -55,7 +81,7 @@ def build_web_site(
             zone=ZoneInfo(config.timezone),
         ),
     )
-    systems = SystemTokens({s.name: s.token for s in config.systems})
+    systems = systems or system_tokens(config)
     site.mount(
         "/api/v1",
         ApiV1(
@@ -70,4 +96,14 @@ def build_web_site(
     return site
 
 
-__all__ = ["AckLinks", "WebSite", "ack_links", "build_web_site", "link_signer"]
+__all__ = [
+    "RELOADABLE",
+    "AckLinks",
+    "WebSite",
+    "ack_links",
+    "build_web_site",
+    "link_keys",
+    "link_signer",
+    "system_tokens",
+    "web_restart_needed",
+]

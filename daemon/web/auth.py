@@ -34,9 +34,18 @@ class SystemTokens:
     """The bearer tokens of the systems allowed on the API, by system name."""
 
     def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._digests = self._digests_of(tokens)
+
+    def replace(self, tokens: Mapping[str, str]) -> None:
+        """From now on only ``tokens`` open the API (a reload): a removed token fails at its
+        next request. One attribute store, so no request sees a mix."""
+        self._digests = self._digests_of(tokens)
+
+    @staticmethod
+    def _digests_of(tokens: Mapping[str, str]) -> list[tuple[str, bytes]]:
         if any(not t for t in tokens.values()):
             raise ValueError("a system token must not be empty")
-        self._digests = [(name, _digest(t.encode())) for name, t in tokens.items()]
+        return [(name, _digest(t.encode())) for name, t in tokens.items()]
 
     def match(self, presented: bytes) -> str | None:
         digest = _digest(presented)

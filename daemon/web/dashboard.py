@@ -60,9 +60,10 @@ from corespond.daemon.store.engine import READ_ONLY
 from corespond.daemon.store.tables import encounters
 from corespond.daemon.web.sessions import (
     COOKIE,
+    LoginGate,
     LoginThrottle,
     Session,
-    Sessions,
+    SessionStore,
     csrf_ok,
 )
 from corespond.daemon.web.site import NotFound, answer_when, body_of, plain_response
@@ -585,17 +586,25 @@ class Dashboard(Resource):
         outcomes: OutcomesConfig,
         in_thread: InThread,
         clock: Clock,
-        sessions: Sessions | None = None,
+        sessions: SessionStore | None = None,
         throttle: LoginThrottle | None = None,
+        gate: LoginGate | None = None,
+        hash_in_thread: InThread | None = None,
     ) -> None:
+        """``sessions``: the daemon's (default: in ``engine``, through ``in_thread``);
+        ``hash_in_thread``: where password hashes run, a small pool of their own so that a
+        flood of sign-ins cannot hold the threads reports and spool ingest use (default
+        ``in_thread``); ``gate``: the global bound on sign-ins."""
         super().__init__()
         self.engine = engine
         self.users_file = users_file
         self.outcomes = outcomes
         self.in_thread = in_thread
         self.clock = clock
-        self.sessions = sessions if sessions is not None else Sessions(clock)
+        self.sessions = sessions if sessions is not None else SessionStore(engine, clock, in_thread)
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+        self.gate = gate if gate is not None else LoginGate(clock)
+        self.hash_in_thread = hash_in_thread if hash_in_thread is not None else in_thread
         self._cache: dict[tuple[date, date], tuple[float, DashboardData]] = {}
 
     def _data(self, req: ReportRequest) -> Deferred[DashboardData]:
@@ -644,7 +653,7 @@ class Dashboard(Resource):
         request.setHeader(b"location", to.encode())
         return b""
 
-    def _session(self, request: Request) -> Session | None:
+    def _session(self, request: Request) -> Deferred[Session | None]:
         return self.sessions.get(_cookie(request, COOKIE))
 
     def _set_cookie(self, request: Request, name: bytes, value: str, path: str) -> None:
@@ -668,20 +677,24 @@ class Dashboard(Resource):
         """The request's session, if its user is still in the users file with the same role
         (read in the thread pool): removing a user or changing their role ends their
         sessions at their next request."""
-        session = self._session(request)
-        if session is None:
-            return succeed(None)
 
-        def check(users: dict[str, User]) -> Session | None:
-            user = users.get(session.user)
-            if user is None or (user.role, user.clinician) != (session.role, session.clinician):
-                self.sessions.end_user(session.user)
+        def found(session: Session | None) -> Deferred[Session | None]:
+            if session is None:
+                return succeed(None)
+
+            def check(users: dict[str, User]) -> Deferred[Session | None] | Session:
+                user = users.get(session.user)
+                if user is not None and (user.role, user.clinician) == (
+                    session.role, session.clinician,
+                ):  # fmt: skip
+                    return session
                 log.info("web.session.revoked", role=session.role)
-                return None
-            return session
+                return self.sessions.end_user(session.user).addCallback(lambda _: None)
 
-        d: Deferred[dict[str, User]] = self.in_thread(read_users, self.users_file)
-        return d.addCallback(check)
+            d: Deferred[dict[str, User]] = self.in_thread(read_users, self.users_file)
+            return d.addCallback(check)
+
+        return self._session(request).addCallback(found)
 
     def _index(self, request: Request) -> bytes | int:
         if request.method != b"GET":
@@ -762,11 +775,17 @@ class Dashboard(Resource):
 
     def _login(self, request: Request) -> bytes | int:
         if request.method == b"GET":
-            if self._session(request) is not None:
-                return self._redirect(request, f"{PREFIX}/")
-            token = secrets.token_urlsafe(24)
-            self._set_cookie(request, LOGIN_COOKIE, token, f"{PREFIX}/login")
-            return self._html(request, 200, login_page(token))
+
+            def sign_in_form(session: Session | None) -> bytes:
+                if session is not None:
+                    return self._redirect(request, f"{PREFIX}/")
+                token = secrets.token_urlsafe(24)
+                self._set_cookie(request, LOGIN_COOKIE, token, f"{PREFIX}/login")
+                return self._html(request, 200, login_page(token))
+
+            return answer_when(
+                request, self._session(request), sign_in_form, self._unavailable(request)
+            )
         if request.method != b"POST":
             return plain_response(request, 405, "Method not allowed.")
         form = _form(request)
@@ -782,12 +801,15 @@ class Dashboard(Resource):
             return plain_response(request, 403, "The sign-in form expired: load it again.")
         name = form.get("name", "").strip()
         password = form.get("password", "")
-        if self.throttle.locked(name):
-            log.info("web.login", outcome="locked")
-            return self._html(
-                request, 429,
-                login_page(expected, "Too many failed sign-ins: try again later.", name),
-            )  # fmt: skip
+        locked_for = self.throttle.locked_for(name)
+        if locked_for:
+            return self._too_many(request, expected, name, "locked", locked_for,
+                                  "Too many failed sign-ins: try again later.")  # fmt: skip
+        wait = self.gate.admit()
+        if wait is not None:
+            # Every name together: a flood of sign-ins costs no hash and holds no thread.
+            return self._too_many(request, expected, name, "busy", wait,
+                                   "Sign-in is busy: try again in a moment.")  # fmt: skip
 
         def check() -> tuple[str, str | None, str | None]:
             users = read_users(self.users_file)
@@ -797,7 +819,11 @@ class Dashboard(Resource):
                 return "refused", None, None
             return "ok", user.role, user.clinician
 
-        def done(result: tuple[str, str | None, str | None]) -> bytes:
+        def hashed(result: Any) -> Any:
+            self.gate.done()
+            return result
+
+        def done(result: tuple[str, str | None, str | None]) -> bytes | Deferred[bytes]:
             outcome, role, clinician = result
             if outcome != "ok" or role is None:
                 self.throttle.failed(name)
@@ -806,11 +832,14 @@ class Dashboard(Resource):
                     request, 401, login_page(expected, "Wrong name or password.", name)
                 )
             self.throttle.succeeded(name)
-            session_id = self.sessions.start(name, role, clinician)
-            self._set_cookie(request, COOKIE, session_id, PREFIX)
-            self._clear_cookie(request, LOGIN_COOKIE, f"{PREFIX}/login")
-            log.info("web.login", outcome="ok", role=role)
-            return self._redirect(request, f"{PREFIX}/")
+
+            def started(session_id: str) -> bytes:
+                self._set_cookie(request, COOKIE, session_id, PREFIX)
+                self._clear_cookie(request, LOGIN_COOKIE, f"{PREFIX}/login")
+                log.info("web.login", outcome="ok", role=role)
+                return self._redirect(request, f"{PREFIX}/")
+
+            return self.sessions.start(name, role, clinician).addCallback(started)
 
         def failed(failure: Failure) -> bytes:
             if failure.check(UsersFileError):
@@ -819,21 +848,44 @@ class Dashboard(Resource):
                 log.error("web.login.failed", error=error_text(failure))
             return plain_response(request, 503, "Sign-in is unavailable; tell an administrator.")
 
-        return answer_when(request, self.in_thread(check), done, failed)
+        d: Deferred[Any] = self.hash_in_thread(check).addBoth(hashed)
+        return answer_when(request, d.addCallback(done), lambda body: body, failed)
 
-    def _logout(self, request: Request) -> bytes:
+    def _too_many(
+        self, request: Request, csrf: str, name: str, outcome: str, retry_after: int, error: str
+    ) -> bytes:
+        log.info("web.login", outcome=outcome)
+        request.setHeader(b"retry-after", str(retry_after).encode())
+        return self._html(request, 429, login_page(csrf, error, name))
+
+    def _unavailable(self, request: Request) -> Callable[[Failure], bytes]:
+        def failed(failure: Failure) -> bytes:
+            log.error("web.session.failed", error=error_text(failure))
+            return plain_response(request, 503, "Sign-in is unavailable; try again.")
+
+        return failed
+
+    def _logout(self, request: Request) -> bytes | int:
         if request.method != b"POST":
             return plain_response(request, 405, "Method not allowed.")
-        session = self._session(request)
         form = _form(request)
-        if session is None:
-            return self._redirect(request, f"{PREFIX}/login")
-        if form is None or not csrf_ok(session, form.get("csrf")):
-            return plain_response(request, 403, "The form expired: reload the page.")
-        self.sessions.end(_cookie(request, COOKIE))
-        self._clear_cookie(request, COOKIE, PREFIX)
-        log.info("web.logout", role=session.role)
-        return self._redirect(request, f"{PREFIX}/login")
+        session_id = _cookie(request, COOKIE)
+
+        def check(session: Session | None) -> bytes | Deferred[bytes]:
+            if session is None:
+                return self._redirect(request, f"{PREFIX}/login")
+            if form is None or not csrf_ok(session, form.get("csrf")):
+                return plain_response(request, 403, "The form expired: reload the page.")
+
+            def ended(_: None) -> bytes:
+                self._clear_cookie(request, COOKIE, PREFIX)
+                log.info("web.logout", role=session.role)
+                return self._redirect(request, f"{PREFIX}/login")
+
+            return self.sessions.end(session_id).addCallback(ended)
+
+        d = self.sessions.get(session_id).addCallback(check)
+        return answer_when(request, d, lambda body: body, self._unavailable(request))
 
 
 class _Route(Resource):

@@ -24,6 +24,7 @@ from corespond.daemon.config import OutcomesConfig
 from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.synthetic_encounters import seed_encounters
 from corespond.daemon.web.dashboard import Dashboard
+from corespond.daemon.web.sessions import session_count
 from corespond.daemon.web.site import WebSite
 from corespond.daemon.web.users import User, add_user, hash_password
 from tests.browser import ServedReactor
@@ -139,6 +140,11 @@ class DashRig:
 
     def client(self) -> Client:
         return Client(self.port)
+
+    def sessions(self) -> int:
+        """How many session rows the database holds."""
+        with self.dashboard.engine.connect() as conn:
+            return session_count(conn)
 
     def advance(self, seconds: float) -> None:
         self.served.call(self.fake_time.advance, seconds)

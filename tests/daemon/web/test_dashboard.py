@@ -170,7 +170,7 @@ def test_logout_needs_the_csrf_token_and_ends_the_session(dash_rig: DashRig) -> 
     assert (r.status, r.header("location")) == (303, "/dashboard/login")
     c.jar["corespond_session"] = session_id  # a copy of the old cookie is worth nothing
     assert c.get("/dashboard/").status == 303
-    assert len(dash_rig.dashboard.sessions) == 0
+    assert dash_rig.sessions() == 0
 
 
 def test_sessions_expire_when_idle_and_after_the_absolute_limit(dash_rig: DashRig) -> None:
@@ -420,7 +420,7 @@ def test_removing_a_user_or_changing_their_role_ends_their_sessions(
         "\n".join(line for line in users_file.read_text().splitlines() if "root" not in line)
     )
     assert root.get("/dashboard/").status == 303
-    assert len(dash_rig.dashboard.sessions) == 1  # dana's new one
+    assert dash_rig.sessions() == 1  # dana's new one
     # A broken file fails closed.
     users_file.write_text("dana boss x\n")
     assert dana.get("/dashboard/").status == 503

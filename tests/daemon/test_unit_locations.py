@@ -1,0 +1,215 @@
+"""AVL from the CAD feed: EIDO unit positions become the fixes of the clinicians who ride as
+those units, through the real daemon (HTTP feed, store, paging core) on SQLite and PostgreSQL;
+the EIDO's time is the fix time, so a stale one does not count; bad unit data is quarantined
+while the snapshot is stored and answered; the roster's ``units:`` are checked with file:line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import ensureDeferred
+
+from corespond.adapters.eido import eido_document
+from corespond.adapters.pidflo import pidf_lo_document
+from corespond.daemon.app import Corespond
+from corespond.daemon.config import load_config
+from corespond.daemon.feeds import HttpListener
+from corespond.daemon.roster import RosterError, parse_roster
+from corespond.daemon.snapshot import GeoPoint, Location
+from tests.adapters.carriers import FakeCarrier, FakeMessagesApi
+from tests.browser import free_port
+from tests.daemon.paging_rig import (
+    FEED_TOKEN,
+    FIXTURES,
+    INCIDENT_1,
+    ROSTER,
+    Turner,
+    cad_snapshot,
+    rows,
+    write_daemon_config,
+)
+
+UNIT_LOC = "urn:emergency:uid:eidodatacomponent:loc-unit-m21:psap.test.invalid"
+
+
+def with_unit(doc: dict[str, Any], unit: str, point: GeoPoint | None, at: datetime,
+              pidf: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """``doc`` with ``unit`` on the call, placed at ``point`` at ``at`` by a UnitLocation."""
+    prologue = {"updatedByAgencyReference": {"$ref": "police.test.invalid"}}
+    doc.setdefault("locationComponent", []).append({
+        **prologue,
+        "$id": UNIT_LOC,
+        "lastUpdateTimeStamp": at.isoformat(),
+        "locationTypeDescriptionRegistryText": "UnitLocation",
+        "locationByValue": pidf or pidf_lo_document(Location(point)),
+    })  # fmt: skip
+    doc.setdefault("emergencyResourceComponent", []).append({
+        **prologue,
+        "$id": f"urn:emergency:uid:eidodatacomponent:res-{unit}:psap.test.invalid",
+        "lastUpdateTimeStamp": at.isoformat(),
+        "emergencyResourceTypeCommonRegistryText": "CrisisInterventionUnit",
+        "emergencyResourceName": unit,
+        "unitLocationReference": {"$ref": UNIT_LOC},
+    })  # fmt: skip
+    return doc
+
+
+def as_utc(value: Any) -> datetime:
+    """A timestamp column as read with plain SQL: text on SQLite, aware on PostgreSQL."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass
+class Daemon:
+    turner: Turner
+    app: Corespond
+    carrier: FakeCarrier
+    store_url: str
+    feed: str
+
+    def post(self, doc: dict[str, Any]) -> Any:
+        headers = {b"authorization": f"Bearer {FEED_TOKEN}".encode(),
+                   b"content-type": b"application/json"}  # fmt: skip
+        answer = self.turner.http("POST", self.feed, json.dumps(doc).encode(), headers)
+        assert answer.code == 200, answer.body
+        return json.loads(answer.body)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.turner.reactor.seconds(), UTC)
+
+    def settle(self) -> None:
+        assert self.app.paging is not None
+        self.turner.until(self.app.paging.idle())
+        self.turner.until(self.app.store.run_read(lambda conn: None))
+
+    def fixes(self) -> list[Any]:
+        return rows(self.store_url, "SELECT clinician_id, lat, lon, fixed_at, source "
+                    "FROM location_fixes ORDER BY id")  # fmt: skip
+
+
+@pytest.fixture(name="daemon")
+def daemon_fixture(tmp_path: Path, db_url: str) -> Iterator[Daemon]:
+    turner = Turner()
+    carrier, sms = FakeCarrier(), FakeMessagesApi()
+    wctp_port, sms_port = turner.serve(carrier), turner.serve(sms)
+    config = write_daemon_config(
+        tmp_path, store_url=db_url, wctp_url=f"http://127.0.0.1:{wctp_port}/wctp",
+        sms_url=f"http://127.0.0.1:{sms_port}", web_port=free_port(),
+        extra="",
+    )  # fmt: skip
+    config.write_text(config.read_text().replace("format: jsonl", "format: eido").replace(
+        "  lease_seconds: 10\n", "  lease_seconds: 10\n  max_fix_age_seconds: 600\n"))  # fmt: skip
+    roster = tmp_path / "roster.yaml"
+    roster.write_text(ROSTER.replace(
+        "  - id: c-3\n", "  - id: c-3\n    units: [m21]\n"))  # fmt: skip
+    app = Corespond(load_config(config), turner.reactor)
+    try:
+        turner.until(ensureDeferred(app.start()))
+        listener = app.feeds.find("http", 0)
+        assert isinstance(listener, HttpListener)
+        yield Daemon(turner, app, carrier, db_url,
+                     f"http://127.0.0.1:{listener.port}/feeds/cad")  # fmt: skip
+        turner.until(ensureDeferred(app.stop()))
+    finally:
+        turner.close()
+
+
+def traffic_stop(n: int) -> Any:
+    """A call that is not behavioral-health, near incident 1 (the unit is there on it)."""
+    return replace(cad_snapshot(n, GeoPoint(30.26, -97.76)), notes=(), call_type="TRAFFIC STOP",
+                   call_type_code="TS", apco_type="TRAFFIC")  # fmt: skip
+
+
+def test_a_units_eido_position_is_its_clinicians_fix_and_is_paged_on(daemon: Daemon) -> None:
+    d = daemon
+    seen = d.now() - timedelta(seconds=30)
+    doc = with_unit(eido_document(traffic_stop(90)), "M21", GeoPoint(30.2601, -97.7501), seen)
+    assert d.post(doc)["results"][0]["snapshot"] == "new"
+    d.turner.until_true(lambda: len(d.fixes()) == 1)
+    [(clinician, lat, lon, fixed_at, source)] = d.fixes()
+    assert (clinician, lat, lon, source) == ("c-3", 30.2601, -97.7501, "eido:cad-json")
+    assert as_utc(fixed_at) == seen  # the EIDO's time, not the arrival
+    # The same position again (the next EIDO of the call repeats every unit): nothing new.
+    later = replace(traffic_stop(90), updated_at=d.now())
+    d.post(with_unit(eido_document(later), "M21", GeoPoint(30.2601, -97.7501), seen))
+    d.settle()
+    assert len(d.fixes()) == 1
+    # A behavioral-health call at incident 1: only c-3 has a location, so c-3 is paged.
+    d.post(eido_document(cad_snapshot(1, INCIDENT_1)))
+    d.turner.until_true(lambda: len(d.carrier.submits) == 1)
+    recipient = d.carrier.submits[0].find("wctp-SubmitHeader/wctp-Recipient").get("recipientID")
+    assert recipient == "5550103"  # c-3's pager
+
+
+def test_a_stale_eido_time_does_not_count(daemon: Daemon) -> None:
+    d = daemon
+    old = d.now() - timedelta(seconds=601)  # max_fix_age_seconds is 600
+    d.post(with_unit(eido_document(traffic_stop(90)), "M21", INCIDENT_1, old))
+    d.turner.until_true(lambda: len(d.fixes()) == 1)
+    d.post(eido_document(cad_snapshot(1, INCIDENT_1)))
+
+    def dispatches() -> list[Any]:
+        return [r[0] for r in rows(d.store_url, "SELECT dispatch FROM escalation_steps "
+                                   "WHERE dispatch IS NOT NULL ORDER BY id")]  # fmt: skip
+
+    d.turner.until_true(lambda: bool(dispatches()))
+    d.settle()
+    first = dispatches()[0]
+    first = first if isinstance(first, dict) else json.loads(first)
+    assert first["chosen"] is None
+    assert {c["clinician_id"]: c["rejected"] for c in first["rejected"]}["c-3"] == (
+        "stale-location"
+    )
+    assert d.carrier.submits == []
+
+
+def test_bad_unit_data_is_quarantined_and_the_snapshot_still_stored(daemon: Daemon) -> None:
+    d = daemon
+    doc = with_unit(eido_document(cad_snapshot(1, INCIDENT_1)), "M21", None, d.now(),
+                    pidf="<presence")  # fmt: skip
+    assert d.post(doc)["results"][0]["snapshot"] == "new"  # the call is stored and answered
+
+    def rejects() -> list[Any]:
+        return rows(d.store_url, 'SELECT format, code, "where", raw FROM rejected_messages')
+
+    d.turner.until_true(lambda: bool(rejects()))
+    [(fmt, code, where, raw)] = rejects()
+    assert (fmt, code) == ("eido-units", "bad-pidf-lo")
+    assert where == "/locationComponent/1/locationByValue"
+    assert bytes(raw) == json.dumps(doc).encode()
+    [(count,)] = rows(d.store_url, "SELECT count(*) FROM snapshots")
+    assert count == 1 and d.fixes() == []
+    # A unit nobody rides as (a police car) is ignored, its position and its errors alike.
+    other = with_unit(eido_document(traffic_stop(91)), "2A31", INCIDENT_1, d.now())
+    d.post(other)
+    d.settle()
+    assert d.fixes() == [] and len(rejects()) == 1
+
+
+def test_units_of_the_roster_are_checked_with_file_and_line(tmp_path: Path) -> None:
+    text = ROSTER.replace("  - id: c-1\n", "  - id: c-1\n    units: [M21, m21]\n").replace(
+        "  - id: c-2\n", "  - id: c-2\n    units: [E7, 'bad id']\n").replace(
+        "  - id: c-3\n", "  - id: c-3\n    units: [e7]\n")  # fmt: skip
+    path = tmp_path / "roster.yaml"
+    shutil.copyfile(FIXTURES / "metro.geojson", tmp_path / "metro.geojson")
+    with pytest.raises(RosterError) as caught:
+        parse_roster(text, path)
+    found = [str(p) for p in caught.value.problems]
+    assert any(p.startswith(f"{path}:9: at 'clinicians[1].units[1]'") for p in found), found
+    with pytest.raises(RosterError) as caught:
+        parse_roster(text.replace(", 'bad id'", ""), path)
+    found = [str(p) for p in caught.value.problems]
+    assert f"{path}:4: at 'clinicians[0].units[1]': unit 'm21' is already 'c-1''s" in found
+    assert f"{path}:14: at 'clinicians[2].units[0]': unit 'e7' is already 'c-2''s" in found
+    roster = parse_roster(ROSTER.replace("  - id: c-3\n", "  - id: c-3\n    units: [M21]\n"),
+                          path)  # fmt: skip
+    assert roster.clinician_of_unit("m21") == "c-3" and roster.clinician_of_unit("E7") is None
