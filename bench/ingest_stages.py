@@ -38,18 +38,18 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred
 
-BENCH = Path(__file__).resolve().parent
-from corespond.adapters.eido import EidoFormat  # noqa: E402
-from corespond.daemon.clock import Clock  # noqa: E402
-from corespond.daemon.ingest import Origin  # noqa: E402
-from corespond.daemon.log import configure_logging  # noqa: E402
-from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline  # noqa: E402
-from corespond.daemon.store.engine import create_store_engine  # noqa: E402
-from corespond.daemon.store.migrate import upgrade  # noqa: E402
-from corespond.daemon.store.writer import IncidentStore, SnapshotRecord, write_batch  # noqa: E402
-from corespond.rules.engine import RuleClassifier  # noqa: E402
-from corespond.rules.loader import load_ruleset  # noqa: E402
+from corespond.adapters.eido import EidoFormat
+from corespond.daemon.clock import Clock
+from corespond.daemon.ingest import Origin
+from corespond.daemon.log import configure_logging
+from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
+from corespond.daemon.store.engine import create_store_engine
+from corespond.daemon.store.migrate import upgrade
+from corespond.daemon.store.writer import IncidentStore, SnapshotRecord, write_batch
+from corespond.rules.engine import RuleClassifier
+from corespond.rules.loader import load_ruleset
 
+BENCH = Path(__file__).resolve().parent
 STAGES = ("parse", "classify", "store", "pipeline")
 
 
@@ -61,7 +61,7 @@ class _WallTime:
 
 def load_frames(count: int) -> list[bytes]:
     """bench/ingest.py's messages without STX/ETX (as the deframer hands them on), kept in
-    a cache file so that an instruction count of two sizes differs only by the loops."""
+    a cache file: generating them costs more than the stages, and runs compare the same."""
     cache = Path(tempfile.gettempdir()) / f"corespond-ingest-stages-{count}.bin"
     if not cache.exists():
         sys.path.insert(0, str(BENCH))
