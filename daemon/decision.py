@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from corespond.daemon.slotted import fast_init
 from corespond.daemon.snapshot import Snapshot
 
 
@@ -16,6 +17,7 @@ class Response(StrEnum):
     NONE = "none"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Evidence:
     """The exact text a rule matched. ``text`` may quote the narrative: it is protected."""
@@ -27,6 +29,7 @@ class Evidence:
     text: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     behavioral_health: bool

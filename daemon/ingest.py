@@ -15,7 +15,10 @@ from enum import StrEnum
 
 from twisted.internet.defer import Deferred
 
+from corespond.daemon.slotted import fast_init
 
+
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a payload came from: the feed's name and, for logs, the peer or the file name."""
@@ -30,6 +33,7 @@ class SnapshotState(StrEnum):
     DUPLICATE = "duplicate"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Accepted:
     incident_id: str
@@ -39,6 +43,7 @@ class Accepted:
     ok = True
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Rejected:
     code: str

@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 from corespond.daemon.errors import RejectedMessage
+from corespond.daemon.slotted import fast_init
 
 
 class IncidentStatus(StrEnum):
@@ -29,12 +30,14 @@ class IncidentStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GeoPoint:
     lat: float
     lon: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where the incident is. ``address`` is protected (it can identify a person's home)."""
@@ -45,6 +48,7 @@ class Location:
     state: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Unit:
     id: str
@@ -52,18 +56,21 @@ class Unit:
     status: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Caution:
     type: str
     severity: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Disposition:
     code: str
     text: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Note:
     """A narrative entry. Protected."""
@@ -72,6 +79,7 @@ class Note:
     time: datetime | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Person:
     """A person on the incident. Protected."""
@@ -83,6 +91,7 @@ class Person:
     mental_state: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """One state of one incident as its source knew it at ``updated_at`` (UTC)."""

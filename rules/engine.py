@@ -373,8 +373,11 @@ class RuleClassifier:
         includes = self._run(ctx, candidates & self._include_mask)
         if not includes:
             return self._not_behavioral
-        fired = includes + self._run(ctx, candidates & ~self._include_mask)
-        fired.sort(key=_position)
+        others = self._run(ctx, candidates & ~self._include_mask)
+        fired = includes
+        if others:  # each list is in file order already
+            fired = includes + others
+            fired.sort(key=_position)
         return self._decide(snapshot, ctx, [(rule, spans) for _, rule, spans in fired])
 
     def fired_rules(self, snapshot: Snapshot) -> tuple[str, ...]:
@@ -543,10 +546,11 @@ def _word_starts(text: str) -> list[int]:
 
 
 def _compile_code(cond: CodeMatch) -> Check:
-    values, prefixes, field = cond.values, cond.prefixes, cond.field
+    values, field = cond.values, cond.field
+    prefixes = tuple(cond.prefixes)  # str.startswith takes them all at once
 
     def matches(code: str) -> bool:
-        return code in values or any(code.startswith(p) for p in prefixes)
+        return code in values or (bool(prefixes) and code.startswith(prefixes))
 
     if field == "apco_type":
 
@@ -596,10 +600,14 @@ def _compile_time(cond: TimeMatch) -> Check:
 
 def _evidence(ctx: _Context, fired: list[tuple[Rule, list[Span]]]) -> tuple[Evidence, ...]:
     out: list[Evidence] = []
+    raws = ctx.raw
     for rule, spans in fired:
-        for field, start, end in dict.fromkeys(spans):  # each span once, first come first
-            raw = ctx.raw.get(field)
+        if len(spans) > 1:
+            spans = list(dict.fromkeys(spans))  # each span once, first come first
+        rule_id = rule.id
+        for field, start, end in spans:
+            raw = raws.get(field)
             if raw is None:
                 raw = field_text(ctx.snapshot, field)
-            out.append(Evidence(rule.id, field, start, end, raw[start:end]))
+            out.append(Evidence(rule_id, field, start, end, raw[start:end]))
     return tuple(out)

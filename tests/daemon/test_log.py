@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,22 @@ def test_values_json_cannot_encode_are_written_as_text() -> None:
     structlog.get_logger("t").info("x", path=Path("/var/lib/corespond"), count=3)
     [line] = json_lines(stream)
     assert (line["path"], line["count"]) == ("/var/lib/corespond", 3)
+
+
+def test_lines_read_as_the_standard_encoder_writes_them() -> None:
+    # The fast encoder (orjson) must give what json.dumps(default=str) gives: ASCII lines with
+    # escapes, times as str() writes them, integers of any size, and text for the rest.
+    stream = configured()
+    when = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
+    logger = structlog.get_logger("t")
+    logger.info("x", reason="caf\u00e9 \u2603", count=2**70, expires=when, path=Path("/a"))
+    logger.info("y", state=("new", 1), seconds=0.5, changed=None)
+    first, second = stream.getvalue().splitlines()
+    assert first.isascii() and "\\u00e9" in first
+    line = json.loads(first)
+    assert (line["reason"], line["count"]) == ("caf\u00e9 \u2603", 2**70)
+    assert (line["expires"], line["path"]) == (str(when), "/a")
+    assert json.loads(second)["state"] == ["new", 1] and json.loads(second)["changed"] is None
 
 
 def test_message_is_allowed_only_on_twisted_events() -> None:

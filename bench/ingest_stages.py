@@ -1,0 +1,202 @@
+"""Where the daemon's CPU time per snapshot goes: the ingest path, stage by stage, one thread.
+
+    taskset -c 1 .venv/bin/python bench/ingest_stages.py [--messages 4000] [--batch 64]
+
+The same EIDO frames as bench/ingest.py (demo incidents, 3-4 KB), through the daemon's own
+code without sockets or threads: parse (EidoFormat.parse), classify (the default rules),
+store (write_batch + durable commit on SQLite WAL synchronous=FULL, ``--batch`` snapshots a
+transaction, as group commit forms them under load), and the whole path through
+:class:`~corespond.daemon.pipeline.Pipeline` (records, Deferreds, metrics, the log line per
+snapshot written as JSON to /dev/null), with the store's writer "thread" run inline every
+``--batch`` submissions. Figures are CPU time (``time.process_time``), best of ``--repeat``,
+per snapshot. What this leaves out against bench/ingest.py: the TCP transport and framing, the
+reactor, and the hand-over between the reactor and the writer thread.
+
+For instruction counts that do not move with the machine's load, run one stage under callgrind
+with instrumentation switched on only for the timed loop (``--callgrind``; instructions per
+snapshot = the total it prints / messages): ``valgrind --tool=callgrind --instr-atstart=no
+.venv/bin/python bench/ingest_stages.py --messages 1000 --repeat 1 --stage pipeline
+--callgrind``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred
+
+from corespond.adapters.eido import EidoFormat
+from corespond.daemon.clock import Clock
+from corespond.daemon.ingest import Origin
+from corespond.daemon.log import configure_logging
+from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
+from corespond.daemon.store.engine import create_store_engine
+from corespond.daemon.store.migrate import upgrade
+from corespond.daemon.store.writer import IncidentStore, SnapshotRecord, write_batch
+from corespond.rules.engine import RuleClassifier
+from corespond.rules.loader import load_ruleset
+
+BENCH = Path(__file__).resolve().parent
+STAGES = ("parse", "classify", "store", "pipeline")
+
+
+class _WallTime:
+    """What the pipeline's clock reads (the reactor's ``seconds``), without a reactor."""
+
+    seconds = staticmethod(time.time)
+
+
+def load_frames(count: int) -> list[bytes]:
+    """bench/ingest.py's messages without STX/ETX (as the deframer hands them on), kept in
+    a cache file: generating them costs more than the stages, and runs compare the same."""
+    cache = Path(tempfile.gettempdir()) / f"corespond-ingest-stages-{count}.bin"
+    if not cache.exists():
+        sys.path.insert(0, str(BENCH))
+        from ingest import messages
+
+        cache.write_bytes(b"".join(messages(count)))
+    return [f[1:] for f in cache.read_bytes().split(b"\x03") if f]
+
+
+def fresh_engine(workdir: Path, n: int) -> Any:
+    url = f"sqlite:///{workdir / f'stages-{n}.db'}"
+    upgrade(url)
+    return create_store_engine(url, sqlite_synchronous="full")
+
+
+class Timer:
+    """Times the loops (``with timer:``), optionally under cProfile or callgrind."""
+
+    def __init__(self, profile: bool, callgrind: bool) -> None:
+        self.profile, self.callgrind = profile, callgrind
+        self.seconds: list[float] = []
+        self._profiler: cProfile.Profile | None = None
+        self._start = 0.0
+
+    def _instrument(self, on: bool) -> None:
+        command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
+        subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
+
+    def __enter__(self) -> None:
+        gc.collect()
+        if self.callgrind:
+            self._instrument(True)
+        if self.profile:
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
+        self._start = time.process_time()
+
+    def __exit__(self, *_: object) -> None:
+        self.seconds.append(time.process_time() - self._start)
+        if self._profiler:
+            self._profiler.disable()
+            pstats.Stats(self._profiler).sort_stats("tottime").print_stats(45)
+            self._profiler = None
+        if self.callgrind:
+            self._instrument(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stage", choices=(*STAGES, "all", "none"), default="all")
+    parser.add_argument("--profile", action="store_true", help="cProfile the timed loops")
+    parser.add_argument("--callgrind", action="store_true", help="see the module's text")
+    args = parser.parse_args()
+    with open(os.devnull, "w") as devnull:
+        configure_logging("info", "json", devnull)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    frames = load_frames(args.messages)
+    fmt = EidoFormat()
+    classifier = RuleClassifier(load_ruleset())
+    stages = STAGES if args.stage == "all" else () if args.stage == "none" else (args.stage,)
+    snaps = [fmt.parse(f) for f in frames] if {"classify", "store"} & set(stages) else []
+    decisions = [classifier.classify(s) for s in snaps]
+    origin = Origin("bench", "127.0.0.1:9")
+    runs = 0
+    with tempfile.TemporaryDirectory(prefix="corespond-stages-") as tmp:
+        workdir = Path(tmp)
+
+        def parse(timer: Timer) -> None:
+            with timer:
+                for f in frames:
+                    fmt.parse(f)
+
+        def classify(timer: Timer) -> None:
+            with timer:
+                for s in snaps:
+                    classifier.classify(s)
+
+        def store(timer: Timer) -> None:
+            nonlocal runs
+            runs += 1
+            engine = fresh_engine(workdir, runs)
+            now = datetime.now(UTC)
+            records = [
+                SnapshotRecord("bench", "bench", "eido", now, f, s, d)
+                for f, s, d in zip(frames, snaps, decisions, strict=True)
+            ]
+            with timer:
+                for i in range(0, len(records), args.batch):
+                    with engine.begin() as conn:
+                        write_batch(conn, records[i : i + args.batch])
+            engine.dispose()
+
+        def pipeline(timer: Timer) -> None:
+            nonlocal runs
+            runs += 1
+            engine = fresh_engine(workdir, runs)
+            queued: list[Callable[[], Any]] = []
+
+            def run_in_thread(fn: Callable[[], Any]) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                queued.append(lambda: d.callback(fn()))
+                return d
+
+            store = IncidentStore(engine, None, run_in_thread=run_in_thread)
+            store.start()
+            metrics = IngestMetrics(CollectorRegistry())
+            pipe = Pipeline(store, classifier, Clock(_WallTime()), metrics)  # type: ignore[arg-type]
+            ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
+            with timer:
+                for i, f in enumerate(frames, start=1):
+                    ingest(f, origin)
+                    if i % args.batch == 0 or i == len(frames):
+                        while queued:  # the writer thread's turn: write, commit, answer
+                            queued.pop(0)()
+            assert pipe.counts.new == len(frames), pipe.counts
+            engine.dispose()
+
+        fns = {"parse": parse, "classify": classify, "store": store, "pipeline": pipeline}
+        per: dict[str, float] = {}
+        for stage in stages:
+            timer = Timer(args.profile, args.callgrind)
+            for _ in range(args.repeat):
+                fns[stage](timer)
+            per[stage] = min(timer.seconds)
+    n = len(frames)
+    print(f"{n} EIDO snapshots, batch {args.batch}, CPU us per snapshot (best of {args.repeat})")
+    for stage in stages:
+        print(f"  {stage:<9} {per[stage] / n * 1e6:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
