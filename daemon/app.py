@@ -181,8 +181,10 @@ class Corespond:
                 run_in_thread=self.store.run_on_writer
                 if self.engine.dialect.name == "sqlite"
                 else None,
+                run_read=self.store.run_read,
             )
             self.pipeline.observers.append(self.paging.observe)
+            self.pipeline.current_observers.append(self.paging.observe_current)
             if pagers is None:
                 metrics = GatewayMetrics(self.registry)
                 self.paging.pagers.update(

@@ -211,6 +211,9 @@ class Pipeline:
         self.metrics = metrics
         self.counts = RunCounts()
         self.observers: list[DecisionObserver] = []
+        # Told of every other new snapshot that became its incident's current state (a location
+        # that arrives later, a reopened call: paging may start a chain then).
+        self.current_observers: list[DecisionObserver] = []
 
     def ingest_for(self, feed: FeedContext) -> Callable[[bytes, Origin], Deferred[list[Outcome]]]:
         """The :data:`corespond.daemon.ingest.IngestFn` for one feed."""
@@ -314,10 +317,13 @@ class Pipeline:
                 if decision.behavioral_health and not (previous and previous.behavioral_health):
                     self.counts.behavioral_health += 1
                 metrics.child(metrics.decision_changes, record.feed).inc()
-                for observer in self.observers:
-                    try:
-                        observer(record, stored)
-                    except Exception:
-                        log.exception("incident.observer.failed", incident_id=stored.external_id)
+                observers = self.observers
+            else:
+                observers = self.current_observers if stored.became_current else []
+            for observer in observers:
+                try:
+                    observer(record, stored)
+                except Exception:
+                    log.exception("incident.observer.failed", incident_id=stored.external_id)
         return Accepted(stored.external_id, stored.snapshot_id, stored.state)
 
