@@ -620,3 +620,57 @@ def test_a_stopped_service_records_the_chain_for_the_next_start(w: World) -> Non
     assert w.rows("SELECT step, state FROM escalation_steps") == [(0, "pending")]
     w.service.start()
     assert w.sent() == [("wctp", "5550101", "C1445-1")]
+
+
+class Held:
+    """A thread pool stand-in that runs each unit of work when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, fn: Callable[[], Any]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.calls.append((fn, done))
+        return done
+
+    def run(self, index: int = 0) -> None:
+        fn, done = self.calls.pop(index)
+        done.callback(fn())
+
+    def drain(self) -> None:
+        while self.calls:
+            self.run()
+
+
+def test_submissions_that_finish_during_a_commit_share_the_next(
+    engine: Engine, roster: Roster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded: list[list[str]] = []
+    real = db.pages_submitted
+
+    def spy(conn: Any, done: Any) -> None:
+        recorded.append(sorted(page.page_ref for page, _, _ in done))
+        real(conn, done)
+
+    monkeypatch.setattr(db, "pages_submitted", spy)
+    reactor = TaskClock()
+    reactor.advance(T.timestamp())
+    held = Held()
+    pagers = {n: RecordingPager(n) for n in ("wctp", "sms", "smtp")}
+    service = PagingService(
+        engine, roster, pagers, reactor, PagingSettings(worker_id="w1"),  # type: ignore[arg-type]
+        run_in_thread=held,
+    )  # fmt: skip
+    service.start()
+    held.drain()  # the start-up pass: nothing due
+    w = World(engine, roster, reactor, pagers, service)  # type: ignore[arg-type]
+    incident(w, Response.POLICE)  # two notices: sms and smtp
+    held.run()  # its one transaction; both notices submitted; the first one's record begins
+    assert recorded == [] and len(held.calls) == 1
+    incident(w, Response.POLICE, incident_id="2026-001446")
+    held.run(1)  # the second call's transaction, while the first record is being committed
+    held.drain()
+    assert recorded == [["C1445-1"], ["C1445-2", "C1446-1", "C1446-2"]]
+    assert w.rows("SELECT DISTINCT delivery FROM pages") == [("submitted",)]
+    assert len(w.sent()) == 4
+    result_of(service.stop())
