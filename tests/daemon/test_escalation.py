@@ -36,6 +36,7 @@ from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.tables import Base, pages, phi_columns
 from corespond.daemon.store.writer import StoredSnapshot, write_batch
 from tests.daemon.store.records import decision, record, snapshot
+from tests.daemon.store.test_store import Threads
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "paging"
 # Monday 9 March 2026, 09:00 CDT: c-101, c-102 (day shift) and s-900 are on call in metro.
@@ -622,26 +623,6 @@ def test_a_stopped_service_records_the_chain_for_the_next_start(w: World) -> Non
     assert w.sent() == [("wctp", "5550101", "C1445-1")]
 
 
-class Held:
-    """A thread pool stand-in that runs each unit of work when the test says so."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, fn: Callable[[], Any]) -> Deferred[Any]:
-        done: Deferred[Any] = Deferred()
-        self.calls.append((fn, done))
-        return done
-
-    def run(self, index: int = 0) -> None:
-        fn, done = self.calls.pop(index)
-        done.callback(fn())
-
-    def drain(self) -> None:
-        while self.calls:
-            self.run()
-
-
 def test_submissions_that_finish_during_a_commit_share_the_next(
     engine: Engine, roster: Roster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -655,21 +636,23 @@ def test_submissions_that_finish_during_a_commit_share_the_next(
     monkeypatch.setattr(db, "pages_submitted", spy)
     reactor = TaskClock()
     reactor.advance(T.timestamp())
-    held = Held()
+    held = Threads()  # each unit of work runs when the test says
     pagers = {n: RecordingPager(n) for n in ("wctp", "sms", "smtp")}
     service = PagingService(
         engine, roster, pagers, reactor, PagingSettings(worker_id="w1"),  # type: ignore[arg-type]
         run_in_thread=held,
     )  # fmt: skip
     service.start()
-    held.drain()  # the start-up pass: nothing due
+    while held.calls:  # the start-up pass: nothing due
+        held.run_next()
     w = World(engine, roster, reactor, pagers, service)  # type: ignore[arg-type]
     incident(w, Response.POLICE)  # two notices: sms and smtp
-    held.run()  # its one transaction; both notices submitted; the first one's record begins
+    held.run_next()  # its one transaction; both notices submitted; the first one's record begins
     assert recorded == [] and len(held.calls) == 1
     incident(w, Response.POLICE, incident_id="2026-001446")
-    held.run(1)  # the second call's transaction, while the first record is being committed
-    held.drain()
+    held.calls.reverse()  # the second call's transaction runs while the first record commits
+    while held.calls:
+        held.run_next()
     assert recorded == [["C1445-1"], ["C1445-2", "C1446-1", "C1446-2"]]
     assert w.rows("SELECT DISTINCT delivery FROM pages") == [("submitted",)]
     assert len(w.sent()) == 4
