@@ -1,6 +1,7 @@
 """Dispatch benchmark: CAD snapshot to page at a local WCTP endpoint, with and without referrals.
 
     .venv/bin/python bench/dispatch.py [--rate 300] [--seconds 30] [--clinicians 500]
+                                        [--no-referrals] [--postgres]
 
 The daemon (the real Corespond app: HTTP feed, rules, SQLite store, paging with a roster of
 ``--clinicians`` clinicians who all have a location fix, the WCTP gateway, referrals) runs in a
@@ -13,7 +14,9 @@ timestamps come from this process's clock:
 - stored: from the snapshot's scheduled send time to the feed's 200 (sent after the commit);
 - page: from the behavioral-health snapshot's scheduled send time to the moment its
   wctp-SubmitRequest has arrived at the endpoint (the snapshot's call type carries a marker
-  that the page text repeats).
+  that the page text repeats);
+- from the feed's 200 to the page: paging's own share (the snapshot is committed when the
+  feed answers; the page may even arrive first: the 200 travels back while paging works).
 
 Three phases, each with a fresh database and daemon, in the same run:
 1. no paging: the same load, a daemon without the paging section (CAD to stored only);
@@ -21,6 +24,10 @@ Three phases, each with a fresh database and daemon, in the same run:
 3. paging + referrals: as 2, while the daemon builds referrals without pause
    (ReferralService.create in a loop: hl7apy build and validation in its thread pool, queued
    and sent to a local MLLP peer, python-hl7's asyncio server in another process).
+
+``--no-referrals`` leaves phase 3 out. ``--postgres`` stores in PostgreSQL instead of SQLite: a
+server of this machine's binaries (Debian ``postgresql``) started for the run in a temporary
+directory, with its durable defaults (fsync, synchronous_commit on), a fresh database per phase.
 
 Latency is measured from the scheduled send time (no coordinated omission). The machine may be
 shared: compare phases of one run, not runs.
@@ -30,17 +37,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import json
+import os
+import pwd
 import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from referrals import PEER, free_port
@@ -55,7 +70,13 @@ MARK = re.compile(rb"BENCH(\d{7})")
 
 
 def write_config(
-    tmp: Path, *, paging: bool, wctp_port: int, mllp_port: int, clinicians: int
+    tmp: Path,
+    *,
+    paging: bool,
+    wctp_port: int,
+    mllp_port: int,
+    clinicians: int,
+    store_url: str | None = None,
 ) -> Path:
     (tmp / "feed.token").write_text(FEED_TOKEN + "\n")
     west, south, east, north = ZONE
@@ -86,7 +107,7 @@ def write_config(
     config.write_text(
         f"state_dir: {tmp / 'state'}\n"
         "logging: {level: warning, format: json}\n"
-        f"store: {{url: 'sqlite:///{tmp / 'bench.db'}'}}\n"
+        f"store: {{url: '{store_url or 'sqlite:///' + str(tmp / 'bench.db')}'}}\n"
         "feeds:\n  cad:\n    format: jsonl\n"
         "    transport: {type: http, listen: {host: 127.0.0.1, port: 0}, path: /feeds/cad,\n"
         f"                token_file: {tmp / 'feed.token'}}}\n"
@@ -162,6 +183,7 @@ class Phase:
     name: str
     stored: list[float] = field(default_factory=list)
     page: list[float] = field(default_factory=list)
+    after_ack: list[float] = field(default_factory=list)
     sent_bh: int = 0
     referrals: int = 0
     seconds: float = 0.0
@@ -246,11 +268,15 @@ async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, ph
     head = (f"POST /feeds/cad HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {FEED_TOKEN}"
             "\r\nContent-Type: application/json\r\n").encode()  # fmt: skip
 
-    async def one(at: float, body: bytes) -> None:
+    acked: dict[int, float] = {}
+
+    async def one(at: float, body: bytes, marker: int | None) -> None:
         reader, writer = await pool.get()
         writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         status, _ = await read_http(reader)
         phase.stored.append(time.perf_counter() - at)
+        if marker is not None:
+            acked[marker] = time.perf_counter()
         assert status.startswith(b"HTTP/1.1 200"), status
         pool.put_nowait((reader, writer))
 
@@ -263,7 +289,7 @@ async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, ph
             await asyncio.sleep(delay)  # pacing the load generator, not waiting for a result
         if marker is not None:
             scheduled[marker] = at
-        tasks.append(asyncio.create_task(one(at, body)))
+        tasks.append(asyncio.create_task(one(at, body, marker)))
     await asyncio.gather(*tasks)
     phase.seconds = time.perf_counter() - start
     phase.sent_bh = len(scheduled)
@@ -271,18 +297,66 @@ async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, ph
     while len(endpoint.arrived) < len(scheduled) and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)  # the last pages are still on their way
     phase.page = [endpoint.arrived[m] - at for m, at in scheduled.items() if m in endpoint.arrived]
+    # Paging's own share: from the feed's answer (the snapshot committed) to the page.
+    phase.after_ack = [endpoint.arrived[m] - acked[m] for m in acked if m in endpoint.arrived]
     while not pool.empty():
         pool.get_nowait()[1].close()
 
 
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for the run (durable settings); yields its URL without a database."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if not found:
+        raise SystemExit("--postgres needs the PostgreSQL server binaries (Debian postgresql)")
+    bindir = Path(found[0]).parent
+    root = Path(tempfile.mkdtemp(prefix="corespond-bench-pg-"))
+    run_as: dict[str, Any] = {}
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, LC_ALL="C", HOME=str(root))
+    data = root / "data"
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, env=env, **run_as)
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "corespond", "--auth=trust", "-E", "UTF8")
+    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root}"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options, "-w",
+        "start")  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://corespond@127.0.0.1:{port}"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(server: str, name: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{server}/{name}"
+
+
 async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_port: int,
-                    endpoint: WctpEndpoint, seed: int) -> Phase:  # fmt: skip
+                    endpoint: WctpEndpoint, seed: int, pg: str | None) -> Phase:  # fmt: skip
     phase = Phase(name)
     endpoint.arrived.clear()
     load = snapshots(int(args.rate * args.seconds), 0.05, seed)
     with tempfile.TemporaryDirectory() as tmp:
+        url = fresh_database(pg, f"bench_{seed}") if pg else None
         config = write_config(Path(tmp), paging=name != "no paging", wctp_port=wctp_port,
-                              mllp_port=mllp_port, clinicians=args.clinicians)  # fmt: skip
+                              mllp_port=mllp_port, clinicians=args.clinicians,
+                              store_url=url)  # fmt: skip
         migrate = [sys.executable, "-m", "corespond.daemon.cli", "db", "upgrade", "-c", str(config)]
         subprocess.run(migrate, check=True, capture_output=True)
         child = await asyncio.create_subprocess_exec(
@@ -327,11 +401,15 @@ async def bench(args: argparse.Namespace) -> list[Phase]:
         script.write_text(PEER)
         peer = subprocess.Popen([sys.executable, str(script), str(mllp_port)],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        names = ["no paging", "paging"] + ([] if args.no_referrals else ["paging + referrals"])
         try:
             assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
             phases = []
-            for seed, name in enumerate(("no paging", "paging", "paging + referrals")):
-                phases.append(await run_phase(name, args, wctp_port, mllp_port, endpoint, seed))
+            with postgres_server() if args.postgres else contextlib.nullcontext() as pg:
+                for seed, name in enumerate(names):
+                    phases.append(
+                        await run_phase(name, args, wctp_port, mllp_port, endpoint, seed, pg)
+                    )
         finally:
             peer.terminate()
             peer.wait()
@@ -344,6 +422,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--clinicians", type=int, default=500)
+    parser.add_argument("--no-referrals", action="store_true", help="leave phase 3 out")
+    parser.add_argument("--postgres", action="store_true", help="store in PostgreSQL")
     parser.add_argument("--daemon", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--referral-load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -352,7 +432,8 @@ def main() -> None:
         return
     phases = asyncio.run(bench(args))
     print(f"load: {args.rate:.0f} snapshots/s for {args.seconds:.0f} s, 5% behavioral-health, "
-          f"roster of {args.clinicians} clinicians (all with a fix), SQLite")  # fmt: skip
+          f"roster of {args.clinicians} clinicians (all with a fix), "
+          f"{'PostgreSQL' if args.postgres else 'SQLite'}")  # fmt: skip
     print(f"{'phase':<20} {'stored p50':>10} {'p99':>8} {'page p50':>9} {'p99':>8} "
           f"{'max':>8} {'pages':>9} {'referrals/s':>11}")  # fmt: skip
     for p in phases:
@@ -363,11 +444,15 @@ def main() -> None:
                     f"{max(p.page) * 1000:>8.1f}")  # fmt: skip
         print(f"{p.name:<20} {pct(p.stored, 0.5):>10.1f} {pct(p.stored, 0.99):>8.1f} {page} "
               f"{pages:>9} {p.referrals / p.seconds:>11.1f}")  # fmt: skip
-    base, loaded = phases[1], phases[2]
-    if base.page and loaded.page:
+    base, loaded = phases[1], phases[-1]
+    if loaded is not base and base.page and loaded.page:
         added = pct(loaded.page, 0.99) - pct(base.page, 0.99)
         print(f"referral building adds {added:+.1f} ms to page p99 "
               f"(p50 {pct(loaded.page, 0.5) - pct(base.page, 0.5):+.1f} ms)")  # fmt: skip
+    for p in phases:
+        if p.after_ack:
+            print(f"{p.name}: from the feed's 200 to the page p50 {pct(p.after_ack, 0.5):.1f}, "
+                  f"p99 {pct(p.after_ack, 0.99):.1f}")  # fmt: skip
     print("all figures in milliseconds")
 
 

@@ -188,8 +188,10 @@ class Corespond:
                 run_in_thread=self.store.run_on_writer
                 if self.engine.dialect.name == "sqlite"
                 else None,
+                run_read=self.store.run_read,
             )
             self.pipeline.observers.append(self.paging.observe)
+            self.pipeline.current_observers.append(self.paging.observe_current)
             # AVL from the CAD feeds: EIDO unit positions become clinicians' fixes.
             from corespond.daemon.unit_locations import EidoUnitLocations
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from corespond.daemon.responders import Availability
 
@@ -46,9 +46,10 @@ class Fix:
     fixed_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class CandidateState:
-    """What the store knows of one clinician when a page step runs."""
+class CandidateState(NamedTuple):
+    """What the store knows of one clinician when a page step runs. (Named tuples: a step
+    builds one per clinician of the roster, and a frozen dataclass costs three times as much
+    to build, 4 ms for 500.)"""
 
     clinician_id: str
     program: str
@@ -61,8 +62,7 @@ class CandidateState:
     recent_pages: int
 
 
-@dataclass(frozen=True, slots=True)
-class Considered:
+class Considered(NamedTuple):
     clinician_id: str
     rejected: Rejection | None  # None: eligible
     distance_km: float | None = None
@@ -155,18 +155,26 @@ def choose(
     eligible: list[Considered] = []
     rejected: list[Considered] = []
     seen: set[str] = set()
+    # great_circle_km from the incident, its point's terms computed once (same arithmetic).
+    lat0, lon0 = point
+    p1 = math.radians(lat0)
+    cos1 = math.cos(p1)
+    radians, sin, cos, asin, sqrt = math.radians, math.sin, math.cos, math.asin, math.sqrt
     for state in states:
-        if state.clinician_id in seen:
-            raise ValueError(f"clinician {state.clinician_id!r} is listed twice")
-        seen.add(state.clinician_id)
+        cid = state.clinician_id
+        if cid in seen:
+            raise ValueError(f"clinician {cid!r} is listed twice")
+        seen.add(cid)
         reason = rejection(state, covering_set, now, max_fix_age)
-        distance = (
-            great_circle_km(point[0], point[1], state.fix.lat, state.fix.lon)
-            if state.fix is not None
-            else None
-        )
-        eta = etas.get(state.clinician_id) if etas and reason is None else None
-        considered = Considered(state.clinician_id, reason, distance, eta, state.recent_pages)
+        fix = state.fix
+        distance = None
+        if fix is not None:
+            p2 = radians(fix.lat)
+            dp, dl = p2 - p1, radians(fix.lon - lon0)
+            a = sin(dp / 2) ** 2 + cos1 * cos(p2) * sin(dl / 2) ** 2
+            distance = 2 * EARTH_RADIUS_KM * asin(min(1.0, sqrt(a)))
+        eta = etas.get(cid) if etas and reason is None else None
+        considered = Considered(cid, reason, distance, eta, state.recent_pages)
         (rejected if reason is not None else eligible).append(considered)
     eligible.sort(key=tie_key)
     rejected.sort(key=lambda c: c.clinician_id)

@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 
 from corespond.daemon.clock import Clock
 from corespond.daemon.decision import Response
-from corespond.daemon.dispatcher import choose
+from corespond.daemon.dispatcher import Fix, choose
 from corespond.daemon.log import error_text
 from corespond.daemon.pager import (
     DeliveryReceipt,
@@ -55,6 +55,7 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 RunInThread = Callable[[Callable[[], Any]], Deferred[Any]]
+RunRead = Callable[[Callable[[Connection], Any]], Deferred[Any]]
 
 
 class EtaSource(Protocol):
@@ -89,6 +90,22 @@ def page_text(kind: str, ref: str, facts: db.IncidentFacts, program: str) -> str
     return f"{ref} no co-responder clinician available ({program}): {where}"
 
 
+# How old the positions kept in memory may be before a step reads them again. Another daemon's
+# fixes (PostgreSQL) are seen after at most this; this one's own at once.
+POSITIONS_REFRESH = timedelta(seconds=1)
+# Older than this (an idle spell), a step reads the positions in its own transaction instead.
+POSITIONS_MAX_AGE = timedelta(seconds=5)
+
+
+@dataclass(frozen=True, slots=True)
+class EtaQuestion:
+    """What a page step asks the routing service: drive times from these clinicians."""
+
+    point: tuple[float, float]
+    clinicians: list[str]
+    origins: list[tuple[float, float]]
+
+
 class PagingService:
     """The escalation worker, the page outbox, and the desks the outside world answers to."""
 
@@ -103,6 +120,7 @@ class PagingService:
         eta_source: EtaSource | None = None,
         link_for: Callable[[str, str], str] | None = None,
         run_in_thread: RunInThread | None = None,
+        run_read: RunRead | None = None,
     ) -> None:
         self.engine = engine
         self.roster = roster
@@ -118,7 +136,18 @@ class PagingService:
         self._run: RunInThread = run_in_thread or (
             lambda fn: deferToThreadPool(reactor, self._pool, fn)
         )
+        # A read-only look off the writer (the store's readers); default: a transaction here.
+        self._read: RunRead = run_read or self._tx
         self._timer: IDelayedCall | None = None
+        self._wanted: datetime | None = None  # a due time learnt while a pass was running
+        self._work: set[Deferred[Any]] = set()  # chain starts and their deliveries in flight
+        self._submitted: list[tuple[db.ClaimedPage, str | None, datetime, Deferred[None]]] = []
+        self._recording = False
+        # Every clinician's latest fix and when it was read: 500 rows are about 10 ms to read
+        # and convert, too much for each page; refreshed in the background (see _positions).
+        self._fixes: Mapping[str, Fix] = {}
+        self._fixes_at: datetime | None = None
+        self._fixes_loading = False
         self._passing = False
         self._again = False
         self._running = False
@@ -147,12 +176,50 @@ class PagingService:
         return self.idle().addCallback(stopped)
 
     def idle(self) -> Deferred[None]:
-        """Fires when no pass is running (tests and shutdown wait on it)."""
-        if not self._passing:
+        """Fires when no pass, chain start, delivery or recording is running (tests and
+        shutdown wait on it)."""
+        if self._quiet():
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._idle.append(waiter)
         return waiter
+
+    def _quiet(self) -> bool:
+        return not self._passing and not self._work and not self._recording
+
+    def _release_idle(self) -> None:
+        if self._quiet():
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _track(self, work: Deferred[T]) -> Deferred[T]:
+        """Count ``work`` as running until it ends (:meth:`idle` waits for it)."""
+        if work.called:
+            return work
+        self._work.add(work)
+
+        def ended(result: T) -> T:
+            self._work.discard(work)
+            self._release_idle()
+            return result
+
+        return work.addBoth(ended)
+
+    def _wake_at(self, due: datetime) -> None:
+        """Make sure a pass runs by ``due`` (a step or lease the fast path created)."""
+        if not self._running:
+            return
+        if self._passing:
+            self._wanted = due if self._wanted is None else min(self._wanted, due)
+            return
+        delay = max(0.0, (due - self.clock.now()).total_seconds())
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self._reactor.seconds() + delay:
+                return
+            timer.cancel()
+        self._timer = self.clock.call_later(delay, self.wake)
 
     def reconfigure(self, roster: Roster, settings: PagingSettings) -> None:
         """A reloaded roster and settings, from the next step on (this worker keeps its name
@@ -183,14 +250,40 @@ class PagingService:
 
     def _pass_done(self, delay: float | None) -> None:
         self._passing = False
+        wanted, self._wanted = self._wanted, None
+        if wanted is not None:  # a chain started during the pass, after it read next_due
+            soon = (wanted - self.clock.now()).total_seconds()
+            delay = soon if delay is None else min(delay, soon)
         if self._again:
             self.wake()
         elif self._running and delay is not None:
             self._timer = self.clock.call_later(max(0.0, delay), self.wake)
-        if not self._passing:
-            waiters, self._idle = self._idle, []
-            for waiter in waiters:
-                waiter.callback(None)
+        self._release_idle()
+
+    def _positions(self) -> Mapping[str, Fix] | None:
+        """The latest fixes for a step about to run: those in memory while younger than
+        :data:`POSITIONS_MAX_AGE` (read again in the background once older than
+        :data:`POSITIONS_REFRESH`), else None: the step reads them in its transaction."""
+        now = self.clock.now()
+        at = self._fixes_at
+        if (at is None or now - at >= POSITIONS_REFRESH) and not self._fixes_loading:
+            self._fixes_loading = True
+            self._track(self._read(db.latest_fixes).addBoth(self._positions_read, now))
+        at = self._fixes_at  # (a synchronous read has just set it)
+        if at is None or now - at >= POSITIONS_MAX_AGE:
+            return None
+        return self._fixes
+
+    def _positions_read(self, result: dict[str, Fix] | Failure, at: datetime) -> None:
+        self._fixes_loading = False
+        if isinstance(result, Failure):
+            log.warning("escalation.positions.unread", error=error_text(result))
+            return
+        for cid, fix in self._fixes.items():  # a fix recorded here while the read ran
+            known = result.get(cid)
+            if known is None or known.fixed_at < fix.fixed_at:
+                result[cid] = fix
+        self._fixes, self._fixes_at = result, at
 
     def _tx(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         def work() -> T:
@@ -204,17 +297,7 @@ class PagingService:
     async def _run_pass(self) -> float | None:
         s = self.settings
         while True:
-            steps = await self._tx(
-                partial(
-                    db.claim_due_steps,
-                    now=self.clock.now(),
-                    worker=self.worker,
-                    lease=s.lease,
-                    limit=s.batch,
-                )
-            )
-            for step in steps:
-                await self._run_step(step)
+            steps, created = await self._run_due_steps()
             claimed = await self._tx(
                 partial(
                     db.claim_due_pages,
@@ -224,8 +307,8 @@ class PagingService:
                     limit=s.batch,
                 )
             )
-            if claimed:
-                deliveries = [Deferred.fromCoroutine(self._deliver(p)) for p in claimed]
+            deliveries = [Deferred.fromCoroutine(self._deliver(p)) for p in created + claimed]
+            if deliveries:
                 await gatherResults(deliveries, consumeErrors=True)
             if not steps and not claimed:
                 break  # a step may have made pages due, a failure the next endpoint: again
@@ -234,18 +317,50 @@ class PagingService:
             return None
         return (due - self.clock.now()).total_seconds()
 
+    async def _run_due_steps(self) -> tuple[int, list[db.ClaimedPage]]:
+        """Run the due steps: how many, and the pages they created (claimed by this worker)."""
+        s = self.settings
+        now = self.clock.now()
+        fixes = self._positions()
+
+        def gather(conn: Connection) -> list[db.StepWork]:
+            return db.claim_and_gather_steps(
+                conn, now, self.worker, s.lease, s.batch, self.roster, s.recent_window, fixes
+            )
+
+        if self.eta_source is None:
+            # Claim, gather, choose and finish every due step in one transaction.
+            finished = await self._tx(
+                lambda c: db.finish_steps(
+                    c, gather(c), lambda w: self._decide(w, None, now), self.worker, now, s.lease
+                )
+            )
+        else:  # ask the routing service between two transactions
+            questions = await self._tx(
+                lambda c: [(w, self._closest(w, now)) for w in gather(c)]
+            )
+            etas = {w.step.step_id: await self._etas(q) for w, q in questions}
+            finished = await self._tx(
+                lambda c: db.finish_steps(
+                    c, [w for w, _ in questions],
+                    lambda w: self._decide(w, etas[w.step.step_id], now), self.worker, now,
+                    s.lease,
+                )
+            )  # fmt: skip
+        created: list[db.ClaimedPage] = []
+        for work, result, done in finished:
+            self._step_done(work, result, done)
+            created.extend(done.pages if done is not None else ())
+        return len(finished), created
+
     def _pass(self) -> Deferred[float | None]:
         return Deferred.fromCoroutine(self._run_pass())
 
-    async def _run_step(self, step: db.ClaimedStep) -> None:
-        now = self.clock.now()
-        work = await self._tx(
-            lambda c: db.gather_step(c, step, self.roster, now, self.settings.recent_window)
-        )
-        etas = await self._etas(work, now)
-        result = self._decide(work, etas, now)
-        refs = await self._tx(lambda c: db.finish_step(c, work, result, self.worker, now))
-        if refs is None:
+    def _step_done(
+        self, work: db.StepWork, result: db.StepOutcome, done: db.FinishedStep | None
+    ) -> None:
+        step = work.step
+        if done is None:
             log.warning("escalation.step.lost", chain_id=step.chain_id, step=step.step)
             return
         chosen = result.dispatch.get("chosen") if result.dispatch else None
@@ -257,11 +372,14 @@ class PagingService:
             outcome=result.outcome,
             incident_pk=work.incident.incident_pk,
             clinician_id=chosen,
-            pages=refs,
+            pages=[p.page_ref for p in done.pages],
             program=work.program,
         )
 
-    async def _etas(self, work: db.StepWork, now: datetime) -> dict[str, float | None] | None:
+    def _closest(self, work: db.StepWork, now: datetime) -> EtaQuestion | None:
+        """Whom to ask the routing service about for a page step: the closest few eligible
+        by distance (None: no service, or fewer than two to reorder). A scan of the whole
+        roster: it runs with the step's transaction, off the reactor."""
         facts = work.incident
         if self.eta_source is None or not work.candidates or facts.lat is None or facts.lon is None:
             return None
@@ -269,25 +387,31 @@ class PagingService:
         program_ids = {p.id for p in self.roster.programs_covering(*point)}
         first = choose(point, program_ids, work.candidates, now, self.settings.max_fix_age)
         closest = first.eligible[: self.settings.eta_candidates]
+        if len(closest) < 2:
+            return None  # nothing to reorder
         fixes = {c.clinician_id: c.fix for c in work.candidates}
         origins = []
         for c in closest:
             fix = fixes[c.clinician_id]
             assert fix is not None  # eligible ones have a fix
             origins.append((fix.lat, fix.lon))
-        if len(closest) < 2:
-            return None  # nothing to reorder
+        return EtaQuestion(point, [c.clinician_id for c in closest], origins)
+
+    async def _etas(self, question: EtaQuestion | None) -> dict[str, float | None] | None:
+        """The routing service's drive times for ``question`` (None: no answer in time)."""
+        if question is None or self.eta_source is None:
+            return None
         try:
-            asked = self.eta_source.eta_seconds(origins, point)
+            asked = self.eta_source.eta_seconds(question.origins, question.point)
             asked.addTimeout(self.settings.eta_timeout_seconds, self._reactor)
             times = await asked
         except Exception as err:
             log.warning("escalation.eta.unavailable", error=error_text(Failure(err)))
             return None
-        if len(times) != len(closest):
+        if len(times) != len(question.clinicians):
             log.warning("escalation.eta.unavailable", error="wrong number of times")
             return None
-        return {c.clinician_id: t for c, t in zip(closest, times, strict=True)}
+        return dict(zip(question.clinicians, times, strict=True))
 
     def _decide(
         self, work: db.StepWork, etas: dict[str, float | None] | None, now: datetime
@@ -383,48 +507,60 @@ class PagingService:
                 error=code,
                 outcome="undeliverable" if exhausted else "next-endpoint",
             )
+            self.wake()  # the next endpoint, or the chain's next step, is due now
             return
-        now = self.clock.now()
-        await self._tx(lambda c: db.page_submitted(c, page, submitted.gateway_id, now))
+        recorded: Deferred[None] = Deferred()
+        self._submitted.append((page, submitted.gateway_id, self.clock.now(), recorded))
+        self._record_submissions()
+        await recorded
         log.info("page.sent", page_ref=page.page_ref, gateway=page.gateway, kind=page.kind)
+
+    def _record_submissions(self) -> None:
+        """Commit the submissions waiting, in one transaction; those that arrive meanwhile go
+        in the next. Until its commit a submitted page stays claimed: a daemon that dies first
+        sends it again, with the same message id, after the lease (as before grouping)."""
+        if self._recording or not self._submitted:
+            return
+        batch, self._submitted = self._submitted, []
+        self._recording = True
+        rows = [(page, gateway_id, at) for page, gateway_id, at, _ in batch]
+
+        def done(result: object) -> None:
+            self._recording = False
+            for *_, waiter in batch:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            self._record_submissions()
+            self._release_idle()
+
+        self._tx(lambda c: db.pages_submitted(c, rows)).addBoth(done)
 
     # --- the pipeline's observer ------------------------------------------------------------
 
     def observe(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
-        """A decision changed: start a chain when it calls for one (never raises)."""
-        response = record.decision.response
-        snap = record.snapshot
-        if response is Response.NONE or snap.status is not IncidentStatus.ACTIVE:
-            return
-        point = snap.location.point if snap.location else None
-        programs = self.roster.programs_covering(point.lat, point.lon) if point else []
-        if not programs:
-            log.warning(
-                "escalation.no_program", incident_id=stored.external_id, response=response.value
-            )
-            return
-        program = programs[0]
-        if response is Response.POLICE:
-            steps = [{"action": "supervisor", "wait_minutes": 0.0}]
-            kind = "notify"
-        else:
-            steps = [s.as_json() for s in program.escalation]
-            kind = "dispatch"
-        chain = db.NewChain(stored.incident_pk, kind, program.id, response.value, steps)
-        now = self.clock.now()
+        """A decision changed: start the chain the incident now calls for, or end its wait for
+        one (never raises). Decision changes are few: no first look on a reader."""
+        previous = stored.previous_decision
+        if record.decision.response is Response.NONE and (
+            previous is None or previous.response is Response.NONE
+        ):
+            return  # it never called for a chain: there is no wait to end
+        self._open_chain(stored)
 
-        def started(chain_id: int | None) -> None:
-            if chain_id is None:
-                return
-            log.info(
-                "escalation.chain.started",
-                chain_id=chain_id,
-                incident_id=stored.external_id,
-                program=program.id,
-                response=response.value,
-                kind=kind,
-            )
-            self.wake()
+    def observe_current(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
+        """A snapshot became an incident's current state without changing its decision: a call
+        with no chain may have become eligible (its location arrived, it was reopened), or a
+        waiting one closed. Most snapshots call for nobody and cost nothing here; the others
+        take a look on a reader first, and the writer only when it may start or end something
+        (never raises)."""
+        if record.decision.response is Response.NONE:
+            return
+
+        def looked(maybe: bool) -> None:
+            if maybe:
+                self._open_chain(stored)
 
         def failed(failure: Failure) -> None:
             log.error(
@@ -433,7 +569,92 @@ class PagingService:
                 error=error_text(failure),
             )
 
-        self._tx(lambda c: db.start_chain(c, chain, now)).addCallbacks(started, failed)
+        self._track(
+            self._read(lambda c: db.may_need_chain(c, stored.incident_pk)).addCallbacks(
+                looked, failed
+            )
+        )
+
+    def _open_chain(self, stored: StoredSnapshot) -> None:
+        """Start the incident's chain and, when the worker runs, its first step in the same
+        transaction: choose, create the pages claimed by this worker, and submit them as soon
+        as it commits, without a timer or a claiming round trip (one commit from a snapshot to
+        a page). With a routing service, the drive times are asked between two transactions."""
+        now = self.clock.now()
+        s = self.settings
+        running = self._running
+        fast = running and self.eta_source is None
+        fixes = self._positions() if running else None
+
+        def work(conn: Connection) -> tuple[db.OpenedChain, Any]:
+            opened = db.open_chain(
+                conn, stored.incident_pk, self.roster, now,
+                worker=self.worker if running else None, lease=s.lease if running else None,
+            )  # fmt: skip
+            if opened.first is None:
+                return opened, None
+            gathered = db.gather_step(
+                conn, opened.first, self.roster, now, s.recent_window, fixes
+            )
+            if not fast:
+                return opened, (gathered, self._closest(gathered, now))
+            result = self._decide(gathered, None, now)
+            done = db.finish_step_and_claim(conn, gathered, result, self.worker, now, s.lease)
+            return opened, (gathered, result, done)
+
+        async def run() -> None:
+            opened, after = await self._tx(work)
+            if opened.chain is None:
+                if opened.waiting:
+                    log.info(
+                        "escalation.chain.waiting",
+                        incident_id=stored.external_id,
+                        reason=opened.reason,
+                    )
+                return
+            log.info(
+                "escalation.chain.started",
+                chain_id=opened.chain_id,
+                incident_id=stored.external_id,
+                program=opened.chain.program,
+                response=opened.chain.response,
+                kind=opened.chain.kind,
+            )
+            if after is None:
+                self.wake()  # not running: start() picks the step up
+                return
+            if not fast:  # ask the routing service, then finish as a pass would
+                gathered, question = after
+                etas = await self._etas(question)
+
+                def finish(conn: Connection) -> Any:
+                    result = self._decide(gathered, etas, now)
+                    done = db.finish_step_and_claim(
+                        conn, gathered, result, self.worker, now, s.lease
+                    )
+                    return gathered, result, done
+
+                after = await self._tx(finish)
+            gathered, result, done = after
+            self._step_done(gathered, result, done)
+            if done is None:
+                return
+            if done.next_due is not None:
+                self._wake_at(done.next_due)
+            if done.pages:
+                self._wake_at(now + s.lease)  # a delivery that never ends is claimed again
+                deliveries = [Deferred.fromCoroutine(self._deliver(p)) for p in done.pages]
+                await gatherResults(deliveries, consumeErrors=True)
+
+        def failed(failure: Failure) -> None:
+            log.error(
+                "escalation.chain.not_started",
+                incident_id=stored.external_id,
+                error=error_text(failure),
+            )
+            self.wake()  # whatever was committed is due: a pass takes it
+
+        self._track(Deferred.fromCoroutine(run()).addErrback(failed))
 
     # --- PagerEvents --------------------------------------------------------------------------
 
@@ -540,7 +761,14 @@ class PagingService:
         if fix.clinician_id not in self.roster.clinicians:
             return fail(DeskRefusal("unknown-clinician", "no such clinician in the roster"))
         now = self.clock.now()
-        return self._tx(lambda c: db.write_fix(c, fix, now))
+
+        def written(_: None) -> None:
+            known = self._fixes.get(fix.clinician_id)
+            if known is None or known.fixed_at < fix.fixed_at:  # copied: steps read it
+                point = Fix(fix.latitude, fix.longitude, fix.fixed_at)
+                self._fixes = {**self._fixes, fix.clinician_id: point}
+
+        return self._tx(lambda c: db.write_fix(c, fix, now)).addCallback(written)
 
     def set_availability(self, clinician_id: str, state: Availability, via: str) -> Deferred[None]:
         if clinician_id not in self.roster.clinicians:

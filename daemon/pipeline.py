@@ -209,6 +209,9 @@ class Pipeline:
         self.observers: list[DecisionObserver] = []
         # Called for every new snapshot (not only decision changes), after its commit.
         self.snapshot_observers: list[DecisionObserver] = []
+        # Told of every other new snapshot that became its incident's current state (a location
+        # that arrives later, a reopened call: paging may start a chain then).
+        self.current_observers: list[DecisionObserver] = []
 
     def ingest_for(self, feed: FeedContext) -> Callable[[bytes, Origin], Deferred[list[Outcome]]]:
         """The :data:`corespond.daemon.ingest.IngestFn` for one feed."""
@@ -332,6 +335,8 @@ class Pipeline:
                     self.counts.behavioral_health += 1
                 metrics.child(metrics.decision_changes, record.feed).inc()
                 self._tell(self.observers, record, stored)
+            elif stored.became_current and self.current_observers:
+                self._tell(self.current_observers, record, stored)
             if self.snapshot_observers:
                 self._tell(self.snapshot_observers, record, stored)
         return Accepted(stored.external_id, stored.snapshot_id, stored.state)

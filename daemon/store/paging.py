@@ -9,18 +9,19 @@ the same transaction under the unique (chain, step) constraint: a step never run
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 
 from corespond.daemon.dispatcher import CandidateState, Fix
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, LocationFix, PageView
 from corespond.daemon.roster import Roster
 from corespond.daemon.store.tables import (
+    chain_waits,
     clinician_states,
     escalation_chains,
     escalation_steps,
@@ -34,6 +35,8 @@ from corespond.daemon.store.tables import (
 OPEN = "open"
 ACTIVE_PAGE_STATES = ("accepted", "en_route", "on_scene")  # a clinician who took the call
 TERMINAL_CHAIN_STATES = ("accepted", "exhausted", "cancelled")
+# The chain kind each decision's response starts (``none`` starts nothing).
+CHAIN_KINDS = {"clinician": "dispatch", "co-response": "dispatch", "police": "notify"}
 
 
 def _for_update(conn: Connection, stmt: Any) -> Any:
@@ -54,30 +57,68 @@ class NewChain:
     steps: list[dict[str, Any]]
 
 
-def start_chain(conn: Connection, chain: NewChain, now: datetime) -> int | None:
-    """The new chain's id; None when the incident is closed, or already has an open chain of
-    this kind or an accepted clinician."""
-    # The incident's row lock serializes chain starts per incident across daemons sharing one
-    # PostgreSQL (two decision changes at once must not start two chains); SQLite's
-    # transaction already holds the write lock.
-    status = conn.execute(
-        select(incidents.c.status)
-        .where(incidents.c.id == chain.incident_pk)
+def _lock_incident(conn: Connection, incident_pk: int) -> Any:
+    """The incident's status, response and point, and whether it waits for a chain, under its
+    row lock: the lock serializes chain starts per incident across daemons sharing one
+    PostgreSQL (two snapshots at once must not start two chains); SQLite's transaction already
+    holds the write lock."""
+    i, w = incidents.c, chain_waits.c
+    return conn.execute(
+        select(i.status, i.response, i.lat, i.lon, w.reason.label("waiting"))
+        .select_from(incidents.outerjoin(chain_waits, w.incident_pk == i.id))
+        .where(i.id == incident_pk)
         .with_for_update(of=incidents)
-    ).scalar_one_or_none()
-    if status != "active":
-        return None
-    existing = conn.execute(
-        select(escalation_chains.c.id).where(
-            escalation_chains.c.incident_pk == chain.incident_pk,
+    ).one_or_none()
+
+
+def _blocking_chain(conn: Connection, incident_pk: int, kind: str) -> bool:
+    """True when the incident must not get a new chain of ``kind``: one is open, one of this
+    kind was exhausted (everyone it could reach was paged: never again), or a clinician took
+    the call. A chain cancelled because the call closed does not block: a reopened call
+    starts again."""
+    c = escalation_chains.c
+    found = conn.execute(
+        select(c.id).where(
+            c.incident_pk == incident_pk,
             or_(
-                and_(escalation_chains.c.kind == chain.kind, escalation_chains.c.state == OPEN),
-                escalation_chains.c.state == "accepted",
+                and_(c.kind == kind, c.state.in_((OPEN, "exhausted"))),
+                c.state == "accepted",
             ),
         )
     ).first()
-    if existing is not None:
+    return found is not None
+
+
+def start_chain(
+    conn: Connection,
+    chain: NewChain,
+    now: datetime,
+    *,
+    worker: str | None = None,
+    lease: timedelta | None = None,
+) -> int | None:
+    """The new chain's id; None when the incident is closed, or already has an open or
+    exhausted chain of this kind, or an accepted clinician. With ``worker`` (and ``lease``),
+    the first step is inserted already claimed by that worker, to be run in this transaction
+    or right after it."""
+    row = _lock_incident(conn, chain.incident_pk)
+    if row is None or row.status != "active":
         return None
+    if _blocking_chain(conn, chain.incident_pk, chain.kind):
+        return None
+    claim = (worker, now + lease) if worker is not None and lease is not None else None
+    return _create_chain(conn, chain, now, claim, row.waiting is not None)[0]
+
+
+def _create_chain(
+    conn: Connection,
+    chain: NewChain,
+    now: datetime,
+    claim: tuple[str, datetime] | None,
+    waited: bool,
+) -> tuple[int, int]:
+    """Insert the chain and its first step (claimed with ``claim``); end its wait. The ids of
+    the chain and of the step."""
     chain_id = conn.execute(
         insert(escalation_chains).returning(escalation_chains.c.id),
         dict(
@@ -91,15 +132,121 @@ def start_chain(conn: Connection, chain: NewChain, now: datetime) -> int | None:
             pages_sent=0,
         ),
     ).scalar_one()
-    _insert_step(conn, chain_id, 0, chain.steps[0]["action"], now)
-    return int(chain_id)
+    step_id = _insert_step(conn, chain_id, 0, chain.steps[0]["action"], now, claim)
+    if waited:
+        conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == chain.incident_pk))
+    return int(chain_id), step_id
 
 
-def _insert_step(conn: Connection, chain_id: int, step: int, action: str, due: datetime) -> None:
-    conn.execute(
-        insert(escalation_steps),
-        dict(chain_id=chain_id, step=step, action=action, due_at=due, state="pending"),
+@dataclass(frozen=True, slots=True)
+class OpenedChain:
+    """What :func:`open_chain` did: a chain started (its id and first step, claimed), or why
+    not (``waiting``: recorded in ``chain_waits`` until a snapshot gives a covered location)."""
+
+    chain: NewChain | None
+    chain_id: int | None
+    first: ClaimedStep | None
+    reason: str  # started, not-active, no-response, has-chain, no-location, out-of-zone
+    waiting: bool = False
+
+
+def open_chain(
+    conn: Connection,
+    incident_pk: int,
+    roster: Roster,
+    now: datetime,
+    *,
+    worker: str | None = None,
+    lease: timedelta | None = None,
+) -> OpenedChain:
+    """Start the chain the incident's *current* state calls for, if it has none: read under the
+    incident's row lock, so a decision change, a location that arrives later and a reopened
+    call all come here, in any order, and at most one chain starts."""
+    row = _lock_incident(conn, incident_pk)
+    kind = CHAIN_KINDS.get(row.response) if row is not None else None
+    if row is None or row.status != "active" or kind is None:
+        if row is not None and row.waiting is not None:
+            conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == incident_pk))
+        reason = "no-response" if row is not None and row.status == "active" else "not-active"
+        return OpenedChain(None, None, None, reason)
+    if _blocking_chain(conn, incident_pk, kind):
+        return OpenedChain(None, None, None, "has-chain")
+    programs = (
+        roster.programs_covering(row.lat, row.lon)
+        if row.lat is not None and row.lon is not None
+        else []
     )
+    if not programs:
+        reason = "no-location" if row.lat is None or row.lon is None else "out-of-zone"
+        _record_wait(conn, incident_pk, kind, row.response, reason, now)
+        return OpenedChain(None, None, None, reason, waiting=True)
+    program = programs[0]
+    if kind == "notify":
+        steps = [{"action": "supervisor", "wait_minutes": 0.0}]
+    else:
+        steps = [step.as_json() for step in program.escalation]
+    chain = NewChain(incident_pk, kind, program.id, row.response, steps)
+    claim = (worker, now + lease) if worker is not None and lease is not None else None
+    chain_id, step_id = _create_chain(conn, chain, now, claim, row.waiting is not None)
+    first = ClaimedStep(step_id, chain_id, 0, str(steps[0]["action"])) if claim else None
+    return OpenedChain(chain, chain_id, first, "started")
+
+
+def _record_wait(
+    conn: Connection, incident_pk: int, kind: str, response: str, reason: str, now: datetime
+) -> None:
+    w = chain_waits.c
+    updated = conn.execute(
+        update(chain_waits)
+        .where(w.incident_pk == incident_pk)
+        .values(kind=kind, response=response, reason=reason, updated_at=now)
+    )
+    if not updated.rowcount:
+        conn.execute(
+            insert(chain_waits),
+            dict(
+                incident_pk=incident_pk, kind=kind, response=response, reason=reason, since=now,
+                updated_at=now,
+            ),
+        )  # fmt: skip
+
+
+def may_need_chain(conn: Connection, incident_pk: int) -> bool:
+    """A read-only first look (no lock, on a reader): would :func:`open_chain` change anything
+    for the incident now (start its chain, record or end its wait)? False is final for this
+    snapshot; True is checked again under the lock. Spares the one writer a transaction for
+    every repeated snapshot of a call that already has its chain."""
+    i, w = incidents.c, chain_waits.c
+    row = conn.execute(
+        select(i.status, i.response, i.lat, w.reason)
+        .select_from(incidents.outerjoin(chain_waits, w.incident_pk == i.id))
+        .where(i.id == incident_pk)
+    ).one_or_none()
+    if row is None:
+        return False
+    kind = CHAIN_KINDS.get(row.response)
+    if row.status != "active" or kind is None:
+        return row.reason is not None  # a wait to end
+    if _blocking_chain(conn, incident_pk, kind):
+        return False
+    return row.lat is not None or row.reason is None  # a chain to start, or a wait to record
+
+
+def _insert_step(
+    conn: Connection,
+    chain_id: int,
+    step: int,
+    action: str,
+    due: datetime,
+    claim: tuple[str, datetime] | None = None,
+) -> int:
+    """A step due at ``due`` (its id); with ``claim`` (worker, lease end) already claimed."""
+    held = dict(state="claimed", claimed_by=claim[0], lease_until=claim[1]) if claim else {}
+    step_id = conn.execute(
+        insert(escalation_steps).returning(escalation_steps.c.id),
+        dict(chain_id=chain_id, step=step, action=action, due_at=due, state="pending") | held,
+    ).scalar_one()
+    return int(step_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +274,38 @@ def claim_due_steps(
             .values(state="claimed", claimed_by=worker, lease_until=now + lease)
         )
     return [ClaimedStep(r.id, r.chain_id, r.step, r.action) for r in rows]
+
+
+def claim_and_gather_steps(
+    conn: Connection,
+    now: datetime,
+    worker: str,
+    lease: timedelta,
+    limit: int,
+    roster: Roster,
+    recent_window: timedelta,
+    fixes: Mapping[str, Fix] | None = None,
+) -> list[StepWork]:
+    """:func:`claim_due_steps` and :func:`gather_step` for each, in one transaction."""
+    claimed = claim_due_steps(conn, now, worker, lease, limit)
+    return [gather_step(conn, step, roster, now, recent_window, fixes) for step in claimed]
+
+
+def finish_steps(
+    conn: Connection,
+    works: Sequence[StepWork],
+    decide: Callable[[StepWork], StepOutcome],
+    worker: str,
+    now: datetime,
+    lease: timedelta,
+) -> list[tuple[StepWork, StepOutcome, FinishedStep | None]]:
+    """``decide`` and finish each gathered step, its pages claimed for delivery (with
+    :func:`claim_and_gather_steps` in the same transaction: one commit for what took four)."""
+    out = []
+    for work in works:
+        result = decide(work)
+        out.append((work, result, finish_step_and_claim(conn, work, result, worker, now, lease)))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,19 +359,26 @@ def gather_step(
     roster: Roster,
     now: datetime,
     recent_window: timedelta,
+    fixes: Mapping[str, Fix] | None = None,
 ) -> StepWork:
-    """Everything the step needs, read in the claiming transaction."""
+    """Everything the step needs, read in the claiming transaction (``fixes``: the latest
+    position of each clinician when the caller keeps them; else read here)."""
     c = escalation_chains.c
     chain = conn.execute(
         select(c.incident_pk, c.state, c.kind, c.program, c.steps).where(c.id == step.chain_id)
     ).one()
     facts = incident_facts(conn, chain.incident_pk)
-    attempts = conn.execute(
-        select(func.count()).select_from(pages).where(pages.c.incident_pk == chain.incident_pk)
-    ).scalar_one()
+    p = pages.c
+    sent = conn.execute(
+        select(p.clinician_id, p.state, p.kind).where(p.incident_pk == chain.incident_pk)
+    ).all()
+    attempts = len(sent)
     candidates: tuple[CandidateState, ...] = ()
     if step.action == "page" and chain.state == OPEN:
-        candidates = candidate_states(conn, roster, chain.incident_pk, now, recent_window)
+        paged = [(r.clinician_id, r.state) for r in sent if r.kind == "page"]
+        candidates = candidate_states(
+            conn, roster, chain.incident_pk, now, recent_window, fixes, paged
+        )
     return StepWork(
         step, chain.state, chain.kind, chain.program, list(chain.steps), facts, candidates,
         int(attempts),
@@ -200,17 +386,28 @@ def gather_step(
 
 
 def candidate_states(
-    conn: Connection, roster: Roster, incident_pk: int, now: datetime, recent_window: timedelta
+    conn: Connection,
+    roster: Roster,
+    incident_pk: int,
+    now: datetime,
+    recent_window: timedelta,
+    fixes: Mapping[str, Fix] | None = None,
+    incident_pages: Iterable[tuple[str, str]] | None = None,
 ) -> tuple[CandidateState, ...]:
+    """Every clinician's state for a page step (``fixes``, ``incident_pages``: the latest
+    positions and the (clinician, state) of the incident's pages, when the caller has them)."""
     states: dict[str, str] = dict(
         conn.execute(select(clinician_states.c.clinician_id, clinician_states.c.availability)).all()
     )
-    fixes = latest_fixes(conn)
+    if fixes is None:
+        fixes = latest_fixes(conn)
     p = pages.c
+    if incident_pages is None:
+        incident_pages = conn.execute(
+            select(p.clinician_id, p.state).where(p.incident_pk == incident_pk, p.kind == "page")
+        ).tuples()
     paged: dict[str, bool] = {}
-    for cid, state in conn.execute(
-        select(p.clinician_id, p.state).where(p.incident_pk == incident_pk, p.kind == "page")
-    ):
+    for cid, state in incident_pages:
         paged[cid] = paged.get(cid, False) or state == "declined"
     busy = set(
         conn.execute(
@@ -231,11 +428,12 @@ def candidate_states(
         ).all()
     )
     on_call = roster.on_call(now)
+    available = Availability.AVAILABLE
     return tuple(
         CandidateState(
             clinician_id=cid,
             program=clinician.program,
-            availability=Availability(states.get(cid, Availability.AVAILABLE)),
+            availability=_AVAILABILITY[states[cid]] if cid in states else available,
             on_call=cid in on_call,
             fix=fixes.get(cid),
             busy=cid in busy,
@@ -245,6 +443,9 @@ def candidate_states(
         )
         for cid, clinician in roster.clinicians.items()
     )
+
+
+_AVAILABILITY = {state.value: state for state in Availability}
 
 
 def latest_fixes(conn: Connection) -> dict[str, Fix]:
@@ -289,6 +490,28 @@ def finish_step(
 ) -> list[str] | None:
     """The references of the pages created; None when the claim was lost (lease ran out and
     another worker took the step): nothing is written then."""
+    finished = finish_step_and_claim(conn, work, result, worker, now, None)
+    return None if finished is None else [page.page_ref for page in finished.pages]
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedStep:
+    pages: list[ClaimedPage]  # the pages created, claimed for delivery when a lease was given
+    next_due: datetime | None  # when the chain's next step is due (None: the chain ended)
+
+
+def finish_step_and_claim(
+    conn: Connection,
+    work: StepWork,
+    result: StepOutcome,
+    worker: str,
+    now: datetime,
+    lease: timedelta | None,
+) -> FinishedStep | None:
+    """:func:`finish_step`, and with ``lease`` the pages it creates are inserted already claimed
+    by ``worker`` (``sending`` under the lease), so the caller submits them at once instead of
+    claiming them in another transaction; if it dies, they are due again when the lease ends,
+    as any claimed page is. None when the claim on the step was lost."""
     s = escalation_steps.c
     held = conn.execute(
         _for_update(conn, select(s.id).where(
@@ -305,30 +528,42 @@ def finish_step(
             dispatch=result.dispatch,
         )
     )  # fmt: skip
-    refs: list[str] = []
+    delivery = (
+        dict(delivery="sending", lease_until=now + lease) if lease is not None
+        else dict(delivery="pending")
+    )  # fmt: skip
+    created: list[ClaimedPage] = []
     attempts = work.attempts
     for page in result.pages:
         attempts += 1
         ref = page_reference(conn, work.incident, attempts)
-        conn.execute(
-            insert(pages),
+        text = page.text_for(ref)
+        page_id = conn.execute(
+            insert(pages).returning(pages.c.id),
             dict(
                 page_ref=ref, chain_id=work.step.chain_id, step_id=work.step.step_id,
                 incident_pk=work.incident.incident_pk, kind=page.kind,
                 clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
-                text=page.text_for(ref), created_at=now, endpoints=page.endpoints,
-                endpoint_index=0, delivery="pending", next_try_at=now,
+                text=text, created_at=now, endpoints=page.endpoints,
+                endpoint_index=0, next_try_at=now, **delivery,
             ),
+        ).scalar_one()  # fmt: skip
+        first = page.endpoints[0]
+        created.append(
+            ClaimedPage(
+                int(page_id), ref, page.kind, work.step.chain_id, text, 0, first["gateway"],
+                first["address"], page.clinician_id,
+            )
         )  # fmt: skip
-        refs.append(ref)
     c = escalation_chains.c
-    if refs:
+    if created:
         conn.execute(
             update(escalation_chains)
             .where(c.id == work.step.chain_id)
-            .values(pages_sent=c.pages_sent + len(refs))
+            .values(pages_sent=c.pages_sent + len(created))
         )
     following = work.step.step + 1
+    due: datetime | None = None
     if result.close_chain is None and following < len(work.steps):
         wait = timedelta(minutes=float(work.steps[work.step.step].get("wait_minutes", 0)))
         due = now if result.advance_now else now + wait
@@ -339,7 +574,7 @@ def finish_step(
             .where(c.id == work.step.chain_id, c.state == OPEN)
             .values(state=result.close_chain or "exhausted", closed_at=now)
         )
-    return refs
+    return FinishedStep(created, due)
 
 
 def page_reference(conn: Connection, incident: IncidentFacts, attempt: int) -> str:
@@ -447,6 +682,15 @@ def page_submitted(
             lease_until=None, next_try_at=None, last_error=None,
         )
     )  # fmt: skip
+
+
+def pages_submitted(
+    conn: Connection, done: Sequence[tuple[ClaimedPage, str | None, datetime]]
+) -> None:
+    """Record several submissions (page, the gateway's id, when) in one transaction: deliveries
+    that finish while a commit is under way share the next one."""
+    for page, gateway_id, at in done:
+        page_submitted(conn, page, gateway_id, at)
 
 
 def page_failed(

@@ -669,3 +669,26 @@ class DashboardSessionRow(Base):
 
 
 dashboard_sessions: Table = DashboardSessionRow.__table__  # type: ignore[assignment]
+
+
+# --- paging latency and incidents that become eligible later (issue 4) -------------------------
+
+
+class ChainWaitRow(Base):
+    """An incident whose decision calls for a chain that could not start: it has no location
+    yet, or no program covers it. A later snapshot that gives it one starts the chain (and
+    deletes this row); ``pages show`` and audits can tell why nobody was paged meanwhile."""
+
+    __tablename__ = "chain_waits"
+
+    incident_pk: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String)  # dispatch | notify: the chain it waits to start
+    response: Mapped[str] = mapped_column(String)  # the decision it waits with
+    reason: Mapped[str] = mapped_column(String)  # no-location | out-of-zone
+    since: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+chain_waits: Table = ChainWaitRow.__table__  # type: ignore[assignment]
+# A chain's step reads the pages of its incident (attempts, who was paged or declined).
+Index("ix_pages_incident_pk", PageRow.__table__.c.incident_pk)

@@ -168,6 +168,11 @@ def test_ordering_invariants(states: list[CandidateState], data: st.DataObject) 
         assert s.availability is Availability.AVAILABLE and s.on_call and not s.busy
         assert s.program == "metro" and not s.paged and not s.declined
         assert s.fix is not None and s.fix.fixed_at >= NOW - AGE
+    # Each distance is the great-circle one (choose computes the incident's terms once).
+    for c in (*result.eligible, *result.rejected):
+        fix = by_id[c.clinician_id].fix
+        expected = None if fix is None else great_circle_km(*HERE, fix.lat, fix.lon)
+        assert c.distance_km == expected
     # The choice is the best eligible; the order is sorted by the tie key.
     keys = [tie_key(c) for c in result.eligible]
     assert keys == sorted(keys)

@@ -36,6 +36,7 @@ from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.tables import Base, pages, phi_columns
 from corespond.daemon.store.writer import StoredSnapshot, write_batch
 from tests.daemon.store.records import decision, record, snapshot
+from tests.daemon.store.test_store import Threads
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "paging"
 # Monday 9 March 2026, 09:00 CDT: c-101, c-102 (day shift) and s-900 are on call in metro.
@@ -326,6 +327,10 @@ def test_eta_reorders_the_closest(w: World, roster: Roster) -> None:
     w.service.eta_source = Eta()
     incident(w, Response.CLINICIAN)
     assert w.sent() == [("wctp", "5550102", "C1445-1")]
+    w.advance(5.1)  # the next step, from the worker's pass: the only one left is c-101
+    assert w.sent()[-1] == ("wctp", "5550101", "C1445-2")
+    (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 0")
+    assert db_json(dispatch[0])["eta_used"] is True
 
 
 def test_eta_outage_falls_back_to_distance(w: World) -> None:
@@ -500,3 +505,155 @@ def test_a_worker_that_lost_its_claim_writes_nothing(w: World, roster: Roster) -
         (0, "done"),
         (1, "pending"),
     ]
+
+
+# --- incidents that become eligible later --------------------------------------------------------
+
+OUT_OF_ZONE = GeoPoint(44.5, -93.25)
+
+
+def cad(
+    w: World,
+    response: Response,
+    *,
+    updated: float,
+    point: GeoPoint | None = INCIDENT_POINT,
+    status: IncidentStatus = IncidentStatus.ACTIVE,
+) -> StoredSnapshot:
+    """A snapshot of incident 2026-001445 stored and told to the service as the pipeline does:
+    a changed decision to :meth:`observe`, any other new current snapshot to
+    :meth:`observe_current`."""
+    snap = snapshot("2026-001445", updated=updated, status=status, narrative=MARKERS[0])
+    location = Location(point, f"{MARKERS[2]} 12 Imaginary Lane", "Testville", "TX")
+    snap = dataclasses.replace(
+        snap, incident_number="2026-001445", location=location if point else None
+    )
+    rec = record(snap, decision(response, evidence_text=MARKERS[0]))
+    with w.engine.begin() as conn:
+        (stored,) = write_batch(conn, [rec])
+    assert isinstance(stored, StoredSnapshot)
+    if stored.decision_changed:
+        w.service.observe(rec, stored)
+    elif stored.became_current:
+        w.service.observe_current(rec, stored)
+    return stored
+
+
+def test_a_location_that_arrives_later_starts_the_chain(w: World) -> None:
+    cad(w, Response.CLINICIAN, updated=0, point=None)
+    assert w.sent() == [] and w.rows("SELECT count(*) FROM escalation_chains") == [(0,)]
+    assert w.rows("SELECT kind, response, reason FROM chain_waits") == [
+        ("dispatch", "clinician", "no-location")
+    ]
+    w.advance(1)
+    cad(w, Response.CLINICIAN, updated=60, point=OUT_OF_ZONE)  # no program covers it
+    assert w.sent() == []
+    assert w.rows("SELECT reason FROM chain_waits") == [("out-of-zone",)]
+    w.advance(1)
+    cad(w, Response.CLINICIAN, updated=120)  # the same decision, now inside metro's zone
+    assert w.sent() == [("wctp", "5550101", "C1445-1")]
+    assert w.rows("SELECT count(*) FROM chain_waits") == [(0,)]
+    # Further snapshots of the call start nothing more; the chain goes on as usual.
+    cad(w, Response.CLINICIAN, updated=180)
+    cad(w, Response.CLINICIAN, updated=240, point=GeoPoint(30.251, -97.751))
+    assert len(w.sent()) == 1 and w.rows("SELECT count(*) FROM escalation_chains") == [(1,)]
+    w.advance(5.1)
+    assert w.sent()[-1] == ("wctp", "5550102", "C1445-2")
+
+
+def test_a_police_call_waits_for_its_location_too(w: World) -> None:
+    cad(w, Response.POLICE, updated=0, point=None)
+    assert w.rows("SELECT kind, reason FROM chain_waits") == [("notify", "no-location")]
+    cad(w, Response.POLICE, updated=60)
+    assert sorted(w.sent()) == [
+        ("sms", "+15550000900", "C1445-1"),
+        ("smtp", "oncall-lead@example.test", "C1445-2"),
+    ]
+    assert w.rows("SELECT kind, state FROM escalation_chains") == [("notify", "exhausted")]
+
+
+def test_a_reopened_call_starts_again_but_an_exhausted_chain_never_pages_again(w: World) -> None:
+    cad(w, Response.CLINICIAN, updated=0)
+    assert w.sent() == [("wctp", "5550101", "C1445-1")]
+    cad(w, Response.CLINICIAN, updated=60, status=IncidentStatus.CLOSED)
+    w.advance(5.1)  # the waiting step finds the call closed
+    assert w.rows("SELECT state FROM escalation_chains") == [("cancelled",)]
+    assert len(w.sent()) == 1
+    cad(w, Response.CLINICIAN, updated=400)  # reopened
+    # A new chain; the clinician paged for this call before is passed over.
+    assert w.sent()[-1] == ("wctp", "5550102", "C1445-2")
+    assert w.rows("SELECT state FROM escalation_chains ORDER BY id") == [
+        ("cancelled",), ("open",)
+    ]  # fmt: skip
+    w.advance(5.1)  # nobody else to page: supervisors, then dispatch
+    w.advance(10.1)
+    assert w.rows("SELECT state FROM escalation_chains ORDER BY id") == [
+        ("cancelled",), ("exhausted",)
+    ]  # fmt: skip
+    sent = len(w.sent())
+    assert sent == 5
+    # The call is still open and still calls for a clinician: nobody is paged again, not by
+    # another snapshot nor by another decision change.
+    cad(w, Response.CLINICIAN, updated=2000)
+    cad(w, Response.CO_RESPONSE, updated=2100)
+    w.advance(60)
+    assert len(w.sent()) == sent
+    assert w.rows("SELECT count(*) FROM escalation_chains") == [(2,)]
+
+
+def test_a_waiting_call_that_closes_or_stops_being_bh_stops_waiting(w: World) -> None:
+    cad(w, Response.CLINICIAN, updated=0, point=None)
+    assert w.rows("SELECT count(*) FROM chain_waits") == [(1,)]
+    cad(w, Response.CLINICIAN, updated=60, point=None, status=IncidentStatus.CLOSED)
+    assert w.rows("SELECT count(*) FROM chain_waits") == [(0,)]
+    cad(w, Response.CLINICIAN, updated=120, point=None)  # reopened, still without a location
+    assert w.rows("SELECT reason FROM chain_waits") == [("no-location",)]
+    cad(w, Response.NONE, updated=180)  # no longer a call for anyone: the wait ends
+    assert w.rows("SELECT count(*) FROM chain_waits") == [(0,)]
+    cad(w, Response.NONE, updated=240)
+    assert w.sent() == [] and w.rows("SELECT count(*) FROM escalation_chains") == [(0,)]
+
+
+def test_a_stopped_service_records_the_chain_for_the_next_start(w: World) -> None:
+    result_of(w.service.stop())
+    cad(w, Response.CLINICIAN, updated=0)
+    assert w.sent() == []
+    assert w.rows("SELECT step, state FROM escalation_steps") == [(0, "pending")]
+    w.service.start()
+    assert w.sent() == [("wctp", "5550101", "C1445-1")]
+
+
+def test_submissions_that_finish_during_a_commit_share_the_next(
+    engine: Engine, roster: Roster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded: list[list[str]] = []
+    real = db.pages_submitted
+
+    def spy(conn: Any, done: Any) -> None:
+        recorded.append(sorted(page.page_ref for page, _, _ in done))
+        real(conn, done)
+
+    monkeypatch.setattr(db, "pages_submitted", spy)
+    reactor = TaskClock()
+    reactor.advance(T.timestamp())
+    held = Threads()  # each unit of work runs when the test says
+    pagers = {n: RecordingPager(n) for n in ("wctp", "sms", "smtp")}
+    service = PagingService(
+        engine, roster, pagers, reactor, PagingSettings(worker_id="w1"),  # type: ignore[arg-type]
+        run_in_thread=held,
+    )  # fmt: skip
+    service.start()
+    while held.calls:  # the start-up pass: nothing due
+        held.run_next()
+    w = World(engine, roster, reactor, pagers, service)  # type: ignore[arg-type]
+    incident(w, Response.POLICE)  # two notices: sms and smtp
+    held.run_next()  # its one transaction; both notices submitted; the first one's record begins
+    assert recorded == [] and len(held.calls) == 1
+    incident(w, Response.POLICE, incident_id="2026-001446")
+    held.calls.reverse()  # the second call's transaction runs while the first record commits
+    while held.calls:
+        held.run_next()
+    assert recorded == [["C1445-1"], ["C1445-2", "C1446-1", "C1446-2"]]
+    assert w.rows("SELECT DISTINCT delivery FROM pages") == [("submitted",)]
+    assert len(w.sent()) == 4
+    result_of(service.stop())

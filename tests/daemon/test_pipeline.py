@@ -168,6 +168,22 @@ def test_a_weapon_changes_the_decision_and_observers_hear_of_it(pipeline: Pipeli
     assert pipeline.counts.decision_changes == 2 and pipeline.counts.behavioral_health == 1
 
 
+def test_current_observers_hear_of_every_other_new_current_snapshot(pipeline: Pipeline) -> None:
+    """A snapshot that does not change the decision but becomes the incident's current state
+    (its location arrived, the call reopened) goes to the current observers; a decision
+    change goes to the decision observers only; a late or repeated snapshot to neither."""
+    changed: list[int] = []
+    current: list[int] = []
+    pipeline.observers.append(lambda rec, stored: changed.append(stored.snapshot_id))
+    pipeline.current_observers.append(lambda rec, stored: current.append(stored.snapshot_id))
+    [first] = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
+    [second] = result(pipeline.ingest(feed(), eido(snap(minutes=2)), ORIGIN))
+    result(pipeline.ingest(feed(), eido(snap(minutes=1)), ORIGIN))  # late
+    result(pipeline.ingest(feed(), eido(snap(minutes=2)), ORIGIN))  # duplicate
+    assert isinstance(first, Accepted) and isinstance(second, Accepted)
+    assert changed == [first.snapshot_id] and current == [second.snapshot_id]
+
+
 class Exploding:
     name = "exploding"
 

@@ -1,0 +1,128 @@
+"""What one page costs the daemon: from a decision that calls for a clinician to the page
+submitted, in one thread, with no other load.
+
+    .venv/bin/python bench/page_cost.py [--pages 200] [--clinicians 500] [--postgres]
+
+The real paging core (:class:`PagingService`) over the real store (SQLite in WAL mode with
+``synchronous=FULL``, as the daemon runs it; or PostgreSQL with its durable defaults), the
+roster of ``bench/dispatch.py`` (every clinician with a fix), its database work run inline, a
+gateway that takes every page at once. For each of ``--pages`` stored behavioral-health
+incidents the decision is handed to the service as the pipeline does, and the bench times
+until the page has been submitted and its submission recorded. Printed: wall-clock p50/p99
+per page, the thread's CPU time per page, and the commits (each one an fsync) per page.
+
+``bench/dispatch.py`` measures the same path end to end under ingest load on a shared
+machine, where other processes move the figures; CPU time and commits per page move far
+less, and say what the paging core itself costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dispatch import ZONE, fresh_database, postgres_server, write_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pages", type=int, default=200)
+    parser.add_argument("--clinicians", type=int, default=500)
+    parser.add_argument("--postgres", action="store_true")
+    args = parser.parse_args()
+    server = postgres_server() if args.postgres else contextlib.nullcontext()
+    with server as pg, tempfile.TemporaryDirectory() as tmp:
+        run(Path(tmp), args, pg)
+
+
+def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
+    from sqlalchemy import event
+    from twisted.internet.defer import maybeDeferred, succeed
+    from twisted.internet.task import Clock
+
+    from corespond.daemon.decision import Decision, Response
+    from corespond.daemon.escalation import PagingService, PagingSettings
+    from corespond.daemon.log import configure_logging
+    from corespond.daemon.pager import Submitted
+    from corespond.daemon.responders import LocationFix
+    from corespond.daemon.roster import load_roster
+    from corespond.daemon.snapshot import GeoPoint, Location, Note, Snapshot
+    from corespond.daemon.store.engine import create_store_engine
+    from corespond.daemon.store.migrate import upgrade
+    from corespond.daemon.store.writer import SnapshotRecord, write_batch
+
+    configure_logging("warning", "json", sys.stderr)  # as bench/dispatch.py runs the daemon
+    url = fresh_database(pg, "page_cost") if pg else f"sqlite:///{tmp / 'bench.db'}"
+    write_config(tmp, paging=True, wctp_port=1, mllp_port=1, clinicians=args.clinicians)
+    roster = load_roster(tmp / "roster.yaml")
+    engine = create_store_engine(url)
+    upgrade(engine)
+    commits = [0]
+    event.listen(engine, "commit", lambda conn: commits.__setitem__(0, commits[0] + 1))
+    submitted: list[float] = []
+
+    class Gateway:
+        def submit(self, message: Any) -> Any:
+            submitted.append(time.perf_counter())
+            return succeed(Submitted("wctp", f"w-{len(submitted)}"))
+
+    reactor = Clock()
+    reactor.advance(datetime.now(UTC).timestamp())
+    service = PagingService(
+        engine, roster, {"wctp": Gateway()}, reactor, PagingSettings(worker_id="bench"),
+        run_in_thread=maybeDeferred,
+    )  # fmt: skip
+    service.start()
+    rng = random.Random(7)
+    west, south, east, north = ZONE
+    now = datetime.now(UTC)
+    for cid in roster.clinicians:
+        point = rng.uniform(south, north), rng.uniform(west, east)
+        service.record_fix(LocationFix(cid, *point, now, "bench"))
+    decision = Decision(True, "mental-health", Response.CLINICIAN, 0.9, ("bench",), (), "bench")
+    records = [
+        SnapshotRecord(
+            "cad", "cad", "jsonl", now, f"bench-{n}".encode(),
+            Snapshot(
+                incident_id=f"bench-{n}", updated_at=now, call_type="EDP", apco_type="EDP",
+                notes=(Note("synthetic", now),),
+                location=Location(GeoPoint(rng.uniform(south, north), rng.uniform(west, east))),
+            ),
+            decision,
+        )
+        for n in range(args.pages)
+    ]  # fmt: skip
+    with engine.begin() as conn:
+        stored = write_batch(conn, records)
+    walls, cpus = [], []
+    commits[0] = 0
+    for record, one in zip(records, stored, strict=True):
+        reactor.advance(0.05)
+        before = len(submitted)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        service.observe(record, one)  # type: ignore[arg-type]
+        if len(submitted) == before:
+            service.wake()  # (the code before the fast path paged from its worker's pass)
+        cpus.append(time.thread_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+        assert len(submitted) == before + 1, "the page was not submitted"
+    service.stop()
+    engine.dispose()
+    walls.sort()
+    print(f"{args.pages} pages, roster of {args.clinicians}, {'PostgreSQL' if pg else 'SQLite'}:"
+          f" wall p50 {walls[len(walls) // 2] * 1000:.1f} ms,"
+          f" p99 {walls[int(len(walls) * 0.99)] * 1000:.1f} ms;"
+          f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page;"
+          f" {commits[0] / args.pages:.1f} commits per page")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
