@@ -314,3 +314,22 @@ def txhl7_peer(tmp_path: Path, tls: tuple[Path, Path] | None = None) -> Iterator
         tmp_path,
     ):
         yield port
+
+
+# --- builders for the daemon's builder processes (module level: they are pickled by name) ------
+
+
+def build_in_pid(content: Any, profile: str) -> bytes:
+    """Builds as the daemon does, and says which process built it (a Z-segment, ZPD-1)."""
+    from corespond.adapters.hl7_referral import build_message
+
+    return build_message(content, profile).rstrip(b"\r") + f"\rZPD|{os.getpid()}\r".encode()
+
+
+def build_or_die(content: Any, profile: str) -> bytes:
+    """Builds, except for incident ``DIE``: then the builder process dies at once."""
+    from corespond.adapters.hl7_referral import build_message
+
+    if content.incident_ref == "DIE":
+        os._exit(3)
+    return build_message(content, profile)
