@@ -29,14 +29,14 @@ from __future__ import annotations
 import random
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection, Engine, and_, exists, func, or_, select
+from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select
 from sqlalchemy.orm import aliased
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -751,42 +751,68 @@ def renew_claims(
 
 def record_delivered(conn: Connection, claimed: Claimed, ack_code: str, now: datetime) -> None:
     """The peer accepted: the message and the referral are delivered, the disclosure logged."""
+    record_delivered_many(conn, [(claimed, ack_code, now)])
+
+
+def record_delivered_many(
+    conn: Connection, accepted: Sequence[tuple[Claimed, str, datetime]]
+) -> None:
+    """:func:`record_delivered` for a group of messages, a statement per table."""
+    if not accepted:
+        return
+    m, r = referral_messages, referrals
+    found = {
+        row.id: row
+        for row in conn.execute(
+            select(r.c.id, r.c.consent_id, r.c.part2).where(
+                r.c.id.in_(sorted({c.referral_id for c, _, _ in accepted}))
+            )
+        )
+    }
     conn.execute(
-        referral_messages.update()
-        .where(referral_messages.c.id == claimed.id)
+        m.update()
+        .where(m.c.id == bindparam("b_id"))
         .values(
             state="delivered",
-            ack_code=ack_code,
-            acked_at=now,
+            ack_code=bindparam("b_code"),
+            acked_at=bindparam("b_at"),
             lease_until=None,
-            attempts=claimed.attempts + 1,
+            attempts=bindparam("b_attempts"),
             last_error=None,
-        )
+        ),
+        [
+            {"b_id": c.id, "b_code": code, "b_at": at, "b_attempts": c.attempts + 1}
+            for c, code, at in accepted
+        ],
     )
-    row = conn.execute(
-        select(referrals.c.consent_id, referrals.c.part2).where(
-            referrals.c.id == claimed.referral_id
-        )
-    ).one()
     conn.execute(
-        referrals.update()
-        .where(referrals.c.id == claimed.referral_id, referrals.c.state != "cancelled")
-        .values(state="delivered", delivered_at=now, hold_reason=None, updated_at=now)
+        r.update()
+        .where(r.c.id == bindparam("b_id"), r.c.state != "cancelled")
+        .values(
+            state="delivered",
+            delivered_at=bindparam("b_at"),
+            hold_reason=None,
+            updated_at=bindparam("b_at"),
+        ),
+        [{"b_id": c.referral_id, "b_at": at} for c, _, at in accepted],
     )
-    what = DELIVERY_WHAT.format(profile=claimed.profile)
-    if row.part2:
-        what += " with substance use disorder information (42 CFR Part 2)"
-    conn.execute(
-        referral_disclosures.insert().values(
-            referral_id=claimed.referral_id,
-            message_id=claimed.id,
-            control_id=claimed.control_id,
-            provider=claimed.provider,
-            consent_id=row.consent_id,
-            what=what,
-            disclosed_at=now,
+    disclosures = []
+    for c, _, at in accepted:
+        what = DELIVERY_WHAT.format(profile=c.profile)
+        if found[c.referral_id].part2:
+            what += " with substance use disorder information (42 CFR Part 2)"
+        disclosures.append(
+            {
+                "referral_id": c.referral_id,
+                "message_id": c.id,
+                "control_id": c.control_id,
+                "provider": c.provider,
+                "consent_id": found[c.referral_id].consent_id,
+                "what": what,
+                "disclosed_at": at,
+            }
         )
-    )
+    conn.execute(referral_disclosures.insert(), disclosures)
 
 
 def record_held(
@@ -849,8 +875,9 @@ class _Outcome:
     """The result of one send, to be committed with its group; ``after`` runs once committed."""
 
     claimed: Claimed
-    record: Callable[[Connection], None]
+    record: Callable[[Connection], None] | None  # None: ``accepted`` (recorded as a group)
     after: Callable[[], None]
+    accepted: tuple[str, datetime] | None = None  # (ACK code, when) of an AA/CA
 
 
 @dataclass(slots=True)
@@ -862,6 +889,7 @@ class _Lane:
     provider: str
     queue: deque[Claimed]
     claimed: set[int]
+    renewed_at: datetime  # when its claims' leases were last set
     outcomes: list[_Outcome] = field(default_factory=list)
     committing: bool = False
     broken: bool = False
@@ -987,7 +1015,7 @@ class ReferralWorker:
                 for item in claimed:
                     lanes.setdefault(item.provider, []).append(item)
                 for name, items in lanes.items():
-                    lane = _Lane(name, deque(items), {i.id for i in items})
+                    lane = _Lane(name, deque(items), {i.id for i in items}, renewed_at=now)
                     d = ensureDeferred(self._deliver(lane))
                     self._in_flight[name] = d
                     d.addBoth(self._delivered, name)
@@ -1091,13 +1119,26 @@ class ReferralWorker:
         done = {o.claimed.id for o in group}
         still = lane.claimed - done
         want = 0 if self._stopping or lane.broken else self.config.claim_ahead - len(still)
+        if len(still) > self.config.claim_ahead // 2:
+            want = 0  # enough in hand: claim in bigger steps, not at every commit
         lease = self._lease()
+        # Claims made or renewed less than half the margin ago keep enough lease to cover the
+        # longest send before the next commit; older ones are renewed with this commit.
+        stale = (now - lane.renewed_at).total_seconds() > self._lease_margin / 2
+        renew = bool(still) and (stale or want > 0)
+        if stale or want > 0:
+            lane.renewed_at = now
 
         def commit() -> list[Claimed]:
             with self.engine.begin() as conn:
+                record_delivered_many(
+                    conn, [(o.claimed, *o.accepted) for o in group if o.accepted is not None]
+                )
                 for outcome in group:
-                    outcome.record(conn)
-                renew_claims(conn, still, self.worker_id, now + lease)
+                    if outcome.record is not None:
+                        outcome.record(conn)
+                if renew:
+                    renew_claims(conn, still, self.worker_id, now + lease)
                 if want <= 0:
                     return []
                 return claim_due(
@@ -1172,8 +1213,9 @@ class ReferralWorker:
         if code in ACCEPTED:
             return _Outcome(
                 item,
-                partial(record_delivered, claimed=item, ack_code=code, now=now),
+                None,
                 partial(self._after_delivered, item, provider.name, code),
+                accepted=(code, now),
             )
         reason = f"peer-error: the provider answered {code}"
         return _Outcome(
