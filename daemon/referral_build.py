@@ -7,8 +7,10 @@ flight waits. :class:`BuildPool` runs the builds in a ``concurrent.futures``
 interpreter, never a fork of a running reactor) and hands each result back to the reactor
 thread with ``callFromThread``.
 
-A worker process that dies (killed, out of memory) fails the builds it had with
-:class:`BuildCrashed`, a precise, safe error; the pool is then replaced for the next build.
+Builders run at ``nice`` +10: on a machine whose cores are all busy, a referral waits for
+the CPU rather than a page. A worker process that dies (killed, out of memory) fails the
+builds it had with :class:`BuildCrashed`, a precise, safe error; the pool is then replaced
+for the next build.
 The caller keeps the referral queued and builds it again later (see
 :class:`~corespond.daemon.referrals.ReferralService`).
 """
@@ -16,6 +18,7 @@ The caller keeps the referral queued and builds it again later (see
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,8 +39,14 @@ class BuildCrashed(SafeMessage, RuntimeError):
     """The process building a message died before it answered; nothing was built."""
 
 
+BUILDER_NICE = 10  # builders yield the CPU to the daemon (and its pages) when both want it
+
+
 def _warm() -> None:
-    """Each worker imports hl7apy before its first build (unpickling this did)."""
+    """Each worker starts here: at a lower CPU priority, with hl7apy imported (unpickling this
+    function imported it) before its first build."""
+    if hasattr(os, "nice"):
+        os.nice(BUILDER_NICE)
 
 
 def start_method() -> str:

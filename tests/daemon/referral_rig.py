@@ -320,10 +320,12 @@ def txhl7_peer(tmp_path: Path, tls: tuple[Path, Path] | None = None) -> Iterator
 
 
 def build_in_pid(content: Any, profile: str) -> bytes:
-    """Builds as the daemon does, and says which process built it (a Z-segment, ZPD-1)."""
+    """Builds as the daemon does, and says which process built it and at which CPU priority
+    (a Z-segment: ZPD-1 its pid, ZPD-2 its niceness)."""
     from corespond.adapters.hl7_referral import build_message
 
-    return build_message(content, profile).rstrip(b"\r") + f"\rZPD|{os.getpid()}\r".encode()
+    zpd = f"\rZPD|{os.getpid()}|{os.nice(0)}\r".encode()
+    return build_message(content, profile).rstrip(b"\r") + zpd
 
 
 def build_or_die(content: Any, profile: str) -> bytes:
