@@ -1,15 +1,16 @@
 """Referrals to treatment providers: creation, the durable outbox and its worker, replies.
 
-A referral is created (:func:`create_referral`, from the CLI or the daemon) with its HL7
+A referral is created (:func:`create_referral` from the CLI; :meth:`ReferralService.create`
+in the daemon, which stores the referral first and builds in a builder process) with its HL7
 message built once, validated strictly and stored with its MSH-10 in ``referral_messages``:
 resends use those exact bytes. A Part 2 (SUD) referral is queued only under a recorded consent
 that covers the provider and the purpose ``treatment``, and its message carries the §2.32
 notice; without one it is held with the reason ``part2-no-consent``.
 
 :class:`ReferralWorker` delivers the outbox. It claims due rows (``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL, so several daemons can share one database) under a lease, at most one per provider
-at a time, sends over one MLLP connection per provider and records the result before the
-provider gets its next message:
+PostgreSQL, so several daemons can share one database) under a lease, a few per provider
+(``claim_ahead``) for one worker at a time, sends them one at a time over one MLLP connection
+per provider and commits the results in groups while the next message is on the wire:
 
 - AA/CA: delivered, and the disclosure logged, in one transaction;
 - AE/AR/CE/CR: held for a person with the peer's text (stored, never logged);
@@ -18,7 +19,9 @@ provider gets its next message:
 
 A held row never blocks the others. A daemon killed at any instant leaves either a committed
 result or a row in ``sending`` whose lease expires, after which it is sent again with the same
-MSH-10: only what the peer did not acknowledge (as far as we committed) is resent.
+bytes and MSH-10: only what the peer did not acknowledge (as far as we committed) is resent,
+which includes at most ``claim_ahead`` messages per provider whose ACK had arrived and whose
+result was not yet committed (see :class:`ReferralWorker`).
 
 :func:`store_inbound` records what the MLLP listener receives (verbatim, with parse errors) and
 matches ACKs and RRI^I12 replies to referrals.
