@@ -1082,7 +1082,9 @@ class ReferralWorker:
                 self._release(lane)
                 break
             item = lane.queue.popleft()
-            lane.outcomes.append(await self._send_one(item))
+            # Not ``lane.outcomes.append(await ...)``: a group commit may swap the list meanwhile.
+            outcome = await self._send_one(item)
+            lane.outcomes.append(outcome)
             self._group_commit(lane)
             if not lane.queue:
                 await self._drained(lane)  # the commit may claim more for the queue

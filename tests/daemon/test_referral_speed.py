@@ -103,6 +103,40 @@ def test_the_next_message_goes_while_the_last_ack_is_committed(engine: Engine) -
     assert states(engine) == ["delivered"] * 4
 
 
+def test_an_ack_arriving_while_groups_change_hands_is_committed(engine: Engine) -> None:
+    """A group commit starts (taking the results gathered so far) while a message waits for
+    its ACK: that ACK's result goes into the next group, never into the one already taken
+    (a result counted as delivered must be committed as delivered)."""
+    loop = Loop()
+    peer = Peer(loop, mode="silent").start()
+    for n in range(3):
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now())
+    writer = HeldWriter(loop)
+    worker = ReferralWorker(
+        engine, loop.reactor, with_port(config(), "csu", peer.port), clock=loop.clock,
+        run_in_thread=writer,
+    )  # fmt: skip
+    worker.start()
+    try:
+        loop.spin(lambda: len(peer.unanswered) == 1)
+        writer.holding = True
+        peer.answer_late()  # the first result: its commit is held
+        loop.spin(lambda: len(peer.unanswered) == 1 and len(peer.received) == 2)
+        peer.answer_late()  # the second result waits for the next group
+        loop.spin(lambda: len(peer.received) == 3)  # the third is on the wire
+        writer.release()  # the first group commits, the second group (result two) starts
+        loop.spin(lambda: worker.delivered == 2)
+        peer.answer_late()  # the third result arrives after its group changed hands
+        loop.spin(lambda: worker.delivered == 3)
+        loop.settle()
+    finally:
+        d = worker.stop()
+        loop.spin(lambda: d.called)
+        peer.stop()
+        writer.stop()
+    assert states(engine) == ["delivered"] * 3
+
+
 def test_a_crash_before_the_group_commit_resends_the_same_bytes(engine: Engine) -> None:
     """The documented window: ACKs received, results not yet committed, the daemon dies.
     After the lease, those messages (and only those) go again, byte for byte."""
