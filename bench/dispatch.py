@@ -22,7 +22,7 @@ Three phases, each with a fresh database and daemon, in the same run:
 1. no paging: the same load, a daemon without the paging section (CAD to stored only);
 2. paging: the daemon pages (the baseline of page latency);
 3. paging + referrals: as 2, while the daemon builds referrals without pause
-   (ReferralService.create in a loop: hl7apy build and validation in its thread pool, queued
+   (ReferralService.create in a loop: hl7apy build and validation in its builder process, queued
    and sent to a local MLLP peer, python-hl7's asyncio server in another process).
 
 ``--no-referrals`` leaves phase 3 out. ``--postgres`` stores in PostgreSQL instead of SQLite: a

@@ -258,7 +258,17 @@ class Corespond:
             from corespond.daemon.referrals import ReferralService
 
             try:
-                self.referrals = ReferralService(self.engine, self.reactor, self.config.referrals)
+                from corespond.daemon.referral_metrics import ReferralMetrics
+
+                self.referrals = ReferralService(
+                    self.engine, self.reactor, self.config.referrals,
+                    # SQLite: the outbox's transactions queue on the store's writer thread, as
+                    # paging's do, instead of contending for SQLite's lock.
+                    run_in_thread=self.store.run_on_writer
+                    if self.engine.dialect.name == "sqlite"
+                    else None,
+                    metrics=ReferralMetrics(self.registry),
+                )  # fmt: skip
                 self.referrals.start()
             except Exception as err:
                 raise StartupError(f"referrals could not start: {err}") from err

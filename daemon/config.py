@@ -383,6 +383,8 @@ class ReferralsConfig:
     poll_interval: float = 2.0
     listen: ListenConfig | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    build_processes: int = 1  # hl7apy builds run in this many worker processes
+    claim_ahead: int = 8  # messages a provider's sender holds claimed (sent one at a time)
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -1611,6 +1613,21 @@ class ReferralsSection(Section):
                     maximum=MAX_MESSAGE_BYTES_LIMIT,
                     default=DEFAULT_MAX_MESSAGE_BYTES,
                 ),
+                "build_processes": integer(
+                    "worker processes that build and validate messages (hl7apy), off the "
+                    "daemon's process",
+                    minimum=1,
+                    maximum=64,
+                    default=1,
+                ),
+                "claim_ahead": integer(
+                    "messages a provider's sender claims ahead, so that the commit of one ACK "
+                    "overlaps the next send (still one in flight); also the most a crash can "
+                    "cause to be resent to a provider that already acknowledged them",
+                    minimum=1,
+                    maximum=256,
+                    default=8,
+                ),
                 "providers": {
                     "type": "object",
                     "description": "treatment providers by name",
@@ -1678,6 +1695,8 @@ class ReferralsSection(Section):
             poll_interval=float(values["poll_interval"]),
             listen=listen,
             max_message_bytes=values["max_message_bytes"],
+            build_processes=values["build_processes"],
+            claim_ahead=values["claim_ahead"],
         )
 
 

@@ -1,15 +1,16 @@
 """Referrals to treatment providers: creation, the durable outbox and its worker, replies.
 
-A referral is created (:func:`create_referral`, from the CLI or the daemon) with its HL7
+A referral is created (:func:`create_referral` from the CLI; :meth:`ReferralService.create`
+in the daemon, which stores the referral first and builds in a builder process) with its HL7
 message built once, validated strictly and stored with its MSH-10 in ``referral_messages``:
 resends use those exact bytes. A Part 2 (SUD) referral is queued only under a recorded consent
 that covers the provider and the purpose ``treatment``, and its message carries the §2.32
 notice; without one it is held with the reason ``part2-no-consent``.
 
 :class:`ReferralWorker` delivers the outbox. It claims due rows (``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL, so several daemons can share one database) under a lease, at most one per provider
-at a time, sends over one MLLP connection per provider and records the result before the
-provider gets its next message:
+PostgreSQL, so several daemons can share one database) under a lease, a few per provider
+(``claim_ahead``) for one worker at a time, sends them one at a time over one MLLP connection
+per provider and commits the results in groups while the next message is on the wire:
 
 - AA/CA: delivered, and the disclosure logged, in one transaction;
 - AE/AR/CE/CR: held for a person with the peer's text (stored, never logged);
@@ -18,7 +19,9 @@ provider gets its next message:
 
 A held row never blocks the others. A daemon killed at any instant leaves either a committed
 result or a row in ``sending`` whose lease expires, after which it is sent again with the same
-MSH-10: only what the peer did not acknowledge (as far as we committed) is resent.
+bytes and MSH-10: only what the peer did not acknowledge (as far as we committed) is resent,
+which includes at most ``claim_ahead`` messages per provider whose ACK had arrived and whose
+result was not yet committed (see :class:`ReferralWorker`).
 
 :func:`store_inbound` records what the MLLP listener receives (verbatim, with parse errors) and
 matches ACKs and RRI^I12 replies to referrals.
@@ -28,14 +31,15 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection, Engine, and_, exists, func, or_, select
+from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select
 from sqlalchemy.orm import aliased
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -60,6 +64,7 @@ from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import ProviderConfig, ReferralsConfig
 from corespond.daemon.errors import RejectedMessage, SafeMessage
+from corespond.daemon.referral_metrics import ReferralMetrics
 from corespond.daemon.store.tables import (
     ReferralMessageRow,
     hl7_inbound,
@@ -209,6 +214,55 @@ def referral_content(
     )
 
 
+def checked_provider(config: ReferralsConfig, request: ReferralRequest) -> ProviderConfig:
+    """The provider ``request`` names, if it exists and its routing rules take the request."""
+    provider = config.provider(request.provider)
+    if provider is None:
+        known = ", ".join(p.name for p in config.providers) or "none"
+        raise ReferralError(f"unknown provider {request.provider} (configured: {known})")
+    if request.urgency not in URGENCIES:
+        raise ReferralError(f"unknown urgency {request.urgency}: one of {', '.join(URGENCIES)}")
+    problem = routing_problem(provider, request)
+    if problem is not None:
+        raise ReferralError(problem)
+    return provider
+
+
+def _insert_referral(
+    conn: Connection,
+    provider: ProviderConfig,
+    request: ReferralRequest,
+    ref: str,
+    now: datetime,
+    hold: str | None,
+    consent_id: int | None,
+) -> int:
+    return int(
+        conn.execute(
+            referrals.insert()
+            .values(
+                ref=ref,
+                incident_ref=request.incident_ref,
+                provider=provider.name,
+                service_type=request.service_type,
+                urgency=request.urgency,
+                program=request.program,
+                region=request.region,
+                referring_clinician=request.referring_clinician,
+                state="held" if hold else "queued",
+                hold_reason=hold,
+                part2=request.part2,
+                consent_id=consent_id,
+                created_at=now,
+                updated_at=now,
+                person={k: v for k, v in asdict(request.person).items() if v is not None},
+                summary=request.summary,
+            )
+            .returning(referrals.c.id)
+        ).scalar_one()
+    )
+
+
 def create_referral(
     engine: Engine,
     config: ReferralsConfig,
@@ -219,17 +273,10 @@ def create_referral(
 ) -> CreatedReferral:
     """Store a referral and, unless it must be held, its message in the outbox (due now).
 
-    Blocking (database and hl7apy): call it from a thread, never on the reactor.
+    Blocking (database and hl7apy): for the CLI, or a thread; the daemon builds in its
+    process pool instead (:meth:`ReferralService.create`).
     """
-    provider = config.provider(request.provider)
-    if provider is None:
-        known = ", ".join(p.name for p in config.providers) or "none"
-        raise ReferralError(f"unknown provider {request.provider} (configured: {known})")
-    if request.urgency not in URGENCIES:
-        raise ReferralError(f"unknown urgency {request.urgency}: one of {', '.join(URGENCIES)}")
-    problem = routing_problem(provider, request)
-    if problem is not None:
-        raise ReferralError(problem)
+    provider = checked_provider(config, request)
     ref, control_id = new_referral_ref(), new_control_id()
     consent_id: int | None = None
     hold: str | None = None
@@ -246,30 +293,7 @@ def create_referral(
         except BuildError as err:
             raise ReferralError(f"the message does not validate: {err}") from None
     with engine.begin() as conn:
-        referral_id = int(
-            conn.execute(
-                referrals.insert()
-                .values(
-                    ref=ref,
-                    incident_ref=request.incident_ref,
-                    provider=provider.name,
-                    service_type=request.service_type,
-                    urgency=request.urgency,
-                    program=request.program,
-                    region=request.region,
-                    referring_clinician=request.referring_clinician,
-                    state="held" if hold else "queued",
-                    hold_reason=hold,
-                    part2=request.part2,
-                    consent_id=consent_id,
-                    created_at=now,
-                    updated_at=now,
-                    person={k: v for k, v in asdict(request.person).items() if v is not None},
-                    summary=request.summary,
-                )
-                .returning(referrals.c.id)
-            ).scalar_one()
-        )
+        referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
         if message is not None:
             _queue_message(conn, referral_id, provider, control_id, message, now)
     log.info(
@@ -288,20 +312,154 @@ def create_referral(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Unbuilt:
+    """A referral stored without its message yet: what the builder process needs."""
+
+    id: int
+    ref: str
+    provider: str
+    profile: str
+    hold_reason: str | None
+    content: ReferralContent | None  # None: held (no message to build)
+
+
+def store_unbuilt(
+    engine: Engine, config: ReferralsConfig, request: ReferralRequest, now: datetime
+) -> Unbuilt:
+    """Store a referral (queued, or held for want of consent) before its message is built,
+    so that a builder that dies loses nothing: :func:`unbuilt_referrals` finds it again.
+
+    Blocking (database): run it in a thread.
+    """
+    provider = checked_provider(config, request)
+    ref = new_referral_ref()
+    consent_id: int | None = None
+    hold: str | None = None
+    with engine.begin() as conn:
+        if request.part2:
+            consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
+        referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
+    content = None
+    if hold is None:
+        content = referral_content(config, provider, request, ref, new_control_id(), now)
+    return Unbuilt(referral_id, ref, provider.name, provider.profile, hold, content)
+
+
+def queue_built(engine: Engine, unbuilt: Unbuilt, message: bytes, now: datetime) -> str | None:
+    """Queue the message built for ``unbuilt``; the MSH-10 of the referral's message (this one,
+    or one another builder queued first), or None when the referral is no longer queued.
+
+    Blocking (database). The referral's row is locked (PostgreSQL), so that two builders of
+    one referral (two daemons recovering it) queue one message.
+    """
+    assert unbuilt.content is not None
+    with engine.begin() as conn:
+        query = select(referrals.c.state).where(referrals.c.id == unbuilt.id)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        state = conn.execute(query).scalar()
+        existing = conn.execute(
+            select(referral_messages.c.control_id).where(
+                referral_messages.c.referral_id == unbuilt.id
+            )
+        ).scalar()
+        if existing is not None:
+            return str(existing)
+        if state != "queued":
+            return None
+        _queue_message(
+            conn, unbuilt.id, (unbuilt.provider, unbuilt.profile), unbuilt.content.control_id,
+            message, now,
+        )  # fmt: skip
+    return unbuilt.content.control_id
+
+
+def discard_unbuilt(engine: Engine, referral_id: int) -> None:
+    """A referral whose message does not validate is refused, not kept (the caller is told
+    why): delete it, unless a message was queued for it meanwhile."""
+    with engine.begin() as conn:
+        conn.execute(
+            referrals.delete().where(
+                referrals.c.id == referral_id,
+                ~exists().where(referral_messages.c.referral_id == referral_id),
+            )
+        )
+
+
+def hold_unbuildable(engine: Engine, referral_id: int, reason: str, now: datetime) -> None:
+    """A stored referral (found again after a crash) whose message does not validate."""
+    with engine.begin() as conn:
+        conn.execute(
+            referrals.update()
+            .where(referrals.c.id == referral_id, referrals.c.state == "queued")
+            .values(state="held", hold_reason=reason, updated_at=now)
+        )
+
+
+def unbuilt_referrals(
+    engine: Engine, config: ReferralsConfig, skip: Collection[int], limit: int = 100
+) -> list[Unbuilt]:
+    """Queued referrals without a message (their builder died, or the daemon did): to build.
+
+    Blocking (database). Each gets a fresh MSH-10: none was ever sent.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(referrals)
+            .where(
+                referrals.c.state == "queued",
+                ~exists().where(referral_messages.c.referral_id == referrals.c.id),
+            )
+            .order_by(referrals.c.id)
+            .limit(limit)
+        ).all()
+    out = []
+    for row in rows:
+        provider = config.provider(row.provider)
+        if row.id in skip or provider is None:
+            continue
+        request = request_of_row(row)
+        content = referral_content(
+            config, provider, request, row.ref, new_control_id(), row.created_at
+        )
+        out.append(Unbuilt(row.id, row.ref, provider.name, provider.profile, None, content))
+    return out
+
+
+def request_of_row(row: Any, consent_ref: str | None = None) -> ReferralRequest:
+    return ReferralRequest(
+        incident_ref=row.incident_ref,
+        provider=row.provider,
+        service_type=row.service_type,
+        referring_clinician=row.referring_clinician,
+        urgency=row.urgency,
+        person=Person(**(row.person or {})),
+        summary=row.summary,
+        part2=row.part2,
+        consent_ref=consent_ref,
+        program=row.program,
+        region=row.region,
+    )
+
+
 def _queue_message(
     conn: Connection,
     referral_id: int,
-    provider: ProviderConfig,
+    provider: ProviderConfig | tuple[str, str],
     control_id: str,
     message: bytes,
     now: datetime,
 ) -> None:
+    name, profile = (
+        provider if isinstance(provider, tuple) else (provider.name, provider.profile)
+    )
     conn.execute(
         referral_messages.insert().values(
             referral_id=referral_id,
             control_id=control_id,
-            provider=provider.name,
-            profile=provider.profile,
+            provider=name,
+            profile=profile,
             state="pending",
             attempts=0,
             next_due=now,
@@ -386,17 +544,7 @@ def attach_consent(
     provider = config.provider(row.provider)
     if provider is None:
         raise ReferralError(f"provider {row.provider} is no longer configured")
-    request = ReferralRequest(
-        incident_ref=row.incident_ref,
-        provider=row.provider,
-        service_type=row.service_type,
-        referring_clinician=row.referring_clinician,
-        urgency=row.urgency,
-        person=Person(**row.person),
-        summary=row.summary,
-        part2=row.part2,
-        consent_ref=consent_ref,
-    )
+    request = request_of_row(row, consent_ref)
     control_id = new_control_id()
     message = build(
         referral_content(config, provider, request, ref, control_id, now), provider.profile
@@ -518,9 +666,11 @@ def claim_due(
     lease: timedelta,
     limit: int = 50,
     provider: str | None = None,
+    per_provider: int = 1,
 ) -> list[Claimed]:
-    """Claim due rows, at most one per provider and none for a provider in ``busy`` or with a
-    live claim elsewhere; rows locked by another daemon are skipped (PostgreSQL)."""
+    """Claim due rows, at most ``per_provider`` per provider (oldest first) and none for a
+    provider in ``busy`` or with a live claim of another worker; rows locked by another daemon
+    are skipped (PostgreSQL). The rows come back in the order they are to be sent."""
     m, other = referral_messages, referral_messages.alias("other")
     due = or_(
         and_(m.c.state == "pending", m.c.next_due <= now),
@@ -530,6 +680,7 @@ def claim_due(
         other.c.provider == m.c.provider,
         other.c.state == "sending",
         other.c.lease_until > now,
+        other.c.claimed_by != worker_id,
     )
     query = (
         select(m.c.id, m.c.provider)
@@ -543,26 +694,29 @@ def claim_due(
         query = query.where(m.c.provider == provider)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True, of=m)
-    chosen: dict[str, int] = {}
+    chosen: dict[str, list[int]] = {}
     for row in conn.execute(query):
-        chosen.setdefault(row.provider, row.id)
+        ids = chosen.setdefault(row.provider, [])
+        if len(ids) < per_provider:
+            ids.append(row.id)
     if conn.dialect.name == "postgresql":
-        chosen = {p: i for p, i in chosen.items() if _provider_free(conn, p, now)}
+        chosen = {p: i for p, i in chosen.items() if _provider_free(conn, p, now, worker_id)}
     if not chosen:
         return []
-    ids = sorted(chosen.values())
+    ids = sorted(i for group in chosen.values() for i in group)
     conn.execute(
         m.update()
         .where(m.c.id.in_(ids))
         .values(state="sending", lease_until=now + lease, claimed_by=worker_id)
     )
+    rows = {r.id: r for r in conn.execute(select(m).where(m.c.id.in_(ids)))}
     return [
         Claimed(r.id, r.referral_id, r.control_id, r.provider, r.profile, r.attempts, r.message)
-        for r in conn.execute(select(m).where(m.c.id.in_(ids)).order_by(m.c.id))
+        for r in (rows[i] for group in chosen.values() for i in group)
     ]
 
 
-def _provider_free(conn: Connection, provider: str, now: datetime) -> bool:
+def _provider_free(conn: Connection, provider: str, now: datetime, worker_id: str) -> bool:
     """PostgreSQL: hold the provider's claim lock for this transaction, then look again.
 
     Two daemons may each pick a different row of one provider before either commits (SKIP
@@ -574,49 +728,94 @@ def _provider_free(conn: Connection, provider: str, now: datetime) -> bool:
         return False
     m = referral_messages
     live = select(
-        exists().where(m.c.provider == provider, m.c.state == "sending", m.c.lease_until > now)
+        exists().where(
+            m.c.provider == provider,
+            m.c.state == "sending",
+            m.c.lease_until > now,
+            m.c.claimed_by != worker_id,
+        )
     )
     return not conn.execute(live).scalar()
 
 
+def renew_claims(
+    conn: Connection, ids: Collection[int], worker_id: str, lease_until: datetime
+) -> None:
+    """Extend the lease of claims this worker still holds (claimed ahead, not yet sent)."""
+    if not ids:
+        return
+    m = referral_messages
+    conn.execute(
+        m.update()
+        .where(m.c.id.in_(sorted(ids)), m.c.state == "sending", m.c.claimed_by == worker_id)
+        .values(lease_until=lease_until)
+    )
+
+
 def record_delivered(conn: Connection, claimed: Claimed, ack_code: str, now: datetime) -> None:
     """The peer accepted: the message and the referral are delivered, the disclosure logged."""
+    record_delivered_many(conn, [(claimed, ack_code, now)])
+
+
+def record_delivered_many(
+    conn: Connection, accepted: Sequence[tuple[Claimed, str, datetime]]
+) -> None:
+    """:func:`record_delivered` for a group of messages, a statement per table."""
+    if not accepted:
+        return
+    m, r = referral_messages, referrals
+    found = {
+        row.id: row
+        for row in conn.execute(
+            select(r.c.id, r.c.consent_id, r.c.part2).where(
+                r.c.id.in_(sorted({c.referral_id for c, _, _ in accepted}))
+            )
+        )
+    }
     conn.execute(
-        referral_messages.update()
-        .where(referral_messages.c.id == claimed.id)
+        m.update()
+        .where(m.c.id == bindparam("b_id"))
         .values(
             state="delivered",
-            ack_code=ack_code,
-            acked_at=now,
+            ack_code=bindparam("b_code"),
+            acked_at=bindparam("b_at"),
             lease_until=None,
-            attempts=claimed.attempts + 1,
+            attempts=bindparam("b_attempts"),
             last_error=None,
-        )
+        ),
+        [
+            {"b_id": c.id, "b_code": code, "b_at": at, "b_attempts": c.attempts + 1}
+            for c, code, at in accepted
+        ],
     )
-    row = conn.execute(
-        select(referrals.c.consent_id, referrals.c.part2).where(
-            referrals.c.id == claimed.referral_id
-        )
-    ).one()
     conn.execute(
-        referrals.update()
-        .where(referrals.c.id == claimed.referral_id, referrals.c.state != "cancelled")
-        .values(state="delivered", delivered_at=now, hold_reason=None, updated_at=now)
+        r.update()
+        .where(r.c.id == bindparam("b_id"), r.c.state != "cancelled")
+        .values(
+            state="delivered",
+            delivered_at=bindparam("b_at"),
+            hold_reason=None,
+            updated_at=bindparam("b_at"),
+        ),
+        [{"b_id": c.referral_id, "b_at": at} for c, _, at in accepted],
     )
-    what = DELIVERY_WHAT.format(profile=claimed.profile)
-    if row.part2:
-        what += " with substance use disorder information (42 CFR Part 2)"
-    conn.execute(
-        referral_disclosures.insert().values(
-            referral_id=claimed.referral_id,
-            message_id=claimed.id,
-            control_id=claimed.control_id,
-            provider=claimed.provider,
-            consent_id=row.consent_id,
-            what=what,
-            disclosed_at=now,
+    disclosures = []
+    for c, _, at in accepted:
+        what = DELIVERY_WHAT.format(profile=c.profile)
+        if found[c.referral_id].part2:
+            what += " with substance use disorder information (42 CFR Part 2)"
+        disclosures.append(
+            {
+                "referral_id": c.referral_id,
+                "message_id": c.id,
+                "control_id": c.control_id,
+                "provider": c.provider,
+                "consent_id": found[c.referral_id].consent_id,
+                "what": what,
+                "disclosed_at": at,
+            }
         )
-    )
+    conn.execute(referral_disclosures.insert(), disclosures)
 
 
 def record_held(
@@ -671,10 +870,50 @@ def backoff_delay(
 
 
 ConnectFn = Callable[[ProviderConfig], "Deferred[mllp.MLLPClientProtocol]"]
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """The result of one send, to be committed with its group; ``after`` runs once committed."""
+
+    claimed: Claimed
+    record: Callable[[Connection], None] | None  # None: ``accepted`` (recorded as a group)
+    after: Callable[[], None]
+    accepted: tuple[str, datetime] | None = None  # (ACK code, when) of an AA/CA
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One provider's sender: the messages it holds claimed, in order, and the results of
+    those sent whose commit is pending. ``claimed`` holds every id claimed and not yet
+    committed (queued, in flight or awaiting its group commit)."""
+
+    provider: str
+    queue: deque[Claimed]
+    claimed: set[int]
+    renewed_at: datetime  # when its claims' leases were last set
+    outcomes: list[_Outcome] = field(default_factory=list)
+    committing: bool = False
+    broken: bool = False
+    drained: list[Deferred[None]] = field(default_factory=list)
 
 
 class ReferralWorker:
-    """Delivers the outbox: polls for due rows, one message in flight per provider."""
+    """Delivers the outbox: polls for due rows, one message in flight per provider.
+
+    Each provider's sender holds up to ``config.claim_ahead`` messages claimed. When an ACK
+    arrives, the next claimed message goes on the wire at once while the result is committed
+    in the background; results that arrive while a commit runs go together in the next one
+    (group commit), whose transaction also renews the leases of the claims still held and
+    claims more. Throughput then approaches the round trip, not round trip + fsync.
+
+    The crash window, bounded: a message whose ACK arrived but whose result was not yet
+    committed stays ``sending`` under its lease; after a crash it is sent again, with the same
+    bytes and MSH-10, once the lease runs out (at most ``claim_ahead`` such messages per
+    provider, which the peer deduplicates by MSH-10). Nothing is counted, logged as delivered
+    or reported to a caller before its commit.
+    """
 
     def __init__(
         self,
@@ -687,6 +926,8 @@ class ReferralWorker:
         connect: ConnectFn | None = None,
         rand: Callable[[], float] = random.random,
         lease_margin: float = 30.0,
+        run_in_thread: RunInThread | None = None,
+        metrics: ReferralMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.reactor = reactor
@@ -698,6 +939,10 @@ class ReferralWorker:
         self._rand = rand
         self._lease_margin = lease_margin
         self._pool = ThreadPool(0, 2, name="corespond-referrals")
+        # SQLite: the store's writer thread, so that our commits queue instead of sleeping in
+        # SQLite's busy handler; otherwise (PostgreSQL, tests, the bench) our own pool.
+        self._run_in_thread = run_in_thread
+        self.metrics = metrics
         self._links: dict[str, mllp.MLLPClientProtocol] = {}
         self._in_flight: dict[str, Deferred[None]] = {}
         self._polling = False
@@ -706,6 +951,7 @@ class ReferralWorker:
         self._tls: dict[str, Any] = {}
         self._stopping = False
         self.delivered = 0
+        self.commits = 0  # group commits of send results (for tests and the bench)
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -742,6 +988,8 @@ class ReferralWorker:
     # --- polling -------------------------------------------------------------------------------
 
     def _in_thread(self, fn: Callable[[], T]) -> Deferred[T]:
+        if self._run_in_thread is not None:
+            return self._run_in_thread(fn)
         return deferToThreadPool(self.reactor, self._pool, fn)
 
     def poll(self) -> Deferred[None]:
@@ -755,6 +1003,8 @@ class ReferralWorker:
         try:
             while True:
                 self._again = False
+                if self._stopping:
+                    return
                 now = self.clock.now()
                 busy = frozenset(self._in_flight)
                 lease = self._lease()
@@ -764,17 +1014,22 @@ class ReferralWorker:
                 except Exception as err:
                     log.error("referral.claim.failed", error=type(err).__name__)
                     return
+                lanes: dict[str, list[Claimed]] = {}
                 for item in claimed:
-                    d = ensureDeferred(self._deliver(item))
-                    self._in_flight[item.provider] = d
-                    d.addBoth(self._delivered, item.provider)
+                    lanes.setdefault(item.provider, []).append(item)
+                for name, items in lanes.items():
+                    lane = _Lane(name, deque(items), {i.id for i in items}, renewed_at=now)
+                    d = ensureDeferred(self._deliver(lane))
+                    self._in_flight[name] = d
+                    d.addBoth(self._delivered, name)
                 if not self._again:
                     return
         finally:
             self._polling = False
 
     def _lease(self) -> timedelta:
-        """How long a claim holds: the longest connect and ACK wait, and a margin."""
+        """How long a claim holds without renewal: the longest connect and ACK wait, and a
+        margin. Every group commit renews the claims a sender still holds."""
         longest = max(
             (p.ack_timeout + p.connect_timeout for p in self.config.providers), default=60.0
         )
@@ -782,7 +1037,31 @@ class ReferralWorker:
 
     def _claim(self, now: datetime, busy: frozenset[str], lease: timedelta) -> list[Claimed]:
         with self.engine.begin() as conn:
-            return claim_due(conn, now, self.worker_id, busy=busy, lease=lease)
+            claimed = claim_due(
+                conn,
+                now,
+                self.worker_id,
+                busy=busy,
+                lease=lease,
+                limit=max(50, self.config.claim_ahead * 4),
+                per_provider=self.config.claim_ahead,
+            )
+            if self.metrics is not None:
+                self._outbox_depth(conn)
+        return claimed
+
+    def _outbox_depth(self, conn: Connection) -> None:
+        assert self.metrics is not None
+        m = referral_messages
+        depth: dict[str, int] = dict(
+            conn.execute(
+                select(m.c.provider, func.count())
+                .where(m.c.state.in_(("pending", "sending")))
+                .group_by(m.c.provider)
+            ).all()
+        )
+        for provider in self.config.providers:
+            self.metrics.outbox.labels(provider.name).set(depth.get(provider.name, 0))
 
     def _delivered(self, result: object, provider: str) -> None:
         self._in_flight.pop(provider, None)
@@ -790,79 +1069,194 @@ class ReferralWorker:
             log.error(
                 "referral.worker.failed", provider=provider, error=type(result.value).__name__
             )
-        self.clock.call_later(0, self.poll)
+        if not self._stopping:
+            self.clock.call_later(0, self.poll)
 
-    # --- one delivery --------------------------------------------------------------------------
+    # --- one provider's sender -----------------------------------------------------------------
 
-    async def _deliver(self, first: Claimed) -> None:
-        """Send ``first``, then whatever else is due for its provider: each result is committed
-        in the transaction that claims the next message, before that message goes."""
-        item: Claimed | None = first
-        while item is not None:
-            item = await self._deliver_one(item)
+    async def _deliver(self, lane: _Lane) -> None:
+        """Send the lane's messages one at a time; each result is committed in a group while
+        the next message is on the wire, and the group commit claims more."""
+        while lane.queue and not lane.broken:
+            if self._stopping:
+                self._release(lane)
+                break
+            item = lane.queue.popleft()
+            # Not ``lane.outcomes.append(await ...)``: a group commit may swap the list meanwhile.
+            outcome = await self._send_one(item)
+            lane.outcomes.append(outcome)
+            self._group_commit(lane)
+            if not lane.queue:
+                await self._drained(lane)  # the commit may claim more for the queue
+        if lane.outcomes or lane.committing:
+            self._group_commit(lane)
+            await self._drained(lane)
 
-    async def _deliver_one(self, item: Claimed) -> Claimed | None:
+    def _release(self, lane: _Lane) -> None:
+        """Our own stop: claims not sent are due again at once, not counted as attempts."""
+        now = self.clock.now()
+        while lane.queue:
+            item = lane.queue.popleft()
+            lane.outcomes.append(
+                _Outcome(
+                    item,
+                    partial(
+                        record_retry, claimed=item, error="daemon-stopped", next_due=now,
+                        count=False,
+                    ),
+                    lambda: None,
+                )
+            )  # fmt: skip
+
+    def _drained(self, lane: _Lane) -> Deferred[None]:
+        if not lane.committing and not lane.outcomes:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        lane.drained.append(d)
+        return d
+
+    def _group_commit(self, lane: _Lane) -> None:
+        if lane.committing or not lane.outcomes:
+            return
+        group, lane.outcomes = lane.outcomes, []
+        lane.committing = True
+        now = self.clock.now()
+        done = {o.claimed.id for o in group}
+        still = lane.claimed - done
+        want = 0 if self._stopping or lane.broken else self.config.claim_ahead - len(still)
+        if len(still) > self.config.claim_ahead // 2:
+            want = 0  # enough in hand: claim in bigger steps, not at every commit
+        lease = self._lease()
+        # Claims made or renewed less than half the margin ago keep enough lease to cover the
+        # longest send before the next commit; older ones are renewed with this commit.
+        stale = (now - lane.renewed_at).total_seconds() > self._lease_margin / 2
+        renew = bool(still) and (stale or want > 0)
+        if stale or want > 0:
+            lane.renewed_at = now
+
+        def commit() -> list[Claimed]:
+            with self.engine.begin() as conn:
+                record_delivered_many(
+                    conn, [(o.claimed, *o.accepted) for o in group if o.accepted is not None]
+                )
+                for outcome in group:
+                    if outcome.record is not None:
+                        outcome.record(conn)
+                if renew:
+                    renew_claims(conn, still, self.worker_id, now + lease)
+                if want <= 0:
+                    return []
+                return claim_due(
+                    conn,
+                    now,
+                    self.worker_id,
+                    lease=lease,
+                    limit=want,
+                    provider=lane.provider,
+                    per_provider=want,
+                )
+
+        def committed(claimed: list[Claimed]) -> None:
+            self.commits += 1
+            lane.claimed -= done
+            for outcome in group:
+                outcome.after()
+            lane.claimed.update(c.id for c in claimed)
+            lane.queue.extend(claimed)
+            if self._stopping:
+                self._release(lane)
+
+        def failed(failure: Failure) -> None:
+            # Not committed: those rows stay ``sending`` under their lease and are sent again
+            # (same bytes, same MSH-10) when it runs out. This sender stops; the poll goes on.
+            lane.broken = True
+            lane.queue.clear()
+            log.error(
+                "referral.commit.failed",
+                provider=lane.provider,
+                count=len(group),
+                error=type(failure.value).__name__,
+            )
+
+        def finished(_: object) -> None:
+            lane.committing = False
+            if lane.outcomes and not lane.broken:
+                self._group_commit(lane)
+                return
+            lane.outcomes.clear()
+            waiting, lane.drained = lane.drained, []
+            for d in waiting:
+                d.callback(None)
+
+        self._in_thread(commit).addCallbacks(committed, failed).addBoth(finished)
+
+    async def _send_one(self, item: Claimed) -> _Outcome:
+        """Send one claimed message; what to commit for it (never raises)."""
         provider = self.config.provider(item.provider)
         if provider is None:
-            await self._commit(
-                lambda c: record_held(
-                    c, item, "unknown-provider: the provider is not configured", self.clock.now()
-                )
+            reason = "unknown-provider: the provider is not configured"
+            return _Outcome(
+                item,
+                partial(record_held, claimed=item, reason=reason, now=self.clock.now()),
+                partial(self._count_held, item.provider, "unknown-provider"),
             )
-            return None
         try:
             link = self._links.get(provider.name)
             if link is None or not link.connected_:
                 link = await self._connect(provider)
                 self._links[provider.name] = link
+            sent_at = self.reactor.seconds()
             reply = await link.send(item.message, item.control_id, provider.ack_timeout)
         except Exception as err:
-            await self._failed(item, provider, err)
-            return None
+            return self._failed(item, provider, err)
+        if self.metrics is not None:
+            self.metrics.ack_seconds.labels(provider.name).observe(
+                self.reactor.seconds() - sent_at
+            )
         code = reply.ack_code or ""
         now = self.clock.now()
         if code in ACCEPTED:
-            record = partial(record_delivered, claimed=item, ack_code=code, now=now)
-        else:
-            reason = f"peer-error: the provider answered {code}"
-            record = partial(
+            return _Outcome(
+                item,
+                None,
+                partial(self._after_delivered, item, provider.name, code),
+                accepted=(code, now),
+            )
+        reason = f"peer-error: the provider answered {code}"
+        return _Outcome(
+            item,
+            partial(
                 record_held,
                 claimed=item,
                 reason=reason,
                 now=now,
                 ack_code=code,
                 peer_text=reply.ack_text,
-            )
-        next_item = await self._in_thread(partial(self._record_and_claim, record, provider, now))
-        if code in ACCEPTED:
-            self.delivered += 1
-            log.info(
-                "referral.delivered",
-                control_id=item.control_id,
-                provider=provider.name,
-                code=code,
-                attempt=item.attempts + 1,
-            )
-        else:
-            log.warning(
-                "referral.held", control_id=item.control_id, provider=provider.name, code=code
-            )
-        return next_item
+            ),
+            partial(self._after_peer_error, item, provider.name, code),
+        )
 
-    def _record_and_claim(
-        self, record: Callable[..., None], provider: ProviderConfig, now: datetime
-    ) -> Claimed | None:
-        """One transaction: the result of this message, and the claim of the provider's next."""
-        with self.engine.begin() as conn:
-            record(conn)
-            if not self._loop or not self._loop.running:
-                return None  # stopping: claim nothing more
-            claimed = claim_due(
-                conn, now, self.worker_id, lease=self._lease(), limit=1, provider=provider.name
-            )
-        return claimed[0] if claimed else None
+    def _after_delivered(self, item: Claimed, provider: str, code: str) -> None:
+        self.delivered += 1
+        if self.metrics is not None:
+            self.metrics.delivered.labels(provider).inc()
+        log.info(
+            "referral.delivered",
+            control_id=item.control_id,
+            provider=provider,
+            code=code,
+            attempt=item.attempts + 1,
+        )
 
-    async def _failed(self, item: Claimed, provider: ProviderConfig, err: Exception) -> None:
+    def _after_peer_error(self, item: Claimed, provider: str, code: str) -> None:
+        self._count_held(provider, "peer-error")
+        log.warning("referral.held", control_id=item.control_id, provider=provider, code=code)
+
+    def _count_held(self, provider: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.held.labels(provider, reason).inc()
+
+    def _failed(self, item: Claimed, provider: ProviderConfig, err: Exception) -> _Outcome:
         link = self._links.pop(provider.name, None)
         if link is not None:
             link.close()
@@ -870,38 +1264,46 @@ class ReferralWorker:
         now = self.clock.now()
         if self._stopping:
             # Our own shutdown cut it short: due again at once, and not counted as an attempt.
-            await self._commit(lambda c: record_retry(c, item, "daemon-stopped", now, count=False))
-            return
+            return _Outcome(
+                item,
+                partial(
+                    record_retry, claimed=item, error="daemon-stopped", next_due=now, count=False
+                ),
+                lambda: None,
+            )
         attempts = item.attempts + 1
         if provider.max_attempts and attempts >= provider.max_attempts:
             reason = f"undeliverable: {code} after {attempts} attempts"
-            await self._commit(lambda c: record_held(c, item, reason, now))
+
+            def held() -> None:
+                self._count_held(provider.name, "undeliverable")
+                log.warning(
+                    "referral.held",
+                    control_id=item.control_id,
+                    provider=provider.name,
+                    reason=code,
+                    attempt=attempts,
+                )
+
+            return _Outcome(item, partial(record_held, claimed=item, reason=reason, now=now), held)
+        delay = backoff_delay(attempts, provider.backoff_initial, provider.backoff_max, self._rand)
+        due = now + timedelta(seconds=delay)
+
+        def retry() -> None:
+            if self.metrics is not None:
+                self.metrics.retries.labels(provider.name, code.split(" ")[0]).inc()
             log.warning(
-                "referral.held",
+                "referral.retry",
                 control_id=item.control_id,
                 provider=provider.name,
                 reason=code,
                 attempt=attempts,
+                seconds=round(delay, 3),
             )
-            return
-        delay = backoff_delay(attempts, provider.backoff_initial, provider.backoff_max, self._rand)
-        due = now + timedelta(seconds=delay)
-        await self._commit(lambda c: record_retry(c, item, code, due))
-        log.warning(
-            "referral.retry",
-            control_id=item.control_id,
-            provider=provider.name,
-            reason=code,
-            attempt=attempts,
-            seconds=round(delay, 3),
+
+        return _Outcome(
+            item, partial(record_retry, claimed=item, error=code, next_due=due), retry
         )
-
-    async def _commit(self, fn: Callable[[Connection], None]) -> None:
-        def run() -> None:
-            with self.engine.begin() as conn:
-                fn(conn)
-
-        await self._in_thread(run)
 
     def _connect_provider(self, provider: ProviderConfig) -> Deferred[mllp.MLLPClientProtocol]:
         return mllp.connect(
@@ -923,6 +1325,11 @@ class InboundResult:
     referral_id: int | None
     outcome: str | None
     ack: bytes | None
+    message_type: str | None = None
+    error_code: str | None = None
+
+
+INBOUND_TYPES = ("ACK", "RRI", "REF", "ADT", "MDM")  # metric labels; anything else is "other"
 
 
 def store_inbound(
@@ -1030,7 +1437,14 @@ def store_inbound(
         code=error.code if error else None,
         state=outcome,
     )
-    return InboundResult(inbound_id, referral_id, outcome, ack)
+    return InboundResult(
+        inbound_id,
+        referral_id,
+        outcome,
+        ack,
+        known.message_type if known else None,
+        error.code if error else None,
+    )
 
 
 def _match(conn: Connection, reply: Hl7Reply) -> int | None:
@@ -1055,13 +1469,22 @@ class ReferralListener:
     """The MLLP listener's handler: store first, answer after the commit."""
 
     def __init__(
-        self, engine: Engine, reactor: Any, config: ReferralsConfig, clock: Any = None
+        self,
+        engine: Engine,
+        reactor: Any,
+        config: ReferralsConfig,
+        clock: Any = None,
+        *,
+        run_in_thread: RunInThread | None = None,
+        metrics: ReferralMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.reactor = reactor
         self.config = config
         self.clock = Clock(clock or reactor)
         self._pool = ThreadPool(0, 1, name="corespond-hl7-inbound")
+        self._run_in_thread = run_in_thread
+        self.metrics = metrics
         self._port: Any = None
 
     def start(self) -> None:
@@ -1098,7 +1521,7 @@ class ReferralListener:
     def handle(self, frame: bytes | FramingError, peer: str | None) -> Deferred[bytes | None]:
         now = self.clock.now()
 
-        def store() -> bytes | None:
+        def store() -> InboundResult:
             return store_inbound(
                 self.engine,
                 frame,
@@ -1106,9 +1529,20 @@ class ReferralListener:
                 now,
                 sending_application=self.config.sending_application,
                 sending_facility=self.config.sending_facility,
-            ).ack
+            )
 
-        return deferToThreadPool(self.reactor, self._pool, store)
+        if self._run_in_thread is not None:
+            stored = self._run_in_thread(store)
+        else:
+            stored = deferToThreadPool(self.reactor, self._pool, store)
+        return stored.addCallback(self._stored)
+
+    def _stored(self, result: InboundResult) -> bytes | None:
+        if self.metrics is not None:
+            kind = result.message_type if result.message_type in INBOUND_TYPES else "other"
+            outcome = result.error_code or ("matched" if result.referral_id else "unmatched")
+            self.metrics.inbound.labels(kind, outcome).inc()
+        return result.ack
 
     async def stop(self) -> None:
         if self._port is not None:
@@ -1149,8 +1583,24 @@ def person_of_incident(conn: Connection, incident: str) -> tuple[Person, str | N
     ), row.zone
 
 
+class ReferralBuildFailed(SafeMessage, RuntimeError):
+    """The builder process died: the referral is stored (queued) and is built again later."""
+
+    def __init__(self, ref: str, why: str) -> None:
+        self.ref = ref
+        super().__init__(f"referral {ref}: {why}; it stays queued and is built again")
+
+
+REBUILD_AFTER = 10.0  # seconds after a builder crash before stored referrals are built again
+
+
 class ReferralService:
-    """The outbox worker and the inbound listener, started and stopped with the daemon."""
+    """The outbox worker, the inbound listener and the message builder processes, started and
+    stopped with the daemon.
+
+    ``run_in_thread`` (SQLite: the store's writer thread, ``IncidentStore.run_on_writer``)
+    runs every database transaction of the service; without it, its own thread pools.
+    """
 
     def __init__(
         self,
@@ -1159,26 +1609,140 @@ class ReferralService:
         config: ReferralsConfig,
         clock: Any = None,
         build: Callable[[ReferralContent, str], bytes] = build_message,
+        *,
+        run_in_thread: RunInThread | None = None,
+        metrics: ReferralMetrics | None = None,
     ) -> None:
+        from corespond.daemon.referral_build import BuildPool
+        from corespond.daemon.referral_metrics import CertificateWatch
+
         self.engine = engine
         self.config = config
-        self._build = build
-        self.worker = ReferralWorker(engine, reactor, config, clock=clock)
-        self.listener = ReferralListener(engine, reactor, config, clock=clock)
+        self.metrics = metrics or ReferralMetrics(None)
+        self.worker = ReferralWorker(
+            engine, reactor, config, clock=clock, run_in_thread=run_in_thread,
+            metrics=self.metrics,
+        )  # fmt: skip
+        self.listener = ReferralListener(
+            engine, reactor, config, clock=clock, run_in_thread=run_in_thread,
+            metrics=self.metrics,
+        )  # fmt: skip
+        # hl7apy in worker processes, so that builds never hold this process's GIL.
+        self.builder = BuildPool(reactor, config.build_processes, build)
+        self.certificates = CertificateWatch(
+            config, self.worker.clock, self.metrics, self.worker._in_thread
+        )
+        self._building: set[int] = set()  # referral ids whose build is under way here
+        self._rebuilding = False
+        self.started: Deferred[Any] = succeed(None)  # fires once the start's rebuild is done
+        self._rebuild_timer: Any = None
 
     def create(self, request: ReferralRequest) -> Deferred[CreatedReferral]:
-        """Create a referral from inside the daemon (an API, a rule): the hl7apy build and the
-        insert run in the worker's thread pool, never on the reactor; then the worker looks."""
+        """Create a referral from inside the daemon (an API, a rule): stored first (in a
+        thread), built and validated by hl7apy in a builder process, queued (in a thread),
+        then the worker looks. Fires once the message is committed to the outbox; fails with
+        :class:`ReferralError` (refused: nothing kept) or :class:`ReferralBuildFailed` (the
+        builder died: the referral stays queued and is built again)."""
+        return ensureDeferred(self._create(request))
+
+    async def _create(self, request: ReferralRequest) -> CreatedReferral:
         now = self.worker.clock.now()
-        done = self.worker._in_thread(
-            lambda: create_referral(self.engine, self.config, request, now, build=self._build)
+        unbuilt = await self.worker._in_thread(
+            lambda: store_unbuilt(self.engine, self.config, request, now)
         )
+        if unbuilt.content is None:
+            self.metrics.held.labels(unbuilt.provider, "part2-no-consent").inc()
+            log.info(
+                "referral.created",
+                referral_id=unbuilt.ref,
+                provider=unbuilt.provider,
+                state="held",
+                reason=unbuilt.hold_reason,
+            )
+            return CreatedReferral(unbuilt.id, unbuilt.ref, "held", unbuilt.hold_reason, None)
+        from corespond.daemon.referral_build import BuildCrashed
 
-        def wake(created: CreatedReferral) -> CreatedReferral:
-            self.worker.wake()
-            return created
+        try:
+            control_id = await self._build_and_queue(unbuilt)
+        except BuildCrashed as err:
+            self._rebuild_later()
+            raise ReferralBuildFailed(unbuilt.ref, str(err)) from None
+        except BuildError as err:
+            await self.worker._in_thread(lambda: discard_unbuilt(self.engine, unbuilt.id))
+            raise ReferralError(f"the message does not validate: {err}") from None
+        if control_id is None:
+            raise ReferralError(f"referral {unbuilt.ref} was cancelled before it was queued")
+        return CreatedReferral(unbuilt.id, unbuilt.ref, "queued", None, control_id)
 
-        return done.addCallback(wake)
+    async def _build_and_queue(self, unbuilt: Unbuilt) -> str | None:
+        assert unbuilt.content is not None
+        self._building.add(unbuilt.id)
+        try:
+            message = await self.builder.build(unbuilt.content, unbuilt.profile)
+            now = self.worker.clock.now()
+            control_id = await self.worker._in_thread(
+                lambda: queue_built(self.engine, unbuilt, message, now)
+            )
+        finally:
+            self._building.discard(unbuilt.id)
+        if control_id == unbuilt.content.control_id:
+            self.metrics.queued.labels(unbuilt.provider).inc()
+            log.info(
+                "referral.created",
+                referral_id=unbuilt.ref,
+                provider=unbuilt.provider,
+                state="queued",
+                control_id=control_id,
+            )
+        self.worker.wake()
+        return control_id
+
+    def _rebuild_later(self) -> None:
+        if self._rebuild_timer is None or not self._rebuild_timer.active():
+            self._rebuild_timer = self.worker.clock.call_later(REBUILD_AFTER, self.rebuild)
+
+    def rebuild(self) -> Deferred[int]:
+        """Build and queue the referrals stored without a message (a builder or the daemon
+        died first); the number queued."""
+        if self._rebuilding:
+            return succeed(0)
+        self._rebuilding = True
+
+        def done(result: Any) -> Any:
+            self._rebuilding = False
+            return result
+
+        return ensureDeferred(self._rebuild()).addBoth(done)
+
+    async def _rebuild(self) -> int:
+        from corespond.daemon.referral_build import BuildCrashed
+
+        skip = frozenset(self._building)
+        found = await self.worker._in_thread(
+            lambda: unbuilt_referrals(self.engine, self.config, skip)
+        )
+        queued = 0
+        for unbuilt in found:
+            if unbuilt.id in self._building:  # its create (here) is building it now
+                continue
+            try:
+                if await self._build_and_queue(unbuilt) is not None:
+                    queued += 1
+            except BuildCrashed:
+                self._rebuild_later()
+                break
+            except BuildError as err:
+                reason = f"invalid-message: the message does not validate: {err}"
+                await self.worker._in_thread(
+                    partial(
+                        hold_unbuildable, self.engine, unbuilt.id, reason, self.worker.clock.now()
+                    )
+                )
+                self.metrics.held.labels(unbuilt.provider, "invalid-message").inc()
+                log.warning("referral.held", referral_id=unbuilt.ref, code="invalid-message")
+        if found:
+            log.info("referral.rebuilt", count=queued)
+        return queued
 
     def create_from_request(self, request: ReferralRequest) -> Deferred[CreatedReferral]:
         """Like :meth:`create`, for a request that may leave out the person (the API): then
@@ -1197,9 +1761,19 @@ class ReferralService:
         return self.worker._in_thread(with_person).addCallback(self.create)
 
     def start(self) -> None:
+        self.builder.start()
         self.worker.start()
         self.listener.start()
+        self.certificates.start()
+        # Referrals stored by a daemon that died before their message was built.
+        self.started = self.rebuild().addErrback(
+            lambda f: log.error("referral.rebuild.failed", error=type(f.value).__name__)
+        )
 
     async def stop(self) -> None:
+        if self._rebuild_timer is not None and self._rebuild_timer.active():
+            self._rebuild_timer.cancel()
+        self.certificates.stop()
         await self.listener.stop()
         await self.worker.stop()
+        self.builder.stop()

@@ -314,3 +314,24 @@ def txhl7_peer(tmp_path: Path, tls: tuple[Path, Path] | None = None) -> Iterator
         tmp_path,
     ):
         yield port
+
+
+# --- builders for the daemon's builder processes (module level: they are pickled by name) ------
+
+
+def build_in_pid(content: Any, profile: str) -> bytes:
+    """Builds as the daemon does, and says which process built it and at which CPU priority
+    (a Z-segment: ZPD-1 its pid, ZPD-2 its niceness)."""
+    from corespond.adapters.hl7_referral import build_message
+
+    zpd = f"\rZPD|{os.getpid()}|{os.nice(0)}\r".encode()
+    return build_message(content, profile).rstrip(b"\r") + zpd
+
+
+def build_or_die(content: Any, profile: str) -> bytes:
+    """Builds, except for incident ``DIE``: then the builder process dies at once."""
+    from corespond.adapters.hl7_referral import build_message
+
+    if content.incident_ref == "DIE":
+        os._exit(3)
+    return build_message(content, profile)

@@ -301,8 +301,9 @@ def test_no_ack_in_time_closes_and_resends_the_same_bytes(engine: Engine) -> Non
     worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
     try:
         loop.spin(lambda: len(peer.unanswered) == 1)
+        [timed_out] = peer.live
         loop.advance(5.0)  # the ACK timeout: the connection is closed
-        loop.spin(lambda: peer.live == [])
+        loop.spin(lambda: timed_out not in peer.live)
         loop.spin(lambda: message_states(engine)[0][1:] == ("pending", 1))
         # The held message does not block the next one, sent on a new connection meanwhile.
         loop.spin(lambda: len(peer.unanswered) == 2)
@@ -521,35 +522,106 @@ def test_two_workers_on_one_database_deliver_each_message_once(engine: Engine) -
     assert sum(w.delivered for w in workers) == len(created)
 
 
-def test_the_service_builds_off_the_reactor_thread(engine: Engine) -> None:
-    import threading
+def stop_service(loop: Loop, service: Any) -> None:
+    from twisted.internet.defer import ensureDeferred
 
-    from corespond.adapters.hl7_referral import build_message
+    stopped = ensureDeferred(service.stop())
+    loop.spin(lambda: stopped.called)
+
+
+def test_the_service_builds_in_another_process(engine: Engine) -> None:
+    """hl7apy runs in a builder process, never in the daemon's (nor in a thread of it)."""
+    import os
+
     from corespond.daemon.referrals import ReferralService
-
-    threads: list[threading.Thread] = []
-
-    def build(*args: Any) -> bytes:
-        threads.append(threading.current_thread())
-        return build_message(*args)
+    from tests.daemon.referral_rig import build_in_pid
 
     loop = Loop()
     peer = Peer(loop).start()
     cfg = with_port(config(), "csu", peer.port)
-    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, build=build)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, build=build_in_pid)
     service.start()
     try:
         d = service.create(request())
-        loop.spin(lambda: d.called)
+        loop.spin(lambda: d.called, turns=6000)
         loop.spin(lambda: service.worker.delivered == 1)
     finally:
-        from twisted.internet.defer import ensureDeferred
-
-        stopped = ensureDeferred(service.stop())
-        loop.spin(lambda: stopped.called)
+        stop_service(loop, service)
         peer.stop()
-    assert threads and threads[0] is not threading.main_thread()
     assert peer.control_ids() == [d.result.control_id]
+    [segment] = [s for s in peer.received[0].split(b"\r") if s.startswith(b"ZPD|")]
+    builder_pid, niceness = (int(v) for v in segment.split(b"|")[1:3])
+    assert builder_pid != os.getpid()
+    assert niceness == min(19, os.nice(0) + 10)  # it yields the CPU to the daemon
+
+
+def test_a_builder_that_dies_loses_no_referral(engine: Engine) -> None:
+    """The builder process dies mid-build: a precise error, the referral stays queued (no
+    message yet), and it is built, queued and delivered when the service starts again."""
+    from corespond.daemon.referrals import ReferralBuildFailed, ReferralService
+    from tests.daemon.referral_rig import build_or_die
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    cfg = with_port(config(), "csu", peer.port)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, build=build_or_die)
+    service.start()
+    failures: list[Any] = []
+    try:
+        loop.spin(lambda: service.started.called)
+        d = service.create(request(incident_ref="DIE"))
+        d.addErrback(failures.append)
+        loop.spin(lambda: d.called, turns=6000)
+        # The next build gets a fresh process.
+        ok = service.create(request(incident_ref="I-OK"))
+        loop.spin(lambda: ok.called, turns=6000)
+        loop.spin(lambda: service.worker.delivered == 1)
+    finally:
+        stop_service(loop, service)
+    [failure] = failures
+    assert failure.check(ReferralBuildFailed)
+    assert "builder process died" in str(failure.value) and "stays queued" in str(failure.value)
+    with engine.connect() as conn:
+        [kept] = conn.execute(select(referrals).where(referrals.c.incident_ref == "DIE")).all()
+        assert kept.state == "queued"
+        assert conn.execute(
+            select(func.count()).where(referral_messages.c.referral_id == kept.id)
+        ).scalar() == 0
+    assert service.builder.crashes == 1
+    # A restart (builders that live) finds it, builds it and sends it.
+    peer.stop()
+    loop2 = Loop()
+    peer2 = Peer(loop2).start()
+    service2 = ReferralService(
+        engine, loop2.reactor, with_port(cfg, "csu", peer2.port), clock=loop2.clock
+    )
+    service2.start()
+    try:
+        loop2.spin(lambda: service2.worker.delivered == 1, turns=6000)
+    finally:
+        stop_service(loop2, service2)
+        peer2.stop()
+    assert referral_state(engine, kept.ref).state == "delivered"
+    assert parse_reply(peer2.received[0]).originating_referral_id == kept.ref
+
+
+def test_a_message_that_does_not_validate_is_refused_and_not_kept(engine: Engine) -> None:
+    from corespond.daemon.referrals import ReferralService
+
+    loop = Loop()
+    service = ReferralService(engine, loop.reactor, config(), clock=loop.clock)
+    service.start()
+    failures: list[Any] = []
+    try:
+        d = service.create(request(referring_clinician="X" * 5000))
+        d.addErrback(failures.append)
+        loop.spin(lambda: d.called, turns=6000)
+    finally:
+        stop_service(loop, service)
+    [failure] = failures
+    assert failure.check(ReferralError) and "does not validate" in str(failure.value)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(referrals)).scalar() == 0
 
 
 @pytest.mark.parametrize("with_cert", [True, False], ids=["client-cert", "no-client-cert"])

@@ -63,6 +63,16 @@ def test_config_values(tmp_path: Path) -> None:
     assert csu.tls.cert_file == pki.client_cert
     assert (mcrt.profile, mcrt.ack_timeout, mcrt.tls) == ("mdm-t02", 12.5, None)
     assert cfg.listen is not None and cfg.listen.port == 2576
+    assert (cfg.build_processes, cfg.claim_ahead) == (1, 8)  # the defaults
+
+
+def test_config_builders_and_claims_ahead(tmp_path: Path) -> None:
+    text = REFERRALS.replace("  providers:", "  build_processes: 2\n  claim_ahead: 1\n  providers:")
+    cfg = load_config(config_file(tmp_path, text)).referrals
+    assert cfg is not None and (cfg.build_processes, cfg.claim_ahead) == (2, 1)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file(tmp_path, text.replace("claim_ahead: 1", "claim_ahead: 0")))
+    assert "at 'referrals.claim_ahead'" in "\n".join(str(p) for p in caught.value.problems)
 
 
 def test_config_errors_name_file_line_and_key(tmp_path: Path) -> None:
