@@ -207,6 +207,16 @@ class Corespond:
         self._started = False
         self._store_started = False
         self.referrals: Any = None
+        # Saves encounters for the API and the clinician's form (one code path). On SQLite
+        # its writes queue on the store's writer thread, as paging's do.
+        from corespond.daemon.encounter_desk import EncounterDesk
+
+        self.encounter_desk = EncounterDesk(
+            self.engine, config.outcomes, clock=self.clock,
+            run_in_thread=self.store.run_on_writer
+            if self.engine.dialect.name == "sqlite"
+            else self.in_thread,
+        )  # fmt: skip
         self.demo_peers: Any = None
         self._started_at = self.clock.now()
 
@@ -388,18 +398,17 @@ class Corespond:
         self, encounter_id: int, changes: dict[str, Any], complete: bool
     ) -> Deferred[dict[str, Any]]:
         """A clinician's documentation of an encounter (the API), in one transaction."""
-        from corespond.daemon.encounters import update_encounter
+        return self.encounter_desk.update(encounter_id, changes, complete)
 
-        now = self.clock.now()
+    def _referral_page(self) -> Any:
+        """The referral form beside the encounter form, when this daemon sends referrals."""
+        if self.referrals is None:
+            return None
+        from corespond.daemon.web.referral_form import ReferralDesk, referral_pages
 
-        def work() -> dict[str, Any]:
-            with self.engine.begin() as conn:
-                row = update_encounter(
-                    conn, encounter_id, changes, self.config.outcomes, now, complete=complete
-                )
-            return {"id": row["id"], "status": row["status"]}
-
-        return self.in_thread(work)
+        return referral_pages(ReferralDesk(
+            self.config.referrals, self.referrals.person_of, self.referrals.create
+        ))  # fmt: skip
 
     def _start_web(self) -> None:
         """The ack page and API listener (config section ``web``), on the paging core's desks."""
@@ -416,7 +425,9 @@ class Corespond:
             self.config.web, self.page_desk, self.clinician_desk,
             clock=self.clock, reactor=self.reactor,
             referrals=self.referrals.create_from_request if self.referrals is not None else None,
-            encounters=self.update_encounter,
+            encounters=self.update_encounter, encounter_desk=self.encounter_desk,
+            custom_fields=self.config.outcomes.custom_fields,
+            referral_page=self._referral_page(),
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():

@@ -336,6 +336,8 @@ class WebConfig:
     link_previous_key_file: Path | None = None
     link_previous_key: str | None = field(default=None, repr=False)
     link_lifetime_seconds: int = 14_400
+    # The encounter form's link (offered by a taken page): forms are often filled in later.
+    encounter_link_lifetime_seconds: int = 259_200
     timezone: str = "UTC"
     max_body_bytes: int = 65_536
     systems: tuple[WebSystemConfig, ...] = ()
@@ -1396,6 +1398,11 @@ class WebSection(Section):
                     "how long a page's link stays valid", minimum=60, maximum=7 * 86_400,
                     default=14_400,
                 ),
+                "encounter_link_lifetime_seconds": integer(
+                    "how long the encounter-form link a taken page offers stays valid (forms "
+                    "are often completed after the call)", minimum=60, maximum=30 * 86_400,
+                    default=259_200,
+                ),
                 "timezone": string("IANA zone the ack page shows times in", default="UTC"),
                 "max_body_bytes": integer(
                     "largest request body accepted (413 beyond)", minimum=1_024,
@@ -1462,6 +1469,7 @@ class WebSection(Section):
             link_previous_key_file=previous_file,
             link_previous_key=previous,
             link_lifetime_seconds=values["link_lifetime_seconds"],
+            encounter_link_lifetime_seconds=values["encounter_link_lifetime_seconds"],
             timezone=values["timezone"],
             max_body_bytes=values["max_body_bytes"],
             systems=tuple(systems),

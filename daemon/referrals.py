@@ -1186,15 +1186,24 @@ class ReferralService:
         if request.person != Person():
             return self.create(request)
 
-        def with_person() -> ReferralRequest:
-            with self.engine.connect() as conn:
-                found = person_of_incident(conn, request.incident_ref)
+        def with_person(found: tuple[Person, str | None] | None) -> ReferralRequest:
             if found is None:
                 return request
             person, zone = found
             return replace(request, person=person, region=request.region or zone)
 
-        return self.worker._in_thread(with_person).addCallback(self.create)
+        d = self.person_of(request.incident_ref).addCallback(with_person)
+        return d.addCallback(self.create)
+
+    def person_of(self, incident_ref: str) -> Deferred[tuple[Person, str | None] | None]:
+        """The person recorded on the incident's current snapshot and its zone (the referral
+        form shows it to be confirmed), read in the worker's thread pool."""
+
+        def look() -> tuple[Person, str | None] | None:
+            with self.engine.connect() as conn:
+                return person_of_incident(conn, incident_ref)
+
+        return self.worker._in_thread(look)
 
     def start(self) -> None:
         self.worker.start()

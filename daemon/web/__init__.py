@@ -1,4 +1,5 @@
-"""The daemon's web listener: the clinician's ack page and the API, on one twisted.web Site.
+"""The daemon's web listener: the clinician's ack page, encounter and referral forms, and the
+API, on one twisted.web Site.
 
 :func:`build_web_site` builds it from the ``web:`` configuration and the paging core's desks;
 :class:`~corespond.daemon.web.ack.AckLinks` makes the signed links pages carry. Gateway
@@ -8,22 +9,35 @@ callbacks and the dashboard are mounted on the same site with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from corespond.daemon.clock import Clock
-from corespond.daemon.config import WebConfig
+from corespond.daemon.config import CustomField, WebConfig
+from corespond.daemon.encounter_desk import EncounterDesk
 from corespond.daemon.responders import ClinicianDesk, PageDesk
-from corespond.daemon.signed_links import LinkKeys, LinkSigner
+from corespond.daemon.signed_links import ENCOUNTER_PURPOSE, LinkKeys, LinkSigner
 from corespond.daemon.web.ack import AckLinks, AckPages
 from corespond.daemon.web.api import ApiV1, EncounterUpdater, ReferralCreator
 from corespond.daemon.web.auth import SystemTokens
+from corespond.daemon.web.encounter_form import (
+    EncounterLinks,
+    EncounterPages,
+    ReferralPageFactory,
+)
 from corespond.daemon.web.site import WebSite
 
 
 def link_signer(config: WebConfig) -> LinkSigner:
     keys = LinkKeys.from_text(config.link_key, config.link_previous_key)
     return LinkSigner(keys, config.link_lifetime_seconds)
+
+
+def encounter_link_signer(config: WebConfig) -> LinkSigner:
+    """Signs the encounter-form links a taken page offers (same key, their own purpose)."""
+    keys = LinkKeys.from_text(config.link_key, config.link_previous_key)
+    return LinkSigner(keys, config.encounter_link_lifetime_seconds, ENCOUNTER_PURPOSE)
 
 
 def ack_links(config: WebConfig, clock: Clock) -> AckLinks:
@@ -40,11 +54,30 @@ def build_web_site(
     reactor: Any = None,
     referrals: ReferralCreator | None = None,
     encounters: EncounterUpdater | None = None,
+    encounter_desk: EncounterDesk | None = None,
+    custom_fields: Sequence[CustomField] = (),
+    referral_page: ReferralPageFactory | None = None,
 ) -> WebSite:
     """The site ``corespond run`` listens with: ``/ack/<token>`` and ``/api/v1`` (with
-    ``/api/v1/referrals`` when ``referrals`` creates them)."""
+    ``/api/v1/referrals`` when ``referrals`` creates them); with an ``encounter_desk`` also
+    the encounter form at ``/encounter/<token>`` (and its referral form from
+    ``referral_page``), linked from a taken page."""
     signer = link_signer(config)
+    zone = ZoneInfo(config.timezone)
     site = WebSite(max_body_bytes=config.max_body_bytes, reactor=reactor)
+    forms: EncounterLinks | None = None
+    if encounter_desk is not None:
+        encounter_signer = encounter_link_signer(config)
+        forms = EncounterLinks(encounter_signer, config.public_url, clock,
+                               referrals=referral_page is not None)  # fmt: skip
+        site.mount(
+            "/encounter",
+            EncounterPages(
+                encounter_desk, signer=encounter_signer, clock=clock,
+                public_url=config.public_url, zone=zone, custom_fields=custom_fields,
+                referral_page=referral_page,
+            ),
+        )  # fmt: skip
     site.mount(
         "/ack",
         AckPages(
@@ -52,7 +85,8 @@ def build_web_site(
             signer=signer,
             clock=clock,
             public_url=config.public_url,
-            zone=ZoneInfo(config.timezone),
+            zone=zone,
+            forms=forms,
         ),
     )
     systems = SystemTokens({s.name: s.token for s in config.systems})
@@ -70,4 +104,11 @@ def build_web_site(
     return site
 
 
-__all__ = ["AckLinks", "WebSite", "ack_links", "build_web_site", "link_signer"]
+__all__ = [
+    "AckLinks",
+    "WebSite",
+    "ack_links",
+    "build_web_site",
+    "encounter_link_signer",
+    "link_signer",
+]
