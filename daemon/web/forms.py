@@ -162,8 +162,16 @@ def problem_attrs(name: str, problems: Mapping[str, list[str]]) -> tuple[str, st
     )
 
 
-def _required_mark(required: bool) -> str:
-    return " <span class=req>(required to complete)</span>" if required else ""
+# A field marked required says when it is needed: True (to complete the encounter) or the
+# words themselves ("required" on a form that is sent only whole).
+Required = bool | str
+
+
+def _required_mark(required: Required) -> str:
+    if not required:
+        return ""
+    words = "required to complete" if required is True else required
+    return f" <span class=req>({escape(str(words))})</span>"
 
 
 def field_select(
@@ -172,7 +180,7 @@ def field_select(
     options: Sequence[tuple[str, str]],
     current: str,
     problems: Mapping[str, list[str]],
-    required: bool = False,
+    required: Required = False,
 ) -> str:
     attrs, after = problem_attrs(name, problems)
     opts = "".join(
@@ -192,7 +200,7 @@ def field_checks(
     options: Sequence[tuple[str, str]],
     chosen: Sequence[str],
     problems: Mapping[str, list[str]],
-    required: bool = False,
+    required: Required = False,
 ) -> str:
     attrs, after = problem_attrs(name, problems)
     boxes = "".join(
@@ -212,7 +220,7 @@ def field_input(
     kind: str,
     current: str,
     problems: Mapping[str, list[str]],
-    required: bool = False,
+    required: Required = False,
     extra: str = "",
 ) -> str:
     attrs, after = problem_attrs(name, problems)

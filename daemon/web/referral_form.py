@@ -207,14 +207,14 @@ def referral_form_page(
     if service_types:
         service = field_select("service_type", "Service", [("", "Choose a service"),
                           *((s, s) for s in service_types)], first("service_type"), by_field,
-                          True)  # fmt: skip
+                          "required")  # fmt: skip
     else:
         service = field_input("service_type", "Service type", "text", first("service_type"),
-                         by_field, True, extra=f" maxlength={MAX_ID_CHARS}")  # fmt: skip
+                         by_field, "required", extra=f" maxlength={MAX_ID_CHARS}")  # fmt: skip
     urgencies = [(u, URGENCY_LABELS.get(u, u)) for u in URGENCIES]
     attrs, after = problem_attrs("summary", by_field)
     referral = (
-        field_select("provider", "Provider", providers, first("provider"), by_field, True)
+        field_select("provider", "Provider", providers, first("provider"), by_field, "required")
         + service
         + field_select("urgency", "Urgency", urgencies, first("urgency") or "routine", by_field)
         + '<div class=field><label for="f-summary">Clinical summary (yours, not the CAD '
@@ -230,7 +230,8 @@ def referral_form_page(
         for name in PERSON_FIELDS
     )  # fmt: skip
     person += field_checks("confirmed", "Confirmation", [("yes", "I confirmed these details")],
-                      ["yes"] if first("confirmed") == "yes" else [], by_field, True)  # fmt: skip
+                      ["yes"] if first("confirmed") == "yes" else [], by_field,
+                            "required")  # fmt: skip
     part2 = field_checks(
         "part2", "Substance use (42 CFR Part 2)",
         [("yes", "This referral holds substance-use-disorder information")],

@@ -26,6 +26,7 @@ from tests.daemon.web.encounter_rig import (
     paged_incident,
     received_at,
     stored_encounter,
+    taken_page,
 )
 from tests.daemon.web.rig import web_config
 
@@ -182,3 +183,70 @@ def test_accept_then_complete_the_encounter_on_a_phone(
     console = [e["message"] for e in browser.get_log("browser")]
     assert not [m for m in console if "Content Security Policy" in m], console
     assert (tmp_path / "encounter-form.png").stat().st_size > 1000
+
+
+def test_refer_from_the_encounter_on_a_phone(
+    browser: Any, served: ServedReactor, w: World, tmp_path: Path
+) -> None:
+    """Through the real referral service (its thread pool and worker on the served reactor):
+    a Part 2 referral without consent is held, and the page says why."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from twisted.internet.defer import ensureDeferred
+
+    from corespond.daemon.referrals import ReferralService
+    from corespond.daemon.web.referral_form import ReferralDesk, referral_pages
+    from tests.daemon.referral_rig import config, provider
+
+    service = ReferralService(
+        w.engine, served.reactor,
+        config(provider("csu", service_types=("crisis-stabilization",)),
+               provider("detox-west", service_types=("detox",))),
+    )  # fmt: skip
+    created = threading.Event()
+
+    def create(wanted: Any) -> Deferred[Any]:
+        return service.create(wanted).addCallback(lambda r: (created.set(), r)[1])
+
+    served.call(service.start)
+    try:
+        taken_page(w)
+        desk = ReferralDesk(service.config, service.person_of, create)
+        url, _pages, _desk = serve(w, served, referral_page=referral_pages(desk))
+        browser.get(url)
+        browser.get(browser.find_element(By.LINK_TEXT, "Refer to a provider").get_attribute("href"))
+        assert browser.title == "Referral 2026-001445"
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        # The person as recorded on the incident, shown to be confirmed.
+        assert browser.find_element(By.ID, "f-given").get_attribute("value") == "ZQXPERSON"
+        Select(browser.find_element(By.ID, "f-provider")).select_by_value("detox-west")
+        Select(browser.find_element(By.ID, "f-service_type")).select_by_value("detox")
+        Select(browser.find_element(By.ID, "f-urgency")).select_by_visible_text("Immediately")
+        browser.find_element(By.ID, "f-summary").send_keys("Withdrawal risk.\nWants detox.")
+        phone = browser.find_element(By.ID, "f-phone")
+        assert phone.get_attribute("value") == "555-0100"
+        phone.clear()
+        phone.send_keys("555-0199")  # the clinician corrects what was recorded
+        browser.find_element(By.CSS_SELECTOR, "input[name=part2][value=yes]").click()
+        browser.find_element(By.CSS_SELECTOR, "input[name=confirmed][value=yes]").click()
+        browser.save_screenshot(str(tmp_path / "referral-form.png"))
+        browser.find_element(By.CSS_SELECTOR, "button.complete").click()
+        assert created.wait(DEADLINE)
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert "is held" in body and "Held, not sent: 42 CFR Part 2" in body, body
+        browser.save_screenshot(str(tmp_path / "referral-held.png"))
+        with w.engine.connect() as conn:
+            from sqlalchemy import select
+
+            from corespond.daemon.store.tables import referrals
+
+            (row,) = conn.execute(select(referrals)).mappings()
+        assert (row["state"], row["provider"], row["urgency"], row["part2"]) == (
+            "held", "detox-west", "stat", True,
+        )  # fmt: skip
+        assert row["hold_reason"].startswith("part2-no-consent")
+        assert row["summary"] == "Withdrawal risk.\nWants detox."
+        assert row["person"]["phone"] == "555-0199"
+        assert row["referring_clinician"] == CLINICIAN
+    finally:
+        served.call(lambda: ensureDeferred(service.stop()))
