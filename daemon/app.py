@@ -209,14 +209,19 @@ class Corespond:
         self.referrals: Any = None
         # Saves encounters for the API and the clinician's form (one code path). On SQLite
         # its writes queue on the store's writer thread, as paging's do.
+        # A configured disposition asks for its referral in the saving transaction.
+        from corespond.daemon.auto_referrals import AutoReferrals, disposition_hook
         from corespond.daemon.encounter_desk import EncounterDesk
 
+        auto = config.referrals.auto if config.referrals is not None else ()
         self.encounter_desk = EncounterDesk(
             self.engine, config.outcomes, clock=self.clock,
             run_in_thread=self.store.run_on_writer
             if self.engine.dialect.name == "sqlite"
             else self.in_thread,
+            hooks=(disposition_hook(auto),) if auto else (),
         )  # fmt: skip
+        self.auto_referrals: AutoReferrals | None = None
         self.demo_peers: Any = None
         self._started_at = self.clock.now()
 
@@ -250,6 +255,7 @@ class Corespond:
             try:
                 self.referrals = ReferralService(self.engine, self.reactor, self.config.referrals)
                 self.referrals.start()
+                self._start_auto_referrals()
             except Exception as err:
                 raise StartupError(f"referrals could not start: {err}") from err
         self._start_metrics()
@@ -399,6 +405,19 @@ class Corespond:
     ) -> Deferred[dict[str, Any]]:
         """A clinician's documentation of an encounter (the API), in one transaction."""
         return self.encounter_desk.update(encounter_id, changes, complete)
+
+    def _start_auto_referrals(self) -> None:
+        """Referrals a configured disposition or rule asks for (``referrals.auto``)."""
+        if self.config.referrals is None or not self.config.referrals.auto:
+            return
+        from corespond.daemon.auto_referrals import AutoReferrals
+
+        worker = self.referrals.worker
+        self.auto_referrals = AutoReferrals(
+            self.engine, self.config.referrals, clock=self.clock,
+            run_in_thread=worker._in_thread, created=worker.wake,
+        )  # fmt: skip
+        self.auto_referrals.start()
 
     def _referral_page(self) -> Any:
         """The referral form beside the encounter form, when this daemon sends referrals."""
@@ -629,6 +648,8 @@ class Corespond:
         await self.feeds.stop()
         if self.paging is not None:
             await self.paging.stop()
+        if self.auto_referrals is not None:
+            self.auto_referrals.stop()
         if self.referrals is not None:
             await self.referrals.stop()
         # A start that failed early (rules, schema) never started the store's reader threads.

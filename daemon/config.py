@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -372,6 +372,28 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoReferralConfig:
+    """A referral the daemon makes by itself: when an encounter is saved with ``disposition``
+    or when the incident's decision names ``rule`` (``trigger`` is ``disposition:<code>`` or
+    ``rule:<id>``); once per incident, trigger, provider and service type."""
+
+    trigger: str
+    provider: str
+    service_type: str
+    urgency: str = "routine"
+    part2: bool = False
+    referring_clinician: str | None = None  # None: the encounter's clinician, else "corespond"
+
+    @property
+    def kind(self) -> str:
+        return self.trigger.partition(":")[0]
+
+    @property
+    def value(self) -> str:
+        return self.trigger.partition(":")[2]
+
+
+@dataclass(frozen=True, slots=True)
 class ReferralsConfig:
     sending_application: str
     sending_facility: str
@@ -380,6 +402,7 @@ class ReferralsConfig:
     poll_interval: float = 2.0
     listen: ListenConfig | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    auto: tuple[AutoReferralConfig, ...] = ()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -1563,6 +1586,80 @@ PROVIDER_SCHEMA = obj(
 )
 
 
+AUTO_REFERRAL_SCHEMA = obj(
+    {
+        "when": {
+            "type": "object",
+            "description": "what triggers it: {disposition: CODE} or {rule: RULE_ID}",
+            "properties": {
+                "disposition": string("an encounter disposition code"),
+                "rule": string("a rule id", pattern=r"^[a-z0-9][a-z0-9._-]*$", maxLength=128),
+            },
+            "additionalProperties": False,
+            "minProperties": 1,
+            "maxProperties": 1,
+        },
+        "provider": string("a provider under referrals.providers"),
+        "service": string("the service type (RF1-10)", minLength=1, maxLength=128),
+        "urgency": choice("RF1-2", ("routine", "asap", "stat"), default="routine"),
+        "part2": boolean(
+            "holds substance-use-disorder information (42 CFR Part 2): without a recorded "
+            "consent the referral is held",
+            False,
+        ),
+        "referring_clinician": string(
+            "PRD-7 when nobody referred (default: the encounter's clinician, else corespond)",
+            minLength=1, maxLength=64,
+        ),
+    },
+    required=("when", "provider", "service"),
+)  # fmt: skip
+
+
+def parse_auto_referrals(
+    raw: Any, providers: Sequence[ProviderConfig], ctx: ParseContext
+) -> tuple[AutoReferralConfig, ...]:
+    """The ``referrals.auto`` entries; an unknown disposition or provider, a service the
+    provider does not take, or the same trigger twice for one provider and service is a
+    problem at its own key."""
+    from corespond.daemon.encounters import DISPOSITIONS
+
+    by_name = {p.name: p for p in providers}
+    out: list[AutoReferralConfig] = []
+    seen: set[tuple[str, str, str]] = set()
+    for n, entry in enumerate(raw or ()):
+        path: KeyPath = ("referrals", "auto", n)
+        kind, value = next(iter(entry["when"].items()))
+        if kind == "disposition" and value not in DISPOSITIONS:
+            hint = _did_you_mean(value, DISPOSITIONS)
+            ctx.problem((*path, "when", "disposition"), f"unknown disposition {value!r}{hint}")
+        provider = by_name.get(entry["provider"])
+        service = entry["service"]
+        if provider is None:
+            known = ", ".join(by_name) or "none"
+            ctx.problem(
+                (*path, "provider"), f"unknown provider {entry['provider']!r} (configured: {known})"
+            )
+        elif provider.service_types and service not in provider.service_types:
+            takes = ", ".join(provider.service_types)
+            ctx.problem(
+                (*path, "service"),
+                f"provider {provider.name} does not take service type {service!r} "
+                f"(it takes {takes})",
+            )
+        trigger = f"{kind}:{value}"
+        key = (trigger, entry["provider"], entry["service"])
+        if key in seen:
+            ctx.problem(path, f"the same trigger, provider and service are given twice ({trigger})")
+        seen.add(key)
+        out.append(AutoReferralConfig(
+            trigger=trigger, provider=entry["provider"], service_type=entry["service"],
+            urgency=entry.get("urgency", "routine"), part2=entry.get("part2", False),
+            referring_clinician=entry.get("referring_clinician"),
+        ))  # fmt: skip
+    return tuple(out)
+
+
 class ReferralsSection(Section):
     key = "referrals"
 
@@ -1593,6 +1690,13 @@ class ReferralsSection(Section):
                     "additionalProperties": PROVIDER_SCHEMA,
                 },
                 "listen": LISTEN_SCHEMA,
+                "auto": {
+                    "type": ["array", "null"],
+                    "description": "referrals the daemon makes by itself, once per incident "
+                    "and trigger: when an encounter is saved with a disposition, or when the "
+                    "incident's decision names a rule",
+                    "items": AUTO_REFERRAL_SCHEMA,
+                },
             },
             required=("sending_application", "sending_facility", "providers"),
             nullable=True,
@@ -1653,6 +1757,7 @@ class ReferralsSection(Section):
             poll_interval=float(values["poll_interval"]),
             listen=listen,
             max_message_bytes=values["max_message_bytes"],
+            auto=parse_auto_referrals(raw.get("auto"), providers, ctx),
         )
 
 

@@ -216,8 +216,11 @@ def create_referral(
     now: datetime,
     *,
     build: Callable[[ReferralContent, str], bytes] = build_message,
+    on_stored: Callable[[Connection, str], None] | None = None,
 ) -> CreatedReferral:
     """Store a referral and, unless it must be held, its message in the outbox (due now).
+    ``on_stored(conn, ref)`` runs in the same transaction (what asked for the referral marks
+    itself done there: both commit or neither).
 
     Blocking (database and hl7apy): call it from a thread, never on the reactor.
     """
@@ -272,6 +275,8 @@ def create_referral(
         )
         if message is not None:
             _queue_message(conn, referral_id, provider, control_id, message, now)
+        if on_stored is not None:
+            on_stored(conn, ref)
     log.info(
         "referral.created",
         referral_id=ref,
