@@ -31,11 +31,13 @@ import structlog
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 
 from corespond.adapters.hl7_referral import Person, ReferralContent, build_message
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import AutoReferralConfig, ReferralsConfig
 from corespond.daemon.encounter_desk import SaveHook
+from corespond.daemon.log import error_text
 from corespond.daemon.referrals import (
     ReferralError,
     ReferralRequest,
@@ -327,9 +329,9 @@ class AutoReferrals:
                 self._again = False
                 self.poll()
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self._polling = False
-            log.error("referral.auto.failed", error=str(failure.type.__name__))
+            log.error("referral.auto.failed", error=error_text(failure))
 
         d.addCallbacks(done, failed)
         return d
