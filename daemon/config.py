@@ -1660,6 +1660,35 @@ def parse_auto_referrals(
     return tuple(out)
 
 
+def check_trigger_rules(
+    auto: tuple[AutoReferralConfig, ...], ctx: ParseContext
+) -> tuple[AutoReferralConfig, ...]:
+    """A ``rule:`` trigger must name a rule of the effective rule set (vendor files and
+    ``rules.site_dir``) that is switched on. When the rules themselves do not load, that is
+    ``corespond rules check``'s to say, and nothing is checked here."""
+    if not any(entry.kind == "rule" for entry in auto):
+        return auto
+    from corespond.rules.loader import RuleSetError, load_ruleset
+
+    rules: RulesConfig = ctx.values.get("rules") or RulesConfig()
+    try:
+        ruleset = load_ruleset(site=rules.site_dir if rules.site_dir.is_dir() else (),
+                               timezone=rules.timezone)  # fmt: skip
+    except (RuleSetError, OSError):
+        return auto
+    known = {rule.id for rule in ruleset.rules}
+    for n, entry in enumerate(auto):
+        if entry.kind != "rule":
+            continue
+        where: KeyPath = ("referrals", "auto", n, "when", "rule")
+        if entry.value in ruleset.disabled:
+            ctx.problem(where, f"rule {entry.value!r} is switched off: it never fires")
+        elif entry.value not in known:
+            hint = _did_you_mean(entry.value, sorted(known))
+            ctx.problem(where, f"no rule {entry.value!r} in the rule set{hint}")
+    return auto
+
+
 class ReferralsSection(Section):
     key = "referrals"
 
@@ -1757,7 +1786,7 @@ class ReferralsSection(Section):
             poll_interval=float(values["poll_interval"]),
             listen=listen,
             max_message_bytes=values["max_message_bytes"],
-            auto=parse_auto_referrals(raw.get("auto"), providers, ctx),
+            auto=check_trigger_rules(parse_auto_referrals(raw.get("auto"), providers, ctx), ctx),
         )
 
 

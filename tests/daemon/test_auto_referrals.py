@@ -40,7 +40,7 @@ from tests.daemon.web.encounter_rig import OUTCOMES, taken_page
 __all__ = ["roster", "world"]  # fixtures, imported for pytest
 
 DISPOSITION = AutoReferralConfig("disposition:resolved_with_referral", "csu", "outpatient")
-RULE = AutoReferralConfig("rule:sud.overdose", "detox-west", "detox", urgency="stat",
+RULE = AutoReferralConfig("rule:bh.apco.overdose", "detox-west", "detox", urgency="stat",
                           referring_clinician="oncall-lead")  # fmt: skip
 CONFIG = referrals_config(
     provider("csu", service_types=("crisis-stabilization", "outpatient")),
@@ -75,7 +75,7 @@ def test_auto_entries_are_read_and_every_mistake_is_named_with_file_and_line(
         + "    - when: {disposition: resolved_with_referral}\n"
         + "      provider: csu\n"
         + "      service: outpatient\n"
-        + "    - when: {rule: sud.overdose}\n"
+        + "    - when: {rule: bh.apco.overdose}\n"
         + "      provider: csu\n"
         + "      service: outpatient\n"
         + "      urgency: stat\n"
@@ -84,14 +84,16 @@ def test_auto_entries_are_read_and_every_mistake_is_named_with_file_and_line(
     auto = load_config(path).referrals.auto  # type: ignore[union-attr]
     assert auto == (
         AutoReferralConfig("disposition:resolved_with_referral", "csu", "outpatient"),
-        AutoReferralConfig("rule:sud.overdose", "csu", "outpatient", urgency="stat", part2=True),
+        AutoReferralConfig(
+            "rule:bh.apco.overdose", "csu", "outpatient", urgency="stat", part2=True
+        ),
     )
     path.write_text(
         PROVIDERS
         + "  auto:\n"
         + "    - {when: {disposition: resolved_with_referal}, provider: csu, service: outpatient}\n"
-        + "    - {when: {rule: sud.overdose}, provider: detox, service: outpatient}\n"
-        + "    - {when: {rule: sud.overdose}, provider: csu, service: detox}\n"
+        + "    - {when: {rule: bh.apco.overdose}, provider: detox, service: outpatient}\n"
+        + "    - {when: {rule: bh.apco.overdos}, provider: csu, service: detox}\n"
         + "    - {when: {disposition: arrest}, provider: csu, service: outpatient}\n"
         + "    - {when: {disposition: arrest}, provider: csu, service: outpatient}\n"
     )
@@ -102,8 +104,10 @@ def test_auto_entries_are_read_and_every_mistake_is_named_with_file_and_line(
         (12, "referrals.auto[0].when.disposition", "did you mean 'resolved_with_referral'"),
         (13, "referrals.auto[1].provider", "unknown provider 'detox' (configured: csu)"),
         (14, "referrals.auto[2].service", "provider csu does not take service type 'detox'"),
+        (14, "referrals.auto[2].when.rule", "no rule 'bh.apco.overdos' in the rule set (did you "
+                                            "mean 'bh.apco.overdose'"),
         (16, "referrals.auto[4]", "given twice"),
-    ]
+    ]  # in file order
     assert len(found) == len(expect), found
     for (line, key, words), problem in zip(expect, found, strict=True):
         assert f"corespond.yaml:{line}: at '{key}'" in problem and words in problem, problem
@@ -175,7 +179,7 @@ def test_a_disposition_refers_once_per_incident_across_resaves_and_restarts(w: W
 
 def overdose_incident(w: World, number: str, updated: float = 0) -> None:
     snap = dataclasses.replace(snapshot(number, updated=updated), incident_number=number)
-    dec = dataclasses.replace(decision(Response.POLICE), rules=("mh.confused", "sud.overdose"))
+    dec = dataclasses.replace(decision(Response.POLICE), rules=("mh.confused", "bh.apco.overdose"))
     with w.engine.begin() as conn:
         (stored,) = write_batch(conn, [record(snap, dec)])
     assert isinstance(stored, StoredSnapshot)
@@ -191,7 +195,7 @@ def test_a_rule_in_the_decision_refers_once_even_after_a_restart(w: World) -> No
         "detox-west", "stat", "oncall-lead",
     )  # fmt: skip
     (wanted,) = rows(w, auto_referrals)
-    assert wanted["trigger"] == "rule:sud.overdose" and wanted["state"] == "done"
+    assert wanted["trigger"] == "rule:bh.apco.overdose" and wanted["state"] == "done"
     # A later snapshot of the same incident, decided the same way: nothing new.
     overdose_incident(w, "2026-002000", updated=30)
     assert run(worker) == 0
@@ -228,7 +232,7 @@ def test_a_trigger_no_longer_configured_is_refused_with_its_reason(w: World) -> 
     assert run(worker) == 0
     (row,) = rows(w, auto_referrals)
     assert row["state"] == "refused"
-    assert row["refusal"] == "no referrals.auto entry for rule:sud.overdose any more"
+    assert row["refusal"] == "no referrals.auto entry for rule:bh.apco.overdose any more"
     assert rows(w, referrals) == []
 
 
@@ -248,3 +252,21 @@ def test_the_daemon_saves_encounters_with_the_disposition_trigger(tmp_path: Path
         assert hook.__qualname__.startswith("disposition_hook")
     finally:
         app.engine.dispose()
+
+
+def test_a_rule_the_site_switched_off_is_no_trigger(tmp_path: Path) -> None:
+    site = tmp_path / "rules.d"
+    site.mkdir()
+    (site / "20-local.yaml").write_text(
+        "engine: 1\nrules:\n  - {id: bh.apco.overdose, enabled: false}\n"
+    )
+    path = tmp_path / "corespond.yaml"
+    path.write_text(
+        f"rules: {{site_dir: {site}}}\n" + PROVIDERS + "  auto:\n"
+        "    - {when: {rule: bh.apco.overdose}, provider: csu, service: outpatient}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = [str(p) for p in caught.value.problems]
+    assert "corespond.yaml:13: at 'referrals.auto[0].when.rule'" in problem
+    assert "switched off" in problem
