@@ -162,11 +162,18 @@ class Corespond:
         # The link signer and system tokens the web side checks with; a reload updates these
         # in place (new keys, tokens) so every page, link and API request sees them at once.
         self.link_signer: Any = None
+        self.encounter_signer: Any = None
         self.system_tokens: Any = None
         if config.web is not None:
-            from corespond.daemon.web import ack_links, link_signer, system_tokens
+            from corespond.daemon.web import (
+                ack_links,
+                encounter_link_signer,
+                link_signer,
+                system_tokens,
+            )
 
             self.link_signer = link_signer(config.web)
+            self.encounter_signer = encounter_link_signer(config.web)
             self.system_tokens = system_tokens(config.web)
             self.ack_links = ack_links(config.web, self.clock, self.link_signer)
         # Paging: gateways from the config (or given, in tests), replies and receipts back
@@ -227,6 +234,21 @@ class Corespond:
         self._started = False
         self._store_started = False
         self.referrals: Any = None
+        # Saves encounters for the API and the clinician's form (one code path). On SQLite
+        # its writes queue on the store's writer thread, as paging's do.
+        # A configured disposition asks for its referral in the saving transaction.
+        from corespond.daemon.auto_referrals import AutoReferrals, disposition_hook
+        from corespond.daemon.encounter_desk import EncounterDesk
+
+        auto = config.referrals.auto if config.referrals is not None else ()
+        self.encounter_desk = EncounterDesk(
+            self.engine, config.outcomes, clock=self.clock,
+            run_in_thread=self.store.run_on_writer
+            if self.engine.dialect.name == "sqlite"
+            else self.in_thread,
+            hooks=(disposition_hook(auto),) if auto else (),
+        )  # fmt: skip
+        self.auto_referrals: AutoReferrals | None = None
         self.demo_peers: Any = None
         self._started_at = self.clock.now()
 
@@ -270,6 +292,7 @@ class Corespond:
                     metrics=ReferralMetrics(self.registry),
                 )  # fmt: skip
                 self.referrals.start()
+                self._start_auto_referrals()
             except Exception as err:
                 raise StartupError(f"referrals could not start: {err}") from err
         self._start_metrics()
@@ -418,18 +441,30 @@ class Corespond:
         self, encounter_id: int, changes: dict[str, Any], complete: bool
     ) -> Deferred[dict[str, Any]]:
         """A clinician's documentation of an encounter (the API), in one transaction."""
-        from corespond.daemon.encounters import update_encounter
+        return self.encounter_desk.update(encounter_id, changes, complete)
 
-        now = self.clock.now()
+    def _start_auto_referrals(self) -> None:
+        """Referrals a configured disposition or rule asks for (``referrals.auto``)."""
+        if self.config.referrals is None or not self.config.referrals.auto:
+            return
+        from corespond.daemon.auto_referrals import AutoReferrals
 
-        def work() -> dict[str, Any]:
-            with self.engine.begin() as conn:
-                row = update_encounter(
-                    conn, encounter_id, changes, self.config.outcomes, now, complete=complete
-                )
-            return {"id": row["id"], "status": row["status"]}
+        worker = self.referrals.worker
+        self.auto_referrals = AutoReferrals(
+            self.engine, self.config.referrals, clock=self.clock,
+            run_in_thread=worker._in_thread, created=worker.wake,
+        )  # fmt: skip
+        self.auto_referrals.start()
 
-        return self.in_thread(work)
+    def _referral_page(self) -> Any:
+        """The referral form beside the encounter form, when this daemon sends referrals."""
+        if self.referrals is None:
+            return None
+        from corespond.daemon.web.referral_form import ReferralDesk, referral_pages
+
+        return referral_pages(ReferralDesk(
+            self.config.referrals, self.referrals.person_of, self.referrals.create
+        ))  # fmt: skip
 
     def _start_web(self) -> None:
         """The ack page and API listener (config section ``web``), on the paging core's desks."""
@@ -447,7 +482,10 @@ class Corespond:
             clock=self.clock, reactor=self.reactor,
             referrals=self.referrals.create_from_request if self.referrals is not None else None,
             encounters=self.update_encounter, signer=self.link_signer,
-            systems=self.system_tokens,
+            encounter_signer=self.encounter_signer, systems=self.system_tokens,
+            encounter_desk=self.encounter_desk,
+            custom_fields=self.config.outcomes.custom_fields,
+            referral_page=self._referral_page(),
         )  # fmt: skip
         if self.gateway_inbound is not None:
             for path, resource in self.gateway_inbound.resources.items():
@@ -665,9 +703,9 @@ class Corespond:
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
         return True
 
-    def _web_secrets(self, new: Config) -> tuple[Any, int, dict[str, str]] | None:
-        """The link keys, link lifetime and system tokens of ``new``, checked (ValueError) but
-        not yet applied; None when the daemon has no web side."""
+    def _web_secrets(self, new: Config) -> tuple[Any, tuple[int, int], dict[str, str]] | None:
+        """The link keys, link lifetimes (ack, encounter) and system tokens of ``new``, checked
+        (ValueError) but not yet applied; None when the daemon has no web side."""
         if new.web is None or self.link_signer is None:
             return None
         from corespond.daemon.signed_links import LinkSigner
@@ -677,18 +715,23 @@ class Corespond:
         keys, tokens = link_keys(new.web), {s.name: s.token for s in new.web.systems}
         LinkSigner(keys, new.web.link_lifetime_seconds)
         SystemTokens(tokens)
-        return keys, new.web.link_lifetime_seconds, tokens
+        lifetimes = (new.web.link_lifetime_seconds, new.web.encounter_link_lifetime_seconds)
+        return keys, lifetimes, tokens
 
-    def _apply_web_secrets(self, keys: Any, lifetime: int, tokens: dict[str, str]) -> list[str]:
+    def _apply_web_secrets(
+        self, keys: Any, lifetimes: tuple[int, int], tokens: dict[str, str]
+    ) -> list[str]:
         """Swap in new link keys and system tokens: what changed, for the reload's log line
         (names of systems, never a key or token)."""
         changes = []
         old = self.link_signer.keys
         if (keys.current, keys.previous) != (old.current, old.previous):
             changes.append("link keys reloaded")
+        lifetime, encounter_lifetime = lifetimes
         if lifetime != self.link_signer.lifetime:
             changes.append("link lifetime changed")
         self.link_signer.rotate(keys, lifetime)
+        self.encounter_signer.rotate(keys, encounter_lifetime)
         before = {s.name: s.token for s in self.config.web.systems} if self.config.web else {}
         if before != tokens:
             added, removed = (
@@ -740,6 +783,8 @@ class Corespond:
         await self.feeds.stop()
         if self.paging is not None:
             await self.paging.stop()
+        if self.auto_referrals is not None:
+            self.auto_referrals.stop()
         if self.referrals is not None:
             await self.referrals.stop()
         # A start that failed early (rules, schema) never started the store's reader threads.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -336,6 +336,8 @@ class WebConfig:
     link_previous_key_file: Path | None = None
     link_previous_key: str | None = field(default=None, repr=False)
     link_lifetime_seconds: int = 14_400
+    # The encounter form's link (offered by a taken page): forms are often filled in later.
+    encounter_link_lifetime_seconds: int = 259_200
     timezone: str = "UTC"
     max_body_bytes: int = 65_536
     systems: tuple[WebSystemConfig, ...] = ()
@@ -375,6 +377,28 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoReferralConfig:
+    """A referral the daemon makes by itself: when an encounter is saved with ``disposition``
+    or when the incident's decision names ``rule`` (``trigger`` is ``disposition:<code>`` or
+    ``rule:<id>``); once per incident, trigger, provider and service type."""
+
+    trigger: str
+    provider: str
+    service_type: str
+    urgency: str = "routine"
+    part2: bool = False
+    referring_clinician: str | None = None  # None: the encounter's clinician, else "corespond"
+
+    @property
+    def kind(self) -> str:
+        return self.trigger.partition(":")[0]
+
+    @property
+    def value(self) -> str:
+        return self.trigger.partition(":")[2]
+
+
+@dataclass(frozen=True, slots=True)
 class ReferralsConfig:
     sending_application: str
     sending_facility: str
@@ -385,6 +409,7 @@ class ReferralsConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     build_processes: int = 1  # hl7apy builds run in this many worker processes
     claim_ahead: int = 8  # messages a provider's sender holds claimed (sent one at a time)
+    auto: tuple[AutoReferralConfig, ...] = ()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -1405,6 +1430,11 @@ class WebSection(Section):
                     "how long a page's link stays valid", minimum=60, maximum=7 * 86_400,
                     default=14_400,
                 ),
+                "encounter_link_lifetime_seconds": integer(
+                    "how long the encounter-form link a taken page offers stays valid (forms "
+                    "are often completed after the call)", minimum=60, maximum=30 * 86_400,
+                    default=259_200,
+                ),
                 "timezone": string("IANA zone the ack page shows times in", default="UTC"),
                 "max_body_bytes": integer(
                     "largest request body accepted (413 beyond)", minimum=1_024,
@@ -1492,6 +1522,7 @@ class WebSection(Section):
             link_previous_key_file=previous_file,
             link_previous_key=previous,
             link_lifetime_seconds=values["link_lifetime_seconds"],
+            encounter_link_lifetime_seconds=values["encounter_link_lifetime_seconds"],
             timezone=values["timezone"],
             max_body_bytes=values["max_body_bytes"],
             systems=tuple(systems),
@@ -1590,6 +1621,109 @@ PROVIDER_SCHEMA = obj(
 )
 
 
+AUTO_REFERRAL_SCHEMA = obj(
+    {
+        "when": {
+            "type": "object",
+            "description": "what triggers it: {disposition: CODE} or {rule: RULE_ID}",
+            "properties": {
+                "disposition": string("an encounter disposition code"),
+                "rule": string("a rule id", pattern=r"^[a-z0-9][a-z0-9._-]*$", maxLength=128),
+            },
+            "additionalProperties": False,
+            "minProperties": 1,
+            "maxProperties": 1,
+        },
+        "provider": string("a provider under referrals.providers"),
+        "service": string("the service type (RF1-10)", minLength=1, maxLength=128),
+        "urgency": choice("RF1-2", ("routine", "asap", "stat"), default="routine"),
+        "part2": boolean(
+            "holds substance-use-disorder information (42 CFR Part 2): without a recorded "
+            "consent the referral is held",
+            False,
+        ),
+        "referring_clinician": string(
+            "PRD-7 when nobody referred (default: the encounter's clinician, else corespond)",
+            minLength=1, maxLength=64,
+        ),
+    },
+    required=("when", "provider", "service"),
+)  # fmt: skip
+
+
+def parse_auto_referrals(
+    raw: Any, providers: Sequence[ProviderConfig], ctx: ParseContext
+) -> tuple[AutoReferralConfig, ...]:
+    """The ``referrals.auto`` entries; an unknown disposition or provider, a service the
+    provider does not take, or the same trigger twice for one provider and service is a
+    problem at its own key."""
+    from corespond.daemon.encounters import DISPOSITIONS
+
+    by_name = {p.name: p for p in providers}
+    out: list[AutoReferralConfig] = []
+    seen: set[tuple[str, str, str]] = set()
+    for n, entry in enumerate(raw or ()):
+        path: KeyPath = ("referrals", "auto", n)
+        kind, value = next(iter(entry["when"].items()))
+        if kind == "disposition" and value not in DISPOSITIONS:
+            hint = _did_you_mean(value, DISPOSITIONS)
+            ctx.problem((*path, "when", "disposition"), f"unknown disposition {value!r}{hint}")
+        provider = by_name.get(entry["provider"])
+        service = entry["service"]
+        if provider is None:
+            known = ", ".join(by_name) or "none"
+            ctx.problem(
+                (*path, "provider"), f"unknown provider {entry['provider']!r} (configured: {known})"
+            )
+        elif provider.service_types and service not in provider.service_types:
+            takes = ", ".join(provider.service_types)
+            ctx.problem(
+                (*path, "service"),
+                f"provider {provider.name} does not take service type {service!r} "
+                f"(it takes {takes})",
+            )
+        trigger = f"{kind}:{value}"
+        key = (trigger, entry["provider"], entry["service"])
+        if key in seen:
+            ctx.problem(path, f"the same trigger, provider and service are given twice ({trigger})")
+        seen.add(key)
+        out.append(AutoReferralConfig(
+            trigger=trigger, provider=entry["provider"], service_type=entry["service"],
+            urgency=entry.get("urgency", "routine"), part2=entry.get("part2", False),
+            referring_clinician=entry.get("referring_clinician"),
+        ))  # fmt: skip
+    return tuple(out)
+
+
+def check_trigger_rules(
+    auto: tuple[AutoReferralConfig, ...], ctx: ParseContext
+) -> tuple[AutoReferralConfig, ...]:
+    """A ``rule:`` trigger must name a rule of the effective rule set (vendor files and
+    ``rules.site_dir``) that is switched on. When the rules themselves do not load, that is
+    ``corespond rules check``'s to say, and nothing is checked here."""
+    if not any(entry.kind == "rule" for entry in auto):
+        return auto
+    from corespond.rules.loader import RuleSetError, load_ruleset
+
+    rules: RulesConfig = ctx.values.get("rules") or RulesConfig()
+    try:
+        ruleset = load_ruleset(site=rules.site_dir if rules.site_dir.is_dir() else (),
+                               timezone=rules.timezone)  # fmt: skip
+    except (RuleSetError, OSError):
+        return auto
+    known = {rule.id for rule in ruleset.rules}
+    for n, entry in enumerate(auto):
+        if entry.kind != "rule":
+            continue
+        where: KeyPath = ("referrals", "auto", n, "when", "rule")
+        if entry.value in ruleset.disabled:
+            ctx.problem(where, f"rule {entry.value!r} is switched off: it never fires")
+        elif entry.value not in known:
+            hint = _did_you_mean(entry.value, sorted(known))
+            ctx.problem(where, f"no rule {entry.value!r} in the rule set{hint}")
+    return auto
+
+
 class ReferralsSection(Section):
     key = "referrals"
 
@@ -1635,6 +1769,13 @@ class ReferralsSection(Section):
                     "additionalProperties": PROVIDER_SCHEMA,
                 },
                 "listen": LISTEN_SCHEMA,
+                "auto": {
+                    "type": ["array", "null"],
+                    "description": "referrals the daemon makes by itself, once per incident "
+                    "and trigger: when an encounter is saved with a disposition, or when the "
+                    "incident's decision names a rule",
+                    "items": AUTO_REFERRAL_SCHEMA,
+                },
             },
             required=("sending_application", "sending_facility", "providers"),
             nullable=True,
@@ -1697,6 +1838,7 @@ class ReferralsSection(Section):
             max_message_bytes=values["max_message_bytes"],
             build_processes=values["build_processes"],
             claim_ahead=values["claim_ahead"],
+            auto=check_trigger_rules(parse_auto_referrals(raw.get("auto"), providers, ctx), ctx),
         )
 
 

@@ -270,8 +270,11 @@ def create_referral(
     now: datetime,
     *,
     build: Callable[[ReferralContent, str], bytes] = build_message,
+    on_stored: Callable[[Connection, str], None] | None = None,
 ) -> CreatedReferral:
     """Store a referral and, unless it must be held, its message in the outbox (due now).
+    ``on_stored(conn, ref)`` runs in the same transaction (what asked for the referral marks
+    itself done there: both commit or neither).
 
     Blocking (database and hl7apy): for the CLI, or a thread; the daemon builds in its
     process pool instead (:meth:`ReferralService.create`).
@@ -296,6 +299,8 @@ def create_referral(
         referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
         if message is not None:
             _queue_message(conn, referral_id, provider, control_id, message, now)
+        if on_stored is not None:
+            on_stored(conn, ref)
     log.info(
         "referral.created",
         referral_id=ref,
@@ -1750,15 +1755,24 @@ class ReferralService:
         if request.person != Person():
             return self.create(request)
 
-        def with_person() -> ReferralRequest:
-            with self.engine.connect() as conn:
-                found = person_of_incident(conn, request.incident_ref)
+        def with_person(found: tuple[Person, str | None] | None) -> ReferralRequest:
             if found is None:
                 return request
             person, zone = found
             return replace(request, person=person, region=request.region or zone)
 
-        return self.worker._in_thread(with_person).addCallback(self.create)
+        d = self.person_of(request.incident_ref).addCallback(with_person)
+        return d.addCallback(self.create)
+
+    def person_of(self, incident_ref: str) -> Deferred[tuple[Person, str | None] | None]:
+        """The person recorded on the incident's current snapshot and its zone (the referral
+        form shows it to be confirmed), read in the worker's thread pool."""
+
+        def look() -> tuple[Person, str | None] | None:
+            with self.engine.connect() as conn:
+                return person_of_incident(conn, incident_ref)
+
+        return self.worker._in_thread(look)
 
     def start(self) -> None:
         self.builder.start()

@@ -35,6 +35,10 @@ MAX_TOKEN_CHARS = 2400
 MAX_ID_CHARS = 128
 _LINK_CONTEXT = b"corespond ack link v1\x00"
 _NONCE_CONTEXT = b"corespond ack form nonce v1\x00"
+# What a link opens is part of what its tag signs: a token made for one purpose (the ack
+# page) never opens another (the encounter form), though both share the key and the format.
+ACK_PURPOSE = "ack"
+ENCOUNTER_PURPOSE = "encounter"
 
 
 class LinkRefused(SafeMessage, Exception):
@@ -83,18 +87,30 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _tag(key: bytes, signed: bytes) -> bytes:
-    return hmac.new(key, _LINK_CONTEXT + signed, hashlib.sha256).digest()[:TAG_BYTES]
+def _contexts(purpose: str) -> tuple[bytes, bytes]:
+    """The HMAC contexts (link tag, form nonce) of links made for ``purpose``."""
+    if purpose == ACK_PURPOSE:  # the contexts of every ack link already sent
+        return _LINK_CONTEXT, _NONCE_CONTEXT
+    return (
+        f"corespond {purpose} link v1\x00".encode(),
+        f"corespond {purpose} form nonce v1\x00".encode(),
+    )
 
 
 class LinkSigner:
-    """Makes and checks link tokens. ``lifetime``: seconds a new link stays valid."""
+    """Makes and checks link tokens. ``lifetime``: seconds a new link stays valid;
+    ``purpose``: what the links open (``ack``, ``encounter``), signed into every tag."""
 
-    def __init__(self, keys: LinkKeys, lifetime: int) -> None:
+    def __init__(self, keys: LinkKeys, lifetime: int, purpose: str = ACK_PURPOSE) -> None:
         if lifetime < 1:
             raise ValueError("a link lifetime must be at least one second")
         self.keys = keys
         self.lifetime = lifetime
+        self.purpose = purpose
+        self._link_context, self._nonce_context = _contexts(purpose)
+
+    def _tag(self, key: bytes, signed: bytes) -> bytes:
+        return hmac.new(key, self._link_context + signed, hashlib.sha256).digest()[:TAG_BYTES]
 
     def rotate(self, keys: LinkKeys, lifetime: int) -> None:
         """New keys (a reload): links signed with a key still in ``keys`` keep verifying, those
@@ -113,7 +129,7 @@ class LinkSigner:
             [page_ref, clinician_id, expires], separators=(",", ":"), ensure_ascii=False
         )
         signed = f"{VERSION}.{_b64(payload.encode())}"
-        return f"{signed}.{_b64(_tag(self.keys.current, signed.encode()))}"
+        return f"{signed}.{_b64(self._tag(self.keys.current, signed.encode()))}"
 
     def verify(self, token: str, now: float) -> LinkClaims:
         """The claims of a genuine, unexpired token; :class:`LinkRefused` otherwise."""
@@ -135,7 +151,7 @@ class LinkSigner:
         good = False
         for key in (self.keys.current, self.keys.previous):
             if key is not None:
-                good |= hmac.compare_digest(_tag(key, signed), tag)
+                good |= hmac.compare_digest(self._tag(key, signed), tag)
         if not good:
             raise LinkRefused("bad-signature", "the link's signature does not match")
         # From here on the payload is ours: parsing it cannot be steered by an attacker.
@@ -146,7 +162,7 @@ class LinkSigner:
 
     def form_nonce(self, token: str) -> str:
         """The nonce a form served for ``token`` carries back: bound to that token and key."""
-        mac = hmac.new(self.keys.current, _NONCE_CONTEXT + token.encode(), hashlib.sha256)
+        mac = hmac.new(self.keys.current, self._nonce_context + token.encode(), hashlib.sha256)
         return _b64(mac.digest()[:TAG_BYTES])
 
     def nonce_matches(self, token: str, nonce: str) -> bool:
@@ -155,9 +171,11 @@ class LinkSigner:
         good = False
         for key in (self.keys.current, self.keys.previous):
             if key is not None:
-                mac = hmac.new(key, _NONCE_CONTEXT + token.encode(), hashlib.sha256)
+                mac = hmac.new(key, self._nonce_context + token.encode(), hashlib.sha256)
                 good |= hmac.compare_digest(_b64(mac.digest()[:TAG_BYTES]).encode(), presented)
         return good
 
 
-__all__ = ["LinkClaims", "LinkKeys", "LinkRefused", "LinkSigner"]
+__all__ = [
+    "ACK_PURPOSE", "ENCOUNTER_PURPOSE", "LinkClaims", "LinkKeys", "LinkRefused", "LinkSigner",
+]  # fmt: skip

@@ -692,3 +692,38 @@ class ChainWaitRow(Base):
 chain_waits: Table = ChainWaitRow.__table__  # type: ignore[assignment]
 # A chain's step reads the pages of its incident (attempts, who was paged or declined).
 Index("ix_pages_incident_pk", PageRow.__table__.c.incident_pk)
+
+
+# --- automatic referrals (mobile: issue 5 item 1) ---------------------------------------------
+
+
+class AutoReferralRow(Base):
+    """A referral a configured trigger asks for (``referrals.auto``): one per incident,
+    trigger, provider and service type, due until the referral service has created it, in the
+    same transaction that marks this row done."""
+
+    __tablename__ = "auto_referrals"
+    __table_args__ = (
+        UniqueConstraint("incident_pk", "trigger", "provider", "service_type"),
+        Index(None, "state", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    incident_pk: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"))
+    trigger: Mapped[str] = mapped_column(String)  # disposition:<code> or rule:<id>
+    provider: Mapped[str] = mapped_column(String)
+    service_type: Mapped[str] = mapped_column(String)
+    referring_clinician: Mapped[str | None] = mapped_column(String)  # a responder id
+    program: Mapped[str | None] = mapped_column(String)
+    state: Mapped[str] = mapped_column(String)  # pending, claimed, done, refused
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    referral_ref: Mapped[str | None] = mapped_column(String)  # referrals.ref once created
+    refusal: Mapped[str | None] = mapped_column(String)  # why it was not created (ids only)
+
+
+auto_referrals: Table = AutoReferralRow.__table__  # type: ignore[assignment]

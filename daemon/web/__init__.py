@@ -1,4 +1,5 @@
-"""The daemon's web listener: the clinician's ack page and the API, on one twisted.web Site.
+"""The daemon's web listener: the clinician's ack page, encounter and referral forms, and the
+API, on one twisted.web Site.
 
 :func:`build_web_site` builds it from the ``web:`` configuration and the paging core's desks;
 :class:`~corespond.daemon.web.ack.AckLinks` makes the signed links pages carry. Gateway
@@ -8,24 +9,31 @@ callbacks and the dashboard are mounted on the same site with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from corespond.daemon.clock import Clock
-from corespond.daemon.config import WebConfig
+from corespond.daemon.config import CustomField, WebConfig
+from corespond.daemon.encounter_desk import EncounterDesk
 from corespond.daemon.responders import ClinicianDesk, PageDesk
-from corespond.daemon.signed_links import LinkKeys, LinkSigner
+from corespond.daemon.signed_links import ENCOUNTER_PURPOSE, LinkKeys, LinkSigner
 from corespond.daemon.web.ack import AckLinks, AckPages
 from corespond.daemon.web.api import ApiV1, EncounterUpdater, ReferralCreator
 from corespond.daemon.web.auth import SystemTokens
+from corespond.daemon.web.encounter_form import (
+    EncounterLinks,
+    EncounterPages,
+    ReferralPageFactory,
+)
 from corespond.daemon.web.site import WebSite
 
 # What SIGHUP may change in the web section without a restart: the link keys (and the lifetime
 # of new links) and the systems' tokens, which are secrets an operator rotates.
 RELOADABLE = (
     "link_key_file", "link_key", "link_previous_key_file", "link_previous_key",
-    "link_lifetime_seconds", "systems",
+    "link_lifetime_seconds", "encounter_link_lifetime_seconds", "systems",
 )  # fmt: skip
 
 
@@ -35,6 +43,11 @@ def link_keys(config: WebConfig) -> LinkKeys:
 
 def link_signer(config: WebConfig) -> LinkSigner:
     return LinkSigner(link_keys(config), config.link_lifetime_seconds)
+
+
+def encounter_link_signer(config: WebConfig) -> LinkSigner:
+    """Signs the encounter-form links a taken page offers (same key, their own purpose)."""
+    return LinkSigner(link_keys(config), config.encounter_link_lifetime_seconds, ENCOUNTER_PURPOSE)
 
 
 def system_tokens(config: WebConfig) -> SystemTokens:
@@ -64,13 +77,34 @@ def build_web_site(
     referrals: ReferralCreator | None = None,
     encounters: EncounterUpdater | None = None,
     signer: LinkSigner | None = None,
+    encounter_signer: LinkSigner | None = None,
     systems: SystemTokens | None = None,
+    encounter_desk: EncounterDesk | None = None,
+    custom_fields: Sequence[CustomField] = (),
+    referral_page: ReferralPageFactory | None = None,
 ) -> WebSite:
     """The site ``corespond run`` listens with: ``/ack/<token>`` and ``/api/v1`` (with
-    ``/api/v1/referrals`` when ``referrals`` creates them). ``signer`` and ``systems``: the
-    daemon's own, which a reload updates in place; made from ``config`` when not given."""
+    ``/api/v1/referrals`` when ``referrals`` creates them); with an ``encounter_desk`` also
+    the encounter form at ``/encounter/<token>`` (and its referral form from
+    ``referral_page``), linked from a taken page. ``signer``, ``encounter_signer`` and
+    ``systems``: the daemon's own, which a reload updates in place; made from ``config`` when
+    not given."""
     signer = signer or link_signer(config)
+    zone = ZoneInfo(config.timezone)
     site = WebSite(max_body_bytes=config.max_body_bytes, reactor=reactor)
+    forms: EncounterLinks | None = None
+    if encounter_desk is not None:
+        encounter_signer = encounter_signer or encounter_link_signer(config)
+        forms = EncounterLinks(encounter_signer, config.public_url, clock,
+                               referrals=referral_page is not None)  # fmt: skip
+        site.mount(
+            "/encounter",
+            EncounterPages(
+                encounter_desk, signer=encounter_signer, clock=clock,
+                public_url=config.public_url, zone=zone, custom_fields=custom_fields,
+                referral_page=referral_page,
+            ),
+        )  # fmt: skip
     site.mount(
         "/ack",
         AckPages(
@@ -78,7 +112,8 @@ def build_web_site(
             signer=signer,
             clock=clock,
             public_url=config.public_url,
-            zone=ZoneInfo(config.timezone),
+            zone=zone,
+            forms=forms,
         ),
     )
     systems = systems or system_tokens(config)
@@ -102,6 +137,7 @@ __all__ = [
     "WebSite",
     "ack_links",
     "build_web_site",
+    "encounter_link_signer",
     "link_keys",
     "link_signer",
     "system_tokens",

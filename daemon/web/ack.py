@@ -16,11 +16,9 @@ twice: it carries a nonce derived from the link token with the link key, and a r
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from datetime import UTC, datetime
 from html import escape
-from urllib.parse import parse_qs, urlsplit
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -31,11 +29,21 @@ from twisted.web.server import Request
 
 from corespond.adapters.tcp_feed import peer_name
 from corespond.daemon.clock import Clock
+from corespond.daemon.encounter_desk import TAKEN_STATES
 from corespond.daemon.log import error_text
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import DeskRefusal, PageDesk, PageView
-from corespond.daemon.signed_links import LinkClaims, LinkRefused, LinkSigner
-from corespond.daemon.web.site import RETRY_AFTER_SECONDS, answer_when, body_of
+from corespond.daemon.signed_links import LinkClaims, LinkSigner
+from corespond.daemon.web.forms import (
+    REFUSAL_TEXTS,
+    PageStyle,
+    html_page,
+    message_html,
+    origin_of,
+    read_form,
+    verify_link,
+)
+from corespond.daemon.web.site import RETRY_AFTER_SECONDS, answer_when
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +68,11 @@ RECORDED_LABELS = {
     PageAnswer.EN_ROUTE: "You are en route.",
     PageAnswer.ON_SCENE: "You are on scene.",
 }
-FALLBACK = "Answer by pager or call dispatch."
+ANSWER_REFUSALS = {
+    403: "This answer did not come from your page. Open the link again.",
+    415: "That was not an answer from the page.",
+    400: "That was not an answer from the page.",
+}
 
 STYLE = """
 :root{color-scheme:dark}
@@ -82,19 +94,21 @@ button:focus-visible{outline:4px solid #fde047;outline-offset:3px}
 .decline{background:#7f1d1d}
 .en_route{background:#1e3a8a}
 .on_scene{background:#713f12}
+nav{display:grid;gap:.9rem;margin-top:1.25rem}
+nav a{display:block;padding:1.1rem 1rem;border:3px solid #93c5fd;border-radius:.75rem;
+color:#bfdbfe;font-weight:700;text-align:center;text-decoration:none}
+nav a:focus-visible{outline:4px solid #fde047;outline-offset:3px}
 """
-STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
-PAGE_CSP = (
-    f"default-src 'none'; style-src 'sha256-{STYLE_HASH}'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
-FORM_TYPE = b"application/x-www-form-urlencoded"
+ACK_STYLE = PageStyle(STYLE)
+PAGE_CSP = ACK_STYLE.csp
 
 
-def origin_of(url: str) -> str:
-    """``scheme://host[:port]`` of ``url``, as a browser writes it in ``Origin``."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
+class FormLinks(Protocol):
+    """Makes the links from a taken page to its encounter and referral forms."""
+
+    def encounter_url(self, page_ref: str, clinician_id: str) -> str: ...
+
+    def referral_url(self, page_ref: str, clinician_id: str) -> str | None: ...
 
 
 class AckLinks:
@@ -111,21 +125,12 @@ class AckLinks:
 
 
 def _html(request: Request, status: int, title: str, main: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"text/html; charset=utf-8")
-    request.setHeader(b"content-security-policy", PAGE_CSP.encode())
-    return (
-        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
-        '<meta name=viewport content="width=device-width, initial-scale=1">'
-        '<meta name=robots content="noindex, nofollow">'
-        f"<title>{escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body><main>{main}</main></body></html>\n"
-    ).encode()
+    return html_page(request, status, title, main, ACK_STYLE)
 
 
 def message_page(request: Request, status: int, text: str) -> bytes:
     """A page that says one thing and shows no data."""
-    return _html(request, status, "corespond", f"<h1>{escape(text)}</h1><p>{FALLBACK}</p>")
+    return _html(request, status, "corespond", message_html(text))
 
 
 def _when(at: datetime, zone: ZoneInfo) -> str:
@@ -141,8 +146,11 @@ def view_page(
     zone: ZoneInfo,
     note: str | None = None,
     status: int = 200,
+    encounter_url: str | None = None,
+    referral_url: str | None = None,
 ) -> bytes:
-    """The page of ``view``: only its fields, and a button per answer it still takes."""
+    """The page of ``view``: only its fields, a button per answer it still takes, and once
+    the page is taken the links to the encounter form and the referral form."""
     rows = (
         ("Location", view.general_location),
         ("Incident", view.incident_ref),
@@ -169,6 +177,17 @@ def view_page(
             f'<form method=post><input type=hidden name=nonce value="{escape(nonce)}">'
             f"{buttons}</form>"
         )
+    links = [
+        (url, text)
+        for url, text in ((encounter_url, "Complete the encounter"),
+                          (referral_url, "Refer to a provider"))
+        if url is not None
+    ]  # fmt: skip
+    if view.state in TAKEN_STATES and links:
+        parts.append(
+            "<nav>" + "".join(f'<a href="{escape(u)}">{escape(t)}</a>' for u, t in links)
+            + "</nav>"
+        )
     return _html(request, status, f"Page {view.page_ref}", "".join(parts))
 
 
@@ -183,9 +202,11 @@ class AckPages(Resource):
         clock: Clock,
         public_url: str,
         zone: ZoneInfo,
+        forms: FormLinks | None = None,
     ) -> None:
         super().__init__()
         self.desk = desk
+        self.forms = forms
         self.signer = signer
         self.clock = clock
         self.origin = origin_of(public_url)
@@ -210,16 +231,12 @@ class AckLink(Resource):
 
     def _claims(self, request: Request) -> LinkClaims | bytes:
         """The link's claims, or the page that refuses it."""
-        peer = peer_name(request.getClientAddress())
-        if any(request.postpath or ()):
-            return message_page(request, 404, "This link is not valid.")
-        try:
-            return self.pages.signer.verify(self.token, self.pages.clock.seconds())
-        except LinkRefused as err:
-            log.info("web.ack.refused", peer=peer, code=err.code)
-            if err.code == "expired":
-                return message_page(request, 410, "This link has expired.")
-            return message_page(request, 404, "This link is not valid.")
+        pages = self.pages
+        claims = verify_link(request, pages.signer, self.token, pages.clock.seconds(),
+                             "web.ack.refused")  # fmt: skip
+        if isinstance(claims, tuple):
+            return message_page(request, *claims)
+        return claims
 
     def render_GET(self, request: Request) -> bytes | int:
         claims = self._claims(request)
@@ -239,8 +256,20 @@ class AckLink(Resource):
             return message_page(request, 404, "This page is no longer available.")
         log.info("web.ack.viewed", page_ref=view.page_ref, clinician_id=view.clinician_id,
                  state=view.state)  # fmt: skip
+        encounter_url, referral_url = self._form_links(view)
         return view_page(request, view, nonce=self.pages.signer.form_nonce(self.token),
-                         zone=self.pages.zone)  # fmt: skip
+                         zone=self.pages.zone, encounter_url=encounter_url,
+                         referral_url=referral_url)  # fmt: skip
+
+    def _form_links(self, view: PageView) -> tuple[str | None, str | None]:
+        """(encounter form URL, referral form URL) a taken page links to."""
+        forms = self.pages.forms
+        if forms is None or view.state not in TAKEN_STATES:
+            return None, None
+        return (
+            forms.encounter_url(view.page_ref, view.clinician_id),
+            forms.referral_url(view.page_ref, view.clinician_id),
+        )
 
     def _unavailable(self, request: Request, failure: Failure) -> bytes:
         log.error("web.ack.desk.failed", error=error_text(failure))
@@ -257,13 +286,8 @@ class AckLink(Resource):
             status, code = answer
             log.info("web.ack.refused", peer=peer, page_ref=claims.page_ref, code=code,
                      status=status)  # fmt: skip
-            texts = {
-                403: "This answer did not come from your page. Open the link again.",
-                413: "That was too much to send.",
-                415: "That was not an answer from the page.",
-                400: "That was not an answer from the page.",
-            }
-            return message_page(request, status, texts[status])
+            return message_page(request, status, ANSWER_REFUSALS.get(status,
+                                                                     REFUSAL_TEXTS[status]))
         d = maybeDeferred(self.pages.desk.answer, claims.page_ref, claims.clinician_id, answer,
                           "ack-page")  # fmt: skip
         return answer_when(
@@ -275,41 +299,24 @@ class AckLink(Resource):
 
     def _form_answer(self, request: Request) -> PageAnswer | tuple[int, str]:
         """The answer this POST carries, or why it is not let through (status, code)."""
-        if not self._same_origin(request):
-            return 403, "cross-origin"
-        body, _size = body_of(request)
-        if body is None:
-            return 413, "oversize"
-        media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if media != FORM_TYPE or getattr(request, "malformed_header", False):
-            return 415, "unsupported"
-        try:
-            form = parse_qs(body.decode("ascii"), max_num_fields=8, strict_parsing=True)
-        except (UnicodeDecodeError, ValueError):
-            return 400, "malformed-form"
-        nonces, answers = form.get("nonce", []), form.get("answer", [])
-        if len(nonces) != 1 or not self.pages.signer.nonce_matches(self.token, nonces[0]):
-            return 403, "bad-nonce"
+        form = read_form(request, origin=self.pages.origin, signer=self.pages.signer,
+                         token=self.token, max_fields=8)  # fmt: skip
+        if isinstance(form, tuple):
+            return form
+        answers = form.get("answer", [])
         if len(answers) != 1 or answers[0] not in {a.value for a in PageAnswer}:
             return 400, "unknown-answer"
         return PageAnswer(answers[0])
-
-    def _same_origin(self, request: Request) -> bool:
-        origin = request.getHeader(b"origin")
-        # A page under Referrer-Policy: no-referrer posts with "Origin: null"; then the
-        # browser's Sec-Fetch-Site says whether the form was ours.
-        if origin is not None and origin != b"null":
-            return origin.decode("latin-1").lower() == self.pages.origin
-        site = request.getHeader(b"sec-fetch-site")
-        return site is None or site == b"same-origin"
 
     def _answered(
         self, request: Request, claims: LinkClaims, answer: PageAnswer, view: PageView
     ) -> bytes:
         log.info("web.ack.answered", page_ref=claims.page_ref, clinician_id=claims.clinician_id,
                  answer=answer.value, state=view.state)  # fmt: skip
+        encounter_url, referral_url = self._form_links(view)
         return view_page(request, view, nonce=self.pages.signer.form_nonce(self.token),
-                         zone=self.pages.zone, note=RECORDED_LABELS[answer])  # fmt: skip
+                         zone=self.pages.zone, note=RECORDED_LABELS[answer],
+                         encounter_url=encounter_url, referral_url=referral_url)  # fmt: skip
 
     def _not_taken(self, request: Request, claims: LinkClaims, failure: Failure) -> bytes:
         if not failure.check(DeskRefusal):
@@ -325,4 +332,4 @@ class AckLink(Resource):
         return message_page(request, 409, "Your answer could not be recorded.")
 
 
-__all__ = ["AckLinks", "AckPages", "origin_of", "view_page"]
+__all__ = ["AckLinks", "AckPages", "FormLinks", "origin_of", "view_page"]

@@ -81,7 +81,8 @@ def test_the_daemon_updates_the_encounter_in_one_transaction(tmp_path: Path) -> 
         when = datetime(2026, 11, 1, 3, tzinfo=UTC)
         with app.engine.begin() as conn:
             eid = create_encounter(conn, Prefill(program="alpha", call_received_at=when), when)
-        app.in_thread = lambda fn, *args: maybeDeferred(fn, *args)  # type: ignore[method-assign]
+        # The encounter desk (API and form) runs its transaction right here, not in a thread.
+        app.encounter_desk._run = maybeDeferred
         done: list[Any] = []
         changes = {"bh_nexus_confirmed": True, "disposition": "resolved_on_scene"}
         app.update_encounter(eid, changes, True).addCallback(done.append)

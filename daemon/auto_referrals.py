@@ -1,0 +1,373 @@
+"""Automatic referrals: a configured disposition or rule makes a referral by itself.
+
+``referrals.auto`` lists triggers (``{when: {disposition: resolved_with_referral}, provider: P,
+service: TYPE}`` or ``{when: {rule: RULE_ID}, ...}``). A trigger that fires becomes a row in
+``auto_referrals`` (one per incident, trigger, provider and service type, so a re-save, a
+second decision or a restart adds nothing):
+
+- a disposition, in the very transaction that saves the encounter with it
+  (:func:`disposition_hook`, run by the encounter desk for the API and the form alike);
+- a rule, when a decision naming it is found by :class:`AutoReferrals`' scan of new decisions
+  (by id; at start it looks back ``catch_up`` so a daemon killed after a commit misses none).
+
+:class:`AutoReferrals` claims due rows under a lease (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL) and creates each referral through ``referrals.create_referral``, the code the API
+and the CLI run, with the row marked done *in the referral's own transaction*: the referral and
+the mark commit together or not at all, so a daemon killed at any instant creates it once. A
+referral the referral rules refuse (a provider no longer configured, say) is marked refused with
+the reason (ids only). The person is the one recorded on the incident; no summary is written
+for the clinician (never the CAD narrative).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from corespond.adapters.hl7_referral import Person, ReferralContent, build_message
+from corespond.daemon.clock import Clock
+from corespond.daemon.config import AutoReferralConfig, ReferralsConfig
+from corespond.daemon.encounter_desk import SaveHook
+from corespond.daemon.log import error_text
+from corespond.daemon.referrals import (
+    ReferralError,
+    ReferralRequest,
+    create_referral,
+    person_of_incident,
+)
+from corespond.daemon.store.tables import auto_referrals, decisions, incidents
+
+log = structlog.get_logger(__name__)
+
+# Who refers when no clinician did (PRD-7), unless the trigger names someone.
+DEFAULT_REFERRER = "corespond"
+# Decisions looked at again on each scan: an id allocated before a later one may commit after
+# it (PostgreSQL), and re-reading a few is free (the rows it would add exist).
+SCAN_OVERLAP = 256
+SCAN_BATCH = 5_000
+
+
+class LeaseLost(Exception):
+    """Another worker took the row meanwhile: this referral is not ours to create."""
+
+
+def _insert_ignoring_duplicates(conn: Connection) -> Any:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(auto_referrals).on_conflict_do_nothing(
+        index_elements=["incident_pk", "trigger", "provider", "service_type"]
+    )
+
+
+def want_referrals(
+    conn: Connection,
+    incident_pk: int,
+    entries: Sequence[AutoReferralConfig],
+    now: datetime,
+    *,
+    clinician: str | None = None,
+    program: str | None = None,
+) -> int:
+    """Rows for the referrals ``entries`` ask for on ``incident_pk``, due now; those already
+    asked for stay as they are. How many are new."""
+    if not entries:
+        return 0
+    rows = [
+        {
+            "incident_pk": incident_pk, "trigger": e.trigger, "provider": e.provider,
+            "service_type": e.service_type,
+            "referring_clinician": e.referring_clinician or clinician, "program": program,
+            "state": "pending", "due_at": now, "attempts": 0, "created_at": now,
+        }
+        for e in entries
+    ]  # fmt: skip
+    return int(conn.execute(_insert_ignoring_duplicates(conn), rows).rowcount or 0)
+
+
+def disposition_hook(entries: Sequence[AutoReferralConfig]) -> SaveHook:
+    """The encounter desk's hook: an encounter of an incident saved with a configured
+    disposition asks for its referrals in the same transaction."""
+    by_disposition: dict[str, list[AutoReferralConfig]] = {}
+    for entry in entries:
+        if entry.kind == "disposition":
+            by_disposition.setdefault(entry.value, []).append(entry)
+
+    def hook(conn: Connection, row: Mapping[str, Any], now: datetime) -> None:
+        wanted = by_disposition.get(row.get("disposition") or "", [])
+        if wanted and row.get("incident_id") is not None:
+            added = want_referrals(
+                conn, row["incident_id"], wanted, now,
+                clinician=row.get("clinician"), program=row.get("program"),
+            )  # fmt: skip
+            if added:
+                log.info("referral.auto.wanted", encounter_id=row["id"], count=added,
+                         kind="disposition")  # fmt: skip
+
+    return hook
+
+
+def first_decision_since(conn: Connection, since: datetime) -> int:
+    """The id before the first decision made at or after ``since`` (where a scan starts)."""
+    found = conn.execute(
+        select(func.min(decisions.c.id)).where(decisions.c.created_at >= since)
+    ).scalar()
+    if found is not None:
+        return int(found) - 1
+    return int(conn.execute(select(func.coalesce(func.max(decisions.c.id), 0))).scalar_one())
+
+
+def scan_rule_triggers(
+    conn: Connection, entries: Sequence[AutoReferralConfig], after: int, now: datetime
+) -> tuple[int, int]:
+    """Rows for every decision after id ``after`` that names a trigger rule; (rows added,
+    the last decision id read)."""
+    by_rule: dict[str, list[AutoReferralConfig]] = {}
+    for entry in entries:
+        if entry.kind == "rule":
+            by_rule.setdefault(entry.value, []).append(entry)
+    rows = conn.execute(
+        select(decisions.c.id, decisions.c.incident_id, decisions.c.rules)
+        .where(decisions.c.id > after)
+        .order_by(decisions.c.id)
+        .limit(SCAN_BATCH)
+    ).all()
+    added = 0
+    for row in rows:
+        wanted = [e for rule in row.rules or () for e in by_rule.get(rule, ())]
+        added += want_referrals(conn, row.incident_id, wanted, now)
+    return added, (rows[-1].id if rows else after)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    id: int
+    incident_pk: int
+    trigger: str
+    provider: str
+    service_type: str
+    referring_clinician: str | None
+    program: str | None
+
+
+def claim_due(
+    conn: Connection, now: datetime, worker_id: str, lease: timedelta, limit: int = 20
+) -> list[Claimed]:
+    """Claim due rows (and rows whose claimer's lease ran out); rows another daemon holds are
+    skipped (PostgreSQL)."""
+    a = auto_referrals.c
+    due = or_(
+        and_(a.state == "pending", a.due_at <= now),
+        and_(a.state == "claimed", a.lease_until <= now),
+    )
+    query = select(a.id).where(due).order_by(a.due_at, a.id).limit(limit)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = [int(i) for i in conn.execute(query).scalars()]
+    if not ids:
+        return []
+    conn.execute(
+        update(auto_referrals)
+        .where(a.id.in_(ids))
+        .values(state="claimed", claimed_by=worker_id, lease_until=now + lease,
+                attempts=a.attempts + 1)
+    )  # fmt: skip
+    rows = conn.execute(select(auto_referrals).where(a.id.in_(ids)).order_by(a.id)).mappings()
+    return [
+        Claimed(r["id"], r["incident_pk"], r["trigger"], r["provider"], r["service_type"],
+                r["referring_clinician"], r["program"])
+        for r in rows
+    ]  # fmt: skip
+
+
+def referral_request(
+    conn: Connection, claim: Claimed, entry: AutoReferralConfig
+) -> ReferralRequest:
+    """The referral a claimed row asks for: the incident's CAD number, zone and person as
+    recorded."""
+    incident = conn.execute(
+        select(incidents.c.incident_number, incidents.c.external_id, incidents.c.zone).where(
+            incidents.c.id == claim.incident_pk
+        )
+    ).one()
+    incident_ref = incident.incident_number or incident.external_id
+    found = person_of_incident(conn, incident_ref)
+    person = found[0] if found is not None else Person()
+    return ReferralRequest(
+        incident_ref=incident_ref,
+        provider=claim.provider,
+        service_type=claim.service_type,
+        referring_clinician=claim.referring_clinician or DEFAULT_REFERRER,
+        urgency=entry.urgency,
+        person=person,
+        part2=entry.part2,
+        program=claim.program,
+        region=incident.zone,
+    )
+
+
+def _entry(config: ReferralsConfig, claim: Claimed) -> AutoReferralConfig | None:
+    return next(
+        (
+            e
+            for e in config.auto
+            if (e.trigger, e.provider, e.service_type)
+            == (claim.trigger, claim.provider, claim.service_type)
+        ),
+        None,
+    )
+
+
+def create_claimed(
+    engine: Engine,
+    config: ReferralsConfig,
+    claim: Claimed,
+    worker_id: str,
+    now: datetime,
+    *,
+    build: Callable[[ReferralContent, str], bytes] = build_message,
+) -> str:
+    """Create the referral a claimed row asks for, marking the row done in the referral's
+    own transaction; the outcome: the referral's state, ``refused`` or ``lost``. Blocking:
+    call it from a thread."""
+    a = auto_referrals.c
+    mine = and_(a.id == claim.id, a.state == "claimed", a.claimed_by == worker_id)
+    entry = _entry(config, claim)
+    try:
+        if entry is None:
+            raise ReferralError(f"no referrals.auto entry for {claim.trigger} any more")
+        with engine.connect() as conn:
+            request = referral_request(conn, claim, entry)
+
+        def mark_done(conn: Connection, ref: str) -> None:
+            done = conn.execute(
+                update(auto_referrals).where(mine)
+                .values(state="done", referral_ref=ref, done_at=now, lease_until=None)
+            )  # fmt: skip
+            if done.rowcount != 1:
+                raise LeaseLost()
+
+        created = create_referral(engine, config, request, now, build=build, on_stored=mark_done)
+    except LeaseLost:
+        return "lost"
+    except ReferralError as err:
+        with engine.begin() as conn:
+            conn.execute(
+                update(auto_referrals).where(mine)
+                .values(state="refused", refusal=str(err), done_at=now, lease_until=None)
+            )  # fmt: skip
+        log.warning("referral.auto.refused", incident_pk=claim.incident_pk,
+                    provider=claim.provider, reason=str(err))  # fmt: skip
+        return "refused"
+    log.info("referral.auto.created", referral_id=created.ref, incident_pk=claim.incident_pk,
+             provider=claim.provider, kind=claim.trigger.partition(":")[0],
+             state=created.state)  # fmt: skip
+    return created.state
+
+
+class AutoReferrals:
+    """Scans for rule triggers and creates the referrals triggers asked for, every
+    ``referrals.poll_interval`` seconds and on :meth:`wake`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ReferralsConfig,
+        *,
+        clock: Clock,
+        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]],
+        created: Callable[[], None] = lambda: None,
+        worker_id: str | None = None,
+        lease: timedelta = timedelta(minutes=2),
+        catch_up: timedelta = timedelta(hours=24),
+        build: Callable[[ReferralContent, str], bytes] = build_message,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.clock = clock
+        self._run = run_in_thread
+        self._created = created  # wakes the outbox worker
+        self.worker_id = worker_id or f"auto-{uuid.uuid4().hex[:8]}"
+        self.lease = lease
+        self.catch_up = catch_up
+        self._build = build
+        self._after: int | None = None  # the last decision id scanned
+        self._rules = any(e.kind == "rule" for e in config.auto)
+        self._polling = False
+        self._again = False
+        self._loop: Any = None
+
+    def start(self) -> None:
+        self._loop = self.clock.looping_call(self.config.poll_interval, self.poll, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def wake(self) -> None:
+        self.poll()
+
+    def poll(self) -> Deferred[None]:
+        if self._polling:
+            self._again = True
+            return succeed(None)
+        self._polling = True
+        d = self._run(self._work)
+
+        def done(created: int) -> None:
+            self._polling = False
+            if created:
+                self._created()
+            if self._again:
+                self._again = False
+                self.poll()
+
+        def failed(failure: Failure) -> None:
+            self._polling = False
+            log.error("referral.auto.failed", error=error_text(failure))
+
+        d.addCallbacks(done, failed)
+        return d
+
+    def _work(self) -> int:
+        """One pass, in a thread: scan, then create what is due; referrals created."""
+        now = self.clock.now()
+        if self._rules:
+            with self.engine.begin() as conn:
+                if self._after is None:
+                    self._after = first_decision_since(conn, now - self.catch_up)
+                start = max(0, self._after - SCAN_OVERLAP)
+                added, last = scan_rule_triggers(conn, self.config.auto, start, now)
+                self._after = max(self._after, last)
+            if added:
+                log.info("referral.auto.wanted", count=added, kind="rule")
+        created = 0
+        while True:
+            with self.engine.begin() as conn:
+                claims = claim_due(conn, now, self.worker_id, self.lease)
+            if not claims:
+                return created
+            for claim in claims:
+                outcome = create_claimed(self.engine, self.config, claim, self.worker_id, now,
+                                         build=self._build)  # fmt: skip
+                created += outcome not in ("refused", "lost")
+
+
+__all__ = [
+    "AutoReferrals",
+    "Claimed",
+    "claim_due",
+    "create_claimed",
+    "disposition_hook",
+    "first_decision_since",
+    "referral_request",
+    "scan_rule_triggers",
+    "want_referrals",
+]
