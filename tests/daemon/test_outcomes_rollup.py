@@ -100,16 +100,19 @@ CHANGES = st.fixed_dictionaries(
         ),
     },
 )
+ADD = st.tuples(
+    st.just("add"),
+    st.integers(0, 119),  # day
+    st.integers(0, 86_399),  # second of the day
+    st.sampled_from(["alpha", "beta"]),
+    st.sampled_from(["Z1", "Z2", None]),
+    st.sampled_from(["A", "B", "C", "D", "A", None]),
+    CHANGES,
+)
 OPS = st.lists(
     st.one_of(
-        st.tuples(
-            st.just("add"),
-            st.integers(0, 119),  # day
-            st.integers(0, 86_399),  # second of the day
-            st.sampled_from(["alpha", "beta"]),
-            st.sampled_from(["Z1", "Z2", None]),
-            CHANGES,
-        ),
+        ADD,
+        ADD,  # adds twice as likely: enough encounters per person for repeats and spans
         st.tuples(st.just("update"), st.integers(0, 40), CHANGES),
         st.tuples(st.just("delete"), st.integers(0, 40)),
         st.tuples(st.just("merge"), PEOPLE, PEOPLE),
@@ -120,8 +123,8 @@ OPS = st.lists(
             st.integers(-5, 80),
         ),
     ),
-    min_size=1,
-    max_size=14,
+    min_size=3,
+    max_size=16,
 )
 
 
@@ -173,13 +176,14 @@ def _run(engine: Engine, ops: list[tuple[Any, ...]]) -> None:
     for op in ops:
         with engine.begin() as conn:
             if op[0] == "add":
-                _, day, second, program, zone, changes = op
+                _, day, second, program, zone, person, changes = op
                 at = START + timedelta(days=day, seconds=second)
                 eid = create_encounter(
                     conn, Prefill(program=program, call_received_at=at, zone=zone, agency="PD"), at
                 )
                 ids.append(eid)
-                _apply_changes(conn, eid, {"bh_nexus_confirmed": True, **changes}, at)
+                first = {"bh_nexus_confirmed": True, "person": person}
+                _apply_changes(conn, eid, {**first, **changes}, at)
             elif not ids:
                 continue
             elif op[0] == "update":
@@ -210,7 +214,7 @@ def _clear(engine: Engine) -> None:
 
 
 @settings(
-    max_examples=20,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
