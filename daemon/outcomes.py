@@ -978,18 +978,19 @@ def report_aggregates(
     referrals = referrals_per_encounter(
         referral_outcomes if referral_outcomes is not None else default_referral_outcomes()
     )
-    built = rollup_threshold(conn)
-    notes: tuple[str, ...] = ()
-    if built is None:
-        notes = ("Computed from the encounters: the report rollups are not built "
-                 "(corespond report rebuild-rollups).",)  # fmt: skip
-    elif built != req.frequent_utilizer.threshold:
-        notes = (
-            f"The report rollups hold person facts for a frequent-utilizer threshold of {built}, "
-            f"not {req.frequent_utilizer.threshold}: the person figures were computed by the "
-            "slower exact pass over the encounters (corespond report rebuild-rollups).",
-        )
-    with _sqlite_read_tuning(conn):
+    with _sqlite_read_tuning(conn):  # first: SQLite sets temp_store outside a transaction
+        built = rollup_threshold(conn)
+        notes: tuple[str, ...] = ()
+        if built is None:
+            notes = ("Computed from the encounters: the report rollups are not built "
+                     "(corespond report rebuild-rollups).",)  # fmt: skip
+        elif built != req.frequent_utilizer.threshold:
+            notes = (
+                "The report rollups hold person facts for a frequent-utilizer threshold of "
+                f"{built}, "
+                f"not {req.frequent_utilizer.threshold}: the person figures were computed by the "
+                "slower exact pass over the encounters (corespond report rebuild-rollups).",
+            )
         return Aggregates(
             encounters=encounter_counts(conn, req, referrals),
             persons=_person_counts(conn, req, referrals),
