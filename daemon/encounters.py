@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from corespond.daemon.config import CustomField, OutcomesConfig
 from corespond.daemon.errors import SafeMessage
 from corespond.daemon.people import IdentifierInvalid, identifiers_of, link_person
+from corespond.daemon.rollups import encounters_added, keeping_rollups, rebuild_rollups
 from corespond.daemon.store.sql_time import epoch_seconds, seconds_between
 from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
 
@@ -189,11 +190,15 @@ def derived_columns() -> dict[str, Any]:
 
 
 def refresh_derived(conn: Connection, encounter_id: int | None = None) -> int:
-    """Recompute the derived columns of one encounter (or of all); rows changed."""
+    """Recompute the derived columns of one encounter (or of all, and then the report
+    rollups); rows changed. Callers changing one encounter keep its rollups around this."""
     stmt = update(encounters).values(derived_columns())
     if encounter_id is not None:
         stmt = stmt.where(encounters.c.id == encounter_id)
-    return int(conn.execute(stmt).rowcount)
+    changed = int(conn.execute(stmt).rowcount)
+    if encounter_id is None:
+        rebuild_rollups(conn)
+    return changed
 
 
 def create_encounter(conn: Connection, prefill: Prefill, now: datetime) -> int:
@@ -214,6 +219,7 @@ def create_encounter(conn: Connection, prefill: Prefill, now: datetime) -> int:
         conn.execute(insert(encounters).values(values).returning(encounters.c.id)).scalar_one()
     )
     refresh_derived(conn, encounter_id)  # the same SQL as every later change
+    encounters_added(conn, encounters.c.id == encounter_id)
     return encounter_id
 
 
@@ -268,12 +274,15 @@ def record_times(
         name: (value if overwrite else func.coalesce(encounters.c[name], value))
         for name, value in times.items()
     }
-    done = conn.execute(
-        update(encounters).where(encounters.c.id == encounter_id).values(updated_at=now, **values)
-    )
-    if done.rowcount != 1:
-        raise EncounterNotFound(encounter_id)
-    refresh_derived(conn, encounter_id)
+    with keeping_rollups(conn, encounters.c.id == encounter_id):
+        done = conn.execute(
+            update(encounters)
+            .where(encounters.c.id == encounter_id)
+            .values(updated_at=now, **values)
+        )
+        if done.rowcount != 1:
+            raise EncounterNotFound(encounter_id)
+        refresh_derived(conn, encounter_id)
 
 
 def update_encounter(
@@ -318,11 +327,35 @@ def update_encounter(
     if complete:
         values["status"] = "completed"
         values["completed_at"] = current["completed_at"] or now
-    conn.execute(update(encounters).where(encounters.c.id == encounter_id).values(values))
-    refresh_derived(conn, encounter_id)
+    with keeping_rollups(conn, encounters.c.id == encounter_id):
+        conn.execute(update(encounters).where(encounters.c.id == encounter_id).values(values))
+        refresh_derived(conn, encounter_id)
     return dict(
         conn.execute(select(encounters).where(encounters.c.id == encounter_id)).mappings().one()
     )
+
+
+def delete_encounter(conn: Connection, encounter_id: int) -> None:
+    """Remove an encounter (entered twice, or not a program encounter) with its referrals."""
+    with keeping_rollups(conn, encounters.c.id == encounter_id):
+        conn.execute(
+            delete(encounter_referrals).where(encounter_referrals.c.encounter_id == encounter_id)
+        )
+        done = conn.execute(delete(encounters).where(encounters.c.id == encounter_id))
+        if done.rowcount != 1:
+            raise EncounterNotFound(encounter_id)
+
+
+def merge_persons(conn: Connection, kept: int, merged: int, now: datetime) -> int:
+    """Move every encounter of person ``merged`` to person ``kept`` (two pseudonymous persons
+    found to be one); encounters moved. The persons and their identifiers stay as they are."""
+    where = encounters.c.person_id == merged
+    with keeping_rollups(conn, where):
+        return int(
+            conn.execute(
+                update(encounters).where(where).values(person_id=kept, updated_at=now)
+            ).rowcount
+        )
 
 
 def add_referral(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -54,7 +54,16 @@ from sqlalchemy import (
 
 from corespond.daemon.config import FrequentUtilizerConfig
 from corespond.daemon.store.sql_time import epoch_month, epoch_seconds, utc_month
-from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
+from corespond.daemon.store.tables import (
+    ROLLUP_COUNTS,
+    encounter_referrals,
+    encounters,
+    incidents,
+    report_person_facts,
+    report_rollup_counts,
+    report_rollup_durations,
+    report_rollup_state,
+)
 from corespond.daemon.store.tables import referrals as hl7_referrals
 
 GROUPINGS = ("month", "program", "agency", "zone", "race", "gender", "age")
@@ -119,6 +128,8 @@ class Value:
             return f"{self.value:.1f} h"
         if kind == "per1000":
             return f"{self.value:.2f}"
+        if kind == "per_person":
+            return f"{self.value:.2f} per person ({self.numerator}/{self.denominator})"
         return str(self.value)
 
     def as_json(self) -> dict[str, Any]:
@@ -136,7 +147,7 @@ class Metric:
     key: str
     label: str
     definition: str
-    kind: str  # count, rate, seconds, hours, per1000
+    kind: str  # count, rate, seconds, hours, per1000, per_person
     values: dict[str, Value]
 
 
@@ -252,6 +263,12 @@ def referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
             r.encounter_id.label("encounter_id"),
             literal(1, Integer()).label("referred"),
             func.max(case((enrolled, 1), else_=0)).label("enrolled"),
+            # When the person enrolled (linked to care): the earliest enrolled appointment.
+            func.min(
+                case(
+                    (and_(enrolled, r.appointment_at.is_not(None)), epoch_seconds(r.appointment_at))
+                )
+            ).label("enrolled_at"),
             *(
                 func.max(
                     case(
@@ -268,11 +285,10 @@ def referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
     )
 
 
-def encounter_counts(
-    conn: Connection, req: ReportRequest, referrals: FromClause
-) -> dict[str, dict[str, int]]:
+def encounter_count_columns() -> dict[str, Any]:
+    """Every per-encounter count of the report (but ``referred``), as aggregate SQL over
+    ``encounters``: what :func:`encounter_counts` selects and the rollups keep."""
     e = encounters.c
-    g = group_column(req.by).label("g")
     bh = _is(e.bh_nexus_confirmed)
     documented = and_(bh, e.disposition.is_not(None))
     d = e.disposition
@@ -306,19 +322,38 @@ def encounter_counts(
         counts[f"voluntary_{dest}"] = _count(
             and_(documented, d == "voluntary_transport", e.destination_type == dest)
         )
-    query = _grouped(
-        select(g, *(v.label(k) for k, v in counts.items())).where(_in_period(req)), req, g
-    )
-    out = {
-        _label(row.g): {k: int(row._mapping[k] or 0) for k in counts}
-        for row in conn.execute(query)
-        if row.encounters
-    }
+    return counts
+
+
+def encounter_counts(
+    conn: Connection, req: ReportRequest, referrals: FromClause
+) -> dict[str, dict[str, int]]:
+    """Per group, every per-encounter count: from the rollups for the whole months of the
+    period (when built), from the encounters for the rest."""
+    e = encounters.c
+    g = group_column(req.by).label("g")
+    counts = encounter_count_columns()
+    months, rest = _rollup_split(conn, req)
+    out: dict[str, dict[str, int]] = {}
+    if months is not None:
+        _add_counts(out, _rollup_counts(conn, req, months))
+    for part in rest:
+        query = _grouped(
+            select(g, *(v.label(k) for k, v in counts.items())).where(_in_period(part)), part, g
+        )
+        _add_counts(
+            out,
+            {
+                _label(row.g): {k: int(row._mapping[k] or 0) for k in counts}
+                for row in conn.execute(query)
+            },
+        )
+    out = {label: values for label, values in out.items() if values.get("encounters")}
     # Encounters referred, counted from the (far fewer) referrals rather than joined to all.
     referred = _grouped(
         select(g, func.count().label("n"))
         .select_from(referrals.join(encounters, e.id == referrals.c.encounter_id))
-        .where(_in_period(req), bh),
+        .where(_in_period(req), _is(e.bh_nexus_confirmed)),
         req,
         g,
     )
@@ -328,6 +363,96 @@ def encounter_counts(
     for values in out.values():
         values.setdefault("referred", 0)
     return out
+
+
+def _add_counts(into: dict[str, dict[str, int]], more: Mapping[str, Mapping[str, int]]) -> None:
+    for label, values in more.items():
+        have = into.setdefault(label, {})
+        for k, n in values.items():
+            have[k] = have.get(k, 0) + n
+
+
+# --- the rollups (corespond.daemon.rollups keeps them) -------------------------------------------
+
+
+def rollup_threshold(conn: Connection) -> int | None:
+    """The frequent-utilizer threshold the rollups were built for; None: no rollups."""
+    value = conn.execute(
+        select(report_rollup_state.c.value).where(report_rollup_state.c.name == "fu_threshold")
+    ).scalar()
+    return None if value is None else int(value)
+
+
+def _rollup_split(
+    conn: Connection, req: ReportRequest
+) -> tuple[tuple[str, str] | None, list[ReportRequest]]:
+    """The whole UTC months of the period (first and last ``YYYY-MM``) that the rollups
+    answer, and the days around them as periods of their own, read from the encounters. The
+    period is cut by UTC day, as before: a month is whole when all its days are in it."""
+    if rollup_threshold(conn) is None:
+        return None, [req]
+    first = req.start if req.start.day == 1 else _next_month(req.start)
+    after = _next_month(req.end)  # first day of the month after the end's month
+    last = after - timedelta(days=1)
+    if last != req.end:
+        last = req.end.replace(day=1) - timedelta(days=1)  # end of the month before
+    if first > last:
+        return None, [req]
+    rest = []
+    if req.start < first:
+        rest.append(replace(req, start=req.start, end=first - timedelta(days=1)))
+    if last < req.end:
+        rest.append(replace(req, start=last + timedelta(days=1), end=req.end))
+    return (first.strftime("%Y-%m"), last.strftime("%Y-%m")), rest
+
+
+def _next_month(day: date) -> date:
+    return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def _rollup_group(req: ReportRequest, table: Any) -> list[Any]:
+    r = table.c
+    if req.by == "month":
+        return [r.month]
+    if req.by == "program":
+        return [r.program]
+    if req.by is None:
+        return []
+    return [r.recorded, r.value]
+
+
+def _rollup_label(req: ReportRequest, row: Any) -> str:
+    if req.by is None:
+        return ALL
+    if req.by in ("month", "program"):
+        return str(row[0])
+    return str(row[1]) if row[0] else NOT_RECORDED
+
+
+def _rollup_where(req: ReportRequest, table: Any, months: tuple[str, str]) -> Any:
+    from corespond.daemon.rollups import DIMENSION_OF_GROUPING
+
+    r = table.c
+    cond = and_(r.dim == DIMENSION_OF_GROUPING[req.by], r.month >= months[0], r.month <= months[1])
+    if req.program is not None:
+        cond = and_(cond, r.program == req.program)
+    return cond
+
+
+def _rollup_counts(
+    conn: Connection, req: ReportRequest, months: tuple[str, str]
+) -> dict[str, dict[str, int]]:
+    r = report_rollup_counts.c
+    by = _rollup_group(req, report_rollup_counts)
+    query = select(*by, *(func.sum(r[k]).label(k) for k in ROLLUP_COUNTS)).where(
+        _rollup_where(req, report_rollup_counts, months)
+    )
+    if by:
+        query = query.group_by(*by)
+    return {
+        _rollup_label(req, row): {k: int(row._mapping[k] or 0) for k in ROLLUP_COUNTS}
+        for row in conn.execute(query)
+    }
 
 
 def _grouped(query: Select[Any], req: ReportRequest, g: Any) -> Select[Any]:
@@ -348,7 +473,38 @@ DURATIONS = {
 def duration_histograms(
     conn: Connection, req: ReportRequest
 ) -> dict[str, dict[str, list[tuple[int, int]]]]:
-    """Per duration and group: (seconds, how many) sorted by seconds."""
+    """Per duration and group: (seconds, how many) sorted by seconds; from the rollups for
+    the whole months of the period (when built), from the encounters for the rest."""
+    months, rest = _rollup_split(conn, req)
+    merged: dict[str, dict[str, dict[int, int]]] = {key: {} for key in DURATIONS}
+    if months is not None:
+        r = report_rollup_durations.c
+        by = _rollup_group(req, report_rollup_durations)
+        for key in DURATIONS:
+            query = (
+                select(*by, r.seconds, func.sum(r.n).label("n"))
+                .where(_rollup_where(req, report_rollup_durations, months), r.measure == key)
+                .group_by(*by, r.seconds)
+            )
+            for row in conn.execute(query):
+                if row.n:
+                    hist = merged[key].setdefault(_rollup_label(req, row), {})
+                    hist[int(row.seconds)] = hist.get(int(row.seconds), 0) + int(row.n)
+    for part in rest:
+        for key, groups in _live_histograms(conn, part).items():
+            for label, values in groups.items():
+                hist = merged[key].setdefault(label, {})
+                for seconds, n in values:
+                    hist[seconds] = hist.get(seconds, 0) + n
+    return {
+        key: {label: sorted(hist.items()) for label, hist in groups.items() if hist}
+        for key, groups in merged.items()
+    }
+
+
+def _live_histograms(
+    conn: Connection, req: ReportRequest
+) -> dict[str, dict[str, list[tuple[int, int]]]]:
     e = encounters.c
     g = group_column(req.by).label("g")
     out: dict[str, dict[str, list[tuple[int, int]]]] = {}
@@ -366,8 +522,6 @@ def duration_histograms(
         hist: dict[str, list[tuple[int, int]]] = {}
         for row in conn.execute(query):
             hist.setdefault(_label(row.g), []).append((int(row.s), int(row.n)))
-        for values in hist.values():
-            values.sort()
         out[key] = hist
     return out
 
@@ -389,48 +543,87 @@ def nearest_rank(histogram: Sequence[tuple[int, int]], percent: int) -> int | No
 def _person_counts(
     conn: Connection, req: ReportRequest, referrals: FromClause
 ) -> dict[str, dict[str, int]]:
-    """Per group: persons served, repeat encounters, frequent utilizers, referral linkage and
-    enrollment by contact band, from one window pass over each person's encounters."""
+    """Per group: persons served, repeat encounters, frequent utilizers, referral linkage,
+    enrollment by contact band and frequent utilizers' encounters before and after
+    enrollment. Each person's place in their timeline (the seconds to their next BH
+    encounter, and since the ``threshold - 1``-th before) comes from the person facts the
+    rollups keep, when they were built for this threshold; else from a window pass over the
+    encounters (the same figures, slower)."""
     e = encounters.c
     fu = req.frequent_utilizer
-    lookback = req.since - timedelta(days=fu.window_days)
-    lookahead = req.until + timedelta(days=max(REPEAT_DAYS))
-    cond = and_(
-        _is(e.bh_nexus_confirmed),
-        e.person_id.is_not(None),
-        _received_between(lookback, lookahead),
+    referral_columns = (
+        func.coalesce(referrals.c.referred, 0).label("referred"),
+        func.coalesce(referrals.c.enrolled, 0).label("enrolled"),
+        referrals.c.enrolled_at.label("enrolled_at"),
+        *(func.coalesce(referrals.c[f"linked_{d}"], 0).label(f"linked_{d}") for d in LINKAGE_DAYS),
     )
-    if req.program is not None:
-        cond = and_(cond, e.program == req.program)
-    order = (e.call_received_epoch, e.id)
-    timeline = (
-        select(
-            e.person_id.label("person_id"),
-            group_column(req.by).label("g"),
-            _received_between(req.since, req.until).label(
-                "in_period"
-            ),
-            (
-                func.lead(e.call_received_epoch).over(partition_by=e.person_id, order_by=order)
-                - e.call_received_epoch
-            ).label("gap"),
-            (
-                e.call_received_epoch
-                - func.lag(e.call_received_epoch, fu.threshold - 1).over(
-                    partition_by=e.person_id, order_by=order
-                )
-            ).label("span"),
-            func.coalesce(referrals.c.referred, 0).label("referred"),
-            func.coalesce(referrals.c.enrolled, 0).label("enrolled"),
-            *(
-                func.coalesce(referrals.c[f"linked_{d}"], 0).label(f"linked_{d}")
-                for d in LINKAGE_DAYS
-            ),
+    if rollup_threshold(conn) == fu.threshold:
+        f = report_person_facts.c
+        group = {
+            None: literal(ALL, String()),
+            "month": f.month,
+            "program": f.program,
+            "agency": f.agency,
+            "zone": f.zone,
+            "race": f.race_group,
+            "gender": f.gender,
+            "age": f.age_band,
+        }[req.by]
+        in_period = and_(
+            f.call_received_epoch >= int(req.since.timestamp()),
+            f.call_received_epoch < int(req.until.timestamp()),
         )
-        .select_from(encounters.outerjoin(referrals, referrals.c.encounter_id == e.id))
-        .where(cond)
-        .subquery("timeline")
-    )
+        if req.program is not None:
+            in_period = and_(in_period, f.program == req.program)
+        timeline = (
+            select(
+                f.person_id.label("person_id"),
+                group.label("g"),
+                true().label("in_period"),
+                (f.gap if req.program is None else f.gap_program).label("gap"),
+                (f.span if req.program is None else f.span_program).label("span"),
+                *referral_columns,
+            )
+            .select_from(
+                report_person_facts.outerjoin(referrals, referrals.c.encounter_id == f.encounter_id)
+            )
+            .where(in_period)
+            .subquery("timeline")
+        )
+        events = select(f.person_id.label("person_id"), f.call_received_epoch.label("epoch")).where(
+            true() if req.program is None else f.program == req.program
+        )
+    else:
+        lookback = req.since - timedelta(days=fu.window_days)
+        lookahead = req.until + timedelta(days=max(REPEAT_DAYS))
+        linked = and_(_is(e.bh_nexus_confirmed), e.person_id.is_not(None))
+        if req.program is not None:
+            linked = and_(linked, e.program == req.program)
+        order = (e.call_received_epoch, e.id)
+        timeline = (
+            select(
+                e.person_id.label("person_id"),
+                group_column(req.by).label("g"),
+                _received_between(req.since, req.until).label("in_period"),
+                (
+                    func.lead(e.call_received_epoch).over(partition_by=e.person_id, order_by=order)
+                    - e.call_received_epoch
+                ).label("gap"),
+                (
+                    e.call_received_epoch
+                    - func.lag(e.call_received_epoch, fu.threshold - 1).over(
+                        partition_by=e.person_id, order_by=order
+                    )
+                ).label("span"),
+                *referral_columns,
+            )
+            .select_from(encounters.outerjoin(referrals, referrals.c.encounter_id == e.id))
+            .where(linked, _received_between(lookback, lookahead))
+            .subquery("timeline")
+        )
+        events = select(e.person_id.label("person_id"), e.call_received_epoch.label("epoch")).where(
+            linked
+        )
     t = timeline.c
     per_person = (
         select(
@@ -441,11 +634,12 @@ def _person_counts(
             func.max(case((t.span <= fu.window_days * DAY, 1), else_=0)).label("frequent"),
             func.max(t.referred).label("referred"),
             func.max(t.enrolled).label("enrolled"),
+            func.min(t.enrolled_at).label("enrolled_at"),
             *(func.max(t[f"linked_{d}"]).label(f"linked_{d}") for d in LINKAGE_DAYS),
         )
         .where(t.in_period == true())
         .group_by(t.g, t.person_id)
-        .subquery("per_person")
+        .cte("per_person")
     )
     p = per_person.c
     counts: dict[str, Any] = {
@@ -464,9 +658,31 @@ def _person_counts(
     for band, band_cond in bands.items():
         counts[f"band_{band}"] = _count(band_cond)
         counts[f"band_{band}_enrolled"] = _count(and_(band_cond, p.enrolled == 1))
-    query = select(p.g, *(v.label(k) for k, v in counts.items())).group_by(p.g)
+    main = select(p.g, *(v.label(k) for k, v in counts.items())).group_by(p.g).subquery("main")
+    # Frequent utilizers who enrolled: their BH encounters (all of them, any group) in the
+    # window before the enrollment and in the window from it on.
+    ev = events.subquery("events")
+    window = fu.window_days * DAY
+    at = p.enrolled_at
+    fu_counts = {
+        "fu_enrolled": func.count(func.distinct(p.person_id)),
+        "fu_before": _count(and_(ev.c.epoch >= at - window, ev.c.epoch < at)),
+        "fu_after": _count(and_(ev.c.epoch >= at, ev.c.epoch < at + window)),
+    }
+    enrolled_fu = (
+        select(p.g, *(v.label(k) for k, v in fu_counts.items()))
+        .select_from(per_person.join(ev, ev.c.person_id == p.person_id))
+        .where(p.frequent == 1, at.is_not(None))
+        .group_by(p.g)
+        .subquery("enrolled_fu")
+    )
+    m, x = main.c, enrolled_fu.c
+    query = select(
+        m.g, *(m[k] for k in counts), *(func.coalesce(x[k], 0).label(k) for k in fu_counts)
+    ).select_from(main.outerjoin(enrolled_fu, m.g.is_not_distinct_from(x.g)))
+    names = [*counts, *fu_counts]
     return {
-        _label(row.g): {k: int(row._mapping[k] or 0) for k in counts} for row in conn.execute(query)
+        _label(row.g): {k: int(row._mapping[k] or 0) for k in names} for row in conn.execute(query)
     }
 
 
@@ -491,13 +707,30 @@ def _cad_calls(conn: Connection, req: ReportRequest) -> dict[str, int] | None:
 
 
 def _zone_counts(conn: Connection, req: ReportRequest) -> dict[str, int]:
+    months, rest = _rollup_split(conn, req)
+    out: dict[str, int] = {}
+    if months is not None:
+        r = report_rollup_counts.c
+        by_zone = replace(req, by="zone")
+        query = (
+            select(r.recorded, r.value, func.sum(r.bh).label("n"))
+            .where(_rollup_where(by_zone, report_rollup_counts, months))
+            .group_by(r.recorded, r.value)
+        )
+        for row in conn.execute(query):
+            label = _rollup_label(by_zone, row)
+            out[label] = out.get(label, 0) + int(row.n or 0)
     e = encounters.c
-    query = (
-        select(e.zone, func.count().label("n"))
-        .where(_in_period(req, by_value_index=True), _is(e.bh_nexus_confirmed))
-        .group_by(e.zone)
-    )
-    return {_label(row.zone): int(row.n) for row in conn.execute(query)}
+    for part in rest:
+        query = (
+            select(e.zone, func.count().label("n"))
+            .where(_in_period(part, by_value_index=True), _is(e.bh_nexus_confirmed))
+            .group_by(e.zone)
+        )
+        for row in conn.execute(query):
+            label = _label(row.zone)
+            out[label] = out.get(label, 0) + int(row.n)
+    return {label: n for label, n in out.items() if n}
 
 
 def _label(value: Any) -> str:
@@ -668,6 +901,32 @@ def _metric_defs(fu: FrequentUtilizerConfig) -> list[_Def]:
             _rate("frequent_encounters", "person_encounters", "p"),
         ),
         _Def(
+            "frequent_utilizers_enrolled",
+            "Frequent utilizers enrolled",
+            "frequent utilizers enrolled in services: a referral from one of their BH encounters "
+            "in the period has the outcome 'enrolled' with an appointment date; the earliest such "
+            "date is their enrollment",
+            "count",
+            lambda e, p: (p.get("fu_enrolled", 0), None),
+        ),
+        _Def(
+            "frequent_utilizer_rate_before",
+            "Frequent utilizers' encounter rate before enrollment",
+            f"BH encounters of the frequent utilizers enrolled in the {fu.window_days} days "
+            "before their enrollment / those persons (encounters per person)",
+            "per_person",
+            _rate("fu_before", "fu_enrolled", "p"),
+        ),
+        _Def(
+            "frequent_utilizer_rate_after",
+            "Frequent utilizers' encounter rate after enrollment",
+            f"BH encounters of the frequent utilizers enrolled in the {fu.window_days} days "
+            "from their enrollment on / those persons (encounters per person; a recent "
+            "enrollment has not had the whole window yet)",
+            "per_person",
+            _rate("fu_after", "fu_enrolled", "p"),
+        ),
+        _Def(
             "use_of_force",
             "Use-of-force rate",
             "use of force / documented BH encounters",
@@ -710,6 +969,7 @@ class Aggregates:
     durations: dict[str, dict[str, list[tuple[int, int]]]]
     cad_calls: dict[str, int] | None
     zones: dict[str, int]
+    notes: tuple[str, ...] = ()  # how they were computed, when it is worth saying
 
 
 def report_aggregates(
@@ -718,13 +978,26 @@ def report_aggregates(
     referrals = referrals_per_encounter(
         referral_outcomes if referral_outcomes is not None else default_referral_outcomes()
     )
-    with _sqlite_read_tuning(conn):
+    with _sqlite_read_tuning(conn):  # first: SQLite sets temp_store outside a transaction
+        built = rollup_threshold(conn)
+        notes: tuple[str, ...] = ()
+        if built is None:
+            notes = ("Computed from the encounters: the report rollups are not built "
+                     "(corespond report rebuild-rollups).",)  # fmt: skip
+        elif built != req.frequent_utilizer.threshold:
+            notes = (
+                "The report rollups hold person facts for a frequent-utilizer threshold of "
+                f"{built}, "
+                f"not {req.frequent_utilizer.threshold}: the person figures were computed by the "
+                "slower exact pass over the encounters (corespond report rebuild-rollups).",
+            )
         return Aggregates(
             encounters=encounter_counts(conn, req, referrals),
             persons=_person_counts(conn, req, referrals),
             durations=duration_histograms(conn, req),
             cad_calls=_cad_calls(conn, req),
             zones=_zone_counts(conn, req),
+            notes=notes,
         )
 
 
@@ -830,6 +1103,11 @@ def assemble_report(req: ReportRequest, agg: Aggregates) -> Report:
             part, whole = d.compute(enc.get(g, {}), per.get(g, {}))
             if d.kind == "count":
                 values[g] = Value(part, suppressed=small(part))
+            elif d.kind == "per_person":
+                num, den = part or 0, whole or 0
+                values[g] = Value(
+                    num / den if den else None, num, den, suppressed=small(num) or small(den)
+                )
             else:
                 values[g] = _rate_value(part or 0, whole or 0, small)
         add(d.key, d.label, d.definition, d.kind, values)
@@ -880,7 +1158,7 @@ def assemble_report(req: ReportRequest, agg: Aggregates) -> Report:
         "hours",
         returned,
     )
-    return Report(req, groups, metrics, _areas(agg.zones, req, small), _notes(req))
+    return Report(req, groups, metrics, _areas(agg.zones, req, small), [*_notes(req), *agg.notes])
 
 
 def _rate_value(num: int, den: int, small: Callable[[int | None], bool]) -> Value:

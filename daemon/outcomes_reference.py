@@ -100,7 +100,9 @@ def reference_aggregates(conn: Connection, req: ReportRequest) -> Aggregates:
         if outcome == "enrolled":
             flags["enrolled"] = 1
             if appointment_at is not None:
-                gap = _epoch(appointment_at) - received[encounter_id]
+                at = _epoch(appointment_at)
+                flags["enrolled_at"] = min(flags.get("enrolled_at", at), at)
+                gap = at - received[encounter_id]
                 for d in LINKAGE_DAYS:
                     if gap <= d * DAY:
                         flags[f"linked_{d}"] = 1
@@ -155,7 +157,15 @@ def reference_aggregates(conn: Connection, req: ReportRequest) -> Aggregates:
         for dest in DESTINATIONS:
             c[f"voluntary_{dest}"] += d == "voluntary_transport" and row["destination_type"] == dest
 
-    per = _persons(rows, req, group, in_period, referral, lookback)
+    # Every BH encounter of a person (the program's, with --program), for frequent utilizers'
+    # encounters before and after enrollment, which may lie anywhere in time.
+    linked = and_(e.bh_nexus_confirmed.is_(True), e.person_id.is_not(None))
+    if req.program is not None:
+        linked = and_(linked, e.program == req.program)
+    timelines: dict[int, list[int]] = defaultdict(list)
+    for person_id, epoch in conn.execute(select(e.person_id, e.call_received_epoch).where(linked)):
+        timelines[person_id].append(epoch)
+    per = _persons(rows, req, group, in_period, referral, lookback, timelines)
     return Aggregates(
         encounters={g: dict(v) for g, v in enc.items()},
         persons=per,
@@ -172,6 +182,7 @@ def _persons(
     in_period: Callable[[dict[str, Any]], bool],
     referral: dict[int, dict[str, int]],
     lookback: datetime,
+    timelines: dict[int, list[int]],
 ) -> dict[str, dict[str, int]]:
     fu = req.frequent_utilizer
     by_person: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -204,10 +215,19 @@ def _persons(
                 if span <= fu.window_days * DAY:
                     p["frequent"] = 1
             for flag, value in referral.get(row["id"], {}).items():
-                p[flag] = max(p[flag], value)
+                if flag == "enrolled_at":
+                    p[flag] = min(p.get(flag, value), value)
+                else:
+                    p[flag] = max(p[flag], value)
     out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for (g, _person), p in people.items():
+    window = fu.window_days * DAY
+    for (g, person), p in people.items():
         c = out[g]
+        if p["frequent"] and "enrolled_at" in p:
+            at = p["enrolled_at"]
+            c["fu_enrolled"] += 1
+            c["fu_before"] += sum(at - window <= t < at for t in timelines[person])
+            c["fu_after"] += sum(at <= t < at + window for t in timelines[person])
         c["persons"] += 1
         c["referred"] += p["referred"]
         c["enrolled"] += p["enrolled"]

@@ -73,6 +73,35 @@ def register(sub: Any) -> None:
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     export.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
 
+    rebuild = kinds.add_parser(
+        "rebuild-rollups",
+        help="recompute the outcome report's rollups from the encounters",
+        description="Recompute the rollups the outcome report reads (counts, per-second "
+        "durations, per-person facts) from the stored encounters, for the configured "
+        "frequent-utilizer threshold, in one transaction. The daemon keeps them up to date "
+        "itself: run this after changing outcomes.frequent_utilizer.threshold (until then "
+        "reports take the slower exact path and say so).",
+    )
+    rebuild.set_defaults(handler=cmd_rebuild_rollups)
+    rebuild.add_argument("-c", "--config", type=Path, default=None, help="configuration file")
+
+
+def cmd_rebuild_rollups(args: argparse.Namespace) -> int:
+    from corespond.daemon.rollups import rebuild_rollups
+
+    opened = _open_store(args.config, "rebuild-rollups")
+    if isinstance(opened, int):
+        return opened
+    config, engine = opened
+    threshold = config.outcomes.frequent_utilizer.threshold
+    try:
+        with engine.begin() as conn:
+            rebuild_rollups(conn, threshold)
+    finally:
+        engine.dispose()
+    print(f"report rollups rebuilt (frequent-utilizer threshold {threshold})")
+    return 0
+
 
 def _day(text: str) -> date:
     try:

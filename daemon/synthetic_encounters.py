@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, Engine, Table, func, insert, select, text
 
 from corespond.daemon.encounters import race_group
+from corespond.daemon.rollups import encounters_added
 from corespond.daemon.store.engine import json_text
 from corespond.daemon.store.tables import (
     encounter_referrals,
@@ -357,6 +358,8 @@ def seed_encounters(
         if len(batch) >= CHUNK:
             referrals += _flush(conn, batch, referral_batch)
     referrals += _flush(conn, batch, referral_batch)
+    # The report rollups, in the same transaction.
+    encounters_added(conn, encounters.c.id.between(first_encounter, gen.next_encounter - 1))
     # Unused pseudonymous persons are removed again: a person exists because of an encounter.
     used = gen.persons_used
     unused = [first_person + n for n in range(gen.person_pool) if first_person + n not in used]

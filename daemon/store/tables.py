@@ -19,6 +19,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
     Dialect,
     Float,
@@ -727,3 +728,96 @@ class AutoReferralRow(Base):
 
 
 auto_referrals: Table = AutoReferralRow.__table__  # type: ignore[assignment]
+
+
+# --- Outcome report rollups (issue 6, migration 0006_rollup) ------------------------------------
+# Kept by corespond.daemon.rollups in the same transaction as every encounter change, so that
+# the outcome report sums a few thousand rows instead of reading a million encounters. Per UTC
+# month x program x one reporting dimension (DIMENSIONS): a row per value of that dimension.
+# ``recorded`` is false (and ``value`` empty) where the encounter has no value.
+
+# The per-encounter counts the report needs, one column each (outcomes.encounter_count_columns).
+ROLLUP_COUNTS = (
+    "encounters", "bh", "documented", "arrested", "enforcement", "no_action", "with_referral",
+    "voluntary", "involuntary", "ems", "ed_diverted", "cf_arrest", "jail_diverted", "active",
+    "served", "use_of_force", "injury_subject", "injury_officer", "unlinked",
+    "voluntary_crisis_center", "voluntary_ed", "voluntary_detox", "voluntary_shelter",
+    "voluntary_home_family", "voluntary_other",
+)  # fmt: skip
+
+
+class ReportRollupCountRow(Base):
+    """Encounter counts per month, program and value of one dimension."""
+
+    __tablename__ = "report_rollup_counts"
+    __table_args__ = {"sqlite_with_rowid": False}  # read in key order
+
+    dim: Mapped[str] = mapped_column(String, primary_key=True)  # all, agency, zone, race...
+    recorded: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    value: Mapped[str] = mapped_column(String, primary_key=True)
+    month: Mapped[str] = mapped_column(String, primary_key=True)  # YYYY-MM, UTC
+    program: Mapped[str] = mapped_column(String, primary_key=True)
+
+
+for _name in ROLLUP_COUNTS:
+    ReportRollupCountRow.__table__.append_column(  # type: ignore[attr-defined]
+        Column(_name, Integer, nullable=False)
+    )
+
+
+class ReportRollupDurationRow(Base):
+    """Per-second duration counts (response, page ack, on scene, officer time returned) of BH
+    encounters per month, program and value of one dimension: exact medians and percentiles."""
+
+    __tablename__ = "report_rollup_durations"
+    __table_args__ = {"sqlite_with_rowid": False}  # read in key order
+
+    measure: Mapped[str] = mapped_column(String, primary_key=True)
+    dim: Mapped[str] = mapped_column(String, primary_key=True)
+    recorded: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    value: Mapped[str] = mapped_column(String, primary_key=True)
+    seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
+    month: Mapped[str] = mapped_column(String, primary_key=True)
+    program: Mapped[str] = mapped_column(String, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+class ReportPersonFactRow(Base):
+    """One row per BH encounter linked to a person: its place in that person's timeline (all
+    programs, and within its program), so the report's per-person pass needs no window."""
+
+    __tablename__ = "report_person_facts"
+    __table_args__ = {"sqlite_with_rowid": False}  # read in key order
+
+    person_id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
+    call_received_epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    encounter_id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
+    program: Mapped[str] = mapped_column(String)
+    month: Mapped[str] = mapped_column(String)
+    agency: Mapped[str | None] = mapped_column(String)
+    zone: Mapped[str | None] = mapped_column(String)
+    race_group: Mapped[str | None] = mapped_column(String)
+    gender: Mapped[str | None] = mapped_column(String)
+    age_band: Mapped[str | None] = mapped_column(String)
+    # Seconds to the person's next BH encounter (None: none later); all programs / this one.
+    gap: Mapped[int | None] = mapped_column(BigInteger)
+    gap_program: Mapped[int | None] = mapped_column(BigInteger)
+    # Seconds since the person's BH encounter fu_threshold - 1 before this one (see
+    # report_rollup_state): frequent utilizer when within the window.
+    span: Mapped[int | None] = mapped_column(BigInteger)
+    span_program: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ReportRollupStateRow(Base):
+    """What the rollups were built with: ``fu_threshold`` (the person facts' span)."""
+
+    __tablename__ = "report_rollup_state"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+
+
+report_rollup_counts: Table = ReportRollupCountRow.__table__  # type: ignore[assignment]
+report_rollup_durations: Table = ReportRollupDurationRow.__table__  # type: ignore[assignment]
+report_person_facts: Table = ReportPersonFactRow.__table__  # type: ignore[assignment]
+report_rollup_state: Table = ReportRollupStateRow.__table__  # type: ignore[assignment]

@@ -1,0 +1,271 @@
+"""Outcome report rollups, kept in the same transaction as every encounter change.
+
+The outcome report over a million encounters reads, instead of the encounters themselves:
+
+- ``report_rollup_counts``: per UTC month x program x value of one reporting dimension
+  (:data:`DIMENSIONS`), every count the report needs (tables.ROLLUP_COUNTS);
+- ``report_rollup_durations``: the same cells with per-second counts of each duration, so
+  medians and percentiles stay exact (the report prints whole seconds);
+- ``report_person_facts``: one row per BH encounter linked to a person, with the seconds to
+  that person's next BH encounter and since the ``fu_threshold - 1``-th one before it (all
+  programs, and within the encounter's program), so the per-person pass is a plain grouping.
+
+Counts are kept by difference: before a change, the changing encounters' contribution is
+subtracted; after it, the new one is added (an UPSERT adding signed counts, which two daemons
+on one PostgreSQL may run at once). Person facts are recomputed for every person an encounter
+belonged to before or after the change, under that person's row lock. Everything is plain SQL
+(Core) on SQLite and PostgreSQL; :func:`rebuild_rollups` recomputes it all (migration 0006,
+``corespond report rebuild-rollups``, a changed frequent-utilizer threshold).
+
+The frequent-utilizer threshold is configuration: the facts hold the span for the threshold
+in ``report_rollup_state``; a report with another threshold does not use them (it takes the
+exact window pass over the encounters and says so) until the rollups are rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    true,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from corespond.daemon.store.sql_time import epoch_month
+from corespond.daemon.store.tables import (
+    ROLLUP_COUNTS,
+    encounters,
+    persons,
+    report_person_facts,
+    report_rollup_counts,
+    report_rollup_durations,
+    report_rollup_state,
+)
+
+# Reporting dimension -> encounter column (None: the one cell of "all encounters").
+DIMENSIONS: dict[str, str | None] = {
+    "all": None,
+    "agency": "agency",
+    "zone": "zone",
+    "race": "race_group",
+    "gender": "gender",
+    "age": "age_band",
+}
+# The report's --by -> the dimension its rollup rows are read from.
+DIMENSION_OF_GROUPING: dict[str | None, str] = {
+    None: "all",
+    "month": "all",
+    "program": "all",
+    "agency": "agency",
+    "zone": "zone",
+    "race": "race",
+    "gender": "gender",
+    "age": "age",
+}
+FU_THRESHOLD = "fu_threshold"
+DEFAULT_FU_THRESHOLD = 3
+_BATCH = 500  # ids or persons per IN list
+
+
+def _insert(conn: Connection, table: Any) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def _cell(dim: str) -> tuple[ColumnElement[Any], ColumnElement[Any], list[Any]]:
+    """(recorded, value, what to group by) of an encounter in dimension ``dim``. Grouped by
+    the column itself: PostgreSQL does not see two bound "" as the same expression."""
+    column = DIMENSIONS[dim]
+    if column is None:
+        return true(), literal_column("''"), []
+    c = encounters.c[column]
+    return c.is_not(None), func.coalesce(c, literal_column("''")), [c]
+
+
+def apply_delta(conn: Connection, where: ColumnElement[bool], sign: int) -> None:
+    """Add (sign 1) or subtract (sign -1) the contribution of the encounters ``where``."""
+    from corespond.daemon.outcomes import DURATIONS, encounter_count_columns
+
+    e = encounters.c
+    month = epoch_month(e.call_received_epoch).label("month")
+    counts = encounter_count_columns()
+    assert tuple(counts) == ROLLUP_COUNTS, "tables.ROLLUP_COUNTS is out of step"
+    parts = []
+    for dim in DIMENSIONS:
+        recorded, value, by = _cell(dim)
+        parts.append(
+            select(
+                literal(dim).label("dim"),
+                recorded.label("recorded"),
+                value.label("value"),
+                month,
+                e.program.label("program"),
+                *((expr * sign).label(name) for name, expr in counts.items()),
+            )
+            .where(where)
+            .group_by(*by, epoch_month(e.call_received_epoch), e.program)
+        )
+    rows = union_all(*parts).subquery("delta")
+    names = ["dim", "recorded", "value", "month", "program", *ROLLUP_COUNTS]
+    r = report_rollup_counts
+    stmt = _insert(conn, r).from_select(names, select(*(rows.c[n] for n in names)).where(true()))
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=list(r.primary_key.columns),
+            set_={n: r.c[n] + stmt.excluded[n] for n in ROLLUP_COUNTS},
+        )
+    )
+    parts = []
+    for measure, column in DURATIONS.items():
+        seconds = e[column]
+        cond = and_(where, e.bh_nexus_confirmed.is_(True), seconds.is_not(None))
+        if measure == "officer_returned":  # as the report: where the officer left first
+            cond = and_(cond, seconds > 0)
+        for dim in DIMENSIONS:
+            recorded, value, by = _cell(dim)
+            parts.append(
+                select(
+                    literal(measure).label("measure"),
+                    literal(dim).label("dim"),
+                    recorded.label("recorded"),
+                    value.label("value"),
+                    seconds.label("seconds"),
+                    month,
+                    e.program.label("program"),
+                    (func.count() * sign).label("n"),
+                )
+                .where(cond)
+                .group_by(*by, seconds, epoch_month(e.call_received_epoch), e.program)
+            )
+    rows = union_all(*parts).subquery("delta")
+    names = ["measure", "dim", "recorded", "value", "seconds", "month", "program", "n"]
+    d = report_rollup_durations
+    stmt = _insert(conn, d).from_select(names, select(*(rows.c[n] for n in names)).where(true()))
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=list(d.primary_key.columns), set_={"n": d.c.n + stmt.excluded.n}
+        )
+    )
+
+
+def fu_threshold(conn: Connection) -> int | None:
+    """The frequent-utilizer threshold the person facts hold (None: no rollups built)."""
+    value = conn.execute(
+        select(report_rollup_state.c.value).where(report_rollup_state.c.name == FU_THRESHOLD)
+    ).scalar()
+    return None if value is None else int(value)
+
+
+def refresh_persons(
+    conn: Connection, person_ids: Iterable[int | None], threshold: int | None = None
+) -> None:
+    """Recompute the person facts of ``person_ids`` (all persons: :func:`rebuild_rollups`)."""
+    ids = sorted({p for p in person_ids if p is not None})
+    if not ids:
+        return
+    if threshold is None:
+        threshold = fu_threshold(conn)
+        if threshold is None:
+            return  # no rollups built: nothing to keep
+    for n in range(0, len(ids), _BATCH):
+        batch = ids[n : n + _BATCH]
+        if conn.dialect.name == "postgresql":
+            # Two daemons changing one person's encounters recompute one after the other.
+            conn.execute(
+                select(persons.c.id).where(persons.c.id.in_(batch)).order_by(persons.c.id)
+                .with_for_update()
+            )  # fmt: skip
+        conn.execute(delete(report_person_facts).where(report_person_facts.c.person_id.in_(batch)))
+        _insert_facts(conn, encounters.c.person_id.in_(batch), threshold)
+
+
+def _insert_facts(conn: Connection, where: ColumnElement[bool], threshold: int) -> None:
+    e = encounters.c
+    order = (e.call_received_epoch, e.id)
+    person = {"partition_by": e.person_id, "order_by": order}
+    program = {"partition_by": (e.person_id, e.program), "order_by": order}
+    back = threshold - 1
+    query = select(
+        e.person_id,
+        e.call_received_epoch,
+        e.id,
+        e.program,
+        epoch_month(e.call_received_epoch),
+        e.agency,
+        e.zone,
+        e.race_group,
+        e.gender,
+        e.age_band,
+        func.lead(e.call_received_epoch).over(**person) - e.call_received_epoch,
+        func.lead(e.call_received_epoch).over(**program) - e.call_received_epoch,  # type: ignore[arg-type]
+        e.call_received_epoch - func.lag(e.call_received_epoch, back).over(**person),
+        e.call_received_epoch - func.lag(e.call_received_epoch, back).over(**program),  # type: ignore[arg-type]
+    ).where(where, e.bh_nexus_confirmed.is_(True), e.person_id.is_not(None))
+    f = report_person_facts.c
+    names = [
+        f.person_id, f.call_received_epoch, f.encounter_id, f.program, f.month, f.agency,
+        f.zone, f.race_group, f.gender, f.age_band, f.gap, f.gap_program, f.span,
+        f.span_program,
+    ]  # fmt: skip
+    conn.execute(report_person_facts.insert().from_select(names, query))
+
+
+def _person_ids(conn: Connection, where: ColumnElement[bool], lock: bool) -> list[tuple[int, Any]]:
+    query = select(encounters.c.id, encounters.c.person_id).where(where)
+    if lock:
+        query = query.with_for_update()
+    return [(int(i), p) for i, p in conn.execute(query)]
+
+
+@contextlib.contextmanager
+def keeping_rollups(conn: Connection, where: ColumnElement[bool]) -> Iterator[None]:
+    """Around a change to the encounters ``where`` (an update, a delete, a person merge): the
+    rollups follow it in the same transaction. The rows are locked first."""
+    if fu_threshold(conn) is None:
+        yield
+        return
+    before = _person_ids(conn, where, lock=True)
+    ids = [i for i, _ in before]
+    for n in range(0, len(ids), _BATCH):
+        apply_delta(conn, encounters.c.id.in_(ids[n : n + _BATCH]), -1)
+    yield
+    after: list[tuple[int, Any]] = []
+    for n in range(0, len(ids), _BATCH):
+        batch = encounters.c.id.in_(ids[n : n + _BATCH])
+        apply_delta(conn, batch, 1)
+        after += _person_ids(conn, batch, lock=False)
+    refresh_persons(conn, [p for _, p in before] + [p for _, p in after])
+
+
+def encounters_added(conn: Connection, where: ColumnElement[bool]) -> None:
+    """After inserting the encounters ``where``: count them in."""
+    if fu_threshold(conn) is None:
+        return
+    apply_delta(conn, where, 1)
+    refresh_persons(conn, [p for _, p in _person_ids(conn, where, lock=False)])
+
+
+def rebuild_rollups(conn: Connection, threshold: int | None = None) -> None:
+    """Recompute every rollup from the encounters; ``threshold``: the frequent-utilizer
+    threshold the person facts are for (default: the one they hold, else 3)."""
+    if threshold is None:
+        threshold = fu_threshold(conn) or DEFAULT_FU_THRESHOLD
+    if threshold < 1:
+        raise ValueError("the frequent-utilizer threshold must be at least 1")
+    for table in (report_rollup_counts, report_rollup_durations, report_person_facts):
+        conn.execute(delete(table))
+    apply_delta(conn, true(), 1)
+    _insert_facts(conn, true(), threshold)
+    state = report_rollup_state
+    conn.execute(delete(state).where(state.c.name == FU_THRESHOLD))
+    conn.execute(state.insert().values(name=FU_THRESHOLD, value=threshold))

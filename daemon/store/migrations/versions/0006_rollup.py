@@ -1,0 +1,111 @@
+"""Outcome report rollups: counts and per-second duration counts per month x program x one
+reporting dimension, per-person facts of every BH encounter linked to a person, and the
+frequent-utilizer threshold those facts hold; backfilled from the encounters already stored.
+
+Revision ID: 0006_rollup
+Revises: 0005
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006_rollup"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# Frozen copies of the types and count names in tables.py: a migration must not change when
+# the models do.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+ROLLUP_COUNTS = (
+    "encounters", "bh", "documented", "arrested", "enforcement", "no_action", "with_referral",
+    "voluntary", "involuntary", "ems", "ed_diverted", "cf_arrest", "jail_diverted", "active",
+    "served", "use_of_force", "injury_subject", "injury_officer", "unlinked",
+    "voluntary_crisis_center", "voluntary_ed", "voluntary_detox", "voluntary_shelter",
+    "voluntary_home_family", "voluntary_other",
+)  # fmt: skip
+KEY_ORDER = {"sqlite_with_rowid": False}
+
+
+def upgrade() -> None:
+    op.create_table(
+        "report_rollup_counts",
+        sa.Column("dim", sa.String(), nullable=False),
+        sa.Column("recorded", sa.Boolean(), nullable=False),
+        sa.Column("value", sa.String(), nullable=False),
+        sa.Column("month", sa.String(), nullable=False),
+        sa.Column("program", sa.String(), nullable=False),
+        *(sa.Column(name, sa.Integer(), nullable=False) for name in ROLLUP_COUNTS),
+        sa.PrimaryKeyConstraint(
+            "dim", "recorded", "value", "month", "program", name="pk_report_rollup_counts"
+        ),
+        **KEY_ORDER,
+    )
+    op.create_table(
+        "report_rollup_durations",
+        sa.Column("measure", sa.String(), nullable=False),
+        sa.Column("dim", sa.String(), nullable=False),
+        sa.Column("recorded", sa.Boolean(), nullable=False),
+        sa.Column("value", sa.String(), nullable=False),
+        sa.Column("seconds", sa.Integer(), nullable=False),
+        sa.Column("month", sa.String(), nullable=False),
+        sa.Column("program", sa.String(), nullable=False),
+        sa.Column("n", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "measure",
+            "dim",
+            "recorded",
+            "value",
+            "seconds",
+            "month",
+            "program",
+            name="pk_report_rollup_durations",
+        ),
+        **KEY_ORDER,
+    )
+    op.create_table(
+        "report_person_facts",
+        sa.Column("person_id", Id, nullable=False),
+        sa.Column("call_received_epoch", sa.BigInteger(), nullable=False),
+        sa.Column("encounter_id", Id, nullable=False),
+        sa.Column("program", sa.String(), nullable=False),
+        sa.Column("month", sa.String(), nullable=False),
+        *(
+            sa.Column(name, sa.String(), nullable=True)
+            for name in ("agency", "zone", "race_group", "gender", "age_band")
+        ),
+        *(
+            sa.Column(name, sa.BigInteger(), nullable=True)
+            for name in ("gap", "gap_program", "span", "span_program")
+        ),
+        sa.PrimaryKeyConstraint(
+            "person_id", "call_received_epoch", "encounter_id", name="pk_report_person_facts"
+        ),
+        **KEY_ORDER,
+    )
+    op.create_table(
+        "report_rollup_state",
+        sa.Column("name", sa.String(), nullable=False),
+        sa.Column("value", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_report_rollup_state"),
+    )
+    # Backfill with the code that keeps them (the default threshold, 3; a configuration with
+    # another one is used with `corespond report rebuild-rollups`).
+    from corespond.daemon.rollups import rebuild_rollups
+
+    rebuild_rollups(op.get_bind(), threshold=3)
+
+
+def downgrade() -> None:
+    for table in (
+        "report_rollup_state",
+        "report_person_facts",
+        "report_rollup_durations",
+        "report_rollup_counts",
+    ):
+        op.drop_table(table)
