@@ -730,7 +730,7 @@ class AutoReferralRow(Base):
 auto_referrals: Table = AutoReferralRow.__table__  # type: ignore[assignment]
 
 
-# --- Outcome report rollups (issue 6, migration 0006_rollup) ------------------------------------
+# --- Outcome report rollups (issue 6, migration 0009_rollup) ------------------------------------
 # Kept by corespond.daemon.rollups in the same transaction as every encounter change, so that
 # the outcome report sums a few thousand rows instead of reading a million encounters. Per UTC
 # month x program x one reporting dimension (DIMENSIONS): a row per value of that dimension.

@@ -2,8 +2,8 @@
 configured trigger (``referrals.auto``: a disposition saved on an encounter, or a rule in the
 incident's decision) asks for, claimed by a worker until the referral exists.
 
-Revision ID: 0006_mobile
-Revises: 0005
+Revision ID: 0008_mobile
+Revises: 0007_pagelat
 Create Date: 2026-11-27
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_mobile"
-down_revision: str | None = "0005"
+revision: str = "0008_mobile"
+down_revision: str | None = "0007_pagelat"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -2,8 +2,8 @@
 reporting dimension, per-person facts of every BH encounter linked to a person, and the
 frequent-utilizer threshold those facts hold; backfilled from the encounters already stored.
 
-Revision ID: 0006_rollup
-Revises: 0005
+Revision ID: 0009_rollup
+Revises: 0008_mobile
 Create Date: 2026-11-27
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_rollup"
-down_revision: str | None = "0005"
+revision: str = "0009_rollup"
+down_revision: str | None = "0008_mobile"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

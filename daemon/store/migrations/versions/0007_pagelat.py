@@ -6,8 +6,8 @@
 - ``pages.incident_pk``: every step reads its incident's pages (attempts, who was paged or
   declined); without the index each step scans every page ever sent.
 
-Revision ID: 0006_pagelat
-Revises: 0005
+Revision ID: 0007_pagelat
+Revises: 0006_ops
 Create Date: 2026-11-27
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_pagelat"
-down_revision: str | None = "0005"
+revision: str = "0007_pagelat"
+down_revision: str | None = "0006_ops"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
