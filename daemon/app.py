@@ -730,6 +730,8 @@ class Corespond:
         lifetime, encounter_lifetime = lifetimes
         if lifetime != self.link_signer.lifetime:
             changes.append("link lifetime changed")
+        if encounter_lifetime != self.encounter_signer.lifetime:
+            changes.append("encounter link lifetime changed")
         self.link_signer.rotate(keys, lifetime)
         self.encounter_signer.rotate(keys, encounter_lifetime)
         before = {s.name: s.token for s in self.config.web.systems} if self.config.web else {}

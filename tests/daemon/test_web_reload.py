@@ -13,6 +13,7 @@ from twisted.internet.defer import ensureDeferred
 
 from corespond.daemon.app import Corespond
 from corespond.daemon.config import load_config
+from corespond.daemon.signed_links import LinkRefused
 from tests.browser import free_port
 from tests.daemon.paging_rig import (
     LINK_KEY,
@@ -96,6 +97,7 @@ def test_link_keys_rotate_old_links_open_until_their_key_is_removed(daemon: Daem
     signer = daemon.app.link_signer
     now = daemon.turner.reactor.seconds()
     old_link = signer.sign("C1-1", "c-1", now)
+    old_form_link = daemon.app.encounter_signer.sign("C1-1", "c-1", now)
     assert daemon.link_opens(old_link)
     assert not daemon.link_opens(old_link[:-2] + "AA")
 
@@ -112,10 +114,16 @@ def test_link_keys_rotate_old_links_open_until_their_key_is_removed(daemon: Daem
     new_link = daemon.app.ack_links.signer.sign("C1-1", "c-1", now)
     assert new_link != old_link
     assert daemon.link_opens(old_link) and daemon.link_opens(new_link)
+    # The encounter-form links (their own purpose, the same keys) rotate with them.
+    encounter_signer = daemon.app.encounter_signer
+    assert encounter_signer.keys.current == NEW_KEY.encode()
+    assert encounter_signer.verify(old_form_link, now).page_ref == "C1-1"
     # The old key removed: its links stop opening, the new ones still do.
     assert daemon.reload(text.replace(f"  link_previous_key_file: {daemon.tmp / 'link.key'}\n", ""))
     assert not daemon.link_opens(old_link)
     assert daemon.link_opens(new_link)
+    with pytest.raises(LinkRefused):
+        encounter_signer.verify(old_form_link, now)
 
 
 def test_a_reload_with_a_bad_key_changes_nothing(daemon: Daemon) -> None:
