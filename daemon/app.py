@@ -452,7 +452,7 @@ class Corespond:
         worker = self.referrals.worker
         self.auto_referrals = AutoReferrals(
             self.engine, self.config.referrals, clock=self.clock,
-            run_in_thread=worker._in_thread, created=worker.wake,
+            run_in_thread=worker.in_thread, created=worker.wake,
         )  # fmt: skip
         self.auto_referrals.start()
 

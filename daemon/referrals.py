@@ -992,7 +992,10 @@ class ReferralWorker:
 
     # --- polling -------------------------------------------------------------------------------
 
-    def _in_thread(self, fn: Callable[[], T]) -> Deferred[T]:
+    def in_thread(self, fn: Callable[[], T]) -> Deferred[T]:
+        """Run ``fn`` (database work) where the referral side's transactions run: the store's
+        writer thread on SQLite, else this worker's pool. The service, the certificate checks
+        and the automatic referrals share it."""
         if self._run_in_thread is not None:
             return self._run_in_thread(fn)
         return deferToThreadPool(self.reactor, self._pool, fn)
@@ -1015,7 +1018,7 @@ class ReferralWorker:
                 lease = self._lease()
 
                 try:
-                    claimed = await self._in_thread(partial(self._claim, now, busy, lease))
+                    claimed = await self.in_thread(partial(self._claim, now, busy, lease))
                 except Exception as err:
                     log.error("referral.claim.failed", error=type(err).__name__)
                     return
@@ -1193,7 +1196,7 @@ class ReferralWorker:
             for d in waiting:
                 d.callback(None)
 
-        self._in_thread(commit).addCallbacks(committed, failed).addBoth(finished)
+        self.in_thread(commit).addCallbacks(committed, failed).addBoth(finished)
 
     async def _send_one(self, item: Claimed) -> _Outcome:
         """Send one claimed message; what to commit for it (never raises)."""
@@ -1635,7 +1638,7 @@ class ReferralService:
         # hl7apy in worker processes, so that builds never hold this process's GIL.
         self.builder = BuildPool(reactor, config.build_processes, build)
         self.certificates = CertificateWatch(
-            config, self.worker.clock, self.metrics, self.worker._in_thread
+            config, self.worker.clock, self.metrics, self.worker.in_thread
         )
         self._building: set[int] = set()  # referral ids whose build is under way here
         self._rebuilding = False
@@ -1652,7 +1655,7 @@ class ReferralService:
 
     async def _create(self, request: ReferralRequest) -> CreatedReferral:
         now = self.worker.clock.now()
-        unbuilt = await self.worker._in_thread(
+        unbuilt = await self.worker.in_thread(
             lambda: store_unbuilt(self.engine, self.config, request, now)
         )
         if unbuilt.content is None:
@@ -1673,7 +1676,7 @@ class ReferralService:
             self._rebuild_later()
             raise ReferralBuildFailed(unbuilt.ref, str(err)) from None
         except BuildError as err:
-            await self.worker._in_thread(lambda: discard_unbuilt(self.engine, unbuilt.id))
+            await self.worker.in_thread(lambda: discard_unbuilt(self.engine, unbuilt.id))
             raise ReferralError(f"the message does not validate: {err}") from None
         if control_id is None:
             raise ReferralError(f"referral {unbuilt.ref} was cancelled before it was queued")
@@ -1685,7 +1688,7 @@ class ReferralService:
         try:
             message = await self.builder.build(unbuilt.content, unbuilt.profile)
             now = self.worker.clock.now()
-            control_id = await self.worker._in_thread(
+            control_id = await self.worker.in_thread(
                 lambda: queue_built(self.engine, unbuilt, message, now)
             )
         finally:
@@ -1723,7 +1726,7 @@ class ReferralService:
         from corespond.daemon.referral_build import BuildCrashed
 
         skip = frozenset(self._building)
-        found = await self.worker._in_thread(
+        found = await self.worker.in_thread(
             lambda: unbuilt_referrals(self.engine, self.config, skip)
         )
         queued = 0
@@ -1738,7 +1741,7 @@ class ReferralService:
                 break
             except BuildError as err:
                 reason = f"invalid-message: the message does not validate: {err}"
-                await self.worker._in_thread(
+                await self.worker.in_thread(
                     partial(
                         hold_unbuildable, self.engine, unbuilt.id, reason, self.worker.clock.now()
                     )
@@ -1772,7 +1775,7 @@ class ReferralService:
             with self.engine.connect() as conn:
                 return person_of_incident(conn, incident_ref)
 
-        return self.worker._in_thread(look)
+        return self.worker.in_thread(look)
 
     def start(self) -> None:
         self.builder.start()
