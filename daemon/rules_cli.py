@@ -381,6 +381,37 @@ def _json_line(value: Any) -> str:
     return line if line.isascii() else _ASCII_JSON(value)
 
 
+def _load_line(line: str) -> Any:
+    """``json.loads(line)``, by orjson (about 0.7 us for a 600-byte incident, json 3.7) when
+    that gives the same value. What orjson refuses (NaN, Infinity, 1e400, integers past 2**64,
+    lone surrogate escapes) goes to json, which gives the value or the error it always gave;
+    so does a line where orjson read a number of 2**63 or more as a float (it does that for
+    integers below -2**63, which json keeps exact). Raises ValueError.
+    """
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+    if type(value) is dict:
+        for item in value.values():
+            if item.__class__ is not str and not _exact(item):
+                return json.loads(line)
+        return value
+    return value if _exact(value) else json.loads(line)
+
+
+def _exact(value: Any) -> bool:
+    """Whether ``value`` holds no float of 2**63 or more (see _load_line)."""
+    kind = value.__class__
+    if kind is float:
+        return abs(value) < 9.223372036854776e18
+    if kind is dict:
+        return all(_exact(v) for v in value.values())
+    if kind is list:
+        return all(_exact(v) for v in value)
+    return True
+
+
 def classify_lines(ruleset: Any, lines: Iterable[str], out: IO[str]) -> int:
     """Write one decision (or error) per non-blank input line; return how many lines were bad."""
     from corespond.daemon.errors import RejectedMessage
@@ -391,7 +422,7 @@ def classify_lines(ruleset: Any, lines: Iterable[str], out: IO[str]) -> int:
     classify = classifier.classify
     timezone = ruleset.timezone
     dumps = _json_line
-    loads = json.loads
+    loads = _load_line
     pending: list[str] = []
     bad = 0
     for number, line in enumerate(lines, start=1):

@@ -89,14 +89,6 @@ def _code(value: str) -> str:
     return " ".join(normalize_text(value).split()).upper()
 
 
-_SPAN_KEYS = 2 * len(SCANNED_FIELDS)
-
-
-def _span_key(field: str, ident: int, negation: bool) -> int:
-    """One int for (field, term id, negation): cheaper to hash than the tuple."""
-    return ident * _SPAN_KEYS + SCANNED_FIELDS.index(field) * 2 + negation
-
-
 def _position(fired: tuple[int, Rule, list[Span]]) -> int:
     return fired[0]
 
@@ -108,43 +100,51 @@ class _Context:
         "apco",
         "codes",
         "found",
+        "kept",
         "local_time",
         "negation",
         "raw",
         "snapshot",
-        "spans",
     )
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.raw: dict[str, str] = {}  # scanned field -> its text as evidence quotes it
         self.found: dict[str, FieldHits] = {}  # scanned field -> what the scan found
+        # scanned field -> term id -> its spans that no trigger negates (ids in scan order)
+        self.kept: dict[str, dict[int, list[Span]]] = {}
         self.negation: dict[str, ClauseNegation] = {}  # fields with pre or post triggers
-        self.spans: dict[int, list[Span]] = {}  # see term_spans()
         self.codes: dict[str, tuple[str, str]] = {}  # field -> (normalized code, raw text)
         self.apco: list[Apco] = []
         self.local_time: datetime | None = None
 
-    def term_spans(self, field: str, ident: int, negation: bool, key: int) -> list[Span]:
-        """The spans of term ``ident`` in ``field`` (less the negated ones, with ``negation``).
-
-        Worked out once per term and field, when a rule first asks: several rules share terms.
-        ``key`` is ``_span_key(field, ident, negation)``.
-        """
-        got = self.spans.get(key)
-        if got is None:
-            scopes = self.negation.get(field) if negation else None
-            found = self.found[field].terms[ident]
-            if scopes is None:
-                got = [(field, start, end) for start, end in found]
-            else:
-                got = [(field, s, e) for s, e in found if not scopes.negated(s, e)]
-            self.spans[key] = got
-        return got
-
     def is_negated(self, field: str, start: int, end: int) -> bool:
         scopes = self.negation.get(field)
         return scopes is not None and scopes.negated(start, end)
+
+
+# What scanning one field's text gives, the same every time for the same text: the hits, the
+# rules they point at, the spans no trigger negates (see _Context.kept), the negation scopes.
+_Scanned = tuple[FieldHits, int, dict[int, list[Span]], ClauseNegation | None]
+
+
+def _kept_spans(
+    field: str, terms: dict[int, list[tuple[int, int]]], scopes: ClauseNegation | None
+) -> dict[int, list[Span]]:
+    """Each found term's spans less the negated ones (terms left with none are left out).
+
+    Worked out for every term found, in one pass: every term a field's automaton holds is
+    one that some rule reads there, so almost all of them are asked for anyway.
+    """
+    if scopes is None:
+        return {ident: [(field, s, e) for s, e in places] for ident, places in terms.items()}
+    negated = scopes.negated
+    kept: dict[int, list[Span]] = {}
+    for ident, places in terms.items():
+        got = [(field, s, e) for s, e in places if not negated(s, e)]
+        if got:
+            kept[ident] = got
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +197,7 @@ class RuleClassifier:
         self._window = ruleset.negation.window
         self._checks = [c.check for c in self._rules]
         self._not_behavioral = Decision(False, None, Response.NONE, 0.0, (), (), self.version)
-        self._recent: dict[tuple[str, str], tuple[FieldHits, int]] = {}
+        self._recent: dict[tuple[str, str], _Scanned] = {}
         self._recent_codes: dict[
             tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
         ] = {}
@@ -215,15 +215,33 @@ class RuleClassifier:
     def _literals(self) -> Iterable[tuple[str, Key]]:
         # A term or gate is looked for only in the fields some rule reads it from: a hit
         # elsewhere could not change a decision, and every hit costs time.
+        # An abbreviation stands for its meaning: it matches every term its meaning holds.
+        # (A substring test first: most pairs fail it, and it is a C loop.)
+        abbreviations = [
+            (alias, meaning, f" {meaning} ", fields)
+            for alias, (meaning, fields) in self.ruleset.abbreviations.items()
+        ]
         for term, ident in self._terms.items():
             used = frozenset(self._term_fields[ident])
-            yield term.key, Key("term", ident, term.stem, used)
-            # An abbreviation stands for its meaning: it matches every term its meaning holds.
-            for alias, (meaning, fields) in self.ruleset.abbreviations.items():
-                if _holds(meaning, term):
-                    where = used.intersection(fields) if fields else used
-                    if where:
-                        yield alias, Key("term", ident, False, where)
+            key = term.key
+            yield key, Key("term", ident, term.stem, used)
+            if term.stem:
+                holding = [
+                    (alias, fields)
+                    for alias, meaning, _, fields in abbreviations
+                    if key in meaning and _holds(meaning, term)
+                ]
+            else:
+                needle = f" {key} "  # what _holds() tests
+                holding = [
+                    (alias, fields)
+                    for alias, _, padded, fields in abbreviations
+                    if needle in padded
+                ]
+            for alias, fields in holding:
+                where = used.intersection(fields) if fields else used
+                if where:
+                    yield alias, Key("term", ident, False, where)
         for gate, ident in self._gates.items():
             yield gate, Key("gate", ident, False, frozenset(self._gate_fields[ident]))
         neg = self.ruleset.negation
@@ -255,6 +273,10 @@ class RuleClassifier:
         if isinstance(cond, Not):
             inner = self._compile(cond.item)
             return lambda ctx: [] if inner(ctx) is None else None
+        if isinstance(cond, AnyOf) and all(
+            isinstance(c, TextMatch) and c.negation and not c.regexes for c in cond.items
+        ):
+            return self._compile_any_text(cond.items)
         parts = [self._compile(c) for c in cond.items]
         if isinstance(cond, AllOf):
 
@@ -280,6 +302,29 @@ class RuleClassifier:
 
         return any_of
 
+    def _compile_any_text(self, items: tuple[TextMatch, ...]) -> Check:
+        """``any`` of plain terms in several fields ("a weapon in the call type, narrative or
+        cautions"): what ``any_of`` over their ``terms_only`` gives, in one call."""
+        wanted: list[tuple[str, frozenset[int]]] = []
+        for cond in items:
+            ids = frozenset(self._term_id(t) for t in cond.terms)
+            for ident in ids:
+                self._term_fields.setdefault(ident, set()).add(cond.field)
+            wanted.append((cond.field, ids))
+
+        def any_text(ctx: _Context) -> list[Span] | None:
+            spans: list[Span] = []
+            kept_by_field = ctx.kept
+            for field, ids in wanted:
+                kept = kept_by_field.get(field)
+                if kept:
+                    for ident, got in kept.items():
+                        if ident in ids:
+                            spans += got
+            return spans or None
+
+        return any_text
+
     def _compile_text(self, cond: TextMatch) -> Check:
         field = cond.field
         ids = frozenset(self._term_id(t) for t in cond.terms)
@@ -294,20 +339,31 @@ class RuleClassifier:
             regexes.append((pattern, gates))
         negation = cond.negation
 
-        base = _span_key(field, 0, negation)
+        if negation:
 
-        def terms_only(ctx: _Context) -> list[Span] | None:
-            found = ctx.found.get(field)
-            if found is None:
-                return None
-            spans: list[Span] = []
-            cached = ctx.spans
-            for ident in found.terms:
-                if ident in ids:
-                    key = base + ident * _SPAN_KEYS
-                    got = cached.get(key)
-                    spans += ctx.term_spans(field, ident, negation, key) if got is None else got
-            return spans or None
+            def terms_only(ctx: _Context) -> list[Span] | None:
+                kept = ctx.kept.get(field)
+                if not kept:
+                    return None
+                spans: list[Span] = []
+                for ident, got in kept.items():  # in scan order, as evidence lists them
+                    if ident in ids:
+                        spans += got
+                return spans or None
+
+        else:
+
+            def terms_only(ctx: _Context) -> list[Span] | None:
+                found = ctx.found.get(field)
+                if found is None:
+                    return None
+                spans = [
+                    (field, s, e)
+                    for ident, places in found.terms.items()
+                    if ident in ids
+                    for s, e in places
+                ]
+                return spans or None
 
         if not regexes:
             return terms_only
@@ -378,7 +434,7 @@ class RuleClassifier:
         if others:  # each list is in file order already
             fired = includes + others
             fired.sort(key=_position)
-        return self._decide(snapshot, ctx, [(rule, spans) for _, rule, spans in fired])
+        return self._decide(snapshot, ctx, fired)
 
     def fired_rules(self, snapshot: Snapshot) -> tuple[str, ...]:
         """Every rule whose condition holds, whether or not it shapes the decision."""
@@ -469,8 +525,7 @@ class RuleClassifier:
     def _scan_into(self, ctx: _Context, field: str, raw: str) -> int:
         """Scans one text field into ``ctx``; the mask of rules its hits point at."""
         if field == "narrative":
-            found = self._matcher.scan_field(raw, field)
-            candidates = self._mask(field, found)
+            found, candidates, kept, scopes = self._scan(field, raw)
         else:
             # Call types, cautions and mental states come from a small vocabulary: remember.
             key = (field, raw)
@@ -478,16 +533,23 @@ class RuleClassifier:
             if got is None:
                 if len(self._recent) >= _RECENT_SIZE:
                     self._recent.clear()
-                found = self._matcher.scan_field(raw, field)
-                got = self._recent[key] = (found, self._mask(field, found))
-            found, candidates = got
+                got = self._recent[key] = self._scan(field, raw)
+            found, candidates, kept, scopes = got
         ctx.raw[field] = raw
         ctx.found[field] = found
+        ctx.kept[field] = kept
+        if scopes is not None:
+            ctx.negation[field] = scopes
+        return candidates
+
+    def _scan(self, field: str, raw: str) -> _Scanned:
+        found = self._matcher.scan_field(raw, field)
+        scopes = None
         if found.pre or found.post:
-            ctx.negation[field] = ClauseNegation(
+            scopes = ClauseNegation(
                 found.text, found.pre, found.post, found.pseudo, found.terminators, self._window
             )
-        return candidates
+        return found, self._mask(field, found), _kept_spans(field, found.terms, scopes), scopes
 
     def _mask(self, field: str, found: FieldHits) -> int:
         """The rules that the hits of one field point at."""
@@ -502,14 +564,14 @@ class RuleClassifier:
         return candidates
 
     def _decide(
-        self, snapshot: Snapshot, ctx: _Context, fired: list[tuple[Rule, list[Span]]]
+        self, snapshot: Snapshot, ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]
     ) -> Decision:
         """The decision from the rules that fired (at least one include among them)."""
         top: Rule | None = None
         miss = 1.0
         response = Response.NONE
         excluded = False
-        for rule, _ in fired:
+        for _, rule, _ in fired:
             effect = rule.effect
             if effect is Effect.INCLUDE:
                 if top is None or rule.weight > top.weight:
@@ -521,7 +583,7 @@ class RuleClassifier:
             # Include and escalate rules: the most cautious response wins.
             if _RANK[rule.response] > _RANK[response]:
                 response = rule.response
-        rules = tuple(rule.id for rule, _ in fired)
+        rules = tuple(rule.id for _, rule, _ in fired)
         evidence = _evidence(ctx, fired)
         if excluded or top is None:
             return Decision(False, None, Response.NONE, 0.0, rules, evidence, self.version)
@@ -598,10 +660,12 @@ def _compile_time(cond: TimeMatch) -> Check:
     return in_window
 
 
-def _evidence(ctx: _Context, fired: list[tuple[Rule, list[Span]]]) -> tuple[Evidence, ...]:
+def _evidence(
+    ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]
+) -> tuple[Evidence, ...]:
     out: list[Evidence] = []
     raws = ctx.raw
-    for rule, spans in fired:
+    for _, rule, spans in fired:
         if len(spans) > 1:
             spans = list(dict.fromkeys(spans))  # each span once, first come first
         rule_id = rule.id

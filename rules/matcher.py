@@ -114,20 +114,26 @@ class LiteralMatcher:
             bucket = table.setdefault(stored, [])
             if key not in bucket:
                 bucket.append(key)
-        self._automaton = ahocorasick.Automaton()
-        for stored, keys in table.items():
+        self.size = len(table)
+        self._table = table
+        # The automaton over every key, for scan(); the engine only uses scan_field()'s
+        # per-field ones, so it is made when scan() is first called.
+        self._automaton: ahocorasick.Automaton | None = None
+        self._field_automata: dict[str, ahocorasick.Automaton] = {}
+
+    def _plain_automaton(self) -> ahocorasick.Automaton:
+        automaton = ahocorasick.Automaton()
+        for stored, keys in self._table.items():
             lead = 1 if stored.startswith(" ") else 0
             trail = 1 if stored.endswith(" ") and len(stored) > 1 else 0
             entries = tuple(
                 (k.kind, k.ident, k.stem, k.fields, k.kind != "gate" and not k.stem and not trail)
                 for k in keys
             )
-            self._automaton.add_word(stored, (len(stored), lead, trail, entries))
-        self.size = len(table)
+            automaton.add_word(stored, (len(stored), lead, trail, entries))
         if self.size:
-            self._automaton.make_automaton()
-        self._table = table
-        self._field_automata: dict[str, ahocorasick.Automaton] = {}
+            automaton.make_automaton()
+        return automaton
 
     def _field_automaton(self, field: str) -> ahocorasick.Automaton:
         """The automaton :meth:`scan_field` uses for ``field``: only the keys that apply there.
@@ -171,7 +177,10 @@ class LiteralMatcher:
         padded = f" {words_only(normalized)} "
         n = len(normalized)
         out: list[Hit] = []
-        for last, (length, lead, trail, entries) in self._automaton.iter(padded):
+        automaton = self._automaton
+        if automaton is None:
+            automaton = self._automaton = self._plain_automaton()
+        for last, (length, lead, trail, entries) in automaton.iter(padded):
             # padded index i is text index i - 1
             start = last - length + 1 + lead - 1
             end = last + 1 - trail - 1

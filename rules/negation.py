@@ -20,6 +20,10 @@ from corespond.rules.matcher import Hit
 
 _CLAUSE_ENDS = ".;!?\n"
 _PUNCTUATION = re.compile(f"[{re.escape(_CLAUSE_ENDS)}]")
+# ASCII text -> the same length with "." for every clause end and " " for everything else.
+_MARKS = bytes.maketrans(
+    bytes(range(128)), bytes(46 if chr(c) in _CLAUSE_ENDS else 32 for c in range(128))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +121,7 @@ class ClauseNegation:
     as (start, end) lists per kind, as :class:`~corespond.rules.matcher.FieldHits` holds them.
     """
 
-    __slots__ = ("_post", "_pre", "_pseudo", "_terminators", "_text", "_window")
+    __slots__ = ("_marks", "_post", "_pre", "_pseudo", "_terminators", "_text", "_window")
 
     def __init__(
         self,
@@ -134,23 +138,26 @@ class ClauseNegation:
         self._post = post
         self._pseudo = pseudo
         self._terminators = terminators
+        self._marks: str | None = None  # see _clause_marks(), made when first needed
 
     def negated(self, start: int, end: int) -> bool:
         if self._pseudo:
             self._drop_pseudo()
+        text = self._text
         clause_start = -1
         for ts, te in self._pre:
             if te <= start:
                 if clause_start < 0:
                     clause_start = self._clause_start(start)
-                if ts >= clause_start and self._near(te, start):
+                # within the window: as _near(), inline (this runs for most matches)
+                if ts >= clause_start and len(text[te:start].split()) <= self._window:
                     return True
         clause_end = -1
         for ts, te in self._post:
             if ts >= end:
                 if clause_end < 0:
                     clause_end = self._clause_end(end)
-                if te <= clause_end and self._near(end, ts):
+                if te <= clause_end and len(text[end:ts].split()) <= self._window:
                     return True
         return False
 
@@ -162,16 +169,40 @@ class ClauseNegation:
         self._post = [t for t in self._post if not any(s <= t[0] and t[1] <= e for s, e in pseudo)]
         self._pseudo = []
 
+    def _clause_marks(self) -> str:
+        """The text with "." for each clause end and " " elsewhere: one ``rfind``/``find``
+        then finds the clause boundary (for ASCII text; other text keeps five searches)."""
+        text = self._text
+        if text.isascii():
+            self._marks = text.encode("ascii").translate(_MARKS).decode("ascii")
+        else:
+            self._marks = ""
+        return self._marks
+
     def _clause_start(self, start: int) -> int:
-        found = max(map(self._text.rfind, _CLAUSE_ENDS, repeat(0), repeat(start))) + 1
+        marks = self._marks
+        if marks is None:
+            marks = self._clause_marks()
+        if marks:
+            found = marks.rfind(".", 0, start) + 1
+        else:
+            found = max(map(self._text.rfind, _CLAUSE_ENDS, repeat(0), repeat(start))) + 1
         for _, te in self._terminators:
             if found < te <= start:
                 found = te
         return found
 
     def _clause_end(self, end: int) -> int:
-        m = _PUNCTUATION.search(self._text, end)
-        found = m.start() if m else len(self._text)
+        marks = self._marks
+        if marks is None:
+            marks = self._clause_marks()
+        if marks:
+            found = marks.find(".", end)
+            if found < 0:
+                found = len(marks)
+        else:
+            m = _PUNCTUATION.search(self._text, end)
+            found = m.start() if m else len(self._text)
         for ts, _ in self._terminators:
             if end <= ts < found:
                 found = ts

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from corespond.daemon.cli import main
+from corespond.daemon.rules_cli import _load_line
 from corespond.rules.loader import load_ruleset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "rules" / "fixtures"
@@ -341,3 +344,30 @@ def test_classify_unreadable_input(tmp_path: Path, capsys: pytest.CaptureFixture
     latin.write_bytes(b'{"id": "x", "call_type": "caf\xe9"}\n')
     code, _, err = run(capsys, "classify", str(latin))
     assert code == 1 and "not UTF-8" in err
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    line=st.one_of(
+        st.builds(json.dumps, _JSON_VALUES),  # NaN, Infinity, big integers, escaped surrogates
+        st.builds(lambda v: json.dumps(v, ensure_ascii=False), _JSON_VALUES),
+        st.text(max_size=40),  # mostly not JSON
+        st.sampled_from(["1e400", "-1e400", '{"a": 1, "a": 2}', '"\\ud800"', "\ufeff{}", "-0"]),
+    )
+)
+def test_classify_reads_a_line_as_json_loads_does(line: str) -> None:
+    """orjson reads the lines it can, json the rest: the values and the errors are json's."""
+    try:
+        want = json.loads(line)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _load_line(line)
+    else:
+        assert repr(_load_line(line)) == repr(want)  # repr: NaN, -0.0 and int/float kept apart

@@ -20,3 +20,21 @@ def test_call_type_vocabulary_precision_and_recall() -> None:
     assert report.recall >= 0.98, misses
     for category, figures in report.per_category().items():
         assert figures["precision"] >= 0.95 and figures["recall"] >= 0.95, (category, misses)
+
+
+CITIES = Path(__file__).parent / "fixtures" / "call-types-cities.tsv"
+
+
+def test_a_second_vocabulary_written_apart_from_the_first() -> None:
+    """Call types in other cities' shapes, and look-alikes; every one decided as labelled.
+
+    Written after the rules, as a stand-in for the real vocabularies the rules will meet: on
+    first run 10 of its 100 lines were wrong (precision 0.94, recall 0.91); the rules were
+    then fixed where a city's way of writing was missing (abbreviations, list words, two
+    exclusions), not by listing these strings.
+    """
+    rows = read_rows(CITIES)
+    assert 60 <= len(rows) <= 100
+    assert not {r["call_type"] for r in rows} & {r["call_type"] for r in read_rows(VOCABULARY)}
+    report = backtest(load_ruleset(), rows, "label")
+    assert [(m.call_type, m.label, m.predicted) for m in report.misses] == []
