@@ -102,7 +102,7 @@ def main() -> None:
             cpu = server.cpu_seconds() - cpu0
         finally:
             server.stop()
-        text = trace_path.read_text()
+        text = trace_path.read_text() if trace_path.exists() else ""  # older code: no trace
         if args.keep:
             args.keep.write_text(json.dumps({"since": since}) + "\n" + text)
         trace = [json.loads(line) for line in text.splitlines() if line]
