@@ -937,11 +937,14 @@ _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 class _WalCheckpoints:
     """The store's timer-driven checkpoints of an SQLite WAL (see CHECKPOINT_SECONDS)."""
 
-    def __init__(self, store: IncidentStore, reactor: Any, seconds: float) -> None:
+    def __init__(
+        self, store: IncidentStore, reactor: Any, seconds: float, run: RunInThread | None
+    ) -> None:
         self.store = store
         self.reactor = reactor
         self.seconds = seconds
         self.pool = ThreadPool(0, 1, name="corespond-store-checkpoint")
+        self.run: RunInThread = run or (lambda fn: deferToThreadPool(reactor, self.pool, fn))
         self.loop: LoopingCall | None = None
         self.busy = False
         self.commits = 0  # batches committed since the last checkpoint began
@@ -961,7 +964,7 @@ class _WalCheckpoints:
         if self.busy or not self.commits:
             return
         self.busy, self.commits = True, 0
-        d = deferToThreadPool(self.reactor, self.pool, self.bulk)
+        d = self.run(self.bulk)
         d.addCallback(lambda _: self.store.run_on_writer(self.store._checkpoint_on_writer))
         d.addErrback(self.failed)
         d.addBoth(self.done)
@@ -996,7 +999,9 @@ class IncidentStore:
 
     ``run_in_thread`` / ``run_read_in_thread`` run a callable off the reactor and return a
     Deferred of its result; they default to the store's own thread pools (tests inject their
-    own to decide when a write completes).
+    own to decide when a write completes). On an SQLite file, every ``checkpoint_seconds``
+    the store checkpoints the WAL (see CHECKPOINT_SECONDS), its first step through
+    ``run_checkpoint_in_thread`` (by default a thread of its own).
     """
 
     def __init__(
@@ -1009,6 +1014,7 @@ class IncidentStore:
         run_in_thread: RunInThread | None = None,
         run_read_in_thread: RunInThread | None = None,
         checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+        run_checkpoint_in_thread: RunInThread | None = None,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
@@ -1033,17 +1039,20 @@ class IncidentStore:
         # The writer thread's connection, held between batches: checking one out of the pool
         # and returning it (a rollback) cost a one-snapshot batch about 15 % of its CPU.
         self._conn: Connection | None = None
-        # Timer-driven WAL checkpoints, on SQLite files and with the store's own threads.
+        # Timer-driven WAL checkpoints, on SQLite files; not with injected writes unless the
+        # checkpoints' thread is injected too (the reactor may then be a test clock).
         self._checkpoints: _WalCheckpoints | None = None
         database = engine.url.database or ""
         if (
             checkpoint_seconds is not None
-            and run_in_thread is None
+            and (run_in_thread is None or run_checkpoint_in_thread is not None)
             and engine.dialect.name == "sqlite"
             and database not in ("", ":memory:")
             and not database.startswith("file::memory:")
         ):
-            self._checkpoints = _WalCheckpoints(self, reactor, checkpoint_seconds)
+            self._checkpoints = _WalCheckpoints(
+                self, reactor, checkpoint_seconds, run_checkpoint_in_thread
+            )
 
     @property
     def healthy(self) -> bool:

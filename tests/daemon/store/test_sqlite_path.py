@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
 from corespond.daemon.decision import Response
 from corespond.daemon.snapshot import IncidentStatus
@@ -141,3 +142,11 @@ def test_sqlite_finds_incidents_and_snapshots_by_index(engine: Engine) -> None:
                 row[3] for row in plan if row[3].startswith("SCAN") and "CONSTANT" not in row[3]
             ]
             assert scans == [], statement
+
+
+def test_driver_errors_are_raised_as_sqlalchemy_raises_them(engine: Engine) -> None:
+    """The store retries and reports by DBAPIError; the driver-level path raises the same."""
+    bad = replace(record(snapshot("INC-1")), feed=None)  # feed is NOT NULL
+    with pytest.raises(IntegrityError) as caught, engine.begin() as conn:
+        write_batch(conn, [bad])
+    assert caught.value.orig is not None
