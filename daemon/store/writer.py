@@ -11,7 +11,12 @@ for each snapshot (became current, decision changed) are computed in that order.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import os
+import sqlite3
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,11 +24,13 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, TypeVar
 
+import orjson
 import structlog
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -210,50 +217,27 @@ class _DialectStatements:
 _STATEMENTS: dict[str, _DialectStatements] = {}
 
 
-# --- SQLite: driver-level executemany for the hot writes -------------------------------------
+# --- SQLite: the batch on the driver's own cursor ---------------------------------------------
 #
-# SQLAlchemy's per-row parameter processing and insertmanyvalues' RETURNING cost several times
-# what SQLite itself spends on these rows. A write transaction on SQLite holds the database's
-# write lock (BEGIN IMMEDIATE; a deferred one fails to upgrade if anything changed since it
-# read), so the writer numbers new rows itself, from max(id) + 1 on - the ids SQLite would have
-# assigned (no AUTOINCREMENT); one query per batch reads max(id) of the three tables - and
-# inserts them with the driver's executemany, values bound as UTCDateTime and JSON would bind
-# them (_SQLITE_BINDS).
+# SQLAlchemy's per-statement work (events, parameter processing, result wrapping, and above all
+# rendering the expanding IN lists of the selects at every execution) costs several times what
+# SQLite itself spends on these rows: a batch of one snapshot ran 8 statements at about 60 us
+# of SQLAlchemy each. On SQLite every statement of a batch therefore goes to the sqlite3
+# cursor of the transaction's connection, with SQL text built once per shape. A write
+# transaction on SQLite holds the database's write lock (BEGIN IMMEDIATE; a deferred one fails
+# to upgrade if anything changed since it read), so the writer numbers new rows itself, from
+# max(id) + 1 on - the ids SQLite would have assigned (no AUTOINCREMENT); one query per batch
+# reads max(id) of the three tables - and inserts them with the driver's executemany, values
+# bound as UTCDateTime and JSON would bind them (_SQLITE_BINDS). Driver errors are raised as
+# SQLAlchemy's DBAPIError, as the Core path raises them (see _write_batch).
 
 
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@dataclass(frozen=True, slots=True)
-class _DriverInsert:
-    """``INSERT INTO table (id, columns...)`` with ids numbered by the writer (SQLite only)."""
-
-    table: str
-    sql: str
-    values: Callable[[dict[str, Any]], tuple[Any, ...]]
-
-    @classmethod
-    def of(cls, table: Table, columns: Sequence[str]) -> _DriverInsert:
-        assert len(columns) > 1  # itemgetter of one name gives a value, not a tuple
-        names = ", ".join(_quoted(c) for c in ("id", *columns))
-        marks = ", ".join("?" * (len(columns) + 1))
-        return cls(
-            table=table.name,
-            sql=f"INSERT INTO {_quoted(table.name)} ({names}) VALUES ({marks})",
-            values=itemgetter(*columns),
-        )
-
-    def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
-        """Insert ``rows`` (every column of the statement, driver-ready); their ids, in order."""
-        next_ids = _next_ids(conn)
-        first = next_ids[self.table]
-        next_ids[self.table] = first + len(rows)
-        ids = list(range(first, first + len(rows)))
-        conn.exec_driver_sql(
-            self.sql, [(i, *self.values(row)) for i, row in zip(ids, rows, strict=True)]
-        )
-        return ids
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
 
 
 # The tables the SQLite writer numbers itself, and one statement for the max(id) of all three:
@@ -261,16 +245,63 @@ class _DriverInsert:
 # one-snapshot batch's statements).
 _NUMBERED = (incidents.name, snapshots.name, decisions.name)
 _MAX_IDS = "SELECT " + ", ".join(f"(SELECT max(id) FROM {_quoted(t)})" for t in _NUMBERED)
-_NEXT_IDS = "corespond_next_ids"  # conn.info key, set for the length of one write_batch
+_SQLITE = "corespond_sqlite_batch"  # conn.info key, set for the length of one write_batch
 
 
-def _next_ids(conn: Connection) -> dict[str, int]:
-    """The next free id of each numbered table, read at the first insert of a batch."""
-    next_ids: dict[str, int] = conn.info[_NEXT_IDS]
-    if not next_ids:
-        row = conn.exec_driver_sql(_MAX_IDS).one()
-        next_ids.update((table, (top or 0) + 1) for table, top in zip(_NUMBERED, row, strict=True))
-    return next_ids
+class _SqliteBatch:
+    """The driver's cursor for one batch, and the next free id of each numbered table."""
+
+    __slots__ = ("_next_ids", "cursor")
+
+    def __init__(self, conn: Connection) -> None:
+        self.cursor: sqlite3.Cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        self._next_ids: dict[str, int] | None = None
+
+    def ids(self, table: str, count: int) -> range:
+        """``count`` new ids for ``table``, read at the first insert of a batch."""
+        next_ids = self._next_ids
+        if next_ids is None:
+            row = self.cursor.execute(_MAX_IDS).fetchone()
+            next_ids = self._next_ids = {
+                t: (top or 0) + 1 for t, top in zip(_NUMBERED, row, strict=True)
+            }
+        first = next_ids[table]
+        next_ids[table] = first + count
+        return range(first, first + count)
+
+
+def _sqlite_batch(conn: Connection) -> _SqliteBatch | None:
+    batch: _SqliteBatch | None = conn.info.get(_SQLITE)
+    return batch
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverInsert:
+    """``INSERT INTO table (id, columns...)`` with ids numbered by the writer (SQLite only)."""
+
+    table: str
+    columns: tuple[str, ...]
+    sql: str
+
+    @classmethod
+    def of(cls, table: Table, columns: tuple[str, ...]) -> _DriverInsert:
+        names = ", ".join(_quoted(c) for c in ("id", *columns))
+        return cls(
+            table=table.name,
+            columns=columns,
+            sql=f"INSERT INTO {_quoted(table.name)} ({names}) VALUES ({_marks(len(columns) + 1)})",
+        )
+
+    def execute(self, batch: _SqliteBatch, rows: Sequence[tuple[Any, ...]]) -> range:
+        """Insert ``rows`` (the statement's columns in order, driver-ready); their ids."""
+        ids = batch.ids(self.table, len(rows))
+        batch.cursor.executemany(self.sql, [(i, *row) for i, row in zip(ids, rows, strict=True)])
+        return ids
+
+    def as_dicts(self, rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """The same rows as SQLAlchemy Core takes them."""
+        columns = self.columns
+        return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 _SNAPSHOT_COLUMNS = (
@@ -291,7 +322,7 @@ _DRIVER_INCIDENTS = _DriverInsert.of(incidents, _PLACEHOLDER_COLUMNS)
 _DRIVER_UPDATES: dict[tuple[str, ...], tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 
 
-def _driver_update(conn: Connection, rows: list[dict[str, Any]]) -> None:
+def _driver_update(batch: _SqliteBatch, rows: list[dict[str, Any]]) -> None:
     """``UPDATE incidents SET ... WHERE id = incident_pk`` for rows of one shape (SQLite)."""
     shape = tuple(rows[0])
     if shape not in _DRIVER_UPDATES:
@@ -302,7 +333,60 @@ def _driver_update(conn: Connection, rows: list[dict[str, Any]]) -> None:
             itemgetter(*columns, "incident_pk"),
         )
     sql, values = _DRIVER_UPDATES[shape]
-    conn.exec_driver_sql(sql, [values(row) for row in rows])
+    batch.cursor.executemany(sql, [values(row) for row in rows])
+
+
+class _InSelect:
+    """A SELECT with one ``IN (?, ...)`` list, its text built once per list length (SQLite)."""
+
+    __slots__ = ("_template", "_texts")
+
+    def __init__(self, template: str) -> None:
+        self._template = template  # "{marks}" where the IN list's marks go
+        self._texts: dict[int, str] = {}
+
+    def rows(self, batch: _SqliteBatch, values: Sequence[Any], *before: Any) -> list[Any]:
+        text = self._texts.get(len(values))
+        if text is None:
+            text = self._texts[len(values)] = self._template.format(marks=_marks(len(values)))
+        return batch.cursor.execute(text, (*before, *values)).fetchall()
+
+
+# The same statements as _EXISTING_SNAPSHOTS, _SELECT_INCIDENTS and _SELECT_DECISIONS.
+_DRIVER_EXISTING = _InSelect(
+    "SELECT s.digest, s.id, i.id, i.external_id FROM snapshots AS s"
+    " JOIN incidents AS i ON s.incident_id = i.id WHERE s.digest IN ({marks})"
+)
+_DRIVER_INCIDENTS_SELECT = _InSelect(
+    "SELECT i.id, i.source, i.external_id, i.snapshot_count, i.first_received_at,"
+    " i.last_received_at, i.current_snapshot_id, i.current_decision_id, i.behavioral_health,"
+    " i.category, i.response, s.source_updated_at, s.received_at"
+    " FROM incidents AS i LEFT OUTER JOIN snapshots AS s ON s.id = i.current_snapshot_id"
+    " WHERE i.source = ? AND i.external_id IN ({marks}) ORDER BY i.id"
+)
+_DRIVER_DECISIONS_SELECT = _InSelect(
+    "SELECT id, behavioral_health, category, response, score, rules, evidence, ruleset"
+    " FROM decisions WHERE id IN ({marks})"
+)
+
+
+def _sqlite_datetime(text: str | None) -> datetime | None:
+    """What UTCDateTime reads back from SQLite's text: an aware UTC datetime."""
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _DecisionRow:
+    """A decisions row read by the driver, JSON decoded, as decision_from_row reads rows."""
+
+    id: int
+    behavioral_health: bool
+    category: str | None
+    response: str
+    score: float
+    rules: list[str]
+    evidence: list[dict[str, Any]]
+    ruleset: str
 
 
 # --- the unit of work ------------------------------------------------------------------------
@@ -315,13 +399,19 @@ def write_batch(
 
     A snapshot gives a :class:`StoredSnapshot`, a reject the id of its quarantine row.
     """
-    # Ids the SQLite path numbers itself are read once per batch (see _next_ids), and only
-    # for this batch: the caller may write these tables in other ways between two batches.
-    conn.info[_NEXT_IDS] = {}
+    if not _dialect_statements(conn).driver_level:
+        return _write_batch(conn, items)
+    # The ids the SQLite path numbers itself are read once per batch, and only for this
+    # batch: the caller may write these tables in other ways between two batches.
+    batch = conn.info[_SQLITE] = _SqliteBatch(conn)
     try:
         return _write_batch(conn, items)
+    except sqlite3.Error as err:
+        # As SQLAlchemy raises it (the store retries by it); the message quotes no data.
+        raise DBAPIError.instance(None, None, err, sqlite3.Error, hide_parameters=True) from err
     finally:
-        del conn.info[_NEXT_IDS]
+        del conn.info[_SQLITE]
+        batch.cursor.close()
 
 
 def _write_batch(
@@ -453,8 +543,12 @@ def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
 def _existing_snapshots(conn: Connection, digests: list[str]) -> dict[str, tuple[int, int, str]]:
     """digest -> (snapshot id, incident pk, external id) for the digests already stored."""
     found: dict[str, tuple[int, int, str]] = {}
+    batch = _sqlite_batch(conn)
     for chunk in _chunks(digests):
-        rows = conn.execute(_EXISTING_SNAPSHOTS, {"digests": chunk})
+        if batch is not None:
+            rows: Any = _DRIVER_EXISTING.rows(batch, chunk)
+        else:
+            rows = conn.execute(_EXISTING_SNAPSHOTS, {"digests": chunk})
         for digest, snapshot_id, incident_pk, external_id in rows:
             found[digest] = (snapshot_id, incident_pk, external_id)
     return found
@@ -500,12 +594,13 @@ def _lock_incidents(
         return states
     sql = _dialect_statements(conn)
     placeholders = [_placeholder(source, external_id, sql.binds) for source, external_id in missing]
-    if sql.driver_level:
+    batch = _sqlite_batch(conn)
+    if batch is not None:
         # Nobody else can have created them (the write lock): no need to read them back.
-        for key, pk in zip(missing, _DRIVER_INCIDENTS.execute(conn, placeholders), strict=True):
+        for key, pk in zip(missing, _DRIVER_INCIDENTS.execute(batch, placeholders), strict=True):
             states[key] = _IncidentState(pk, key[1], 0, None, None, None, None, None)
     else:
-        conn.execute(sql.insert_incidents, placeholders)
+        conn.execute(sql.insert_incidents, _DRIVER_INCIDENTS.as_dicts(placeholders))
         states.update(_select_incidents(conn, missing))
     return states
 
@@ -513,20 +608,11 @@ def _lock_incidents(
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _placeholder(source: str, external_id: str, binds: _Binds) -> dict[str, Any]:
-    # Filled in by the update at the end of the batch; never committed as is.
+def _placeholder(source: str, external_id: str, binds: _Binds) -> tuple[Any, ...]:
+    """An incident row (_PLACEHOLDER_COLUMNS), filled in by the update at the end of the
+    batch; never committed as is."""
     epoch = binds.time(_EPOCH)
-    return {
-        "source": source,
-        "external_id": external_id,
-        "status": "active",
-        "updated_at": epoch,
-        "first_received_at": epoch,
-        "last_received_at": epoch,
-        "snapshot_count": 0,
-        "behavioral_health": False,
-        "response": "none",
-    }
+    return (source, external_id, "active", epoch, epoch, epoch, 0, False, "none")
 
 
 def _select_incidents(
@@ -534,20 +620,32 @@ def _select_incidents(
 ) -> dict[tuple[str, str], _IncidentState]:
     states: dict[tuple[str, str], _IncidentState] = {}
     stmt = _dialect_statements(conn).select_incidents
+    batch = _sqlite_batch(conn)
     by_source: dict[str, list[str]] = {}
     for source, external_id in keys:
         by_source.setdefault(source, []).append(external_id)
     queries = [
-        {"source": source, "external_ids": list(chunk)}
+        (source, chunk)
         for source, external_ids in by_source.items()
         for chunk in _chunks(external_ids)
     ]
-    for params in queries:
+    for source, chunk in queries:
+        rows: Any
+        if batch is not None:
+            rows = _DRIVER_INCIDENTS_SELECT.rows(batch, chunk, source)
+        else:
+            rows = conn.execute(stmt, {"source": source, "external_ids": list(chunk)})
         # Unpacked as tuples: attribute access on rows costs more than the query here.
         for (
             pk, source, external_id, count, first_received, last_received, snapshot_id,
             decision_id, behavioral_health, category, response, source_updated, received,
-        ) in conn.execute(stmt, params):  # fmt: skip
+        ) in rows:  # fmt: skip
+            if batch is not None:  # the driver's text, read as UTCDateTime and Boolean read it
+                first_received = _sqlite_datetime(first_received)
+                last_received = _sqlite_datetime(last_received)
+                source_updated = _sqlite_datetime(source_updated)
+                received = _sqlite_datetime(received)
+                behavioral_health = bool(behavioral_health)
             rank = outcome = None
             if snapshot_id is not None:
                 rank = (source_updated, received, snapshot_id)
@@ -572,24 +670,25 @@ def _insert_snapshots(
     sql = _dialect_statements(conn)
     time, json = sql.binds.time, sql.binds.json
     params = [
-        {
-            "incident_id": states[p.key].pk,
-            "feed": p.record.feed,
-            "format": p.record.format,
-            "received_at": time(p.received_at),
-            "source_updated_at": time(p.record.snapshot.updated_at),
-            "digest": p.digest,
-            "raw": p.record.raw,
-            "public": json(snapshot_public_json(p.record.snapshot)),
-            "protected": json(snapshot_protected_json(p.record.snapshot)),
-        }
+        (
+            states[p.key].pk,
+            (record := p.record).feed,
+            record.format,
+            time(p.received_at),
+            time((snap := record.snapshot).updated_at),
+            p.digest,
+            record.raw,
+            json(snapshot_public_json(snap)),
+            json(snapshot_protected_json(snap)),
+        )
         for p in candidates
     ]
-    if sql.driver_level:
+    batch = _sqlite_batch(conn)
+    if batch is not None:
         # The digests are not there (checked under the write lock): every row goes in.
-        ids = _DRIVER_SNAPSHOTS.execute(conn, params)
+        ids = _DRIVER_SNAPSHOTS.execute(batch, params)
         return {p.digest: snapshot_id for p, snapshot_id in zip(candidates, ids, strict=True)}
-    rows = conn.execute(sql.insert_snapshots, params)
+    rows = conn.execute(sql.insert_snapshots, _DRIVER_SNAPSHOTS.as_dicts(params))
     return {digest: snapshot_id for snapshot_id, digest in rows}
 
 
@@ -602,8 +701,9 @@ def _apply(
 ) -> None:
     """Decide, in item order, what each new snapshot does to its incident; write it down."""
     sql = _dialect_statements(conn)
+    batch = _sqlite_batch(conn)
     time, json = sql.binds.time, sql.binds.json
-    decision_params: list[dict[str, Any]] = []
+    decision_params: list[tuple[Any, ...]] = []
     previous_to_load: dict[int, int] = {}  # item index -> stored decision id
     for p in candidates:
         state = states[p.key]
@@ -627,19 +727,19 @@ def _apply(
         state.touched = True
         decision = p.record.decision
         decision_params.append(
-            {
-                "snapshot_id": snapshot_id,
-                "incident_id": state.pk,
-                "created_at": time(p.received_at),
-                "ruleset": decision.ruleset,
-                "behavioral_health": decision.behavioral_health,
-                "category": clean_text(decision.category),
-                "response": decision.response.value,
-                "score": decision.score,
-                "rules": json(list(decision.rules)),
-                "evidence": json(decision.evidence_json()),
-                "changed": changed,
-            }
+            (
+                snapshot_id,
+                state.pk,
+                time(p.received_at),
+                decision.ruleset,
+                decision.behavioral_health,
+                outcome[1],  # the category, cleaned
+                outcome[2],  # the response
+                decision.score,
+                json(list(decision.rules)),
+                json(decision.evidence_json()),
+                changed,
+            )
         )
         results[p.index] = StoredSnapshot(
             incident_pk=state.pk,
@@ -654,14 +754,13 @@ def _apply(
         _fill_previous(conn, previous_to_load, results)
     if not decision_params:
         return
-    if sql.driver_level:
-        ids = _DRIVER_DECISIONS.execute(conn, decision_params)
+    if batch is not None:
+        ids = _DRIVER_DECISIONS.execute(batch, decision_params)
         decision_ids = {
-            params["snapshot_id"]: decision_id
-            for params, decision_id in zip(decision_params, ids, strict=True)
+            params[0]: decision_id for params, decision_id in zip(decision_params, ids, strict=True)
         }
     else:
-        rows = conn.execute(_INSERT_DECISIONS, decision_params)
+        rows = conn.execute(_INSERT_DECISIONS, _DRIVER_DECISIONS.as_dicts(decision_params))
         decision_ids = {snapshot_id: decision_id for decision_id, snapshot_id in rows}
     # executemany needs one shape per statement: incidents with a new current snapshot, and
     # incidents that only received late ones.
@@ -671,8 +770,8 @@ def _apply(
             values = _incident_update(state, decision_ids, sql.binds)
             shapes.setdefault(tuple(values), []).append(values)
     for params in shapes.values():
-        if sql.driver_level:
-            _driver_update(conn, params)
+        if batch is not None:
+            _driver_update(batch, params)
         else:
             conn.execute(_UPDATE_INCIDENT, params)
 
@@ -687,8 +786,21 @@ def _fill_previous(
 ) -> None:
     ids = sorted(set(to_load.values()))
     loaded: dict[int, Decision] = {}
+    batch = _sqlite_batch(conn)
     for chunk in _chunks(ids):
-        rows = conn.execute(_SELECT_DECISIONS, {"ids": chunk})
+        rows: Any
+        if batch is not None:
+            rows = [
+                _DecisionRow(
+                    id, bool(bh), category, response, score, orjson.loads(rules),
+                    orjson.loads(evidence), ruleset,
+                )
+                for id, bh, category, response, score, rules, evidence, ruleset in (
+                    _DRIVER_DECISIONS_SELECT.rows(batch, chunk)
+                )
+            ]  # fmt: skip
+        else:
+            rows = conn.execute(_SELECT_DECISIONS, {"ids": chunk})
         loaded.update((row.id, decision_from_row(row)) for row in rows)
     for index, decision_id in to_load.items():
         result = results[index]
@@ -761,6 +873,121 @@ class StoreError(SafeMessage, Exception):
     """A batch could not be committed. The message names the error, never the data."""
 
 
+# Set to a file path, the store records where the time of each batch went, and every cyclic
+# GC pause, and writes them there as JSON lines when it stops (bench/store_tail.py reads it).
+TRACE_ENV = "CORESPOND_STORE_TRACE"
+
+
+class _Trace:
+    """Per-batch timings (perf_counter seconds) and GC pauses, kept in memory until stop."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        self.batch: dict[str, float] = {}  # the batch in flight: only one at a time
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_started = now
+            return
+        self.lines.append(
+            f'{{"gc":{info["generation"]},"at":{self._gc_started:.6f},'
+            f'"ms":{(now - self._gc_started) * 1e3:.3f},"collected":{info["collected"]},'
+            f'"thread":"{threading.current_thread().name}"}}'
+        )
+
+    def batch_done(self, size: int, first_submitted: float) -> None:
+        b = self.batch
+        back = time.perf_counter()
+        self.lines.append(
+            f'{{"batch":{size},"submitted":{first_submitted:.6f},'
+            f'"dispatched":{b.get("dispatched", 0):.6f},"thread":{b.get("thread", 0):.6f},'
+            f'"written":{b.get("written", 0):.6f},"committed":{b.get("committed", 0):.6f},'
+            f'"back":{back:.6f}}}'
+        )
+        self.batch = {}
+
+    def checkpoint(self, step: str, started: float) -> None:
+        ms = (time.perf_counter() - started) * 1e3
+        self.lines.append(f'{{"checkpoint":"{step}","at":{started:.6f},"ms":{ms:.3f}}}')
+
+    def close(self) -> None:
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+        with open(self.path, "w") as out:
+            out.write("\n".join(self.lines) + "\n")
+
+
+# WAL checkpoints on SQLite. By default the connection that commits runs a checkpoint when the
+# WAL has passed 1,000 pages: it copies them into the database and fsyncs it inside that
+# commit, about once per 100 one-snapshot batches - a pause that every snapshot queued behind
+# it waits for. The store's own connection does not checkpoint; a timer does it instead, in
+# two steps: a PASSIVE checkpoint on a thread of its own copies the bulk of the WAL (no lock
+# that a writer needs), then one on the writer thread, between batches, copies what was
+# committed meanwhile, so that the next write can start the WAL over (a WAL whose every frame
+# was copied when a write begins is reset; frames written during a checkpoint would otherwise
+# keep it growing). Connections other than the store's keep SQLite's automatic checkpoints.
+CHECKPOINT_SECONDS = 0.5
+_CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
+
+
+class _WalCheckpoints:
+    """The store's timer-driven checkpoints of an SQLite WAL (see CHECKPOINT_SECONDS)."""
+
+    def __init__(
+        self, store: IncidentStore, reactor: Any, seconds: float, run: RunInThread | None
+    ) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.seconds = seconds
+        self.pool = ThreadPool(0, 1, name="corespond-store-checkpoint")
+        self.run: RunInThread = run or (lambda fn: deferToThreadPool(reactor, self.pool, fn))
+        self.loop: LoopingCall | None = None
+        self.busy = False
+        self.commits = 0  # batches committed since the last checkpoint began
+
+    def start(self) -> None:
+        self.pool.start()
+        self.loop = LoopingCall(self.tick)
+        self.loop.clock = self.reactor
+        self.loop.start(self.seconds, now=False)
+
+    def stop(self) -> None:
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+        self.pool.stop()
+
+    def tick(self) -> None:
+        if self.busy or not self.commits:
+            return
+        self.busy, self.commits = True, 0
+        d = self.run(self.bulk)
+        d.addCallback(lambda _: self.store.run_on_writer(self.store._checkpoint_on_writer))
+        d.addErrback(self.failed)
+        d.addBoth(self.done)
+
+    def bulk(self) -> None:
+        trace = self.store._trace
+        started = time.perf_counter()
+        raw = self.store.engine.raw_connection()
+        try:
+            raw.driver_connection.execute(_CHECKPOINT).fetchall()  # type: ignore[union-attr]
+        finally:
+            raw.close()
+        if trace is not None:
+            trace.checkpoint("bulk", started)
+
+    def failed(self, failure: Failure) -> None:
+        # The next tick tries again; meanwhile the WAL only grows.
+        log.warning("store.checkpoint.failed", error=_describe(failure.value))
+
+    def done(self, _: object) -> None:
+        self.busy = False
+
+
 class IncidentStore:
     """Group-committing writer with one dedicated writer thread, and a small reader pool.
 
@@ -772,7 +999,9 @@ class IncidentStore:
 
     ``run_in_thread`` / ``run_read_in_thread`` run a callable off the reactor and return a
     Deferred of its result; they default to the store's own thread pools (tests inject their
-    own to decide when a write completes).
+    own to decide when a write completes). On an SQLite file, every ``checkpoint_seconds``
+    the store checkpoints the WAL (see CHECKPOINT_SECONDS), its first step through
+    ``run_checkpoint_in_thread`` (by default a thread of its own).
     """
 
     def __init__(
@@ -784,6 +1013,8 @@ class IncidentStore:
         attempts: int = 3,
         run_in_thread: RunInThread | None = None,
         run_read_in_thread: RunInThread | None = None,
+        checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+        run_checkpoint_in_thread: RunInThread | None = None,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
@@ -798,12 +1029,30 @@ class IncidentStore:
         self._run_read: RunInThread = run_read_in_thread or (
             lambda fn: deferToThreadPool(reactor, self._reader_pool, fn)
         )
-        self._queue: deque[tuple[SnapshotRecord | RejectRecord, Deferred[Any]]] = deque()
+        self._queue: deque[tuple[SnapshotRecord | RejectRecord, Deferred[Any], float]] = deque()
         self._writing = False
         self._started = False
         self._closed = False
         self._drains: list[Deferred[None]] = []
         self._healthy = True
+        self._trace: _Trace | None = None
+        # The writer thread's connection, held between batches: checking one out of the pool
+        # and returning it (a rollback) cost a one-snapshot batch about 15 % of its CPU.
+        self._conn: Connection | None = None
+        # Timer-driven WAL checkpoints, on SQLite files; not with injected writes unless the
+        # checkpoints' thread is injected too (the reactor may then be a test clock).
+        self._checkpoints: _WalCheckpoints | None = None
+        database = engine.url.database or ""
+        if (
+            checkpoint_seconds is not None
+            and (run_in_thread is None or run_checkpoint_in_thread is not None)
+            and engine.dialect.name == "sqlite"
+            and database not in ("", ":memory:")
+            and not database.startswith("file::memory:")
+        ):
+            self._checkpoints = _WalCheckpoints(
+                self, reactor, checkpoint_seconds, run_checkpoint_in_thread
+            )
 
     @property
     def healthy(self) -> bool:
@@ -819,8 +1068,13 @@ class IncidentStore:
         if self._started:
             return
         self._started = True
+        trace = os.environ.get(TRACE_ENV)
+        if trace and self._trace is None:
+            self._trace = _Trace(trace)
         self._writer_pool.start()
         self._reader_pool.start()
+        if self._checkpoints is not None:
+            self._checkpoints.start()
         self._next_batch()
 
     def store_snapshot(self, record: SnapshotRecord) -> Deferred[StoredSnapshot]:
@@ -848,8 +1102,14 @@ class IncidentStore:
 
         def stopped(_: object) -> None:
             self._started = False
+            if self._checkpoints is not None:
+                self._checkpoints.stop()
             self._writer_pool.stop()
             self._reader_pool.stop()
+            self._close_connection()
+            if self._trace is not None:
+                self._trace.close()
+                self._trace = None
 
         return self.drain().addCallback(stopped)
 
@@ -878,7 +1138,7 @@ class IncidentStore:
         if self._closed:
             return fail(StoreClosed("the store is stopping"))
         done: Deferred[Any] = Deferred()
-        self._queue.append((item, done))
+        self._queue.append((item, done, time.perf_counter()))
         self._next_batch()
         return done
 
@@ -890,17 +1150,31 @@ class IncidentStore:
             return
         batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
         self._writing = True
-        items = [item for item, _ in batch]
+        items = [item for item, _, _ in batch]
+        if self._trace is not None:
+            self._trace.batch["dispatched"] = time.perf_counter()
         self._run_write(lambda: self._write(items)).addBoth(self._written, batch)
 
     def _write(self, items: list[SnapshotRecord | RejectRecord]) -> list[StoredSnapshot | int]:
         """In the writer thread: one transaction, retried when the failure is transient."""
+        trace = self._trace.batch if self._trace is not None else None
+        if trace is not None:
+            trace["thread"] = time.perf_counter()
         attempt = 1
         while True:
             try:
-                with self.engine.begin() as conn:
-                    return write_batch(conn, items)
-            except DBAPIError as err:
+                conn = self._connection()
+                with conn.begin():
+                    results = write_batch(conn, items)
+                    if trace is not None:
+                        trace["written"] = time.perf_counter()
+                if trace is not None:
+                    trace["committed"] = time.perf_counter()
+                return results
+            except BaseException as err:
+                self._close_connection()  # whatever went wrong, the next try starts afresh
+                if not isinstance(err, DBAPIError):
+                    raise
                 if attempt >= self.attempts or not _transient(err):
                     raise
                 log.warning(
@@ -908,10 +1182,42 @@ class IncidentStore:
                 )
                 attempt += 1
 
+    def _connection(self) -> Connection:
+        """In the writer thread: the connection it holds, opened when there is none."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.engine.connect()
+            if self._checkpoints is not None:  # the timer checkpoints instead
+                driver = conn.connection.driver_connection
+                driver.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+        return conn
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as err:  # a broken connection: the pool drops it
+                log.warning("store.connection.close_failed", error=_describe(err))
+
+    def _checkpoint_on_writer(self) -> None:
+        """In the writer thread: copy what was committed since the bulk checkpoint began."""
+        conn = self._conn
+        if conn is None:
+            return
+        started = time.perf_counter()
+        conn.connection.driver_connection.execute(_CHECKPOINT).fetchall()  # type: ignore[union-attr]
+        if self._trace is not None:
+            self._trace.checkpoint("writer", started)
+
     def _written(
-        self, result: list[StoredSnapshot | int] | Failure, batch: list[tuple[Any, Deferred[Any]]]
+        self,
+        result: list[StoredSnapshot | int] | Failure,
+        batch: list[tuple[Any, Deferred[Any], float]],
     ) -> None:
         self._writing = False
+        if self._trace is not None:
+            self._trace.batch_done(len(batch), batch[0][2])
         if isinstance(result, Failure):
             self._healthy = False
             cause = result.value
@@ -919,11 +1225,13 @@ class IncidentStore:
             log.error("store.batch.failed", size=len(batch), error=description)
             error = StoreError(f"the store could not commit: {description}")
             error.__cause__ = cause
-            for _, done in batch:
+            for _, done, _ in batch:
                 done.errback(error)
         else:
             self._healthy = True
-            for (_, done), value in zip(batch, result, strict=True):
+            if self._checkpoints is not None:
+                self._checkpoints.commits += 1
+            for (_, done, _), value in zip(batch, result, strict=True):
                 done.callback(value)
         self._next_batch()
 

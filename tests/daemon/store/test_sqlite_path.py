@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
 from corespond.daemon.decision import Response
 from corespond.daemon.snapshot import IncidentStatus
@@ -105,11 +106,11 @@ def test_sqlite_finds_incidents_and_snapshots_by_index(engine: Engine) -> None:
     """No batch statement scans a whole table (the row-value IN (VALUES ...) form did)."""
     if engine.dialect.name != "sqlite":
         pytest.skip("SQLite query plans")
-    statements: list[tuple[str, Any]] = []
+    statements: list[str] = []
 
-    def seen(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+    def seen(statement: str) -> None:  # as SQLite ran it, the values in place
         if statement.lstrip().upper().startswith("SELECT") and "max(id)" not in statement:
-            statements.append((statement, params))
+            statements.append(statement)
 
     stored = [
         record(snapshot("INC-1", updated=1), decision(Response.CLINICIAN)),
@@ -117,9 +118,11 @@ def test_sqlite_finds_incidents_and_snapshots_by_index(engine: Engine) -> None:
     ]
     with engine.begin() as conn:
         write_batch(conn, stored)
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        with engine.begin() as conn:
+    with engine.begin() as conn:
+        # The batch runs on the driver's own cursor: SQLite's trace sees every statement.
+        driver = conn.connection.driver_connection
+        driver.set_trace_callback(seen)  # type: ignore[union-attr]
+        try:
             write_batch(
                 conn,
                 [
@@ -128,13 +131,22 @@ def test_sqlite_finds_incidents_and_snapshots_by_index(engine: Engine) -> None:
                     stored[1],
                 ],
             )
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
-    assert len(statements) >= 2  # existing digests, incidents (and the previous decision)
+        finally:
+            driver.set_trace_callback(None)  # type: ignore[union-attr]
+    # existing digests, incidents and the previous decision
+    assert len(statements) == 3, statements
     with engine.connect() as conn:
-        for statement, params in statements:
-            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
+        for statement in statements:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement).all()
             scans = [
                 row[3] for row in plan if row[3].startswith("SCAN") and "CONSTANT" not in row[3]
             ]
             assert scans == [], statement
+
+
+def test_driver_errors_are_raised_as_sqlalchemy_raises_them(engine: Engine) -> None:
+    """The store retries and reports by DBAPIError; the driver-level path raises the same."""
+    bad = replace(record(snapshot("INC-1")), feed=None)  # feed is NOT NULL
+    with pytest.raises(IntegrityError) as caught, engine.begin() as conn:
+        write_batch(conn, [bad])
+    assert caught.value.orig is not None

@@ -10,17 +10,20 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from corespond.daemon.ingest import SnapshotState
+from corespond.daemon.store.engine import READ_ONLY
 from corespond.daemon.store.queries import totals
+from corespond.daemon.store.tables import snapshots
 from corespond.daemon.store.writer import (
     IncidentStore,
     StoreClosed,
@@ -188,3 +191,71 @@ def test_run_read(engine: Engine) -> None:
 def test_transient_errors(message: str, transient: bool) -> None:
     err = OperationalError("INSERT", {}, sqlite3.OperationalError(message))
     assert _transient(err) is transient
+
+
+def test_the_writer_holds_one_connection_and_replaces_a_failed_one(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    results = Results()
+    results.watch(0, store.store_snapshot(incident(0)))
+    writes.run_next()
+    assert engine.pool.checkedout() == 1  # held between batches, not returned
+    results.watch(1, store.store_snapshot(replace(incident(1), feed=None)))  # NOT NULL
+    writes.run_next()
+    assert results.values[1].check(StoreError)
+    assert engine.pool.checkedout() == 0  # a failed batch's connection is let go
+    results.watch(2, store.store_snapshot(incident(2)))
+    writes.run_next()
+    assert results.values[2].state is SnapshotState.NEW
+    assert engine.pool.checkedout() == 1
+    stopped = store.stop()
+    assert stopped.called and engine.pool.checkedout() == 0
+
+
+def wal_frames(engine: Engine) -> int:
+    """Frames in the WAL now (a PASSIVE checkpoint says so, and copies them)."""
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        _busy, frames, _copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+    return int(frames)
+
+
+def test_sqlite_wal_checkpoints_run_off_the_commit_path(engine: Engine) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's WAL")
+    clock, writes, checkpoints = Clock(), Threads(), Threads()
+    store = IncidentStore(
+        engine, clock, run_in_thread=writes, run_checkpoint_in_thread=checkpoints,
+        checkpoint_seconds=0.5,
+    )  # fmt: skip
+    store.start()
+    wal = Path(engine.url.database + "-wal")  # type: ignore[operator]
+    for n in range(150):
+        store.store_snapshot(incident(n))
+        writes.run_next()
+    # A commit would have checkpointed at 1,000 pages and started the WAL over from there.
+    assert wal.stat().st_size > 1200 * 4096
+    with engine.connect() as reader:
+        # A reader keeps the bulk from copying what was committed after its snapshot, as a
+        # commit made while the bulk runs would.
+        reader.execution_options(**{READ_ONLY: True})
+        with reader.begin():
+            reader.execute(select(func.count()).select_from(snapshots)).scalar()
+            store.store_snapshot(incident(150))
+            writes.run_next()
+            clock.advance(0.5)
+            assert len(checkpoints.calls) == 1 and writes.calls == []
+            checkpoints.run_next()  # the bulk, on its own thread
+    assert len(writes.calls) == 1  # the rest, queued on the writer thread
+    writes.run_next()
+    store.store_snapshot(incident(151))
+    writes.run_next()
+    # The WAL started over: only the last batch is in it.
+    assert wal_frames(engine) < 30
+    clock.advance(0.5)  # one commit since the last checkpoint began
+    assert len(checkpoints.calls) == 1
+    checkpoints.run_next()
+    writes.run_next()
+    clock.advance(0.5)  # none since
+    assert checkpoints.calls == [] and writes.calls == []
+    stopped = store.stop()
+    assert stopped.called and not clock.getDelayedCalls()
