@@ -47,6 +47,7 @@ from corespond.daemon.pager import (
 )
 from corespond.daemon.responders import Availability, DeskRefusal, LocationFix, PageView
 from corespond.daemon.roster import Program, Roster
+from corespond.daemon.roster_table import Positions, RosterTable
 from corespond.daemon.snapshot import IncidentStatus
 from corespond.daemon.store import paging as db
 from corespond.daemon.store.writer import SnapshotRecord, StoredSnapshot
@@ -146,6 +147,7 @@ class PagingService:
         # Every clinician's latest fix and when it was read: 500 rows are about 10 ms to read
         # and convert, too much for each page; refreshed in the background (see _positions).
         self._fixes: Mapping[str, Fix] = {}
+        self._fix_arrays: tuple[RosterTable, Positions] | None = None  # _fixes as arrays
         self._fixes_at: datetime | None = None
         self._fixes_loading = False
         self._passing = False
@@ -260,7 +262,7 @@ class PagingService:
             self._timer = self.clock.call_later(max(0.0, delay), self.wake)
         self._release_idle()
 
-    def _positions(self) -> Mapping[str, Fix] | None:
+    def _positions(self) -> Positions | None:
         """The latest fixes for a step about to run: those in memory while younger than
         :data:`POSITIONS_MAX_AGE` (read again in the background once older than
         :data:`POSITIONS_REFRESH`), else None: the step reads them in its transaction."""
@@ -272,7 +274,11 @@ class PagingService:
         at = self._fixes_at  # (a synchronous read has just set it)
         if at is None or now - at >= POSITIONS_MAX_AGE:
             return None
-        return self._fixes
+        table = self.roster.table
+        arrays = self._fix_arrays
+        if arrays is None or arrays[0] is not table:
+            arrays = self._fix_arrays = (table, table.positions(self._fixes))
+        return arrays[1]
 
     def _positions_read(self, result: dict[str, Fix] | Failure, at: datetime) -> None:
         self._fixes_loading = False
@@ -284,6 +290,7 @@ class PagingService:
             if known is None or known.fixed_at < fix.fixed_at:
                 result[cid] = fix
         self._fixes, self._fixes_at = result, at
+        self._fix_arrays = None  # made again from these at the next step
 
     def _tx(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         def work() -> T:
@@ -380,21 +387,20 @@ class PagingService:
         """Whom to ask the routing service about for a page step: the closest few eligible
         by distance (None: no service, or fewer than two to reorder). A scan of the whole
         roster: it runs with the step's transaction, off the reactor."""
-        facts = work.incident
-        if self.eta_source is None or not work.candidates or facts.lat is None or facts.lon is None:
+        facts, candidates = work.incident, work.candidates
+        if self.eta_source is None or not candidates or facts.lat is None or facts.lon is None:
             return None
         point = (facts.lat, facts.lon)
         program_ids = {p.id for p in self.roster.programs_covering(*point)}
-        first = choose(point, program_ids, work.candidates, now, self.settings.max_fix_age)
-        closest = first.eligible[: self.settings.eta_candidates]
+        first = choose(point, program_ids, candidates, now, self.settings.max_fix_age)
+        closest = first.top(self.settings.eta_candidates)
         if len(closest) < 2:
             return None  # nothing to reorder
-        fixes = {c.clinician_id: c.fix for c in work.candidates}
         origins = []
         for c in closest:
-            fix = fixes[c.clinician_id]
-            assert fix is not None  # eligible ones have a fix
-            origins.append((fix.lat, fix.lon))
+            origin = candidates.point(c.clinician_id)
+            assert origin is not None  # eligible ones have a fix
+            origins.append(origin)
         return EtaQuestion(point, [c.clinician_id for c in closest], origins)
 
     async def _etas(self, question: EtaQuestion | None) -> dict[str, float | None] | None:
@@ -446,6 +452,8 @@ class PagingService:
             return db.StepOutcome("no-location", None, (), None, True)
         point = (facts.lat, facts.lon)
         covering = [p.id for p in self.roster.programs_covering(*point)]
+        if work.candidates is None:
+            return db.StepOutcome("no-candidate", None, (), None, True)
         result = choose(point, covering, work.candidates, now, self.settings.max_fix_age, etas)
         if result.chosen is None:
             return db.StepOutcome("no-candidate", result.as_json(), (), None, True)
@@ -767,6 +775,12 @@ class PagingService:
             if known is None or known.fixed_at < fix.fixed_at:  # copied: steps read it
                 point = Fix(fix.latitude, fix.longitude, fix.fixed_at)
                 self._fixes = {**self._fixes, fix.clinician_id: point}
+                arrays = self._fix_arrays
+                i = arrays[0].index.get(fix.clinician_id) if arrays is not None else None
+                if arrays is not None and i is not None:
+                    self._fix_arrays = (arrays[0], arrays[1].with_fix(i, point))
+                else:
+                    self._fix_arrays = None
 
         return self._tx(lambda c: db.write_fix(c, fix, now)).addCallback(written)
 

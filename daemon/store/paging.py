@@ -9,19 +9,22 @@ the same transaction under the unique (chain, step) constraint: a step never run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from corespond.daemon.dispatcher import CandidateState, Fix
+from corespond.daemon.dispatcher import Candidates, Fix
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, LocationFix, PageView
 from corespond.daemon.roster import Roster
+from corespond.daemon.roster_table import Positions
 from corespond.daemon.store.tables import (
     chain_waits,
+    clinician_positions,
     clinician_states,
     escalation_chains,
     escalation_steps,
@@ -284,7 +287,7 @@ def claim_and_gather_steps(
     limit: int,
     roster: Roster,
     recent_window: timedelta,
-    fixes: Mapping[str, Fix] | None = None,
+    fixes: Positions | None = None,
 ) -> list[StepWork]:
     """:func:`claim_due_steps` and :func:`gather_step` for each, in one transaction."""
     claimed = claim_due_steps(conn, now, worker, lease, limit)
@@ -329,7 +332,7 @@ class StepWork:
     program: str
     steps: list[dict[str, Any]]
     incident: IncidentFacts
-    candidates: tuple[CandidateState, ...]
+    candidates: Candidates | None  # page steps of an open chain only
     attempts: int  # pages already sent for the incident
 
 
@@ -359,7 +362,7 @@ def gather_step(
     roster: Roster,
     now: datetime,
     recent_window: timedelta,
-    fixes: Mapping[str, Fix] | None = None,
+    fixes: Positions | None = None,
 ) -> StepWork:
     """Everything the step needs, read in the claiming transaction (``fixes``: the latest
     position of each clinician when the caller keeps them; else read here)."""
@@ -373,7 +376,7 @@ def gather_step(
         select(p.clinician_id, p.state, p.kind).where(p.incident_pk == chain.incident_pk)
     ).all()
     attempts = len(sent)
-    candidates: tuple[CandidateState, ...] = ()
+    candidates: Candidates | None = None
     if step.action == "page" and chain.state == OPEN:
         paged = [(r.clinician_id, r.state) for r in sent if r.kind == "page"]
         candidates = candidate_states(
@@ -391,77 +394,62 @@ def candidate_states(
     incident_pk: int,
     now: datetime,
     recent_window: timedelta,
-    fixes: Mapping[str, Fix] | None = None,
+    positions: Positions | None = None,
     incident_pages: Iterable[tuple[str, str]] | None = None,
-) -> tuple[CandidateState, ...]:
-    """Every clinician's state for a page step (``fixes``, ``incident_pages``: the latest
-    positions and the (clinician, state) of the incident's pages, when the caller has them)."""
-    states: dict[str, str] = dict(
-        conn.execute(select(clinician_states.c.clinician_id, clinician_states.c.availability)).all()
-    )
-    if fixes is None:
-        fixes = latest_fixes(conn)
-    p = pages.c
+) -> Candidates:
+    """Every clinician's state for a page step (``positions``, ``incident_pages``: the latest
+    positions in the roster table's order and the (clinician, state) of the incident's pages,
+    when the caller has them)."""
+    table = roster.table
+    if positions is None:
+        positions = table.positions(latest_fixes(conn))
     if incident_pages is None:
-        incident_pages = conn.execute(
-            select(p.clinician_id, p.state).where(p.incident_pk == incident_pk, p.kind == "page")
-        ).tuples()
-    paged: dict[str, bool] = {}
-    for cid, state in incident_pages:
-        paged[cid] = paged.get(cid, False) or state == "declined"
-    busy = set(
-        conn.execute(
-            select(p.clinician_id)
-            .join(incidents, incidents.c.id == p.incident_pk)
-            .where(
-                p.state.in_(ACTIVE_PAGE_STATES),
-                p.incident_pk != incident_pk,
-                incidents.c.status == "active",
-            )
-        ).scalars()
-    )
-    recent: dict[str, int] = dict(
-        conn.execute(
-            select(p.clinician_id, func.count())
-            .where(p.kind == "page", p.created_at >= now - recent_window)
-            .group_by(p.clinician_id)
-        ).all()
-    )
-    on_call = roster.on_call(now)
-    available = Availability.AVAILABLE
-    return tuple(
-        CandidateState(
-            clinician_id=cid,
-            program=clinician.program,
-            availability=_AVAILABILITY[states[cid]] if cid in states else available,
-            on_call=cid in on_call,
-            fix=fixes.get(cid),
-            busy=cid in busy,
-            paged=cid in paged,
-            declined=paged.get(cid, False),
-            recent_pages=int(recent.get(cid, 0)),
-        )
-        for cid, clinician in roster.clinicians.items()
+        incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
+    return table.candidates(
+        availability=conn.execute(_AVAILABILITIES),
+        on_call=table.on_call(now),
+        positions=positions,
+        busy=conn.execute(_BUSY, {"incident_pk": incident_pk}).scalars(),
+        incident_pages=incident_pages,
+        recent=conn.execute(_RECENT, {"since": now - recent_window}),
     )
 
 
-_AVAILABILITY = {state.value: state for state in Availability}
+_p = pages.c
+_INCIDENT_PAGES = select(_p.clinician_id, _p.state).where(
+    _p.incident_pk == bindparam("incident_pk"), _p.kind == "page"
+)
+_AVAILABILITIES = select(clinician_states.c.clinician_id, clinician_states.c.availability)
+# Busy: took another call that is still active (pages in these states are few: indexed).
+_BUSY = (
+    select(_p.clinician_id)
+    .join(incidents, incidents.c.id == _p.incident_pk)
+    .where(
+        _p.state.in_(ACTIVE_PAGE_STATES),
+        _p.incident_pk != bindparam("incident_pk"),
+        incidents.c.status == "active",
+    )
+)
+_RECENT = (
+    select(_p.clinician_id, func.count())
+    .where(_p.kind == "page", _p.created_at >= bindparam("since"))
+    .group_by(_p.clinician_id)
+)
+
+
 
 
 def latest_fixes(conn: Connection) -> dict[str, Fix]:
-    f = location_fixes.c
-    latest = (
-        select(f.clinician_id, func.max(f.fixed_at).label("fixed_at"))
-        .group_by(f.clinician_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        select(f.clinician_id, f.lat, f.lon, f.fixed_at).join(
-            latest,
-            and_(f.clinician_id == latest.c.clinician_id, f.fixed_at == latest.c.fixed_at),
-        )
-    )
-    return {r.clinician_id: Fix(r.lat, r.lon, r.fixed_at) for r in rows}
+    """Each clinician's latest fix (``clinician_positions``, kept by :func:`write_fix`)."""
+    return {cid: Fix(lat, lon, at) for cid, lat, lon, at in conn.execute(_POSITIONS)}
+
+
+_POSITIONS = select(
+    clinician_positions.c.clinician_id,
+    clinician_positions.c.lat,
+    clinician_positions.c.lon,
+    clinician_positions.c.fixed_at,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -949,13 +937,23 @@ def write_availability(
 
 
 def write_fix(conn: Connection, fix: LocationFix, now: datetime) -> None:
-    conn.execute(
-        insert(location_fixes),
-        dict(
-            clinician_id=fix.clinician_id, lat=fix.latitude, lon=fix.longitude,
-            fixed_at=fix.fixed_at, received_at=now, source=fix.source, accuracy_m=fix.accuracy_m,
-        ),
+    """Record a fix in the history and, when it is the clinician's latest, as its position
+    (a fix that arrives late does not move the clinician back)."""
+    values = dict(
+        clinician_id=fix.clinician_id, lat=fix.latitude, lon=fix.longitude,
+        fixed_at=fix.fixed_at, received_at=now, source=fix.source, accuracy_m=fix.accuracy_m,
     )  # fmt: skip
+    conn.execute(insert(location_fixes), values)
+    upsert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
+        clinician_positions
+    )
+    conn.execute(
+        upsert.values(values).on_conflict_do_update(
+            index_elements=[clinician_positions.c.clinician_id],
+            set_={k: upsert.excluded[k] for k in values if k != "clinician_id"},
+            where=clinician_positions.c.fixed_at < upsert.excluded.fixed_at,
+        )
+    )
 
 
 # --- reads for the CLI -------------------------------------------------------------------------

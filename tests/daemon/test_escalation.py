@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock as TaskClock
 
 from corespond.daemon.decision import Response
+from corespond.daemon.dispatcher import rejections_of
 from corespond.daemon.escalation import PagingService, PagingSettings
 from corespond.daemon.pager import (
     DeliveryReceipt,
@@ -159,7 +160,7 @@ def test_full_chain_pages_nearest_then_next_then_supervisor_then_dispatch(w: Wor
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 0")
     stored = db_json(dispatch[0])
     assert stored["chosen"] == "c-101"
-    reasons = {r["clinician_id"]: r["rejected"] for r in stored["rejected"]}
+    reasons = rejections_of(stored)
     assert reasons == {"c-103": "not-on-call", "c-201": "not-on-call", "s-900": "no-location"}
     assert [e["clinician_id"] for e in stored["eligible"]] == ["c-101", "c-102"]
     # A delivery receipt is recorded, and moves nothing.
@@ -248,7 +249,7 @@ def test_decline_pages_the_next_nearest_now(w: World) -> None:
     w.service.reply(Reply("wctp", T, PageAnswer.DECLINE, gateway_id="wctp-1"))
     assert w.sent()[-1] == ("wctp", "5550102", "C1445-2")
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 1")
-    reasons = {r["clinician_id"]: r["rejected"] for r in db_json(dispatch[0])["rejected"]}
+    reasons = rejections_of(db_json(dispatch[0]))
     assert reasons["c-101"] == "declined"
     # A late accept of the declined page is refused; the second clinician's accept stands.
     with pytest.raises(DeskRefusal) as refused:
@@ -277,7 +278,7 @@ def test_busy_off_duty_and_stale_clinicians_are_passed_over(w: World) -> None:
     incident(w, Response.CLINICIAN)
     assert w.sent() == [("sms", "+15550000900", "C1445-1")]
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 0")
-    reasons = {r["clinician_id"]: r["rejected"] for r in db_json(dispatch[0])["rejected"]}
+    reasons = rejections_of(db_json(dispatch[0]))
     assert reasons["c-101"] == "off-duty" and reasons["c-102"] == "stale-location"
     with pytest.raises(DeskRefusal):
         result_of(w.service.set_availability("nobody", Availability.AVAILABLE, "api"))
