@@ -560,9 +560,10 @@ class PagingService:
     def observe_current(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
         """A snapshot became an incident's current state without changing its decision: a call
         with no chain may have become eligible (its location arrived, it was reopened), or a
-        waiting one closed. Most snapshots call for nobody and cost nothing here; the others
-        take a look on a reader first, and the writer only when it may start or end something
-        (never raises)."""
+        waiting one closed, or one with an open chain closed (the chain ends now, in the
+        transaction that sees it closed, not when its next step would have run). Most
+        snapshots call for nobody and cost nothing here; the others take a look on a reader
+        first, and the writer only when it may start or end something (never raises)."""
         if record.decision.response is Response.NONE:
             return
 
@@ -612,6 +613,13 @@ class PagingService:
 
         async def run() -> None:
             opened, after = await self._tx(work)
+            for chain_id in opened.cancelled:
+                log.info(
+                    "escalation.chain.cancelled",
+                    chain_id=chain_id,
+                    incident_id=stored.external_id,
+                    reason="incident-closed",
+                )
             if opened.chain is None:
                 if opened.waiting:
                     log.info(

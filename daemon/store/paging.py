@@ -151,6 +151,41 @@ class OpenedChain:
     first: ClaimedStep | None
     reason: str  # started, not-active, no-response, has-chain, no-location, out-of-zone
     waiting: bool = False
+    cancelled: tuple[int, ...] = ()  # chains of a closed call ended here
+
+
+def cancel_chains(conn: Connection, incident_pk: int, now: datetime) -> tuple[int, ...]:
+    """End the open chains of a call that closed (their ids): the steps still to run are
+    cancelled, pages not yet handed to a gateway are never sent, and open pages can no longer
+    be answered. Nobody is told: the clinician already paged gets no new page. A step another
+    worker holds right now finds its claim gone and writes nothing."""
+    c, s, p = escalation_chains.c, escalation_steps.c, pages.c
+    ids = tuple(
+        conn.execute(
+            select(c.id).where(c.incident_pk == incident_pk, c.state == OPEN)
+        ).scalars()
+    )
+    if not ids:
+        return ()
+    conn.execute(
+        update(escalation_chains)
+        .where(c.id.in_(ids))
+        .values(state="cancelled", closed_at=now)
+    )
+    conn.execute(
+        update(escalation_steps)
+        .where(s.chain_id.in_(ids), s.state.in_(("pending", "claimed")))
+        .values(state="cancelled", done_at=now, lease_until=None, outcome="incident-closed")
+    )
+    conn.execute(
+        update(pages)
+        .where(p.chain_id.in_(ids), p.delivery == "pending")
+        .values(delivery="cancelled", next_try_at=None)
+    )
+    conn.execute(
+        update(pages).where(p.chain_id.in_(ids), p.state == OPEN).values(state="cancelled")
+    )
+    return ids
 
 
 def open_chain(
@@ -170,8 +205,10 @@ def open_chain(
     if row is None or row.status != "active" or kind is None:
         if row is not None and row.waiting is not None:
             conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == incident_pk))
-        reason = "no-response" if row is not None and row.status == "active" else "not-active"
-        return OpenedChain(None, None, None, reason)
+        if row is not None and row.status != "active":
+            cancelled = cancel_chains(conn, incident_pk, now)
+            return OpenedChain(None, None, None, "not-active", cancelled=cancelled)
+        return OpenedChain(None, None, None, "no-response" if row is not None else "not-active")
     if _blocking_chain(conn, incident_pk, kind):
         return OpenedChain(None, None, None, "has-chain")
     programs = (
@@ -228,11 +265,21 @@ def may_need_chain(conn: Connection, incident_pk: int) -> bool:
     if row is None:
         return False
     kind = CHAIN_KINDS.get(row.response)
-    if row.status != "active" or kind is None:
+    if row.status != "active":  # a wait to end, or the open chain of a closed call
+        return row.reason is not None or _has_open_chain(conn, incident_pk)
+    if kind is None:
         return row.reason is not None  # a wait to end
     if _blocking_chain(conn, incident_pk, kind):
         return False
     return row.lat is not None or row.reason is None  # a chain to start, or a wait to record
+
+
+def _has_open_chain(conn: Connection, incident_pk: int) -> bool:
+    c = escalation_chains.c
+    found = conn.execute(
+        select(c.id).where(c.incident_pk == incident_pk, c.state == OPEN).limit(1)
+    ).first()
+    return found is not None
 
 
 def _insert_step(
