@@ -603,12 +603,14 @@ class PagingService:
             if opened.first is None:
                 return opened, None
             gathered = db.gather_step(
-                conn, opened.first, self.roster, now, s.recent_window, fixes
+                conn, opened.first, self.roster, now, s.recent_window, fixes, opened
             )
             if not fast:
                 return opened, (gathered, self._closest(gathered, now))
             result = self._decide(gathered, None, now)
-            done = db.finish_step_and_claim(conn, gathered, result, self.worker, now, s.lease)
+            done = db.finish_step_and_claim(
+                conn, gathered, result, self.worker, now, s.lease, fresh=True
+            )
             return opened, (gathered, result, done)
 
         async def run() -> None:

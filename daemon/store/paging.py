@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -60,36 +60,50 @@ class NewChain:
     steps: list[dict[str, Any]]
 
 
+_i, _w, _c = incidents.c, chain_waits.c, escalation_chains.c
+# The facts a page may say (incident_facts) and what a chain start needs, in one statement.
+_FACT_COLUMNS = (
+    _i.id, _i.status, _i.incident_number, _i.external_id, _i.call_type, _i.apco_type, _i.zone,
+    _i.lat, _i.lon, snapshots.c.public,
+)  # fmt: skip
+_LOCK_INCIDENT = (
+    select(*_FACT_COLUMNS, _i.response, _w.reason.label("waiting"))
+    .select_from(
+        incidents.outerjoin(chain_waits, _w.incident_pk == _i.id).outerjoin(
+            snapshots, snapshots.c.id == _i.current_snapshot_id
+        )
+    )
+    .where(_i.id == bindparam("incident_pk"))
+    .with_for_update(of=incidents)
+)
+_CHAINS_OF = select(_c.kind, _c.state).where(_c.incident_pk == bindparam("incident_pk"))
+
+
 def _lock_incident(conn: Connection, incident_pk: int) -> Any:
-    """The incident's status, response and point, and whether it waits for a chain, under its
-    row lock: the lock serializes chain starts per incident across daemons sharing one
-    PostgreSQL (two snapshots at once must not start two chains); SQLite's transaction already
-    holds the write lock."""
-    i, w = incidents.c, chain_waits.c
-    return conn.execute(
-        select(i.status, i.response, i.lat, i.lon, w.reason.label("waiting"))
-        .select_from(incidents.outerjoin(chain_waits, w.incident_pk == i.id))
-        .where(i.id == incident_pk)
-        .with_for_update(of=incidents)
-    ).one_or_none()
+    """The incident's status, response, point and page facts, and whether it waits for a
+    chain, under its row lock: the lock serializes chain starts per incident across daemons
+    sharing one PostgreSQL (two snapshots at once must not start two chains); SQLite's
+    transaction already holds the write lock."""
+    return conn.execute(_LOCK_INCIDENT, {"incident_pk": incident_pk}).one_or_none()
 
 
-def _blocking_chain(conn: Connection, incident_pk: int, kind: str) -> bool:
+def _chains_of(conn: Connection, incident_pk: int) -> list[tuple[str, str]]:
+    """(kind, state) of every chain the incident had."""
+    return [(kind, state) for kind, state in conn.execute(_CHAINS_OF, {"incident_pk": incident_pk})]
+
+
+def _blocks(chains: Iterable[tuple[str, str]], kind: str) -> bool:
     """True when the incident must not get a new chain of ``kind``: one is open, one of this
     kind was exhausted (everyone it could reach was paged: never again), or a clinician took
     the call. A chain cancelled because the call closed does not block: a reopened call
     starts again."""
-    c = escalation_chains.c
-    found = conn.execute(
-        select(c.id).where(
-            c.incident_pk == incident_pk,
-            or_(
-                and_(c.kind == kind, c.state.in_((OPEN, "exhausted"))),
-                c.state == "accepted",
-            ),
-        )
-    ).first()
-    return found is not None
+    return any(
+        state == "accepted" or (k == kind and state in (OPEN, "exhausted")) for k, state in chains
+    )
+
+
+def _blocking_chain(conn: Connection, incident_pk: int, kind: str) -> bool:
+    return _blocks(_chains_of(conn, incident_pk), kind)
 
 
 def start_chain(
@@ -152,6 +166,10 @@ class OpenedChain:
     reason: str  # started, not-active, no-response, has-chain, no-location, out-of-zone
     waiting: bool = False
     cancelled: tuple[int, ...] = ()  # chains of a closed call ended here
+    # Read under the lock for the first step, which runs in the same transaction: the
+    # incident's facts, and its pages (known to be none when it never had a chain).
+    facts: IncidentFacts | None = None
+    first_chain: bool = False
 
 
 def cancel_chains(conn: Connection, incident_pk: int, now: datetime) -> tuple[int, ...]:
@@ -209,7 +227,8 @@ def open_chain(
             cancelled = cancel_chains(conn, incident_pk, now)
             return OpenedChain(None, None, None, "not-active", cancelled=cancelled)
         return OpenedChain(None, None, None, "no-response" if row is not None else "not-active")
-    if _blocking_chain(conn, incident_pk, kind):
+    chains = _chains_of(conn, incident_pk)
+    if _blocks(chains, kind):
         return OpenedChain(None, None, None, "has-chain")
     programs = (
         roster.programs_covering(row.lat, row.lon)
@@ -229,7 +248,9 @@ def open_chain(
     claim = (worker, now + lease) if worker is not None and lease is not None else None
     chain_id, step_id = _create_chain(conn, chain, now, claim, row.waiting is not None)
     first = ClaimedStep(step_id, chain_id, 0, str(steps[0]["action"])) if claim else None
-    return OpenedChain(chain, chain_id, first, "started")
+    return OpenedChain(
+        chain, chain_id, first, "started", facts=_facts_of(row), first_chain=not chains
+    )
 
 
 def _record_wait(
@@ -383,16 +404,18 @@ class StepWork:
     attempts: int  # pages already sent for the incident
 
 
+_INCIDENT_FACTS = (
+    select(*_FACT_COLUMNS)
+    .select_from(incidents.outerjoin(snapshots, snapshots.c.id == _i.current_snapshot_id))
+    .where(_i.id == bindparam("incident_pk"))
+)
+
+
 def incident_facts(conn: Connection, incident_pk: int) -> IncidentFacts:
-    i = incidents.c
-    row = conn.execute(
-        select(
-            i.id, i.status, i.incident_number, i.external_id, i.call_type, i.apco_type,
-            i.zone, i.lat, i.lon, snapshots.c.public,
-        )
-        .select_from(incidents.outerjoin(snapshots, snapshots.c.id == i.current_snapshot_id))
-        .where(i.id == incident_pk)
-    ).one()  # fmt: skip
+    return _facts_of(conn.execute(_INCIDENT_FACTS, {"incident_pk": incident_pk}).one())
+
+
+def _facts_of(row: Any) -> IncidentFacts:
     location = (row.public or {}).get("location") or {}
     parts = [f"zone {row.zone}" if row.zone else None, location.get("city")]
     general = ", ".join(str(p)[:40] for p in parts if p) or "see CAD"
@@ -410,18 +433,23 @@ def gather_step(
     now: datetime,
     recent_window: timedelta,
     fixes: Positions | None = None,
+    opened: OpenedChain | None = None,
 ) -> StepWork:
     """Everything the step needs, read in the claiming transaction (``fixes``: the latest
-    position of each clinician when the caller keeps them; else read here)."""
-    c = escalation_chains.c
-    chain = conn.execute(
-        select(c.incident_pk, c.state, c.kind, c.program, c.steps).where(c.id == step.chain_id)
-    ).one()
-    facts = incident_facts(conn, chain.incident_pk)
-    p = pages.c
-    sent = conn.execute(
-        select(p.clinician_id, p.state, p.kind).where(p.incident_pk == chain.incident_pk)
-    ).all()
+    position of each clinician when the caller keeps them; else read here; ``opened``: the
+    chain :func:`open_chain` has just started in this transaction, whose first step this is:
+    what it read is not read again)."""
+    if opened is not None and opened.chain is not None and opened.facts is not None:
+        new = opened.chain
+        chain = _Chain(new.incident_pk, OPEN, new.kind, new.program, new.steps)
+        facts = opened.facts
+    else:
+        chain = _Chain(*conn.execute(_CHAIN, {"chain_id": step.chain_id}).one())
+        facts = incident_facts(conn, chain.incident_pk)
+    if opened is not None and opened.first_chain:
+        sent: Sequence[Any] = ()  # no chain before this one: no page either
+    else:
+        sent = conn.execute(_PAGES_OF_INCIDENT, {"incident_pk": chain.incident_pk}).all()
     attempts = len(sent)
     candidates: Candidates | None = None
     if step.action == "page" and chain.state == OPEN:
@@ -433,6 +461,22 @@ def gather_step(
         step, chain.state, chain.kind, chain.program, list(chain.steps), facts, candidates,
         int(attempts),
     )  # fmt: skip
+
+
+class _Chain(NamedTuple):
+    incident_pk: int
+    state: str
+    kind: str
+    program: str
+    steps: list[dict[str, Any]]
+
+
+_CHAIN = select(_c.incident_pk, _c.state, _c.kind, _c.program, _c.steps).where(
+    _c.id == bindparam("chain_id")
+)
+_PAGES_OF_INCIDENT = select(pages.c.clinician_id, pages.c.state, pages.c.kind).where(
+    pages.c.incident_pk == bindparam("incident_pk")
+)
 
 
 def candidate_states(
@@ -542,19 +586,23 @@ def finish_step_and_claim(
     worker: str,
     now: datetime,
     lease: timedelta | None,
+    *,
+    fresh: bool = False,
 ) -> FinishedStep | None:
     """:func:`finish_step`, and with ``lease`` the pages it creates are inserted already claimed
     by ``worker`` (``sending`` under the lease), so the caller submits them at once instead of
     claiming them in another transaction; if it dies, they are due again when the lease ends,
-    as any claimed page is. None when the claim on the step was lost."""
+    as any claimed page is. None when the claim on the step was lost. ``fresh``: the step was
+    inserted claimed in this very transaction (nobody else can have taken it)."""
     s = escalation_steps.c
-    held = conn.execute(
-        _for_update(conn, select(s.id).where(
-            s.id == work.step.step_id, s.state == "claimed", s.claimed_by == worker
-        ))
-    ).first()  # fmt: skip
-    if held is None:
-        return None
+    if not fresh:
+        held = conn.execute(
+            _for_update(conn, select(s.id).where(
+                s.id == work.step.step_id, s.state == "claimed", s.claimed_by == worker
+            ))
+        ).first()  # fmt: skip
+        if held is None:
+            return None
     conn.execute(
         update(escalation_steps)
         .where(s.id == work.step.step_id)
@@ -571,18 +619,14 @@ def finish_step_and_claim(
     attempts = work.attempts
     for page in result.pages:
         attempts += 1
-        ref = page_reference(conn, work.incident, attempts)
-        text = page.text_for(ref)
-        page_id = conn.execute(
-            insert(pages).returning(pages.c.id),
-            dict(
-                page_ref=ref, chain_id=work.step.chain_id, step_id=work.step.step_id,
-                incident_pk=work.incident.incident_pk, kind=page.kind,
-                clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
-                text=text, created_at=now, endpoints=page.endpoints,
-                endpoint_index=0, next_try_at=now, **delivery,
-            ),
-        ).scalar_one()  # fmt: skip
+        row = dict(
+            chain_id=work.step.chain_id, step_id=work.step.step_id,
+            incident_pk=work.incident.incident_pk, kind=page.kind,
+            clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
+            created_at=now, endpoints=page.endpoints, endpoint_index=0, next_try_at=now,
+            **delivery,
+        )  # fmt: skip
+        page_id, ref, text = _insert_page(conn, work.incident, attempts, page.text_for, row)
         first = page.endpoints[0]
         created.append(
             ClaimedPage(
@@ -612,17 +656,34 @@ def finish_step_and_claim(
     return FinishedStep(created, due)
 
 
-def page_reference(conn: Connection, incident: IncidentFacts, attempt: int) -> str:
-    """``C1445-2``: the incident's short number and the attempt; longer if that is taken."""
-    digits = "".join(ch for ch in incident.number if ch.isdigit()) or str(incident.incident_pk)
-    for length in (4, 6, len(digits)):
-        ref = f"C{digits[-length:]}-{attempt}"
-        taken = conn.execute(
-            select(pages.c.incident_pk).where(pages.c.page_ref == ref)
+def _insert_page(
+    conn: Connection,
+    incident: IncidentFacts,
+    attempt: int,
+    text_for: Callable[[str], str],
+    row: dict[str, Any],
+) -> tuple[int, str, str]:
+    """Insert a page under the first free reference of :func:`_references` (its id, the
+    reference and the text): the insert itself finds out whether a reference is taken (the
+    unique constraint, ON CONFLICT DO NOTHING), no look-up first."""
+    upsert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    for ref in _references(incident, attempt):
+        text = text_for(ref)
+        stmt = upsert(pages).on_conflict_do_nothing(index_elements=[pages.c.page_ref])
+        page_id = conn.execute(
+            stmt.returning(pages.c.id), dict(row, page_ref=ref, text=text)
         ).scalar_one_or_none()
-        if taken is None:
-            return ref
-    return f"C{digits}-{incident.incident_pk}-{attempt}"
+        if page_id is not None:
+            return int(page_id), ref, text
+    raise AssertionError("the last reference names the incident's own key")  # pragma: no cover
+
+
+def _references(incident: IncidentFacts, attempt: int) -> list[str]:
+    """``C1445-2``: the incident's short number and the attempt; longer if that is taken, in
+    this order (the last one holds the incident's primary key)."""
+    digits = "".join(ch for ch in incident.number if ch.isdigit()) or str(incident.incident_pk)
+    short = [f"C{digits[-length:]}-{attempt}" for length in (4, 6, len(digits))]
+    return [*dict.fromkeys(short), f"C{digits}-{incident.incident_pk}-{attempt}"]
 
 
 def advance_chain(conn: Connection, chain_id: int, now: datetime) -> None:

@@ -602,6 +602,14 @@ def test_a_reopened_call_starts_again_but_an_exhausted_chain_never_pages_again(w
     assert w.rows("SELECT count(*) FROM escalation_chains") == [(2,)]
 
 
+def test_a_taken_reference_gives_a_longer_one(w: World) -> None:
+    # Three incidents whose numbers end alike: C1445-1, then 6 digits, then all of them.
+    incident(w, Response.CLINICIAN, incident_id="2026-001445")
+    incident(w, Response.CLINICIAN, incident_id="2025-001445")
+    incident(w, Response.CLINICIAN, incident_id="2024-001445")
+    assert [ref for *_, ref in w.sent()] == ["C001445-1", "C1445-1", "C2024001445-1"]
+
+
 def test_closing_the_call_cancels_its_chain_at_once_and_tells_nobody(w: World) -> None:
     cad(w, Response.CLINICIAN, updated=0)
     assert w.sent() == [("wctp", "5550101", "C1445-1")]
