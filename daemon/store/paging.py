@@ -14,7 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from corespond.daemon.dispatcher import Candidates, Fix
@@ -127,6 +140,10 @@ def start_chain(
     return _create_chain(conn, chain, now, claim, row.waiting is not None)[0]
 
 
+_INSERT_CHAIN = insert(escalation_chains).returning(escalation_chains.c.id)
+_INSERT_STEP = insert(escalation_steps).returning(escalation_steps.c.id)
+
+
 def _create_chain(
     conn: Connection,
     chain: NewChain,
@@ -137,7 +154,7 @@ def _create_chain(
     """Insert the chain and its first step (claimed with ``claim``); end its wait. The ids of
     the chain and of the step."""
     chain_id = conn.execute(
-        insert(escalation_chains).returning(escalation_chains.c.id),
+        _INSERT_CHAIN,
         dict(
             incident_pk=chain.incident_pk,
             kind=chain.kind,
@@ -312,10 +329,12 @@ def _insert_step(
     claim: tuple[str, datetime] | None = None,
 ) -> int:
     """A step due at ``due`` (its id); with ``claim`` (worker, lease end) already claimed."""
-    held = dict(state="claimed", claimed_by=claim[0], lease_until=claim[1]) if claim else {}
+    held = (
+        dict(state="claimed", claimed_by=claim[0], lease_until=claim[1]) if claim
+        else dict(state="pending", claimed_by=None, lease_until=None)
+    )  # fmt: skip
     step_id = conn.execute(
-        insert(escalation_steps).returning(escalation_steps.c.id),
-        dict(chain_id=chain_id, step=step, action=action, due_at=due, state="pending") | held,
+        _INSERT_STEP, dict(chain_id=chain_id, step=step, action=action, due_at=due) | held
     ).scalar_one()
     return int(step_id)
 
@@ -496,36 +515,44 @@ def candidate_states(
         positions = table.positions(latest_fixes(conn))
     if incident_pages is None:
         incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
+    rows = conn.execute(_STATES, {"incident_pk": incident_pk, "since": now - recent_window})
+    availability, busy, recent = [], [], []
+    for what, cid, state, count in rows.all():
+        if what == "a":
+            availability.append((cid, state))
+        elif what == "b":
+            busy.append(cid)
+        else:
+            recent.append((cid, count))
     return table.candidates(
-        availability=conn.execute(_AVAILABILITIES),
-        on_call=table.on_call(now),
-        positions=positions,
-        busy=conn.execute(_BUSY, {"incident_pk": incident_pk}).scalars(),
-        incident_pages=incident_pages,
-        recent=conn.execute(_RECENT, {"since": now - recent_window}),
-    )
+        availability=availability, on_call=table.on_call(now), positions=positions, busy=busy,
+        incident_pages=incident_pages, recent=recent,
+    )  # fmt: skip
 
 
 _p = pages.c
 _INCIDENT_PAGES = select(_p.clinician_id, _p.state).where(
     _p.incident_pk == bindparam("incident_pk"), _p.kind == "page"
 )
-_AVAILABILITIES = select(clinician_states.c.clinician_id, clinician_states.c.availability)
-# Busy: took another call that is still active (pages in these states are few: indexed).
-_BUSY = (
-    select(_p.clinician_id)
+# What a step reads of every clinician, in one statement: (a) availability set by those who
+# set one; (b) busy: took another call that is still active (pages in these states are few:
+# indexed by state); (r) pages in the recent window (indexed by time), per clinician.
+_STATES = union_all(
+    select(
+        literal_column("'a'"), clinician_states.c.clinician_id, clinician_states.c.availability,
+        literal_column("0"),
+    ),
+    select(literal_column("'b'"), _p.clinician_id, null(), literal_column("0"))
     .join(incidents, incidents.c.id == _p.incident_pk)
     .where(
         _p.state.in_(ACTIVE_PAGE_STATES),
         _p.incident_pk != bindparam("incident_pk"),
         incidents.c.status == "active",
-    )
-)
-_RECENT = (
-    select(_p.clinician_id, func.count())
+    ),
+    select(literal_column("'r'"), _p.clinician_id, null(), func.count())
     .where(_p.kind == "page", _p.created_at >= bindparam("since"))
-    .group_by(_p.clinician_id)
-)
+    .group_by(_p.clinician_id),
+)  # fmt: skip
 
 
 
@@ -767,17 +794,21 @@ def claim_due_pages(
     return out
 
 
+_PAGE_SUBMITTED = (
+    update(pages)
+    .where(pages.c.id == bindparam("page_id"), pages.c.endpoint_index == bindparam("index"))
+    .values(
+        delivery="submitted", gateway=bindparam("via"), gateway_id=bindparam("gid"),
+        submitted_at=bindparam("at", type_=pages.c.submitted_at.type), lease_until=None,
+        next_try_at=None, last_error=None,
+    )
+)  # fmt: skip
+
+
 def page_submitted(
     conn: Connection, page: ClaimedPage, gateway_id: str | None, now: datetime
 ) -> None:
-    conn.execute(
-        update(pages)
-        .where(pages.c.id == page.page_id, pages.c.endpoint_index == page.endpoint_index)
-        .values(
-            delivery="submitted", gateway=page.gateway, gateway_id=gateway_id, submitted_at=now,
-            lease_until=None, next_try_at=None, last_error=None,
-        )
-    )  # fmt: skip
+    pages_submitted(conn, [(page, gateway_id, now)])
 
 
 def pages_submitted(
@@ -785,8 +816,15 @@ def pages_submitted(
 ) -> None:
     """Record several submissions (page, the gateway's id, when) in one transaction: deliveries
     that finish while a commit is under way share the next one."""
-    for page, gateway_id, at in done:
-        page_submitted(conn, page, gateway_id, at)
+    if done:
+        conn.execute(
+            _PAGE_SUBMITTED,
+            [
+                dict(page_id=page.page_id, index=page.endpoint_index, via=page.gateway,
+                     gid=gateway_id, at=at)
+                for page, gateway_id, at in done
+            ],
+        )  # fmt: skip
 
 
 def page_failed(
