@@ -11,8 +11,10 @@ a restarted daemon resumes every chain where it stood.
 
 Only a human answer (a reply through :meth:`PagingService.reply`, or
 :meth:`PagingService.answer` from the ack page) stops a chain (accept, en route) or moves it on
-now (decline); a delivery receipt is only recorded. The service is also the
-:class:`~corespond.daemon.responders.ClinicianDesk` the location feeds and the web API call.
+now (decline); a delivery receipt is only recorded. A call that closes ends its chain as soon
+as the closing snapshot is seen (:meth:`PagingService.observe_current`), telling nobody. The
+service is also the :class:`~corespond.daemon.responders.ClinicianDesk` the location feeds and
+the web API call.
 """
 
 from __future__ import annotations
