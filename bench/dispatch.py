@@ -30,7 +30,9 @@ server of this machine's binaries (Debian ``postgresql``) started for the run in
 directory, with its durable defaults (fsync, synchronous_commit on), a fresh database per phase.
 
 Latency is measured from the scheduled send time (no coordinated omission). The machine may be
-shared: compare phases of one run, not runs.
+shared: compare phases of one run, not runs. The daemon's CPU time (all its threads, read from
+/proc when the load ends) is printed too: paging's minus no paging's, per page, is what paging
+costs the daemon, a figure that a busy machine moves far less than latency.
 """
 
 from __future__ import annotations
@@ -187,6 +189,13 @@ class Phase:
     sent_bh: int = 0
     referrals: int = 0
     seconds: float = 0.0
+    cpu: float = 0.0  # the daemon process's CPU seconds (all threads) from ready to the end
+
+
+def process_cpu(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def snapshots(count: int, rate_bh: float, seed: int) -> list[tuple[int | None, bytes]]:
@@ -369,9 +378,11 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
             line = (await child.stdout.readline()).decode().split()
             assert line and line[0] == "ready", line
             print(f"{name}: daemon ready, driving", file=sys.stderr, flush=True)
+            ready_cpu = process_cpu(child.pid)  # start-up (imports, roster, fixes) left out
             await drive(int(line[1]), load, args.rate, phase, endpoint)
             print(f"{name}: {len(phase.stored)} stored, {len(phase.page)} pages", file=sys.stderr,
                   flush=True)  # fmt: skip
+            phase.cpu = process_cpu(child.pid) - ready_cpu
             child.send_signal(signal.SIGTERM)
             out = (await child.stdout.read()).decode().split()
             await child.wait()
@@ -453,6 +464,13 @@ def main() -> None:
         if p.after_ack:
             print(f"{p.name}: from the feed's 200 to the page p50 {pct(p.after_ack, 0.5):.1f}, "
                   f"p99 {pct(p.after_ack, 0.99):.1f}")  # fmt: skip
+    quiet, paging = phases[0], phases[1]
+    if paging.page:
+        # The same load with and without paging, from ready to the last page: the difference
+        # is what the pages cost, a figure other processes move far less than latency.
+        per_page = (paging.cpu - quiet.cpu) / len(paging.page) * 1000
+        print(f"daemon CPU: no paging {quiet.cpu:.1f} s, paging {paging.cpu:.1f} s: "
+              f"{per_page:.1f} ms per page")  # fmt: skip
     print("all figures in milliseconds")
 
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--clinicians", type=int, default=500)
     parser.add_argument("--postgres", action="store_true")
+    parser.add_argument("--statements", action="store_true", help="list the SQL per page")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the pages here")
     args = parser.parse_args()
     server = postgres_server() if args.postgres else contextlib.nullcontext()
     with server as pg, tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +71,12 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     upgrade(engine)
     commits = [0]
     event.listen(engine, "commit", lambda conn: commits.__setitem__(0, commits[0] + 1))
+    statements: Counter[str] = Counter()
+
+    def counted(conn: Any, cursor: Any, sql: str, *rest: Any) -> None:
+        statements[" ".join(sql.split())[:100]] += 1
+
+    event.listen(engine, "before_cursor_execute", counted)
     submitted: list[float] = []
 
     class Gateway:
@@ -104,8 +114,12 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         stored = write_batch(conn, records)
     walls, cpus = [], []
     commits[0] = 0
+    statements.clear()
+    profiler = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not wall
     for record, one in zip(records, stored, strict=True):
         reactor.advance(0.05)
+        if profiler:
+            profiler.enable()
         before = len(submitted)
         wall, cpu = time.perf_counter(), time.thread_time()
         service.observe(record, one)  # type: ignore[arg-type]
@@ -113,15 +127,23 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
             service.wake()  # (the code before the fast path paged from its worker's pass)
         cpus.append(time.thread_time() - cpu)
         walls.append(time.perf_counter() - wall)
+        if profiler:
+            profiler.disable()
         assert len(submitted) == before + 1, "the page was not submitted"
     service.stop()
     engine.dispose()
+    if profiler:
+        profiler.dump_stats(args.profile)
     walls.sort()
     print(f"{args.pages} pages, roster of {args.clinicians}, {'PostgreSQL' if pg else 'SQLite'}:"
           f" wall p50 {walls[len(walls) // 2] * 1000:.1f} ms,"
           f" p99 {walls[int(len(walls) * 0.99)] * 1000:.1f} ms;"
           f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page;"
-          f" {commits[0] / args.pages:.1f} commits per page")  # fmt: skip
+          f" {commits[0] / args.pages:.1f} commits,"
+          f" {sum(statements.values()) / args.pages:.1f} statements per page")  # fmt: skip
+    if args.statements:
+        for sql, count in statements.most_common():
+            print(f"  {count / args.pages:5.2f}  {sql}")
 
 
 if __name__ == "__main__":

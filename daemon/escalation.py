@@ -11,8 +11,10 @@ a restarted daemon resumes every chain where it stood.
 
 Only a human answer (a reply through :meth:`PagingService.reply`, or
 :meth:`PagingService.answer` from the ack page) stops a chain (accept, en route) or moves it on
-now (decline); a delivery receipt is only recorded. The service is also the
-:class:`~corespond.daemon.responders.ClinicianDesk` the location feeds and the web API call.
+now (decline); a delivery receipt is only recorded. A call that closes ends its chain as soon
+as the closing snapshot is seen (:meth:`PagingService.observe_current`), telling nobody. The
+service is also the :class:`~corespond.daemon.responders.ClinicianDesk` the location feeds and
+the web API call.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from corespond.daemon.pager import (
 )
 from corespond.daemon.responders import Availability, DeskRefusal, LocationFix, PageView
 from corespond.daemon.roster import Program, Roster
+from corespond.daemon.roster_table import Positions, RosterTable
 from corespond.daemon.snapshot import IncidentStatus
 from corespond.daemon.store import paging as db
 from corespond.daemon.store.writer import SnapshotRecord, StoredSnapshot
@@ -146,6 +149,7 @@ class PagingService:
         # Every clinician's latest fix and when it was read: 500 rows are about 10 ms to read
         # and convert, too much for each page; refreshed in the background (see _positions).
         self._fixes: Mapping[str, Fix] = {}
+        self._fix_arrays: tuple[RosterTable, Positions] | None = None  # _fixes as arrays
         self._fixes_at: datetime | None = None
         self._fixes_loading = False
         self._passing = False
@@ -260,7 +264,7 @@ class PagingService:
             self._timer = self.clock.call_later(max(0.0, delay), self.wake)
         self._release_idle()
 
-    def _positions(self) -> Mapping[str, Fix] | None:
+    def _positions(self) -> Positions | None:
         """The latest fixes for a step about to run: those in memory while younger than
         :data:`POSITIONS_MAX_AGE` (read again in the background once older than
         :data:`POSITIONS_REFRESH`), else None: the step reads them in its transaction."""
@@ -272,7 +276,11 @@ class PagingService:
         at = self._fixes_at  # (a synchronous read has just set it)
         if at is None or now - at >= POSITIONS_MAX_AGE:
             return None
-        return self._fixes
+        table = self.roster.table
+        arrays = self._fix_arrays
+        if arrays is None or arrays[0] is not table:
+            arrays = self._fix_arrays = (table, table.positions(self._fixes))
+        return arrays[1]
 
     def _positions_read(self, result: dict[str, Fix] | Failure, at: datetime) -> None:
         self._fixes_loading = False
@@ -284,6 +292,7 @@ class PagingService:
             if known is None or known.fixed_at < fix.fixed_at:
                 result[cid] = fix
         self._fixes, self._fixes_at = result, at
+        self._fix_arrays = None  # made again from these at the next step
 
     def _tx(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         def work() -> T:
@@ -380,21 +389,20 @@ class PagingService:
         """Whom to ask the routing service about for a page step: the closest few eligible
         by distance (None: no service, or fewer than two to reorder). A scan of the whole
         roster: it runs with the step's transaction, off the reactor."""
-        facts = work.incident
-        if self.eta_source is None or not work.candidates or facts.lat is None or facts.lon is None:
+        facts, candidates = work.incident, work.candidates
+        if self.eta_source is None or not candidates or facts.lat is None or facts.lon is None:
             return None
         point = (facts.lat, facts.lon)
         program_ids = {p.id for p in self.roster.programs_covering(*point)}
-        first = choose(point, program_ids, work.candidates, now, self.settings.max_fix_age)
-        closest = first.eligible[: self.settings.eta_candidates]
+        first = choose(point, program_ids, candidates, now, self.settings.max_fix_age)
+        closest = first.top(self.settings.eta_candidates)
         if len(closest) < 2:
             return None  # nothing to reorder
-        fixes = {c.clinician_id: c.fix for c in work.candidates}
         origins = []
         for c in closest:
-            fix = fixes[c.clinician_id]
-            assert fix is not None  # eligible ones have a fix
-            origins.append((fix.lat, fix.lon))
+            origin = candidates.point(c.clinician_id)
+            assert origin is not None  # eligible ones have a fix
+            origins.append(origin)
         return EtaQuestion(point, [c.clinician_id for c in closest], origins)
 
     async def _etas(self, question: EtaQuestion | None) -> dict[str, float | None] | None:
@@ -446,6 +454,8 @@ class PagingService:
             return db.StepOutcome("no-location", None, (), None, True)
         point = (facts.lat, facts.lon)
         covering = [p.id for p in self.roster.programs_covering(*point)]
+        if work.candidates is None:
+            return db.StepOutcome("no-candidate", None, (), None, True)
         result = choose(point, covering, work.candidates, now, self.settings.max_fix_age, etas)
         if result.chosen is None:
             return db.StepOutcome("no-candidate", result.as_json(), (), None, True)
@@ -552,9 +562,10 @@ class PagingService:
     def observe_current(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
         """A snapshot became an incident's current state without changing its decision: a call
         with no chain may have become eligible (its location arrived, it was reopened), or a
-        waiting one closed. Most snapshots call for nobody and cost nothing here; the others
-        take a look on a reader first, and the writer only when it may start or end something
-        (never raises)."""
+        waiting one closed, or one with an open chain closed (the chain ends now, in the
+        transaction that sees it closed, not when its next step would have run). Most
+        snapshots call for nobody and cost nothing here; the others take a look on a reader
+        first, and the writer only when it may start or end something (never raises)."""
         if record.decision.response is Response.NONE:
             return
 
@@ -594,16 +605,25 @@ class PagingService:
             if opened.first is None:
                 return opened, None
             gathered = db.gather_step(
-                conn, opened.first, self.roster, now, s.recent_window, fixes
+                conn, opened.first, self.roster, now, s.recent_window, fixes, opened
             )
             if not fast:
                 return opened, (gathered, self._closest(gathered, now))
             result = self._decide(gathered, None, now)
-            done = db.finish_step_and_claim(conn, gathered, result, self.worker, now, s.lease)
+            done = db.finish_step_and_claim(
+                conn, gathered, result, self.worker, now, s.lease, fresh=True
+            )
             return opened, (gathered, result, done)
 
         async def run() -> None:
             opened, after = await self._tx(work)
+            for chain_id in opened.cancelled:
+                log.info(
+                    "escalation.chain.cancelled",
+                    chain_id=chain_id,
+                    incident_id=stored.external_id,
+                    reason="incident-closed",
+                )
             if opened.chain is None:
                 if opened.waiting:
                     log.info(
@@ -767,6 +787,12 @@ class PagingService:
             if known is None or known.fixed_at < fix.fixed_at:  # copied: steps read it
                 point = Fix(fix.latitude, fix.longitude, fix.fixed_at)
                 self._fixes = {**self._fixes, fix.clinician_id: point}
+                arrays = self._fix_arrays
+                i = arrays[0].index.get(fix.clinician_id) if arrays is not None else None
+                if arrays is not None and i is not None:
+                    self._fix_arrays = (arrays[0], arrays[1].with_fix(i, point))
+                else:
+                    self._fix_arrays = None
 
         return self._tx(lambda c: db.write_fix(c, fix, now)).addCallback(written)
 

@@ -23,8 +23,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import icalendar
@@ -36,6 +37,9 @@ from shapely.geometry.base import BaseGeometry
 
 from corespond.daemon.config import ConfigError, ConfigProblem, dotted, schema_problems
 from corespond.daemon.yaml_source import KeyPath, SourceLocation, YamlDocument, parse_yaml_text
+
+if TYPE_CHECKING:
+    from corespond.daemon.roster_table import RosterTable
 
 ESCALATION_ACTIONS = ("page", "supervisor", "dispatch")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -186,6 +190,13 @@ class Roster:
 
     def programs_covering(self, lat: float, lon: float) -> list[Program]:
         return [p for p in self.programs.values() if p.covers(lat, lon)]
+
+    @cached_property
+    def table(self) -> RosterTable:
+        """The roster as arrays for the dispatcher, built on first use."""
+        from corespond.daemon.roster_table import RosterTable
+
+        return RosterTable(self)
 
     def on_call(self, at: datetime) -> set[str]:
         """Every clinician on call at ``at``, across programs."""

@@ -9,19 +9,35 @@ the same transaction under the unique (chain, step) constraint: a step never run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 
-from corespond.daemon.dispatcher import CandidateState, Fix
+from corespond.daemon.dispatcher import Candidates, Fix
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, LocationFix, PageView
 from corespond.daemon.roster import Roster
+from corespond.daemon.roster_table import Positions
 from corespond.daemon.store.tables import (
     chain_waits,
+    clinician_positions,
     clinician_states,
     escalation_chains,
     escalation_steps,
@@ -57,36 +73,50 @@ class NewChain:
     steps: list[dict[str, Any]]
 
 
+_i, _w, _c = incidents.c, chain_waits.c, escalation_chains.c
+# The facts a page may say (incident_facts) and what a chain start needs, in one statement.
+_FACT_COLUMNS = (
+    _i.id, _i.status, _i.incident_number, _i.external_id, _i.call_type, _i.apco_type, _i.zone,
+    _i.lat, _i.lon, snapshots.c.public,
+)  # fmt: skip
+_LOCK_INCIDENT = (
+    select(*_FACT_COLUMNS, _i.response, _w.reason.label("waiting"))
+    .select_from(
+        incidents.outerjoin(chain_waits, _w.incident_pk == _i.id).outerjoin(
+            snapshots, snapshots.c.id == _i.current_snapshot_id
+        )
+    )
+    .where(_i.id == bindparam("incident_pk"))
+    .with_for_update(of=incidents)
+)
+_CHAINS_OF = select(_c.kind, _c.state).where(_c.incident_pk == bindparam("incident_pk"))
+
+
 def _lock_incident(conn: Connection, incident_pk: int) -> Any:
-    """The incident's status, response and point, and whether it waits for a chain, under its
-    row lock: the lock serializes chain starts per incident across daemons sharing one
-    PostgreSQL (two snapshots at once must not start two chains); SQLite's transaction already
-    holds the write lock."""
-    i, w = incidents.c, chain_waits.c
-    return conn.execute(
-        select(i.status, i.response, i.lat, i.lon, w.reason.label("waiting"))
-        .select_from(incidents.outerjoin(chain_waits, w.incident_pk == i.id))
-        .where(i.id == incident_pk)
-        .with_for_update(of=incidents)
-    ).one_or_none()
+    """The incident's status, response, point and page facts, and whether it waits for a
+    chain, under its row lock: the lock serializes chain starts per incident across daemons
+    sharing one PostgreSQL (two snapshots at once must not start two chains); SQLite's
+    transaction already holds the write lock."""
+    return conn.execute(_LOCK_INCIDENT, {"incident_pk": incident_pk}).one_or_none()
 
 
-def _blocking_chain(conn: Connection, incident_pk: int, kind: str) -> bool:
+def _chains_of(conn: Connection, incident_pk: int) -> list[tuple[str, str]]:
+    """(kind, state) of every chain the incident had."""
+    return [(kind, state) for kind, state in conn.execute(_CHAINS_OF, {"incident_pk": incident_pk})]
+
+
+def _blocks(chains: Iterable[tuple[str, str]], kind: str) -> bool:
     """True when the incident must not get a new chain of ``kind``: one is open, one of this
     kind was exhausted (everyone it could reach was paged: never again), or a clinician took
     the call. A chain cancelled because the call closed does not block: a reopened call
     starts again."""
-    c = escalation_chains.c
-    found = conn.execute(
-        select(c.id).where(
-            c.incident_pk == incident_pk,
-            or_(
-                and_(c.kind == kind, c.state.in_((OPEN, "exhausted"))),
-                c.state == "accepted",
-            ),
-        )
-    ).first()
-    return found is not None
+    return any(
+        state == "accepted" or (k == kind and state in (OPEN, "exhausted")) for k, state in chains
+    )
+
+
+def _blocking_chain(conn: Connection, incident_pk: int, kind: str) -> bool:
+    return _blocks(_chains_of(conn, incident_pk), kind)
 
 
 def start_chain(
@@ -110,6 +140,10 @@ def start_chain(
     return _create_chain(conn, chain, now, claim, row.waiting is not None)[0]
 
 
+_INSERT_CHAIN = insert(escalation_chains).returning(escalation_chains.c.id)
+_INSERT_STEP = insert(escalation_steps).returning(escalation_steps.c.id)
+
+
 def _create_chain(
     conn: Connection,
     chain: NewChain,
@@ -120,7 +154,7 @@ def _create_chain(
     """Insert the chain and its first step (claimed with ``claim``); end its wait. The ids of
     the chain and of the step."""
     chain_id = conn.execute(
-        insert(escalation_chains).returning(escalation_chains.c.id),
+        _INSERT_CHAIN,
         dict(
             incident_pk=chain.incident_pk,
             kind=chain.kind,
@@ -148,6 +182,45 @@ class OpenedChain:
     first: ClaimedStep | None
     reason: str  # started, not-active, no-response, has-chain, no-location, out-of-zone
     waiting: bool = False
+    cancelled: tuple[int, ...] = ()  # chains of a closed call ended here
+    # Read under the lock for the first step, which runs in the same transaction: the
+    # incident's facts, and its pages (known to be none when it never had a chain).
+    facts: IncidentFacts | None = None
+    first_chain: bool = False
+
+
+def cancel_chains(conn: Connection, incident_pk: int, now: datetime) -> tuple[int, ...]:
+    """End the open chains of a call that closed (their ids): the steps still to run are
+    cancelled, pages not yet handed to a gateway are never sent, and open pages can no longer
+    be answered. Nobody is told: the clinician already paged gets no new page. A step another
+    worker holds right now finds its claim gone and writes nothing."""
+    c, s, p = escalation_chains.c, escalation_steps.c, pages.c
+    ids = tuple(
+        conn.execute(
+            select(c.id).where(c.incident_pk == incident_pk, c.state == OPEN)
+        ).scalars()
+    )
+    if not ids:
+        return ()
+    conn.execute(
+        update(escalation_chains)
+        .where(c.id.in_(ids))
+        .values(state="cancelled", closed_at=now)
+    )
+    conn.execute(
+        update(escalation_steps)
+        .where(s.chain_id.in_(ids), s.state.in_(("pending", "claimed")))
+        .values(state="cancelled", done_at=now, lease_until=None, outcome="incident-closed")
+    )
+    conn.execute(
+        update(pages)
+        .where(p.chain_id.in_(ids), p.delivery == "pending")
+        .values(delivery="cancelled", next_try_at=None)
+    )
+    conn.execute(
+        update(pages).where(p.chain_id.in_(ids), p.state == OPEN).values(state="cancelled")
+    )
+    return ids
 
 
 def open_chain(
@@ -167,9 +240,12 @@ def open_chain(
     if row is None or row.status != "active" or kind is None:
         if row is not None and row.waiting is not None:
             conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == incident_pk))
-        reason = "no-response" if row is not None and row.status == "active" else "not-active"
-        return OpenedChain(None, None, None, reason)
-    if _blocking_chain(conn, incident_pk, kind):
+        if row is not None and row.status != "active":
+            cancelled = cancel_chains(conn, incident_pk, now)
+            return OpenedChain(None, None, None, "not-active", cancelled=cancelled)
+        return OpenedChain(None, None, None, "no-response" if row is not None else "not-active")
+    chains = _chains_of(conn, incident_pk)
+    if _blocks(chains, kind):
         return OpenedChain(None, None, None, "has-chain")
     programs = (
         roster.programs_covering(row.lat, row.lon)
@@ -189,7 +265,9 @@ def open_chain(
     claim = (worker, now + lease) if worker is not None and lease is not None else None
     chain_id, step_id = _create_chain(conn, chain, now, claim, row.waiting is not None)
     first = ClaimedStep(step_id, chain_id, 0, str(steps[0]["action"])) if claim else None
-    return OpenedChain(chain, chain_id, first, "started")
+    return OpenedChain(
+        chain, chain_id, first, "started", facts=_facts_of(row), first_chain=not chains
+    )
 
 
 def _record_wait(
@@ -225,11 +303,21 @@ def may_need_chain(conn: Connection, incident_pk: int) -> bool:
     if row is None:
         return False
     kind = CHAIN_KINDS.get(row.response)
-    if row.status != "active" or kind is None:
+    if row.status != "active":  # a wait to end, or the open chain of a closed call
+        return row.reason is not None or _has_open_chain(conn, incident_pk)
+    if kind is None:
         return row.reason is not None  # a wait to end
     if _blocking_chain(conn, incident_pk, kind):
         return False
     return row.lat is not None or row.reason is None  # a chain to start, or a wait to record
+
+
+def _has_open_chain(conn: Connection, incident_pk: int) -> bool:
+    c = escalation_chains.c
+    found = conn.execute(
+        select(c.id).where(c.incident_pk == incident_pk, c.state == OPEN).limit(1)
+    ).first()
+    return found is not None
 
 
 def _insert_step(
@@ -241,10 +329,12 @@ def _insert_step(
     claim: tuple[str, datetime] | None = None,
 ) -> int:
     """A step due at ``due`` (its id); with ``claim`` (worker, lease end) already claimed."""
-    held = dict(state="claimed", claimed_by=claim[0], lease_until=claim[1]) if claim else {}
+    held = (
+        dict(state="claimed", claimed_by=claim[0], lease_until=claim[1]) if claim
+        else dict(state="pending", claimed_by=None, lease_until=None)
+    )  # fmt: skip
     step_id = conn.execute(
-        insert(escalation_steps).returning(escalation_steps.c.id),
-        dict(chain_id=chain_id, step=step, action=action, due_at=due, state="pending") | held,
+        _INSERT_STEP, dict(chain_id=chain_id, step=step, action=action, due_at=due) | held
     ).scalar_one()
     return int(step_id)
 
@@ -284,7 +374,7 @@ def claim_and_gather_steps(
     limit: int,
     roster: Roster,
     recent_window: timedelta,
-    fixes: Mapping[str, Fix] | None = None,
+    fixes: Positions | None = None,
 ) -> list[StepWork]:
     """:func:`claim_due_steps` and :func:`gather_step` for each, in one transaction."""
     claimed = claim_due_steps(conn, now, worker, lease, limit)
@@ -329,20 +419,22 @@ class StepWork:
     program: str
     steps: list[dict[str, Any]]
     incident: IncidentFacts
-    candidates: tuple[CandidateState, ...]
+    candidates: Candidates | None  # page steps of an open chain only
     attempts: int  # pages already sent for the incident
 
 
+_INCIDENT_FACTS = (
+    select(*_FACT_COLUMNS)
+    .select_from(incidents.outerjoin(snapshots, snapshots.c.id == _i.current_snapshot_id))
+    .where(_i.id == bindparam("incident_pk"))
+)
+
+
 def incident_facts(conn: Connection, incident_pk: int) -> IncidentFacts:
-    i = incidents.c
-    row = conn.execute(
-        select(
-            i.id, i.status, i.incident_number, i.external_id, i.call_type, i.apco_type,
-            i.zone, i.lat, i.lon, snapshots.c.public,
-        )
-        .select_from(incidents.outerjoin(snapshots, snapshots.c.id == i.current_snapshot_id))
-        .where(i.id == incident_pk)
-    ).one()  # fmt: skip
+    return _facts_of(conn.execute(_INCIDENT_FACTS, {"incident_pk": incident_pk}).one())
+
+
+def _facts_of(row: Any) -> IncidentFacts:
     location = (row.public or {}).get("location") or {}
     parts = [f"zone {row.zone}" if row.zone else None, location.get("city")]
     general = ", ".join(str(p)[:40] for p in parts if p) or "see CAD"
@@ -359,21 +451,26 @@ def gather_step(
     roster: Roster,
     now: datetime,
     recent_window: timedelta,
-    fixes: Mapping[str, Fix] | None = None,
+    fixes: Positions | None = None,
+    opened: OpenedChain | None = None,
 ) -> StepWork:
     """Everything the step needs, read in the claiming transaction (``fixes``: the latest
-    position of each clinician when the caller keeps them; else read here)."""
-    c = escalation_chains.c
-    chain = conn.execute(
-        select(c.incident_pk, c.state, c.kind, c.program, c.steps).where(c.id == step.chain_id)
-    ).one()
-    facts = incident_facts(conn, chain.incident_pk)
-    p = pages.c
-    sent = conn.execute(
-        select(p.clinician_id, p.state, p.kind).where(p.incident_pk == chain.incident_pk)
-    ).all()
+    position of each clinician when the caller keeps them; else read here; ``opened``: the
+    chain :func:`open_chain` has just started in this transaction, whose first step this is:
+    what it read is not read again)."""
+    if opened is not None and opened.chain is not None and opened.facts is not None:
+        new = opened.chain
+        chain = _Chain(new.incident_pk, OPEN, new.kind, new.program, new.steps)
+        facts = opened.facts
+    else:
+        chain = _Chain(*conn.execute(_CHAIN, {"chain_id": step.chain_id}).one())
+        facts = incident_facts(conn, chain.incident_pk)
+    if opened is not None and opened.first_chain:
+        sent: Sequence[Any] = ()  # no chain before this one: no page either
+    else:
+        sent = conn.execute(_PAGES_OF_INCIDENT, {"incident_pk": chain.incident_pk}).all()
     attempts = len(sent)
-    candidates: tuple[CandidateState, ...] = ()
+    candidates: Candidates | None = None
     if step.action == "page" and chain.state == OPEN:
         paged = [(r.clinician_id, r.state) for r in sent if r.kind == "page"]
         candidates = candidate_states(
@@ -385,83 +482,92 @@ def gather_step(
     )  # fmt: skip
 
 
+class _Chain(NamedTuple):
+    incident_pk: int
+    state: str
+    kind: str
+    program: str
+    steps: list[dict[str, Any]]
+
+
+_CHAIN = select(_c.incident_pk, _c.state, _c.kind, _c.program, _c.steps).where(
+    _c.id == bindparam("chain_id")
+)
+_PAGES_OF_INCIDENT = select(pages.c.clinician_id, pages.c.state, pages.c.kind).where(
+    pages.c.incident_pk == bindparam("incident_pk")
+)
+
+
 def candidate_states(
     conn: Connection,
     roster: Roster,
     incident_pk: int,
     now: datetime,
     recent_window: timedelta,
-    fixes: Mapping[str, Fix] | None = None,
+    positions: Positions | None = None,
     incident_pages: Iterable[tuple[str, str]] | None = None,
-) -> tuple[CandidateState, ...]:
-    """Every clinician's state for a page step (``fixes``, ``incident_pages``: the latest
-    positions and the (clinician, state) of the incident's pages, when the caller has them)."""
-    states: dict[str, str] = dict(
-        conn.execute(select(clinician_states.c.clinician_id, clinician_states.c.availability)).all()
-    )
-    if fixes is None:
-        fixes = latest_fixes(conn)
-    p = pages.c
+) -> Candidates:
+    """Every clinician's state for a page step (``positions``, ``incident_pages``: the latest
+    positions in the roster table's order and the (clinician, state) of the incident's pages,
+    when the caller has them)."""
+    table = roster.table
+    if positions is None:
+        positions = table.positions(latest_fixes(conn))
     if incident_pages is None:
-        incident_pages = conn.execute(
-            select(p.clinician_id, p.state).where(p.incident_pk == incident_pk, p.kind == "page")
-        ).tuples()
-    paged: dict[str, bool] = {}
-    for cid, state in incident_pages:
-        paged[cid] = paged.get(cid, False) or state == "declined"
-    busy = set(
-        conn.execute(
-            select(p.clinician_id)
-            .join(incidents, incidents.c.id == p.incident_pk)
-            .where(
-                p.state.in_(ACTIVE_PAGE_STATES),
-                p.incident_pk != incident_pk,
-                incidents.c.status == "active",
-            )
-        ).scalars()
-    )
-    recent: dict[str, int] = dict(
-        conn.execute(
-            select(p.clinician_id, func.count())
-            .where(p.kind == "page", p.created_at >= now - recent_window)
-            .group_by(p.clinician_id)
-        ).all()
-    )
-    on_call = roster.on_call(now)
-    available = Availability.AVAILABLE
-    return tuple(
-        CandidateState(
-            clinician_id=cid,
-            program=clinician.program,
-            availability=_AVAILABILITY[states[cid]] if cid in states else available,
-            on_call=cid in on_call,
-            fix=fixes.get(cid),
-            busy=cid in busy,
-            paged=cid in paged,
-            declined=paged.get(cid, False),
-            recent_pages=int(recent.get(cid, 0)),
-        )
-        for cid, clinician in roster.clinicians.items()
-    )
+        incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
+    rows = conn.execute(_STATES, {"incident_pk": incident_pk, "since": now - recent_window})
+    availability, busy, recent = [], [], []
+    for what, cid, state, count in rows.all():
+        if what == "a":
+            availability.append((cid, state))
+        elif what == "b":
+            busy.append(cid)
+        else:
+            recent.append((cid, count))
+    return table.candidates(
+        availability=availability, on_call=table.on_call(now), positions=positions, busy=busy,
+        incident_pages=incident_pages, recent=recent,
+    )  # fmt: skip
 
 
-_AVAILABILITY = {state.value: state for state in Availability}
+_p = pages.c
+_INCIDENT_PAGES = select(_p.clinician_id, _p.state).where(
+    _p.incident_pk == bindparam("incident_pk"), _p.kind == "page"
+)
+# What a step reads of every clinician, in one statement: (a) availability set by those who
+# set one; (b) busy: took another call that is still active (pages in these states are few:
+# indexed by state); (r) pages in the recent window (indexed by time), per clinician.
+_STATES = union_all(
+    select(
+        literal_column("'a'"), clinician_states.c.clinician_id, clinician_states.c.availability,
+        literal_column("0"),
+    ),
+    select(literal_column("'b'"), _p.clinician_id, null(), literal_column("0"))
+    .join(incidents, incidents.c.id == _p.incident_pk)
+    .where(
+        _p.state.in_(ACTIVE_PAGE_STATES),
+        _p.incident_pk != bindparam("incident_pk"),
+        incidents.c.status == "active",
+    ),
+    select(literal_column("'r'"), _p.clinician_id, null(), func.count())
+    .where(_p.kind == "page", _p.created_at >= bindparam("since"))
+    .group_by(_p.clinician_id),
+)  # fmt: skip
+
+
 
 
 def latest_fixes(conn: Connection) -> dict[str, Fix]:
-    f = location_fixes.c
-    latest = (
-        select(f.clinician_id, func.max(f.fixed_at).label("fixed_at"))
-        .group_by(f.clinician_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        select(f.clinician_id, f.lat, f.lon, f.fixed_at).join(
-            latest,
-            and_(f.clinician_id == latest.c.clinician_id, f.fixed_at == latest.c.fixed_at),
-        )
-    )
-    return {r.clinician_id: Fix(r.lat, r.lon, r.fixed_at) for r in rows}
+    """Each clinician's latest fix (``clinician_positions``, kept by :func:`write_fix`)."""
+    return {cid: Fix(lat, lon, at) for cid, lat, lon, at in conn.execute(_POSITIONS)}
+
+
+_POSITIONS = select(
+    clinician_positions.c.clinician_id,
+    clinician_positions.c.lat,
+    clinician_positions.c.lon,
+    clinician_positions.c.fixed_at,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,19 +613,23 @@ def finish_step_and_claim(
     worker: str,
     now: datetime,
     lease: timedelta | None,
+    *,
+    fresh: bool = False,
 ) -> FinishedStep | None:
     """:func:`finish_step`, and with ``lease`` the pages it creates are inserted already claimed
     by ``worker`` (``sending`` under the lease), so the caller submits them at once instead of
     claiming them in another transaction; if it dies, they are due again when the lease ends,
-    as any claimed page is. None when the claim on the step was lost."""
+    as any claimed page is. None when the claim on the step was lost. ``fresh``: the step was
+    inserted claimed in this very transaction (nobody else can have taken it)."""
     s = escalation_steps.c
-    held = conn.execute(
-        _for_update(conn, select(s.id).where(
-            s.id == work.step.step_id, s.state == "claimed", s.claimed_by == worker
-        ))
-    ).first()  # fmt: skip
-    if held is None:
-        return None
+    if not fresh:
+        held = conn.execute(
+            _for_update(conn, select(s.id).where(
+                s.id == work.step.step_id, s.state == "claimed", s.claimed_by == worker
+            ))
+        ).first()  # fmt: skip
+        if held is None:
+            return None
     conn.execute(
         update(escalation_steps)
         .where(s.id == work.step.step_id)
@@ -536,18 +646,14 @@ def finish_step_and_claim(
     attempts = work.attempts
     for page in result.pages:
         attempts += 1
-        ref = page_reference(conn, work.incident, attempts)
-        text = page.text_for(ref)
-        page_id = conn.execute(
-            insert(pages).returning(pages.c.id),
-            dict(
-                page_ref=ref, chain_id=work.step.chain_id, step_id=work.step.step_id,
-                incident_pk=work.incident.incident_pk, kind=page.kind,
-                clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
-                text=text, created_at=now, endpoints=page.endpoints,
-                endpoint_index=0, next_try_at=now, **delivery,
-            ),
-        ).scalar_one()  # fmt: skip
+        row = dict(
+            chain_id=work.step.chain_id, step_id=work.step.step_id,
+            incident_pk=work.incident.incident_pk, kind=page.kind,
+            clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
+            created_at=now, endpoints=page.endpoints, endpoint_index=0, next_try_at=now,
+            **delivery,
+        )  # fmt: skip
+        page_id, ref, text = _insert_page(conn, work.incident, attempts, page.text_for, row)
         first = page.endpoints[0]
         created.append(
             ClaimedPage(
@@ -577,17 +683,34 @@ def finish_step_and_claim(
     return FinishedStep(created, due)
 
 
-def page_reference(conn: Connection, incident: IncidentFacts, attempt: int) -> str:
-    """``C1445-2``: the incident's short number and the attempt; longer if that is taken."""
-    digits = "".join(ch for ch in incident.number if ch.isdigit()) or str(incident.incident_pk)
-    for length in (4, 6, len(digits)):
-        ref = f"C{digits[-length:]}-{attempt}"
-        taken = conn.execute(
-            select(pages.c.incident_pk).where(pages.c.page_ref == ref)
+def _insert_page(
+    conn: Connection,
+    incident: IncidentFacts,
+    attempt: int,
+    text_for: Callable[[str], str],
+    row: dict[str, Any],
+) -> tuple[int, str, str]:
+    """Insert a page under the first free reference of :func:`_references` (its id, the
+    reference and the text): the insert itself finds out whether a reference is taken (the
+    unique constraint, ON CONFLICT DO NOTHING), no look-up first."""
+    upsert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    for ref in _references(incident, attempt):
+        text = text_for(ref)
+        stmt = upsert(pages).on_conflict_do_nothing(index_elements=[pages.c.page_ref])
+        page_id = conn.execute(
+            stmt.returning(pages.c.id), dict(row, page_ref=ref, text=text)
         ).scalar_one_or_none()
-        if taken is None:
-            return ref
-    return f"C{digits}-{incident.incident_pk}-{attempt}"
+        if page_id is not None:
+            return int(page_id), ref, text
+    raise AssertionError("the last reference names the incident's own key")  # pragma: no cover
+
+
+def _references(incident: IncidentFacts, attempt: int) -> list[str]:
+    """``C1445-2``: the incident's short number and the attempt; longer if that is taken, in
+    this order (the last one holds the incident's primary key)."""
+    digits = "".join(ch for ch in incident.number if ch.isdigit()) or str(incident.incident_pk)
+    short = [f"C{digits[-length:]}-{attempt}" for length in (4, 6, len(digits))]
+    return [*dict.fromkeys(short), f"C{digits}-{incident.incident_pk}-{attempt}"]
 
 
 def advance_chain(conn: Connection, chain_id: int, now: datetime) -> None:
@@ -671,17 +794,21 @@ def claim_due_pages(
     return out
 
 
+_PAGE_SUBMITTED = (
+    update(pages)
+    .where(pages.c.id == bindparam("page_id"), pages.c.endpoint_index == bindparam("index"))
+    .values(
+        delivery="submitted", gateway=bindparam("via"), gateway_id=bindparam("gid"),
+        submitted_at=bindparam("at", type_=pages.c.submitted_at.type), lease_until=None,
+        next_try_at=None, last_error=None,
+    )
+)  # fmt: skip
+
+
 def page_submitted(
     conn: Connection, page: ClaimedPage, gateway_id: str | None, now: datetime
 ) -> None:
-    conn.execute(
-        update(pages)
-        .where(pages.c.id == page.page_id, pages.c.endpoint_index == page.endpoint_index)
-        .values(
-            delivery="submitted", gateway=page.gateway, gateway_id=gateway_id, submitted_at=now,
-            lease_until=None, next_try_at=None, last_error=None,
-        )
-    )  # fmt: skip
+    pages_submitted(conn, [(page, gateway_id, now)])
 
 
 def pages_submitted(
@@ -689,8 +816,15 @@ def pages_submitted(
 ) -> None:
     """Record several submissions (page, the gateway's id, when) in one transaction: deliveries
     that finish while a commit is under way share the next one."""
-    for page, gateway_id, at in done:
-        page_submitted(conn, page, gateway_id, at)
+    if done:
+        conn.execute(
+            _PAGE_SUBMITTED,
+            [
+                dict(page_id=page.page_id, index=page.endpoint_index, via=page.gateway,
+                     gid=gateway_id, at=at)
+                for page, gateway_id, at in done
+            ],
+        )  # fmt: skip
 
 
 def page_failed(
@@ -949,13 +1083,23 @@ def write_availability(
 
 
 def write_fix(conn: Connection, fix: LocationFix, now: datetime) -> None:
-    conn.execute(
-        insert(location_fixes),
-        dict(
-            clinician_id=fix.clinician_id, lat=fix.latitude, lon=fix.longitude,
-            fixed_at=fix.fixed_at, received_at=now, source=fix.source, accuracy_m=fix.accuracy_m,
-        ),
+    """Record a fix in the history and, when it is the clinician's latest, as its position
+    (a fix that arrives late does not move the clinician back)."""
+    values = dict(
+        clinician_id=fix.clinician_id, lat=fix.latitude, lon=fix.longitude,
+        fixed_at=fix.fixed_at, received_at=now, source=fix.source, accuracy_m=fix.accuracy_m,
     )  # fmt: skip
+    conn.execute(insert(location_fixes), values)
+    upsert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
+        clinician_positions
+    )
+    conn.execute(
+        upsert.values(values).on_conflict_do_update(
+            index_elements=[clinician_positions.c.clinician_id],
+            set_={k: upsert.excluded[k] for k in values if k != "clinician_id"},
+            where=clinician_positions.c.fixed_at < upsert.excluded.fixed_at,
+        )
+    )
 
 
 # --- reads for the CLI -------------------------------------------------------------------------

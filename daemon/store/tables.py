@@ -821,3 +821,27 @@ report_rollup_counts: Table = ReportRollupCountRow.__table__  # type: ignore[ass
 report_rollup_durations: Table = ReportRollupDurationRow.__table__  # type: ignore[assignment]
 report_person_facts: Table = ReportPersonFactRow.__table__  # type: ignore[assignment]
 report_rollup_state: Table = ReportRollupStateRow.__table__  # type: ignore[assignment]
+
+
+# --- What a page costs (issue 4, migration 0010_pagecost) ---------------------------------------
+
+
+class ClinicianPositionRow(Base):
+    """A clinician's latest fix (of ``location_fixes``), kept by ``write_fix`` in the fix's
+    transaction: a page step reads one row per clinician, not the fix history."""
+
+    __tablename__ = "clinician_positions"
+
+    clinician_id: Mapped[str] = mapped_column(String, primary_key=True)
+    lat: Mapped[float] = mapped_column(Float)
+    lon: Mapped[float] = mapped_column(Float)
+    fixed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String)
+    accuracy_m: Mapped[float | None] = mapped_column(Float)
+
+
+clinician_positions: Table = ClinicianPositionRow.__table__  # type: ignore[assignment]
+# A page step reads who is busy by page state, and the recent window's pages by time.
+Index("ix_pages_state", PageRow.__table__.c.state)
+Index("ix_pages_created_at", PageRow.__table__.c.created_at)

@@ -9,11 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from corespond.daemon.dispatcher import (
+    DETAILED,
     CandidateState,
     Fix,
     Rejection,
     choose,
     great_circle_km,
+    rejections_of,
     tie_key,
 )
 from corespond.daemon.responders import Availability
@@ -83,7 +85,44 @@ def test_every_reason_is_given() -> None:
     }
     stored = result.as_json()
     assert stored["chosen"] == "n-near"
-    assert {r["clinician_id"]: r["rejected"] for r in stored["rejected"]}["f-zone"] == "out-of-zone"
+    assert rejections_of(stored) == {cid: r.value for cid, r in reasons.items()}
+    assert stored["rejected"]["stale-location"] == ["k-stale", "l-future"]
+    assert stored["why"] == (
+        "n-near: best of 2 eligible (0.1 km, 0 recent pages); passed over: 2 off-duty, 2 busy,"
+        " 1 not-on-call, 1 out-of-zone, 1 declined, 1 already-paged, 2 no-location,"
+        " 2 stale-location"
+    )
+    # The closest passed over, with their figures: why a nearer clinician was not paged.
+    assert stored["closest_rejected"][0]["rejected"] in {r.value for r in Rejection}
+    assert len(stored["closest_rejected"]) == DETAILED
+
+
+def test_the_stored_record_names_everyone_considered_once() -> None:
+    states = [
+        state(f"c-{n:03d}", fix=Fix(30.25 + n / 1000, -97.75, NOW), busy=n % 7 == 0,
+              program="metro" if n % 3 else "county")
+        for n in range(60)
+    ]  # fmt: skip
+    result = choose(HERE, {"metro"}, states, NOW, AGE)
+    stored = result.as_json()
+    listed = [e["clinician_id"] for e in stored["eligible"]] + stored["eligible_more"]
+    assert listed == [c.clinician_id for c in result.eligible]  # rank order, best first
+    assert len(stored["eligible"]) == DETAILED and stored["considered"] == 60
+    passed_over = [cid for ids in stored["rejected"].values() for cid in ids]
+    assert sorted(listed + passed_over) == sorted(s.clinician_id for s in states)
+    assert stored["rejected"]["busy"][:2] == ["c-000", "c-007"]
+    assert stored["rejected"]["out-of-zone"][:2] == ["c-003", "c-006"]
+    # The closest passed over are c-000 (busy, 0 m) and c-003 (out of zone, 333 m)...
+    assert [r["clinician_id"] for r in stored["closest_rejected"][:2]] == ["c-000", "c-003"]
+    assert stored["closest_rejected"][0] == {
+        "clinician_id": "c-000", "rejected": "busy", "distance_km": 0.0, "eta_seconds": None,
+        "recent_pages": 0,
+    }  # fmt: skip
+
+
+def test_the_record_before_this_shape_still_reads() -> None:
+    old = {"rejected": [{"clinician_id": "c-1", "rejected": "busy", "distance_km": 1.0}]}
+    assert rejections_of(old) == {"c-1": "busy"}
 
 
 def test_nobody_eligible() -> None:
@@ -171,8 +210,10 @@ def test_ordering_invariants(states: list[CandidateState], data: st.DataObject) 
     # Each distance is the great-circle one (choose computes the incident's terms once).
     for c in (*result.eligible, *result.rejected):
         fix = by_id[c.clinician_id].fix
-        expected = None if fix is None else great_circle_km(*HERE, fix.lat, fix.lon)
-        assert c.distance_km == expected
+        if fix is None:
+            assert c.distance_km is None
+        else:  # numpy's sin and cos may differ from libm's in the last place
+            assert c.distance_km == pytest.approx(great_circle_km(*HERE, fix.lat, fix.lon), 1e-12)
     # The choice is the best eligible; the order is sorted by the tie key.
     keys = [tie_key(c) for c in result.eligible]
     assert keys == sorted(keys)
@@ -180,6 +221,11 @@ def test_ordering_invariants(states: list[CandidateState], data: st.DataObject) 
     # Nobody with a drive time is ranked after somebody without one.
     timed = [c.eta_seconds is not None for c in result.eligible]
     assert timed == sorted(timed, reverse=True)
+    # The stored record lists everyone once: the eligible in rank order, the others by reason.
+    stored = result.as_json()
+    ranked = [e["clinician_id"] for e in stored["eligible"]] + stored["eligible_more"]
+    assert ranked == [c.clinician_id for c in result.eligible]
+    assert rejections_of(stored) == {c.clinician_id: c.rejected for c in result.rejected}
     # Input order does not matter.
     again = choose(HERE, {"metro"}, list(reversed(states)), NOW, AGE, etas=etas)
     assert again == result

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock as TaskClock
 
 from corespond.daemon.decision import Response
+from corespond.daemon.dispatcher import rejections_of
 from corespond.daemon.escalation import PagingService, PagingSettings
 from corespond.daemon.pager import (
     DeliveryReceipt,
@@ -159,7 +160,7 @@ def test_full_chain_pages_nearest_then_next_then_supervisor_then_dispatch(w: Wor
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 0")
     stored = db_json(dispatch[0])
     assert stored["chosen"] == "c-101"
-    reasons = {r["clinician_id"]: r["rejected"] for r in stored["rejected"]}
+    reasons = rejections_of(stored)
     assert reasons == {"c-103": "not-on-call", "c-201": "not-on-call", "s-900": "no-location"}
     assert [e["clinician_id"] for e in stored["eligible"]] == ["c-101", "c-102"]
     # A delivery receipt is recorded, and moves nothing.
@@ -248,7 +249,7 @@ def test_decline_pages_the_next_nearest_now(w: World) -> None:
     w.service.reply(Reply("wctp", T, PageAnswer.DECLINE, gateway_id="wctp-1"))
     assert w.sent()[-1] == ("wctp", "5550102", "C1445-2")
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 1")
-    reasons = {r["clinician_id"]: r["rejected"] for r in db_json(dispatch[0])["rejected"]}
+    reasons = rejections_of(db_json(dispatch[0]))
     assert reasons["c-101"] == "declined"
     # A late accept of the declined page is refused; the second clinician's accept stands.
     with pytest.raises(DeskRefusal) as refused:
@@ -277,7 +278,7 @@ def test_busy_off_duty_and_stale_clinicians_are_passed_over(w: World) -> None:
     incident(w, Response.CLINICIAN)
     assert w.sent() == [("sms", "+15550000900", "C1445-1")]
     (dispatch,) = w.rows("SELECT dispatch FROM escalation_steps WHERE step = 0")
-    reasons = {r["clinician_id"]: r["rejected"] for r in db_json(dispatch[0])["rejected"]}
+    reasons = rejections_of(db_json(dispatch[0]))
     assert reasons["c-101"] == "off-duty" and reasons["c-102"] == "stale-location"
     with pytest.raises(DeskRefusal):
         result_of(w.service.set_availability("nobody", Availability.AVAILABLE, "api"))
@@ -599,6 +600,69 @@ def test_a_reopened_call_starts_again_but_an_exhausted_chain_never_pages_again(w
     w.advance(60)
     assert len(w.sent()) == sent
     assert w.rows("SELECT count(*) FROM escalation_chains") == [(2,)]
+
+
+def test_a_taken_reference_gives_a_longer_one(w: World) -> None:
+    # Three incidents whose numbers end alike: C1445-1, then 6 digits, then all of them.
+    incident(w, Response.CLINICIAN, incident_id="2026-001445")
+    incident(w, Response.CLINICIAN, incident_id="2025-001445")
+    incident(w, Response.CLINICIAN, incident_id="2024-001445")
+    assert [ref for *_, ref in w.sent()] == ["C001445-1", "C1445-1", "C2024001445-1"]
+
+
+def test_closing_the_call_cancels_its_chain_at_once_and_tells_nobody(w: World) -> None:
+    cad(w, Response.CLINICIAN, updated=0)
+    assert w.sent() == [("wctp", "5550101", "C1445-1")]
+    cad(w, Response.CLINICIAN, updated=60, status=IncidentStatus.CLOSED)  # no time passes
+    assert w.rows("SELECT state FROM escalation_chains") == [("cancelled",)]
+    assert w.rows("SELECT step, state, outcome FROM escalation_steps ORDER BY step") == [
+        (0, "done", "paged"), (1, "cancelled", "incident-closed"),
+    ]  # fmt: skip
+    assert w.rows("SELECT page_ref, state FROM pages") == [("C1445-1", "cancelled")]
+    w.advance(60)  # the step that would have paged the next clinician never runs
+    assert w.sent() == [("wctp", "5550101", "C1445-1")]
+    # The clinician's late answer changes nothing.
+    with pytest.raises(DeskRefusal):
+        result_of(w.service.answer("C1445-1", "c-101", PageAnswer.ACCEPT, "web"))
+
+
+def test_closing_the_call_with_a_changed_decision_cancels_too(w: World) -> None:
+    cad(w, Response.CLINICIAN, updated=0)
+    cad(w, Response.NONE, updated=60, status=IncidentStatus.CLOSED)
+    assert w.rows("SELECT state FROM escalation_chains") == [("cancelled",)]
+    w.advance(60)
+    assert len(w.sent()) == 1
+
+
+def test_a_page_not_yet_delivered_is_never_sent_once_the_call_closed(w: World) -> None:
+    incident(w, Response.CLINICIAN)
+    assert len(w.sent()) == 1
+    with w.engine.begin() as conn:  # as if the gateway had asked to try again in a minute
+        conn.execute(text("UPDATE pages SET delivery = 'pending', next_try_at = :at"),
+                     {"at": T + timedelta(minutes=1)})  # fmt: skip
+    cad(w, Response.CLINICIAN, updated=60, status=IncidentStatus.CLOSED)
+    assert w.rows("SELECT delivery, next_try_at FROM pages") == [("cancelled", None)]
+    w.advance(10)
+    assert len(w.sent()) == 1
+
+
+def test_a_step_another_daemon_holds_when_the_call_closes_writes_nothing(w: World) -> None:
+    cad(w, Response.CLINICIAN, updated=0)
+    later, lease = T + timedelta(minutes=6), timedelta(minutes=2)
+    with w.engine.begin() as conn:  # another daemon claims the due step and gathers it...
+        (work,) = db.claim_and_gather_steps(
+            conn, later, "w2", lease, 10, w.roster, timedelta(hours=12)
+        )
+    cad(w, Response.CLINICIAN, updated=60, status=IncidentStatus.CLOSED)
+    outcome = db.StepOutcome("paged", {"chosen": "c-102"}, [
+        db.NewPage("page", "c-102", [{"gateway": "wctp", "address": "5550102"}], lambda r: r)
+    ], None, False)  # fmt: skip
+    with w.engine.begin() as conn:  # ...and finishes it after the call closed: its claim is gone
+        assert db.finish_step_and_claim(conn, work, outcome, "w2", later, lease) is None
+    assert w.rows("SELECT count(*) FROM pages") == [(1,)]
+    assert w.rows("SELECT step, state FROM escalation_steps ORDER BY step") == [
+        (0, "done"), (1, "cancelled"),
+    ]  # fmt: skip
 
 
 def test_a_waiting_call_that_closes_or_stops_being_bh_stops_waiting(w: World) -> None:

@@ -64,6 +64,9 @@ def test_zones_with_holes_and_multipolygons(roster) -> None:  # type: ignore[no-
 )
 def test_on_call_across_dst_with_overrides(roster, moment: str, expected: set[str]) -> None:  # type: ignore[no-untyped-def]
     assert roster.on_call(utc(moment)) == expected
+    # The dispatcher's arrays say the same.
+    table = roster.table
+    assert set(table.ids[table.on_call(utc(moment))].tolist()) == expected
 
 
 def write_roster(tmp_path: Path, text: str) -> Path:

@@ -20,6 +20,7 @@ from corespond.adapters.eido import eido_document
 from corespond.adapters.pidflo import pidf_lo_document
 from corespond.daemon.app import Corespond
 from corespond.daemon.config import load_config
+from corespond.daemon.dispatcher import rejections_of
 from corespond.daemon.feeds import HttpListener
 from corespond.daemon.roster import RosterError, parse_roster
 from corespond.daemon.snapshot import GeoPoint, Location
@@ -166,7 +167,7 @@ def test_a_stale_eido_time_does_not_count(daemon: Daemon) -> None:
     first = dispatches()[0]
     first = first if isinstance(first, dict) else json.loads(first)
     assert first["chosen"] is None
-    assert {c["clinician_id"]: c["rejected"] for c in first["rejected"]}["c-3"] == (
+    assert rejections_of(first)["c-3"] == (
         "stale-location"
     )
     assert d.carrier.submits == []
