@@ -93,6 +93,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
         self.factory = factory
         self.deframer = make_deframer(factory.framing, factory.max_message_bytes)
         self.peer = "unknown"
+        self._origin = Origin(factory.feed, peer=self.peer)  # the same for every frame
         self._queue: deque[_Pending] = deque()
         self._connected = False
         self._read_closed = False
@@ -120,6 +121,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self._connected = True
         self.peer = peer_name(self._transport.getPeer())
+        self._origin = Origin(self.factory.feed, peer=self.peer)
         self.factory.connections.add(self)
         # An answer is one small segment that the sender waits for: with Nagle's algorithm it
         # would wait for the sender's delayed ACK of the previous answer (up to 40 ms).
@@ -209,7 +211,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
                 entry.ready, entry.ok = True, True  # keep-alive
             else:
                 self.messages += 1
-                d = maybeDeferred(factory.ingest, item, Origin(factory.feed, peer=self.peer))
+                d = maybeDeferred(factory.ingest, item, self._origin)
                 d.addCallbacks(self._answered, self._ingest_failed,
                                callbackArgs=(entry,), errbackArgs=(entry,))  # fmt: skip
                 d.addErrback(self._bug)
@@ -250,14 +252,18 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
         self._close()
 
     def _flush(self) -> None:
-        while self._queue and self._queue[0].ready:
-            entry = self._queue.popleft()
+        queue = self._queue
+        replies: list[bytes] = []  # the answers ready now, in one write
+        while queue and queue[0].ready:
+            entry = queue.popleft()
             self.factory.answered_one()
             if entry.failed and not self._silent:
+                self._write(replies)
                 self._silent = True
                 self._close()
             elif not self._silent and self._connected and self.factory.ack == "ack-nak":
-                self._transport.write(reply_bytes(self.factory.framing, entry.ok))
+                replies.append(self.factory.replies[entry.ok])
+        self._write(replies)
         if self._closing and not self._queue:
             self._close()
         elif (
@@ -270,6 +276,11 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
             self._transport.resumeProducing()
             log.info("feed.tcp.resumed", feed=self.factory.feed, peer=self.peer,
                      in_flight=self.in_flight)  # fmt: skip
+
+    def _write(self, replies: list[bytes]) -> None:
+        if replies:
+            self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+            replies.clear()
 
     def _close(self) -> None:
         if self._connected and not self._lose_called:
@@ -314,6 +325,7 @@ class TcpFeedFactory(Factory):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_in_flight = max_in_flight
+        self.replies = {ok: reply_bytes(framing, ok) for ok in (True, False)}
         self.connections: set[TcpFeedProtocol] = set()
         self.unanswered = 0
         self._draining = False

@@ -115,6 +115,41 @@ def test_acks_go_out_in_message_order(bytewise: bool) -> None:
     assert not r.transport.disconnecting
 
 
+class CountingTransport(StringTransport):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_answers_ready_together_go_out_in_one_write() -> None:
+    r = rig("stx-etx")
+    transport = CountingTransport(peerAddress=PEER)
+    r.proto.makeConnection(transport)
+    r.proto.dataReceived(b"\x02a\x03\x02b\x03\x02c\x03\x02\x03\x02d\x03")
+    r.ingest.pending[1].callback(accepted(2))
+    r.ingest.pending[2].callback(rejected())
+    assert transport.writes == []
+    r.ingest.pending[0].callback(accepted(1))  # a, b, c and the keep-alive are answered
+    assert transport.writes == [b"\x06\x06\x15\x06"]
+    r.ingest.pending[3].callback(accepted(4))
+    assert transport.writes == [b"\x06\x06\x15\x06", b"\x06"]
+
+
+def test_answers_before_a_failed_ingest_are_written_then_the_connection_closes() -> None:
+    r = rig("stx-etx")
+    transport = CountingTransport(peerAddress=PEER)
+    r.proto.makeConnection(transport)
+    r.proto.dataReceived(b"\x02a\x03\x02b\x03\x02c\x03")
+    r.ingest.pending[1].errback(Failure(RuntimeError("store down")))
+    r.ingest.pending[2].callback(accepted(3))
+    r.ingest.pending[0].callback(accepted(1))
+    assert transport.writes == [b"\x06"] and transport.disconnecting
+
+
 def test_ack_only_when_every_outcome_accepted() -> None:
     r = rig()
     r.proto.dataReceived(b"one\ntwo\nthree\n")
