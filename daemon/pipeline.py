@@ -297,7 +297,9 @@ class Pipeline:
     def _stored(self, stored: StoredSnapshot, record: SnapshotRecord) -> Outcome:
         decision = record.decision
         metrics = self.metrics
-        metrics.child(metrics.messages, record.feed, stored.state.value).inc()
+        # The StrEnum members themselves, not their .value (a Python-level property, about
+        # 0.5 us each): they are str, so labels, log fields and JSON read the same text.
+        metrics.child(metrics.messages, record.feed, stored.state).inc()
         if stored.state is SnapshotState.DUPLICATE:
             self.counts.duplicate += 1
             log.info(
@@ -320,11 +322,11 @@ class Pipeline:
                 incident_id=stored.external_id,
                 snapshot_id=stored.snapshot_id,
                 state="current" if stored.became_current else "late",
-                status=record.snapshot.status.value,
+                status=record.snapshot.status,
                 behavioral_health=decision.behavioral_health,
                 category=decision.category,
-                response=decision.response.value,
-                rules=list(decision.rules),
+                response=decision.response,
+                rules=decision.rules,
                 ruleset=decision.ruleset,
                 changed=changed,
                 old_response=previous.response.value if changed and previous else None,
