@@ -326,7 +326,7 @@ class Pipeline:
                 behavioral_health=decision.behavioral_health,
                 category=decision.category,
                 response=decision.response,
-                rules=decision.rules,
+                rules=list(decision.rules),
                 ruleset=decision.ruleset,
                 changed=changed,
                 old_response=previous.response.value if changed and previous else None,
