@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from corespond.adapters.framing import FRAMINGS, FramingError, make_deframer
 from corespond.daemon.clock import Clock
-from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome
+from corespond.daemon.ingest import Accepted, IngestFn, IngestManyFn, Origin, Outcome
 from corespond.daemon.log import error_text
 
 log = structlog.get_logger(__name__)
@@ -196,6 +196,9 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
 
     def _take(self, frames: Sequence[bytes | FramingError]) -> None:
         factory = self.factory
+        group = factory.ingest_many is not None and len(frames) > 1
+        entries: list[_Pending] = []
+        payloads: list[bytes] = []
         for item in frames:
             if self._closing:
                 break
@@ -209,6 +212,10 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
                 entry.ready, entry.ok = True, False
             elif not item:
                 entry.ready, entry.ok = True, True  # keep-alive
+            elif group:
+                self.messages += 1
+                entries.append(entry)
+                payloads.append(item)
             else:
                 self.messages += 1
                 d = maybeDeferred(factory.ingest, item, self._origin)
@@ -217,6 +224,13 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
                 d.addErrback(self._bug)
             if factory.framing == "connection":
                 self._closing = True  # one message per connection: its answer is the last word
+        if payloads:
+            # The frames of one read go in together: one Deferred for all (see IngestManyFn).
+            assert factory.ingest_many is not None
+            many = maybeDeferred(factory.ingest_many, payloads, self._origin)
+            many.addCallbacks(self._answered_many, self._ingest_many_failed,
+                              callbackArgs=(entries,), errbackArgs=(entries,))  # fmt: skip
+            many.addErrback(self._bug)
         self._flush()
         if (
             not self._paused
@@ -229,21 +243,42 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
             log.info("feed.tcp.paused", feed=factory.feed, peer=self.peer, in_flight=self.in_flight)
 
     def _answered(self, outcomes: Sequence[Outcome], entry: _Pending) -> None:
+        self._settle(outcomes, entry)
+        self._flush()
+
+    def _settle(self, outcomes: Sequence[Outcome], entry: _Pending) -> None:
         entry.ok = bool(outcomes) and all(isinstance(o, Accepted) for o in outcomes)
         if entry.ok:
             self.accepted += 1
         else:
             self.rejected += 1
         entry.ready = True
+
+    def _answered_many(
+        self, answers: Sequence[Sequence[Outcome] | Failure], entries: list[_Pending]
+    ) -> None:
+        for answer, entry in zip(answers, entries, strict=True):
+            if isinstance(answer, Failure):
+                self._fail(answer, entry)
+            else:
+                self._settle(answer, entry)
+        self._flush()
+
+    def _ingest_many_failed(self, failure: Failure, entries: list[_Pending]) -> None:
+        for entry in entries:
+            self._fail(failure, entry)
         self._flush()
 
     def _ingest_failed(self, failure: Failure, entry: _Pending) -> None:
+        self._fail(failure, entry)
+        self._flush()
+
+    def _fail(self, failure: Failure, entry: _Pending) -> None:
         log.error("feed.tcp.ingest.failed", feed=self.factory.feed, peer=self.peer,
                   error=error_text(failure))  # fmt: skip
         entry.ready = entry.failed = True
         # Nothing after this message may be answered (acks are positional): stop taking frames.
         self._closing = True
-        self._flush()
 
     def _bug(self, failure: Failure) -> None:
         log.error("feed.tcp.protocol.failed", feed=self.factory.feed, peer=self.peer,
@@ -294,7 +329,9 @@ class TcpFeedFactory(Factory):
     ``framing`` is one of :data:`corespond.adapters.framing.FRAMINGS`; ``ack`` is ``none`` or
     ``ack-nak``; ``idle_timeout`` (seconds, ``None`` for never) closes a connection that sent
     nothing for that long and is owed no answer; over ``max_in_flight`` unanswered frames a
-    connection stops being read until half of them are answered.
+    connection stops being read until half of them are answered. When ``ingest`` also has a
+    ``many`` (an :data:`~corespond.daemon.ingest.IngestManyFn`, as the pipeline's have), the
+    frames of one read go to it together.
     """
 
     def __init__(
@@ -318,6 +355,7 @@ class TcpFeedFactory(Factory):
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive or None")
         self.ingest = ingest
+        self.ingest_many: IngestManyFn | None = getattr(ingest, "many", None)
         self.feed = feed
         self.framing = framing
         self.ack = ack
