@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from corespond.adapters.framing import FRAMINGS, FramingError, make_deframer
 from corespond.daemon.clock import Clock
-from corespond.daemon.ingest import Accepted, IngestFn, Origin, Outcome
+from corespond.daemon.ingest import Accepted, IngestFn, IngestManyFn, Origin, Outcome
 from corespond.daemon.log import error_text
 
 log = structlog.get_logger(__name__)
@@ -93,6 +93,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
         self.factory = factory
         self.deframer = make_deframer(factory.framing, factory.max_message_bytes)
         self.peer = "unknown"
+        self._origin = Origin(factory.feed, peer=self.peer)  # the same for every frame
         self._queue: deque[_Pending] = deque()
         self._connected = False
         self._read_closed = False
@@ -120,6 +121,7 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self._connected = True
         self.peer = peer_name(self._transport.getPeer())
+        self._origin = Origin(self.factory.feed, peer=self.peer)
         self.factory.connections.add(self)
         # An answer is one small segment that the sender waits for: with Nagle's algorithm it
         # would wait for the sender's delayed ACK of the previous answer (up to 40 ms).
@@ -194,6 +196,9 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
 
     def _take(self, frames: Sequence[bytes | FramingError]) -> None:
         factory = self.factory
+        group = factory.ingest_many is not None and len(frames) > 1
+        entries: list[_Pending] = []
+        payloads: list[bytes] = []
         for item in frames:
             if self._closing:
                 break
@@ -207,14 +212,25 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
                 entry.ready, entry.ok = True, False
             elif not item:
                 entry.ready, entry.ok = True, True  # keep-alive
+            elif group:
+                self.messages += 1
+                entries.append(entry)
+                payloads.append(item)
             else:
                 self.messages += 1
-                d = maybeDeferred(factory.ingest, item, Origin(factory.feed, peer=self.peer))
+                d = maybeDeferred(factory.ingest, item, self._origin)
                 d.addCallbacks(self._answered, self._ingest_failed,
                                callbackArgs=(entry,), errbackArgs=(entry,))  # fmt: skip
                 d.addErrback(self._bug)
             if factory.framing == "connection":
                 self._closing = True  # one message per connection: its answer is the last word
+        if payloads:
+            # The frames of one read go in together: one Deferred for all (see IngestManyFn).
+            assert factory.ingest_many is not None
+            many = maybeDeferred(factory.ingest_many, payloads, self._origin)
+            many.addCallbacks(self._answered_many, self._ingest_many_failed,
+                              callbackArgs=(entries,), errbackArgs=(entries,))  # fmt: skip
+            many.addErrback(self._bug)
         self._flush()
         if (
             not self._paused
@@ -227,21 +243,42 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
             log.info("feed.tcp.paused", feed=factory.feed, peer=self.peer, in_flight=self.in_flight)
 
     def _answered(self, outcomes: Sequence[Outcome], entry: _Pending) -> None:
+        self._settle(outcomes, entry)
+        self._flush()
+
+    def _settle(self, outcomes: Sequence[Outcome], entry: _Pending) -> None:
         entry.ok = bool(outcomes) and all(isinstance(o, Accepted) for o in outcomes)
         if entry.ok:
             self.accepted += 1
         else:
             self.rejected += 1
         entry.ready = True
+
+    def _answered_many(
+        self, answers: Sequence[Sequence[Outcome] | Failure], entries: list[_Pending]
+    ) -> None:
+        for answer, entry in zip(answers, entries, strict=True):
+            if isinstance(answer, Failure):
+                self._fail(answer, entry)
+            else:
+                self._settle(answer, entry)
+        self._flush()
+
+    def _ingest_many_failed(self, failure: Failure, entries: list[_Pending]) -> None:
+        for entry in entries:
+            self._fail(failure, entry)
         self._flush()
 
     def _ingest_failed(self, failure: Failure, entry: _Pending) -> None:
+        self._fail(failure, entry)
+        self._flush()
+
+    def _fail(self, failure: Failure, entry: _Pending) -> None:
         log.error("feed.tcp.ingest.failed", feed=self.factory.feed, peer=self.peer,
                   error=error_text(failure))  # fmt: skip
         entry.ready = entry.failed = True
         # Nothing after this message may be answered (acks are positional): stop taking frames.
         self._closing = True
-        self._flush()
 
     def _bug(self, failure: Failure) -> None:
         log.error("feed.tcp.protocol.failed", feed=self.factory.feed, peer=self.peer,
@@ -250,14 +287,18 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
         self._close()
 
     def _flush(self) -> None:
-        while self._queue and self._queue[0].ready:
-            entry = self._queue.popleft()
+        queue = self._queue
+        replies: list[bytes] = []  # the answers ready now, in one write
+        while queue and queue[0].ready:
+            entry = queue.popleft()
             self.factory.answered_one()
             if entry.failed and not self._silent:
+                self._write(replies)
                 self._silent = True
                 self._close()
             elif not self._silent and self._connected and self.factory.ack == "ack-nak":
-                self._transport.write(reply_bytes(self.factory.framing, entry.ok))
+                replies.append(self.factory.replies[entry.ok])
+        self._write(replies)
         if self._closing and not self._queue:
             self._close()
         elif (
@@ -271,6 +312,11 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
             log.info("feed.tcp.resumed", feed=self.factory.feed, peer=self.peer,
                      in_flight=self.in_flight)  # fmt: skip
 
+    def _write(self, replies: list[bytes]) -> None:
+        if replies:
+            self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+            replies.clear()
+
     def _close(self) -> None:
         if self._connected and not self._lose_called:
             self._lose_called = True
@@ -283,7 +329,9 @@ class TcpFeedFactory(Factory):
     ``framing`` is one of :data:`corespond.adapters.framing.FRAMINGS`; ``ack`` is ``none`` or
     ``ack-nak``; ``idle_timeout`` (seconds, ``None`` for never) closes a connection that sent
     nothing for that long and is owed no answer; over ``max_in_flight`` unanswered frames a
-    connection stops being read until half of them are answered.
+    connection stops being read until half of them are answered. When ``ingest`` also has a
+    ``many`` (an :data:`~corespond.daemon.ingest.IngestManyFn`, as the pipeline's have), the
+    frames of one read go to it together.
     """
 
     def __init__(
@@ -307,6 +355,7 @@ class TcpFeedFactory(Factory):
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive or None")
         self.ingest = ingest
+        self.ingest_many: IngestManyFn | None = getattr(ingest, "many", None)
         self.feed = feed
         self.framing = framing
         self.ack = ack
@@ -314,6 +363,7 @@ class TcpFeedFactory(Factory):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_in_flight = max_in_flight
+        self.replies = {ok: reply_bytes(framing, ok) for ok in (True, False)}
         self.connections: set[TcpFeedProtocol] = set()
         self.unanswered = 0
         self._draining = False

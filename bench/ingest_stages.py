@@ -1,6 +1,6 @@
 """Where the daemon's CPU time per snapshot goes: the ingest path, stage by stage, one thread.
 
-    taskset -c 1 .venv/bin/python bench/ingest_stages.py [--messages 4000] [--batch 64]
+    taskset -c 1 .venv/bin/python bench/ingest_stages.py [--messages 4000] [--batch 64] [--read 16]
 
 The same EIDO frames as bench/ingest.py (demo incidents, 3-4 KB), through the daemon's own
 code without sockets or threads: parse (EidoFormat.parse), classify (the default rules),
@@ -8,7 +8,8 @@ store (write_batch + durable commit on SQLite WAL synchronous=FULL, ``--batch`` 
 transaction, as group commit forms them under load), and the whole path through
 :class:`~corespond.daemon.pipeline.Pipeline` (records, Deferreds, metrics, the log line per
 snapshot written as JSON to /dev/null), with the store's writer "thread" run inline every
-``--batch`` submissions. Figures are CPU time (``time.process_time``), best of ``--repeat``,
+``--batch`` submissions (``--read N``: N frames handed over at once, as the TCP feed does with
+the frames of one read). Figures are CPU time (``time.process_time``), best of ``--repeat``,
 per snapshot. What this leaves out against bench/ingest.py: the TCP transport and framing, the
 reactor, and the hand-over between the reactor and the writer thread.
 
@@ -113,6 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--read",
+        type=int,
+        default=1,
+        help="pipeline stage: frames handed over together (a TCP read holds about 16 of these)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stage", choices=(*STAGES, "all", "none"), default="all")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed loops")
@@ -176,10 +183,15 @@ def run(args: argparse.Namespace) -> None:
             metrics = IngestMetrics(CollectorRegistry())
             pipe = Pipeline(store, classifier, Clock(_WallTime()), metrics)  # type: ignore[arg-type]
             ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
+            step = args.read
             with timer:
-                for i, f in enumerate(frames, start=1):
-                    ingest(f, origin)
-                    if i % args.batch == 0 or i == len(frames):
+                for i in range(0, len(frames), step):
+                    if step == 1:
+                        ingest(frames[i], origin)
+                    else:  # as the TCP feed hands over the frames of one read
+                        ingest.many(frames[i : i + step], origin)
+                    done = min(i + step, len(frames))
+                    if done // args.batch > i // args.batch or done == len(frames):
                         while queued:  # the writer thread's turn: write, commit, answer
                             queued.pop(0)()
             assert pipe.counts.new == len(frames), pipe.counts

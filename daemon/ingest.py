@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from corespond.daemon.slotted import fast_init
 
@@ -66,3 +67,7 @@ class Rejected:
 
 Outcome = Accepted | Rejected
 IngestFn = Callable[[bytes, Origin], "Deferred[Sequence[Outcome]]"]
+# Several payloads of one peer at once (the frames of one read), with one Deferred: each
+# payload's outcomes, or the Failure that kept it from being stored. A transport that may
+# answer in groups offers it (the pipeline's ingest functions have it as ``many``).
+IngestManyFn = Callable[[Sequence[bytes], Origin], "Deferred[list[Sequence[Outcome] | Failure]]"]

@@ -10,7 +10,7 @@ and store exactly alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -191,6 +191,26 @@ class RunCounts:
     behavioral_health: int = 0
 
 
+class FeedIngest:
+    """One feed's way into a :class:`Pipeline`: called with one payload (an
+    :data:`~corespond.daemon.ingest.IngestFn`), or ``many`` with several (an
+    :data:`~corespond.daemon.ingest.IngestManyFn`)."""
+
+    __slots__ = ("_feed", "_pipeline")
+
+    def __init__(self, pipeline: Pipeline, feed: FeedContext) -> None:
+        self._pipeline = pipeline
+        self._feed = feed
+
+    def __call__(self, payload: bytes, origin: Origin) -> Deferred[list[Outcome]]:
+        return self._pipeline.ingest(self._feed, payload, origin)
+
+    def many(
+        self, payloads: Sequence[bytes], origin: Origin
+    ) -> Deferred[list[list[Outcome] | Failure]]:
+        return self._pipeline.ingest_many(self._feed, payloads, origin)
+
+
 class Pipeline:
     """Turns payloads into committed snapshots and decisions, and answers the transport."""
 
@@ -213,13 +233,9 @@ class Pipeline:
         # that arrives later, a reopened call: paging may start a chain then).
         self.current_observers: list[DecisionObserver] = []
 
-    def ingest_for(self, feed: FeedContext) -> Callable[[bytes, Origin], Deferred[list[Outcome]]]:
-        """The :data:`corespond.daemon.ingest.IngestFn` for one feed."""
-
-        def ingest(payload: bytes, origin: Origin) -> Deferred[list[Outcome]]:
-            return self.ingest(feed, payload, origin)
-
-        return ingest
+    def ingest_for(self, feed: FeedContext) -> FeedIngest:
+        """The :data:`corespond.daemon.ingest.IngestFn` for one feed (with ``many``)."""
+        return FeedIngest(self, feed)
 
     def ingest(self, feed: FeedContext, payload: bytes, origin: Origin) -> Deferred[list[Outcome]]:
         started = time.perf_counter()
@@ -230,15 +246,7 @@ class Pipeline:
         def failed(failure: Failure) -> Failure:
             if failure.check(FirstError):  # the same failure whatever the payload held
                 failure = failure.value.subFailure
-            metrics.child(metrics.store_failures, feed.name).inc()
-            log.error(
-                "cad.payload.not_stored",
-                feed=feed.name,
-                peer=origin.peer,
-                file=origin.name,
-                error=error_text(failure),
-            )
-            return failure
+            return self._not_stored(feed, origin, failure)
 
         if len(records) == 1:
             # Most payloads hold one message: one callback does what the general path below
@@ -247,12 +255,7 @@ class Pipeline:
             record = records[0]
 
             def one(stored: StoredSnapshot | int) -> list[Outcome]:
-                if isinstance(record, RejectRecord):
-                    assert isinstance(stored, int)
-                    outcome = self._rejected(stored, record)
-                else:
-                    assert isinstance(stored, StoredSnapshot)
-                    outcome = self._stored(stored, record)
+                outcome = self._outcome(stored, record)
                 latency.observe(time.perf_counter() - started)
                 return [outcome]
 
@@ -277,6 +280,66 @@ class Pipeline:
         done: Deferred[list[Outcome]] = gatherResults(pending, consumeErrors=True)
         return done.addCallbacks(finished, failed)
 
+    def ingest_many(
+        self, feed: FeedContext, payloads: Sequence[bytes], origin: Origin
+    ) -> Deferred[list[list[Outcome] | Failure]]:
+        """:meth:`ingest` for several payloads at once (the frames of one read), with one
+        Deferred: it fires once all are committed, with each payload's outcomes, or the
+        Failure that kept it from being stored (so a transport answers the payloads before a
+        failure and none after). One Deferred instead of one per payload with its callbacks
+        (and the transport's): the whole path in one thread went from 1,252k to 1,213k
+        instructions a snapshot (``bench/ingest_stages.py --read 16``, callgrind)."""
+        started = time.perf_counter()
+        received_at = self.clock.now()
+        classifier = self.classifier
+        prepared = [prepare_records(feed, p, origin, received_at, classifier) for p in payloads]
+        metrics = self.metrics
+        latency = metrics.child(metrics.latency, feed.name)
+
+        def stored(results: list[StoredSnapshot | int | Failure]) -> list[list[Outcome] | Failure]:
+            answers: list[list[Outcome] | Failure] = []
+            seconds = time.perf_counter() - started
+            start = 0
+            for records in prepared:
+                mine = results[start : start + len(records)]
+                start += len(records)
+                failure = next((r for r in mine if isinstance(r, Failure)), None)
+                if failure is None:
+                    try:
+                        pairs = zip(mine, records, strict=True)
+                        answers.append([self._outcome(v, r) for v, r in pairs])
+                        latency.observe(seconds)
+                        continue
+                    except Exception:
+                        failure = Failure()
+                answers.append(self._not_stored(feed, origin, failure))
+            return answers
+
+        def failed(failure: Failure) -> list[list[Outcome] | Failure]:
+            return [self._not_stored(feed, origin, failure) for _ in payloads]
+
+        records = [r for records in prepared for r in records]
+        return self.store.store_many(records).addCallbacks(stored, failed)
+
+    def _outcome(self, stored: StoredSnapshot | int | Failure, record: Any) -> Outcome:
+        if isinstance(record, RejectRecord):
+            assert isinstance(stored, int)
+            return self._rejected(stored, record)
+        assert isinstance(stored, StoredSnapshot)
+        return self._stored(stored, record)
+
+    def _not_stored(self, feed: FeedContext, origin: Origin, failure: Failure) -> Failure:
+        metrics = self.metrics
+        metrics.child(metrics.store_failures, feed.name).inc()
+        log.error(
+            "cad.payload.not_stored",
+            feed=feed.name,
+            peer=origin.peer,
+            file=origin.name,
+            error=error_text(failure),
+        )
+        return failure
+
     def _rejected(self, reject_id: int, record: RejectRecord) -> Outcome:
         self.counts.rejected += 1
         metrics = self.metrics
@@ -297,7 +360,9 @@ class Pipeline:
     def _stored(self, stored: StoredSnapshot, record: SnapshotRecord) -> Outcome:
         decision = record.decision
         metrics = self.metrics
-        metrics.child(metrics.messages, record.feed, stored.state.value).inc()
+        # The StrEnum members themselves, not their .value (a Python-level property, about
+        # 0.5 us each): they are str, so labels, log fields and JSON read the same text.
+        metrics.child(metrics.messages, record.feed, stored.state).inc()
         if stored.state is SnapshotState.DUPLICATE:
             self.counts.duplicate += 1
             log.info(
@@ -320,10 +385,10 @@ class Pipeline:
                 incident_id=stored.external_id,
                 snapshot_id=stored.snapshot_id,
                 state="current" if stored.became_current else "late",
-                status=record.snapshot.status.value,
+                status=record.snapshot.status,
                 behavioral_health=decision.behavioral_health,
                 category=decision.category,
-                response=decision.response.value,
+                response=decision.response,
                 rules=list(decision.rules),
                 ruleset=decision.ruleset,
                 changed=changed,

@@ -1029,7 +1029,9 @@ class IncidentStore:
         self._run_read: RunInThread = run_read_in_thread or (
             lambda fn: deferToThreadPool(reactor, self._reader_pool, fn)
         )
-        self._queue: deque[tuple[SnapshotRecord | RejectRecord, Deferred[Any], float]] = deque()
+        self._queue: deque[
+            tuple[SnapshotRecord | RejectRecord, Deferred[Any] | _Slot, float]
+        ] = deque()
         self._writing = False
         self._started = False
         self._closed = False
@@ -1082,6 +1084,22 @@ class IncidentStore:
 
     def store_reject(self, record: RejectRecord) -> Deferred[int]:
         return self._submit(record)
+
+    def store_many(
+        self, records: Sequence[SnapshotRecord | RejectRecord]
+    ) -> Deferred[list[StoredSnapshot | int | Failure]]:
+        """Submit ``records`` in order with one Deferred for all of them: it fires once every
+        one is written, with each one's result (as :meth:`store_snapshot` and
+        :meth:`store_reject` give it) or, where its batch failed, that Failure. A Deferred
+        and its callbacks per snapshot cost about 9 us of the reactor's time."""
+        if self._closed:
+            return fail(StoreClosed("the store is stopping"))
+        group = _Group(len(records))
+        queued = time.perf_counter()
+        for i, record in enumerate(records):
+            self._queue.append((record, _Slot(group, i), queued))
+        self._next_batch()
+        return group.done
 
     def drain(self) -> Deferred[None]:
         """Fires when everything submitted so far is written (or failed)."""
@@ -1213,7 +1231,7 @@ class IncidentStore:
     def _written(
         self,
         result: list[StoredSnapshot | int] | Failure,
-        batch: list[tuple[Any, Deferred[Any], float]],
+        batch: list[tuple[Any, Deferred[Any] | _Slot, float]],
     ) -> None:
         self._writing = False
         if self._trace is not None:
@@ -1239,6 +1257,41 @@ class IncidentStore:
         drains, self._drains = self._drains, []
         for waiter in drains:
             waiter.callback(None)
+
+
+class _Group:
+    """The results of one :meth:`IncidentStore.store_many`, fired when the last arrives."""
+
+    __slots__ = ("done", "left", "results")
+
+    def __init__(self, size: int) -> None:
+        self.done: Deferred[list[StoredSnapshot | int | Failure]] = Deferred()
+        self.results: list[StoredSnapshot | int | Failure] = [0] * size
+        self.left = size
+        if not size:
+            self.done.callback([])
+
+    def set(self, index: int, value: StoredSnapshot | int | Failure) -> None:
+        self.results[index] = value
+        self.left -= 1
+        if not self.left:
+            self.done.callback(self.results)
+
+
+class _Slot:
+    """One record's place in a :class:`_Group`, answered like its own Deferred would be."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: _Group, index: int) -> None:
+        self.group = group
+        self.index = index
+
+    def callback(self, value: StoredSnapshot | int) -> None:
+        self.group.set(self.index, value)
+
+    def errback(self, error: BaseException | Failure) -> None:
+        self.group.set(self.index, error if isinstance(error, Failure) else Failure(error))
 
 
 def _sqlstate(err: DBAPIError) -> str | None:

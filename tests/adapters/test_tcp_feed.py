@@ -115,6 +115,87 @@ def test_acks_go_out_in_message_order(bytewise: bool) -> None:
     assert not r.transport.disconnecting
 
 
+class CountingTransport(StringTransport):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_answers_ready_together_go_out_in_one_write() -> None:
+    r = rig("stx-etx")
+    transport = CountingTransport(peerAddress=PEER)
+    r.proto.makeConnection(transport)
+    r.proto.dataReceived(b"\x02a\x03\x02b\x03\x02c\x03\x02\x03\x02d\x03")
+    r.ingest.pending[1].callback(accepted(2))
+    r.ingest.pending[2].callback(rejected())
+    assert transport.writes == []
+    r.ingest.pending[0].callback(accepted(1))  # a, b, c and the keep-alive are answered
+    assert transport.writes == [b"\x06\x06\x15\x06"]
+    r.ingest.pending[3].callback(accepted(4))
+    assert transport.writes == [b"\x06\x06\x15\x06", b"\x06"]
+
+
+def test_answers_before_a_failed_ingest_are_written_then_the_connection_closes() -> None:
+    r = rig("stx-etx")
+    transport = CountingTransport(peerAddress=PEER)
+    r.proto.makeConnection(transport)
+    r.proto.dataReceived(b"\x02a\x03\x02b\x03\x02c\x03")
+    r.ingest.pending[1].errback(Failure(RuntimeError("store down")))
+    r.ingest.pending[2].callback(accepted(3))
+    r.ingest.pending[0].callback(accepted(1))
+    assert transport.writes == [b"\x06"] and transport.disconnecting
+
+
+@dataclass
+class GroupIngest(FakeIngest):
+    """A FakeIngest that also takes the frames of one read together (``many``)."""
+
+    groups: list[tuple[list[bytes], Deferred[list[Any]]]] = field(default_factory=list)
+
+    def many(self, payloads: Sequence[bytes], origin: Origin) -> Deferred[list[Any]]:
+        d: Deferred[list[Any]] = Deferred()
+        self.groups.append((list(payloads), d))
+        return d
+
+
+def group_rig() -> tuple[Rig, GroupIngest]:
+    r = rig("stx-etx")
+    ingest = GroupIngest()
+    r.factory.ingest, r.factory.ingest_many = ingest, ingest.many
+    return r, ingest
+
+
+def test_the_frames_of_one_read_go_in_together_and_are_answered_in_order() -> None:
+    r, ingest = group_rig()
+    r.proto.dataReceived(b"\x02a\x03\x02\x03\x02b\x03")
+    r.proto.dataReceived(b"\x02c\x03")  # one frame: the single way
+    r.proto.dataReceived(b"\x02d\x03\x02e")
+    assert [p for p, _ in ingest.groups] == [[b"a", b"b"]]
+    assert ingest.payloads == [b"c", b"d"]
+    ingest.pending[0].callback(accepted(3))
+    assert r.transport.value() == b""
+    ingest.groups[0][1].callback([accepted(1), rejected()])
+    assert r.transport.value() == b"\x06\x06\x15\x06"  # a, the keep-alive, b, c
+    assert (r.proto.accepted, r.proto.rejected, r.proto.messages) == (2, 1, 4)
+
+
+def test_a_failure_in_a_group_answers_those_before_it_and_closes() -> None:
+    r, ingest = group_rig()
+    r.proto.dataReceived(b"\x02a\x03\x02b\x03\x02c\x03")
+    failure = Failure(RuntimeError("disk full"))
+    ingest.groups[0][1].callback([accepted(1), failure, accepted(3)])
+    assert r.transport.value() == b"\x06" and r.transport.disconnecting
+    r2, ingest2 = group_rig()
+    r2.proto.dataReceived(b"\x02a\x03\x02b\x03")
+    ingest2.groups[0][1].errback(failure)
+    assert r2.transport.value() == b"" and r2.transport.disconnecting
+    assert r2.factory.unanswered == 0
+
+
 def test_ack_only_when_every_outcome_accepted() -> None:
     r = rig()
     r.proto.dataReceived(b"one\ntwo\nthree\n")

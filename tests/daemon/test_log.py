@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -354,3 +357,43 @@ def test_error_text_keeps_only_messages_that_cannot_quote_input() -> None:
     assert error_text(Failure(ValueError("Testy McTestface"))) == "ValueError [message withheld]"
     assert error_text(StoreError("OperationalError (SQLSTATE 53300)")).startswith("StoreError: ")
     assert error_text(ConnectionRefusedError(111, "Connection refused")).endswith("refused")
+
+
+# --- the shortcuts of our own JSON lines ---------------------------------------------------------
+
+
+class _Outcome(StrEnum):
+    NEW = "new"
+
+
+_field_names = st.sampled_from([*sorted(ALLOWED_FIELDS), "name", "_record", "message", "dob"])
+_field_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.text(max_size=30)
+    | st.text(alphabet="ab", min_size=MAX_MESSAGE_CHARS - 40, max_size=MAX_VALUE_CHARS + 40)
+    | st.lists(st.text(max_size=10), max_size=3)
+    | st.sampled_from(list(_Outcome))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(_field_names, _field_values, max_size=12),
+    st.sampled_from(["e", "twisted.log"]),
+)
+def test_allowlisted_json_line_is_the_allowlist_then_the_json_line(
+    fields: dict[str, Any], event: str
+) -> None:
+    event_dict = {**fields, "event": event, "level": "info", "timestamp": "t", "logger": "x"}
+    expected = corespond_log._json_line(allowlist_fields(None, "info", dict(event_dict)))
+    assert corespond_log.allowlisted_json_line(None, "info", dict(event_dict)) == expected
+
+
+def test_utc_timestamp_is_what_structlog_wrote() -> None:
+    before = datetime.now(UTC)
+    stamped = corespond_log.utc_timestamp(None, "info", {})["timestamp"]
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamped)
+    assert before.replace(microsecond=0) <= datetime.fromisoformat(stamped) <= after

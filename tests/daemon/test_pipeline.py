@@ -212,13 +212,19 @@ def test_a_classifier_bug_still_stores_the_snapshot(pipeline: Pipeline) -> None:
     assert isinstance(out, Accepted)
 
 
-def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: CollectorRegistry) -> None:
+def broken_store(engine: Engine, registry: CollectorRegistry) -> tuple[IncidentStore, Pipeline]:
+    """A store whose every write fails, and a pipeline over it."""
+
     def broken(fn: Callable[[], Any]) -> Deferred[Any]:
         return fail(RuntimeError("disk full"))
 
     store = IncidentStore(engine, TaskClock(), run_in_thread=broken, attempts=1)
     store.start()
-    pipeline = Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(registry))
+    return store, Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(registry))
+
+
+def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: CollectorRegistry) -> None:
+    _, pipeline = broken_store(engine, registry)
     failure = result(pipeline.ingest(feed(), eido(snap()), ORIGIN))
     assert isinstance(failure, Failure)  # the transport must not ack
     assert failure.check(StoreError)
@@ -245,3 +251,35 @@ def test_totals_count_everything(pipeline: Pipeline, store: IncidentStore, engin
     assert (t.incidents, t.snapshots, t.decisions, t.rejects) == (3, 3, 3, 1)
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(RejectedMessageRow)).scalar() == 1
+
+
+def test_many_payloads_with_one_deferred_answer_each_in_order(
+    pipeline: Pipeline, store: IncidentStore, registry: CollectorRegistry
+) -> None:
+    ingest = pipeline.ingest_for(feed())
+    answers = result(ingest.many([eido(snap(1)), b"{", eido(snap(2))], ORIGIN))
+    assert [[type(o) for o in a] for a in answers] == [[Accepted], [Rejected], [Accepted]]
+    assert answers[1][0].code == "malformed-json"
+    again = result(ingest.many([eido(snap(2)), eido(snap(1))], ORIGIN))
+    assert [a[0] for a in again] == [
+        Accepted(answers[2][0].incident_id, answers[2][0].snapshot_id, SnapshotState.DUPLICATE),
+        Accepted(answers[0][0].incident_id, answers[0][0].snapshot_id, SnapshotState.DUPLICATE),
+    ]
+    t = result(store.run_read(totals))
+    assert (t.incidents, t.snapshots, t.rejects) == (2, 2, 1)
+    assert registry.get_sample_value("corespond_ingest_seconds_count", {"feed": "cad"}) == 5
+    jsonl = pipeline.ingest_for(feed(CorespondJsonFormat()))
+    good = json.dumps(snapshot_to_json(snap(3))).encode()
+    [one, two] = result(jsonl.many([good + b"\n{}\n", b"\n"], ORIGIN))
+    assert [type(o) for o in one] == [Accepted, Rejected] and two == []
+
+
+def test_many_payloads_not_stored_are_failures(engine: Engine, registry: CollectorRegistry) -> None:
+    store, pipeline = broken_store(engine, registry)
+    answers = result(pipeline.ingest_for(feed()).many([eido(snap(1)), b"{"], ORIGIN))
+    assert [a.check(StoreError) for a in answers] == [StoreError, StoreError]
+    assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 2
+    assert result(store.store_many([])) == []
+    result(store.stop())
+    closed = result(pipeline.ingest_for(feed()).many([eido(snap(2))], ORIGIN))
+    assert [type(a) for a in closed] == [Failure]
