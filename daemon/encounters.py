@@ -27,7 +27,12 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from corespond.daemon.config import CustomField, OutcomesConfig
 from corespond.daemon.errors import SafeMessage
 from corespond.daemon.people import IdentifierInvalid, identifiers_of, link_person
-from corespond.daemon.rollups import encounters_added, keeping_rollups, rebuild_rollups
+from corespond.daemon.rollups import (
+    encounters_added,
+    keeping_referral_flags,
+    keeping_rollups,
+    rebuild_rollups,
+)
 from corespond.daemon.store.sql_time import epoch_seconds, seconds_between
 from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
 
@@ -372,19 +377,20 @@ def add_referral(
         raise EncounterInvalid([("outcome", "is not a referral outcome")])
     if not provider or len(provider) > 64:
         raise EncounterInvalid([("provider", "must be a provider id of 1 to 64 characters")])
-    return int(
-        conn.execute(
-            insert(encounter_referrals)
-            .values(
-                encounter_id=encounter_id,
-                provider=provider,
-                referred_at=referred_at,
-                outcome=outcome,
-                appointment_at=appointment_at,
-            )
-            .returning(encounter_referrals.c.id)
-        ).scalar_one()
-    )
+    with keeping_referral_flags(conn, encounter_id=encounter_id):
+        return int(
+            conn.execute(
+                insert(encounter_referrals)
+                .values(
+                    encounter_id=encounter_id,
+                    provider=provider,
+                    referred_at=referred_at,
+                    outcome=outcome,
+                    appointment_at=appointment_at,
+                )
+                .returning(encounter_referrals.c.id)
+            ).scalar_one()
+        )
 
 
 def race_group(selected: Sequence[str]) -> str | None:

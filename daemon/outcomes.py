@@ -226,9 +226,10 @@ def _is(column: Any) -> ColumnElement[bool]:
     return column.is_(True)
 
 
-def default_referral_outcomes() -> FromClause:
+def default_referral_outcomes(of: ColumnElement[bool] | None = None) -> FromClause:
     """The referral_outcomes relation: referrals recorded on encounters, and HL7 referrals
-    with their RRI^I12 outcomes (see the module's notes for the mapping)."""
+    with their RRI^I12 outcomes (see the module's notes for the mapping). ``of``: only the
+    referrals of the encounters that meet it (the rollups recompute a few at a time)."""
     r = encounter_referrals.c
     recorded = select(
         r.encounter_id.label("encounter_id"),
@@ -237,6 +238,10 @@ def default_referral_outcomes() -> FromClause:
         r.outcome.label("outcome"),
         r.appointment_at.label("appointment_at"),
     )
+    if of is not None:
+        recorded = recorded.select_from(
+            encounter_referrals.join(encounters, encounters.c.id == r.encounter_id)
+        ).where(of)
     h, e = hl7_referrals.c, encounters.c
     outcome = case(
         (and_(h.outcome == "accepted", h.appointment_at.is_not(None)), literal("enrolled")),
@@ -249,16 +254,31 @@ def default_referral_outcomes() -> FromClause:
         .select_from(hl7_referrals.join(encounters, e.cad_incident_no == h.incident_ref))
         .where(h.state != "cancelled")
     )
+    if of is not None:
+        sent = sent.where(of)
     return union_all(recorded, sent).subquery("referral_outcomes")
 
 
-def referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
-    """Per encounter: referred at all, enrolled within 30 and 90 days of the call."""
+def referred_condition() -> ColumnElement[bool]:
+    """An encounter has a referral in the default referral_outcomes relation (the rollups'
+    ``referred`` count: the same encounters :func:`referrals_per_encounter` finds)."""
+    e, r, h = encounters.c, encounter_referrals.c, hl7_referrals.c
+    return or_(
+        select(r.id).where(r.encounter_id == e.id).exists(),
+        select(h.id).where(h.incident_ref == e.cad_incident_no, h.state != "cancelled").exists(),
+    )
+
+
+def referrals_per_encounter(
+    referral_outcomes: FromClause, of: ColumnElement[bool] | None = None
+) -> FromClause:
+    """Per encounter (``of``: of those that meet it): referred at all, enrolled within 30 and
+    90 days of the call."""
     r = referral_outcomes.c
     e = encounters.c
     enrolled = r.outcome == "enrolled"
     gap = epoch_seconds(r.appointment_at) - e.call_received_epoch
-    return (
+    query = (
         select(
             r.encounter_id.label("encounter_id"),
             literal(1, Integer()).label("referred"),
@@ -281,8 +301,10 @@ def referrals_per_encounter(referral_outcomes: FromClause) -> FromClause:
         )
         .select_from(referral_outcomes.join(encounters, e.id == r.encounter_id))
         .group_by(r.encounter_id)
-        .subquery("per_encounter_referrals")
     )
+    if of is not None:
+        query = query.where(of)
+    return query.subquery("per_encounter_referrals")
 
 
 def encounter_count_columns() -> dict[str, Any]:
@@ -326,17 +348,29 @@ def encounter_count_columns() -> dict[str, Any]:
 
 
 def encounter_counts(
-    conn: Connection, req: ReportRequest, referrals: FromClause
+    conn: Connection,
+    req: ReportRequest,
+    referrals: FromClause,
+    *,
+    stored_referrals: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Per group, every per-encounter count: from the rollups for the whole months of the
-    period (when built), from the encounters for the rest."""
+    period (when built), from the encounters for the rest. ``stored_referrals``: ``referrals``
+    is the default relation, whose ``referred`` count the rollups keep too."""
     e = encounters.c
     g = group_column(req.by).label("g")
     counts = encounter_count_columns()
     months, rest = _rollup_split(conn, req)
     out: dict[str, dict[str, int]] = {}
+    referred_parts = [req]
     if months is not None:
-        _add_counts(out, _rollup_counts(conn, req, months))
+        rolled = _rollup_counts(conn, req, months)
+        if stored_referrals:
+            referred_parts = rest
+        else:
+            for values in rolled.values():
+                values.pop("referred")
+        _add_counts(out, rolled)
     for part in rest:
         query = _grouped(
             select(g, *(v.label(k) for k, v in counts.items())).where(_in_period(part)), part, g
@@ -350,16 +384,18 @@ def encounter_counts(
         )
     out = {label: values for label, values in out.items() if values.get("encounters")}
     # Encounters referred, counted from the (far fewer) referrals rather than joined to all.
-    referred = _grouped(
-        select(g, func.count().label("n"))
-        .select_from(referrals.join(encounters, e.id == referrals.c.encounter_id))
-        .where(_in_period(req), _is(e.bh_nexus_confirmed)),
-        req,
-        g,
-    )
-    for row in conn.execute(referred):
-        if row.n:
-            out.setdefault(_label(row.g), {k: 0 for k in counts})["referred"] = int(row.n)
+    for part in referred_parts:
+        referred = _grouped(
+            select(g, func.count().label("n"))
+            .select_from(referrals.join(encounters, e.id == referrals.c.encounter_id))
+            .where(_in_period(part), _is(e.bh_nexus_confirmed)),
+            part,
+            g,
+        )
+        for row in conn.execute(referred):
+            if row.n:
+                values = out.setdefault(_label(row.g), {k: 0 for k in counts})
+                values["referred"] = values.get("referred", 0) + int(row.n)
     for values in out.values():
         values.setdefault("referred", 0)
     return out
@@ -433,7 +469,10 @@ def _rollup_where(req: ReportRequest, table: Any, months: tuple[str, str]) -> An
     from corespond.daemon.rollups import DIMENSION_OF_GROUPING
 
     r = table.c
-    cond = and_(r.dim == DIMENSION_OF_GROUPING[req.by], r.month >= months[0], r.month <= months[1])
+    dim = DIMENSION_OF_GROUPING[req.by]
+    cond = and_(r.dim == dim, r.month >= months[0], r.month <= months[1])
+    if dim == "all":  # its one cell, said outright: the key's next column is then in order
+        cond = and_(cond, r.recorded == true(), r.value == "")
     if req.program is not None:
         cond = and_(cond, r.program == req.program)
     return cond
@@ -481,10 +520,12 @@ def duration_histograms(
         r = report_rollup_durations.c
         by = _rollup_group(req, report_rollup_durations)
         for key in DURATIONS:
+            # Grouped by the seconds first: by month, the rows are then read in key order
+            # (measure, dim, recorded, value, seconds, month), not sorted.
             query = (
                 select(*by, r.seconds, func.sum(r.n).label("n"))
                 .where(_rollup_where(req, report_rollup_durations, months), r.measure == key)
-                .group_by(*by, r.seconds)
+                .group_by(r.seconds, *by)
             )
             for row in conn.execute(query):
                 if row.n:
@@ -541,7 +582,7 @@ def nearest_rank(histogram: Sequence[tuple[int, int]], percent: int) -> int | No
 
 
 def _person_counts(
-    conn: Connection, req: ReportRequest, referrals: FromClause
+    conn: Connection, req: ReportRequest, referrals: FromClause, *, stored_referrals: bool = False
 ) -> dict[str, dict[str, int]]:
     """Per group: persons served, repeat encounters, frequent utilizers, referral linkage,
     enrollment by contact band and frequent utilizers' encounters before and after
@@ -575,6 +616,13 @@ def _person_counts(
         )
         if req.program is not None:
             in_period = and_(in_period, f.program == req.program)
+        facts: FromClause = report_person_facts
+        if stored_referrals:  # the facts hold each encounter's referrals: no join
+            referral_columns = (
+                f.referred, f.enrolled, f.enrolled_at, *(f[f"linked_{d}"] for d in LINKAGE_DAYS)
+            )  # fmt: skip
+        else:
+            facts = facts.outerjoin(referrals, referrals.c.encounter_id == f.encounter_id)
         timeline = (
             select(
                 f.person_id.label("person_id"),
@@ -584,9 +632,7 @@ def _person_counts(
                 (f.span if req.program is None else f.span_program).label("span"),
                 *referral_columns,
             )
-            .select_from(
-                report_person_facts.outerjoin(referrals, referrals.c.encounter_id == f.encounter_id)
-            )
+            .select_from(facts)
             .where(in_period)
             .subquery("timeline")
         )
@@ -991,9 +1037,10 @@ def report_aggregates(
                 f"not {req.frequent_utilizer.threshold}: the person figures were computed by the "
                 "slower exact pass over the encounters (corespond report rebuild-rollups).",
             )
+        stored = referral_outcomes is None  # the rollups keep the default relation's flags
         return Aggregates(
-            encounters=encounter_counts(conn, req, referrals),
-            persons=_person_counts(conn, req, referrals),
+            encounters=encounter_counts(conn, req, referrals, stored_referrals=stored),
+            persons=_person_counts(conn, req, referrals, stored_referrals=stored),
             durations=duration_histograms(conn, req),
             cad_calls=_cad_calls(conn, req),
             zones=_zone_counts(conn, req),

@@ -30,6 +30,7 @@ from corespond.daemon.outcomes import (
     ReportRequest,
 )
 from corespond.daemon.store.tables import encounter_referrals, encounters, incidents
+from corespond.daemon.store.tables import referrals as hl7_referrals
 
 GROUP_COLUMNS = {
     "program": "program",
@@ -46,7 +47,8 @@ READ = tuple(
     encounters.c[name]
     for name in (
         "id", "person_id", "program", "agency", "zone", "race_group", "gender", "age_band",
-        "call_received_at", "call_received_epoch", "bh_nexus_confirmed", "disposition",
+        "call_received_at", "call_received_epoch", "cad_incident_no", "bh_nexus_confirmed",
+        "disposition",
         "destination_type", "would_have_been_ed", "would_have_been_arrest", "use_of_force",
         "injury_subject", "injury_officer", "on_scene_at", "service_on_scene",
         *DURATIONS.values(),
@@ -81,13 +83,30 @@ def reference_aggregates(conn: Connection, req: ReportRequest) -> Aggregates:
     if req.program is not None:
         cond = and_(cond, e.program == req.program)
     rows = [dict(r) for r in conn.execute(select(*READ).where(cond)).mappings()]
-    referral_rows = conn.execute(
-        select(
-            encounter_referrals.c.encounter_id,
-            encounter_referrals.c.outcome,
-            encounter_referrals.c.appointment_at,
+    referral_rows: list[Any] = list(
+        conn.execute(
+            select(
+                encounter_referrals.c.encounter_id,
+                encounter_referrals.c.outcome,
+                encounter_referrals.c.appointment_at,
+            )
         )
-    ).all()
+    )
+    # HL7 referrals sent for an encounter's CAD incident, not cancelled; accepted with an
+    # appointment date (RRI^I12) is enrolled.
+    of_incident: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        if row["cad_incident_no"] is not None:
+            of_incident[row["cad_incident_no"]].append(row["id"])
+    h = hl7_referrals.c
+    for incident_ref, outcome, appointment_at in conn.execute(
+        select(h.incident_ref, h.outcome, h.appointment_at).where(h.state != "cancelled")
+    ):
+        enrolled = outcome == "accepted" and appointment_at is not None
+        for encounter_id in of_incident.get(incident_ref, ()):
+            referral_rows.append(
+                (encounter_id, "enrolled" if enrolled else "other", appointment_at)
+            )
     group = _group_of(req.by)
     received = {row["id"]: row["call_received_epoch"] for row in rows}
     referral: dict[int, dict[str, int]] = {}

@@ -65,6 +65,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.config import ProviderConfig, ReferralsConfig
 from corespond.daemon.errors import RejectedMessage, SafeMessage
 from corespond.daemon.referral_metrics import ReferralMetrics
+from corespond.daemon.rollups import keeping_referral_flags
 from corespond.daemon.store.tables import (
     ReferralMessageRow,
     hl7_inbound,
@@ -237,30 +238,28 @@ def _insert_referral(
     hold: str | None,
     consent_id: int | None,
 ) -> int:
-    return int(
-        conn.execute(
-            referrals.insert()
-            .values(
-                ref=ref,
-                incident_ref=request.incident_ref,
-                provider=provider.name,
-                service_type=request.service_type,
-                urgency=request.urgency,
-                program=request.program,
-                region=request.region,
-                referring_clinician=request.referring_clinician,
-                state="held" if hold else "queued",
-                hold_reason=hold,
-                part2=request.part2,
-                consent_id=consent_id,
-                created_at=now,
-                updated_at=now,
-                person={k: v for k, v in asdict(request.person).items() if v is not None},
-                summary=request.summary,
-            )
-            .returning(referrals.c.id)
-        ).scalar_one()
+    values = dict(
+        ref=ref,
+        incident_ref=request.incident_ref,
+        provider=provider.name,
+        service_type=request.service_type,
+        urgency=request.urgency,
+        program=request.program,
+        region=request.region,
+        referring_clinician=request.referring_clinician,
+        state="held" if hold else "queued",
+        hold_reason=hold,
+        part2=request.part2,
+        consent_id=consent_id,
+        created_at=now,
+        updated_at=now,
+        person={k: v for k, v in asdict(request.person).items() if v is not None},
+        summary=request.summary,
     )
+    with keeping_referral_flags(conn, incident_ref=request.incident_ref):
+        return int(
+            conn.execute(referrals.insert().values(values).returning(referrals.c.id)).scalar_one()
+        )
 
 
 def create_referral(
@@ -384,12 +383,16 @@ def discard_unbuilt(engine: Engine, referral_id: int) -> None:
     """A referral whose message does not validate is refused, not kept (the caller is told
     why): delete it, unless a message was queued for it meanwhile."""
     with engine.begin() as conn:
-        conn.execute(
-            referrals.delete().where(
-                referrals.c.id == referral_id,
-                ~exists().where(referral_messages.c.referral_id == referral_id),
+        incident_ref = conn.execute(
+            select(referrals.c.incident_ref).where(referrals.c.id == referral_id)
+        ).scalar()
+        with keeping_referral_flags(conn, incident_ref=incident_ref):
+            conn.execute(
+                referrals.delete().where(
+                    referrals.c.id == referral_id,
+                    ~exists().where(referral_messages.c.referral_id == referral_id),
+                )
             )
-        )
 
 
 def hold_unbuildable(engine: Engine, referral_id: int, reason: str, now: datetime) -> None:
@@ -579,11 +582,12 @@ def cancel_referral(engine: Engine, ref: str, now: datetime) -> str:
             )
             .values(state="cancelled")
         )
-        conn.execute(
-            referrals.update()
-            .where(referrals.c.id == row.id)
-            .values(state="cancelled", updated_at=now)
-        )
+        with keeping_referral_flags(conn, incident_ref=row.incident_ref):
+            conn.execute(
+                referrals.update()
+                .where(referrals.c.id == row.id)
+                .values(state="cancelled", updated_at=now)
+            )
     log.info("referral.cancelled", referral_id=ref, state=row.state)
     return str(row.state)
 
@@ -1218,9 +1222,7 @@ class ReferralWorker:
         except Exception as err:
             return self._failed(item, provider, err)
         if self.metrics is not None:
-            self.metrics.ack_seconds.labels(provider.name).observe(
-                self.reactor.seconds() - sent_at
-            )
+            self.metrics.ack_seconds.labels(provider.name).observe(self.reactor.seconds() - sent_at)
         code = reply.ack_code or ""
         now = self.clock.now()
         if code in ACCEPTED:
@@ -1309,9 +1311,7 @@ class ReferralWorker:
                 seconds=round(delay, 3),
             )
 
-        return _Outcome(
-            item, partial(record_retry, claimed=item, error=code, next_due=due), retry
-        )
+        return _Outcome(item, partial(record_retry, claimed=item, error=code, next_due=due), retry)
 
     def _connect_provider(self, provider: ProviderConfig) -> Deferred[mllp.MLLPClientProtocol]:
         return mllp.connect(
@@ -1401,25 +1401,7 @@ def store_inbound(
             assert referral_id is not None
             if reply.referral_status is not None:
                 outcome = reply.referral_status
-                conn.execute(
-                    referral_outcomes.insert().values(
-                        referral_id=referral_id,
-                        inbound_id=inbound_id,
-                        status=outcome,
-                        appointment_at=reply.appointment_at,
-                        received_at=now,
-                    )
-                )
-                conn.execute(
-                    referrals.update()
-                    .where(referrals.c.id == referral_id)
-                    .values(
-                        outcome=outcome,
-                        outcome_at=now,
-                        updated_at=now,
-                        appointment_at=reply.appointment_at,
-                    )
-                )
+                record_outcome(conn, referral_id, inbound_id, outcome, reply.appointment_at, now)
     ack: bytes | None = None
     is_ack = reply is not None and reply.message_type == "ACK"
     if not is_ack:
@@ -1453,6 +1435,42 @@ def store_inbound(
         known.message_type if known else None,
         error.code if error else None,
     )
+
+
+def record_outcome(
+    conn: Connection,
+    referral_id: int,
+    inbound_id: int,
+    status: str,
+    appointment_at: datetime | None,
+    now: datetime,
+) -> None:
+    """An RRI^I12 answer's outcome (``status``: accepted, rejected, pending) for a referral:
+    kept beside the others and made the referral's current one; the outcome report's
+    referral flags of the referral's encounters follow in the same transaction."""
+    incident_ref = conn.execute(
+        select(referrals.c.incident_ref).where(referrals.c.id == referral_id)
+    ).scalar()
+    with keeping_referral_flags(conn, incident_ref=incident_ref):
+        conn.execute(
+            referral_outcomes.insert().values(
+                referral_id=referral_id,
+                inbound_id=inbound_id,
+                status=status,
+                appointment_at=appointment_at,
+                received_at=now,
+            )
+        )
+        conn.execute(
+            referrals.update()
+            .where(referrals.c.id == referral_id)
+            .values(
+                outcome=status,
+                outcome_at=now,
+                updated_at=now,
+                appointment_at=appointment_at,
+            )
+        )
 
 
 def _match(conn: Connection, reply: Hl7Reply) -> int | None:

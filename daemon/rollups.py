@@ -8,7 +8,14 @@ The outcome report over a million encounters reads, instead of the encounters th
   medians and percentiles stay exact (the report prints whole seconds);
 - ``report_person_facts``: one row per BH encounter linked to a person, with the seconds to
   that person's next BH encounter and since the ``fu_threshold - 1``-th one before it (all
-  programs, and within the encounter's program), so the per-person pass is a plain grouping.
+  programs, and within the encounter's program), so the per-person pass is a plain grouping;
+  and the encounter's referrals (referred, enrolled, when, linked within 30 / 90 days), so it
+  joins no referrals either (the ``referred`` count is in the count rollups).
+
+Referral flags move with a referral as well as with an encounter: a referral recorded on an
+encounter, an HL7 referral stored, discarded or cancelled, an RRI^I12 outcome; their writers
+run inside :func:`keeping_referral_flags` (an HL7 referral belongs to the encounters of its
+CAD incident number).
 
 Counts are kept by difference: before a change, the changing encounters' contribution is
 subtracted; after it, the new one is added (an UPSERT adding signed counts, which two daemons
@@ -92,14 +99,29 @@ def _cell(dim: str) -> tuple[ColumnElement[Any], ColumnElement[Any], list[Any]]:
     return c.is_not(None), func.coalesce(c, literal_column("''")), [c]
 
 
-def apply_delta(conn: Connection, where: ColumnElement[bool], sign: int) -> None:
-    """Add (sign 1) or subtract (sign -1) the contribution of the encounters ``where``."""
-    from corespond.daemon.outcomes import DURATIONS, encounter_count_columns
+def rollup_count_columns() -> dict[str, Any]:
+    """Every count the rollups keep, as aggregate SQL over ``encounters``."""
+    from corespond.daemon.outcomes import encounter_count_columns, referred_condition
+
+    e = encounters.c
+    counts = encounter_count_columns()
+    counts["referred"] = func.count().filter(
+        and_(e.bh_nexus_confirmed.is_(True), referred_condition())
+    )
+    assert tuple(counts) == ROLLUP_COUNTS, "tables.ROLLUP_COUNTS is out of step"
+    return counts
+
+
+def apply_delta(
+    conn: Connection, where: ColumnElement[bool], sign: int, *, durations: bool = True
+) -> None:
+    """Add (sign 1) or subtract (sign -1) the contribution of the encounters ``where``;
+    without ``durations``, to the counts alone (a referral changes no time)."""
+    from corespond.daemon.outcomes import DURATIONS
 
     e = encounters.c
     month = epoch_month(e.call_received_epoch).label("month")
-    counts = encounter_count_columns()
-    assert tuple(counts) == ROLLUP_COUNTS, "tables.ROLLUP_COUNTS is out of step"
+    counts = rollup_count_columns()
     parts = []
     for dim in DIMENSIONS:
         recorded, value, by = _cell(dim)
@@ -125,6 +147,8 @@ def apply_delta(conn: Connection, where: ColumnElement[bool], sign: int) -> None
             set_={n: r.c[n] + stmt.excluded[n] for n in ROLLUP_COUNTS},
         )
     )
+    if not durations:
+        return
     parts = []
     for measure, column in DURATIONS.items():
         seconds = e[column]
@@ -190,7 +214,16 @@ def refresh_persons(
 
 
 def _insert_facts(conn: Connection, where: ColumnElement[bool], threshold: int) -> None:
+    from corespond.daemon.outcomes import (
+        LINKAGE_DAYS,
+        default_referral_outcomes,
+        referrals_per_encounter,
+    )
+
     e = encounters.c
+    # Each encounter's referrals, read for these encounters only.
+    flags = referrals_per_encounter(default_referral_outcomes(where), where)
+    r = flags.c
     order = (e.call_received_epoch, e.id)
     person = {"partition_by": e.person_id, "order_by": order}
     program = {"partition_by": (e.person_id, e.program), "order_by": order}
@@ -210,12 +243,18 @@ def _insert_facts(conn: Connection, where: ColumnElement[bool], threshold: int) 
         func.lead(e.call_received_epoch).over(**program) - e.call_received_epoch,  # type: ignore[arg-type]
         e.call_received_epoch - func.lag(e.call_received_epoch, back).over(**person),
         e.call_received_epoch - func.lag(e.call_received_epoch, back).over(**program),  # type: ignore[arg-type]
-    ).where(where, e.bh_nexus_confirmed.is_(True), e.person_id.is_not(None))
+        func.coalesce(r.referred, 0),
+        func.coalesce(r.enrolled, 0),
+        r.enrolled_at,
+        *(func.coalesce(r[f"linked_{d}"], 0) for d in LINKAGE_DAYS),
+    ).select_from(encounters.outerjoin(flags, r.encounter_id == e.id))
+    query = query.where(where, e.bh_nexus_confirmed.is_(True), e.person_id.is_not(None))
     f = report_person_facts.c
     names = [
         f.person_id, f.call_received_epoch, f.encounter_id, f.program, f.month, f.agency,
         f.zone, f.race_group, f.gender, f.age_band, f.gap, f.gap_program, f.span,
-        f.span_program,
+        f.span_program, f.referred, f.enrolled, f.enrolled_at,
+        *(f[f"linked_{d}"] for d in LINKAGE_DAYS),
     ]  # fmt: skip
     conn.execute(report_person_facts.insert().from_select(names, query))
 
@@ -228,23 +267,40 @@ def _person_ids(conn: Connection, where: ColumnElement[bool], lock: bool) -> lis
 
 
 @contextlib.contextmanager
-def keeping_rollups(conn: Connection, where: ColumnElement[bool]) -> Iterator[None]:
-    """Around a change to the encounters ``where`` (an update, a delete, a person merge): the
-    rollups follow it in the same transaction. The rows are locked first."""
+def keeping_rollups(
+    conn: Connection, where: ColumnElement[bool], *, durations: bool = True
+) -> Iterator[None]:
+    """Around a change to the encounters ``where`` (an update, a delete, a person merge) or to
+    their referrals (``durations`` False: a referral moves no time): the rollups follow it in
+    the same transaction. The rows are locked first."""
     if fu_threshold(conn) is None:
         yield
         return
     before = _person_ids(conn, where, lock=True)
     ids = [i for i, _ in before]
     for n in range(0, len(ids), _BATCH):
-        apply_delta(conn, encounters.c.id.in_(ids[n : n + _BATCH]), -1)
+        apply_delta(conn, encounters.c.id.in_(ids[n : n + _BATCH]), -1, durations=durations)
     yield
     after: list[tuple[int, Any]] = []
     for n in range(0, len(ids), _BATCH):
         batch = encounters.c.id.in_(ids[n : n + _BATCH])
-        apply_delta(conn, batch, 1)
+        apply_delta(conn, batch, 1, durations=durations)
         after += _person_ids(conn, batch, lock=False)
     refresh_persons(conn, [p for _, p in before] + [p for _, p in after])
+
+
+def keeping_referral_flags(
+    conn: Connection, *, encounter_id: int | None = None, incident_ref: str | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Around a change to a referral (created, cancelled, deleted, an RRI^I12 outcome): the
+    referral counts and the person facts of the encounters it belongs to follow it. A
+    referral recorded on an encounter names ``encounter_id``; an HL7 referral belongs to the
+    encounters of its CAD incident (``incident_ref``), if any is recorded yet."""
+    if encounter_id is not None:
+        return keeping_rollups(conn, encounters.c.id == encounter_id, durations=False)
+    if incident_ref is None:
+        return contextlib.nullcontext()
+    return keeping_rollups(conn, encounters.c.cad_incident_no == incident_ref, durations=False)
 
 
 def encounters_added(conn: Connection, where: ColumnElement[bool]) -> None:

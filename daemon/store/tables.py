@@ -743,6 +743,8 @@ ROLLUP_COUNTS = (
     "served", "use_of_force", "injury_subject", "injury_officer", "unlinked",
     "voluntary_crisis_center", "voluntary_ed", "voluntary_detox", "voluntary_shelter",
     "voluntary_home_family", "voluntary_other",
+    # BH encounters with a referral (migration 0012_reportflags; rollups.referral_flags).
+    "referred",
 )  # fmt: skip
 
 
@@ -782,12 +784,23 @@ class ReportRollupDurationRow(Base):
     n: Mapped[int] = mapped_column(Integer)
 
 
+REPORT_FACTS_BY_MONTH = (
+    "month", "person_id", "call_received_epoch", "program", "gap", "span", "gap_program",
+    "span_program", "referred", "enrolled", "enrolled_at", "linked_30", "linked_90",
+)  # fmt: skip
+
+
 class ReportPersonFactRow(Base):
     """One row per BH encounter linked to a person: its place in that person's timeline (all
     programs, and within its program), so the report's per-person pass needs no window."""
 
     __tablename__ = "report_person_facts"
-    __table_args__ = {"sqlite_with_rowid": False}  # read in key order
+    __table_args__ = (
+        # The report by month groups by (month, person): read in this order, not sorted
+        # (migration 0012_reportflags).
+        Index("ix_report_person_facts_month", *REPORT_FACTS_BY_MONTH),
+        {"sqlite_with_rowid": False},  # read in key order
+    )
 
     person_id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
     call_received_epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -806,6 +819,14 @@ class ReportPersonFactRow(Base):
     # report_rollup_state): frequent utilizer when within the window.
     span: Mapped[int | None] = mapped_column(BigInteger)
     span_program: Mapped[int | None] = mapped_column(BigInteger)
+    # The encounter's referrals (migration 0012_reportflags), as the report's default
+    # referral_outcomes relation sees them: referred at all, enrolled, the earliest enrolled
+    # appointment (epoch seconds), enrolled with an appointment within 30 / 90 days of the call.
+    referred: Mapped[int] = mapped_column(Integer)
+    enrolled: Mapped[int] = mapped_column(Integer)
+    enrolled_at: Mapped[int | None] = mapped_column(BigInteger)
+    linked_30: Mapped[int] = mapped_column(Integer)
+    linked_90: Mapped[int] = mapped_column(Integer)
 
 
 class ReportRollupStateRow(Base):

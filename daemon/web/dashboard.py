@@ -194,7 +194,7 @@ def _encounter_report(conn: Connection, req: ReportRequest, *, durations: bool) 
     referrals = referrals_per_encounter(default_referral_outcomes())
     hist = duration_histograms(conn, req) if durations else {k: {} for k in DURATION_KEYS}
     agg = Aggregates(
-        encounters=encounter_counts(conn, req, referrals),
+        encounters=encounter_counts(conn, req, referrals, stored_referrals=True),
         persons={},
         durations=hist,
         cad_calls=None,

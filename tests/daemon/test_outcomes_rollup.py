@@ -1,16 +1,18 @@
 """The report rollups: kept exactly by every encounter change (inserts, updates, deletes,
-person merges, in any order), so that the report read from them equals the row-by-row oracle
+person merges) and every referral event (recorded on an encounter; HL7 created, answered by
+RRI^I12, cancelled), in any order, so that the report read from them equals the row-by-row oracle
 and a rebuild from scratch, on SQLite and PostgreSQL; a changed frequent-utilizer threshold
 takes the exact slow path until rebuilt; ``corespond report rebuild-rollups``."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, delete, select
 
@@ -32,17 +34,28 @@ from corespond.daemon.outcomes import (
     report_aggregates,
 )
 from corespond.daemon.outcomes_reference import reference_aggregates
+from corespond.daemon.referrals import (
+    ReferralError,
+    cancel_referral,
+    store_inbound,
+    store_unbuilt,
+)
 from corespond.daemon.rollups import fu_threshold, rebuild_rollups
 from corespond.daemon.store.tables import (
     encounter_referrals,
     encounters,
+    hl7_inbound,
     person_identifiers,
     persons,
+    referral_messages,
+    referral_outcomes,
+    referrals,
     report_person_facts,
     report_rollup_counts,
     report_rollup_durations,
 )
 from corespond.daemon.synthetic_encounters import seed_encounters
+from tests.daemon.referral_rig import config, request
 from tests.daemon.test_outcomes import _normalized
 
 CONFIG = OutcomesConfig(person_key=b"r" * 32)
@@ -109,6 +122,10 @@ ADD = st.tuples(
     st.sampled_from(["A", "B", "C", "D", "A", None]),
     CHANGES,
 )
+ANSWERS = st.sampled_from(["A", "A", "R", "P", "cancel"])
+HL7 = st.tuples(
+    st.just("hl7"), st.integers(0, 40), st.lists(ANSWERS, max_size=2), st.integers(-5, 80)
+)
 OPS = st.lists(
     st.one_of(
         ADD,
@@ -122,6 +139,12 @@ OPS = st.lists(
             st.sampled_from(["enrolled", "pending", "declined"]),
             st.integers(-5, 80),
         ),
+        # HL7 referrals for an encounter's CAD incident: created, then answered by RRI^I12
+        # (accepted, rejected, pending) with an appointment so many days into the period, or
+        # cancelled; and later answers to any of them.
+        HL7,
+        HL7,
+        st.tuples(st.just("answer"), st.integers(0, 40), ANSWERS, st.integers(-5, 80)),
     ),
     min_size=3,
     max_size=16,
@@ -171,16 +194,60 @@ def _person_of(conn: Connection, label: str | None) -> int | None:
     ).scalar()
 
 
+def _rri(ref: str, status: str, appointment: datetime) -> bytes:
+    """An RRI^I12 answer to the referral ``ref`` (RF1-1 status, RF1-7 appointment)."""
+    return (
+        f"MSH|^~\\&|BHRECV|CSU|CORESPOND|COUNTY-BH|20300101101500||RRI^I12^RRI_I12|R-{ref}|P|"
+        f"2.5.1\rMSA|AA|CTRL-NONE\rRF1|{status}^Answer^HL70283|||||{ref}^CORESPOND|"
+        f"{appointment:%Y%m%d%H%M%S}\rPRD|RT\rPID|1||{ref}^^^CORESPOND^PI\r"
+    ).encode()
+
+
+def _hl7(engine: Engine, ids: list[int], refs: list[str], op: tuple[Any, ...]) -> None:
+    """An HL7 referral event, each through the referral service's own transaction."""
+    _, index, answers, days = op
+    if op[0] == "hl7":
+        if not ids:
+            return
+        with engine.connect() as conn:
+            incident = conn.execute(
+                select(encounters.c.cad_incident_no).where(encounters.c.id == ids[index % len(ids)])
+            ).scalar_one()
+        refs.append(store_unbuilt(engine, config(), request(incident_ref=incident), START).ref)
+        ref = refs[-1]
+    elif refs:
+        ref, answers = refs[index % len(refs)], [answers]
+    else:
+        return
+    for answer in answers:
+        if answer == "cancel":
+            with contextlib.suppress(ReferralError):  # already cancelled
+                cancel_referral(engine, ref, START)
+        else:
+            rri = _rri(ref, answer, START + timedelta(days=days))
+            stored = store_inbound(engine, rri, None, START)
+            assert stored.ack is not None and b"MSA|AA" in stored.ack
+
+
 def _run(engine: Engine, ops: list[tuple[Any, ...]]) -> None:
     ids: list[int] = []
+    refs: list[str] = []
     for op in ops:
+        if op[0] in ("hl7", "answer"):
+            _hl7(engine, ids, refs, op)
+            continue
         with engine.begin() as conn:
             if op[0] == "add":
                 _, day, second, program, zone, person, changes = op
                 at = START + timedelta(days=day, seconds=second)
-                eid = create_encounter(
-                    conn, Prefill(program=program, call_received_at=at, zone=zone, agency="PD"), at
+                prefill = Prefill(
+                    program=program,
+                    call_received_at=at,
+                    zone=zone,
+                    agency="PD",
+                    cad_incident_no=f"INC-{day % 7}",  # now and then two encounters share one
                 )
+                eid = create_encounter(conn, prefill, at)
                 ids.append(eid)
                 first = {"bh_nexus_confirmed": True, "person": person}
                 _apply_changes(conn, eid, {**first, **changes}, at)
@@ -208,7 +275,10 @@ def _run(engine: Engine, ops: list[tuple[Any, ...]]) -> None:
 
 def _clear(engine: Engine) -> None:
     with engine.begin() as conn:
-        for table in (encounter_referrals, encounters, person_identifiers, persons):
+        for table in (
+            referral_outcomes, hl7_inbound, referral_messages, referrals, encounter_referrals,
+            encounters, person_identifiers, persons,
+        ):  # fmt: skip
             conn.execute(delete(table))
         rebuild_rollups(conn, 3)
 
@@ -219,6 +289,17 @@ def _clear(engine: Engine) -> None:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=OPS)
+# Every kind of referral event at least once: HL7 created, accepted, rejected later, cancelled.
+@example(
+    ops=[
+        ("add", 1, 5, "alpha", "Z1", "A", {}),
+        ("add", 8, 5, "beta", "Z2", "A", {}),
+        ("hl7", 0, ["A"], 10),
+        ("hl7", 1, ["P", "cancel"], 10),
+        ("answer", 0, "R", 3),
+        ("referral", 1, "enrolled", 20),
+    ]
+)
 def test_rollups_follow_every_change_exactly(engine: Engine, ops: list[tuple[Any, ...]]) -> None:
     _clear(engine)
     _run(engine, ops)

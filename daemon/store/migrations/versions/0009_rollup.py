@@ -1,6 +1,6 @@
 """Outcome report rollups: counts and per-second duration counts per month x program x one
 reporting dimension, per-person facts of every BH encounter linked to a person, and the
-frequent-utilizer threshold those facts hold; backfilled from the encounters already stored.
+frequent-utilizer threshold those facts hold (backfilled by 0012_reportflags).
 
 Revision ID: 0009_rollup
 Revises: 0008_mobile
@@ -94,11 +94,8 @@ def upgrade() -> None:
         sa.Column("value", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_report_rollup_state"),
     )
-    # Backfill with the code that keeps them (the default threshold, 3; a configuration with
-    # another one is used with `corespond report rebuild-rollups`).
-    from corespond.daemon.rollups import rebuild_rollups
-
-    rebuild_rollups(op.get_bind(), threshold=3)
+    # Backfilled by 0012_reportflags (with the referral flags it adds), with the code that
+    # keeps them: that code writes the columns of the head revision, not of this one.
 
 
 def downgrade() -> None:
