@@ -288,41 +288,34 @@ def create_referral(
     process pool instead (:meth:`ReferralService.create`).
     """
     provider = checked_provider(config, request)
-    ref, control_id = new_referral_ref(), new_control_id()
-    consent_id: int | None = None
-    hold: str | None = None
-    if request.part2:
-        with engine.connect() as conn:
-            consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
+    content = referral_content(
+        config, provider, request, new_referral_ref(), new_control_id(), now
+    )
+    with engine.connect() as conn:
+        earlier = earlier_referral(conn, request)  # a repeat builds nothing
+        hold = None
+        if earlier is None and request.part2:
+            hold = consent_covering(conn, request.consent_ref, provider.name, now)[1]
+    if earlier is not None:
+        log.info("referral.replayed", referral_id=earlier.ref, state=earlier.state)
+        return earlier
     message: bytes | None = None
     if hold is None:
         try:
-            message = build(
-                referral_content(config, provider, request, ref, control_id, now),
-                provider.profile,
-            )
+            message = build(content, provider.profile)
         except BuildError as err:
             raise ReferralError(f"the message does not validate: {err}") from None
-    with engine.begin() as conn:
-        referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
-        if message is not None:
-            _queue_message(conn, referral_id, provider, control_id, message, now)
-        if on_stored is not None:
-            on_stored(conn, ref)
+    created, _ = store_referral(
+        engine, provider, request, content, message, now, on_stored=on_stored
+    )
     log.info(
         "referral.created",
-        referral_id=ref,
+        referral_id=created.ref,
         provider=provider.name,
-        state="held" if hold else "queued",
-        reason=hold,
+        state=created.state,
+        reason=created.hold_reason,
     )
-    return CreatedReferral(
-        referral_id,
-        ref,
-        "held" if hold else "queued",
-        hold,
-        control_id if message is not None else None,
-    )
+    return created
 
 
 @dataclass(frozen=True, slots=True)
@@ -1078,6 +1071,7 @@ class ReferralWorker:
         self._links: dict[str, mllp.MLLPClientProtocol] = {}
         self._in_flight: dict[str, Deferred[None]] = {}
         self._lanes: dict[str, _Lane] = {}
+        self._passed_over: set[str] = set()  # busy providers a poll skipped
         self._polling = False
         self._again = False
         self._loop: Any = None
@@ -1143,6 +1137,7 @@ class ReferralWorker:
                     return
                 now = self.clock.now()
                 busy = frozenset(self._in_flight)
+                self._passed_over.update(busy)
                 lease = self._lease()
 
                 try:
@@ -1233,7 +1228,13 @@ class ReferralWorker:
             log.error(
                 "referral.worker.failed", provider=provider, error=type(result.value).__name__
             )
-        if not self._stopping:
+        # A sender ends when its last commit found nothing more due for the provider: no
+        # poll then (a transaction on the shared writer per referral, for nothing), unless a
+        # poll passed the provider over meanwhile (a row it skipped may have come after that
+        # commit) or the sender failed. Rows made here are handed over (adopt).
+        passed_over = provider in self._passed_over
+        self._passed_over.discard(provider)
+        if not self._stopping and (passed_over or lane.broken or isinstance(result, Failure)):
             self.clock.call_later(0, self.poll)
 
     # --- one provider's sender -----------------------------------------------------------------
