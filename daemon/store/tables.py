@@ -833,7 +833,7 @@ class ReferralIdempotencyRow(Base):
 
     __tablename__ = "referral_idempotency"
 
-    key: Mapped[str] = mapped_column(String(200), primary_key=True)  # <origin>:<caller's key>
+    key: Mapped[str] = mapped_column(String, primary_key=True)  # <origin>:<caller's key>
     referral_id: Mapped[int] = mapped_column(Id, ForeignKey("referrals.id"), unique=True)
     # SHA-256 of the request as first submitted (a reuse for another request is refused); it
     # is derived from the person's details, so it is kept like them.

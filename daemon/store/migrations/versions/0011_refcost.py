@@ -26,7 +26,7 @@ Time = sa.DateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "referral_idempotency",
-        sa.Column("key", sa.String(200), nullable=False),
+        sa.Column("key", sa.String(), nullable=False),
         sa.Column("referral_id", Id, nullable=False),
         sa.Column("digest", sa.String(64), nullable=False),
         sa.Column("created_at", Time, nullable=False),
