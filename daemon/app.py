@@ -237,16 +237,24 @@ class Corespond:
         # Saves encounters for the API and the clinician's form (one code path). On SQLite
         # its writes queue on the store's writer thread, as paging's do.
         # A configured disposition asks for its referral in the saving transaction.
-        from corespond.daemon.auto_referrals import AutoReferrals, disposition_hook
+        from corespond.daemon.auto_referrals import (
+            AfterCommitWake,
+            AutoReferrals,
+            disposition_hook,
+        )
         from corespond.daemon.encounter_desk import EncounterDesk
 
         auto = config.referrals.auto if config.referrals is not None else ()
+        # ... and wakes the automatic referrals once that transaction has committed.
+        self.auto_referral_wake = AfterCommitWake()
         self.encounter_desk = EncounterDesk(
             self.engine, config.outcomes, clock=self.clock,
-            run_in_thread=self.store.run_on_writer
-            if self.engine.dialect.name == "sqlite"
-            else self.in_thread,
-            hooks=(disposition_hook(auto),) if auto else (),
+            run_in_thread=self.auto_referral_wake.runner(
+                self.store.run_on_writer
+                if self.engine.dialect.name == "sqlite"
+                else self.in_thread
+            ),
+            hooks=(disposition_hook(auto, self.auto_referral_wake.mark),) if auto else (),
         )  # fmt: skip
         self.auto_referrals: AutoReferrals | None = None
         self.demo_peers: Any = None
@@ -453,7 +461,9 @@ class Corespond:
         self.auto_referrals = AutoReferrals(
             self.engine, self.config.referrals, clock=self.clock,
             run_in_thread=worker.in_thread, created=worker.wake,
+            create=self.referrals.create,  # built in the builder process, one transaction
         )  # fmt: skip
+        self.auto_referral_wake.target = self.auto_referrals.wake
         self.auto_referrals.start()
 
     def _referral_page(self) -> Any:
@@ -786,6 +796,7 @@ class Corespond:
         if self.paging is not None:
             await self.paging.stop()
         if self.auto_referrals is not None:
+            self.auto_referral_wake.target = None
             self.auto_referrals.stop()
         if self.referrals is not None:
             await self.referrals.stop()

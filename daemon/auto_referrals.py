@@ -17,20 +17,27 @@ the mark commit together or not at all, so a daemon killed at any instant create
 referral the referral rules refuse (a provider no longer configured, say) is marked refused with
 the reason (ids only). The person is the one recorded on the incident; no summary is written
 for the clinician (never the CAD narrative).
+
+In the daemon the referral is made by ``ReferralService.create`` (``create=``): built in the
+builder process, never on the shared writer thread, and stored with the row's mark in one
+transaction. A disposition wakes the worker as soon as the encounter's transaction has
+committed (:class:`AfterCommitWake`), not at the next poll.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.python.failure import Failure
 
 from corespond.adapters.hl7_referral import Person, ReferralContent, build_message
@@ -39,6 +46,8 @@ from corespond.daemon.config import AutoReferralConfig, ReferralsConfig
 from corespond.daemon.encounter_desk import SaveHook
 from corespond.daemon.log import error_text
 from corespond.daemon.referrals import (
+    CreatedReferral,
+    ReferralBuildFailed,
     ReferralError,
     ReferralRequest,
     create_referral,
@@ -89,12 +98,58 @@ def want_referrals(
         }
         for e in entries
     ]  # fmt: skip
-    return int(conn.execute(_insert_ignoring_duplicates(conn), rows).rowcount or 0)
+    # Counted by RETURNING: PostgreSQL's rowcount of a many-row insert is -1 (psycopg).
+    insert = _insert_ignoring_duplicates(conn).returning(auto_referrals.c.id)
+    return len(conn.execute(insert, rows).all())
 
 
-def disposition_hook(entries: Sequence[AutoReferralConfig]) -> SaveHook:
+class AfterCommitWake:
+    """Wakes the automatic referrals once a transaction that asked for one has committed.
+
+    :meth:`mark` is called inside the transaction (the disposition hook, in a thread);
+    :meth:`runner` wraps the encounter desk's thread runner so that, when the work that
+    marked returns (its ``with engine.begin()`` has committed), ``target`` runs on the
+    reactor. Marks are per thread and per piece of work: another save's commit never
+    wakes for this one's uncommitted row.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self.target: Callable[[], Any] | None = None
+        self.woken = 0
+
+    def mark(self) -> None:
+        self._local.marked = True
+
+    def runner(
+        self, run: Callable[[Callable[[], Any]], Deferred[Any]]
+    ) -> Callable[[Callable[[], Any]], Deferred[Any]]:
+        def wrapped(fn: Callable[[], Any]) -> Deferred[Any]:
+            def work() -> tuple[Any, bool]:
+                self._local.marked = False
+                try:
+                    return fn(), self._local.marked
+                finally:
+                    self._local.marked = False
+
+            return run(work).addCallback(self._committed)
+
+        return wrapped
+
+    def _committed(self, done: tuple[Any, bool]) -> Any:
+        result, marked = done
+        if marked and self.target is not None:
+            self.woken += 1
+            self.target()
+        return result
+
+
+def disposition_hook(
+    entries: Sequence[AutoReferralConfig], on_wanted: Callable[[], None] = lambda: None
+) -> SaveHook:
     """The encounter desk's hook: an encounter of an incident saved with a configured
-    disposition asks for its referrals in the same transaction."""
+    disposition asks for its referrals in the same transaction (and calls ``on_wanted``, in
+    it: :meth:`AfterCommitWake.mark`)."""
     by_disposition: dict[str, list[AutoReferralConfig]] = {}
     for entry in entries:
         if entry.kind == "disposition":
@@ -108,6 +163,7 @@ def disposition_hook(entries: Sequence[AutoReferralConfig]) -> SaveHook:
                 clinician=row.get("clinician"), program=row.get("program"),
             )  # fmt: skip
             if added:
+                on_wanted()
                 log.info("referral.auto.wanted", encounter_id=row["id"], count=added,
                          kind="disposition")  # fmt: skip
 
@@ -225,6 +281,52 @@ def _entry(config: ReferralsConfig, claim: Claimed) -> AutoReferralConfig | None
     )
 
 
+def _mark_done(claim: Claimed, worker_id: str, now: datetime) -> Callable[[Connection, str], None]:
+    """The row's mark, run in the referral's own transaction (both commit or neither)."""
+    a = auto_referrals.c
+    mine = and_(a.id == claim.id, a.state == "claimed", a.claimed_by == worker_id)
+
+    def mark_done(conn: Connection, ref: str) -> None:
+        done = conn.execute(
+            update(auto_referrals).where(mine)
+            .values(state="done", referral_ref=ref, done_at=now, lease_until=None)
+        )  # fmt: skip
+        if done.rowcount != 1:
+            raise LeaseLost()
+
+    return mark_done
+
+
+def refuse_claimed(
+    engine: Engine, claim: Claimed, worker_id: str, now: datetime, err: ReferralError
+) -> None:
+    a = auto_referrals.c
+    mine = and_(a.id == claim.id, a.state == "claimed", a.claimed_by == worker_id)
+    with engine.begin() as conn:
+        conn.execute(
+            update(auto_referrals).where(mine)
+            .values(state="refused", refusal=str(err), done_at=now, lease_until=None)
+        )  # fmt: skip
+    log.warning("referral.auto.refused", incident_pk=claim.incident_pk,
+                provider=claim.provider, reason=str(err))  # fmt: skip
+
+
+def requests_of_claims(
+    engine: Engine, config: ReferralsConfig, claims: Sequence[Claimed]
+) -> list[tuple[Claimed, ReferralRequest | ReferralError]]:
+    """What each claimed row asks for, or why it cannot be made (a read)."""
+    out: list[tuple[Claimed, ReferralRequest | ReferralError]] = []
+    with engine.connect() as conn:
+        for claim in claims:
+            entry = _entry(config, claim)
+            if entry is None:
+                out.append((claim, ReferralError(
+                    f"no referrals.auto entry for {claim.trigger} any more")))  # fmt: skip
+            else:
+                out.append((claim, referral_request(conn, claim, entry)))
+    return out
+
+
 def create_claimed(
     engine: Engine,
     config: ReferralsConfig,
@@ -237,34 +339,16 @@ def create_claimed(
     """Create the referral a claimed row asks for, marking the row done in the referral's
     own transaction; the outcome: the referral's state, ``refused`` or ``lost``. Blocking:
     call it from a thread."""
-    a = auto_referrals.c
-    mine = and_(a.id == claim.id, a.state == "claimed", a.claimed_by == worker_id)
-    entry = _entry(config, claim)
     try:
-        if entry is None:
-            raise ReferralError(f"no referrals.auto entry for {claim.trigger} any more")
-        with engine.connect() as conn:
-            request = referral_request(conn, claim, entry)
-
-        def mark_done(conn: Connection, ref: str) -> None:
-            done = conn.execute(
-                update(auto_referrals).where(mine)
-                .values(state="done", referral_ref=ref, done_at=now, lease_until=None)
-            )  # fmt: skip
-            if done.rowcount != 1:
-                raise LeaseLost()
-
-        created = create_referral(engine, config, request, now, build=build, on_stored=mark_done)
+        [(_, request)] = requests_of_claims(engine, config, [claim])
+        if isinstance(request, ReferralError):
+            raise request
+        created = create_referral(engine, config, request, now, build=build,
+                                  on_stored=_mark_done(claim, worker_id, now))  # fmt: skip
     except LeaseLost:
         return "lost"
     except ReferralError as err:
-        with engine.begin() as conn:
-            conn.execute(
-                update(auto_referrals).where(mine)
-                .values(state="refused", refusal=str(err), done_at=now, lease_until=None)
-            )  # fmt: skip
-        log.warning("referral.auto.refused", incident_pk=claim.incident_pk,
-                    provider=claim.provider, reason=str(err))  # fmt: skip
+        refuse_claimed(engine, claim, worker_id, now, err)
         return "refused"
     log.info("referral.auto.created", referral_id=created.ref, incident_pk=claim.incident_pk,
              provider=claim.provider, kind=claim.trigger.partition(":")[0],
@@ -288,6 +372,7 @@ class AutoReferrals:
         lease: timedelta = timedelta(minutes=2),
         catch_up: timedelta = timedelta(hours=24),
         build: Callable[[ReferralContent, str], bytes] = build_message,
+        create: Callable[..., Deferred[CreatedReferral]] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -298,6 +383,8 @@ class AutoReferrals:
         self.lease = lease
         self.catch_up = catch_up
         self._build = build
+        # ReferralService.create(request, on_stored): the builder process, one transaction.
+        self._create = create
         self._after: int | None = None  # the last decision id scanned
         self._rules = any(e.kind == "rule" for e in config.auto)
         self._polling = False
@@ -319,7 +406,9 @@ class AutoReferrals:
             self._again = True
             return succeed(None)
         self._polling = True
-        d = self._run(self._work)
+        d: Deferred[int] = (
+            self._run(self._work) if self._create is None else ensureDeferred(self._work_async())
+        )
 
         def done(created: int) -> None:
             self._polling = False
@@ -333,12 +422,9 @@ class AutoReferrals:
             self._polling = False
             log.error("referral.auto.failed", error=error_text(failure))
 
-        d.addCallbacks(done, failed)
-        return d
+        return d.addCallbacks(done, failed)
 
-    def _work(self) -> int:
-        """One pass, in a thread: scan, then create what is due; referrals created."""
-        now = self.clock.now()
+    def _scan(self, now: datetime) -> None:
         if self._rules:
             with self.engine.begin() as conn:
                 if self._after is None:
@@ -348,6 +434,54 @@ class AutoReferrals:
                 self._after = max(self._after, last)
             if added:
                 log.info("referral.auto.wanted", count=added, kind="rule")
+
+    def _claim(self, now: datetime, scan: bool) -> list[tuple[Claimed, Any]]:
+        """In a thread: scan (first pass), claim due rows and read what they ask for."""
+        if scan:
+            self._scan(now)
+        with self.engine.begin() as conn:
+            claims = claim_due(conn, now, self.worker_id, self.lease)
+        return requests_of_claims(self.engine, self.config, claims) if claims else []
+
+    async def _work_async(self) -> int:
+        """One pass through the referral service: claims and reads in a thread, each
+        referral built in the builder process and stored with its mark in one transaction."""
+        assert self._create is not None
+        created, scan = 0, True
+        while True:
+            now = self.clock.now()
+            claimed = await self._run(partial(self._claim, now, scan))
+            scan = False
+            if not claimed:
+                return created
+            for claim, request in claimed:
+                created += await self._create_one(claim, request, now)
+
+    async def _create_one(self, claim: Claimed, request: Any, now: datetime) -> int:
+        assert self._create is not None
+        try:
+            if isinstance(request, ReferralError):
+                raise request
+            made = await self._create(request, _mark_done(claim, self.worker_id, now))
+        except LeaseLost:
+            return 0
+        except ReferralBuildFailed as err:  # stored and marked; built again later
+            log.warning("referral.auto.created", referral_id=err.ref,
+                        incident_pk=claim.incident_pk, provider=claim.provider,
+                        code="build-failed")  # fmt: skip
+            return 0
+        except ReferralError as err:
+            await self._run(partial(refuse_claimed, self.engine, claim, self.worker_id, now, err))
+            return 0
+        log.info("referral.auto.created", referral_id=made.ref, incident_pk=claim.incident_pk,
+                 provider=claim.provider, kind=claim.trigger.partition(":")[0],
+                 state=made.state)  # fmt: skip
+        return 0 if made.replayed else 1
+
+    def _work(self) -> int:
+        """One pass, in a thread: scan, then create what is due; referrals created."""
+        now = self.clock.now()
+        self._scan(now)
         created = 0
         while True:
             with self.engine.begin() as conn:
@@ -361,6 +495,7 @@ class AutoReferrals:
 
 
 __all__ = [
+    "AfterCommitWake",
     "AutoReferrals",
     "Claimed",
     "claim_due",

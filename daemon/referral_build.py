@@ -22,17 +22,19 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from twisted.internet.defer import Deferred, fail
 
-from corespond.adapters.hl7_referral import ReferralContent, build_message
 from corespond.daemon.errors import SafeMessage
+
+if TYPE_CHECKING:  # hl7apy is imported by the first build, in the builder, once it is niced
+    from corespond.adapters.hl7_referral import ReferralContent
 
 log = structlog.get_logger("corespond.referrals")
 
-Build = Callable[[ReferralContent, str], bytes]
+Build = Callable[["ReferralContent", str], bytes]
 
 
 class BuildCrashed(SafeMessage, RuntimeError):
@@ -43,10 +45,12 @@ BUILDER_NICE = 10  # builders yield the CPU to the daemon (and its pages) when b
 
 
 def _warm() -> None:
-    """Each worker starts here: at a lower CPU priority, with hl7apy imported (unpickling this
-    function imported it) before its first build."""
+    """Each worker starts here, at a lower CPU priority, then imports hl7apy: the import is
+    a fraction of a second of CPU per builder, which should not compete with pages either
+    (this module leaves hl7apy out, so unpickling this function does not import it)."""
     if hasattr(os, "nice"):
         os.nice(BUILDER_NICE)
+    import corespond.adapters.hl7_referral  # noqa: F401
 
 
 def start_method() -> str:
@@ -57,7 +61,11 @@ def start_method() -> str:
 class BuildPool:
     """``build(content, profile)`` in ``processes`` worker processes; results on the reactor."""
 
-    def __init__(self, reactor: Any, processes: int = 1, build: Build = build_message) -> None:
+    def __init__(self, reactor: Any, processes: int = 1, build: Build | None = None) -> None:
+        if build is None:
+            from corespond.adapters.hl7_referral import build_message
+
+            build = build_message
         self.reactor = reactor
         self.processes = processes
         self._build = build

@@ -29,6 +29,7 @@ matches ACKs and RRI^I12 replies to referrals.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import uuid
 from collections import deque
@@ -38,8 +39,10 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
+import orjson
 import structlog
-from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select
+from sqlalchemy import Connection, Engine, Integer, and_, bindparam, exists, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -71,6 +74,7 @@ from corespond.daemon.store.tables import (
     hl7_inbound,
     referral_consents,
     referral_disclosures,
+    referral_idempotency,
     referral_messages,
     referral_outcomes,
     referrals,
@@ -106,6 +110,9 @@ class ReferralRequest:
     consent_ref: str | None = None
     program: str | None = None
     region: str | None = None
+    # "<origin>:<caller's key>" (API: Idempotency-Key; form: its submission nonce): a second
+    # request with the same key gets the first referral back instead of a new one.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,7 @@ class CreatedReferral:
     state: str
     hold_reason: str | None
     control_id: str | None
+    replayed: bool = False  # made before, under the same idempotency key
 
 
 def new_control_id() -> str:
@@ -279,41 +287,34 @@ def create_referral(
     process pool instead (:meth:`ReferralService.create`).
     """
     provider = checked_provider(config, request)
-    ref, control_id = new_referral_ref(), new_control_id()
-    consent_id: int | None = None
-    hold: str | None = None
-    if request.part2:
-        with engine.connect() as conn:
-            consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
+    content = referral_content(
+        config, provider, request, new_referral_ref(), new_control_id(), now
+    )
+    with engine.connect() as conn:
+        earlier = earlier_referral(conn, request)  # a repeat builds nothing
+        hold = None
+        if earlier is None and request.part2:
+            hold = consent_covering(conn, request.consent_ref, provider.name, now)[1]
+    if earlier is not None:
+        log.info("referral.replayed", referral_id=earlier.ref, state=earlier.state)
+        return earlier
     message: bytes | None = None
     if hold is None:
         try:
-            message = build(
-                referral_content(config, provider, request, ref, control_id, now),
-                provider.profile,
-            )
+            message = build(content, provider.profile)
         except BuildError as err:
             raise ReferralError(f"the message does not validate: {err}") from None
-    with engine.begin() as conn:
-        referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
-        if message is not None:
-            _queue_message(conn, referral_id, provider, control_id, message, now)
-        if on_stored is not None:
-            on_stored(conn, ref)
+    created, _ = store_referral(
+        engine, provider, request, content, message, now, on_stored=on_stored
+    )
     log.info(
         "referral.created",
-        referral_id=ref,
+        referral_id=created.ref,
         provider=provider.name,
-        state="held" if hold else "queued",
-        reason=hold,
+        state=created.state,
+        reason=created.hold_reason,
     )
-    return CreatedReferral(
-        referral_id,
-        ref,
-        "held" if hold else "queued",
-        hold,
-        control_id if message is not None else None,
-    )
+    return created
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,26 +329,102 @@ class Unbuilt:
     content: ReferralContent | None  # None: held (no message to build)
 
 
-def store_unbuilt(
-    engine: Engine, config: ReferralsConfig, request: ReferralRequest, now: datetime
-) -> Unbuilt:
-    """Store a referral (queued, or held for want of consent) before its message is built,
-    so that a builder that dies loses nothing: :func:`unbuilt_referrals` finds it again.
+def request_digest(request: ReferralRequest) -> str:
+    """SHA-256 of a request as submitted, its idempotency key aside."""
+    value = asdict(replace(request, idempotency_key=None))
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
-    Blocking (database): run it in a thread.
+
+_i = referral_idempotency
+_EARLIER = (
+    select(
+        _i.c.digest, referrals.c.id, referrals.c.ref, referrals.c.state, referrals.c.hold_reason,
+        referral_messages.c.control_id,
+    )
+    .join_from(_i, referrals, referrals.c.id == _i.c.referral_id)
+    .outerjoin(referral_messages, referral_messages.c.referral_id == referrals.c.id)
+    .where(_i.c.key == bindparam("b_key"))
+)  # fmt: skip
+
+
+def earlier_referral(conn: Connection, request: ReferralRequest) -> CreatedReferral | None:
+    """The referral made before under ``request``'s idempotency key, or None; a
+    :class:`ReferralError` when that key was used for a different request."""
+    if request.idempotency_key is None:
+        return None
+    row = conn.execute(_EARLIER, {"b_key": request.idempotency_key}).first()
+    if row is None:
+        return None
+    if row.digest != request_digest(request):
+        raise ReferralError(
+            f"the idempotency key was used for another request (referral {row.ref})"
+        )
+    return CreatedReferral(
+        row.id, row.ref, row.state, row.hold_reason, row.control_id, replayed=True
+    )
+
+
+Claim = tuple[str, timedelta]  # (worker id, lease): claim a queued message for that worker
+
+
+def store_referral(
+    engine: Engine,
+    provider: ProviderConfig,
+    request: ReferralRequest,
+    content: ReferralContent,
+    message: bytes | None,
+    now: datetime,
+    *,
+    on_stored: Callable[[Connection, str], None] | None = None,
+    claim: Claim | None = None,
+) -> tuple[CreatedReferral, Claimed | None]:
+    """Store a referral and its built message, queued, in one transaction: the referral
+    side's one write per referral. Held instead when it is Part 2 without a covering consent
+    (the message is then not kept); stored without a message (``message`` None: its builder
+    died) to be built again by :meth:`ReferralService.rebuild`. With ``claim``, the message
+    is claimed for that worker in the same transaction, unless another worker is sending to
+    the provider: the worker sends it without a claim of its own (see
+    :meth:`ReferralWorker.adopt`). ``on_stored(conn, ref)`` runs in the transaction too.
+
+    A request whose idempotency key was used before gets that referral back, and nothing
+    is stored. Blocking (database): run it in a thread.
     """
-    provider = checked_provider(config, request)
-    ref = new_referral_ref()
-    consent_id: int | None = None
-    hold: str | None = None
-    with engine.begin() as conn:
-        if request.part2:
-            consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
-        referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
-    content = None
-    if hold is None:
-        content = referral_content(config, provider, request, ref, new_control_id(), now)
-    return Unbuilt(referral_id, ref, provider.name, provider.profile, hold, content)
+    ref, control_id = content.referral_ref, content.control_id
+    try:
+        with engine.begin() as conn:
+            earlier = earlier_referral(conn, request)
+            if earlier is not None:
+                return earlier, None
+            consent_id: int | None = None
+            hold: str | None = None
+            if request.part2:
+                consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
+            referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
+            if request.idempotency_key is not None:
+                conn.execute(
+                    _i.insert().values(
+                        key=request.idempotency_key, referral_id=referral_id,
+                        digest=request_digest(request), created_at=now,
+                    )
+                )  # fmt: skip
+            claimed = None
+            if hold is None and message is not None:
+                claimed = _queue_message(
+                    conn, referral_id, provider, control_id, message, now, claim=claim,
+                    part2=request.part2, consent_id=consent_id,
+                )  # fmt: skip
+            if on_stored is not None:
+                on_stored(conn, ref)
+    except IntegrityError:
+        # PostgreSQL: the same key, submitted twice at once; the first to commit wins.
+        with engine.connect() as conn:
+            earlier = earlier_referral(conn, request)
+        if earlier is None:
+            raise
+        return earlier, None
+    state = "held" if hold else "queued"
+    queued_id = control_id if hold is None and message is not None else None
+    return CreatedReferral(referral_id, ref, state, hold, queued_id), claimed
 
 
 def queue_built(engine: Engine, unbuilt: Unbuilt, message: bytes, now: datetime) -> str | None:
@@ -377,22 +454,6 @@ def queue_built(engine: Engine, unbuilt: Unbuilt, message: bytes, now: datetime)
             message, now,
         )  # fmt: skip
     return unbuilt.content.control_id
-
-
-def discard_unbuilt(engine: Engine, referral_id: int) -> None:
-    """A referral whose message does not validate is refused, not kept (the caller is told
-    why): delete it, unless a message was queued for it meanwhile."""
-    with engine.begin() as conn:
-        incident_ref = conn.execute(
-            select(referrals.c.incident_ref).where(referrals.c.id == referral_id)
-        ).scalar()
-        with keeping_referral_flags(conn, incident_ref=incident_ref):
-            conn.execute(
-                referrals.delete().where(
-                    referrals.c.id == referral_id,
-                    ~exists().where(referral_messages.c.referral_id == referral_id),
-                )
-            )
 
 
 def hold_unbuildable(engine: Engine, referral_id: int, reason: str, now: datetime) -> None:
@@ -458,22 +519,43 @@ def _queue_message(
     control_id: str,
     message: bytes,
     now: datetime,
-) -> None:
+    *,
+    claim: Claim | None = None,
+    part2: bool = False,
+    consent_id: int | None = None,
+) -> Claimed | None:
+    """Queue ``message``, due now; with ``claim``, claimed for that worker when no other
+    worker holds a live claim on the provider (the claim, or None)."""
     name, profile = (
         provider if isinstance(provider, tuple) else (provider.name, provider.profile)
     )
-    conn.execute(
-        referral_messages.insert().values(
+    lease_until: datetime | None = None
+    worker_id = None
+    if claim is not None:
+        worker_id, lease = claim
+        if _provider_free(conn, name, now, worker_id):
+            lease_until = now + lease
+    message_id = conn.execute(
+        referral_messages.insert()
+        .values(
             referral_id=referral_id,
             control_id=control_id,
             provider=name,
             profile=profile,
-            state="pending",
+            state="pending" if lease_until is None else "sending",
             attempts=0,
             next_due=now,
             created_at=now,
             message=message,
+            lease_until=lease_until,
+            claimed_by=None if lease_until is None else worker_id,
         )
+        .returning(referral_messages.c.id)
+    ).scalar_one()
+    if lease_until is None:
+        return None
+    return Claimed(
+        int(message_id), referral_id, control_id, name, profile, 0, message, part2, consent_id
     )
 
 
@@ -664,6 +746,87 @@ class Claimed:
     profile: str
     attempts: int
     message: bytes
+    part2: bool = False  # the referral's, for the disclosure log
+    consent_id: int | None = None
+
+
+# The outbox's hot statements, built once: building a SQLAlchemy statement (an alias above
+# all) costs more CPU than executing it from the compiled cache. Parameters are bound by name.
+_m, _r = referral_messages, referrals
+_other = referral_messages.alias("other")
+_NOW = bindparam("b_now", type_=_m.c.next_due.type)
+
+
+def _candidates(postgres: bool, one_provider: bool) -> Any:
+    due = or_(
+        and_(_m.c.state == "pending", _m.c.next_due <= _NOW),
+        and_(_m.c.state == "sending", _m.c.lease_until <= _NOW),  # its claimer died
+    )
+    live_elsewhere = exists().where(
+        _other.c.provider == _m.c.provider,
+        _other.c.state == "sending",
+        _other.c.lease_until > _NOW,
+        _other.c.claimed_by != bindparam("b_worker"),
+    )
+    query = (
+        select(_m.c.id, _m.c.provider)
+        .where(due, ~live_elsewhere, _m.c.provider.not_in(bindparam("b_busy", expanding=True)))
+        .order_by(_m.c.next_due, _m.c.id)
+        .limit(bindparam("b_limit", type_=Integer))
+    )
+    if one_provider:
+        query = query.where(_m.c.provider == bindparam("b_provider"))
+    if postgres:
+        query = query.with_for_update(skip_locked=True, of=_m)
+    return query
+
+
+_CANDIDATES = {(pg, one): _candidates(pg, one) for pg in (False, True) for one in (False, True)}
+_CLAIM = (
+    _m.update()
+    .where(_m.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(state="sending", lease_until=bindparam("b_lease"), claimed_by=bindparam("b_worker"))
+)
+_CLAIMED_ROWS = (
+    select(
+        _m.c.id, _m.c.referral_id, _m.c.control_id, _m.c.provider, _m.c.profile, _m.c.attempts,
+        _m.c.message, _r.c.part2, _r.c.consent_id,
+    )
+    .join_from(_m, _r, _r.c.id == _m.c.referral_id)
+    .where(_m.c.id.in_(bindparam("b_ids", expanding=True)))
+)  # fmt: skip
+_RENEW = (
+    _m.update()
+    .where(
+        _m.c.id.in_(bindparam("b_ids", expanding=True)),
+        _m.c.state == "sending",
+        _m.c.claimed_by == bindparam("b_worker"),
+    )
+    .values(lease_until=bindparam("b_lease"))
+)
+_MESSAGES_DELIVERED = (
+    _m.update()
+    .where(_m.c.id == bindparam("b_id"))
+    .values(
+        state="delivered",
+        ack_code=bindparam("b_code"),
+        acked_at=bindparam("b_at"),
+        lease_until=None,
+        attempts=bindparam("b_attempts"),
+        last_error=None,
+    )
+)
+_REFERRALS_DELIVERED = (
+    _r.update()
+    .where(_r.c.id == bindparam("b_id"), _r.c.state != "cancelled")
+    .values(
+        state="delivered",
+        delivered_at=bindparam("b_at"),
+        hold_reason=None,
+        updated_at=bindparam("b_at"),
+    )
+)
+_DISCLOSED = referral_disclosures.insert()
 
 
 def claim_due(
@@ -680,61 +843,40 @@ def claim_due(
     """Claim due rows, at most ``per_provider`` per provider (oldest first) and none for a
     provider in ``busy`` or with a live claim of another worker; rows locked by another daemon
     are skipped (PostgreSQL). The rows come back in the order they are to be sent."""
-    m, other = referral_messages, referral_messages.alias("other")
-    due = or_(
-        and_(m.c.state == "pending", m.c.next_due <= now),
-        and_(m.c.state == "sending", m.c.lease_until <= now),  # its claimer died
-    )
-    live_elsewhere = exists().where(
-        other.c.provider == m.c.provider,
-        other.c.state == "sending",
-        other.c.lease_until > now,
-        other.c.claimed_by != worker_id,
-    )
-    query = (
-        select(m.c.id, m.c.provider)
-        .where(due, ~live_elsewhere)
-        .order_by(m.c.next_due, m.c.id)
-        .limit(limit)
-    )
-    if busy:
-        query = query.where(m.c.provider.not_in(sorted(busy)))
+    postgres = conn.dialect.name == "postgresql"
+    params: dict[str, Any] = {
+        "b_now": now, "b_worker": worker_id, "b_busy": sorted(busy), "b_limit": limit,
+    }  # fmt: skip
     if provider is not None:
-        query = query.where(m.c.provider == provider)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=m)
+        params["b_provider"] = provider
     chosen: dict[str, list[int]] = {}
-    for row in conn.execute(query):
+    for row in conn.execute(_CANDIDATES[postgres, provider is not None], params):
         ids = chosen.setdefault(row.provider, [])
         if len(ids) < per_provider:
             ids.append(row.id)
-    if conn.dialect.name == "postgresql":
+    if postgres:
         chosen = {p: i for p, i in chosen.items() if _provider_free(conn, p, now, worker_id)}
     if not chosen:
         return []
     ids = sorted(i for group in chosen.values() for i in group)
-    conn.execute(
-        m.update()
-        .where(m.c.id.in_(ids))
-        .values(state="sending", lease_until=now + lease, claimed_by=worker_id)
-    )
-    rows = {r.id: r for r in conn.execute(select(m).where(m.c.id.in_(ids)))}
-    return [
-        Claimed(r.id, r.referral_id, r.control_id, r.provider, r.profile, r.attempts, r.message)
-        for r in (rows[i] for group in chosen.values() for i in group)
-    ]
+    conn.execute(_CLAIM, {"b_ids": ids, "b_lease": now + lease, "b_worker": worker_id})
+    rows = {r.id: r for r in conn.execute(_CLAIMED_ROWS, {"b_ids": ids})}
+    return [Claimed(*r) for r in (rows[i] for group in chosen.values() for i in group)]
 
 
 def _provider_free(conn: Connection, provider: str, now: datetime, worker_id: str) -> bool:
-    """PostgreSQL: hold the provider's claim lock for this transaction, then look again.
+    """Whether no other worker holds a live claim on ``provider``. PostgreSQL: the
+    provider's claim lock is held for this transaction first, then it looks.
 
     Two daemons may each pick a different row of one provider before either commits (SKIP
     LOCKED hides the other's row, the live-claim check its uncommitted claim); the lock lets
-    one of them through, and the second look sees a claim committed meanwhile.
+    one of them through, and the second look sees a claim committed meanwhile. (SQLite has
+    one writer at a time: a look is enough.)
     """
-    key = func.hashtext("corespond.referrals:" + provider)
-    if not conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
-        return False
+    if conn.dialect.name == "postgresql":
+        key = func.hashtext("corespond.referrals:" + provider)
+        if not conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
+            return False
     m = referral_messages
     live = select(
         exists().where(
@@ -751,14 +893,8 @@ def renew_claims(
     conn: Connection, ids: Collection[int], worker_id: str, lease_until: datetime
 ) -> None:
     """Extend the lease of claims this worker still holds (claimed ahead, not yet sent)."""
-    if not ids:
-        return
-    m = referral_messages
-    conn.execute(
-        m.update()
-        .where(m.c.id.in_(sorted(ids)), m.c.state == "sending", m.c.claimed_by == worker_id)
-        .values(lease_until=lease_until)
-    )
+    if ids:
+        conn.execute(_RENEW, {"b_ids": sorted(ids), "b_worker": worker_id, "b_lease": lease_until})
 
 
 def record_delivered(conn: Connection, claimed: Claimed, ack_code: str, now: datetime) -> None:
@@ -769,49 +905,24 @@ def record_delivered(conn: Connection, claimed: Claimed, ack_code: str, now: dat
 def record_delivered_many(
     conn: Connection, accepted: Sequence[tuple[Claimed, str, datetime]]
 ) -> None:
-    """:func:`record_delivered` for a group of messages, a statement per table."""
+    """:func:`record_delivered` for a group of messages, a statement per table (the referral's
+    Part 2 flag and consent came with the claim)."""
     if not accepted:
         return
-    m, r = referral_messages, referrals
-    found = {
-        row.id: row
-        for row in conn.execute(
-            select(r.c.id, r.c.consent_id, r.c.part2).where(
-                r.c.id.in_(sorted({c.referral_id for c, _, _ in accepted}))
-            )
-        )
-    }
     conn.execute(
-        m.update()
-        .where(m.c.id == bindparam("b_id"))
-        .values(
-            state="delivered",
-            ack_code=bindparam("b_code"),
-            acked_at=bindparam("b_at"),
-            lease_until=None,
-            attempts=bindparam("b_attempts"),
-            last_error=None,
-        ),
+        _MESSAGES_DELIVERED,
         [
             {"b_id": c.id, "b_code": code, "b_at": at, "b_attempts": c.attempts + 1}
             for c, code, at in accepted
         ],
     )
     conn.execute(
-        r.update()
-        .where(r.c.id == bindparam("b_id"), r.c.state != "cancelled")
-        .values(
-            state="delivered",
-            delivered_at=bindparam("b_at"),
-            hold_reason=None,
-            updated_at=bindparam("b_at"),
-        ),
-        [{"b_id": c.referral_id, "b_at": at} for c, _, at in accepted],
+        _REFERRALS_DELIVERED, [{"b_id": c.referral_id, "b_at": at} for c, _, at in accepted]
     )
     disclosures = []
     for c, _, at in accepted:
         what = DELIVERY_WHAT.format(profile=c.profile)
-        if found[c.referral_id].part2:
+        if c.part2:
             what += " with substance use disorder information (42 CFR Part 2)"
         disclosures.append(
             {
@@ -819,12 +930,12 @@ def record_delivered_many(
                 "message_id": c.id,
                 "control_id": c.control_id,
                 "provider": c.provider,
-                "consent_id": found[c.referral_id].consent_id,
+                "consent_id": c.consent_id,
                 "what": what,
                 "disclosed_at": at,
             }
         )
-    conn.execute(referral_disclosures.insert(), disclosures)
+    conn.execute(_DISCLOSED, disclosures)
 
 
 def record_held(
@@ -879,6 +990,9 @@ def backoff_delay(
 
 
 ConnectFn = Callable[[ProviderConfig], "Deferred[mllp.MLLPClientProtocol]"]
+# The longest a result waits for others to share its transaction (see _commit_now); a crash
+# meanwhile means a resend with the same bytes and MSH-10, as for any uncommitted ACK.
+COMMIT_WITHIN = 0.2
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
@@ -906,6 +1020,8 @@ class _Lane:
     committing: bool = False
     broken: bool = False
     drained: list[Deferred[None]] = field(default_factory=list)
+    timer: Any = None  # the delayed commit of results gathered below a group's size
+    closed: bool = False  # its sender has returned: a new claim needs a new lane
 
 
 class ReferralWorker:
@@ -954,6 +1070,8 @@ class ReferralWorker:
         self.metrics = metrics
         self._links: dict[str, mllp.MLLPClientProtocol] = {}
         self._in_flight: dict[str, Deferred[None]] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._passed_over: set[str] = set()  # busy providers a poll skipped
         self._polling = False
         self._again = False
         self._loop: Any = None
@@ -1019,6 +1137,7 @@ class ReferralWorker:
                     return
                 now = self.clock.now()
                 busy = frozenset(self._in_flight)
+                self._passed_over.update(busy)
                 lease = self._lease()
 
                 try:
@@ -1030,14 +1149,39 @@ class ReferralWorker:
                 for item in claimed:
                     lanes.setdefault(item.provider, []).append(item)
                 for name, items in lanes.items():
-                    lane = _Lane(name, deque(items), {i.id for i in items}, renewed_at=now)
-                    d = ensureDeferred(self._deliver(lane))
-                    self._in_flight[name] = d
-                    d.addBoth(self._delivered, name)
+                    self._start_lane(name, items, now)
                 if not self._again:
                     return
         finally:
             self._polling = False
+
+    def _start_lane(self, provider: str, items: list[Claimed], now: datetime) -> None:
+        lane = _Lane(provider, deque(items), {i.id for i in items}, renewed_at=now)
+        self._lanes[provider] = lane
+        d = ensureDeferred(self._deliver(lane))
+        if not d.called:
+            self._in_flight[provider] = d
+        d.addBoth(self._delivered, provider, lane)
+
+    def claim_for(self) -> Claim | None:
+        """What a referral's transaction needs to claim its message for this worker (see
+        :func:`store_referral`), or None while stopping."""
+        return None if self._stopping else (self.worker_id, self._lease())
+
+    def adopt(self, claimed: Claimed) -> None:
+        """Send a message claimed for this worker by the transaction that queued it: behind
+        the provider's sender when one runs, else in a new one. No claim transaction of its
+        own, no wait for the next poll."""
+        if self._stopping:
+            return  # claimed, never sent: due again when its lease runs out
+        lane = self._lanes.get(claimed.provider)
+        if lane is not None and not lane.closed and not lane.broken:
+            lane.queue.append(claimed)
+            lane.claimed.add(claimed.id)
+            return
+        if claimed.provider in self._in_flight:  # a broken sender still finishing
+            return  # its lease runs out, then the poll sends it
+        self._start_lane(claimed.provider, [claimed], self.clock.now())
 
     def _lease(self) -> timedelta:
         """How long a claim holds without renewal: the longest connect and ACK wait, and a
@@ -1075,13 +1219,22 @@ class ReferralWorker:
         for provider in self.config.providers:
             self.metrics.outbox.labels(provider.name).set(depth.get(provider.name, 0))
 
-    def _delivered(self, result: object, provider: str) -> None:
+    def _delivered(self, result: object, provider: str, lane: _Lane) -> None:
+        lane.closed = True
+        if self._lanes.get(provider) is lane:
+            del self._lanes[provider]
         self._in_flight.pop(provider, None)
         if isinstance(result, Failure):  # _deliver catches everything it expects
             log.error(
                 "referral.worker.failed", provider=provider, error=type(result.value).__name__
             )
-        if not self._stopping:
+        # A sender ends when its last commit found nothing more due for the provider: no
+        # poll then (a transaction on the shared writer per referral, for nothing), unless a
+        # poll passed the provider over meanwhile (a row it skipped may have come after that
+        # commit) or the sender failed. Rows made here are handed over (adopt).
+        passed_over = provider in self._passed_over
+        self._passed_over.discard(provider)
+        if not self._stopping and (passed_over or lane.broken or isinstance(result, Failure)):
             self.clock.call_later(0, self.poll)
 
     # --- one provider's sender -----------------------------------------------------------------
@@ -1101,8 +1254,10 @@ class ReferralWorker:
             if not lane.queue:
                 await self._drained(lane)  # the commit may claim more for the queue
         if lane.outcomes or lane.committing:
-            self._group_commit(lane)
             await self._drained(lane)
+        if lane.queue and not lane.broken and not self._stopping:
+            await self._deliver(lane)  # adopted while the last commit ran
+        lane.closed = True  # from here on (no await), an adopted claim starts a new lane
 
     def _release(self, lane: _Lane) -> None:
         """Our own stop: claims not sent are due again at once, not counted as attempts."""
@@ -1121,15 +1276,47 @@ class ReferralWorker:
             )  # fmt: skip
 
     def _drained(self, lane: _Lane) -> Deferred[None]:
+        """Fires once every result gathered so far is committed (committing them now)."""
         if not lane.committing and not lane.outcomes:
             return succeed(None)
         d: Deferred[None] = Deferred()
         lane.drained.append(d)
+        self._group_commit(lane)
         return d
+
+    def _commit_now(self, lane: _Lane) -> bool:
+        """Whether the results gathered go to the database now, rather than with more: a
+        group is full (half the claims ahead), the sender needs more claims, someone waits
+        for the commit, or the sender is stopping. Otherwise they wait for more, at most
+        ``COMMIT_WITHIN`` seconds: fewer, larger transactions on the one writer."""
+        half = self.config.claim_ahead // 2
+        return (
+            len(lane.outcomes) >= max(1, half)
+            or len(lane.queue) <= half
+            or bool(lane.drained)
+            or self._stopping
+            or lane.broken
+        )
+
+    def _commit_due(self, lane: _Lane) -> None:
+        lane.timer = None
+        if not lane.committing and lane.outcomes:
+            self._commit(lane)
 
     def _group_commit(self, lane: _Lane) -> None:
         if lane.committing or not lane.outcomes:
             return
+        if not self._commit_now(lane):
+            if lane.timer is None:
+                lane.timer = self.clock.call_later(COMMIT_WITHIN, self._commit_due, lane)
+            return
+        self._commit(lane)
+
+    def _commit(self, lane: _Lane) -> None:
+        if lane.timer is not None:
+            if lane.timer.active():
+                lane.timer.cancel()
+            lane.timer = None
         group, lane.outcomes = lane.outcomes, []
         lane.committing = True
         now = self.clock.now()
@@ -1194,7 +1381,8 @@ class ReferralWorker:
             lane.committing = False
             if lane.outcomes and not lane.broken:
                 self._group_commit(lane)
-                return
+                if lane.committing or lane.outcomes:
+                    return
             lane.outcomes.clear()
             waiting, lane.drained = lane.drained, []
             for d in waiting:
@@ -1663,42 +1851,105 @@ class ReferralService:
         self.started: Deferred[Any] = succeed(None)  # fires once the start's rebuild is done
         self._rebuild_timer: Any = None
 
-    def create(self, request: ReferralRequest) -> Deferred[CreatedReferral]:
-        """Create a referral from inside the daemon (an API, a rule): stored first (in a
-        thread), built and validated by hl7apy in a builder process, queued (in a thread),
-        then the worker looks. Fires once the message is committed to the outbox; fails with
-        :class:`ReferralError` (refused: nothing kept) or :class:`ReferralBuildFailed` (the
-        builder died: the referral stays queued and is built again)."""
-        return ensureDeferred(self._create(request))
+    def create(
+        self,
+        request: ReferralRequest,
+        on_stored: Callable[[Connection, str], None] | None = None,
+    ) -> Deferred[CreatedReferral]:
+        """Create a referral from inside the daemon (an API, a form, a trigger): built and
+        validated by hl7apy in a builder process, then stored, queued and claimed for this
+        daemon's worker in one transaction (``on_stored(conn, ref)`` runs in it), which hands
+        the message straight to the provider's sender. Fires once that is committed; fails
+        with :class:`ReferralError` (refused: nothing kept) or :class:`ReferralBuildFailed`
+        (the builder died: the referral is stored without its message and built again).
+        A request whose idempotency key was used before answers with that referral."""
+        return ensureDeferred(self._create(request, on_stored))
 
-    async def _create(self, request: ReferralRequest) -> CreatedReferral:
-        now = self.worker.clock.now()
-        unbuilt = await self.worker.in_thread(
-            lambda: store_unbuilt(self.engine, self.config, request, now)
-        )
-        if unbuilt.content is None:
-            self.metrics.held.labels(unbuilt.provider, "part2-no-consent").inc()
-            log.info(
-                "referral.created",
-                referral_id=unbuilt.ref,
-                provider=unbuilt.provider,
-                state="held",
-                reason=unbuilt.hold_reason,
-            )
-            return CreatedReferral(unbuilt.id, unbuilt.ref, "held", unbuilt.hold_reason, None)
+    async def _create(
+        self, request: ReferralRequest, on_stored: Callable[[Connection, str], None] | None
+    ) -> CreatedReferral:
         from corespond.daemon.referral_build import BuildCrashed
 
+        provider = checked_provider(self.config, request)
+        if request.idempotency_key is not None or request.part2:
+            # A repeat, or a Part 2 referral held for consent, needs no message built.
+            earlier, hold = await self.worker.in_thread(partial(self._look, provider, request))
+            if earlier is not None:
+                log.info("referral.replayed", referral_id=earlier.ref, state=earlier.state)
+                return earlier
+            if hold is not None:
+                return await self._store(provider, request, None, on_stored)
+        message: bytes | None
+        content = referral_content(
+            self.config, provider, request, new_referral_ref(), new_control_id(),
+            self.worker.clock.now(),
+        )  # fmt: skip
         try:
-            control_id = await self._build_and_queue(unbuilt)
+            message = await self.builder.build(content, provider.profile)
         except BuildCrashed as err:
+            # Stored without its message, as asked for: built again later, never lost.
+            created = await self._store(provider, request, None, on_stored, content)
+            if created.replayed:
+                return created
             self._rebuild_later()
-            raise ReferralBuildFailed(unbuilt.ref, str(err)) from None
+            raise ReferralBuildFailed(created.ref, str(err)) from None
         except BuildError as err:
-            await self.worker.in_thread(lambda: discard_unbuilt(self.engine, unbuilt.id))
             raise ReferralError(f"the message does not validate: {err}") from None
-        if control_id is None:
-            raise ReferralError(f"referral {unbuilt.ref} was cancelled before it was queued")
-        return CreatedReferral(unbuilt.id, unbuilt.ref, "queued", None, control_id)
+        return await self._store(provider, request, message, on_stored, content)
+
+    def _look(
+        self, provider: ProviderConfig, request: ReferralRequest
+    ) -> tuple[CreatedReferral | None, str | None]:
+        """(the referral made before under the request's key, the consent hold); a read."""
+        with self.engine.connect() as conn:
+            earlier = earlier_referral(conn, request)
+            hold = None
+            if earlier is None and request.part2:
+                hold = consent_covering(
+                    conn, request.consent_ref, provider.name, self.worker.clock.now()
+                )[1]
+        return earlier, hold
+
+    async def _store(
+        self,
+        provider: ProviderConfig,
+        request: ReferralRequest,
+        message: bytes | None,
+        on_stored: Callable[[Connection, str], None] | None,
+        content: ReferralContent | None = None,
+    ) -> CreatedReferral:
+        now = self.worker.clock.now()
+        if content is None:
+            content = referral_content(
+                self.config, provider, request, new_referral_ref(), new_control_id(), now
+            )
+        claim = self.worker.claim_for() if message is not None else None
+        created, claimed = await self.worker.in_thread(
+            lambda: store_referral(
+                self.engine, provider, request, content, message, now,
+                on_stored=on_stored, claim=claim,
+            )
+        )  # fmt: skip
+        if created.replayed:
+            log.info("referral.replayed", referral_id=created.ref, state=created.state)
+            return created
+        if created.state == "held":
+            self.metrics.held.labels(provider.name, "part2-no-consent").inc()
+        elif created.control_id is not None:
+            self.metrics.queued.labels(provider.name).inc()
+            if claimed is not None:
+                self.worker.adopt(claimed)
+            else:
+                self.worker.wake()
+        log.info(
+            "referral.created",
+            referral_id=created.ref,
+            provider=provider.name,
+            state=created.state,
+            reason=created.hold_reason,
+            control_id=created.control_id,
+        )
+        return created
 
     async def _build_and_queue(self, unbuilt: Unbuilt) -> str | None:
         assert unbuilt.content is not None

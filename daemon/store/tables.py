@@ -866,3 +866,24 @@ clinician_positions: Table = ClinicianPositionRow.__table__  # type: ignore[assi
 # A page step reads who is busy by page state, and the recent window's pages by time.
 Index("ix_pages_state", PageRow.__table__.c.state)
 Index("ix_pages_created_at", PageRow.__table__.c.created_at)
+# --- referral cost and idempotency (refcost: issue 5, migration 0011_refcost) ------------------
+
+
+class ReferralIdempotencyRow(Base):
+    """A caller's idempotency key for one referral (the API's ``Idempotency-Key`` header, the
+    referral form's submission nonce), stored in the referral's own transaction: a second
+    submit with the same key answers with the first referral instead of making another."""
+
+    __tablename__ = "referral_idempotency"
+
+    key: Mapped[str] = mapped_column(String, primary_key=True)  # <origin>:<caller's key>
+    referral_id: Mapped[int] = mapped_column(Id, ForeignKey("referrals.id"), unique=True)
+    # SHA-256 of the request as first submitted (a reuse for another request is refused); it
+    # is derived from the person's details, so it is kept like them.
+    digest: Mapped[str] = phi_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+referral_idempotency: Table = ReferralIdempotencyRow.__table__  # type: ignore[assignment]
+# The automatic referrals' start-up look-back finds the first decision since a time.
+Index("ix_decisions_created_at", DecisionRow.__table__.c.created_at)

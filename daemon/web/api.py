@@ -292,10 +292,15 @@ class ApiV1(Resource):
     def _referral(
         self, request: Request, caller: Any, body: bytes, path: list[bytes], peer: str
     ) -> bytes | int:
-        from corespond.daemon.web.referral_api import parse_referral
+        from dataclasses import replace
+
+        from corespond.daemon.web.referral_api import idempotency_key, parse_referral
 
         assert isinstance(caller, SystemCaller) and self.referrals is not None
         wanted = parse_referral(body)
+        key = request.getHeader(b"idempotency-key")
+        if key is not None:
+            wanted = replace(wanted, idempotency_key=idempotency_key(key, caller.name))
         d = maybeDeferred(self.referrals, wanted)
         return answer_when(
             request,
@@ -353,6 +358,8 @@ class ApiV1(Resource):
     def _referral_created(self, request: Request, created: Any, system: str) -> bytes:
         log.info("web.api.referral.created", referral_id=created.ref, state=created.state,
                  system=system)  # fmt: skip
+        if getattr(created, "replayed", False):
+            request.setHeader(b"idempotent-replayed", b"true")
         return json_response(
             request,
             201,

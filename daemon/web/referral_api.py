@@ -6,10 +6,15 @@ daemon takes the person recorded on the incident's current snapshot. The referra
 (hl7apy, in a thread) and queued in the outbox before the answer: ``201 {"ref", "state",
 "hold_reason"}``. A 42 CFR Part 2 referral without a covering consent is created *held*, and
 the answer says so. Nothing in the answer or the log quotes the person or the summary.
+
+An ``Idempotency-Key`` header (a token, or a quoted string as the IETF draft writes it) makes
+a retry safe: the same key from the same system answers with the first referral (the same
+body, and ``Idempotent-Replayed: true``); the same key with a different body is refused (422).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from corespond.adapters.hl7_referral import URGENCIES, Person
@@ -25,6 +30,8 @@ PERSON_FIELDS = (
     "family", "given", "birth_date", "sex", "phone", "street", "city", "state", "postal_code",
 )  # fmt: skip
 MAX_SUMMARY_CHARS = 4000
+MAX_IDEMPOTENCY_KEY_CHARS = 100
+_IDEMPOTENCY_KEY = re.compile(rf"[\x21\x23-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}")
 MAX_PERSON_FIELD_CHARS = 200
 
 
@@ -94,4 +101,20 @@ def parse_referral(body: bytes) -> ReferralRequest:
     )  # fmt: skip
 
 
-__all__ = ["parse_person", "parse_referral"]
+def idempotency_key(header: bytes | str, system: str) -> str:
+    """The stored key for an ``Idempotency-Key`` header sent by ``system`` (keys of two
+    systems never meet), or :class:`RejectedMessage`."""
+    raw = header.decode("ascii", "replace") if isinstance(header, bytes) else header
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        raw = raw[1:-1]
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        raise RejectedMessage(
+            "invalid-field",
+            f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII "
+            "characters",
+        )
+    return f"api:{system}:{raw}"
+
+
+__all__ = ["idempotency_key", "parse_person", "parse_referral"]

@@ -12,10 +12,16 @@ Same link, same rules as the encounter form: only the clinician the page went to
 took the call, for that incident, until the link expires; server-rendered, no script, CSP by
 hash, CSRF nonce and same-origin check. The person's details are shown to that clinician only
 (the page is ``no-store``) and never logged.
+
+Each form served carries a fresh submission nonce (a hidden field), the referral's idempotency
+key: tapping "Send referral" twice, or sending the same form again, answers with the referral
+the first tap made instead of making a second one.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -65,9 +71,21 @@ SEXES = (("", "Not recorded"), ("F", "Female"), ("M", "Male"), ("O", "Other"), (
 URGENCY_LABELS = {"routine": "Routine", "asap": "As soon as possible", "stat": "Immediately"}
 FORM_FIELDS = (
     "provider", "service_type", "urgency", "summary", "part2", "consent_ref", "confirmed",
-    *PERSON_FIELDS,
+    "submission", *PERSON_FIELDS,
 )  # fmt: skip
 PART2_HOLD = "part2-no-consent"
+_SUBMISSION = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def new_submission() -> str:
+    """A form's submission nonce: the idempotency key of the referral it sends."""
+    return secrets.token_urlsafe(18)
+
+
+def posted_submission(form: Mapping[str, Sequence[str]]) -> str | None:
+    """The posted form's submission nonce, when it carries a well-formed one."""
+    values = form.get("submission", [])
+    return values[0] if len(values) == 1 and _SUBMISSION.fullmatch(values[0]) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +157,9 @@ def request_from_form(
         problems.append(("sex", "must be F, M, O or U"))
     part2 = one("part2") == "yes"
     consent_ref = text("consent_ref", MAX_ID_CHARS)
+    submission = one("submission")
+    if submission and posted_submission(form) is None:
+        problems.append(("form", "is not one this server sent: open the link again"))
     if one("confirmed") != "yes":
         problems.append(("confirmed", "confirm the person's details before referring"))
     if problems:
@@ -156,6 +177,8 @@ def request_from_form(
         consent_ref=consent_ref,
         program=found.program,
         region=found.zone,
+        # A page served before submission nonces existed sends none: no key, as before.
+        idempotency_key=f"form:{found.page_ref}:{submission}" if submission else None,
     ), []
 
 
@@ -184,8 +207,10 @@ def referral_form_page(
     encounter_url: str,
     problems: Sequence[tuple[str, str]] = (),
     status: int = 200,
+    submission: str | None = None,
 ) -> bytes:
     by_field = problems_by_field(problems)
+    submission = submission or new_submission()
 
     def first(name: str) -> str:
         return (list(form.get(name, [""])) or [""])[0]
@@ -240,6 +265,7 @@ def referral_form_page(
                by_field, extra=f" maxlength={MAX_ID_CHARS} autocomplete=off")  # fmt: skip
     parts.append(
         f'<form method=post><input type=hidden name=nonce value="{escape(nonce)}">'
+        f'<input type=hidden name=submission value="{escape(submission)}">'
         f"<fieldset><legend>Referral</legend>{referral}</fieldset>"
         f"<fieldset><legend>The person, as recorded</legend>{person}</fieldset>"
         f"<fieldset><legend>Consent</legend>{part2}</fieldset>"
@@ -260,6 +286,8 @@ def created_page(
     else:
         note = f"Queued for {provider}: it is sent and acknowledged in the background."
         heading = f"Referral {created.ref} created"
+    if created.replayed:
+        note = f"This form was already sent: this is the referral it made. {note}"
     main = (
         f"<p class=ref>Incident {escape(found.incident_ref)}</p><h1>{escape(heading)}</h1>"
         f"<p class=note role=status>{escape(note)}</p>"
@@ -296,7 +324,8 @@ class ReferralLink(Resource):
         return referral_form_page(request, found, form, self.desk,
                                   nonce=self.pages.signer.form_nonce(self.token),
                                   encounter_url=self.encounter_url, problems=problems,
-                                  status=status)  # fmt: skip
+                                  status=status,
+                                  submission=posted_submission(form))  # fmt: skip
 
     def render_GET(self, request: Request) -> bytes | int:
         claims = self.pages.claims(request, self.token)

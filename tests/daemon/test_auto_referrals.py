@@ -270,3 +270,69 @@ def test_a_rule_the_site_switched_off_is_no_trigger(tmp_path: Path) -> None:
     (problem,) = [str(p) for p in caught.value.problems]
     assert "corespond.yaml:13: at 'referrals.auto[0].when.rule'" in problem
     assert "switched off" in problem
+
+
+# --- through the referral service, woken after the commit ---------------------------------------
+
+
+def test_a_disposition_wakes_the_worker_once_its_save_has_committed(w: World) -> None:
+    """No poll: the save's commit wakes the worker, which creates the referral through the
+    service's create (here create_referral, inline) with the row's mark in its transaction.
+    A save that asks for nothing wakes nothing."""
+    from corespond.daemon.auto_referrals import AfterCommitWake
+    from corespond.daemon.referrals import create_referral
+
+    def create(request: Any, on_stored: Any) -> Any:
+        return maybeDeferred(create_referral, w.engine, CONFIG, request, datetime.now(UTC),
+                             on_stored=on_stored)  # fmt: skip
+
+    wake = AfterCommitWake()
+    worker = auto_worker(w, create=create)
+    wake.target = worker.wake
+    taken_page(w)
+    d = EncounterDesk(w.engine, OUTCOMES, clock=Clock(w.reactor), run_in_thread=wake.runner(inline),
+                      hooks=(disposition_hook(CONFIG.auto, wake.mark),))  # fmt: skip
+    (encounter,) = [r["id"] for r in rows(w, encounters)]
+    saved: list[Any] = []
+    d.update(encounter, {"disposition": "resolved_on_scene"}, False).addCallback(saved.append)
+    assert wake.woken == 0 and rows(w, auto_referrals) == []
+    d.update(encounter, {"disposition": "resolved_with_referral"}, False).addCallback(saved.append)
+    assert wake.woken == 1
+    (made,) = rows(w, referrals)
+    (wanted,) = rows(w, auto_referrals)
+    assert wanted["state"] == "done" and wanted["referral_ref"] == made["ref"]
+    assert [s["status"] for s in saved] == [saved[0]["status"]] * 2  # the desk's own answers
+    d.update(encounter, {"disposition": "resolved_with_referral", "gender": "woman"}, False)
+    assert wake.woken == 1 and len(rows(w, referrals)) == 1  # asked for before: no wake
+
+
+def test_automatic_referrals_are_built_in_the_builder_process(w: World) -> None:
+    """The daemon's path: ReferralService.create, so hl7apy never runs in the daemon's
+    process (nor on the writer thread its pages share)."""
+    import os
+
+    from twisted.internet.defer import ensureDeferred
+
+    from corespond.daemon.referrals import ReferralService
+    from tests.daemon.referral_rig import Loop, build_in_pid
+
+    loop = Loop()
+    service = ReferralService(w.engine, loop.reactor, CONFIG, clock=loop.clock,
+                              build=build_in_pid)  # fmt: skip
+    service.start()
+    worker = AutoReferrals(w.engine, CONFIG, clock=service.worker.clock,
+                           run_in_thread=service.worker.in_thread,
+                           create=service.create)  # fmt: skip
+    overdose_incident(w, "2026-002010")
+    try:
+        loop.spin(lambda: service.started.called, turns=6000)
+        worker.poll()
+        loop.spin(lambda: [r["state"] for r in rows(w, auto_referrals)] == ["done"], turns=6000)
+    finally:
+        stopped = ensureDeferred(service.stop())
+        loop.spin(lambda: stopped.called)
+    (made,) = rows(w, referrals)
+    assert rows(w, auto_referrals)[0]["referral_ref"] == made["ref"]
+    (message,) = [r["message"] for r in rows(w, referral_messages)]
+    [segment] = [s for s in message.split(b"\r") if s.startswith(b"ZPD|")]
+    assert int(segment.split(b"|")[1]) != os.getpid()

@@ -37,8 +37,12 @@ from corespond.daemon.outcomes_reference import reference_aggregates
 from corespond.daemon.referrals import (
     ReferralError,
     cancel_referral,
+    checked_provider,
+    new_control_id,
+    new_referral_ref,
+    referral_content,
     store_inbound,
-    store_unbuilt,
+    store_referral,
 )
 from corespond.daemon.rollups import fu_threshold, rebuild_rollups
 from corespond.daemon.store.tables import (
@@ -203,6 +207,17 @@ def _rri(ref: str, status: str, appointment: datetime) -> bytes:
     ).encode()
 
 
+def _store_referral(engine: Engine, req: Any) -> str:
+    """A referral stored through the service's own transaction, queued without its message
+    (as when its builder has not answered yet): the flags move with the referral's row."""
+    cfg = config()
+    provider = checked_provider(cfg, req)
+    ref = new_referral_ref()
+    content = referral_content(cfg, provider, req, ref, new_control_id(), START)
+    created, _ = store_referral(engine, provider, req, content, None, START)
+    return created.ref
+
+
 def _hl7(engine: Engine, ids: list[int], refs: list[str], op: tuple[Any, ...]) -> None:
     """An HL7 referral event, each through the referral service's own transaction."""
     _, index, answers, days = op
@@ -213,7 +228,7 @@ def _hl7(engine: Engine, ids: list[int], refs: list[str], op: tuple[Any, ...]) -
             incident = conn.execute(
                 select(encounters.c.cad_incident_no).where(encounters.c.id == ids[index % len(ids)])
             ).scalar_one()
-        refs.append(store_unbuilt(engine, config(), request(incident_ref=incident), START).ref)
+        refs.append(_store_referral(engine, request(incident_ref=incident)))
         ref = refs[-1]
     elif refs:
         ref, answers = refs[index % len(refs)], [answers]

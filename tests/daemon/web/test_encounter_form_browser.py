@@ -189,7 +189,9 @@ def test_refer_from_the_encounter_on_a_phone(
     browser: Any, served: ServedReactor, w: World, tmp_path: Path
 ) -> None:
     """Through the real referral service (its thread pool and worker on the served reactor):
-    a Part 2 referral without consent is held, and the page says why."""
+    a Part 2 referral without consent is held, and the page says why; two taps on "Send
+    referral" make one referral."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     from twisted.internet.defer import ensureDeferred
@@ -230,7 +232,10 @@ def test_refer_from_the_encounter_on_a_phone(
         browser.find_element(By.CSS_SELECTOR, "input[name=part2][value=yes]").click()
         browser.find_element(By.CSS_SELECTOR, "input[name=confirmed][value=yes]").click()
         browser.save_screenshot(str(tmp_path / "referral-form.png"))
-        browser.find_element(By.CSS_SELECTOR, "button.complete").click()
+        # Tapped twice: one referral (the form's submission nonce is its idempotency key).
+        ActionChains(browser).double_click(
+            browser.find_element(By.CSS_SELECTOR, "button.complete")
+        ).perform()
         assert created.wait(DEADLINE)
         body = browser.find_element(By.TAG_NAME, "body").text
         assert "is held" in body and "Held, not sent: 42 CFR Part 2" in body, body

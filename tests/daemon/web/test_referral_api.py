@@ -46,10 +46,14 @@ class Creator:
         return d
 
 
-def post(r: WebRig, data: bytes, token: str | None = SYSTEM_TOKEN) -> Any:
+def post(
+    r: WebRig, data: bytes, token: str | None = SYSTEM_TOKEN, key: str | None = None
+) -> Any:
     headers = [("Content-Type", "application/json")]
     if token is not None:
         headers.append(("Authorization", f"Bearer {token}"))
+    if key is not None:
+        headers.append(("Idempotency-Key", key))
     from tests.daemon.web.rig import raw
 
     return r.send(raw("POST", "/api/v1/referrals", data, headers))
@@ -154,3 +158,42 @@ def test_the_parser_refuses_precisely_or_accepts(data: bytes) -> None:
         assert err.code in {"bad-encoding", "malformed-json", "invalid-field", "missing-field"}
     else:
         assert request.incident_ref and request.provider
+
+
+def test_an_idempotency_key_is_scoped_to_the_system_and_a_replay_says_so() -> None:
+    creator = Creator()
+    r = web_rig(referrals=creator)
+    first = post(r, body(), key="8e03978e-40d5-43e8-bc93-6894a57f9324")
+    again = post(r, body(), key='"8e03978e-40d5-43e8-bc93-6894a57f9324"')  # sf-string form
+    plain = post(r, body())
+    keys = [q.idempotency_key for q in creator.requests]
+    assert keys == ["api:avl:8e03978e-40d5-43e8-bc93-6894a57f9324"] * 2 + [None]
+    creator.pending[0].callback(CreatedReferral(1, "R00001", "queued", None, "CR1"))
+    creator.pending[1].callback(CreatedReferral(1, "R00001", "queued", None, "CR1", True))
+    creator.pending[2].callback(CreatedReferral(2, "R00002", "queued", None, "CR2"))
+    got, replayed = answer(first), answer(again)
+    assert got.status == replayed.status == 201 and got.json() == replayed.json()
+    assert b"idempotent-replayed" not in got.headers
+    assert replayed.headers[b"idempotent-replayed"] == b"true"
+    assert b"idempotent-replayed" not in answer(plain).headers
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 101, "caf\u00e9", '"unterminated'])
+def test_a_bad_idempotency_key_is_refused_before_anything_is_made(key: str) -> None:
+    creator = Creator()
+    got = answer(post(web_rig(referrals=creator), body(), key=key))
+    assert got.status == 400 and "Idempotency-Key" in got.json()["reason"]
+    assert creator.requests == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120))
+def test_idempotency_key_headers_never_crash(header: bytes) -> None:
+    from corespond.daemon.web.referral_api import idempotency_key
+
+    try:
+        key = idempotency_key(header, "avl")
+    except RejectedMessage as err:
+        assert err.code == "invalid-field"
+    else:
+        assert key.startswith("api:avl:") and len(key) <= 8 + 100 and key.isascii()

@@ -135,6 +135,7 @@ REFERRAL_REASONS = (
     "must be one of stat, asap, routine",
     "must be F, M, O or U",
     "confirm the person's details before referring",
+    "is not one this server sent: open the link again",
 )
 
 
@@ -233,6 +234,41 @@ def test_a_part2_referral_without_consent_is_held_and_says_why(w: World) -> None
     got = request(site, "POST", f"/encounter/{token}/referral", post_body(token, covered),
                   FORM_HEADERS)  # fmt: skip
     assert got.status == 201 and stored_referrals(w)[-1]["state"] == "queued"
+
+
+def test_sending_the_same_form_twice_makes_one_referral(w: World) -> None:
+    """Two taps on "Send referral" post the form's submission nonce twice: the second answers
+    with the referral the first made. A form served again carries a new nonce."""
+    taken_page(w)
+    site, _desk = form_site(w, referral_page=referral_pages(referral_desk(w)))
+    token = encounter_token(w)
+    shown = request(site, "GET", f"/encounter/{token}/referral")
+    [submission] = re.findall(r'name=submission value="([^"]+)"', shown.text)
+    [another] = re.findall(r'name=submission value="([^"]+)"',
+                           request(site, "GET", f"/encounter/{token}/referral").text)  # fmt: skip
+    assert submission != another
+    form = {**GOOD, "submission": [submission]}
+    first = request(site, "POST", f"/encounter/{token}/referral", post_body(token, form),
+                    FORM_HEADERS)  # fmt: skip
+    again = request(site, "POST", f"/encounter/{token}/referral", post_body(token, form),
+                    FORM_HEADERS)  # fmt: skip
+    (row,) = stored_referrals(w)
+    assert first.status == again.status == 201
+    assert f"Referral {row['ref']} created" in first.text and "already sent" not in first.text
+    assert f"Referral {row['ref']} created" in again.text and "already sent" in again.text
+    # The same nonce with other contents is refused, and says so without quoting them.
+    changed = {**form, "summary": ["ZQXOTHER summary"]}
+    refused = request(site, "POST", f"/encounter/{token}/referral", post_body(token, changed),
+                      FORM_HEADERS)  # fmt: skip
+    assert refused.status == 422 and "idempotency key was used for another request" in refused.text
+    assert "ZQXOTHER" not in refused.text.split("</textarea>")[-1]
+    # Another form (its own nonce) makes another referral; a forged nonce makes none.
+    request(site, "POST", f"/encounter/{token}/referral",
+            post_body(token, {**GOOD, "submission": [another]}), FORM_HEADERS)  # fmt: skip
+    forged = request(site, "POST", f"/encounter/{token}/referral",
+                     post_body(token, {**GOOD, "submission": ["<x>"]}), FORM_HEADERS)  # fmt: skip
+    assert forged.status == 422 and "open the link again" in forged.text
+    assert len(stored_referrals(w)) == 2
 
 
 def test_refused_referrals_show_why_and_create_nothing(w: World) -> None:

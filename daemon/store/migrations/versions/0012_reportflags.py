@@ -5,7 +5,7 @@ the report by month groups them. Both tables are made again with the new columns
 rollup is rebuilt from the encounters (this is also the backfill of 0009_rollup's tables).
 
 Revision ID: 0012_reportflags
-Revises: 0010_pagecost
+Revises: 0011_refcost
 Create Date: 2026-11-27
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012_reportflags"
-down_revision: str | None = "0010_pagecost"
+down_revision: str | None = "0011_refcost"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

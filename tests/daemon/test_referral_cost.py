@@ -1,0 +1,194 @@
+"""What a referral costs the shared writer, and idempotency keys.
+
+A referral made in the daemon is one transaction: the referral, its message and the claim of
+that message for this daemon's worker, handed to the provider's sender without a poll.
+Idempotency keys are unique per referral: a repeat answers with the first referral, on SQLite
+and PostgreSQL, also when both submits race (PostgreSQL's unique index makes the second wait
+for the first and fail, and it then answers with the first).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, func, select, text
+from twisted.internet.defer import ensureDeferred
+
+from corespond.daemon.referrals import (
+    CreatedReferral,
+    ReferralError,
+    ReferralService,
+    referral_content,
+    store_referral,
+)
+from corespond.daemon.store.tables import referral_idempotency, referral_messages, referrals
+from tests.daemon.referral_rig import Loop, Peer, config, now, request, with_port
+
+KEY = "api:avl:8e03978e-40d5-43e8-bc93-6894a57f9324"
+
+
+def count(engine: Engine, table: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+class Commits:
+    """Counts the transactions committed on ``engine``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.n = 0
+        self.engine = engine
+        event.listen(engine, "commit", self._count)
+
+    def _count(self, _conn: Any) -> None:
+        self.n += 1
+
+    def close(self) -> None:
+        event.remove(self.engine, "commit", self._count)
+
+
+def started(engine: Engine, loop: Loop, port: int, **kw: Any) -> ReferralService:
+    # A poll interval far beyond the test: anything sent was handed over, not polled for.
+    cfg = replace(with_port(config(), "csu", port), poll_interval=3600.0, **kw)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock)
+    service.start()
+    loop.spin(lambda: service.started.called, turns=6000)
+    loop.spin(lambda: not service.worker._polling)  # the first poll's claim, done
+    return service
+
+
+def stop(loop: Loop, service: ReferralService, peer: Peer) -> None:
+    stopped = ensureDeferred(service.stop())
+    loop.spin(lambda: stopped.called)
+    peer.stop()
+
+
+def created(loop: Loop, service: ReferralService, **kw: Any) -> CreatedReferral:
+    d = service.create(request(**kw))
+    loop.spin(lambda: d.called, turns=6000)
+    result: Any = d.result
+    if not isinstance(result, CreatedReferral):
+        result.raiseException()
+    return result
+
+
+def test_a_referral_is_one_transaction_and_goes_out_without_a_poll(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop).start()
+    service = started(engine, loop, peer.port)
+    commits = Commits(engine)
+    try:
+        first = created(loop, service)
+        assert commits.n == 1  # the referral, its message and the claim
+        loop.spin(lambda: service.worker.delivered == 1)
+        second = created(loop, service, incident_ref="I-2")
+        loop.spin(lambda: service.worker.delivered == 2)
+    finally:
+        stop(loop, service, peer)
+        commits.close()
+    assert peer.control_ids() == [first.control_id, second.control_id]
+    assert commits.n == 4  # two referrals, two results (no claim, no poll)
+    with engine.connect() as conn:
+        assert set(conn.execute(select(referral_messages.c.state)).scalars()) == {"delivered"}
+
+
+def test_a_message_another_daemon_is_sending_to_waits_for_the_poll(engine: Engine) -> None:
+    """Another worker holds a live claim on the provider: the new message is queued, not
+    claimed (one sender per provider across daemons), and this worker does not send it."""
+    loop = Loop()
+    peer = Peer(loop).start()
+    service = started(engine, loop, peer.port)
+    cfg = service.config
+    try:
+        provider = cfg.providers[0]
+        content = referral_content(cfg, provider, request(), "RBUSY", "CRBUSY0001", now())
+        store_referral(engine, provider, request(), content, b"MSH|busy\r", now(),
+                       claim=("other-daemon", service.worker._lease()))  # fmt: skip
+        mine = created(loop, service, incident_ref="I-2")
+        loop.settle()
+    finally:
+        stop(loop, service, peer)
+    assert peer.received == []
+    with engine.connect() as conn:
+        query = select(referral_messages.c.control_id, referral_messages.c.state)
+        rows = {control_id: state for control_id, state in conn.execute(query)}
+    assert rows == {"CRBUSY0001": "sending", mine.control_id: "pending"}
+
+
+def test_the_same_idempotency_key_answers_with_the_first_referral(engine: Engine) -> None:
+    loop = Loop()
+    peer = Peer(loop).start()
+    service = started(engine, loop, peer.port)
+    try:
+        first = created(loop, service, idempotency_key=KEY)
+        again = created(loop, service, idempotency_key=KEY)
+        other = created(loop, service, idempotency_key=KEY + "-2")
+        d = service.create(request(idempotency_key=KEY, summary="a different summary"))
+        loop.spin(lambda: d.called)
+        failure: Any = d.result
+        d.addErrback(lambda _: None)
+        held = created(loop, service, idempotency_key="form:P1:n1", part2=True)
+        held_again = created(loop, service, idempotency_key="form:P1:n1", part2=True)
+        loop.spin(lambda: service.worker.delivered == 2)
+    finally:
+        stop(loop, service, peer)
+    assert not first.replayed and again.replayed
+    assert (again.id, again.ref, again.control_id) == (first.id, first.ref, first.control_id)
+    assert again.state in ("queued", "delivered")  # as it is now: it may have gone meanwhile
+    assert other.ref != first.ref
+    assert failure.check(ReferralError)
+    assert "idempotency key was used for another request" in str(failure.value)
+    assert first.ref in str(failure.value) and "different summary" not in str(failure.value)
+    assert held.state == "held" and held_again.replayed and held_again.ref == held.ref
+    assert count(engine, referrals) == 3 and count(engine, referral_idempotency) == 3
+    assert sorted(peer.control_ids()) == sorted([first.control_id, other.control_id])
+
+
+def _lock_waiters(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_submits_racing_with_one_key_make_one_referral(engine: Engine) -> None:
+    """The second submit's insert waits on the first's uncommitted key (PostgreSQL), fails
+    when the first commits, and answers with the first referral."""
+    cfg = config()
+    provider = cfg.providers[0]
+    wanted = request(idempotency_key=KEY)
+    results: dict[str, Any] = {}
+
+    def submit(name: str, on_stored: Any = None) -> None:
+        content = referral_content(cfg, provider, wanted, "R" + name, "CR" + name, now())
+        try:
+            results[name] = store_referral(
+                engine, provider, wanted, content, b"MSH|x\r", now(), on_stored=on_stored
+            )[0]
+        except Exception as err:  # reported below
+            results[name] = err
+
+    second = threading.Thread(target=submit, args=("SECOND",))
+
+    def start_the_second_and_wait_for_it(_conn: Any, _ref: str) -> None:
+        second.start()
+        for _ in range(1_000_000):  # until it waits on our uncommitted key
+            if _lock_waiters(engine):
+                return
+        raise AssertionError("the second submit never waited for the first")
+
+    submit("FIRST", start_the_second_and_wait_for_it)
+    second.join(30)
+    first, again = results["FIRST"], results["SECOND"]
+    assert isinstance(first, CreatedReferral) and not first.replayed
+    assert isinstance(again, CreatedReferral) and again.replayed and again.ref == "RFIRST"
+    assert count(engine, referrals) == 1 and count(engine, referral_messages) == 1
