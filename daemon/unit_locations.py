@@ -20,12 +20,13 @@ call's time of change). ``paging.unit_status.map`` (over
 :data:`~corespond.daemon.responders.DEFAULT_UNIT_STATUSES`) says what a word means; a word it
 does not know is ignored and counted (``unknown_statuses``, the metric
 ``corespond_cad_unit_statuses_total{outcome="unknown"}``). The change goes through
-:meth:`~corespond.daemon.responders.CadUnitDesk.unit_status`: the same availability and
-page-answer path as a reply, ordered by the CAD's time. A status on the call the clinician was
-paged for answers that page (``Dispatched``: accept, ``EnRoute``: en route, ``OnScene``: on
+:meth:`~corespond.daemon.responders.CadUnitDesk.unit_status`: the same availability and page-
+answer path as a reply, ordered by the CAD's time; a status the unit already had (every EIDO
+repeats every unit) is no change and costs no transaction. A status on the call the clinician
+was paged for answers that page (``Dispatched``: accept, ``EnRoute``: en route, ``OnScene``: on
 scene) unless ``paging.unit_status.answers_pages`` is false or the EIDO says the unit works
-another call (``activeOnIncidentId``): a dispatcher or the clinician set it in the CAD, a
-human answer, not a delivery receipt.
+another call (``activeOnIncidentId``): a dispatcher or the clinician set it in the CAD, a human
+answer, not a delivery receipt.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class EidoUnitLocations:
         # call repeats every unit, and a repeat must cost no transaction.
         self._status_seen: dict[str, tuple[datetime, str]] = {}
         self._unknown_said: set[tuple[str, str]] = set()
+        self._answers_sent: set[tuple[str, int, str]] = set()  # (clinician, incident, meaning)
         self.recorded = 0
         self.rejected = 0
         self.statuses_applied = 0
@@ -184,20 +186,34 @@ class EidoUnitLocations:
             return
         if meaning == IGNORE:
             return
-        seen = self._status_seen.get(clinician_id)
-        if seen is not None and at < seen[0]:
-            self._count("older")  # what the store would say, without the transaction
-            return
-        if seen is not None and at == seen[0] and meaning == seen[1]:
-            return  # a repeat: every EIDO of a call carries every unit again
         own_call = self.answers_pages and (
             active_on is None or active_on == record.snapshot.incident_id
         )
         answer = PAGE_ANSWERS.get(meaning) if own_call else None
+        if answer is not None:
+            # Once per call and meaning: every EIDO of the call repeats the unit. Its time
+            # does not matter here (a page never moves backwards).
+            key = (clinician_id, stored.incident_pk, meaning)
+            if key in self._answers_sent:
+                answer = None
+            else:
+                if len(self._answers_sent) >= 10_000:
+                    self._answers_sent.clear()
+                self._answers_sent.add(key)
+        seen = self._status_seen.get(clinician_id)
+        if answer is None:
+            if seen is not None and at < seen[0]:
+                self._count("older")  # what the store would say, without the transaction
+                return
+            if seen is not None and meaning == seen[1]:
+                # No change: every EIDO of a call carries every unit again, and a unit's own
+                # updates repeat its status. A repeat does not undo a clinician's later word.
+                return
         state = None if meaning == ASSIGNED else Availability(meaning)
         if state is None and answer is None:
             return
-        self._status_seen[clinician_id] = (at, meaning)
+        if seen is None or at >= seen[0]:
+            self._status_seen[clinician_id] = (at, meaning)
         change = UnitStatusChange(clinician_id, state, answer, at, stored.incident_pk,
                                   f"cad:{record.feed}")  # fmt: skip
         self.desk.unit_status(change).addCallbacks(
@@ -212,15 +228,21 @@ class EidoUnitLocations:
         if outcome.answered is not None:
             self.pages_answered += 1
             self._count("answered")
-        self._count("applied" if outcome.applied else "older" if outcome.older else "unchanged")
-        log.info("avl.unit_status.recorded", source=change.via, clinician_id=change.clinician_id,
-                 unit=unit, state=change.state.value if change.state else None,
-                 outcome="applied" if outcome.applied else "older" if outcome.older
-                 else "unchanged", page_ref=outcome.answered)  # fmt: skip
+        said = "applied" if outcome.applied else "older" if outcome.older else "unchanged"
+        self._count(said)
+        (log.info if outcome.applied or outcome.answered else log.debug)(
+            "avl.unit_status.recorded", source=change.via, clinician_id=change.clinician_id,
+            unit=unit, state=change.state.value if change.state else None, outcome=said,
+            page_ref=outcome.answered,
+        )  # fmt: skip
 
     def _status_failed(self, failure: Failure, change: UnitStatusChange, unit: str) -> None:
+        # The next update may carry it again.
         if self._status_seen.get(change.clinician_id, (None, None))[0] == change.at:
-            del self._status_seen[change.clinician_id]  # the next update may carry it again
+            del self._status_seen[change.clinician_id]
+        if change.answer is not None and change.incident_pk is not None:
+            call = (change.clinician_id, change.incident_pk)
+            self._answers_sent = {k for k in self._answers_sent if k[:2] != call}
         self._count("failed")
         log.error("avl.unit_status.failed", source=change.via, clinician_id=change.clinician_id,
                   unit=unit, error=error_text(failure))  # fmt: skip

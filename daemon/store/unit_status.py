@@ -5,11 +5,11 @@ the page answer through :func:`~corespond.daemon.store.paging.apply_answer`, the
 reply and the API use, so the clinician's state, the page, the escalation chain and the
 encounter's timeline agree whichever way the news came.
 
-Order is the CAD's: a status applies only when its time is not older than the clinician's
-current availability (``clinician_states.changed_at``, which a CAD status sets to its own
-time and a reply or the API to when it arrived). An older status arriving late changes no
-availability; it may still answer the page of its call (a page never moves backwards), and
-the availability that answer would have written is put back.
+Order is the CAD's: a status changes the availability only when it differs from it and its time
+is not older than the clinician's current availability (``clinician_states.changed_at``, which a
+CAD status sets to its own time and a reply or the API to when it arrived). An older status
+arriving late changes no availability; it may still answer the page of its call (a page never
+moves backwards), and the availability that answer would have written is put back.
 """
 
 from __future__ import annotations
@@ -54,11 +54,8 @@ def apply_unit_status(
         return UnitStatusOutcome(applied=False, older=True, answered=answered)
     if change.state is None:
         return UnitStatusOutcome(applied=False, older=False, answered=answered)
-    same = (
-        prior is not None
-        and prior.availability == change.state.value
-        and prior.changed_at == change.at
-    )
+    # The same state again is no change: it keeps the time it began.
+    same = prior is not None and prior.availability == change.state.value
     if not same:
         write_availability(conn, change.clinician_id, change.state, change.via, change.at)
     return UnitStatusOutcome(applied=not same, older=False, answered=answered)

@@ -271,6 +271,11 @@ def test_a_units_cad_status_sets_its_clinicians_availability_in_the_cads_order(
     d.post(on_call(traffic_stop(90), cleared, ("m21", "Cleared")))  # any case
     d.turner.until_true(lambda: states(d)[0][1] == "available")
     assert states(d) == [("c-3", "available", cleared, "cad:cad-json")]
+    # The same state again, later (a unit's updates repeat its status): no change, no
+    # transaction; the state keeps the time it began.
+    d.post(on_call(traffic_stop(90), cleared + timedelta(seconds=5), ("M21", "Available")))
+    d.settle()
+    assert states(d) == [("c-3", "available", cleared, "cad:cad-json")]
     # A clinician's own word (reply, API) is as new as its arrival: an older CAD status after
     # it changes nothing, a newer one does.
     assert d.app.paging is not None
@@ -279,9 +284,9 @@ def test_a_units_cad_status_sets_its_clinicians_availability_in_the_cads_order(
     d.settle()
     assert states(d)[0][1:] == ("unavailable", as_utc(states(d)[0][2]), "api")
     later = (d.now() + timedelta(seconds=1)).replace(microsecond=0)
-    d.post(on_call(traffic_stop(90), later, ("M21", "OutOfService")))
+    d.post(on_call(traffic_stop(90), later, ("M21", "InService")))
     d.turner.until_true(lambda: states(d)[0][3] != "api")
-    assert states(d) == [("c-3", "unavailable", later, "cad:cad-json")]
+    assert states(d) == [("c-3", "available", later, "cad:cad-json")]
     d.turner.until_true(lambda: statuses(d, "applied") == 3)
     assert statuses(d, "older") == 2
 
