@@ -124,6 +124,7 @@ class _Poster:
         self.reactor = reactor
         self.agent, self.pool = make_agent(reactor, connect_timeout=TIMEOUT)
         self.answers: list[int] = []
+        self.stopping = False
 
     def post(self, url: str, body: bytes, headers: dict[bytes, bytes], what: str) -> Deferred[Any]:
         d = request(self.agent, self.reactor, b"POST", url, headers=headers, body=body,
@@ -136,6 +137,9 @@ class _Poster:
 
         def failed(failure: Any) -> None:
             failure.trap(HttpFailure)
+            if self.stopping:  # the demo is stopping: what was in flight is dropped
+                log.debug("demo.peer.dropped", kind=what, error=error_text(failure))
+                return
             log.warning("demo.peer.unreachable", kind=what, error=error_text(failure))
 
         return d.addCallbacks(answered, failed)
@@ -443,6 +447,7 @@ class DemoEncounterForms:
         self.agent, self.pool = make_agent(reactor, connect_timeout=TIMEOUT)
         self.completed: list[str] = []  # page references
         self.failed = 0
+        self.stopping = False
 
     def took(self, page_text: str, page_ref: str | None, delay: float) -> None:
         """The demo clinician answers ``page_text`` taking the call, ``delay`` seconds from now:
@@ -458,7 +463,9 @@ class DemoEncounterForms:
 
         def failed(failure: Any) -> None:
             self.failed += 1
-            log.warning("demo.form.failed", page_ref=page_ref, error=error_text(failure))
+            (log.debug if self.stopping else log.warning)(
+                "demo.form.failed", page_ref=page_ref, error=error_text(failure)
+            )
 
         return d.addErrback(failed)
 
@@ -794,6 +801,9 @@ class DemoPeers:
         )
 
     async def stop(self) -> None:
+        self.poster.stopping = True
+        if self.forms is not None:
+            self.forms.stopping = True
         if self.avl is not None:
             self.avl.stop()
         if self.referrals is not None:
