@@ -497,7 +497,7 @@ class DemoEncounterForms:
         if answer.code != 200 or b"Saved and completed." not in answer.body:
             raise DemoPeersError(f"the form was not completed (HTTP {answer.code})")
         self.completed.append(page_ref or "")
-        log.info("demo.form.completed", page_ref=page_ref, code=disposition)
+        log.info("demo.form.completed", page_ref=page_ref)  # what was recorded stays unsaid
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
