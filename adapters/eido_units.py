@@ -12,9 +12,16 @@ This is separate from :mod:`corespond.adapters.eido` on purpose: snapshots do no
 positions (a snapshot is the incident), and the incident parse stays as fast as it is. The
 daemon reads unit positions only from EIDOs that name a ``unitLocationReference``.
 
+Each resource's status comes out too (:class:`UnitStatus`): its last
+``secondaryUnitStatusRegistryText`` (``Dispatched``, ``EnRoute``, ``OnScene``, ``Cleared``...),
+else its ``primaryUnitStatusRegistryText`` (``Available``, ``NotAvailable``...), as the incident
+parse reads it, with the resource's own ``lastUpdateTimeStamp`` (else the EIDO's) as the time the
+CAD set it, and ``activeOnIncidentId`` when the CAD says which call the unit works.
+
 A resource without a reference, or whose referenced location has no point (civic only), gives
-no fix and no error. Anything else that does not parse is a :class:`RejectedMessage` with a
-JSON pointer, per unit, so one bad unit does not hide the others' positions.
+no fix and no error; one without a status gives no status. Anything else that does not parse
+is a :class:`RejectedMessage` with a JSON pointer, per unit, so one bad unit does not hide the
+others' positions.
 """
 
 from __future__ import annotations
@@ -45,9 +52,21 @@ class UnitFix:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitStatus:
+    """One CAD unit's status word, as the EIDO gives it, and when the CAD set it."""
+
+    unit: str
+    status: str
+    at: datetime | None  # None: neither the resource nor the EIDO says when
+    active_on: str | None  # activeOnIncidentId: the call the unit works, when the CAD says
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
 class UnitLocations:
     fixes: tuple[UnitFix, ...]
     problems: tuple[RejectedMessage, ...]
+    statuses: tuple[UnitStatus, ...] = ()
 
 
 NONE: Final = UnitLocations((), ())
@@ -59,10 +78,10 @@ def may_have_unit_locations(message: bytes) -> bool:
     return MARKER in message
 
 
-def unit_locations_of_message(message: bytes) -> UnitLocations:
-    """The unit positions in one EIDO message; never raises for bad input (a message that is
-    not JSON at all is one problem)."""
-    if not may_have_unit_locations(message):
+def unit_locations_of_message(message: bytes, *, statuses: bool = False) -> UnitLocations:
+    """The unit positions (and with ``statuses``, the unit statuses) in one EIDO message; never
+    raises for bad input (a message that is not JSON at all is one problem)."""
+    if not statuses and not may_have_unit_locations(message):
         return NONE
     try:
         doc = load_json(message)
@@ -77,6 +96,7 @@ def unit_locations(doc: Any) -> UnitLocations:
         return UnitLocations((), (RejectedMessage("invalid-field", "not a JSON object", "/"),))
     fixes: list[UnitFix] = []
     problems: list[RejectedMessage] = []
+    statuses: list[UnitStatus] = []
     try:
         eido_time = _time(doc, "")
         locations = _locations_by_id(doc)
@@ -85,13 +105,47 @@ def unit_locations(doc: Any) -> UnitLocations:
         return UnitLocations((), (err,))
     for where, resource in resources:
         try:
+            status = _unit_status(resource, where, eido_time)
             fix = _unit_fix(resource, where, locations, eido_time)
         except RejectedMessage as err:
             problems.append(err)
             continue
+        if status is not None:
+            statuses.append(status)
         if fix is not None:
             fixes.append(fix)
-    return UnitLocations(tuple(fixes), tuple(problems))
+    return UnitLocations(tuple(fixes), tuple(problems), tuple(statuses))
+
+
+def _unit_status(
+    resource: Mapping[str, Any], where: str, eido_time: datetime | None
+) -> UnitStatus | None:
+    # As the incident parse reads it: the last secondary status, else the primary one.
+    key = "secondaryUnitStatusRegistryText"
+    secondary = resource.get(key)
+    if secondary is not None and not isinstance(secondary, list):
+        raise RejectedMessage("invalid-field", "must be an array", f"{where}/{key}")
+    words = [w for i, x in enumerate(secondary or ()) if (w := _word(x, f"{where}/{key}/{i}"))]
+    status = words[-1] if words else _text(resource, "primaryUnitStatusRegistryText", where)
+    if status is None:
+        return None
+    if len(status) > MAX_UNIT_CHARS:
+        raise RejectedMessage("invalid-field", f"a unit status is at most {MAX_UNIT_CHARS} "
+                              "characters", f"{where}/{key}")  # fmt: skip
+    unit = _unit_name(resource, where)
+    active_on = _text(resource, "activeOnIncidentId", where)
+    return UnitStatus(unit, status, _time(resource, where) or eido_time, active_on, where)
+
+
+def _unit_name(resource: Mapping[str, Any], where: str) -> str:
+    unit = _text(resource, "emergencyResourceName", where) or _text(resource, "$id", where)
+    if unit is None:
+        raise RejectedMessage("missing-field", "a resource needs emergencyResourceName or $id",
+                              where)  # fmt: skip
+    if len(unit) > MAX_UNIT_CHARS:
+        raise RejectedMessage("invalid-field", f"a unit id is at most {MAX_UNIT_CHARS} characters",
+                              f"{where}/emergencyResourceName")  # fmt: skip
+    return unit
 
 
 def _unit_fix(
@@ -110,13 +164,7 @@ def _unit_fix(
     if target is None:
         raise RejectedMessage("missing-field", "the reference has no $ref",
                               f"{where}/unitLocationReference/$ref")  # fmt: skip
-    unit = _text(resource, "emergencyResourceName", where) or _text(resource, "$id", where)
-    if unit is None:
-        raise RejectedMessage("missing-field", "a resource needs emergencyResourceName or $id",
-                              where)  # fmt: skip
-    if len(unit) > MAX_UNIT_CHARS:
-        raise RejectedMessage("invalid-field", f"a unit id is at most {MAX_UNIT_CHARS} characters",
-                              f"{where}/emergencyResourceName")  # fmt: skip
+    unit = _unit_name(resource, where)
     found = locations.get(target)
     if found is None:
         raise RejectedMessage("invalid-field", "refers to no locationComponent of this EIDO",
@@ -157,14 +205,16 @@ def _items(obj: Mapping[str, Any], key: str, where: str) -> Iterator[tuple[str, 
 
 
 def _text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
+    return _word(obj.get(key), f"{where}/{key}")
+
+
+def _word(value: Any, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RejectedMessage("invalid-field", "must be a string", f"{where}/{key}")
+        raise RejectedMessage("invalid-field", "must be a string", where)
     if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value if ord(c) > 0x7F):
-        raise RejectedMessage("invalid-field", "holds a NUL or an unpaired surrogate",
-                              f"{where}/{key}")  # fmt: skip
+        raise RejectedMessage("invalid-field", "holds a NUL or an unpaired surrogate", where)
     return value.strip() or None
 
 
@@ -177,6 +227,7 @@ __all__ = [
     "MARKER",
     "UnitFix",
     "UnitLocations",
+    "UnitStatus",
     "may_have_unit_locations",
     "unit_locations",
     "unit_locations_of_message",

@@ -59,6 +59,11 @@ from corespond.daemon.store.writer import IncidentStore
 log = structlog.get_logger(__name__)
 
 
+# How often the demo's CAD sends its crisis units' positions and statuses, in simulator ticks
+# (15 s at the demo's 1.5 s).
+CAD_UNIT_TICKS = 10
+
+
 class StartupError(SafeMessage, Exception):
     """The daemon cannot start; the message says why and what to do."""
 
@@ -103,7 +108,12 @@ def activity_lines(a: Activity) -> list[str]:
         f"  no answer           {a.unanswered:>8}   (timed out, or another clinician took it)",
         f"  escalations         {a.escalated:>8}   (of {a.chains} calls: went past the first "
         f"page; {a.reached_supervisor} reached a supervisor, {a.reached_dispatch} dispatch)",
-        f"Referrals, this run: {a.referral_total}",
+        f"  AVL fixes from CAD  {a.avl_fixes:>8}   (EIDO unit locations; pages the CAD's unit "
+        f"status answered: {a.cad_answers})",
+        f"  encounters done     {a.encounters_completed:>8}   (completed on the encounter form "
+        "or the API)",
+        f"Referrals, this run: {a.referral_total}   (automatic, from a disposition or a rule: "
+        f"{a.auto_referrals})",
     ]
     for r in a.referrals:
         ack = r.ack_code or "no ACK yet"
@@ -199,13 +209,16 @@ class Corespond:
             )
             self.pipeline.observers.append(self.paging.observe)
             self.pipeline.current_observers.append(self.paging.observe_current)
-            # AVL from the CAD feeds: EIDO unit positions become clinicians' fixes.
+            # AVL from the CAD feeds: unit positions and statuses become clinicians' fixes
+            # and availability.
             from corespond.daemon.unit_locations import EidoUnitLocations
 
             paging = self.paging
             self.unit_locations = EidoUnitLocations(
-                paging, lambda: paging.roster, self.store.store_reject
-            )
+                paging, lambda: paging.roster, self.store.store_reject,
+                statuses=config.paging.unit_statuses,
+                answers_pages=config.paging.unit_status_answers_pages, registry=self.registry,
+            )  # fmt: skip
             self.pipeline.snapshot_observers.append(self.unit_locations.observe)
             if pagers is None:
                 metrics = GatewayMetrics(self.registry)
@@ -221,6 +234,7 @@ class Corespond:
             clinician_desk = clinician_desk or self.paging
         self.watchdog: Watchdog | None = None
         self.simulator: Any = None
+        self.cad_units: Any = None
         self._metrics_port: Any = None
         # The paging core's desks, which the web listener (ack page, API) calls into.
         self.page_desk = page_desk
@@ -620,6 +634,20 @@ class Corespond:
             first=first,
         )
         self.simulator.start()
+        if http_url is not None and self.config.paging is not None:
+            from corespond.daemon.demo import CadUnitUpdates
+
+            # The same CAD's AVL: positions and statuses of the roster's crisis units.
+            from corespond.daemon.store.activity import open_pages_of
+
+            simulator = self.simulator
+            self.cad_units = CadUnitUpdates(
+                self.reactor, self.clock, self.config.paging.roster, url=http_url, token=token,
+                seed=sim.seed, interval=CAD_UNIT_TICKS * sim.interval_seconds,
+                calls=lambda: simulator.eido_calls,
+                paged=lambda ids: self.store.run_read(lambda conn: open_pages_of(conn, ids)),
+            )  # fmt: skip
+            self.cad_units.start()
 
     async def reload(self) -> bool:
         """Reload the configuration file, then the rules: each all or nothing. Says which, in
@@ -780,6 +808,8 @@ class Corespond:
             self.rules_watcher.stop()
         if self.simulator is not None:
             self.simulator.stop()
+        if self.cad_units is not None:
+            self.cad_units.stop()
         if self.demo_peers is not None:
             await self.demo_peers.stop()
         if self._metrics_port is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -250,6 +250,7 @@ class DemoPeersConfig:
     avl_system: str | None = None
     referral_provider: str | None = None
     referral_share: float = 0.7
+    form_share: float = 0.0  # of the pages they take: completed on the encounter form
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,10 @@ class PagingConfig:
     routing_url: str | None = None  # an OSRM-compatible service for drive-time ETAs
     routing_timeout_seconds: float = 2.0
     nmea_listen: ListenConfig | None = None  # AVL devices streaming NMEA 0183 over TCP
+    # CAD unit status word (casefolded) -> availability, "assigned" or "ignore": the defaults
+    # of corespond.daemon.responders.DEFAULT_UNIT_STATUSES with ``unit_status.map`` over them.
+    unit_statuses: Mapping[str, str] = field(default_factory=dict)
+    unit_status_answers_pages: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -1036,6 +1041,10 @@ class DemoSection(Section):
                         "referral_share": share(
                             "share of accepted calls the demo clinicians refer", 0.7
                         ),
+                        "form_share": share(
+                            "share of the pages they take that the demo clinicians complete on "
+                            "the encounter form (GET and POST, as the phone would)", 0.0
+                        ),
                     },
                     required=("wctp_port", "sms_port", "mllp_port"),
                     nullable=True,
@@ -1174,6 +1183,29 @@ class PagingSection(Section):
                     "time limit of one routing request", exclusiveMinimum=0, default=2.0,
                 ),
                 "nmea_listen": LISTEN_SCHEMA,
+                "unit_status": obj(
+                    {
+                        "map": {
+                            "type": ["object", "null"],
+                            "propertyNames": {"minLength": 1, "maxLength": 64},
+                            "description": "CAD unit status word (any case) -> what it means "
+                            "for the clinician riding as the unit; over the defaults "
+                            "(README: CAD unit status)",
+                            "additionalProperties": choice(
+                                "availability it sets; assigned: accepts that call's page; "
+                                "ignore: nothing", _unit_status_targets(),
+                            ),
+                        },
+                        "answers_pages": boolean(
+                            "a unit status on the call a clinician was paged for answers the "
+                            "page (Dispatched: accept, EnRoute: en route, OnScene: on scene)",
+                            True,
+                        ),
+                    },
+                    nullable=True,
+                    description="CAD unit statuses (EIDO, New World) set the availability of "
+                    "the clinician riding as the unit (the roster's units:)",
+                ),
             },
             required=("roster",),
             nullable=True,
@@ -1208,7 +1240,26 @@ class PagingSection(Section):
             nmea_listen=parse_listen(raw["nmea_listen"], ("paging", "nmea_listen"), ctx)
             if "nmea_listen" in raw
             else None,
+            unit_statuses=unit_status_map((values.get("unit_status") or {}).get("map") or {}),
+            unit_status_answers_pages=bool(
+                (values.get("unit_status") or {}).get("answers_pages", True)
+            ),
         )
+
+
+def _unit_status_targets() -> tuple[str, ...]:
+    from corespond.daemon.responders import UNIT_STATUS_TARGETS
+
+    return UNIT_STATUS_TARGETS
+
+
+def unit_status_map(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The effective CAD unit status map, keys casefolded: the defaults, then ``overrides``."""
+    from corespond.daemon.responders import DEFAULT_UNIT_STATUSES
+
+    merged = {word.casefold(): target for word, target in DEFAULT_UNIT_STATUSES.items()}
+    merged.update({word.strip().casefold(): target for word, target in overrides.items()})
+    return merged
 
 
 # --- pager gateways ------------------------------------------------------------------------------

@@ -9,11 +9,16 @@ to, each over its real wire format on loopback, all on the injected reactor.
 - :class:`DemoSmsGateway`: the Twilio Messages API shape. It answers each send with a message
   SID, posts signed (``X-Twilio-Signature``) status callbacks (sent, delivered) and, for a
   seeded share of pages, an inbound reply ("1 C1445-2") to the gateway's callback URL.
-- :class:`DemoAvl`: an AVL gateway posting a location fix for every roster clinician to the
-  web API (``/api/v1/location``, a system token), at start and then well within the fix age.
+- :class:`DemoAvl`: an AVL gateway posting a location fix for every roster clinician who rides
+  as no CAD unit to the web API (``/api/v1/location``, a system token), at start and then well
+  within the fix age (the CAD feed places the others:
+  :class:`~corespond.daemon.demo.CadUnitUpdates`).
 - :class:`DemoProvider`: a treatment provider's engine on MLLP. It answers each referral AA
   (a seeded share AE) and, for a share of the accepted ones, sends an RRI^I12 back to the
   daemon's referral listener a little later.
+- :class:`DemoEncounterForms`: the phone of a demo clinician who took a call. For a seeded
+  share of them it opens the page's ack link, follows "Complete the encounter", GETs the form
+  and POSTs it with a disposition, as a phone would (``referrals.auto`` may then refer).
 - :class:`DemoReferrals`: the clinicians' side of referrals. Every few seconds it looks for
   accepted calls without a referral and creates one, with a synthetic person and summary, for
   a seeded share of them through :meth:`ReferralService.create` (off the reactor).
@@ -27,12 +32,14 @@ import base64
 import hashlib
 import json
 import random
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urljoin
 
 import structlog
 from twisted.internet.defer import Deferred
@@ -58,6 +65,7 @@ from corespond.daemon.demo import CENTER, FIRST, LAST, STREETS
 from corespond.daemon.errors import RejectedMessage, SafeMessage
 from corespond.daemon.log import error_text
 from corespond.daemon.replies import read_reply
+from corespond.daemon.web.forms import origin_of
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +124,7 @@ class _Poster:
         self.reactor = reactor
         self.agent, self.pool = make_agent(reactor, connect_timeout=TIMEOUT)
         self.answers: list[int] = []
+        self.stopping = False
 
     def post(self, url: str, body: bytes, headers: dict[bytes, bytes], what: str) -> Deferred[Any]:
         d = request(self.agent, self.reactor, b"POST", url, headers=headers, body=body,
@@ -128,6 +137,9 @@ class _Poster:
 
         def failed(failure: Any) -> None:
             failure.trap(HttpFailure)
+            if self.stopping:  # the demo is stopping: what was in flight is dropped
+                log.debug("demo.peer.dropped", kind=what, error=error_text(failure))
+                return
             log.warning("demo.peer.unreachable", kind=what, error=error_text(failure))
 
         return d.addCallbacks(answered, failed)
@@ -145,6 +157,7 @@ class _Side:
     later: _Later
     rng: random.Random
     settings: DemoPeersConfig
+    forms: DemoEncounterForms | None = None
 
     def answer(self) -> tuple[str, str, float] | None:
         """(WCTP choice, SMS digit, delay) when the demo clinician answers; None: silence."""
@@ -194,6 +207,8 @@ class DemoCarrier(Resource):
                 log.info("demo.wctp.will_answer", page_ref=page_ref, answer=word,
                          seconds=round(delay, 1))  # fmt: skip
                 later(delay, self._push, reply, "wctp-reply")
+                if word != "Decline" and self.side.forms is not None:
+                    self.side.forms.took(submit.text, page_ref, delay)
             elif submit.choices:
                 log.info("demo.wctp.will_not_answer", page_ref=page_ref)
         return build_confirmation(200, "Message accepted for delivery", success=True)
@@ -277,6 +292,8 @@ class DemoSmsGateway(Resource):
                 "Body": f"{digit} {page_ref}",
             }
             later(delay, self._callback, inbound_url, reply, "sms-reply")
+            if word != "Decline" and self.side.forms is not None:
+                self.side.forms.took(form["Body"], page_ref, delay)
         elif page_ref:
             log.info("demo.sms.will_not_answer", page_ref=page_ref)
         request.setResponseCode(201)
@@ -334,11 +351,161 @@ class DemoAvl:
         headers = {b"content-type": b"application/json",
                    b"authorization": b"Bearer " + self.token.encode()}  # fmt: skip
         for clinician in self.roster.clinicians.values():
+            if clinician.units:
+                continue  # a CAD unit: the CAD feed reports where it is
             lat, lon = self._point(programs.get(clinician.program))
             body = {"clinician_id": clinician.id, "lat": lat, "lon": lon, "fixed_at": now,
                     "accuracy_m": 25}  # fmt: skip
             self.poster.post(self.url, json.dumps(body).encode(), headers, "avl-fix")
-        log.info("demo.avl.reported", count=len(self.roster.clinicians))
+        log.info("demo.avl.reported",
+                 count=sum(1 for c in self.roster.clinicians.values() if not c.units))
+
+
+# --- the encounter form, as the clinician's phone fills it in ----------------------------------
+
+
+class HtmlForm(HTMLParser):
+    """The first ``<form>`` of a page as a browser would submit it (inputs with their values,
+    checked boxes, each select's selected option, textareas), and the page's links."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.fields: list[tuple[str, str]] = []
+        self.links: list[str] = []
+        self._select: str | None = None
+        self._first_option: str | None = None
+        self._selected = False
+        self._textarea: str | None = None
+        self._text: list[str] = []
+        self._forms = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        elif tag == "form":
+            self._forms += 1
+        if self._forms != 1 or (not (name := a.get("name")) and tag != "option"):
+            return
+        if tag == "input":
+            kind = a.get("type", "text").lower()
+            if kind in ("checkbox", "radio") and "checked" not in a:
+                return
+            if kind not in ("submit", "button"):
+                self.fields.append((name or "", a.get("value", "on" if kind == "checkbox" else "")))
+        elif tag == "select":
+            self._select, self._first_option, self._selected = name, None, False
+        elif tag == "option" and self._select is not None:
+            value = a.get("value", "")
+            if self._first_option is None:
+                self._first_option = value
+            if "selected" in a and not self._selected:
+                self._selected = True
+                self.fields.append((self._select, value))
+        elif tag == "textarea":
+            self._textarea, self._text = name, []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select" and self._select is not None:
+            if not self._selected and self._first_option is not None:
+                self.fields.append((self._select, self._first_option))
+            self._select = None
+        elif tag == "textarea" and self._textarea is not None:
+            self.fields.append((self._textarea, "".join(self._text)))
+            self._textarea = None
+        elif tag == "form":
+            self._forms += 1  # past the first form
+
+    def handle_data(self, data: str) -> None:
+        if self._textarea is not None:
+            self._text.append(data)
+
+
+def read_html_form(html: bytes) -> HtmlForm:
+    parser = HtmlForm()
+    parser.feed(html.decode("utf-8", "replace"))
+    parser.close()
+    return parser
+
+
+ACK_LINK = re.compile(r"https?://[^\s]+/ack/[^\s]+")
+# The dispositions the demo clinicians record, with weights; resolved_with_referral is the one
+# demo.yaml's referrals.auto turns into a referral.
+FORM_DISPOSITIONS = (("resolved_with_referral", 0.5), ("resolved_on_scene", 0.35),
+                     ("refused", 0.15))  # fmt: skip
+
+
+class DemoEncounterForms:
+    """A demo clinician who took a call completes its encounter on the phone: opens the page's
+    ack link, follows "Complete the encounter", GETs the form and POSTs it back with the
+    fields a clinician fills in (a disposition among them), over HTTP like the phone."""
+
+    def __init__(self, reactor: Any, clock: Clock, later: _Later, rng: random.Random,
+                 settings: DemoPeersConfig, *, origin: str) -> None:  # fmt: skip
+        self.reactor, self.clock, self.later, self.rng = reactor, clock, later, rng
+        self.settings, self.origin = settings, origin
+        self.agent, self.pool = make_agent(reactor, connect_timeout=TIMEOUT)
+        self.completed: list[str] = []  # page references
+        self.failed = 0
+        self.stopping = False
+
+    def took(self, page_text: str, page_ref: str | None, delay: float) -> None:
+        """The demo clinician answers ``page_text`` taking the call, ``delay`` seconds from now:
+        for a seeded share, the form is completed a little after."""
+        found = ACK_LINK.search(page_text)
+        if found is None or self.rng.random() >= self.settings.form_share:
+            return
+        wait = delay + self.settings.reply_delay_seconds * self.rng.uniform(1.5, 2.5)
+        self.later(wait, self.complete, found.group(0), page_ref)
+
+    def complete(self, ack_url: str, page_ref: str | None) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._complete(ack_url, page_ref))
+
+        def failed(failure: Any) -> None:
+            self.failed += 1
+            (log.debug if self.stopping else log.warning)(
+                "demo.form.failed", page_ref=page_ref, error=error_text(failure)
+            )
+
+        return d.addErrback(failed)
+
+    async def _get(self, url: str) -> bytes:
+        answer = await request(self.agent, self.reactor, b"GET", url, timeout=TIMEOUT)
+        if answer.code != 200:
+            raise DemoPeersError(f"GET gave HTTP {answer.code}")
+        return answer.body
+
+    async def _complete(self, ack_url: str, page_ref: str | None) -> None:
+        ack = read_html_form(await self._get(ack_url))
+        link = next((u for u in ack.links if "/encounter/" in u and "/referral" not in u), None)
+        if link is None:
+            log.info("demo.form.not_offered", page_ref=page_ref)  # the page was not taken
+            return
+        url = urljoin(ack_url, link)
+        form = read_html_form(await self._get(url))
+        fields = [(k, v) for k, v in form.fields if k not in FILLED]
+        disposition = self.rng.choices([d for d, _ in FORM_DISPOSITIONS],
+                                       weights=[w for _, w in FORM_DISPOSITIONS])[0]  # fmt: skip
+        fields += [("bh_nexus_confirmed", "yes"), ("disposition", disposition),
+                   ("presenting_issues", self.rng.choice(("psychosis", "suicidal", "substance"))),
+                   ("actions", "assessment"), ("would_have_been_ed", "no"),
+                   ("use_of_force", "no"), ("action", "complete")]  # fmt: skip
+        headers = {b"content-type": b"application/x-www-form-urlencoded",
+                   b"origin": self.origin.encode()}  # fmt: skip
+        answer = await request(self.agent, self.reactor, b"POST", url, headers=headers,
+                               body=urlencode(fields).encode(), timeout=TIMEOUT)  # fmt: skip
+        if answer.code != 200 or b"Saved and completed." not in answer.body:
+            raise DemoPeersError(f"the form was not completed (HTTP {answer.code})")
+        self.completed.append(page_ref or "")
+        log.info("demo.form.completed", page_ref=page_ref)  # what was recorded stays unsaid
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+# What the demo clinician sets on the form (the rest is posted back as shown).
+FILLED = frozenset({"bh_nexus_confirmed", "disposition", "presenting_issues", "actions",
+                    "would_have_been_ed", "use_of_force", "action"})  # fmt: skip
 
 
 # --- the provider's engine (MLLP) --------------------------------------------------------------
@@ -568,13 +735,16 @@ class DemoPeers:
         public = config.web.public_url if config.web is not None else None
         wctp = next((g for g in config.gateways if g.type == "wctp"), None)
         sms = next((g for g in config.gateways if g.type == "sms"), None)
+        self.forms = (DemoEncounterForms(reactor, clock, self.later, random.Random(seed + 5),
+                                         settings, origin=origin_of(public))
+                      if public is not None and settings.form_share > 0 else None)  # fmt: skip
         self.carrier = DemoCarrier(
-            _Side(clock, self.poster, self.later, random.Random(seed), settings),
+            _Side(clock, self.poster, self.later, random.Random(seed), settings, self.forms),
             callback_url=f"{public}/gateways/{wctp.name}" if wctp and public else None,
             callback_token=wctp.callback_token if wctp else None,
         )  # fmt: skip
         self.sms = (DemoSmsGateway(_Side(clock, self.poster, self.later,
-                                         random.Random(seed + 1), settings), sms)
+                                         random.Random(seed + 1), settings, self.forms), sms)
                     if sms is not None and sms.account_sid and sms.secret else None)  # fmt: skip
         self.provider = DemoProvider(reactor, clock, self.later, random.Random(seed + 2),
                                      settings, listener=referral_listener)  # fmt: skip
@@ -631,6 +801,9 @@ class DemoPeers:
         )
 
     async def stop(self) -> None:
+        self.poster.stopping = True
+        if self.forms is not None:
+            self.forms.stopping = True
         if self.avl is not None:
             self.avl.stop()
         if self.referrals is not None:
@@ -643,3 +816,5 @@ class DemoPeers:
         if stopping is not None:
             await stopping
         await self.poster.close()
+        if self.forms is not None:
+            await self.forms.close()

@@ -47,7 +47,14 @@ from corespond.daemon.pager import (
     Reply,
     Submitted,
 )
-from corespond.daemon.responders import Availability, DeskRefusal, LocationFix, PageView
+from corespond.daemon.responders import (
+    Availability,
+    DeskRefusal,
+    LocationFix,
+    PageView,
+    UnitStatusChange,
+    UnitStatusOutcome,
+)
 from corespond.daemon.roster import Program, Roster
 from corespond.daemon.roster_table import Positions, RosterTable
 from corespond.daemon.snapshot import IncidentStatus
@@ -812,3 +819,25 @@ class PagingService:
         return self._tx(
             lambda c: db.write_availability(c, clinician_id, state, via, now)
         ).addCallback(done)
+
+    def unit_status(self, change: UnitStatusChange) -> Deferred[UnitStatusOutcome]:
+        """A CAD unit status (:mod:`corespond.daemon.unit_locations`): the availability and the
+        page answer it carries, through the same store functions as a reply."""
+        if change.clinician_id not in self.roster.clinicians:
+            return fail(DeskRefusal("unknown-clinician", "no such clinician in the roster"))
+        from corespond.daemon.store.unit_status import apply_unit_status
+
+        now = self.clock.now()
+
+        def done(outcome: UnitStatusOutcome) -> UnitStatusOutcome:
+            if outcome.applied and change.state is not None:
+                log.info("clinician.availability.changed", clinician_id=change.clinician_id,
+                         state=change.state.value, via=change.via)  # fmt: skip
+            if outcome.answered is not None and change.answer is not None:
+                log.info("page.answered", page_ref=outcome.answered,
+                         clinician_id=change.clinician_id, answer=change.answer.value,
+                         via=change.via)  # fmt: skip
+                self.wake()
+            return outcome
+
+        return self._tx(lambda c: apply_unit_status(c, change, now)).addCallback(done)

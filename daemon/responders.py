@@ -8,10 +8,11 @@ after the change is committed, so the caller answers its peer only then.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Final, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -82,3 +83,53 @@ class ClinicianDesk(Protocol):
     def set_availability(
         self, clinician_id: str, state: Availability, via: str
     ) -> Deferred[None]: ...
+
+
+# What a CAD unit status word means for the clinician who rides as the unit (compared without
+# case; ``paging.unit_status.map`` overrides or adds words). ``assigned``: the dispatcher put the
+# unit on a call, which answers that call's page (accept) but changes no availability;
+# ``ignore``: a word known to mean nothing here. A word in neither is ignored and counted.
+ASSIGNED: Final = "assigned"
+IGNORE: Final = "ignore"
+UNIT_STATUS_TARGETS: Final = (*(a.value for a in Availability), ASSIGNED, IGNORE)
+DEFAULT_UNIT_STATUSES: Final[Mapping[str, str]] = {
+    "Available": Availability.AVAILABLE.value,
+    "InService": Availability.AVAILABLE.value,
+    "Cleared": Availability.AVAILABLE.value,
+    "OutOfService": Availability.UNAVAILABLE.value,
+    "Dispatched": ASSIGNED,
+    "Assigned": ASSIGNED,
+    "EnRoute": Availability.EN_ROUTE.value,
+    "OnScene": Availability.ON_SCENE.value,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UnitStatusChange:
+    """A CAD unit status, as it applies to the clinician who rides as the unit.
+
+    ``state``: the availability it sets (None: none); ``answer``: the answer it gives to this
+    clinician's page for ``incident_pk`` (None: it answers no page); ``at``: when the CAD set it,
+    which orders it against every other availability change.
+    """
+
+    clinician_id: str
+    state: Availability | None
+    answer: PageAnswer | None
+    at: datetime
+    incident_pk: int | None
+    via: str  # ``cad:<feed>``
+
+
+@dataclass(frozen=True, slots=True)
+class UnitStatusOutcome:
+    applied: bool  # the availability changed
+    older: bool  # a newer change stands: the availability was left alone
+    answered: str | None  # the page it answered (its reference), if any
+
+
+class CadUnitDesk(ClinicianDesk, Protocol):
+    def unit_status(self, change: UnitStatusChange) -> Deferred[UnitStatusOutcome]:
+        """Apply a CAD unit status through the same availability and answer path as a reply;
+        one older than the clinician's current availability changes nothing there."""
+        ...

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, select
 
 from corespond.daemon.store.tables import (
+    auto_referrals,
+    encounters,
     escalation_chains,
     escalation_steps,
     incidents,
+    location_fixes,
     pages,
     referral_messages,
     referrals,
@@ -46,6 +50,10 @@ class Activity:
     reached_supervisor: int
     reached_dispatch: int  # chains that told dispatch no clinician was available
     referrals: tuple[ReferralCount, ...] = ()
+    avl_fixes: int = 0  # clinicians' positions from the CAD feeds (EIDO unit locations)
+    cad_answers: int = 0  # pages a CAD unit status answered (the unit went on the call)
+    encounters_completed: int = 0  # of incidents (not seeded ones), completed this run
+    auto_referrals: int = 0  # referrals a configured trigger (referrals.auto) created
 
     @property
     def referral_total(self) -> int:
@@ -104,7 +112,25 @@ def activity_since(conn: Connection, since: datetime) -> Activity:
         reached_supervisor=chains_with_step(s.action == "supervisor"),
         reached_dispatch=chains_with_step(s.action == "dispatch"),
         referrals=tuple(ReferralCount(row[0], row[1], row[2], int(row[3])) for row in rows),
+        **_field_work(conn, since),
     )
+
+
+def _field_work(conn: Connection, since: datetime) -> dict[str, int]:
+    f, e, a, p = location_fixes.c, encounters.c, auto_referrals.c, pages.c
+
+    def count(table: Any, *where: ColumnElement[bool]) -> int:
+        return int(conn.execute(select(func.count()).select_from(table).where(*where))
+                   .scalar_one())  # fmt: skip
+
+    return {
+        "avl_fixes": count(location_fixes, f.received_at >= since, f.source.like("eido:%")),
+        "cad_answers": count(pages, p.answered_at >= since, p.answered_via.like("cad:%")),
+        "encounters_completed": count(encounters, e.completed_at >= since,
+                                      e.incident_id.is_not(None), e.status == "completed"),
+        "auto_referrals": count(auto_referrals, a.done_at >= since, a.state == "done",
+                                a.referral_ref.is_not(None)),
+    }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,5 +163,18 @@ def accepted_without_referral(conn: Connection, since: datetime) -> list[Accepte
     return [AcceptedCall(row[0], row[1], row[2], row[3]) for row in rows]
 
 
+def open_pages_of(conn: Connection, clinician_ids: list[str]) -> list[tuple[str, str]]:
+    """(clinician, incident external id) of the open pages to these clinicians (the demo's
+    dispatcher puts their CAD units on those calls)."""
+    p, i = pages.c, incidents.c
+    rows = conn.execute(
+        select(p.clinician_id, i.external_id)
+        .select_from(pages.join(incidents, i.id == p.incident_pk))
+        .where(p.kind == "page", p.state == "open", p.clinician_id.in_(clinician_ids))
+        .order_by(p.id)
+    ).all()
+    return [(row[0], row[1]) for row in rows]
+
+
 __all__ = ["AcceptedCall", "Activity", "ReferralCount", "accepted_without_referral",
-           "activity_since"]  # fmt: skip
+           "activity_since", "open_pages_of"]  # fmt: skip

@@ -1,5 +1,6 @@
-"""EIDO unit locations: which unit is where and since when, every rejection with its pointer,
-and fuzzing (random bytes, random JSON, and the real sample with any value replaced)."""
+"""EIDO unit locations and statuses: which unit is where and since when, what status the CAD
+gave it and when, every rejection with its pointer, and fuzzing (random bytes, random JSON, and
+the real sample with any value replaced)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from corespond.adapters.eido import snapshot_from_eido
 from corespond.adapters.eido_units import (
     NONE,
     UnitLocations,
+    UnitStatus,
     unit_locations,
     unit_locations_of_message,
 )
@@ -84,13 +86,39 @@ def test_the_incident_is_read_as_before() -> None:
 
 def test_no_reference_no_point_or_no_marker_give_nothing() -> None:
     assert unit_locations_of_message(SAMPLE.read_bytes()) is NONE  # no unitLocationReference
-    assert unit_locations(json.loads(SAMPLE.read_text())) == UnitLocations((), ())
+    plain = unit_locations(json.loads(SAMPLE.read_text()))
+    assert (plain.fixes, plain.problems) == ((), ())
     doc = eido_with_units()
     doc["locationComponent"][-2]["locationByValue"] = pidf_lo_document(
         Location(address="1 Synthetic Way", city="Testville")
     )
     del doc["locationComponent"][-1]["locationByValue"]  # by reference only
-    assert unit_locations(doc) == UnitLocations((), ())
+    found = unit_locations(doc)
+    assert (found.fixes, found.problems) == ((), ())
+
+
+SAMPLE_TIME = datetime(2026, 3, 15, 2, 11, 4, 917000, tzinfo=UTC)
+
+
+def test_each_units_status_is_its_last_secondary_word_at_the_resources_time() -> None:
+    doc = json.loads(SAMPLE.read_text())
+    # Not read unless asked: most EIDOs name no unit anybody rides as.
+    assert unit_locations_of_message(message(doc)) is NONE
+    found = unit_locations_of_message(message(doc), statuses=True)
+    assert found.statuses == (
+        UnitStatus("CR-12", "EnRoute", SAMPLE_TIME, None, "/emergencyResourceComponent/0"),
+        UnitStatus("2A31", "EnRoute", SAMPLE_TIME, None, "/emergencyResourceComponent/1"),
+    )
+    cr12, p2a31 = doc["emergencyResourceComponent"]
+    cr12.update(secondaryUnitStatusRegistryText=[], primaryUnitStatusRegistryText="Available",
+                lastUpdateTimeStamp="2026-03-14T21:30:00-05:00", activeOnIncidentId="urn:x")
+    del p2a31["secondaryUnitStatusRegistryText"], p2a31["primaryUnitStatusRegistryText"]
+    del p2a31["lastUpdateTimeStamp"]
+    [status] = unit_locations(doc).statuses  # 2A31 has no status: none, and no error
+    assert (status.unit, status.status, status.active_on) == ("CR-12", "Available", "urn:x")
+    assert status.at == datetime(2026, 3, 15, 2, 30, tzinfo=UTC)
+    del cr12["lastUpdateTimeStamp"]  # the EIDO's own time
+    assert unit_locations(doc).statuses[0].at == SAMPLE_TIME
 
 
 def test_a_bad_unit_is_a_problem_with_its_pointer_and_the_others_still_count() -> None:
@@ -120,6 +148,18 @@ def test_every_rejection_names_where() -> None:
          "invalid-field", "/locationComponent/3/lastUpdateTimeStamp"),
         (lambda d: d["emergencyResourceComponent"][0].update(emergencyResourceName="A\x00"),
          "invalid-field", "/emergencyResourceComponent/0/emergencyResourceName"),
+        (lambda d: d["emergencyResourceComponent"][0].update(secondaryUnitStatusRegistryText="x"),
+         "invalid-field", "/emergencyResourceComponent/0/secondaryUnitStatusRegistryText"),
+        (lambda d: d["emergencyResourceComponent"][0].update(
+            secondaryUnitStatusRegistryText=["EnRoute", 3]),
+         "invalid-field", "/emergencyResourceComponent/0/secondaryUnitStatusRegistryText/1"),
+        (lambda d: d["emergencyResourceComponent"][0].update(
+            secondaryUnitStatusRegistryText=["S" * 65]),
+         "invalid-field", "/emergencyResourceComponent/0/secondaryUnitStatusRegistryText"),
+        (lambda d: d["emergencyResourceComponent"][0].update(activeOnIncidentId=["urn:x"]),
+         "invalid-field", "/emergencyResourceComponent/0/activeOnIncidentId"),
+        (lambda d: d["emergencyResourceComponent"][0].update(lastUpdateTimeStamp="soon"),
+         "invalid-field", "/emergencyResourceComponent/0/lastUpdateTimeStamp"),
     ]  # fmt: skip
     for change, code, where in cases:
         doc = eido_with_units()
@@ -127,6 +167,7 @@ def test_every_rejection_names_where() -> None:
         found = unit_locations(doc)
         assert [(p.code, p.where) for p in found.problems] == [(code, where)], where
         assert [f.unit for f in found.fixes] == ["2A31"]
+        assert [s.unit for s in found.statuses] == ["2A31"]
     for whole, where in (
         ({"emergencyResourceComponent": {}, "x": MARKER_TEXT}, "/emergencyResourceComponent"),
         ({"locationComponent": [3]}, "/locationComponent/0"),
@@ -172,6 +213,9 @@ def _check(found: UnitLocations) -> None:
     for fix in found.fixes:
         assert -90 <= fix.latitude <= 90 and -180 <= fix.longitude <= 180
         assert fix.fixed_at.tzinfo is not None and 0 < len(fix.unit) <= 64
+    for status in found.statuses:
+        assert 0 < len(status.unit) <= 64 and 0 < len(status.status) <= 64
+        assert status.at is None or status.at.tzinfo is not None
 
 
 @settings(max_examples=300, deadline=None)
@@ -182,13 +226,26 @@ def test_fuzz_the_sample_with_any_value_replaced(path: tuple[Any, ...], value: A
     for key in path[:-1]:
         target = target[key]
     target[path[-1]] = value
-    _check(unit_locations_of_message(message(doc)))
+    _check(unit_locations_of_message(message(doc), statuses=True))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_random_bytes(data: bytes) -> None:
     _check(unit_locations_of_message(b'{"unitLocationReference":' + data))
+    _check(unit_locations_of_message(data, statuses=True))
+
+
+RESOURCE_KEYS = ["emergencyResourceName", "$id", "primaryUnitStatusRegistryText",
+                 "secondaryUnitStatusRegistryText", "lastUpdateTimeStamp", "activeOnIncidentId"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(RESOURCE_KEYS), json_values | st.lists(
+    st.sampled_from(["EnRoute", "OnScene", "", " ", "\x00"]), max_size=3), max_size=6),
+    max_size=3))  # fmt: skip
+def test_fuzz_random_resources(resources: list[dict[str, Any]]) -> None:
+    _check(unit_locations({"emergencyResourceComponent": resources}))
 
 
 @settings(max_examples=200, deadline=None)

@@ -351,5 +351,57 @@ def test_a_rerun_numbers_its_incidents_after_those_the_store_holds() -> None:
     sim = CadSimulator(reactor, Clock(reactor), SimulatorTargets(tcp_host="127.0.0.1", tcp_port=9),
                        incidents=2, interval=1.0, seed=7, eido_document=eido_document,
                        newworld_document=newworld_document, first=40)  # fmt: skip
-    numbers = {json.loads(payload)["number"] for _, payload, _ in sim._queue}
+    numbers = {json.loads(payload)["number"] for _, payload, _, _ in sim._queue}
     assert numbers == {"26-100040", "26-100041"}
+
+
+def test_the_cad_units_eido_is_a_fix_and_a_status_of_the_unit() -> None:
+    from corespond.adapters.eido import snapshot_from_eido
+    from corespond.adapters.eido_units import unit_locations_of_message
+    from corespond.daemon.demo import unit_eido
+
+    doc = unit_eido("MCT-N1", "OutOfService", (40.02, -105.27), NOW)
+    found = unit_locations_of_message(json.dumps(doc).encode(), statuses=True)
+    assert found.problems == ()
+    [fix] = found.fixes
+    assert (fix.unit, fix.latitude, fix.longitude, fix.fixed_at) == ("MCT-N1", 40.02, -105.27, NOW)
+    [status] = found.statuses
+    assert (status.unit, status.status, status.at) == ("MCT-N1", "OutOfService", NOW)
+    snapshot = snapshot_from_eido(doc)  # the feed stores it like any EIDO: no call type, no page
+    assert snapshot.call_type is None and [u.id for u in snapshot.units] == ["MCT-N1"]
+
+
+FORM_HTML = b"""<!doctype html><p><a href="/ack/t0k">back</a></p>
+<form method=post><input type=hidden name=nonce value="n&amp;1">
+<select name=disposition><option value="">-</option><option value=arrest selected>A</option>
+</select><select name=gender><option value="">-</option><option value=woman>W</option></select>
+<label><input type=checkbox name=actions value=assessment checked>a</label>
+<label><input type=checkbox name=actions value=naloxone>n</label>
+<input name=language value=es><textarea name=notes>two
+lines</textarea><button type=submit name=action value=save>Save</button></form>
+<nav><a href="/encounter/t0k/referral">Refer</a></nav>
+<form><input name=other value=x></form>"""
+
+
+def test_the_phone_reads_a_form_as_a_browser_submits_it() -> None:
+    from corespond.daemon.demo_peers import read_html_form
+
+    form = read_html_form(FORM_HTML)
+    assert form.fields == [("nonce", "n&1"), ("disposition", "arrest"), ("gender", ""),
+                           ("actions", "assessment"), ("language", "es"),
+                           ("notes", "two\nlines")]  # fmt: skip
+    assert form.links == ["/ack/t0k", "/encounter/t0k/referral"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400) | st.text(max_size=400).map(str.encode)
+       | st.lists(st.sampled_from([b"<form>", b"</form>", b"<select name=s>", b"</select>",
+                                   b"<option value=v selected>", b"<textarea name=t>",
+                                   b"</textarea>", b"<input type=checkbox name=c checked>",
+                                   b"<a href=x>", b"<input>", b"&amp;", b"text"]),
+                  max_size=30).map(b"".join))  # fmt: skip
+def test_fuzz_the_phones_form_reader_never_fails(html: bytes) -> None:
+    from corespond.daemon.demo_peers import read_html_form
+
+    form = read_html_form(html)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in form.fields)

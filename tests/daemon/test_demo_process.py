@@ -1,7 +1,9 @@
 """The demo config, run by the real daemon as a process with short intervals: the simulator's
 calls are paged through the demo WCTP carrier and SMS gateway, replies and receipts come back
 through the real callbacks, unanswered calls escalate, accepted calls are referred over real
-MLLP to the demo provider (AA, then an RRI^I12 to the listener), and the stop summary counts
+MLLP to the demo provider (AA, then an RRI^I12 to the listener), the simulated CAD's crisis
+units are placed and their statuses set from the EIDO feed, demo clinicians complete the
+encounter form over HTTP and the disposition refers automatically, and the stop summary counts
 it all from the database."""
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def demo_config(tmp: Path) -> Path:
     config["demo"]["simulator"].update(incidents=12, interval_seconds=0.3)
     config["demo"]["peers"].update(
         wctp_port=wctp, sms_port=sms, mllp_port=mllp, reply_delay_seconds=1.0,
-        referral_share=1.0, rri_share=1.0, ae_share=0.0,
+        referral_share=1.0, rri_share=1.0, ae_share=0.0, form_share=1.0,
     )  # fmt: skip
     config["paging"]["roster"] = str(tmp / "roster.yaml")
     gateways = config["gateways"]
@@ -110,6 +112,15 @@ def test_the_demo_pages_escalates_refers_and_counts(tmp_path: Path) -> None:
             "delivered": event("referral.delivered"),
             "rri": lambda e: e.get("event") == "hl7.inbound.stored" and e.get("kind") == "RRI"
             and e.get("code") is None,
+            # The CAD's units: positions are fixes, statuses the clinicians' availability.
+            "cad fix": event("avl.fix.recorded", source="eido:cad-eido"),
+            "cad status": event("clinician.availability.changed", via="cad:cad-eido"),
+            # The CAD's dispatcher puts a paged clinician's unit on the call: the answer.
+            "cad answer": event("page.answered", via="cad:cad-eido"),
+            # The phone: ack page, encounter form GET and POST; the disposition refers.
+            "form": event("demo.form.completed"),
+            "encounter saved": event("referral.auto.wanted", kind="disposition"),
+            "auto referral": event("referral.auto.created", provider="demo-csu"),
         })  # fmt: skip
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
@@ -122,6 +133,14 @@ def test_the_demo_pages_escalates_refers_and_counts(tmp_path: Path) -> None:
     }
     assert counts["pages sent"] >= 1 and counts["accepted"] >= 1, summary
     assert counts["escalations"] >= 1, summary
+    field = {
+        name: int(m.group(1))
+        for name in ("AVL fixes from CAD", "encounters done")
+        if (m := re.search(rf"^  {name} +(\d+)", summary, re.M))
+    }
+    assert field["AVL fixes from CAD"] >= 6 and field["encounters done"] >= 1, summary
+    assert re.search(r"^Referrals, this run: \d+ .*automatic, from a disposition or a rule: "
+                     r"[1-9]", summary, re.M), summary  # fmt: skip
     assert re.search(r"^Referrals, this run: [1-9]", summary, re.M), summary
     assert re.search(r"^  delivered +\d+ +\(ACK AA, RRI (accepted|pending|rejected)\)",
                      summary, re.M), summary  # fmt: skip
