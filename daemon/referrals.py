@@ -325,8 +325,7 @@ class Unbuilt:
     ref: str
     provider: str
     profile: str
-    hold_reason: str | None
-    content: ReferralContent | None  # None: held (no message to build)
+    content: ReferralContent
 
 
 def request_digest(request: ReferralRequest) -> str:
@@ -434,7 +433,6 @@ def queue_built(engine: Engine, unbuilt: Unbuilt, message: bytes, now: datetime)
     Blocking (database). The referral's row is locked (PostgreSQL), so that two builders of
     one referral (two daemons recovering it) queue one message.
     """
-    assert unbuilt.content is not None
     with engine.begin() as conn:
         query = select(referrals.c.state).where(referrals.c.id == unbuilt.id)
         if conn.dialect.name == "postgresql":
@@ -492,7 +490,7 @@ def unbuilt_referrals(
         content = referral_content(
             config, provider, request, row.ref, new_control_id(), row.created_at
         )
-        out.append(Unbuilt(row.id, row.ref, provider.name, provider.profile, None, content))
+        out.append(Unbuilt(row.id, row.ref, provider.name, provider.profile, content))
     return out
 
 
@@ -1952,7 +1950,6 @@ class ReferralService:
         return created
 
     async def _build_and_queue(self, unbuilt: Unbuilt) -> str | None:
-        assert unbuilt.content is not None
         self._building.add(unbuilt.id)
         try:
             message = await self.builder.build(unbuilt.content, unbuilt.profile)

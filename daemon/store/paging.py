@@ -805,12 +805,6 @@ _PAGE_SUBMITTED = (
 )  # fmt: skip
 
 
-def page_submitted(
-    conn: Connection, page: ClaimedPage, gateway_id: str | None, now: datetime
-) -> None:
-    pages_submitted(conn, [(page, gateway_id, now)])
-
-
 def pages_submitted(
     conn: Connection, done: Sequence[tuple[ClaimedPage, str | None, datetime]]
 ) -> None:
