@@ -19,11 +19,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO, cast
 
 import orjson
 import structlog
+import structlog._config as structlog_config
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
@@ -303,13 +304,16 @@ def configure_logging(
     # Our own events go straight to the stream (structlog's native path: no LogRecord, no
     # frame inspection; it is the dearest stage after parsing on the ingest hot path). The
     # stdlib handler below takes the other libraries' records, through the same processors.
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        _drop_below_level,
+        *shared,
+        *((allowlist_fields, renderer) if console else (allowlisted_json_line,)),
+    ]
+    global _direct
+    _direct = None if console else _Direct(processors, out)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            _drop_below_level,
-            *shared,
-            *((allowlist_fields, renderer) if console else (allowlisted_json_line,)),
-        ],
+        processors=processors,
         logger_factory=_NamedWriteLoggerFactory(out),
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=cache_loggers,
@@ -359,6 +363,65 @@ def _drop_below_level(
     return event_dict
 
 
+class LineLogger:
+    """``info`` for a line written once per snapshot, without structlog's wrapper.
+
+    While the output is our JSON chain (:func:`configure_logging` with JSON, not reconfigured
+    since, e.g. by ``structlog.testing.capture_logs``), the line is built by the same steps
+    that chain takes, called directly: context variables, level, logger name, timestamp, then
+    :func:`allowlisted_json_line`, so it is the same line with the same allowlist. Anything
+    else (console output, a level above info, ``exc_info``, another configuration) goes
+    through structlog as before. Writing ``cad.snapshot.stored`` this way costs about a third
+    less than through the bound logger's processor loop.
+    """
+
+    __slots__ = ("_chain", "_name", "_writer")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._chain = structlog.get_logger(name)
+        self._writer: _NamedWriteLogger | None = None
+
+    def info(self, event: str, **fields: Any) -> None:
+        direct = _direct
+        if (
+            direct is None
+            or _threshold > logging.INFO
+            or "exc_info" in fields
+            or not direct.installed(structlog_config._CONFIG.default_processors)
+        ):
+            self._chain.info(event, **fields)
+            return
+        writer = self._writer
+        if writer is None or writer.stream is not direct.stream:
+            writer = self._writer = _NamedWriteLogger(direct.stream, self._name)
+        fields["event"] = event
+        structlog.contextvars.merge_contextvars(writer, "info", fields)
+        fields["level"] = "info"
+        fields["logger"] = self._name
+        utc_timestamp(writer, "info", fields)
+        writer.msg(allowlisted_json_line(writer, "info", fields))
+
+
+class _Direct:
+    """The JSON chain :func:`configure_logging` installed, for :class:`LineLogger`."""
+
+    __slots__ = ("chain", "processors", "stream")
+
+    def __init__(self, processors: list[Any], stream: TextIO) -> None:
+        self.processors = processors
+        self.chain = tuple(processors)
+        self.stream = stream
+
+    def installed(self, processors: Iterable[Any]) -> bool:
+        """Whether structlog still runs this chain (``capture_logs`` changes the list in
+        place, ``configure`` replaces it)."""
+        return processors is self.processors and tuple(processors) == self.chain
+
+
+_direct: _Direct | None = None
+
+
 class _NamedWriteLogger:
     """Writes each rendered event as one line, with the name ``add_logger_name`` reads.
 
@@ -368,6 +431,7 @@ class _NamedWriteLogger:
 
     def __init__(self, file: TextIO, name: str) -> None:
         self.name = name
+        self.stream = file
         self._write = file.write
         self._flush = file.flush
 

@@ -26,7 +26,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.decision import Classifier, Decision, Response
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
-from corespond.daemon.log import error_text
+from corespond.daemon.log import LineLogger, error_text
 from corespond.daemon.snapshot import Snapshot
 from corespond.daemon.store.writer import (
     IncidentStore,
@@ -36,6 +36,8 @@ from corespond.daemon.store.writer import (
 )
 
 log = structlog.get_logger(__name__)
+# The line written for every stored snapshot (the same line, without structlog's wrapper).
+stored_log = LineLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +367,7 @@ class Pipeline:
         metrics.child(metrics.messages, record.feed, stored.state).inc()
         if stored.state is SnapshotState.DUPLICATE:
             self.counts.duplicate += 1
-            log.info(
+            stored_log.info(
                 "cad.snapshot.duplicate",
                 feed=record.feed,
                 incident_id=stored.external_id,
@@ -379,7 +381,7 @@ class Pipeline:
                 previous is not None or decision.behavioral_health
             )
             # One summary line per decision; a changed outcome is said on the same line.
-            log.info(
+            stored_log.info(
                 "cad.snapshot.stored",
                 feed=record.feed,
                 incident_id=stored.external_id,

@@ -397,3 +397,69 @@ def test_utc_timestamp_is_what_structlog_wrote() -> None:
     after = datetime.now(UTC)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamped)
     assert before.replace(microsecond=0) <= datetime.fromisoformat(stamped) <= after
+
+
+# --- LineLogger: the per-snapshot line without structlog's wrapper ------------------------------
+
+
+def _without_timestamp(line: str) -> str:
+    return re.sub(r'"timestamp": ?"[^"]*"', '"timestamp":"T"', line)
+
+
+class Level(StrEnum):
+    LOW = "low"
+
+
+_line_keys = st.sampled_from(
+    [
+        *sorted(ALLOWED_FIELDS - {"event", "level", "logger", "timestamp"}),
+        *("caller_name", "narrative", "phone", "exception"),
+    ]
+)
+_line_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.text(max_size=20)
+    | st.text(min_size=MAX_MESSAGE_CHARS - 5, max_size=MAX_MESSAGE_CHARS + 5)
+    | st.lists(st.text(max_size=5), max_size=3)
+    | st.sampled_from(list(Level))
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_line_keys, _line_values, max_size=8))
+def test_line_logger_writes_the_chains_line(fields: dict[str, Any]) -> None:
+    stream = configured()
+    corespond_log.LineLogger("corespond.daemon.pipeline").info("cad.snapshot.stored", **fields)
+    structlog.get_logger("corespond.daemon.pipeline").info("cad.snapshot.stored", **fields)
+    fast, chain = stream.getvalue().splitlines()
+    assert _without_timestamp(fast) == _without_timestamp(chain)
+    assert PHI not in fast
+
+
+def test_line_logger_keeps_context_variables_level_and_reconfiguration() -> None:
+    stream = configured()
+    line_log = corespond_log.LineLogger("corespond.daemon.pipeline")
+    with structlog.contextvars.bound_contextvars(request_id="r-1", caller_name=PHI):
+        line_log.info("cad.snapshot.stored", feed="f")
+        structlog.get_logger("corespond.daemon.pipeline").info("cad.snapshot.stored", feed="f")
+    fast, chain = stream.getvalue().splitlines()
+    assert _without_timestamp(fast) == _without_timestamp(chain)
+    assert json.loads(fast)["request_id"] == "r-1" and PHI not in fast
+
+    set_level("warning")
+    line_log.info("cad.snapshot.stored", feed="f")
+    assert len(stream.getvalue().splitlines()) == 2
+    set_level("info")
+
+    with structlog.testing.capture_logs() as captured:
+        line_log.info("cad.snapshot.stored", feed="f")
+    assert captured == [{"event": "cad.snapshot.stored", "feed": "f", "log_level": "info"}]
+    assert len(stream.getvalue().splitlines()) == 2
+
+    console = configured(fmt="console")
+    line_log.info("cad.snapshot.stored", feed="cad-eido", caller_name=PHI)
+    text = console.getvalue()
+    assert "cad.snapshot.stored" in text and "cad-eido" in text and PHI not in text
+    assert len(stream.getvalue().splitlines()) == 2
