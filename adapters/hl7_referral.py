@@ -429,6 +429,57 @@ def parse_reply(data: bytes) -> Hl7Reply:
     )
 
 
+_PLAIN_MSH = b"MSH|^~\\&|"
+_PLAIN_CODES = frozenset(ACK_CODES)
+
+
+def parse_plain_ack(data: bytes) -> Hl7Reply | None:
+    """A plain original-mode ACK read with a byte scan, as :func:`parse_reply` reads it; None
+    for anything else (the caller then runs :func:`parse_reply`, which gives the precise
+    rejection). Plain: MSH then MSA, each ended by CR, standard separators, printable ASCII,
+    no escape, repetition or subcomponent character after MSH-2, and an MSA-1 in ACK_CODES.
+    Most peers answer every message this way; the byte scan costs a fraction of the parse.
+    """
+    if not data.startswith(_PLAIN_MSH) or not data.endswith(b"\r") or data.count(b"\r") != 2:
+        return None
+    rest = data[8:]
+    if b"\\" in rest or b"~" in rest or b"&" in rest or not data.isascii():
+        return None
+    text = data.decode("ascii")
+    msh_text, msa_text, _ = text.split("\r")
+    if not (msh_text.isprintable() and msa_text.isprintable()):
+        return None
+    if not msa_text.startswith("MSA|"):
+        return None
+    msh = msh_text.split("|")  # msh[n] is MSH-(n+1): MSH-1 is the separator itself
+    msa = msa_text.split("|")
+    if len(msh) < 9 or len(msa) < 2:
+        return None
+    ack_code = msa[1].split("^", 1)[0].strip().upper()
+    message_type = msh[8].split("^", 1)[0].strip()
+    if ack_code not in _PLAIN_CODES or not message_type:
+        return None
+
+    def component(fields: list[str], n: int, at: int = 0) -> str | None:
+        if n >= len(fields):
+            return None
+        parts = fields[n].split("^")
+        return (parts[at].strip() or None) if at < len(parts) else None
+
+    def whole(fields: list[str], n: int) -> str | None:
+        return (fields[n].strip() or None) if n < len(fields) else None
+
+    return Hl7Reply(
+        message_type=message_type.upper(),
+        trigger=component(msh, 8, 1),
+        control_id=whole(msh, 9),
+        version=component(msh, 11),
+        ack_code=ack_code,
+        acked_control_id=whole(msa, 2),
+        ack_text=whole(msa, 3),
+    )
+
+
 _TOKEN = re.compile(r"[A-Za-z0-9._-]{1,40}")
 
 
@@ -515,6 +566,7 @@ __all__ = [
     "escape",
     "log_token",
     "parse_header",
+    "parse_plain_ack",
     "parse_reply",
     "unescape",
 ]

@@ -40,7 +40,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from corespond.adapters.framing import Frame, FramingError, make_deframer
-from corespond.adapters.hl7_referral import Hl7Reply, log_token, parse_reply
+from corespond.adapters.hl7_referral import Hl7Reply, log_token, parse_plain_ack, parse_reply
 from corespond.daemon.errors import RejectedMessage, SafeMessage
 
 log = structlog.get_logger("corespond.mllp")
@@ -85,6 +85,11 @@ class MLLPClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        # One small write per message, then a wait for its ACK: never hold it back (Nagle).
+        # asyncio, which python-hl7 runs on, sets this on every TCP connection too.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def send(self, message: bytes, control_id: str, timeout: float) -> Deferred[Hl7Reply]:
         """Fires with the ACK whose MSA-2 is ``control_id``; fails with an MllpSendError."""
@@ -113,7 +118,8 @@ class MLLPClientProtocol(Protocol):
             log.warning("hl7.ack.unframed", code=item.code, reason=item.reason)
             return
         try:
-            reply = parse_reply(item)
+            # A plain MSH|MSA ACK by a byte scan; anything else through the full parser.
+            reply = parse_plain_ack(item) or parse_reply(item)
         except RejectedMessage as err:
             self.ignored += 1
             log.warning("hl7.ack.unparsed", code=err.code, reason=err.reason, where=err.where)

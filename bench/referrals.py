@@ -1,6 +1,6 @@
 """Referral delivery benchmark: our outbox worker against python-hl7's MLLP client, one peer.
 
-    .venv/bin/python bench/referrals.py [--referrals 500]
+    .venv/bin/python bench/referrals.py [--referrals 300] [--rounds 3]
 
 One loopback peer for both: python-hl7's asyncio MLLP server (a separate process) that ACKs
 every message AA. Both senders send the same stored REF^I12 messages, one in flight.
@@ -12,23 +12,36 @@ every message AA. Both senders send the same stored REF^I12 messages, one in fli
 - baseline: python-hl7's asyncio client (`hl7.mllp.open_hl7_connection`) writing the same
   messages and reading each ACK, with no database at all.
 
-Also printed: hl7apy build rate (one thread) for the REF^I12 messages that the run queues.
+Each side runs in a process of its own, started the same way (interpreter start-up and imports
+are outside the timed window of both), in rounds that alternate which side goes first; between
+rounds the outbox is reset to due. Each round prints both rates, their ratio and each side's
+CPU per message; the summary is the median ratio. Both sides connect inside the timed window.
+``--variant old:src=DIR`` also runs our side from another checkout (DIR/corespond/{daemon,
+adapters,rules}) every round: old and new code interleaved in the same minutes; ``switch=S``
+(sys.setswitchinterval) and ``claim=N`` (claim_ahead) vary the rest.
+
+Also printed: hl7apy build rate (one thread) for the first REF^I12 messages the run queues
+(the rest are copies with their own MSH-10, referral and incident ids; ``--build-all`` builds
+every one with hl7apy, as before).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 PEER = textwrap.dedent(
     """
@@ -53,6 +66,7 @@ PEER = textwrap.dedent(
     asyncio.run(main(int(sys.argv[1])))
     """
 )
+BUILT_WITH_HL7APY = 20  # messages built for real (the build rate); the rest are copies
 
 
 def free_port() -> int:
@@ -61,16 +75,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def queue_referrals(url: str, count: int, port: int) -> tuple[object, float]:
-    from corespond.adapters.hl7_referral import Person
+def make_config(port: int, claim_ahead: int = 8) -> Any:
     from corespond.daemon.config import ProviderConfig, ReferralsConfig
-    from corespond.daemon.referrals import ReferralRequest, create_referral
-    from corespond.daemon.store import migrate
-    from corespond.daemon.store.engine import create_store_engine
 
-    migrate.upgrade(url)
-    engine = create_store_engine(url)
-    config = ReferralsConfig(
+    return ReferralsConfig(
         sending_application="CORESPOND",
         sending_facility="COUNTY-BH",
         providers=(
@@ -79,9 +87,43 @@ def queue_referrals(url: str, count: int, port: int) -> tuple[object, float]:
             ),
         ),
         poll_interval=0.5,
+        claim_ahead=claim_ahead,
     )
-    start = time.perf_counter()
+
+
+def queue_referrals(url: str, count: int, port: int, build_all: bool) -> float:
+    """Queue ``count`` referrals; the hl7apy build + validate + queue rate of those built."""
+    from corespond.adapters.hl7_referral import Person, ReferralContent, build_message
+    from corespond.daemon.referrals import ReferralRequest, create_referral
+    from corespond.daemon.store import migrate
+    from corespond.daemon.store.engine import create_store_engine
+
+    migrate.upgrade(url)
+    engine = create_store_engine(url)
+    config = make_config(port)
+    first: list[tuple[ReferralContent, bytes]] = []
+
+    def build(content: ReferralContent, profile: str) -> bytes:
+        if build_all or not first:
+            message = build_message(content, profile)
+            first[:] = [(content, message)]
+            return message
+        # A copy of the first message with this referral's own ids (same length: the same bytes
+        # on the wire, distinct MSH-10s for the ACK match).
+        was, message = first[0]
+        for old, new in (
+            (was.control_id, content.control_id),
+            (was.referral_ref, content.referral_ref),
+            (was.incident_ref, content.incident_ref),
+        ):
+            assert len(old) == len(new) and message.count(old.encode()) >= 1
+            message = message.replace(old.encode(), new.encode())
+        return message
+
+    built = time.perf_counter()
     for n in range(count):
+        if n == BUILT_WITH_HL7APY:
+            built = n / (time.perf_counter() - built)
         create_referral(
             engine,
             config,
@@ -95,10 +137,32 @@ def queue_referrals(url: str, count: int, port: int) -> tuple[object, float]:
                 summary="Synthetic summary for the benchmark, two sentences.\nSecond line.",
             ),
             datetime.now(UTC),
+            build=build,
         )
-    built = count / (time.perf_counter() - start)
+    if count <= BUILT_WITH_HL7APY:
+        built = count / (time.perf_counter() - built)
     engine.dispose()
-    return config, built
+    return built
+
+
+def reset_outbox(url: str) -> None:
+    """Every message due again, as if just queued (for the next round)."""
+    from sqlalchemy import delete, update
+
+    from corespond.daemon.store.engine import create_store_engine
+    from corespond.daemon.store.tables import referral_disclosures, referral_messages, referrals
+
+    engine = create_store_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(referral_messages).values(
+                state="pending", attempts=0, ack_code=None, acked_at=None, lease_until=None,
+                claimed_by=None, next_due=datetime(2000, 1, 1, tzinfo=UTC), last_error=None,
+            )
+        )  # fmt: skip
+        conn.execute(update(referrals).values(state="queued", delivered_at=None))
+        conn.execute(delete(referral_disclosures))
+    engine.dispose()
 
 
 def stored_messages(url: str) -> list[bytes]:
@@ -115,13 +179,17 @@ def stored_messages(url: str) -> list[bytes]:
     return out
 
 
-async def baseline(port: int, messages: list[bytes]) -> float:
+# --- the two sides, each run in a process of its own ---------------------------------------
+
+
+async def _baseline(port: int, messages: list[bytes]) -> dict[str, float]:
     import hl7
     from hl7.mllp import open_hl7_connection
 
     parsed = [hl7.parse(m.decode()) for m in messages]
-    reader, writer = await open_hl7_connection("127.0.0.1", port, limit=16 * 1024 * 1024)
     start, cpu = time.perf_counter(), time.process_time()
+    switches = _switches()
+    reader, writer = await open_hl7_connection("127.0.0.1", port, limit=16 * 1024 * 1024)
     for message in parsed:
         writer.writemessage(message)
         await writer.drain()
@@ -130,11 +198,26 @@ async def baseline(port: int, messages: list[bytes]) -> float:
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu
     writer.close()
-    print(f"python-hl7 client: {cpu / len(parsed) * 1e3:.2f} ms CPU per message")
-    return len(parsed) / elapsed
+    switches = _switches() - switches
+    return {
+        "rate": len(parsed) / elapsed,
+        "cpu_us": cpu / len(parsed) * 1e6,
+        "switches": switches / len(parsed),
+    }
 
 
-def ours(url: str, config: object, count: int) -> float:
+def baseline(url: str, port: int) -> dict[str, float]:
+    return asyncio.run(_baseline(port, stored_messages(url)))
+
+
+def _switches() -> float:
+    """Context switches of this process so far: each GIL hand-off between two threads that
+    both want it costs one or two (a futex wait), as does each wait for the peer."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return float(usage.ru_nvcsw + usage.ru_nivcsw)
+
+
+def ours(url: str, port: int, count: int, claim_ahead: int) -> dict[str, float]:
     from sqlalchemy import event
     from twisted.internet import reactor
 
@@ -142,74 +225,170 @@ def ours(url: str, config: object, count: int) -> float:
     from corespond.daemon.store.engine import create_store_engine
 
     engine = create_store_engine(url)
-    worker = ReferralWorker(engine, reactor, replace(config))  # type: ignore[type-var]
+    worker = ReferralWorker(engine, reactor, make_config(port, claim_ahead))
     times: dict[str, float] = {}
-    counts: dict[str, int] = {"transactions": 0}
+    counts = {"transactions": 0}
     event.listen(engine, "commit", lambda _conn: counts.__setitem__(
         "transactions", counts["transactions"] + 1))  # fmt: skip
+    counted = worker._after_delivered  # the end is seen when the last result is committed
 
-    def check() -> None:
-        if worker.delivered >= count:
+    def after_delivered(*args: Any) -> None:
+        counted(*args)
+        if worker.delivered == count:
             times["end"] = time.perf_counter()
-            counts["commits"] = getattr(worker, "commits", -1)  # -1: a worker before groups
             times["cpu"] = time.process_time() - times["cpu"]
+            times["sys"] = os.times().system - times["sys"]
+            times["switches"] = _switches() - times["switches"]
             times["reactor"] = time.thread_time() - times["reactor"]
             counts["transactions"] -= counts.pop("transactions_before")
             worker.stop().addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-        else:
-            reactor.callLater(0.001, check)  # type: ignore[attr-defined]
+
+    worker._after_delivered = after_delivered  # type: ignore[method-assign]
 
     def start() -> None:
         times["start"] = time.perf_counter()
         times["cpu"] = time.process_time()
+        times["sys"] = os.times().system
+        times["switches"] = _switches()
         times["reactor"] = time.thread_time()
         counts["transactions_before"] = counts["transactions"]
         worker.start()
-        check()
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     engine.dispose()
-    print(f"corespond worker: {counts['commits']} group commits for {count} results, "
-          f"{counts['transactions'] / count:.2f} transactions (commits) per referral, "
-          f"{times['cpu'] / count * 1e6:,.0f} us CPU (all threads) per referral, "
-          f"{times['reactor'] / count * 1e6:,.0f} us of it on the reactor thread")  # fmt: skip
-    return count / (times["end"] - times["start"])
+    return {
+        "rate": count / (times["end"] - times["start"]),
+        "cpu_us": times["cpu"] / count * 1e6,
+        "reactor_us": times["reactor"] / count * 1e6,
+        "sys_us": times["sys"] / count * 1e6,
+        "switches": times["switches"] / count,
+        "commits": worker.commits / count,
+        "transactions": counts["transactions"] / count,
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--referrals", type=int, default=500)
-    args = parser.parse_args()
+def peer_cpu(pid: int) -> float:
+    """The peer process's CPU seconds so far (Linux; in clock ticks of 10 ms), or 0: the
+    peer does the same work for both sides, and a side that makes it slower shows here."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_side(side: str, args: argparse.Namespace, url: str, port: int, spec: dict[str, str]) -> Any:
+    env = dict(os.environ)
+    if spec.get("src"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec["src"], env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, __file__, "--side", side, "--url", url, "--port", str(port),
+        "--referrals", str(args.referrals),
+        "--claim-ahead", spec.get("claim", str(args.claim_ahead)),
+        "--switch-interval", spec.get("switch", str(args.switch_interval)),
+    ]  # fmt: skip
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def side_main(args: argparse.Namespace) -> None:
     from corespond.daemon.log import configure_logging
 
     # As the daemon logs (JSON lines, level info), to nowhere: the lines' cost counts, a
     # terminal's does not.
     configure_logging("info", "json", open(os.devnull, "w"))  # noqa: SIM115
+    if args.switch_interval > 0:
+        sys.setswitchinterval(args.switch_interval)
+    if args.side == "baseline":
+        result = baseline(args.url, args.port)
+    else:
+        result = ours(args.url, args.port, args.referrals, args.claim_ahead)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--referrals", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--claim-ahead", type=int, default=8)
+    parser.add_argument("--switch-interval", type=float, default=0.0, help="both sides")
+    parser.add_argument("--build-all", action="store_true", help="every message with hl7apy")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="also run our side with src=DIR (a tree DIR/corespond/...), switch=S or claim=N, "
+        "every round, interleaved (repeatable)",
+    )
+    parser.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        side_main(args)
+        return
+    from corespond.daemon.log import configure_logging
+
+    configure_logging("warning", "json", open(os.devnull, "w"))  # noqa: SIM115
     port = free_port()
+    sides: list[tuple[str, dict[str, str]]] = [("baseline", {}), ("corespond", {})]
+    for variant in args.variant:
+        label, _, spec = variant.partition(":")
+        sides.append((label, dict(kv.split("=", 1) for kv in spec.split(",") if kv)))
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "peer.py"
         script.write_text(PEER)
         peer = subprocess.Popen(
             [sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True
         )
+        results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
         try:
             assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
             url = f"sqlite:///{tmp}/bench.db"
-            config, built = queue_referrals(url, args.referrals, port)
-            messages = stored_messages(url)
-            base = asyncio.run(baseline(port, messages))
-            mine = ours(url, config, args.referrals)
+            built = queue_referrals(url, args.referrals, port, args.build_all)
+            size = len(stored_messages(url)[0])
+            print(f"referrals: {args.referrals}, message size {size} bytes")
+            print(f"hl7apy build + validate + queue (one thread): {built:,.0f} referrals/s")
+            for n in range(args.rounds):
+                order = sides[n % len(sides) :] + sides[: n % len(sides)]
+                for name, spec in order:
+                    reset_outbox(url)
+                    side = "baseline" if name == "baseline" else "ours"
+                    before = peer_cpu(peer.pid)
+                    result = run_side(side, args, url, port, spec)
+                    result["peer_us"] = (peer_cpu(peer.pid) - before) / args.referrals * 1e6
+                    results[name].append(result)
+                base = results["baseline"][-1]
+                line = (
+                    f"round {n + 1}: python-hl7 {base['rate']:,.0f}/s "
+                    f"({base['cpu_us']:,.0f} us CPU/msg, {base['switches']:.1f} switches, "
+                    f"peer {base['peer_us']:,.0f} us CPU/msg)"
+                )
+                for name, _ in sides[1:]:
+                    mine = results[name][-1]
+                    line += (
+                        f"; {name} {mine['rate']:,.0f}/s = {mine['rate'] / base['rate']:.2f}x "
+                        f"({mine['cpu_us']:,.0f} us CPU/referral: {mine['reactor_us']:,.0f} on "
+                        f"the reactor, {mine['sys_us']:,.0f} in the kernel; "
+                        f"{mine['switches']:.1f} switches, peer {mine['peer_us']:,.0f} us, "
+                        f"{mine['transactions']:.2f} commits/referral)"
+                    )
+                print(line, flush=True)
         finally:
             peer.terminate()
             peer.wait()
-    print(f"referrals: {args.referrals}, message size {len(messages[0])} bytes")
-    print(f"hl7apy build + validate + queue (one thread): {built:,.0f} referrals/s")
-    print(f"python-hl7 client, no database (baseline):      {base:,.0f} messages/s acknowledged")
-    print(
-        f"corespond worker, delivered + ACK + committed:   {mine:,.0f} referrals/s "
-        f"({mine / base:.2f}x the baseline)"
-    )
+    for name, _ in sides[1:]:
+        ratios = [
+            o["rate"] / b["rate"] for o, b in zip(results[name], results["baseline"], strict=True)
+        ]
+        cpu = statistics.median(o["cpu_us"] for o in results[name])
+        print(
+            f"{name}: median {statistics.median(ratios):.2f}x python-hl7's client "
+            f"(min {min(ratios):.2f}, max {max(ratios):.2f}); median {cpu:,.0f} us CPU per "
+            "referral, delivered + ACK + committed"
+        )
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ from corespond.daemon.store.tables import (
     referral_messages,
     referral_outcomes,
     referrals,
+    sqlite_datetime_text,
 )
 
 log = structlog.get_logger("corespond.referrals")
@@ -842,6 +843,8 @@ def claim_due(
     provider in ``busy`` or with a live claim of another worker; rows locked by another daemon
     are skipped (PostgreSQL). The rows come back in the order they are to be sent."""
     postgres = conn.dialect.name == "postgresql"
+    if provider is not None and not busy and _driver_level(conn):
+        return _claim_sqlite(conn, now, worker_id, now + lease, provider, min(limit, per_provider))
     params: dict[str, Any] = {
         "b_now": now, "b_worker": worker_id, "b_busy": sorted(busy), "b_limit": limit,
     }  # fmt: skip
@@ -891,8 +894,107 @@ def renew_claims(
     conn: Connection, ids: Collection[int], worker_id: str, lease_until: datetime
 ) -> None:
     """Extend the lease of claims this worker still holds (claimed ahead, not yet sent)."""
-    if ids:
-        conn.execute(_RENEW, {"b_ids": sorted(ids), "b_worker": worker_id, "b_lease": lease_until})
+    if not ids:
+        return
+    if _driver_level(conn):
+        _cursor(conn).execute(
+            _SQLITE_RENEW.format(marks=_marks(len(ids))),
+            (sqlite_datetime_text(lease_until), worker_id, *sorted(ids)),
+        )
+        return
+    conn.execute(_RENEW, {"b_ids": sorted(ids), "b_worker": worker_id, "b_lease": lease_until})
+
+
+# --- SQLite: the group commit's statements on the driver's cursor -----------------------------
+#
+# The same statements as _CANDIDATES (one provider, nothing busy), _CLAIM, _CLAIMED_ROWS,
+# _RENEW, _MESSAGES_DELIVERED, _REFERRALS_DELIVERED and _DISCLOSED, for SQLite, where a group
+# commit is the worker's one transaction per few referrals: through SQLAlchemy they cost
+# about 2.4 ms of CPU per commit (its per-statement work and the expanding IN lists rendered
+# at each execution), on a thread that holds the GIL the reactor needs for the next send.
+# Times are bound as UTCDateTime binds them on SQLite (sqlite_datetime_text). PostgreSQL keeps
+# the Core statements (FOR UPDATE SKIP LOCKED, the advisory lock).
+
+# _CANDIDATES for one provider, in two steps: whether another worker holds a live claim on
+# it (once, not per row), then its due rows. Pending rows come in the order of the (state,
+# next_due) index, LIMIT applied, rather than every due row sorted in a temporary b-tree (an
+# outbox of 300 due rows took about 370 us a claim that way); expired claims are few.
+_SQLITE_LIVE_ELSEWHERE = (
+    "SELECT 1 FROM referral_messages WHERE provider = ? AND state = 'sending'"
+    " AND lease_until > ? AND claimed_by != ? LIMIT 1"
+)
+_SQLITE_CANDIDATES = (
+    "SELECT id, next_due FROM (SELECT id, next_due FROM referral_messages"
+    " WHERE state = 'pending' AND next_due <= ? AND provider = ? ORDER BY next_due, id LIMIT ?)"
+    " UNION ALL SELECT id, next_due FROM referral_messages"
+    " WHERE state = 'sending' AND lease_until <= ? AND provider = ?"
+)
+_SQLITE_CLAIM = (
+    "UPDATE referral_messages SET state = 'sending', lease_until = ?, claimed_by = ?"
+    " WHERE id IN ({marks})"
+)
+_SQLITE_CLAIMED_ROWS = (
+    "SELECT m.id, m.referral_id, m.control_id, m.provider, m.profile, m.attempts, m.message,"
+    " r.part2, r.consent_id FROM referral_messages AS m JOIN referrals AS r"
+    " ON r.id = m.referral_id WHERE m.id IN ({marks})"
+)
+_SQLITE_RENEW = (
+    "UPDATE referral_messages SET lease_until = ? WHERE state = 'sending' AND claimed_by = ?"
+    " AND id IN ({marks})"
+)
+_SQLITE_MESSAGES_DELIVERED = (
+    "UPDATE referral_messages SET state = 'delivered', ack_code = ?, acked_at = ?,"
+    " lease_until = NULL, attempts = ?, last_error = NULL WHERE id = ?"
+)
+_SQLITE_REFERRALS_DELIVERED = (
+    "UPDATE referrals SET state = 'delivered', delivered_at = ?, hold_reason = NULL,"
+    " updated_at = ? WHERE id = ? AND state != 'cancelled'"
+)
+_SQLITE_DISCLOSED = (
+    "INSERT INTO referral_disclosures (referral_id, message_id, control_id, provider,"
+    " consent_id, what, disclosed_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+SQLITE_DRIVER_LEVEL = True  # False: the Core statements on SQLite too (the tests compare them)
+
+
+def _driver_level(conn: Connection) -> bool:
+    return SQLITE_DRIVER_LEVEL and conn.dialect.name == "sqlite"
+
+
+def _cursor(conn: Connection) -> Any:
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _claim_sqlite(
+    conn: Connection, now: datetime, worker_id: str, lease_until: datetime, provider: str,
+    limit: int,
+) -> list[Claimed]:  # fmt: skip
+    """:func:`claim_due` for one provider with nothing busy, on SQLite's own cursor."""
+    cursor = _cursor(conn)
+    at = sqlite_datetime_text(now)
+    if cursor.execute(_SQLITE_LIVE_ELSEWHERE, (provider, at, worker_id)).fetchone():
+        return []
+    due = cursor.execute(_SQLITE_CANDIDATES, (at, provider, limit, at, provider)).fetchall()
+    if not due:
+        return []
+    # In the order of _CANDIDATES, (next_due, id): the times are fixed-width text.
+    order = [i for _, i in sorted((d, i) for i, d in due)[:limit]]
+    ids = sorted(order)
+    marks = _marks(len(ids))
+    cursor.execute(
+        _SQLITE_CLAIM.format(marks=marks), (sqlite_datetime_text(lease_until), worker_id, *ids)
+    )
+    rows = {r[0]: r for r in cursor.execute(_SQLITE_CLAIMED_ROWS.format(marks=marks), ids)}
+    return [
+        Claimed(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bool(r[7]), r[8])
+        for r in (rows[i] for i in order)
+    ]
 
 
 def record_delivered(conn: Connection, claimed: Claimed, ack_code: str, now: datetime) -> None:
@@ -907,6 +1009,9 @@ def record_delivered_many(
     Part 2 flag and consent came with the claim)."""
     if not accepted:
         return
+    if _driver_level(conn):
+        _delivered_sqlite(conn, accepted)
+        return
     conn.execute(
         _MESSAGES_DELIVERED,
         [
@@ -917,23 +1022,39 @@ def record_delivered_many(
     conn.execute(
         _REFERRALS_DELIVERED, [{"b_id": c.referral_id, "b_at": at} for c, _, at in accepted]
     )
-    disclosures = []
-    for c, _, at in accepted:
-        what = DELIVERY_WHAT.format(profile=c.profile)
-        if c.part2:
-            what += " with substance use disorder information (42 CFR Part 2)"
-        disclosures.append(
-            {
-                "referral_id": c.referral_id,
-                "message_id": c.id,
-                "control_id": c.control_id,
-                "provider": c.provider,
-                "consent_id": c.consent_id,
-                "what": what,
-                "disclosed_at": at,
-            }
-        )
-    conn.execute(_DISCLOSED, disclosures)
+    columns = ("referral_id", "message_id", "control_id", "provider", "consent_id", "what")
+    conn.execute(
+        _DISCLOSED,
+        [
+            {**dict(zip(columns, _disclosure(c), strict=True)), "disclosed_at": at}
+            for c, _, at in accepted
+        ],
+    )
+
+
+def _disclosure(c: Claimed) -> tuple[int, int, str, str, int | None, str]:
+    """The disclosure row of a delivered message, but its time (as _SQLITE_DISCLOSED binds)."""
+    what = DELIVERY_WHAT.format(profile=c.profile)
+    if c.part2:
+        what += " with substance use disorder information (42 CFR Part 2)"
+    return (c.referral_id, c.id, c.control_id, c.provider, c.consent_id, what)
+
+
+def _delivered_sqlite(conn: Connection, accepted: Sequence[tuple[Claimed, str, datetime]]) -> None:
+    cursor = _cursor(conn)
+    times = [sqlite_datetime_text(at) for _, _, at in accepted]
+    cursor.executemany(
+        _SQLITE_MESSAGES_DELIVERED,
+        [(code, t, c.attempts + 1, c.id) for (c, code, _), t in zip(accepted, times, strict=True)],
+    )
+    cursor.executemany(
+        _SQLITE_REFERRALS_DELIVERED,
+        [(t, t, c.referral_id) for (c, _, _), t in zip(accepted, times, strict=True)],
+    )
+    cursor.executemany(
+        _SQLITE_DISCLOSED,
+        [(*_disclosure(c), t) for (c, _, _), t in zip(accepted, times, strict=True)],
+    )
 
 
 def record_held(

@@ -20,6 +20,7 @@ from corespond.adapters.hl7_referral import (
     build_ack,
     build_message,
     escape,
+    parse_plain_ack,
     parse_reply,
     unescape,
 )
@@ -229,3 +230,113 @@ def test_log_token_keeps_ids_only() -> None:
     assert log_token("CR0123-ABC.9_x") == "CR0123-ABC.9_x"
     assert log_token("Jane Doe 1990-01-01") == "(not an id)"
     assert log_token("x" * 41) == "(not an id)" and log_token(None) is None
+
+
+# --- the plain-ACK fast path -------------------------------------------------------------------
+
+PLAIN_ACK = (
+    b"MSH|^~\\&|BHRECV|CSU|CORESPOND|COUNTY-BH|20270115120000||ACK^I12^ACK|A77|P|2.5.1\r"
+    b"MSA|AA|CR1\r"
+)
+
+
+def same_or_deferred(data: bytes) -> None:
+    """The fast path answers as the full parser does, or leaves the message to it."""
+    fast = parse_plain_ack(data)
+    if fast is None:
+        return
+    try:
+        full = parse_reply(data)
+    except RejectedMessage:
+        raise AssertionError("the fast path read a message the parser rejects") from None
+    assert fast == full
+
+
+def test_plain_ack_fast_path_reads_a_plain_ack() -> None:
+    reply = parse_plain_ack(PLAIN_ACK)
+    assert reply == parse_reply(PLAIN_ACK)
+    assert reply is not None
+    assert (reply.message_type, reply.trigger, reply.ack_code, reply.acked_control_id) == (
+        "ACK", "I12", "AA", "CR1",
+    )  # fmt: skip
+    text = parse_plain_ack(PLAIN_ACK.replace(b"|CR1\r", b"|CR1| no such referral \r"))
+    assert text is not None and text.ack_text == "no such referral"
+    # A build_ack AE with its text has an ERR segment: left to the full parser.
+    assert parse_plain_ack(build_ack(None, "AE", "A1", WHEN, text="x")) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        PLAIN_ACK.replace(b"\r", b"\n"),  # LF segment ends
+        PLAIN_ACK + b"ERR|||207|E\r",  # a third segment
+        PLAIN_ACK.replace(b"|AA|", b"|XX|"),  # not an ACK code: the parser's precise error
+        PLAIN_ACK.replace(b"CR1", b"C\\T\\1"),  # an escape
+        PLAIN_ACK.replace(b"CR1", b"CR1~CR2"),  # a repetition
+        PLAIN_ACK.replace(b"CR1", "CR\u00e91".encode()),  # not ASCII
+        PLAIN_ACK.replace(b"CR1", b"CR\t1"),  # a control character
+        PLAIN_ACK.replace(b"ACK^I12^ACK", b""),  # no message type
+        PLAIN_ACK[:-1],  # no final CR
+        b"\x0b" + PLAIN_ACK,
+        PLAIN_ACK.replace(b"MSA|", b"MSX|"),
+    ],
+)
+def test_plain_ack_fast_path_defers(raw: bytes) -> None:
+    assert parse_plain_ack(raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        PLAIN_ACK.replace(b"|CR1\r", b"|CR1^X\r"),  # MSA-2 is the whole field
+        PLAIN_ACK.replace(b"|A77|", b"|A77^B|"),  # MSH-10 too
+        PLAIN_ACK.replace(b"|2.5.1\r", b"|2.5.1^X^Y\r"),  # MSH-12: its first component
+        PLAIN_ACK.replace(b"|AA|CR1\r", b"| aa | CR1 | some text \r"),
+        PLAIN_ACK.replace(b"|AA|CR1\r", b"|CA^X|CR1||\r"),
+        PLAIN_ACK.replace(b"|AA|CR1\r", b"|AE\r"),
+        PLAIN_ACK.replace(b"ACK^I12^ACK", b" ack ^ I12 "),
+        PLAIN_ACK.replace(b"|P|2.5.1", b""),
+    ],
+)
+def test_plain_ack_fast_path_agrees_with_the_parser(raw: bytes) -> None:
+    assert parse_plain_ack(raw) is not None
+    same_or_deferred(raw)
+
+
+PIECES = st.sampled_from(
+    ["", "A", "aa", "AA", "ae", "CA", "CR1", " ", "|", "^", "~", "&", "\\", "\\T\\", "\r", "\n",
+     "\t", "\u00e9", "MSA", "MSH", "ERR", "ACK", "I12", "2.5.1", "x" * 25]
+)  # fmt: skip
+
+
+FIELD = st.lists(PIECES, max_size=4).map("".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    st.lists(FIELD, max_size=6),  # MSH-3 to MSH-8
+    st.sampled_from(["ACK^I12^ACK", "ack", " ACK ", "", "^I12", "ACK^^ACK"]) | FIELD,
+    st.lists(FIELD, max_size=4),  # MSH-10 on
+    st.sampled_from(["AA", "aa", " AE ", "CA", "CR^x", "XX", ""]) | FIELD,
+    st.lists(FIELD, max_size=4),  # MSA-2 on
+    st.sampled_from(["\r", "\r\n", "\n", ""]),
+)
+def test_fuzz_plain_ack_fast_path_against_the_parser(
+    msh: list[str], kind: str, msh_rest: list[str], code: str, msa: list[str], end: str
+) -> None:
+    head = "|".join(["MSH", "^~\\&", *msh[:6], *[""] * (6 - len(msh[:6])), kind, *msh_rest])
+    data = (head + "\r" + "|".join(["MSA", code, *msa]) + end).encode()
+    same_or_deferred(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, len(PLAIN_ACK) - 1), st.binary(min_size=1, max_size=8), st.booleans())
+def test_fuzz_mutated_plain_ack_fast_path(at: int, insert: bytes, delete: bool) -> None:
+    same_or_deferred(PLAIN_ACK[:at] + insert + PLAIN_ACK[at + (len(insert) if delete else 0) :])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_plain_ack_fast_path_arbitrary_bytes(data: bytes) -> None:
+    same_or_deferred(data)
+    same_or_deferred(PLAIN_ACK[:9] + data)

@@ -221,6 +221,78 @@ def test_two_daemons_never_have_one_provider_in_flight_twice(engine: Engine) -> 
     assert claimed.provider == "csu"
 
 
+def outbox_after_a_group_commit(url: str, driver_level: bool, monkeypatch: Any) -> Any:
+    """What the worker's group-commit statements do to a copy of one outbox."""
+    from corespond.daemon import referrals as module
+    from corespond.daemon.referrals import record_delivered_many, renew_claims
+    from corespond.daemon.store.engine import create_store_engine
+
+    monkeypatch.setattr(module, "SQLITE_DRIVER_LEVEL", driver_level)
+    engine = create_store_engine(url)
+    lease, at = timedelta(seconds=30), now() + timedelta(seconds=5)
+    try:
+        with engine.begin() as conn:
+            claimed = claim_due(
+                conn, at, "w1", lease=lease, limit=3, provider="csu", per_provider=3
+            )
+            nothing = claim_due(conn, at, "w1", lease=lease, provider="mcrt")  # w9's live claim
+            record_delivered_many(conn, [(c, "AA", at) for c in claimed[:2]])
+            renew_claims(conn, [c.id for c in claimed[2:]], "w1", at + 2 * lease)
+        with engine.connect() as conn:
+            tables = [
+                conn.execute(select(t).order_by(t.c.id)).all()
+                for t in (referral_messages, referrals, referral_disclosures)
+            ]
+    finally:
+        engine.dispose()
+    return claimed, nothing, tables
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sqlite_driver_level_statements_do_what_the_core_ones_do(
+    engine: Engine, tmp_path: Path, monkeypatch: Any
+) -> None:
+    cfg = config(provider("csu"), provider("mcrt"))
+    for n in range(5):
+        create_referral(engine, cfg, request(incident_ref=f"I-{n}"), now())
+    create_referral(engine, cfg, request(incident_ref="I-9", provider="mcrt"), now())
+    create_referral(engine, cfg, request(incident_ref="I-6"), now())
+    m = referral_messages
+    with engine.begin() as conn:
+        ids = [r.id for r in conn.execute(select(m.c.id).order_by(m.c.id))]
+        # Sent in next_due order, not id order; one not due yet; one whose claimer died; a live
+        # claim of another worker on mcrt; a Part 2 referral (its disclosure says so).
+        conn.execute(m.update().where(m.c.id == ids[0]).values(next_due=now() + timedelta(1)))
+        conn.execute(m.update().where(m.c.id == ids[1]).values(next_due=now() + timedelta(0, 3)))
+        conn.execute(m.update().where(m.c.id == ids[4]).values(next_due=now() - timedelta(0, 3)))
+        conn.execute(m.update().where(m.c.id == ids[6]).values(next_due=now() - timedelta(0, 5)))
+        conn.execute(
+            m.update()
+            .where(m.c.id == ids[3])
+            .values(state="sending", claimed_by="w9", lease_until=now(), attempts=2)
+        )
+        conn.execute(
+            m.update()
+            .where(m.c.id == ids[5])
+            .values(state="sending", claimed_by="w9", lease_until=now() + timedelta(1))
+        )
+        conn.execute(referrals.update().where(referrals.c.id == ids[4]).values(part2=True))
+        conn.execute(referrals.update().where(referrals.c.id == ids[6]).values(hold_reason="x"))
+    url = str(engine.url)
+    engine.dispose()  # its WAL checkpointed: the file is the whole database
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(Path(str(engine.url.database)).read_bytes())
+    driver = outbox_after_a_group_commit(url, True, monkeypatch)
+    core = outbox_after_a_group_commit(f"sqlite:///{copy}", False, monkeypatch)
+    assert driver == core
+    claimed, nothing, (messages, _, disclosures) = driver
+    assert [c.id for c in claimed] == [ids[6], ids[4], ids[2]] and nothing == []
+    states = ["pending", "pending", "sending", "sending", "delivered", "sending", "delivered"]
+    assert [r.state for r in messages] == states
+    assert sorted(d.message_id for d in disclosures) == [ids[4], ids[6]]
+    assert "42 CFR Part 2" in next(d.what for d in disclosures if d.message_id == ids[4])
+
+
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert backoff_delay(1, 5, 600, rand=lambda: 1.0) == 5
     assert backoff_delay(1, 5, 600, rand=lambda: 0.0) == 2.5
