@@ -135,6 +135,7 @@ class PagingService:
         run_in_thread: RunInThread | None = None,
         run_read: RunRead | None = None,
         ride: RunTx | None = None,
+        ride_later: RunTx | None = None,
     ) -> None:
         self.engine = engine
         self.roster = roster
@@ -156,6 +157,8 @@ class PagingService:
         # submissions): on SQLite they ride the store's next ingest batch, ahead of
         # background work; default: a transaction as any other.
         self._page_tx: RunTx = ride or self._tx
+        # Recording submissions (no page waits for it): rides a batch within a longer bound.
+        self._later_tx: RunTx = ride_later or self._tx
         self._timer: IDelayedCall | None = None
         self._wanted: datetime | None = None  # a due time learnt while a pass was running
         self._work: set[Deferred[Any]] = set()  # chain starts and their deliveries in flight
@@ -561,7 +564,7 @@ class PagingService:
             self._record_submissions()
             self._release_idle()
 
-        self._tx(lambda c: db.pages_submitted(c, rows)).addBoth(done)
+        self._later_tx(lambda c: db.pages_submitted(c, rows)).addBoth(done)
 
     # --- the pipeline's observer ------------------------------------------------------------
 

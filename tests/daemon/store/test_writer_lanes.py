@@ -7,18 +7,20 @@ Clock, so the ride's fallback is driven by advancing it: no threads, no sleeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, event, select, update
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from corespond.daemon.store.tables import incidents
 from corespond.daemon.store.writer import (
     BACKGROUND_EVERY,
+    RIDE_LATER_WITHIN,
     RIDE_WITHIN,
     IncidentStore,
     StoredSnapshot,
@@ -69,6 +71,20 @@ def set_category(external_id: str, value: str) -> Callable[[Connection], str]:
         return value
 
     return ride
+
+
+@contextmanager
+def failing_commit(engine: Engine) -> Iterator[None]:
+    """Every COMMIT on ``engine`` fails (not a transient error: the batch is not retried)."""
+
+    def refuse(conn: Connection) -> None:
+        raise RuntimeError("the disk is full")
+
+    event.listen(engine, "commit", refuse)
+    try:
+        yield
+    finally:
+        event.remove(engine, "commit", refuse)
 
 
 def stored_first(store: IncidentStore, writes: Threads) -> None:
@@ -159,14 +175,16 @@ def test_an_unknown_lane_is_refused(engine: Engine) -> None:
 # --- riding the next batch -------------------------------------------------------------------
 
 
-def riding(engine: Engine, second: Any) -> tuple[Threads, Clock, Results]:
+def riding(
+    engine: Engine, second: Any, work: Callable[[Connection], str] | None = None
+) -> tuple[Threads, Clock, Results]:
     """G-0 stored; then G-1 being written when work (set G-0's category) asks to ride, and
     ``second`` submitted after it. G-1's batch is written: the next is ``second``'s."""
     store, writes, clock = make_store(engine)
     stored_first(store, writes)
     store.store_snapshot(incident(1))
     results = Results()
-    results.watch(0, store.ride_next_batch(set_category("G-0", "rode")))
+    results.watch(0, store.ride_next_batch(work or set_category("G-0", "rode")))
     results.watch(1, store.store_snapshot(second))
     assert len(writes.calls) == 1
     writes.run_next()  # G-1's batch: the work waits for the next one
@@ -193,6 +211,26 @@ def test_a_failed_batch_takes_the_work_that_rode_it(engine: Engine) -> None:
         assert isinstance(results.values[n], Failure) and results.values[n].check(StoreError)
     assert category(engine, "G-0") != "rode"
     assert writes.calls == []  # it is not tried again on its own: its caller was told
+
+
+def test_a_commit_that_fails_takes_the_work_that_rode_it(engine: Engine) -> None:
+    ran: list[str] = []
+
+    def work(conn: Connection) -> str:
+        ran.append(set_category("G-0", "rode")(conn))
+        return "rode"
+
+    writes, _, results = riding(engine, incident(2), work)
+    with failing_commit(engine):
+        writes.run_next()
+    assert ran == ["rode"]  # the work ran in its savepoint; then the commit failed
+    for n in (0, 1):
+        assert isinstance(results.values[n], Failure) and results.values[n].check(StoreError)
+    assert category(engine, "G-0") != "rode"
+    with engine.connect() as conn:
+        assert conn.execute(
+            select(incidents.c.id).where(incidents.c.external_id == "G-2")
+        ).all() == []
 
 
 def test_work_that_fails_rolls_back_only_its_savepoint(engine: Engine) -> None:
@@ -256,3 +294,19 @@ def test_stopping_sends_waiting_work_on_its_own(engine: Engine) -> None:
     assert ridden.result == "late" and stopped.called
     assert category(engine, "G-0") == "late"
 
+
+
+def test_work_no_page_waits_for_does_not_hold_the_writer(engine: Engine) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    log = Log()
+    later = store.ride_later(set_category("G-0", "later"))
+    store.run_on_writer(log.job("background"))
+    assert len(writes.calls) == 1  # background work goes while it waits for a batch
+    writes.run_next()
+    assert log.ran == ["background"] and not later.called
+    drained = store.drain()
+    clock.advance(RIDE_LATER_WITHIN)
+    writes.run_next()
+    assert later.result == "later" and category(engine, "G-0") == "later"
+    assert drained.called
