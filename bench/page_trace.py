@@ -57,6 +57,9 @@ def units(trace: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def report(trace: list[dict[str, Any]]) -> None:
     all_units = units(trace)
+    # From the first ingest batch on: start-up work (the roster's fixes) is not the load's.
+    first = min((u["submitted"] for u in all_units if u["kind"] == "batch"), default=0.0)
+    all_units = [u for u in all_units if u["submitted"] >= first]
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for u in all_units:
         by_kind[str(u["kind"])].append(u)

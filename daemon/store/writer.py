@@ -1027,6 +1027,9 @@ PAGE_LANE = "page"
 BACKGROUND_LANE = "background"
 LANES = (PAGE_LANE, BACKGROUND_LANE)
 BACKGROUND_EVERY = 8
+_SAVEPOINT = "SAVEPOINT corespond_ride"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT corespond_ride"
+_RELEASE = "RELEASE SAVEPOINT corespond_ride"
 # How long ridden work waits for an ingest batch before it goes in a transaction of its own.
 RIDE_WITHIN = 0.002
 # ... and work that no page waits for (a commit saved: at 300 snapshots/s a batch comes first).
@@ -1379,17 +1382,22 @@ class IncidentStore:
 
     @staticmethod
     def _ride(conn: Connection, rider: _Rider, traced: bool) -> tuple[bool, Any]:
-        """In the writer thread: ``rider`` in a savepoint of the batch's transaction."""
+        """In the writer thread: ``rider`` in a savepoint of the batch's transaction.
+
+        The savepoint is the driver's own statement: SQLAlchemy's begin_nested() cost more than
+        the work it wraps (about 0.25 ms a statement, two per ride)."""
         started = time.perf_counter() if traced else 0.0
-        savepoint = conn.begin_nested()
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute(_SAVEPOINT)
         try:
             value = rider.fn(conn)
         except Exception as err:
-            savepoint.rollback()
+            driver.execute(_ROLLBACK_TO)
             outcome: tuple[bool, Any] = (False, err)
         else:
-            savepoint.commit()
             outcome = (True, value)
+        driver.execute(_RELEASE)
         if traced:
             rider.ran = (started, time.perf_counter())
         return outcome
