@@ -44,7 +44,9 @@ def units(trace: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif "job" in t:
             kind, what, done = f"job:{t['job']}", t["what"], "done"
         elif "ride" in t:
-            kind, what, done = ("ride (alone)" if t["alone"] else "ride"), t["ride"], "done"
+            name = ".".join([n for n in t["ride"].split(".") if n != "<locals>"][-2:])
+            kind = ("ride alone " if t["alone"] else "ride ") + name
+            what, done = t["ride"], "done"
         else:
             continue
         unit = {"kind": kind, "what": what, "submitted": t["submitted"], "thread": t["thread"],
@@ -63,12 +65,12 @@ def report(trace: list[dict[str, Any]]) -> None:
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for u in all_units:
         by_kind[str(u["kind"])].append(u)
-    print(f"{'kind':<22}{'count':>7}   wait p50/p99/max     run p50/p99/max    back p50/p99")
+    print(f"{'kind':<30}{'count':>7}   wait p50/p99/max     run p50/p99/max    back p50/p99")
     for kind, rows in sorted(by_kind.items()):
         wait = [(float(r["thread"]) - float(r["submitted"])) * 1e3 for r in rows]
         run = [(float(r["done"]) - float(r["thread"])) * 1e3 for r in rows]
         back = [(float(r["back"]) - float(r.get("committed", r["done"]))) * 1e3 for r in rows]
-        print(f"{kind:<22}{len(rows):>7}  {pct(wait, .5):6.2f} {pct(wait, .99):6.2f} "
+        print(f"{kind[:30]:<30}{len(rows):>7}  {pct(wait, .5):6.2f} {pct(wait, .99):6.2f} "
               f"{max(wait):7.2f}  {pct(run, .5):6.2f} {pct(run, .99):6.2f} {max(run):7.2f}  "
               f"{pct(back, .5):6.2f} {pct(back, .99):6.2f}")  # fmt: skip
     handoff = [(float(r["thread"]) - float(r["dispatched"])) * 1e3 for r in by_kind["batch"]]
@@ -81,7 +83,13 @@ def report(trace: list[dict[str, Any]]) -> None:
             whats[f"{u['kind']} {u['what']}"] += 1
     for what, count in sorted(whats.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {count:>6}  {what}")
-    pages = [u for u in all_units if str(u["kind"]).startswith(("ride", "job:page"))]
+    # What a page waits for (recording its submission is not).
+    page_kinds = ("ride", "job:page")
+    pages = [
+        u
+        for u in all_units
+        if str(u["kind"]).startswith(page_kinds) and "_record_submissions" not in u["what"]
+    ]
     if not pages:
         return
     pages.sort(key=lambda u: float(u["thread"]) - float(u["submitted"]))
