@@ -12,7 +12,12 @@ from collections.abc import Iterator
 import pytest
 
 from corespond.daemon.decision import Response
-from corespond.daemon.store.writer import RIDE_LATER_WITHIN, RIDE_WITHIN, IncidentStore
+from corespond.daemon.store.writer import (
+    RIDE_LATER_WITHIN,
+    RIDE_WITHIN,
+    IncidentStore,
+    StoreError,
+)
 from tests.daemon.store.test_store import Threads
 from tests.daemon.store.test_store import incident as other_incident
 from tests.daemon.store.test_writer_lanes import failing_commit
@@ -82,11 +87,12 @@ def test_without_a_batch_the_page_goes_after_the_bound(lanes: Lanes) -> None:
 def test_a_batch_that_fails_to_commit_sends_no_page(lanes: Lanes) -> None:
     w, store, writes = lanes.w, lanes.store, lanes.writes
     incident(w, Response.CLINICIAN)
-    store.store_snapshot(other_incident(1))
+    lost = store.store_snapshot(other_incident(1))
     with failing_commit(w.engine):
         writes.run_next()  # the chain's first step ran in the batch; the commit failed
     assert w.sent() == [] and lanes.chains() == 0
     assert store.healthy is False
+    lost.addErrback(lambda failure: failure.trap(StoreError))  # the batch's own snapshot
     # The failure wakes a pass (whatever was committed is due): nothing was, nothing goes.
     w.reactor.advance(RIDE_WITHIN)
     while writes.calls:
