@@ -1,7 +1,7 @@
 """What one page costs the daemon: from a decision that calls for a clinician to the page
 submitted, in one thread, with no other load.
 
-    .venv/bin/python bench/page_cost.py [--pages 200] [--clinicians 500] [--postgres]
+    .venv/bin/python bench/page_cost.py [--pages 200] [--clinicians 500] [--postgres] [--ride]
 
 The real paging core (:class:`PagingService`) over the real store (SQLite in WAL mode with
 ``synchronous=FULL``, as the daemon runs it; or PostgreSQL with its durable defaults), the
@@ -10,6 +10,11 @@ gateway that takes every page at once. For each of ``--pages`` stored behavioral
 incidents the decision is handed to the service as the pipeline does, and the bench times
 until the page has been submitted and its submission recorded. Printed: wall-clock p50/p99
 per page, the thread's CPU time per page, and the commits (each one an fsync) per page.
+
+``--ride``: paging's transactions go through the store's writer as the daemon's do on SQLite
+(:meth:`IncidentStore.ride_next_batch`): the page's own in a transaction of its own at once (no
+ingest batch comes here), on the writer's held connection, the submissions riding the next.
+Without it, each is a transaction on a connection from the pool (the code before the lanes).
 
 ``bench/dispatch.py`` measures the same path end to end under ingest load on a shared
 machine, where other processes move the figures; CPU time and commits per page move far
@@ -27,6 +32,7 @@ import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true")
     parser.add_argument("--statements", action="store_true", help="list the SQL per page")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the pages here")
+    parser.add_argument("--ride", action="store_true", help="through the store's writer lanes")
     args = parser.parse_args()
     server = postgres_server() if args.postgres else contextlib.nullcontext()
     with server as pg, tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +68,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     from corespond.daemon.snapshot import GeoPoint, Location, Note, Snapshot
     from corespond.daemon.store.engine import create_store_engine
     from corespond.daemon.store.migrate import upgrade
-    from corespond.daemon.store.writer import SnapshotRecord, write_batch
+    from corespond.daemon.store.writer import IncidentStore, SnapshotRecord, write_batch
 
     configure_logging("warning", "json", sys.stderr)  # as bench/dispatch.py runs the daemon
     url = fresh_database(pg, "page_cost") if pg else f"sqlite:///{tmp / 'bench.db'}"
@@ -86,9 +93,19 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
 
     reactor = Clock()
     reactor.advance(datetime.now(UTC).timestamp())
+    lanes: dict[str, Any] = {}
+    store = None
+    if args.ride:
+        store = IncidentStore(engine, reactor, run_in_thread=maybeDeferred, checkpoint_seconds=None)
+        store.start()
+        lanes = {
+            "ride": partial(store.ride_next_batch, within=0),
+            # (the next page's transaction, as the next ingest batch in the daemon)
+            "ride_later": partial(store.ride_next_batch, within=60, urgent=False),
+        }
     service = PagingService(
         engine, roster, {"wctp": Gateway()}, reactor, PagingSettings(worker_id="bench"),
-        run_in_thread=maybeDeferred,
+        run_in_thread=maybeDeferred, **lanes,
     )  # fmt: skip
     service.start()
     rng = random.Random(7)
@@ -131,11 +148,14 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
             profiler.disable()
         assert len(submitted) == before + 1, "the page was not submitted"
     service.stop()
+    if store is not None:
+        store.stop()
     engine.dispose()
     if profiler:
         profiler.dump_stats(args.profile)
     walls.sort()
-    print(f"{args.pages} pages, roster of {args.clinicians}, {'PostgreSQL' if pg else 'SQLite'}:"
+    print(f"{args.pages} pages, roster of {args.clinicians}, {'PostgreSQL' if pg else 'SQLite'}"
+          f"{', riding' if args.ride else ''}:"
           f" wall p50 {walls[len(walls) // 2] * 1000:.1f} ms,"
           f" p99 {walls[int(len(walls) * 0.99)] * 1000:.1f} ms;"
           f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page;"

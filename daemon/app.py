@@ -206,6 +206,12 @@ class Corespond:
                 if self.engine.dialect.name == "sqlite"
                 else None,
                 run_read=self.store.run_read,
+                # ... and the transactions a page waits for ride the next ingest batch, ahead
+                # of the writer's background work (referrals, sessions, checkpoints).
+                ride=self.store.ride_next_batch if self.engine.dialect.name == "sqlite" else None,
+                ride_later=self.store.ride_later
+                if self.engine.dialect.name == "sqlite"
+                else None,
             )
             self.pipeline.observers.append(self.paging.observe)
             self.pipeline.current_observers.append(self.paging.observe_current)

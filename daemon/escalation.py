@@ -66,6 +66,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 RunInThread = Callable[[Callable[[], Any]], Deferred[Any]]
 RunRead = Callable[[Callable[[Connection], Any]], Deferred[Any]]
+# Runs ``fn(conn)`` in a committed transaction, as soon as it can: IncidentStore.ride_next_batch
+# (a savepoint inside the next ingest batch, or a transaction of its own shortly after).
+RunTx = Callable[[Callable[[Connection], Any]], Deferred[Any]]
 
 
 class EtaSource(Protocol):
@@ -131,6 +134,8 @@ class PagingService:
         link_for: Callable[[str, str], str] | None = None,
         run_in_thread: RunInThread | None = None,
         run_read: RunRead | None = None,
+        ride: RunTx | None = None,
+        ride_later: RunTx | None = None,
     ) -> None:
         self.engine = engine
         self.roster = roster
@@ -148,6 +153,12 @@ class PagingService:
         )
         # A read-only look off the writer (the store's readers); default: a transaction here.
         self._read: RunRead = run_read or self._tx
+        # The transactions a page waits for (a chain's first step, due steps, claims, failed
+        # submissions): on SQLite they ride the store's next ingest batch, ahead of
+        # background work; default: a transaction as any other.
+        self._page_tx: RunTx = ride or self._tx
+        # Recording submissions (no page waits for it): rides a batch within a longer bound.
+        self._later_tx: RunTx = ride_later or self._tx
         self._timer: IDelayedCall | None = None
         self._wanted: datetime | None = None  # a due time learnt while a pass was running
         self._work: set[Deferred[Any]] = set()  # chain starts and their deliveries in flight
@@ -306,6 +317,7 @@ class PagingService:
             with self.engine.begin() as conn:
                 return fn(conn)
 
+        work.trace_label = getattr(fn, "__qualname__", "paging")  # type: ignore[attr-defined]
         return self._run(work)
 
     # --- one pass -----------------------------------------------------------------------------
@@ -314,7 +326,7 @@ class PagingService:
         s = self.settings
         while True:
             steps, created = await self._run_due_steps()
-            claimed = await self._tx(
+            claimed = await self._page_tx(
                 partial(
                     db.claim_due_pages,
                     now=self.clock.now(),
@@ -346,17 +358,17 @@ class PagingService:
 
         if self.eta_source is None:
             # Claim, gather, choose and finish every due step in one transaction.
-            finished = await self._tx(
+            finished = await self._page_tx(
                 lambda c: db.finish_steps(
                     c, gather(c), lambda w: self._decide(w, None, now), self.worker, now, s.lease
                 )
             )
         else:  # ask the routing service between two transactions
-            questions = await self._tx(
+            questions = await self._page_tx(
                 lambda c: [(w, self._closest(w, now)) for w in gather(c)]
             )
             etas = {w.step.step_id: await self._etas(q) for w, q in questions}
-            finished = await self._tx(
+            finished = await self._page_tx(
                 lambda c: db.finish_steps(
                     c, [w for w, _ in questions],
                     lambda w: self._decide(w, etas[w.step.step_id], now), self.worker, now,
@@ -516,7 +528,7 @@ class PagingService:
         except Exception as err:
             code = str(err) if isinstance(err, PagerError) else type(err).__name__
             now = self.clock.now()
-            exhausted = await self._tx(lambda c: db.page_failed(c, page, code, None, now))
+            exhausted = await self._page_tx(lambda c: db.page_failed(c, page, code, None, now))
             log.warning(
                 "page.submit.failed",
                 page_ref=page.page_ref,
@@ -552,7 +564,7 @@ class PagingService:
             self._record_submissions()
             self._release_idle()
 
-        self._tx(lambda c: db.pages_submitted(c, rows)).addBoth(done)
+        self._later_tx(lambda c: db.pages_submitted(c, rows)).addBoth(done)
 
     # --- the pipeline's observer ------------------------------------------------------------
 
@@ -623,7 +635,7 @@ class PagingService:
             return opened, (gathered, result, done)
 
         async def run() -> None:
-            opened, after = await self._tx(work)
+            opened, after = await self._page_tx(work)
             for chain_id in opened.cancelled:
                 log.info(
                     "escalation.chain.cancelled",
@@ -661,7 +673,7 @@ class PagingService:
                     )
                     return gathered, result, done
 
-                after = await self._tx(finish)
+                after = await self._page_tx(finish)
             gathered, result, done = after
             self._step_done(gathered, result, done)
             if done is None:

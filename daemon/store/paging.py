@@ -606,6 +606,28 @@ class FinishedStep:
     next_due: datetime | None  # when the chain's next step is due (None: the chain ended)
 
 
+# The statements of a page's step, built once: building one (and its cache key) at each call
+# cost more than executing it. The SET columns are the parameters' keys.
+_FINISH_STEP = update(escalation_steps).where(escalation_steps.c.id == bindparam("b_step_id"))
+_ADD_PAGES_SENT = (
+    update(escalation_chains)
+    .where(escalation_chains.c.id == bindparam("b_chain_id"))
+    .values(pages_sent=escalation_chains.c.pages_sent + bindparam("b_count"))
+)
+_CLOSE_CHAIN = update(escalation_chains).where(
+    escalation_chains.c.id == bindparam("b_chain_id"), escalation_chains.c.state == OPEN
+)
+# INSERT .. ON CONFLICT (page_ref) DO NOTHING RETURNING id, per dialect.
+_INSERT_PAGE = {
+    "postgresql": postgresql.insert(pages)
+    .on_conflict_do_nothing(index_elements=[pages.c.page_ref])
+    .returning(pages.c.id),
+    "sqlite": sqlite.insert(pages)
+    .on_conflict_do_nothing(index_elements=[pages.c.page_ref])
+    .returning(pages.c.id),
+}
+
+
 def finish_step_and_claim(
     conn: Connection,
     work: StepWork,
@@ -631,12 +653,11 @@ def finish_step_and_claim(
         if held is None:
             return None
     conn.execute(
-        update(escalation_steps)
-        .where(s.id == work.step.step_id)
-        .values(
-            state="done", done_at=now, lease_until=None, outcome=result.outcome,
-            dispatch=result.dispatch,
-        )
+        _FINISH_STEP,
+        dict(
+            b_step_id=work.step.step_id, state="done", done_at=now, lease_until=None,
+            outcome=result.outcome, dispatch=result.dispatch,
+        ),
     )  # fmt: skip
     delivery = (
         dict(delivery="sending", lease_until=now + lease) if lease is not None
@@ -661,13 +682,8 @@ def finish_step_and_claim(
                 first["address"], page.clinician_id,
             )
         )  # fmt: skip
-    c = escalation_chains.c
     if created:
-        conn.execute(
-            update(escalation_chains)
-            .where(c.id == work.step.chain_id)
-            .values(pages_sent=c.pages_sent + len(created))
-        )
+        conn.execute(_ADD_PAGES_SENT, dict(b_chain_id=work.step.chain_id, b_count=len(created)))
     following = work.step.step + 1
     due: datetime | None = None
     if result.close_chain is None and following < len(work.steps):
@@ -676,10 +692,12 @@ def finish_step_and_claim(
         _insert_step(conn, work.step.chain_id, following, work.steps[following]["action"], due)
     else:
         conn.execute(
-            update(escalation_chains)
-            .where(c.id == work.step.chain_id, c.state == OPEN)
-            .values(state=result.close_chain or "exhausted", closed_at=now)
-        )
+            _CLOSE_CHAIN,
+            dict(
+                b_chain_id=work.step.chain_id, state=result.close_chain or "exhausted",
+                closed_at=now,
+            ),
+        )  # fmt: skip
     return FinishedStep(created, due)
 
 
@@ -693,13 +711,10 @@ def _insert_page(
     """Insert a page under the first free reference of :func:`_references` (its id, the
     reference and the text): the insert itself finds out whether a reference is taken (the
     unique constraint, ON CONFLICT DO NOTHING), no look-up first."""
-    upsert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = _INSERT_PAGE[conn.dialect.name]
     for ref in _references(incident, attempt):
         text = text_for(ref)
-        stmt = upsert(pages).on_conflict_do_nothing(index_elements=[pages.c.page_ref])
-        page_id = conn.execute(
-            stmt.returning(pages.c.id), dict(row, page_ref=ref, text=text)
-        ).scalar_one_or_none()
+        page_id = conn.execute(stmt, dict(row, page_ref=ref, text=text)).scalar_one_or_none()
         if page_id is not None:
             return int(page_id), ref, text
     raise AssertionError("the last reference names the incident's own key")  # pragma: no cover

@@ -910,6 +910,28 @@ class _Trace:
         )
         self.batch = {}
 
+    def job(self, job: _Job, dispatched: float) -> None:
+        """One unit of other writers' work (a page lane or background job) on the writer."""
+        ran = job.ran or (0.0, 0.0)
+        self.lines.append(
+            f'{{"job":"{job.lane}","what":"{job.label}","submitted":{job.queued:.6f},'
+            f'"dispatched":{dispatched:.6f},"thread":{ran[0]:.6f},"done":{ran[1]:.6f},'
+            f'"back":{time.perf_counter():.6f}}}'
+        )
+
+    def rides(self, riders: list[_Rider], alone: bool) -> None:
+        """The work that rode the batch just traced (its timings are the batch's)."""
+        b = self.batch
+        back = time.perf_counter()
+        for r in riders:
+            ran = r.ran or (0.0, 0.0)
+            self.lines.append(
+                f'{{"ride":"{r.label}","submitted":{r.queued:.6f},'
+                f'"dispatched":{b.get("dispatched", 0):.6f},"thread":{ran[0]:.6f},'
+                f'"done":{ran[1]:.6f},"committed":{b.get("committed", 0):.6f},'
+                f'"back":{back:.6f},"alone":{"true" if alone else "false"}}}'
+            )
+
     def checkpoint(self, step: str, started: float) -> None:
         ms = (time.perf_counter() - started) * 1e3
         self.lines.append(f'{{"checkpoint":"{step}","at":{started:.6f},"ms":{ms:.3f}}}')
@@ -988,6 +1010,69 @@ class _WalCheckpoints:
         self.busy = False
 
 
+# --- the writer's lanes ------------------------------------------------------------------------
+#
+# Everything that writes an SQLite database shares the store's one writer thread (SQLite lets one
+# connection write at a time). Its work comes in lanes, and the store, not the thread pool's
+# FIFO, decides what runs next whenever the writer is free:
+# - ingest batches, and page work riding them (``ride_next_batch``: a savepoint inside the next
+#   batch's transaction, or its own transaction when no batch comes within a short bound);
+# - page work in a transaction of its own (``run_on_writer(fn, lane=PAGE_LANE)``);
+# - background work (``run_on_writer(fn)``: referral results, ACK group commits, sessions,
+#   encounters, checkpoints), only when no urgent work waits, and one job at a time, so that a
+#   page waits behind at most one background job. After BACKGROUND_EVERY urgent units in a row
+#   one background job goes anyway: a busy feed never starves it.
+# While page work waits for its batch the writer starts nothing in the background lane.
+PAGE_LANE = "page"
+BACKGROUND_LANE = "background"
+LANES = (PAGE_LANE, BACKGROUND_LANE)
+BACKGROUND_EVERY = 8
+_SAVEPOINT = "SAVEPOINT corespond_ride"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT corespond_ride"
+_RELEASE = "RELEASE SAVEPOINT corespond_ride"
+# How long ridden work waits for an ingest batch before it goes in a transaction of its own.
+RIDE_WITHIN = 0.002
+# ... and work that no page waits for (a commit saved: at 300 snapshots/s a batch comes first).
+RIDE_LATER_WITHIN = 0.05
+
+
+def _label(fn: Callable[..., Any]) -> str:
+    """What a unit of work is, for the trace: its function's name."""
+    fn = getattr(fn, "func", fn)  # a partial
+    name = getattr(fn, "trace_label", None) or getattr(fn, "__qualname__", None) or "work"
+    return str(name).replace('"', "")
+
+
+class _Job:
+    """A callable queued for the writer thread in one lane (it runs its own transaction)."""
+
+    __slots__ = ("done", "fn", "label", "lane", "queued", "ran")
+
+    def __init__(self, fn: Callable[[], Any], lane: str, queued: float) -> None:
+        self.fn = fn
+        self.lane = lane
+        self.queued = queued
+        self.done: Deferred[Any] = Deferred()
+        self.label = ""
+        self.ran: tuple[float, float] | None = None  # on the writer, when traced
+
+
+class _Rider:
+    """``fn(conn)`` waiting to ride the next batch's transaction (in a savepoint)."""
+
+    __slots__ = ("alone", "done", "fn", "label", "queued", "ran", "timer", "urgent")
+
+    def __init__(self, fn: Callable[[Connection], Any], queued: float, urgent: bool) -> None:
+        self.fn = fn
+        self.queued = queued
+        self.urgent = urgent  # page work: the writer keeps itself free for it
+        self.done: Deferred[Any] = Deferred()
+        self.alone = False  # no batch came in time: goes in a transaction of its own
+        self.timer: Any = None
+        self.label = ""
+        self.ran: tuple[float, float] | None = None
+
+
 class IncidentStore:
     """Group-committing writer with one dedicated writer thread, and a small reader pool.
 
@@ -1037,6 +1122,12 @@ class IncidentStore:
         self._closed = False
         self._drains: list[Deferred[None]] = []
         self._healthy = True
+        self._reactor = reactor
+        # Other writers' work, by lane (see PAGE_LANE), and page work waiting to ride a batch.
+        self._page_jobs: deque[_Job] = deque()
+        self._background: deque[_Job] = deque()
+        self._riders: list[_Rider] = []
+        self._urgent_run = 0  # urgent units run in a row while background work waited
         self._trace: _Trace | None = None
         # The writer thread's connection, held between batches: checking one out of the pool
         # and returning it (a rollback) cost a one-snapshot batch about 15 % of its CPU.
@@ -1102,8 +1193,8 @@ class IncidentStore:
         return group.done
 
     def drain(self) -> Deferred[None]:
-        """Fires when everything submitted so far is written (or failed)."""
-        if not self._writing and not self._queue:
+        """Fires when everything submitted so far (every lane) is written (or failed)."""
+        if not self._writing and not self._pending():
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._drains.append(waiter)
@@ -1112,11 +1203,20 @@ class IncidentStore:
     def stop(self) -> Deferred[None]:
         """Refuse new work, finish what was submitted, then stop the threads."""
         self._closed = True
+        for rider in self._riders:  # no batch is coming any more: each goes on its own now
+            self._ride_alone(rider, dispatch=False)
         if not self._started:
             while self._queue:
                 self._queue.popleft()[1].errback(StoreClosed("the store was stopped unstarted"))
+            waiting: list[_Job | _Rider] = [*self._page_jobs, *self._background, *self._riders]
+            for unit in waiting:
+                unit.done.errback(StoreClosed("the store was stopped unstarted"))
+            self._page_jobs.clear()
+            self._background.clear()
+            self._riders = []
             self._release_drains()
             return succeed(None)
+        self._next_batch()
 
         def stopped(_: object) -> None:
             self._started = False
@@ -1131,14 +1231,59 @@ class IncidentStore:
 
         return self.drain().addCallback(stopped)
 
-    def run_on_writer(self, fn: Callable[[], T]) -> Deferred[T]:
-        """``fn()`` on the store's one writer thread, between group commits.
+    def run_on_writer(self, fn: Callable[[], T], lane: str = BACKGROUND_LANE) -> Deferred[T]:
+        """``fn()`` on the store's one writer thread, between group commits, in ``lane``.
 
-        For other writers of an SQLite database (paging): SQLite lets one connection write at a
-        time, and a connection that finds the lock taken waits in SQLite's busy handler, which
-        *sleeps* (1, 2, 5 ... 100 ms). Writers that share this thread queue in order instead.
+        For other writers of an SQLite database (paging, referrals, sessions): SQLite lets one
+        connection write at a time, and a connection that finds the lock taken waits in
+        SQLite's busy handler, which *sleeps* (1, 2, 5 ... 100 ms). Writers that share this
+        thread queue instead, each lane in order; ``fn`` runs its own transaction. The default
+        is the background lane: work no page waits for (see PAGE_LANE).
         """
-        return self._run_write(fn)
+        if lane not in LANES:
+            raise ValueError(f"no such writer lane: {lane}")
+        if self._closed and not self._started:
+            return fail(StoreClosed("the store is stopped"))
+        job = _Job(fn, lane, time.perf_counter())
+        if self._trace is not None:
+            job.label = _label(fn)
+        (self._page_jobs if lane == PAGE_LANE else self._background).append(job)
+        self._next_batch()
+        return job.done
+
+    def ride_later(self, fn: Callable[[Connection], T]) -> Deferred[T]:
+        """``fn(conn)`` in a batch within RIDE_LATER_WITHIN: work no page waits for."""
+        return self.ride_next_batch(fn, RIDE_LATER_WITHIN, urgent=False)
+
+    def run_page_on_writer(self, fn: Callable[[], T]) -> Deferred[T]:
+        """``fn()`` on the writer thread in the page lane (before any background work)."""
+        return self.run_on_writer(fn, PAGE_LANE)
+
+    def ride_next_batch(
+        self, fn: Callable[[Connection], T], within: float = RIDE_WITHIN, *, urgent: bool = True
+    ) -> Deferred[T]:
+        """``fn(conn)`` inside the next ingest batch's transaction, in a savepoint after the
+        batch's own statements; or, when no batch is dispatched within ``within`` seconds, in a
+        transaction of its own on the writer's connection. The Deferred fires with ``fn``'s
+        result once that transaction has committed: work that says a page is due is durable
+        before the page goes. ``fn``'s own error rolls back its savepoint only (the batch
+        goes on); a batch that fails takes the work that rode it along (StoreError). A batch
+        retried after a transient error runs ``fn`` again in the new transaction.
+
+        Urgent work (a page waits for it) holds background work back while it waits; work that
+        is not (``urgent=False``: recording what was sent) only saves itself a commit."""
+        if self._closed and not self._started:
+            return fail(StoreClosed("the store is stopped"))
+        rider = _Rider(fn, time.perf_counter(), urgent)
+        if self._trace is not None:
+            rider.label = _label(fn)
+        self._riders.append(rider)
+        if within <= 0 or self._closed:
+            rider.alone = True
+        else:
+            rider.timer = self._reactor.callLater(within, self._ride_alone, rider)
+        self._next_batch()
+        return rider.done
 
     def run_read(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         """``fn(conn)`` in a read-only transaction on a reader thread, never on the reactor."""
@@ -1160,21 +1305,110 @@ class IncidentStore:
         self._next_batch()
         return done
 
+    def _pending(self) -> bool:
+        return bool(self._queue or self._page_jobs or self._background or self._riders)
+
+    def _ride_alone(self, rider: _Rider, dispatch: bool = True) -> None:
+        """No batch took ``rider`` in time: it goes in a transaction of its own."""
+        if rider.timer is not None and rider.timer.active():
+            rider.timer.cancel()
+        rider.timer = None
+        rider.alone = True
+        if dispatch:
+            self._next_batch()
+
     def _next_batch(self) -> None:
+        """The writer is free: start the next unit of work, by lane (see PAGE_LANE)."""
         if self._writing or not self._started:
             return
-        if not self._queue:
+        if self._background and self._urgent_run >= BACKGROUND_EVERY:
+            self._dispatch_job(self._background.popleft())
+        elif self._page_jobs:
+            self._dispatch_job(self._page_jobs.popleft())
+        elif self._queue or any(r.alone for r in self._riders):
+            self._dispatch_batch()
+        elif any(r.urgent for r in self._riders):
+            return  # page work waits (briefly) for a batch: the writer stays free for both
+        elif self._background:
+            self._dispatch_job(self._background.popleft())
+        elif not self._riders:
             self._release_drains()
-            return
+
+    def _dispatch_batch(self) -> None:
         batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+        riders, self._riders = self._riders, []
+        for rider in riders:
+            if rider.timer is not None and rider.timer.active():
+                rider.timer.cancel()
+            rider.timer = None
         self._writing = True
+        if self._background:
+            self._urgent_run += 1
         items = [item for item, _, _ in batch]
         if self._trace is not None:
             self._trace.batch["dispatched"] = time.perf_counter()
-        self._run_write(lambda: self._write(items)).addBoth(self._written, batch)
+        self._run_write(lambda: self._write(items, riders)).addBoth(
+            self._written, batch, riders
+        )
 
-    def _write(self, items: list[SnapshotRecord | RejectRecord]) -> list[StoredSnapshot | int]:
-        """In the writer thread: one transaction, retried when the failure is transient."""
+    def _dispatch_job(self, job: _Job) -> None:
+        self._writing = True
+        if job.lane == BACKGROUND_LANE:
+            self._urgent_run = 0
+        elif self._background:
+            self._urgent_run += 1
+        dispatched = time.perf_counter()
+        fn = job.fn
+        if self._trace is not None:
+
+            def fn() -> Any:
+                started = time.perf_counter()
+                try:
+                    return job.fn()
+                finally:
+                    job.ran = (started, time.perf_counter())
+
+        self._run_write(fn).addBoth(self._job_done, job, dispatched)
+
+    def _job_done(self, result: Any, job: _Job, dispatched: float) -> None:
+        self._writing = False
+        if self._trace is not None:
+            self._trace.job(job, dispatched)
+        if isinstance(result, Failure):
+            job.done.errback(result)
+        else:
+            job.done.callback(result)
+        self._next_batch()
+
+    @staticmethod
+    def _ride(conn: Connection, rider: _Rider, traced: bool) -> tuple[bool, Any]:
+        """In the writer thread: ``rider`` in a savepoint of the batch's transaction.
+
+        The savepoint is the driver's own statement: SQLAlchemy's begin_nested() cost more than
+        the work it wraps (about 0.25 ms a statement, two per ride)."""
+        started = time.perf_counter() if traced else 0.0
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute(_SAVEPOINT)
+        try:
+            value = rider.fn(conn)
+        except Exception as err:
+            driver.execute(_ROLLBACK_TO)
+            outcome: tuple[bool, Any] = (False, err)
+        else:
+            outcome = (True, value)
+        driver.execute(_RELEASE)
+        if traced:
+            rider.ran = (started, time.perf_counter())
+        return outcome
+
+    def _write(
+        self, items: list[SnapshotRecord | RejectRecord], riders: Sequence[_Rider] = ()
+    ) -> tuple[list[StoredSnapshot | int], list[tuple[bool, Any]]]:
+        """In the writer thread: one transaction, retried when the failure is transient.
+
+        The batch's items, then the work riding it, each in a savepoint: their results (for a
+        rider, whether it succeeded and its value or exception)."""
         trace = self._trace.batch if self._trace is not None else None
         if trace is not None:
             trace["thread"] = time.perf_counter()
@@ -1183,12 +1417,13 @@ class IncidentStore:
             try:
                 conn = self._connection()
                 with conn.begin():
-                    results = write_batch(conn, items)
+                    results = write_batch(conn, items) if items else []
                     if trace is not None:
                         trace["written"] = time.perf_counter()
+                    ridden = [self._ride(conn, r, trace is not None) for r in riders]
                 if trace is not None:
                     trace["committed"] = time.perf_counter()
-                return results
+                return results, ridden
             except BaseException as err:
                 self._close_connection()  # whatever went wrong, the next try starts afresh
                 if not isinstance(err, DBAPIError):
@@ -1230,12 +1465,17 @@ class IncidentStore:
 
     def _written(
         self,
-        result: list[StoredSnapshot | int] | Failure,
+        result: tuple[list[StoredSnapshot | int], list[tuple[bool, Any]]] | Failure,
         batch: list[tuple[Any, Deferred[Any] | _Slot, float]],
+        riders: list[_Rider],
     ) -> None:
         self._writing = False
+        if self._urgent_run and not self._background:
+            self._urgent_run = 0
         if self._trace is not None:
-            self._trace.batch_done(len(batch), batch[0][2])
+            first = min([b[2] for b in batch[:1]] + [r.queued for r in riders])
+            self._trace.rides(riders, alone=not batch)
+            self._trace.batch_done(len(batch), first)
         if isinstance(result, Failure):
             self._healthy = False
             cause = result.value
@@ -1245,12 +1485,20 @@ class IncidentStore:
             error.__cause__ = cause
             for _, done, _ in batch:
                 done.errback(error)
+            for rider in riders:
+                rider.done.errback(error)
         else:
             self._healthy = True
             if self._checkpoints is not None:
                 self._checkpoints.commits += 1
-            for (_, done, _), value in zip(batch, result, strict=True):
+            results, ridden = result
+            for (_, done, _), value in zip(batch, results, strict=True):
                 done.callback(value)
+            for rider, (ok, value) in zip(riders, ridden, strict=True):
+                if ok:
+                    rider.done.callback(value)
+                else:
+                    rider.done.errback(Failure(value))
         self._next_batch()
 
     def _release_drains(self) -> None:

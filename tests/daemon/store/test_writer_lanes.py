@@ -1,0 +1,312 @@
+"""The writer's lanes: page work before background work, and work riding the next batch.
+
+As in test_store.py the "run in a thread" function is injected (the test decides when each
+unit of writer work runs, on the real database, in the test's thread) and the reactor is a
+Clock, so the ride's fallback is driven by advancing it: no threads, no sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, event, select, update
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from corespond.daemon.store.tables import incidents
+from corespond.daemon.store.writer import (
+    BACKGROUND_EVERY,
+    RIDE_LATER_WITHIN,
+    RIDE_WITHIN,
+    IncidentStore,
+    StoredSnapshot,
+    StoreError,
+)
+from tests.daemon.store.records import record, snapshot
+from tests.daemon.store.test_store import Results, Threads, incident
+
+
+def make_store(engine: Engine) -> tuple[IncidentStore, Threads, Clock]:
+    writes, clock = Threads(), Clock()
+    store = IncidentStore(engine, clock, run_in_thread=writes, run_read_in_thread=Threads())
+    store.start()
+    return store, writes, clock
+
+
+class Log:
+    """Writer work that only notes, in order, that it ran."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def job(self, name: str) -> Callable[[], str]:
+        def run() -> str:
+            self.ran.append(name)
+            return name
+
+        return run
+
+
+def run_all(writes: Threads) -> None:
+    while writes.calls:
+        writes.run_next()
+
+
+def category(engine: Engine, external_id: str) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(incidents.c.category).where(incidents.c.external_id == external_id)
+        ).scalar_one()
+
+
+def set_category(external_id: str, value: str) -> Callable[[Connection], str]:
+    def ride(conn: Connection) -> str:
+        conn.execute(
+            update(incidents).where(incidents.c.external_id == external_id).values(category=value)
+        )
+        return value
+
+    return ride
+
+
+@contextmanager
+def failing_commit(engine: Engine) -> Iterator[None]:
+    """Every COMMIT on ``engine`` fails (not a transient error: the batch is not retried)."""
+
+    def refuse(conn: Connection) -> None:
+        raise RuntimeError("the disk is full")
+
+    event.listen(engine, "commit", refuse)
+    try:
+        yield
+    finally:
+        event.remove(engine, "commit", refuse)
+
+
+def stored_first(store: IncidentStore, writes: Threads) -> None:
+    """Incident G-0 committed, the writer free."""
+    store.store_snapshot(incident(0))
+    writes.run_next()
+    assert not writes.calls
+
+
+# --- lanes -----------------------------------------------------------------------------------
+
+
+def test_page_work_goes_before_background_work_queued_earlier(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    log = Log()
+    store.run_on_writer(log.job("b1"))  # the writer was free: it starts at once
+    store.run_on_writer(log.job("b2"))
+    store.run_on_writer(log.job("b3"))
+    page = store.run_page_on_writer(log.job("p1"))
+    store.store_snapshot(incident(1))
+    run_all(writes)
+    # b1 was running; then the page, the ingest batch, and only then the rest.
+    assert log.ran == ["b1", "p1", "b2", "b3"]
+    assert page.result == "p1"
+
+
+def test_a_page_waits_behind_at_most_one_background_job(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    log = Log()
+    for n in range(5):
+        store.run_on_writer(log.job(f"b{n}"))
+    writes.run_next()
+    writes.run_next()  # b0, b1 ran: the writer was free of anything urgent
+    store.run_page_on_writer(log.job("page"))
+    run_all(writes)
+    assert log.ran == ["b0", "b1", "b2", "page", "b3", "b4"]
+
+
+def test_background_work_is_not_starved_by_a_busy_feed(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    log = Log()
+    store.store_snapshot(incident(0))  # being written
+    background = store.run_on_writer(log.job("background"))
+    units = 0
+    while not background.called:
+        store.store_snapshot(incident(units + 1))  # a batch always waiting ...
+        store.run_page_on_writer(log.job("page"))  # ... and a page
+        writes.run_next()
+        units += 1
+        assert units <= BACKGROUND_EVERY + 2  # the unit running, BACKGROUND_EVERY, then it
+    assert background.result == "background"
+    assert log.ran.count("page") >= BACKGROUND_EVERY // 2  # urgent work went first
+
+
+def test_a_failing_job_errbacks_only_itself(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+
+    def broken() -> None:
+        raise ValueError("no")
+
+    failed = store.run_page_on_writer(broken)
+    fine = store.run_on_writer(lambda: 7)
+    run_all(writes)
+    assert isinstance(failed.result, Failure) and failed.result.check(ValueError)
+    failed.addErrback(lambda _: None)
+    assert fine.result == 7
+
+
+def test_drain_waits_for_every_lane(engine: Engine) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    store.run_on_writer(lambda: None)
+    store.ride_next_batch(set_category("G-0", "x"))
+    drained = store.drain()
+    writes.run_next()  # the background job (nothing urgent was ready)
+    assert not drained.called  # the rider still waits for a batch
+    clock.advance(RIDE_WITHIN)
+    writes.run_next()
+    assert drained.called
+
+
+def test_an_unknown_lane_is_refused(engine: Engine) -> None:
+    store, _, _ = make_store(engine)
+    with pytest.raises(ValueError):
+        store.run_on_writer(lambda: None, lane="bulk")
+
+
+# --- riding the next batch -------------------------------------------------------------------
+
+
+def riding(
+    engine: Engine, second: Any, work: Callable[[Connection], str] | None = None
+) -> tuple[Threads, Clock, Results]:
+    """G-0 stored; then G-1 being written when work (set G-0's category) asks to ride, and
+    ``second`` submitted after it. G-1's batch is written: the next is ``second``'s."""
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    store.store_snapshot(incident(1))
+    results = Results()
+    results.watch(0, store.ride_next_batch(work or set_category("G-0", "rode")))
+    results.watch(1, store.store_snapshot(second))
+    assert len(writes.calls) == 1
+    writes.run_next()  # G-1's batch: the work waits for the next one
+    assert results.values == {} and len(writes.calls) == 1
+    return writes, clock, results
+
+
+def test_work_rides_the_next_batch_in_its_transaction(engine: Engine) -> None:
+    writes, clock, results = riding(engine, incident(2))
+    assert category(engine, "G-0") != "rode"
+    writes.run_next()  # G-2's batch, with the work in it: one transaction
+    assert results.values[0] == "rode"
+    assert isinstance(results.values[1], StoredSnapshot)
+    assert category(engine, "G-0") == "rode"
+    clock.advance(RIDE_WITHIN * 10)
+    assert writes.calls == []  # nothing ran on its own later
+
+
+def test_a_failed_batch_takes_the_work_that_rode_it(engine: Engine) -> None:
+    bad = replace(record(snapshot("BAD")), feed=None)  # NOT NULL: the batch cannot commit
+    writes, _, results = riding(engine, bad)
+    writes.run_next()
+    for n in (0, 1):
+        assert isinstance(results.values[n], Failure) and results.values[n].check(StoreError)
+    assert category(engine, "G-0") != "rode"
+    assert writes.calls == []  # it is not tried again on its own: its caller was told
+
+
+def test_a_commit_that_fails_takes_the_work_that_rode_it(engine: Engine) -> None:
+    ran: list[str] = []
+
+    def work(conn: Connection) -> str:
+        ran.append(set_category("G-0", "rode")(conn))
+        return "rode"
+
+    writes, _, results = riding(engine, incident(2), work)
+    with failing_commit(engine):
+        writes.run_next()
+    assert ran == ["rode"]  # the work ran in its savepoint; then the commit failed
+    for n in (0, 1):
+        assert isinstance(results.values[n], Failure) and results.values[n].check(StoreError)
+    assert category(engine, "G-0") != "rode"
+    with engine.connect() as conn:
+        assert conn.execute(
+            select(incidents.c.id).where(incidents.c.external_id == "G-2")
+        ).all() == []
+
+
+def test_work_that_fails_rolls_back_only_its_savepoint(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    stored_first(store, writes)
+    store.store_snapshot(incident(1))  # being written
+
+    def half_done(conn: Connection) -> None:
+        set_category("G-0", "half")(conn)
+        raise ValueError("changed its mind")
+
+    results = Results()
+    results.watch(0, store.ride_next_batch(half_done))
+    results.watch(1, store.ride_next_batch(set_category("G-1", "kept")))
+    results.watch(2, store.store_snapshot(incident(2)))
+    run_all(writes)
+    assert isinstance(results.values[0], Failure) and results.values[0].check(ValueError)
+    assert results.values[1] == "kept"
+    assert isinstance(results.values[2], StoredSnapshot)
+    assert category(engine, "G-0") != "half"
+    assert category(engine, "G-1") == "kept"
+
+
+def test_without_a_batch_the_work_goes_alone_after_the_bound(engine: Engine) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    log = Log()
+    ridden = store.ride_next_batch(set_category("G-0", "alone"), within=0.005)
+    store.run_on_writer(log.job("background"))
+    assert writes.calls == []  # the writer waits for a batch; no background work starts
+    clock.advance(0.004)
+    assert writes.calls == [] and not ridden.called
+    clock.advance(0.001)
+    assert len(writes.calls) == 1
+    writes.run_next()  # its own transaction
+    assert ridden.result == "alone" and category(engine, "G-0") == "alone"
+    writes.run_next()
+    assert log.ran == ["background"]
+
+
+def test_a_batch_arriving_within_the_bound_takes_the_work(engine: Engine) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    ridden = store.ride_next_batch(set_category("G-0", "rode"), within=0.005)
+    clock.advance(0.004)
+    stored = store.store_snapshot(incident(1))
+    assert len(writes.calls) == 1
+    writes.run_next()
+    assert ridden.result == "rode" and isinstance(stored.result, StoredSnapshot)
+    clock.advance(0.01)
+    assert writes.calls == []
+
+
+def test_stopping_sends_waiting_work_on_its_own(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    stored_first(store, writes)
+    ridden = store.ride_next_batch(set_category("G-0", "late"), within=60)
+    stopped = store.stop()
+    assert len(writes.calls) == 1
+    writes.run_next()
+    assert ridden.result == "late" and stopped.called
+    assert category(engine, "G-0") == "late"
+
+
+
+def test_work_no_page_waits_for_does_not_hold_the_writer(engine: Engine) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    log = Log()
+    later = store.ride_later(set_category("G-0", "later"))
+    store.run_on_writer(log.job("background"))
+    assert len(writes.calls) == 1  # background work goes while it waits for a batch
+    writes.run_next()
+    assert log.ran == ["background"] and not later.called
+    drained = store.drain()
+    clock.advance(RIDE_LATER_WITHIN)
+    writes.run_next()
+    assert later.result == "later" and category(engine, "G-0") == "later"
+    assert drained.called
