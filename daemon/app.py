@@ -743,6 +743,10 @@ class Corespond:
             # roster (clinicians, zones, schedules) at once.
             self.paging.reconfigure(new.paging.roster, paging_settings(new.paging))
             changes = [*(changes or ["no feed changed"]), "paging roster reloaded"]
+            if self.unit_locations is not None:
+                changes += self.unit_locations.reconfigure(
+                    new.paging.unit_statuses, new.paging.unit_status_answers_pages
+                )
         self.config = new
         log.info("config.reload.complete", changes=changes or ["no feed changed"])
         return True

@@ -26,7 +26,8 @@ repeats every unit) is no change and costs no transaction. A status on the call 
 was paged for answers that page (``Dispatched``: accept, ``EnRoute``: en route, ``OnScene``: on
 scene) unless ``paging.unit_status.answers_pages`` is false or the EIDO says the unit works
 another call (``activeOnIncidentId``): a dispatcher or the clinician set it in the CAD, a human
-answer, not a delivery receipt.
+answer, not a delivery receipt. A reload (SIGHUP) applies a changed ``paging.unit_status`` to
+the next status, all or nothing with the rest of the file.
 """
 
 from __future__ import annotations
@@ -113,6 +114,25 @@ class EidoUnitLocations:
             ["outcome"],
             registry=registry,
         ) if registry is not None else None  # fmt: skip
+
+    def reconfigure(self, statuses: Mapping[str, str], answers_pages: bool) -> list[str]:
+        """A reload's ``paging.unit_status``, already checked with the rest of the file (a bad
+        value fails the whole reload before this is called): the next status uses it. What
+        changed, for the reload's log line (status words, never anything of a call)."""
+        changes = []
+        new = dict(statuses)
+        if new != self.statuses:
+            words = sorted(w for w in new.keys() | self.statuses.keys()
+                           if new.get(w) != self.statuses.get(w))  # fmt: skip
+            changes.append(f"unit status map reloaded ({', '.join(words)})")
+            # A word that now means something, or something else, is news: a status the unit
+            # already had is looked at again, and a word still unknown is said again.
+            self._status_seen.clear()
+            self._unknown_said.clear()
+        if answers_pages != self.answers_pages:
+            changes.append(f"unit statuses answer pages: {'yes' if answers_pages else 'no'}")
+        self.statuses, self.answers_pages = new, answers_pages
+        return changes
 
     def observe(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
         if stored.state is SnapshotState.DUPLICATE:

@@ -10,7 +10,7 @@ the same transaction under the unique (chain, step) constraint: a step never run
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -29,6 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from corespond.daemon.dispatcher import Candidates, Fix
 from corespond.daemon.pager import PageAnswer
@@ -910,7 +911,7 @@ def find_page(
             return _record(row), "gateway_id"
     ids = list(clinician_ids)
     if ids:
-        row = conn.execute(
+        latest = (
             select(*_PAGE_COLUMNS)
             .where(
                 p.clinician_id.in_(ids),
@@ -919,10 +920,30 @@ def find_page(
             )
             .order_by(p.created_at.desc(), p.id.desc())
             .limit(1)
-        ).first()
-        if row is not None:
-            return _record(row), "sender"
+        )
+        row = conn.execute(latest).first()
+        if row is None:
+            return None
+        if conn.dialect.name != "postgresql":
+            return _record(row), "sender"  # SQLite: this transaction is the only writer
+        # PostgreSQL: an answer to that page may be under way on another daemon. Which page is
+        # the sender's most recent open one is decided once no answer to it is: as if this
+        # reply came after the other (a page it closed is passed over, as it would be then).
+        for _ in range(_REMATCHES):
+            page = lock_page(conn, _record(row))
+            again = conn.execute(latest).first()
+            if again is None:
+                return None
+            if again.id == row.id:
+                return page, "sender"
+            row = again
+        return lock_page(conn, _record(row)), "sender"
     return None
+
+
+# A reply matched by its sender looks again this many times when the page it found was closed
+# by another answer while it waited: each look passes over one more page.
+_REMATCHES = 5
 
 
 # Which answers a page in each state still takes.
@@ -936,16 +957,72 @@ ANSWERABLE: dict[str, tuple[PageAnswer, ...]] = {
 def apply_answer(
     conn: Connection, page: PageRecord, answer: PageAnswer, via: str, now: datetime
 ) -> str:
-    """Apply a human answer; the outcome token (``applied`` or why not)."""
+    """Apply a human answer; the outcome token (``applied`` or why not).
+
+    Answers to the pages of one chain are applied one at a time, whichever daemon, gateway or
+    path they came by (an SMS reply, an ack-page tap, a CAD unit status): on PostgreSQL the
+    chain's row is locked first (``FOR NO KEY UPDATE``; an answer to the same chain on another
+    daemon waits for this transaction to end); SQLite's one writer already serializes them.
+    ``page.state`` is not trusted: the page, its chain and its call are read again under the
+    lock, so of two answers at once the second is judged against what the first did, exactly
+    as if it had come later (``page-closed``, ``taken`` or ``incident-closed``: recorded with
+    the reply, the clinician told as for any late answer). An accept and a decline of one page
+    are never both counted, nor a chain advanced or taken twice.
+
+    On PostgreSQL the answer runs in a savepoint: when it is chosen to break a deadlock (a step
+    being finished holds the step this answer cancels and waits for the chain), it is rolled
+    back to the savepoint, which lets the other transaction finish, and applied again."""
     if page.kind != "page" or page.clinician_id is None:
         return "not-answerable"
+    if conn.dialect.name != "postgresql":
+        return _apply_answer(conn, page, answer, via, now)
+    for attempt in range(1, _ANSWER_TRIES + 1):
+        try:
+            with conn.begin_nested():
+                return _apply_answer(conn, page, answer, via, now)
+        except DBAPIError as err:
+            if attempt == _ANSWER_TRIES or getattr(err.orig, "sqlstate", None) not in _RETRY:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_ANSWER_TRIES = 3
+_RETRY = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+_LOCK_CHAIN = (
+    select(_c.id).where(_c.id == bindparam("chain_id")).with_for_update(key_share=True)
+)  # FOR NO KEY UPDATE: pages and steps inserted for the chain (their foreign key) don't wait
+_ANSWER_STATE = (
+    select(pages.c.state.label("page_state"), _c.state, _c.accepted_by, _i.status)
+    .select_from(
+        pages.join(escalation_chains, _c.id == pages.c.chain_id).join(
+            incidents, _i.id == _c.incident_pk
+        )
+    )
+    .where(pages.c.id == bindparam("page_id"))
+)
+
+
+def _answer_state(conn: Connection, page: PageRecord) -> Any:
+    """The page's state, its chain's state and taker, and its call's status, read under the
+    chain's lock (taken here on PostgreSQL; held to the end of the transaction)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_CHAIN, {"chain_id": page.chain_id})
+    return conn.execute(_ANSWER_STATE, {"page_id": page.page_id}).one()
+
+
+def lock_page(conn: Connection, page: PageRecord) -> PageRecord:
+    """``page`` as it stands once no other answer to its chain is under way (the chain's row
+    locked to the end of this transaction on PostgreSQL): what an answer is chosen by."""
+    return replace(page, state=_answer_state(conn, page).page_state)
+
+
+def _apply_answer(
+    conn: Connection, page: PageRecord, answer: PageAnswer, via: str, now: datetime
+) -> str:
+    assert page.clinician_id is not None
     p, c = pages.c, escalation_chains.c
-    chain = conn.execute(
-        select(c.state, c.accepted_by, incidents.c.status)
-        .join(incidents, incidents.c.id == c.incident_pk)
-        .where(c.id == page.chain_id)
-    ).one()
-    if answer not in ANSWERABLE.get(page.state, ()):
+    chain = _answer_state(conn, page)
+    if answer not in ANSWERABLE.get(chain.page_state, ()):
         return "page-closed"
     if chain.status != "active" and answer in (PageAnswer.ACCEPT, PageAnswer.EN_ROUTE):
         return "incident-closed"

@@ -20,7 +20,13 @@ from sqlalchemy import Connection, select
 
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, UnitStatusChange, UnitStatusOutcome
-from corespond.daemon.store.paging import OPEN, PageRecord, apply_answer, write_availability
+from corespond.daemon.store.paging import (
+    OPEN,
+    PageRecord,
+    apply_answer,
+    lock_page,
+    write_availability,
+)
 from corespond.daemon.store.tables import clinician_states, pages
 
 # The answers that take a page from its state to what the unit status says, in order: a unit
@@ -79,7 +85,10 @@ def _answer_page(conn: Connection, change: UnitStatusChange, now: datetime) -> s
     ).first()
     if row is None:
         return None
-    page = PageRecord(row.id, row.page_ref, row.chain_id, row.kind, row.clinician_id, row.state)
+    # The path is chosen from the page as it stands once no other answer to its chain (a reply,
+    # a tap on the ack page, on this daemon or another) is under way.
+    page = lock_page(conn, PageRecord(row.id, row.page_ref, row.chain_id, row.kind,
+                                      row.clinician_id, row.state))  # fmt: skip
     # The answer's time is the CAD's, within the page's life (a CAD clock that runs ahead, or a
     # status set before the page, would otherwise put the answer outside it).
     when = min(max(change.at, row.created_at), now)

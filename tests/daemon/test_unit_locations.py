@@ -414,3 +414,43 @@ def test_unit_status_config_is_checked(tmp_path: Path) -> None:
     text = str(caught.value)
     assert "paging.unit_status.map.EnRoute" in text and "driving" in text
     assert "paging.unit_status.answers_pages" in text
+
+
+def test_a_reload_changes_the_unit_status_map_and_a_bad_one_changes_nothing(
+    tmp_path: Path, db_url: str
+) -> None:
+    """SIGHUP's reload applies ``paging.unit_status`` to the next status; a value the check
+    refuses fails the whole reload and the running map stays."""
+    with running_daemon(tmp_path, db_url) as d:
+        assert d.app.unit_locations is not None
+        config = d.app.config.path
+        before = config.read_text()
+
+        def reload(unit_status: str) -> bool:
+            age = "  max_fix_age_seconds: 600\n"
+            config.write_text(before.replace(age, age + unit_status))
+            return bool(d.turner.until(ensureDeferred(d.app.reload())))
+
+        t0 = d.now().replace(microsecond=0) - timedelta(minutes=5)
+        d.post(on_call(traffic_stop(90), t0, ("M21", "AtLunch")))
+        d.settle()
+        assert states(d) == [] and d.app.unit_locations.unknown_statuses == 1
+        assert reload("  unit_status:\n    map: {AtLunch: unavailable}\n")
+        # The same word again (the unit's status did not change): it now means something.
+        d.post(on_call(traffic_stop(90), t0 + timedelta(seconds=10), ("M21", "AtLunch")))
+        d.turner.until_true(lambda: bool(states(d)))
+        assert states(d) == [("c-3", "unavailable", t0 + timedelta(seconds=10), "cad:cad-json")]
+        # A bad value: nothing of the file is taken; AtLunch and Cleared keep their meaning.
+        assert not reload("  unit_status:\n    map: {AtLunch: driving, Cleared: unavailable}\n")
+        assert d.app.unit_locations.statuses["atlunch"] == "unavailable"
+        d.post(on_call(traffic_stop(90), t0 + timedelta(seconds=20), ("M21", "Cleared")))
+        d.turner.until_true(lambda: states(d)[0][1] == "available")
+        # answers_pages too: with it off, the CAD's en route on the paged call answers nothing.
+        assert reload("  unit_status:\n    map: {AtLunch: unavailable}\n"
+                      "    answers_pages: false\n")  # fmt: skip
+        assert not d.app.unit_locations.answers_pages
+        call = paged_c3(d)
+        d.post(on_call(call, d.now(), ("M21", "EnRoute")))
+        d.turner.until_true(lambda: states(d)[0][1] == "en_route")
+        d.settle()
+        assert pages_of(d) == [("c-3", "open", None)]
