@@ -646,6 +646,10 @@ def finish_step_and_claim(
     inserted claimed in this very transaction (nobody else can have taken it)."""
     s = escalation_steps.c
     if not fresh:
+        if conn.dialect.name == "postgresql":
+            # Chain before step, the order answers and cancellations lock in (apply_answer):
+            # the other order deadlocks against an accept of this chain's page.
+            conn.execute(_LOCK_CHAIN, {"chain_id": work.step.chain_id})
         held = conn.execute(
             _for_update(conn, select(s.id).where(
                 s.id == work.step.step_id, s.state == "claimed", s.claimed_by == worker

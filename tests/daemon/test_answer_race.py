@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, event, text
 
 from corespond.daemon.decision import Response
 from corespond.daemon.pager import PageAnswer, Reply
@@ -279,3 +279,34 @@ def test_answers_at_once_are_applied_one_after_the_other(w: World) -> None:
                 assert (state, taker) == ("accepted", "c-102")
             else:
                 assert pages[second_ref] == "declined" and (state, taker) == ("open", None)
+
+
+@POSTGRES_ONLY
+def test_a_step_being_finished_locks_its_chain_before_its_step(w: World) -> None:
+    """Every writer of a chain locks chain, then steps, then pages (answers and cancellations do
+    by their first statement): a worker finishing a step in the other order would deadlock
+    against an accept, and lose its whole claim-and-finish transaction when chosen."""
+    incident(w, Response.CLINICIAN)
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(w.engine, "before_cursor_execute", seen)
+    try:
+        w.advance(5.1)  # the chain's next step comes due and is finished
+    finally:
+        event.remove(w.engine, "before_cursor_execute", seen)
+    result_of(w.service.stop())
+    locks = [
+        s for s in statements
+        if s.endswith(("FOR UPDATE", "FOR UPDATE SKIP LOCKED", "FOR NO KEY UPDATE"))
+    ]  # fmt: skip
+    chain = next(i for i, s in enumerate(locks) if "FROM escalation_chains" in s)
+    step = next(
+        i for i, s in enumerate(locks) if "FROM escalation_steps" in s and "claimed_by" in s
+    )
+    assert chain < step, locks
+    assert rows(w, "SELECT step, state FROM escalation_steps ORDER BY step")[:2] == [
+        (0, "done"), (1, "done"),
+    ]  # fmt: skip
