@@ -251,10 +251,21 @@ def test_sqlite_wal_checkpoints_run_off_the_commit_path(engine: Engine) -> None:
     writes.run_next()
     # The WAL started over: only the last batch is in it.
     assert wal_frames(engine) < 30
-    clock.advance(0.5)  # one commit since the last checkpoint began
+    for n in range(152, 182):
+        store.store_snapshot(incident(n))
+        writes.run_next()
+    clock.advance(0.5)  # commits since the last checkpoint began, and no reader
     assert len(checkpoints.calls) == 1
     checkpoints.run_next()
+    # The passes off the writer thread copied every frame: nothing waits for the writer.
+    assert writes.calls == []
+    store.store_snapshot(incident(182))
     writes.run_next()
+    assert wal_frames(engine) < 30  # and the next write started the WAL over
+    clock.advance(0.5)  # one commit since
+    assert len(checkpoints.calls) == 1
+    checkpoints.run_next()
+    assert writes.calls == []
     clock.advance(0.5)  # none since
     assert checkpoints.calls == [] and writes.calls == []
     stopped = store.stop()
