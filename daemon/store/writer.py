@@ -963,17 +963,22 @@ class _Trace:
 # it waits for. The store's own connection does not checkpoint; a timer does it instead.
 # PASSIVE checkpoints on a thread of their own copy the WAL (no lock that a writer needs):
 # the first copies the bulk, and up to _BULK_PASSES - 1 more copy what was committed
-# meanwhile, until one finds every frame copied - then the next write starts the WAL over (a
-# WAL whose every frame was copied when a write begins is reset; frames written during a
-# checkpoint would otherwise keep it growing). Only when the passes never catch up (a reader
-# holds old frames, or commits keep coming) does one more run on the writer thread, between
-# batches. That one was the whole second step before: its copy and the database fsync (3 ms
-# median, 10 ms p90 on a busy disk) held up the snapshots queued behind it, twice a second,
-# and were a third of the slowest 1 % at 300 snapshots/s. Connections other than the store's
-# keep SQLite's automatic checkpoints.
+# meanwhile, until one finds nothing left to copy - then the next write starts the WAL over
+# (a WAL whose every frame was copied when a write begins is reset; frames written during a
+# checkpoint would otherwise keep it growing). A pass reports the WAL as it was when the
+# pass began, so "nothing left" is a pass that finds every frame copied and the WAL no longer
+# than the pass before found it (shorter: a write started it over meanwhile). When the
+# passes do not catch up (a reader holds old frames, or commits keep coming), the next tick
+# tries again; only once the WAL holds more than _WAL_FRAMES_BOUND frames does one more
+# checkpoint run on the writer thread, between batches. That one was the second step of every
+# tick before: its copy and the database fsync (3-5 ms median, 10-20 ms at worst on a busy
+# disk) held up the snapshots queued behind it, twice a second, and were a third of the
+# slowest 1 % at 300 snapshots/s. Connections other than the store's keep SQLite's automatic
+# checkpoints.
 CHECKPOINT_SECONDS = 0.5
 _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
-_BULK_PASSES = 3
+_BULK_PASSES = 4
+_WAL_FRAMES_BOUND = 2048  # 8 MiB of 4 KiB pages
 
 
 class _WalCheckpoints:
@@ -1012,25 +1017,30 @@ class _WalCheckpoints:
         d.addBoth(self.done)
 
     def bulk(self) -> bool:
-        """Off the writer thread: True when a pass found every frame of the WAL copied."""
+        """Off the writer thread: False when the writer thread must finish (see above)."""
         trace = self.store._trace
         raw = self.store.engine.raw_connection()
         try:
             driver: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+            before: int | None = None  # the WAL's frames when the last pass began, all copied
             for _ in range(_BULK_PASSES):
                 started = time.perf_counter()
                 busy, frames, copied = driver.execute(_CHECKPOINT).fetchone()
                 if trace is not None:
                     trace.checkpoint("bulk", started)
-                if not busy and frames == copied:
+                if busy or frames != copied:
+                    before = None
+                elif before is not None and frames <= before:
                     return True
+                else:
+                    before = frames
         finally:
             raw.close()
-        return False
+        return bool(frames <= _WAL_FRAMES_BOUND)
 
-    def rest(self, copied_all: bool) -> Deferred[None] | None:
+    def rest(self, enough: bool) -> Deferred[None] | None:
         """What the passes left, on the writer thread between batches (see _BULK_PASSES)."""
-        if copied_all:
+        if enough:
             return None
         return self.store.run_on_writer(self.store._checkpoint_on_writer)
 
