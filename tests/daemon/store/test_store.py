@@ -220,18 +220,24 @@ def wal_frames(engine: Engine) -> int:
     return int(frames)
 
 
-def test_sqlite_wal_checkpoints_run_off_the_commit_path(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if engine.dialect.name != "sqlite":
-        pytest.skip("SQLite's WAL")
-    monkeypatch.setattr(writer, "_WAL_FRAMES_BOUND", 1000)
+def checkpointing_store(engine: Engine) -> tuple[IncidentStore, Clock, Threads, Threads]:
+    """A started store whose writes and checkpoints run when the test says, every 0.5 s."""
     clock, writes, checkpoints = Clock(), Threads(), Threads()
     store = IncidentStore(
         engine, clock, run_in_thread=writes, run_checkpoint_in_thread=checkpoints,
         checkpoint_seconds=0.5,
     )  # fmt: skip
     store.start()
+    return store, clock, writes, checkpoints
+
+
+def test_sqlite_wal_checkpoints_run_off_the_commit_path(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's WAL")
+    monkeypatch.setattr(writer, "_WAL_FRAMES_BOUND", 1000)
+    store, clock, writes, checkpoints = checkpointing_store(engine)
     wal = Path(engine.url.database + "-wal")  # type: ignore[operator]
     for n in range(150):
         store.store_snapshot(incident(n))
@@ -280,12 +286,7 @@ def test_sqlite_wal_checkpoints_leave_a_short_wal_to_the_next_tick(engine: Engin
     """Passes that cannot copy everything leave the writer thread alone while the WAL is short."""
     if engine.dialect.name != "sqlite":
         pytest.skip("SQLite's WAL")
-    clock, writes, checkpoints = Clock(), Threads(), Threads()
-    store = IncidentStore(
-        engine, clock, run_in_thread=writes, run_checkpoint_in_thread=checkpoints,
-        checkpoint_seconds=0.5,
-    )  # fmt: skip
-    store.start()
+    store, clock, writes, checkpoints = checkpointing_store(engine)
     for n in range(5):
         store.store_snapshot(incident(n))
         writes.run_next()
