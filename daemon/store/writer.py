@@ -969,7 +969,7 @@ class _Trace:
 # pass began, so "nothing left" is a pass that finds every frame copied and the WAL no longer
 # than the pass before found it (shorter: a write started it over meanwhile). When the
 # passes do not catch up (a reader holds old frames, or commits keep coming), the next tick
-# tries again; only once the WAL holds more than _WAL_FRAMES_BOUND frames does one more
+# tries again; only once the WAL holds more than _WAL_BYTES_BOUND of pages does one more
 # checkpoint run on the writer thread, between batches. That one was the second step of every
 # tick before: its copy and the database fsync (3-5 ms median, 10-20 ms at worst on a busy
 # disk) held up the snapshots queued behind it, twice a second, and were a third of the
@@ -978,7 +978,7 @@ class _Trace:
 CHECKPOINT_SECONDS = 0.5
 _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 _BULK_PASSES = 4
-_WAL_FRAMES_BOUND = 2048  # 8 MiB of 4 KiB pages
+_WAL_BYTES_BOUND = 8 << 20
 
 
 class _WalCheckpoints:
@@ -1022,6 +1022,7 @@ class _WalCheckpoints:
         raw = self.store.engine.raw_connection()
         try:
             driver: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+            (page_size,) = driver.execute("PRAGMA page_size").fetchone()
             before: int | None = None  # the WAL's frames when the last pass began, all copied
             for _ in range(_BULK_PASSES):
                 started = time.perf_counter()
@@ -1036,7 +1037,7 @@ class _WalCheckpoints:
                     before = frames
         finally:
             raw.close()
-        return bool(frames <= _WAL_FRAMES_BOUND)
+        return bool(frames * page_size <= _WAL_BYTES_BOUND)
 
     def rest(self, enough: bool) -> Deferred[None] | None:
         """What the passes left, on the writer thread between batches (see _BULK_PASSES)."""

@@ -236,7 +236,7 @@ def test_sqlite_wal_checkpoints_run_off_the_commit_path(
 ) -> None:
     if engine.dialect.name != "sqlite":
         pytest.skip("SQLite's WAL")
-    monkeypatch.setattr(writer, "_WAL_FRAMES_BOUND", 1000)
+    monkeypatch.setattr(writer, "_WAL_BYTES_BOUND", 1000 * 4096)
     store, clock, writes, checkpoints = checkpointing_store(engine)
     wal = Path(engine.url.database + "-wal")  # type: ignore[operator]
     for n in range(150):
