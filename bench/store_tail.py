@@ -14,7 +14,11 @@ snapshot, and for the median batch and the slowest 1 % where the time went:
 - hand-off: dispatched -> running on the writer thread;
 - write: the statements; commit: COMMIT (fsync, and any WAL checkpoint it runs);
 - back: committed -> the Deferreds firing on the reactor;
-- gc: GC pauses that overlap the batch (any thread; the GIL stops the others).
+- gc: GC pauses that overlap the batch (any thread; the GIL stops the others);
+
+and the WAL checkpoints: how long each step took, and how many batches (and how many of the
+slowest 1 %) waited for one that ran on the writer thread. ``bench/fsync_floor.py`` measures
+the disk's own commit latency at the same rate: the floor under the p99.
 """
 
 from __future__ import annotations
@@ -71,6 +75,24 @@ def report(trace: list[dict[str, float]], since: float) -> None:
         + "".join(f"{statistics.mean(r[s] for r in tail):>10.2f}" for s in (*STEPS, "total"))
     )
     print(f"{'slowest batch':<22}" + "".join(f"{rows[-1][s]:>10.2f}" for s in (*STEPS, "total")))
+    checkpoints = [t for t in trace if "checkpoint" in t and t["at"] >= since]
+    for step in ("bulk", "writer"):
+        ms = sorted(c["ms"] for c in checkpoints if c["checkpoint"] == step)
+        if ms:
+            print(f"checkpoint {step} step: {len(ms)} runs, median {statistics.median(ms):.2f} ms,"
+                  f" max {ms[-1]:.2f} ms")  # fmt: skip
+    # A checkpoint on the writer thread holds up every batch queued while it runs.
+    on_writer = [c for c in checkpoints if c["checkpoint"] == "writer"]
+    behind = [
+        b for b in batches
+        if any(b["submitted"] <= c["at"] + c["ms"] / 1e3 and c["at"] <= b["dispatched"]
+               for c in on_writer)
+    ]  # fmt: skip
+    slow = {id(b) for b in sorted(batches, key=lambda b: b["back"] - b["submitted"])[-len(tail) :]}
+    print(
+        f"batches queued behind a writer-thread checkpoint: {len(behind)}, of them in the slowest"
+        f" 1 %: {sum(id(b) in slow for b in behind)} of {len(tail)}"
+    )
     by_gen: dict[int, list[float]] = {}
     for p in pauses:
         by_gen.setdefault(int(p["gc"]), []).append(p["ms"])
@@ -100,6 +122,7 @@ def main() -> None:
             cpu0 = server.cpu_seconds()
             paced = drive(server.port, frames[args.messages :], 10_000, args.rate)
             cpu = server.cpu_seconds() - cpu0
+            wal = sum(p.stat().st_size for p in workdir.rglob("*-wal")) / (1 << 20)
         finally:
             server.stop()
         text = trace_path.read_text() if trace_path.exists() else ""  # older code: no trace
@@ -109,7 +132,8 @@ def main() -> None:
     p50, p99 = statistics.median(paced) * 1e3, percentile(paced, 99) * 1e3
     print(
         f"paced {args.rate:.0f}/s for {args.seconds:.0f} s: p50 {p50:.2f} ms, p99 {p99:.2f} ms,"
-        f" max {max(paced) * 1e3:.2f} ms; server CPU {cpu / len(paced) * 1e6:.0f} us/snapshot"
+        f" max {max(paced) * 1e3:.2f} ms; server CPU {cpu / len(paced) * 1e6:.0f} us/snapshot;"
+        f" WAL {wal:.1f} MiB at the end"
     )
     report(trace, since)
 

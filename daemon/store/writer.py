@@ -88,6 +88,12 @@ class SnapshotRecord:
     raw: bytes
     snapshot: Snapshot
     decision: Decision
+    # The snapshot's two JSON columns as text, when whoever built the record has them already
+    # (a parser may write the normalized form as it decodes): exactly what json_text writes
+    # for snapshot_public_json and snapshot_protected_json. Used where the driver binds JSON
+    # as text (SQLite); None, or PostgreSQL: the writer builds them (about 8 us a snapshot).
+    public_json: str | None = None
+    protected_json: str | None = None
 
 
 @fast_init
@@ -176,6 +182,10 @@ class _Binds:
 
     time: Callable[[datetime | None], Any]
     json: Callable[[Any], Any]
+    # sqlite3 binds only exact int, float, str and bytearray without its adapter protocol,
+    # whose failed look-ups (__adapt__, __conform__) cost a bool about 3,000 instructions:
+    # on SQLite, flags go to the driver as the 0 and 1 that Boolean binds.
+    flag: Callable[[bool], Any]
 
 
 # Formatting a datetime costs more than a dict look-up, and a batch binds the same few times
@@ -199,9 +209,9 @@ def _sqlite_json(value: Any) -> str:
     return "[]" if value == [] else json_text(value)  # no rules, no evidence: most decisions
 
 
-_CORE_BINDS = _Binds(time=_same, json=_same)
-# Exactly what UTCDateTime and JSON bind on SQLite (the same functions underneath).
-_SQLITE_BINDS = _Binds(time=_sqlite_time, json=_sqlite_json)
+_CORE_BINDS = _Binds(time=_same, json=_same, flag=_same)
+# Exactly what UTCDateTime, JSON and Boolean bind on SQLite (the same functions underneath).
+_SQLITE_BINDS = _Binds(time=_sqlite_time, json=_sqlite_json, flag=int)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +261,13 @@ _SQLITE = "corespond_sqlite_batch"  # conn.info key, set for the length of one w
 class _SqliteBatch:
     """The driver's cursor for one batch, and the next free id of each numbered table."""
 
-    __slots__ = ("_next_ids", "cursor")
+    __slots__ = ("_next_ids", "cursor", "snapshot_rows")
 
     def __init__(self, conn: Connection) -> None:
         self.cursor: sqlite3.Cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         self._next_ids: dict[str, int] | None = None
+        # The new snapshots' rows (id first), inserted once their new incidents are in.
+        self.snapshot_rows: list[tuple[Any, ...]] = []
 
     def ids(self, table: str, count: int) -> range:
         """``count`` new ids for ``table``, read at the first insert of a batch."""
@@ -298,6 +310,10 @@ class _DriverInsert:
         batch.cursor.executemany(self.sql, [(i, *row) for i, row in zip(ids, rows, strict=True)])
         return ids
 
+    def insert(self, batch: _SqliteBatch, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` that start with their id (numbered by :meth:`_SqliteBatch.ids`)."""
+        batch.cursor.executemany(self.sql, rows)
+
     def as_dicts(self, rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """The same rows as SQLAlchemy Core takes them."""
         columns = self.columns
@@ -316,9 +332,20 @@ _PLACEHOLDER_COLUMNS = (
     "source", "external_id", "status", "updated_at", "first_received_at", "last_received_at",
     "snapshot_count", "behavioral_health", "response",
 )  # fmt: skip
+# Every column of an incident row but its id: on SQLite a new incident goes in whole, once
+# the batch knows its current snapshot (a placeholder and its update cost a statement more and
+# index entries written twice); the Core path inserts a placeholder and updates it.
+_INCIDENT_COLUMNS = (
+    "source", "external_id", "incident_number", "status", "call_type", "call_type_code",
+    "apco_type", "priority", "agency", "zone", "lat", "lon", "opened_at", "closed_at",
+    "updated_at", "first_received_at", "last_received_at", "snapshot_count",
+    "current_snapshot_id", "current_decision_id", "behavioral_health", "category", "response",
+)  # fmt: skip
 _DRIVER_SNAPSHOTS = _DriverInsert.of(snapshots, _SNAPSHOT_COLUMNS)
 _DRIVER_DECISIONS = _DriverInsert.of(decisions, _DECISION_COLUMNS)
 _DRIVER_INCIDENTS = _DriverInsert.of(incidents, _PLACEHOLDER_COLUMNS)
+_DRIVER_NEW_INCIDENTS = _DriverInsert.of(incidents, _INCIDENT_COLUMNS)
+_NEW_INCIDENT_ROW = itemgetter("incident_pk", *_INCIDENT_COLUMNS)
 _DRIVER_UPDATES: dict[tuple[str, ...], tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 
 
@@ -466,6 +493,7 @@ class _IncidentState:
     current: _Pending | None = None  # set when a snapshot of this batch became current
     snapshot_id: int | None = None
     touched: bool = False
+    new: bool = False  # SQLite: numbered here, inserted whole at the end of the batch
 
 
 def _insert_rejects(conn: Connection, records: list[RejectRecord]) -> list[int]:
@@ -592,16 +620,18 @@ def _lock_incidents(
     missing = [k for k in keys if k not in states]
     if not missing:
         return states
-    sql = _dialect_statements(conn)
-    placeholders = [_placeholder(source, external_id, sql.binds) for source, external_id in missing]
     batch = _sqlite_batch(conn)
     if batch is not None:
-        # Nobody else can have created them (the write lock): no need to read them back.
-        for key, pk in zip(missing, _DRIVER_INCIDENTS.execute(batch, placeholders), strict=True):
-            states[key] = _IncidentState(pk, key[1], 0, None, None, None, None, None)
-    else:
-        conn.execute(sql.insert_incidents, _DRIVER_INCIDENTS.as_dicts(placeholders))
-        states.update(_select_incidents(conn, missing))
+        # Nobody else can create them (the write lock): number them now, insert them whole
+        # at the end of the batch (_apply), before the rows that refer to them.
+        ids = batch.ids(incidents.name, len(missing))
+        for key, pk in zip(missing, ids, strict=True):
+            states[key] = _IncidentState(pk, key[1], 0, None, None, None, None, None, new=True)
+        return states
+    sql = _dialect_statements(conn)
+    placeholders = [_placeholder(source, external_id, sql.binds) for source, external_id in missing]
+    conn.execute(sql.insert_incidents, _DRIVER_INCIDENTS.as_dicts(placeholders))
+    states.update(_select_incidents(conn, missing))
     return states
 
 
@@ -612,7 +642,7 @@ def _placeholder(source: str, external_id: str, binds: _Binds) -> tuple[Any, ...
     """An incident row (_PLACEHOLDER_COLUMNS), filled in by the update at the end of the
     batch; never committed as is."""
     epoch = binds.time(_EPOCH)
-    return (source, external_id, "active", epoch, epoch, epoch, 0, False, "none")
+    return (source, external_id, "active", epoch, epoch, epoch, 0, binds.flag(False), "none")
 
 
 def _select_incidents(
@@ -669,6 +699,7 @@ def _insert_snapshots(
     """Insert the candidates; digest -> new snapshot id for those that were not there yet."""
     sql = _dialect_statements(conn)
     time, json = sql.binds.time, sql.binds.json
+    as_text = sql.driver_level  # the records' own JSON text, where it has any
     params = [
         (
             states[p.key].pk,
@@ -678,15 +709,21 @@ def _insert_snapshots(
             time((snap := record.snapshot).updated_at),
             p.digest,
             record.raw,
-            json(snapshot_public_json(snap)),
-            json(snapshot_protected_json(snap)),
+            record.public_json
+            if as_text and record.public_json is not None
+            else json(snapshot_public_json(snap)),
+            record.protected_json
+            if as_text and record.protected_json is not None
+            else json(snapshot_protected_json(snap)),
         )
         for p in candidates
     ]
     batch = _sqlite_batch(conn)
     if batch is not None:
-        # The digests are not there (checked under the write lock): every row goes in.
-        ids = _DRIVER_SNAPSHOTS.execute(batch, params)
+        # The digests are not there (checked under the write lock): every row goes in, after
+        # the batch's new incidents (_apply).
+        ids = batch.ids(snapshots.name, len(params))
+        batch.snapshot_rows = [(i, *row) for i, row in zip(ids, params, strict=True)]
         return {p.digest: snapshot_id for p, snapshot_id in zip(candidates, ids, strict=True)}
     rows = conn.execute(sql.insert_snapshots, _DRIVER_SNAPSHOTS.as_dicts(params))
     return {digest: snapshot_id for snapshot_id, digest in rows}
@@ -702,7 +739,7 @@ def _apply(
     """Decide, in item order, what each new snapshot does to its incident; write it down."""
     sql = _dialect_statements(conn)
     batch = _sqlite_batch(conn)
-    time, json = sql.binds.time, sql.binds.json
+    time, json, flag = sql.binds.time, sql.binds.json, sql.binds.flag
     decision_params: list[tuple[Any, ...]] = []
     previous_to_load: dict[int, int] = {}  # item index -> stored decision id
     for p in candidates:
@@ -732,13 +769,13 @@ def _apply(
                 state.pk,
                 time(p.received_at),
                 decision.ruleset,
-                decision.behavioral_health,
+                flag(decision.behavioral_health),
                 outcome[1],  # the category, cleaned
                 outcome[2],  # the response
                 decision.score,
                 json(list(decision.rules)),
                 json(decision.evidence_json()),
-                changed,
+                flag(changed),
             )
         )
         results[p.index] = StoredSnapshot(
@@ -755,20 +792,29 @@ def _apply(
     if not decision_params:
         return
     if batch is not None:
-        ids = _DRIVER_DECISIONS.execute(batch, decision_params)
-        decision_ids = {
-            params[0]: decision_id for params, decision_id in zip(decision_params, ids, strict=True)
-        }
+        ids = batch.ids(decisions.name, len(decision_params))
+        decision_rows = [(i, *row) for i, row in zip(ids, decision_params, strict=True)]
+        decision_ids = {row[1]: row[0] for row in decision_rows}
     else:
         rows = conn.execute(_INSERT_DECISIONS, _DRIVER_DECISIONS.as_dicts(decision_params))
         decision_ids = {snapshot_id: decision_id for decision_id, snapshot_id in rows}
     # executemany needs one shape per statement: incidents with a new current snapshot, and
     # incidents that only received late ones.
+    new_incidents: list[tuple[Any, ...]] = []
     shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for state in states.values():
+    for (source, external_id), state in states.items():
         if state.touched:
             values = _incident_update(state, decision_ids, sql.binds)
-            shapes.setdefault(tuple(values), []).append(values)
+            if state.new:
+                values["source"], values["external_id"] = source, external_id
+                new_incidents.append(_NEW_INCIDENT_ROW(values))
+            else:
+                shapes.setdefault(tuple(values), []).append(values)
+    if batch is not None:  # parents first: the foreign keys are checked row by row
+        if new_incidents:
+            _DRIVER_NEW_INCIDENTS.insert(batch, new_incidents)
+        _DRIVER_SNAPSHOTS.insert(batch, batch.snapshot_rows)
+        _DRIVER_DECISIONS.insert(batch, decision_rows)
     for params in shapes.values():
         if batch is not None:
             _driver_update(batch, params)
@@ -820,7 +866,7 @@ def _incident_update(
     if state.current is not None:
         assert state.snapshot_id is not None
         values.update(incident_columns(state.current.record.snapshot, binds.time))
-        values.update(decision_columns(state.current.record.decision))
+        values.update(decision_columns(state.current.record.decision, binds.flag))
         values["current_snapshot_id"] = state.snapshot_id
         values["current_decision_id"] = decision_ids[state.snapshot_id]
     return values
@@ -851,10 +897,11 @@ def incident_columns(
     }
 
 
-def decision_columns(decision: Decision) -> dict[str, Any]:
-    """The incident columns that its current decision determines."""
+def decision_columns(decision: Decision, flag: Callable[[bool], Any] = _same) -> dict[str, Any]:
+    """The incident columns that its current decision determines (``flag`` converts the
+    flag, as ``time`` does for :func:`incident_columns`)."""
     return {
-        "behavioral_health": decision.behavioral_health,
+        "behavioral_health": flag(decision.behavioral_health),
         "category": clean_text(decision.category),
         "response": decision.response.value,
     }
@@ -946,14 +993,25 @@ class _Trace:
 # WAL checkpoints on SQLite. By default the connection that commits runs a checkpoint when the
 # WAL has passed 1,000 pages: it copies them into the database and fsyncs it inside that
 # commit, about once per 100 one-snapshot batches - a pause that every snapshot queued behind
-# it waits for. The store's own connection does not checkpoint; a timer does it instead, in
-# two steps: a PASSIVE checkpoint on a thread of its own copies the bulk of the WAL (no lock
-# that a writer needs), then one on the writer thread, between batches, copies what was
-# committed meanwhile, so that the next write can start the WAL over (a WAL whose every frame
-# was copied when a write begins is reset; frames written during a checkpoint would otherwise
-# keep it growing). Connections other than the store's keep SQLite's automatic checkpoints.
+# it waits for. The store's own connection does not checkpoint; a timer does it instead.
+# PASSIVE checkpoints on a thread of their own copy the WAL (no lock that a writer needs):
+# the first copies the bulk, and up to _BULK_PASSES - 1 more copy what was committed
+# meanwhile, until one finds nothing left to copy - then the next write starts the WAL over
+# (a WAL whose every frame was copied when a write begins is reset; frames written during a
+# checkpoint would otherwise keep it growing). A pass reports the WAL as it was when the
+# pass began, so "nothing left" is a pass that finds every frame copied and the WAL no longer
+# than the pass before found it (shorter: a write started it over meanwhile). When the
+# passes do not catch up (a reader holds old frames, or commits keep coming), the next tick
+# tries again; only once the WAL holds more than _WAL_BYTES_BOUND of pages does one more
+# checkpoint run on the writer thread, between batches. That one was the second step of every
+# tick before: its copy and the database fsync (3-5 ms median, 10-20 ms at worst on a busy
+# disk) held up the snapshots queued behind it, twice a second, and were a third of the
+# slowest 1 % at 300 snapshots/s. Connections other than the store's keep SQLite's automatic
+# checkpoints.
 CHECKPOINT_SECONDS = 0.5
 _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
+_BULK_PASSES = 4
+_WAL_BYTES_BOUND = 8 << 20
 
 
 class _WalCheckpoints:
@@ -987,20 +1045,38 @@ class _WalCheckpoints:
             return
         self.busy, self.commits = True, 0
         d = self.run(self.bulk)
-        d.addCallback(lambda _: self.store.run_on_writer(self.store._checkpoint_on_writer))
+        d.addCallback(self.rest)
         d.addErrback(self.failed)
         d.addBoth(self.done)
 
-    def bulk(self) -> None:
+    def bulk(self) -> bool:
+        """Off the writer thread: False when the writer thread must finish (see above)."""
         trace = self.store._trace
-        started = time.perf_counter()
         raw = self.store.engine.raw_connection()
         try:
-            raw.driver_connection.execute(_CHECKPOINT).fetchall()  # type: ignore[union-attr]
+            driver: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+            (page_size,) = driver.execute("PRAGMA page_size").fetchone()
+            before: int | None = None  # the WAL's frames when the last pass began, all copied
+            for _ in range(_BULK_PASSES):
+                started = time.perf_counter()
+                busy, frames, copied = driver.execute(_CHECKPOINT).fetchone()
+                if trace is not None:
+                    trace.checkpoint("bulk", started)
+                if busy or frames != copied:
+                    before = None
+                elif before is not None and frames <= before:
+                    return True
+                else:
+                    before = frames
         finally:
             raw.close()
-        if trace is not None:
-            trace.checkpoint("bulk", started)
+        return bool(frames * page_size <= _WAL_BYTES_BOUND)
+
+    def rest(self, enough: bool) -> Deferred[None] | None:
+        """What the passes left, on the writer thread between batches (see _BULK_PASSES)."""
+        if enough:
+            return None
+        return self.store.run_on_writer(self.store._checkpoint_on_writer)
 
     def failed(self, failure: Failure) -> None:
         # The next tick tries again; meanwhile the WAL only grows.

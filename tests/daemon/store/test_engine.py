@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,36 @@ def test_sqlite_settings(tmp_path: Path, synchronous: str, level: int) -> None:
         with engine.connect() as conn:
             pragma = {
                 name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
-            }
+                for name in (
+                    "journal_mode", "synchronous", "foreign_keys", "busy_timeout", "page_size"
+                )
+            }  # fmt: skip
         assert pragma == {
             "journal_mode": "wal",
             "synchronous": level,
             "foreign_keys": 1,
             "busy_timeout": 5000,
+            "page_size": 16384,
         }
         assert path.exists()
+    finally:
+        engine.dispose()
+
+
+def test_an_existing_sqlite_database_keeps_its_page_size(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA page_size=4096")
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE t (x INTEGER)")
+    old.close()
+    engine = create_store_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+            assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 1
     finally:
         engine.dispose()
 

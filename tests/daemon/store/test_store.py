@@ -21,6 +21,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from corespond.daemon.ingest import SnapshotState
+from corespond.daemon.store import writer
 from corespond.daemon.store.engine import READ_ONLY
 from corespond.daemon.store.queries import totals
 from corespond.daemon.store.tables import snapshots
@@ -219,15 +220,24 @@ def wal_frames(engine: Engine) -> int:
     return int(frames)
 
 
-def test_sqlite_wal_checkpoints_run_off_the_commit_path(engine: Engine) -> None:
-    if engine.dialect.name != "sqlite":
-        pytest.skip("SQLite's WAL")
+def checkpointing_store(engine: Engine) -> tuple[IncidentStore, Clock, Threads, Threads]:
+    """A started store whose writes and checkpoints run when the test says, every 0.5 s."""
     clock, writes, checkpoints = Clock(), Threads(), Threads()
     store = IncidentStore(
         engine, clock, run_in_thread=writes, run_checkpoint_in_thread=checkpoints,
         checkpoint_seconds=0.5,
     )  # fmt: skip
     store.start()
+    return store, clock, writes, checkpoints
+
+
+def test_sqlite_wal_checkpoints_run_off_the_commit_path(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's WAL")
+    monkeypatch.setattr(writer, "_WAL_BYTES_BOUND", 1000 * 4096)
+    store, clock, writes, checkpoints = checkpointing_store(engine)
     wal = Path(engine.url.database + "-wal")  # type: ignore[operator]
     for n in range(150):
         store.store_snapshot(incident(n))
@@ -251,11 +261,54 @@ def test_sqlite_wal_checkpoints_run_off_the_commit_path(engine: Engine) -> None:
     writes.run_next()
     # The WAL started over: only the last batch is in it.
     assert wal_frames(engine) < 30
-    clock.advance(0.5)  # one commit since the last checkpoint began
+    for n in range(152, 182):
+        store.store_snapshot(incident(n))
+        writes.run_next()
+    clock.advance(0.5)  # commits since the last checkpoint began, and no reader
     assert len(checkpoints.calls) == 1
     checkpoints.run_next()
+    # The passes off the writer thread copied every frame: nothing waits for the writer.
+    assert writes.calls == []
+    store.store_snapshot(incident(182))
     writes.run_next()
+    assert wal_frames(engine) < 30  # and the next write started the WAL over
+    clock.advance(0.5)  # one commit since
+    assert len(checkpoints.calls) == 1
+    checkpoints.run_next()
+    assert writes.calls == []
     clock.advance(0.5)  # none since
     assert checkpoints.calls == [] and writes.calls == []
     stopped = store.stop()
     assert stopped.called and not clock.getDelayedCalls()
+
+
+def test_sqlite_wal_checkpoints_leave_a_short_wal_to_the_next_tick(engine: Engine) -> None:
+    """Passes that cannot copy everything leave the writer thread alone while the WAL is short."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's WAL")
+    store, clock, writes, checkpoints = checkpointing_store(engine)
+    for n in range(5):
+        store.store_snapshot(incident(n))
+        writes.run_next()
+    with engine.connect() as reader:
+        reader.execution_options(**{READ_ONLY: True})
+        with reader.begin():  # holds the next commit's frames back from the checkpoints
+            reader.execute(select(func.count()).select_from(snapshots)).scalar()
+            store.store_snapshot(incident(5))
+            writes.run_next()
+            clock.advance(0.5)
+            checkpoints.run_next()
+            assert writes.calls == []
+            with engine.connect() as conn:  # frames not copied yet
+                raw = conn.connection.driver_connection
+                _busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+            assert copied < frames
+    store.store_snapshot(incident(6))
+    writes.run_next()
+    clock.advance(0.5)  # the next tick copies them all
+    checkpoints.run_next()
+    assert writes.calls == []
+    store.store_snapshot(incident(7))
+    writes.run_next()
+    assert wal_frames(engine) < 30  # and the next write started the WAL over
+    assert store.stop().called
