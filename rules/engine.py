@@ -547,7 +547,7 @@ class RuleClassifier:
         scopes = None
         if found.pre or found.post:
             scopes = ClauseNegation(
-                found.text, found.pre, found.post, found.pseudo, found.terminators, self._window
+                found.raw, found.pre, found.post, found.pseudo, found.terminators, self._window
             )
         return found, self._mask(field, found), _kept_spans(field, found.terms, scopes), scopes
 
@@ -660,9 +660,7 @@ def _compile_time(cond: TimeMatch) -> Check:
     return in_window
 
 
-def _evidence(
-    ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]
-) -> tuple[Evidence, ...]:
+def _evidence(ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]) -> tuple[Evidence, ...]:
     out: list[Evidence] = []
     raws = ctx.raw
     for _, rule, spans in fired:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import ahocorasick
 import ahocorasick_rs
@@ -29,10 +28,9 @@ _TRANSLATE = str.maketrans({"_": " ", "-": " ", "\t": " ", "\r": " "})
 _PUNCT = "".join(chr(c) for c in range(128) if not chr(c).isalnum())
 _PUNCT += "\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00b7\u2022\u00a0\u00ab\u00bb"
 _WORDS_ONLY = str.maketrans(dict.fromkeys(_PUNCT, " "))
-# The same two mappings as byte tables, for ASCII text (most CAD text): bytes.translate is
+# Both mappings at once as a byte table, for ASCII text (most CAD text): bytes.translate is
 # several times faster than str.translate, and ASCII lowercases one byte to one byte.
 _ASCII = bytes(range(128)).decode("ascii")
-_NORMALIZE_BYTES = bytes.maketrans(_ASCII.encode(), _ASCII.lower().translate(_TRANSLATE).encode())
 _WORDS_BYTES = bytes.maketrans(
     _ASCII.encode(), _ASCII.lower().translate(_TRANSLATE).translate(_WORDS_ONLY).encode()
 )
@@ -71,22 +69,64 @@ class Key:
 Hit = tuple[str, int, int, int]
 
 
-class FieldHits(NamedTuple):
+class FieldHits:
     """The hits of one field, grouped the way the engine reads them (read-only once made).
 
-    ``terms`` maps a term id to its distinct spans, ids in order of first occurrence and spans
-    in scan order; ``gates`` holds the regex gate ids found; the trigger lists hold the
-    (start, end) of each negation trigger of that kind, in scan order (uncertainty triggers
-    are left out: they do not change a decision).
+    ``raw`` is the field's text; ``text``, its normalized form (the same length: offsets
+    index both), is made when first asked for: negation reads the raw text, and only regex
+    rules need the normalized one. ``terms`` maps a term id to its distinct spans, ids in
+    order of first occurrence and spans in scan order; ``gates`` holds the regex gate ids
+    found; the trigger lists hold the (start, end) of each negation trigger of that kind, in
+    scan order (uncertainty triggers are left out: they do not change a decision).
     """
 
-    text: str  # the normalized field text the offsets index
-    terms: dict[int, list[tuple[int, int]]]
-    gates: frozenset[int]
-    pre: list[tuple[int, int]]
-    post: list[tuple[int, int]]
-    pseudo: list[tuple[int, int]]
-    terminators: list[tuple[int, int]]
+    __slots__ = ("_text", "gates", "post", "pre", "pseudo", "raw", "terminators", "terms")
+
+    def __init__(
+        self,
+        raw: str,
+        text: str | None,
+        terms: dict[int, list[tuple[int, int]]],
+        gates: frozenset[int],
+        pre: list[tuple[int, int]],
+        post: list[tuple[int, int]],
+        pseudo: list[tuple[int, int]],
+        terminators: list[tuple[int, int]],
+    ) -> None:
+        self.raw = raw
+        self._text = text
+        self.terms = terms
+        self.gates = gates
+        self.pre = pre
+        self.post = post
+        self.pseudo = pseudo
+        self.terminators = terminators
+
+    @property
+    def text(self) -> str:
+        """``normalize_text(raw)``: what regex rules search."""
+        if self._text is None:
+            self._text = normalize_text(self.raw)
+        return self._text
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.text,
+            self.terms,
+            self.gates,
+            self.pre,
+            self.post,
+            self.pseudo,
+            self.terminators,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FieldHits) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"FieldHits{self._key()!r}"
 
 
 # Kinds as scan_field's per-field automata store them; the trigger codes index its lists.
@@ -243,33 +283,47 @@ class LiteralMatcher:
 
         One DFA pass over the padded words-only text; a key that stands for one plain term or
         trigger is taken at once (``fast``), the others walk their entries (stems run to the
-        end of their word, a key ending in a digit must not be followed by one).
+        end of their word, a key ending in a digit must not be followed by one). ASCII text
+        is never normalized here: the words-only bytes answer both questions.
         """
         scanner = self._scanners.get(field)
         if scanner is None:
             scanner = self._scanner(field)
+        normalized: str | None = None
         if raw.isascii():
-            data = raw.encode("ascii")
-            normalized = data.translate(_NORMALIZE_BYTES).decode("ascii")
             automaton = scanner.bytes
             if automaton is None or not raw:
-                return FieldHits(normalized, {}, _EMPTY, [], [], [], [])
-            found = automaton.find_matches_as_indexes(
-                b" %b " % data.translate(_WORDS_BYTES), overlapping=True
-            )
+                return FieldHits(raw, None, {}, _EMPTY, [], [], [], [])
+            padded = b" %b " % raw.encode("ascii").translate(_WORDS_BYTES)
+            found = automaton.find_matches_as_indexes(padded, overlapping=True)
+
+            def word_end(end: int) -> int:  # every non-alphanumeric byte is a space here
+                return padded.find(b" ", end + 1) - 1
+
+            def digit_at(end: int) -> bool:
+                return 48 <= padded[end + 1] <= 57
+
         else:
             normalized = normalize_text(raw)
             text_automaton = scanner.text()
             if text_automaton is None:
-                return FieldHits(normalized, {}, _EMPTY, [], [], [], [])
+                return FieldHits(raw, normalized, {}, _EMPTY, [], [], [], [])
+            text = normalized
             found = text_automaton.find_matches_as_indexes(
-                f" {words_only(normalized)} ", overlapping=True
+                f" {words_only(text)} ", overlapping=True
             )
+
+            def word_end(end: int) -> int:
+                return _WORD_REST.match(text, end).end()  # type: ignore[union-attr]
+
+            def digit_at(end: int) -> bool:
+                return text[end].isdigit()
+
         terms: dict[int, list[tuple[int, int]]] = {}
         gates: set[int] | None = None
         triggers: tuple[list[tuple[int, int]], ...] = ([], [], [], [])
         values = scanner.values
-        n = len(normalized)
+        n = len(raw)
         for index, first, last in found:
             lead, trail, fast, ident, entries = values[index]
             start = first + lead
@@ -286,8 +340,8 @@ class LiteralMatcher:
                 continue
             for code, ident, stem, check_digit_end in entries:
                 if stem:
-                    stop = _WORD_REST.match(normalized, end).end()  # type: ignore[union-attr]
-                elif check_digit_end and end < n and normalized[end].isdigit():
+                    stop = word_end(end)
+                elif check_digit_end and end < n and digit_at(end):
                     continue
                 else:
                     stop = end
@@ -303,4 +357,5 @@ class LiteralMatcher:
                     gates.add(ident)
                 else:
                     triggers[code].append((start, stop))
-        return FieldHits(normalized, terms, frozenset(gates) if gates else _EMPTY, *triggers)
+        gates_found = frozenset(gates) if gates else _EMPTY
+        return FieldHits(raw, normalized, terms, gates_found, *triggers)

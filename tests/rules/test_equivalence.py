@@ -428,9 +428,12 @@ def test_lazy_negation_answers_as_the_scopes(
     spans = [(h[2], h[3]) for h in hits] + data.draw(
         st.lists(st.tuples(st.integers(0, len(text)), st.integers(0, len(text))), max_size=5)
     )
+    # The engine hands it the raw text (never normalized for a plain scan): same answers.
+    on_raw = ClauseNegation(text, found.pre, found.post, found.pseudo, found.terminators, window)
     for a, b in spans:
         start, end = min(a, b), max(a, b)
         assert lazy.negated(start, end) == scopes.scope(start, end).negated
+        assert on_raw.negated(start, end) == lazy.negated(start, end)
 
 
 def trie_scan_field(matcher: LiteralMatcher, raw: str, field: str) -> FieldHits:
@@ -450,7 +453,7 @@ def trie_scan_field(matcher: LiteralMatcher, raw: str, field: str) -> FieldHits:
     gates: set[int] = set()
     triggers: tuple[list[tuple[int, int]], ...] = ([], [], [], [])
     if not len(automaton) or not normalized:
-        return FieldHits(normalized, terms, frozenset(), *triggers)
+        return FieldHits(raw, normalized, terms, frozenset(), *triggers)
     for last, (length, lead, trail, _, _, entries) in automaton.iter(padded):
         start = last - length + 1 + lead
         end = last + 1 - trail
@@ -470,7 +473,7 @@ def trie_scan_field(matcher: LiteralMatcher, raw: str, field: str) -> FieldHits:
                 gates.add(ident)
             else:
                 triggers[code].append((start, stop))
-    return FieldHits(normalized, terms, frozenset(gates), *triggers)
+    return FieldHits(raw, normalized, terms, frozenset(gates), *triggers)
 
 
 _TRIES: dict[int, dict[str, ahocorasick.Automaton]] = {}
