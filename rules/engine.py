@@ -200,6 +200,7 @@ class RuleClassifier:
         self._not_behavioral = Decision(False, None, Response.NONE, 0.0, (), (), self.version)
         # fired rule positions -> what _decide makes of them (see _outcome)
         self._outcomes: dict[tuple[int, ...], _Outcome] = {}
+        self._recent_evidence: dict[tuple[str, str, int, int, str], Evidence] = {}
         self._recent: dict[tuple[str, str], _Scanned] = {}
         self._recent_codes: dict[
             tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
@@ -581,7 +582,7 @@ class RuleClassifier:
                 self._outcomes.clear()
             outcome = self._outcomes[positions] = _outcome(fired)
         behavioral, category, response, score, rules = outcome
-        evidence = _evidence(ctx, fired)
+        evidence = _evidence(ctx, fired, self._recent_evidence)
         if behavioral and snapshot.status is not IncidentStatus.ACTIVE:
             # Closed or cancelled: still a behavioral-health call for the record, nobody to send.
             response = Response.NONE
@@ -680,7 +681,17 @@ def _compile_time(cond: TimeMatch) -> Check:
     return in_window
 
 
-def _evidence(ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]) -> tuple[Evidence, ...]:
+def _evidence(
+    ctx: _Context,
+    fired: list[tuple[int, Rule, list[Span]]],
+    recent: dict[tuple[str, str, int, int, str], Evidence],
+) -> tuple[Evidence, ...]:
+    """The evidence of the rules that fired, each span once per rule, in order.
+
+    An ``Evidence`` costs about 5.7k instructions to build, and those of the short fields
+    (call types, codes, cautions) repeat from call to call: those are shared from
+    ``recent`` (they are immutable). Narrative spans are built each time.
+    """
     out: list[Evidence] = []
     raws = ctx.raw
     for _, rule, spans in fired:
@@ -691,5 +702,15 @@ def _evidence(ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]) -> tuple
             raw = raws.get(field)
             if raw is None:
                 raw = field_text(ctx.snapshot, field)
-            out.append(Evidence(rule_id, field, start, end, raw[start:end]))
+            text = raw[start:end]
+            if field == "narrative":
+                out.append(Evidence(rule_id, field, start, end, text))
+                continue
+            key = (rule_id, field, start, end, text)
+            evidence = recent.get(key)
+            if evidence is None:
+                if len(recent) >= _RECENT_SIZE:
+                    recent.clear()
+                evidence = recent[key] = Evidence(rule_id, field, start, end, text)
+            out.append(evidence)
     return tuple(out)
