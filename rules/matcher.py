@@ -151,16 +151,23 @@ class _FieldScanner:
     str one share pattern indexes and ``values``.
     """
 
-    __slots__ = ("_patterns", "_text", "bytes", "values")
+    __slots__ = ("_implementation", "_patterns", "_text", "bytes", "values")
 
-    def __init__(self, patterns: list[str], values: list[FieldValue]) -> None:
+    def __init__(self, patterns: list[str], values: list[FieldValue], dfa: bool) -> None:
         self._patterns = patterns
         self.values = values
+        # A DFA walks fastest and takes longest to build: for long text (narratives); the
+        # short fields' scans are remembered by the engine, an NFA is enough for them.
+        self._implementation = (
+            ahocorasick_rs.Implementation.DFA
+            if dfa
+            else ahocorasick_rs.Implementation.ContiguousNFA
+        )
         ascii_only = [p.encode("ascii") for p in patterns if p.isascii()]
         self.bytes: ahocorasick_rs.BytesAhoCorasick | None = None
         if ascii_only:
             self.bytes = ahocorasick_rs.BytesAhoCorasick(
-                ascii_only, implementation=ahocorasick_rs.Implementation.DFA
+                ascii_only, implementation=self._implementation
             )
         self._text: ahocorasick_rs.AhoCorasick | None = None
 
@@ -168,7 +175,7 @@ class _FieldScanner:
         """The DFA over every key, for text that is not ASCII (made when first needed)."""
         if self._text is None and self._patterns:
             self._text = ahocorasick_rs.AhoCorasick(
-                self._patterns, implementation=ahocorasick_rs.Implementation.DFA
+                self._patterns, implementation=self._implementation
             )
         return self._text
 
@@ -176,7 +183,11 @@ class _FieldScanner:
 class LiteralMatcher:
     """Finds every literal occurrence on word boundaries, overlapping ones included."""
 
-    def __init__(self, literals: Iterable[tuple[str, Key]]) -> None:
+    def __init__(
+        self, literals: Iterable[tuple[str, Key]], dfa_fields: Iterable[str] = ("narrative",)
+    ) -> None:
+        """``dfa_fields``: the fields whose text is long (walked by a DFA, see _FieldScanner)."""
+        self._dfa_fields = frozenset(dfa_fields)
         table: dict[str, list[Key]] = {}
         for literal, key in literals:
             core = " ".join(words_only(normalize_text(literal)).split())
@@ -242,7 +253,9 @@ class LiteralMatcher:
 
     def _scanner(self, field: str) -> _FieldScanner:
         keys = sorted(self.field_keys(field), key=lambda kv: not kv[0].isascii())
-        scanner = _FieldScanner([k for k, _ in keys], [v for _, v in keys])
+        scanner = _FieldScanner(
+            [k for k, _ in keys], [v for _, v in keys], field in self._dfa_fields
+        )
         self._scanners[field] = scanner
         return scanner
 
