@@ -196,7 +196,11 @@ class RuleClassifier:
         )
         self._window = ruleset.negation.window
         self._checks = [c.check for c in self._rules]
+        self._version = ruleset.version
         self._not_behavioral = Decision(False, None, Response.NONE, 0.0, (), (), self.version)
+        # fired rule positions -> what _decide makes of them (see _outcome)
+        self._outcomes: dict[tuple[int, ...], _Outcome] = {}
+        self._recent_evidence: dict[tuple[str, str, int, int, str], Evidence] = {}
         self._recent: dict[tuple[str, str], _Scanned] = {}
         self._recent_codes: dict[
             tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
@@ -547,7 +551,7 @@ class RuleClassifier:
         scopes = None
         if found.pre or found.post:
             scopes = ClauseNegation(
-                found.text, found.pre, found.post, found.pseudo, found.terminators, self._window
+                found.raw, found.pre, found.post, found.pseudo, found.terminators, self._window
             )
         return found, self._mask(field, found), _kept_spans(field, found.terms, scopes), scopes
 
@@ -566,33 +570,50 @@ class RuleClassifier:
     def _decide(
         self, snapshot: Snapshot, ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]
     ) -> Decision:
-        """The decision from the rules that fired (at least one include among them)."""
-        top: Rule | None = None
-        miss = 1.0
-        response = Response.NONE
-        excluded = False
-        for _, rule, _ in fired:
-            effect = rule.effect
-            if effect is Effect.INCLUDE:
-                if top is None or rule.weight > top.weight:
-                    top = rule
-                miss *= 1.0 - rule.weight
-            elif effect is Effect.EXCLUDE:
-                excluded = True
-                continue
-            # Include and escalate rules: the most cautious response wins.
-            if _RANK[rule.response] > _RANK[response]:
-                response = rule.response
-        rules = tuple(rule.id for _, rule, _ in fired)
-        evidence = _evidence(ctx, fired)
-        if excluded or top is None:
-            return Decision(False, None, Response.NONE, 0.0, rules, evidence, self.version)
-        if snapshot.status is not IncidentStatus.ACTIVE:
+        """The decision from the rules that fired (at least one include among them).
+
+        Everything but the evidence and the closed-call response depends only on which
+        rules fired, and a few combinations make up most calls: remembered per combination.
+        """
+        positions = tuple([position for position, _, _ in fired])
+        outcome = self._outcomes.get(positions)
+        if outcome is None:
+            if len(self._outcomes) >= _RECENT_SIZE:
+                self._outcomes.clear()
+            outcome = self._outcomes[positions] = _outcome(fired)
+        behavioral, category, response, score, rules = outcome
+        evidence = _evidence(ctx, fired, self._recent_evidence)
+        if behavioral and snapshot.status is not IncidentStatus.ACTIVE:
             # Closed or cancelled: still a behavioral-health call for the record, nobody to send.
             response = Response.NONE
-        return Decision(
-            True, top.category, response, round(1.0 - miss, 3), rules, evidence, self.version
-        )
+        return Decision(behavioral, category, response, score, rules, evidence, self._version)
+
+
+_Outcome = tuple[bool, str | None, Response, float, tuple[str, ...]]
+
+
+def _outcome(fired: list[tuple[int, Rule, list[Span]]]) -> _Outcome:
+    """Behavioral health, category, response (of an active call), score and rule ids."""
+    top: Rule | None = None
+    miss = 1.0
+    response = Response.NONE
+    excluded = False
+    for _, rule, _ in fired:
+        effect = rule.effect
+        if effect is Effect.INCLUDE:
+            if top is None or rule.weight > top.weight:
+                top = rule
+            miss *= 1.0 - rule.weight
+        elif effect is Effect.EXCLUDE:
+            excluded = True
+            continue
+        # Include and escalate rules: the most cautious response wins.
+        if _RANK[rule.response] > _RANK[response]:
+            response = rule.response
+    rules = tuple(rule.id for _, rule, _ in fired)
+    if excluded or top is None:
+        return False, None, Response.NONE, 0.0, rules
+    return True, top.category, response, round(1.0 - miss, 3), rules
 
 
 def _holds(meaning: str, term: Term) -> bool:
@@ -661,8 +682,16 @@ def _compile_time(cond: TimeMatch) -> Check:
 
 
 def _evidence(
-    ctx: _Context, fired: list[tuple[int, Rule, list[Span]]]
+    ctx: _Context,
+    fired: list[tuple[int, Rule, list[Span]]],
+    recent: dict[tuple[str, str, int, int, str], Evidence],
 ) -> tuple[Evidence, ...]:
+    """The evidence of the rules that fired, each span once per rule, in order.
+
+    An ``Evidence`` costs about 5.7k instructions to build, and those of the short fields
+    (call types, codes, cautions) repeat from call to call: those are shared from
+    ``recent`` (they are immutable). Narrative spans are built each time.
+    """
     out: list[Evidence] = []
     raws = ctx.raw
     for _, rule, spans in fired:
@@ -673,5 +702,15 @@ def _evidence(
             raw = raws.get(field)
             if raw is None:
                 raw = field_text(ctx.snapshot, field)
-            out.append(Evidence(rule_id, field, start, end, raw[start:end]))
+            text = raw[start:end]
+            if field == "narrative":
+                out.append(Evidence(rule_id, field, start, end, text))
+                continue
+            key = (rule_id, field, start, end, text)
+            evidence = recent.get(key)
+            if evidence is None:
+                if len(recent) >= _RECENT_SIZE:
+                    recent.clear()
+                evidence = recent[key] = Evidence(rule_id, field, start, end, text)
+            out.append(evidence)
     return tuple(out)

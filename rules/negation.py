@@ -107,8 +107,19 @@ class NegationScopes:
         return len(self._text[a:b].split()) <= self._window
 
 
+def _word_count(segment: str) -> int:
+    """Words in a piece of the field's raw or normalized text, as the normalized text has
+    them (``_`` and ``-`` separate words; tab and CR are white space either way)."""
+    if "-" in segment or "_" in segment:
+        segment = segment.replace("-", " ").replace("_", " ")
+    return len(segment.split())
+
+
 class ClauseNegation:
     """``NegationScopes(text, triggers, window).scope(start, end).negated``, computed lazily.
+
+    ``text`` is the field's normalized text or its raw text (the engine passes the raw one,
+    so the field need not be normalized): clause ends and word counts are the same in both.
 
     Classification asks about a handful of matches per text, and most have no trigger within
     reach: so nothing is sorted or searched up front, a trigger counts only if it is on the
@@ -149,15 +160,14 @@ class ClauseNegation:
             if te <= start:
                 if clause_start < 0:
                     clause_start = self._clause_start(start)
-                # within the window: as _near(), inline (this runs for most matches)
-                if ts >= clause_start and len(text[te:start].split()) <= self._window:
+                if ts >= clause_start and _word_count(text[te:start]) <= self._window:
                     return True
         clause_end = -1
         for ts, te in self._post:
             if ts >= end:
                 if clause_end < 0:
                     clause_end = self._clause_end(end)
-                if te <= clause_end and len(text[end:ts].split()) <= self._window:
+                if te <= clause_end and _word_count(text[end:ts]) <= self._window:
                     return True
         return False
 
@@ -207,6 +217,3 @@ class ClauseNegation:
             if end <= ts < found:
                 found = ts
         return found
-
-    def _near(self, a: int, b: int) -> bool:
-        return len(self._text[a:b].split()) <= self._window

@@ -16,6 +16,7 @@ import zoneinfo
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import ahocorasick
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,14 @@ from corespond.daemon.decision import Decision, Evidence, Response
 from corespond.daemon.snapshot import Caution, IncidentStatus, Note, Person, Snapshot
 from corespond.rules.engine import RuleClassifier, field_text
 from corespond.rules.loader import load_ruleset
-from corespond.rules.matcher import Hit, Key, LiteralMatcher, normalize_text
+from corespond.rules.matcher import (
+    FieldHits,
+    Hit,
+    Key,
+    LiteralMatcher,
+    normalize_text,
+    words_only,
+)
 from corespond.rules.model import (
     RESPONSE_ORDER,
     AllOf,
@@ -420,6 +428,84 @@ def test_lazy_negation_answers_as_the_scopes(
     spans = [(h[2], h[3]) for h in hits] + data.draw(
         st.lists(st.tuples(st.integers(0, len(text)), st.integers(0, len(text))), max_size=5)
     )
+    # The engine hands it the raw text (never normalized for a plain scan): same answers.
+    on_raw = ClauseNegation(text, found.pre, found.post, found.pseudo, found.terminators, window)
     for a, b in spans:
         start, end = min(a, b), max(a, b)
         assert lazy.negated(start, end) == scopes.scope(start, end).negated
+        assert on_raw.negated(start, end) == lazy.negated(start, end)
+
+
+def trie_scan_field(matcher: LiteralMatcher, raw: str, field: str) -> FieldHits:
+    """The scan ``LiteralMatcher.scan_field`` replaced (stop 10): pyahocorasick's trie over
+    the same keys, its hits grouped the way the engine reads them. Kept as the reference."""
+    automata = _TRIES.setdefault(id(matcher), {})
+    automaton = automata.get(field)
+    if automaton is None:
+        automaton = automata[field] = ahocorasick.Automaton()
+        for stored, value in matcher.field_keys(field):
+            automaton.add_word(stored, (len(stored), *value))
+        if len(automaton):
+            automaton.make_automaton()
+    normalized = normalize_text(raw)
+    padded = f" {words_only(normalized)} "
+    terms: dict[int, list[tuple[int, int]]] = {}
+    gates: set[int] = set()
+    triggers: tuple[list[tuple[int, int]], ...] = ([], [], [], [])
+    if not len(automaton) or not normalized:
+        return FieldHits(raw, normalized, terms, frozenset(), *triggers)
+    for last, (length, lead, trail, _, _, entries) in automaton.iter(padded):
+        start = last - length + 1 + lead
+        end = last + 1 - trail
+        for code, ident, stem, check_digit_end in entries:
+            if stem:
+                stop = end
+                while stop < len(normalized) and normalized[stop].isalnum():
+                    stop += 1
+            elif check_digit_end and end < len(normalized) and normalized[end].isdigit():
+                continue
+            else:
+                stop = end
+            if code == -2:  # a term
+                if (start, stop) not in terms.setdefault(ident, []):
+                    terms[ident].append((start, stop))
+            elif code == -1:  # a regex gate
+                gates.add(ident)
+            else:
+                triggers[code].append((start, stop))
+    return FieldHits(raw, normalized, terms, frozenset(gates), *triggers)
+
+
+_TRIES: dict[int, dict[str, ahocorasick.Automaton]] = {}
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+# Words glued to digits and letters too: keys ending in a digit ("5150") must not match
+# before another digit, stems run to the end of their word.
+GLUED = st.lists(
+    st.tuples(
+        st.sampled_from(WORDS) | st.sampled_from(["5150", "10-96", "988", "p1", "suicid"]),
+        st.sampled_from([" ", "", "0", "7", "x", "al", ". "]),
+    )
+).map(lambda parts: "".join(w + s for w, s in parts))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=narratives() | narratives().map(_ascii) | GLUED | st.text(max_size=40),
+    field=st.sampled_from(SCANNED),
+    which=st.sampled_from([0, 1]),
+)
+def test_dfa_scan_finds_what_the_trie_scan_found(
+    engines: tuple[RuleClassifier, Reference], text: str, field: str, which: int
+) -> None:
+    # scan_field walks a byte DFA (ASCII) or a str DFA (other text) with ahocorasick_rs;
+    # trie_scan_field is the pyahocorasick scan it replaced: the same hits in the same order.
+    matcher = engines[0]._matcher if which == 0 else engines[1].matcher
+    new = matcher.scan_field(text, field)
+    old = trie_scan_field(matcher, text, field)
+    assert new == old
+    assert list(new.terms) == list(old.terms)
