@@ -14,14 +14,15 @@ from sqlalchemy.engine import URL, make_url
 SQLITE_SYNCHRONOUS = ("full", "normal")
 
 # The page size of a new SQLite database (an existing one keeps its own: WAL mode cannot
-# change it). A snapshot row is about 6 KB (the raw bytes): on 4 KiB pages each one spilled
-# into an overflow page, and every page a commit dirties is a WAL frame written with two
-# system calls. On 16 KiB pages the store stage (write_batch and its durable commit, batches
-# of 64) took about 22 % less CPU per snapshot (bench/ingest_stages.py --stage store:
-# 99-103 -> 73-83 us), with 0.7 frames of WAL per snapshot instead of 2.2. The price is at
-# one snapshot a commit (low rates), where each dirty page is written whole: 168 KiB of WAL
-# per snapshot instead of 50 (8 KiB pages: 94), for about 10 % more CPU per commit.
-SQLITE_PAGE_SIZE = 16384
+# change it). A snapshot row is about 6 KB, so on 4 KiB pages it spills into an overflow page.
+# 16 KiB pages write fewer WAL frames per snapshot in big batches (0.7 instead of 2.2), but at
+# one snapshot a commit (the 300/s regime) each dirty page goes to the WAL whole: 168 KiB per
+# snapshot instead of 50. On the quiet machine (stop 11) neither the store's CPU per snapshot
+# (bench/ingest_stages.py --stage store: 85-112 us on 4 KiB, 86-104 on 16 KiB) nor `make bench`
+# (2,134-2,495/s against 2,168-2,351/s) told them apart, and the paced tail
+# (bench/store_tail.py, p99 5.8-20.4 ms against 12.0-27.3) leaned to 4 KiB: SQLite's default
+# stays, with 3.4 times less written per snapshot at low rates.
+SQLITE_PAGE_SIZE = 4096
 
 # Set on a connection (``conn.execution_options(corespond_read_only=True)``) whose transactions
 # only read: on SQLite they then begin DEFERRED instead of IMMEDIATE.

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from corespond.daemon.store.engine import create_store_engine, json_text
+from corespond.daemon.store.engine import SQLITE_PAGE_SIZE, create_store_engine, json_text
 
 # What snapshot and decision JSON can hold, with what orjson cannot encode made likely.
 JSON_VALUES = st.recursive(
@@ -59,7 +59,7 @@ def test_sqlite_settings(tmp_path: Path, synchronous: str, level: int) -> None:
             "synchronous": level,
             "foreign_keys": 1,
             "busy_timeout": 5000,
-            "page_size": 16384,
+            "page_size": SQLITE_PAGE_SIZE,
         }
         assert path.exists()
     finally:
@@ -69,7 +69,7 @@ def test_sqlite_settings(tmp_path: Path, synchronous: str, level: int) -> None:
 def test_an_existing_sqlite_database_keeps_its_page_size(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     old = sqlite3.connect(path, isolation_level=None)
-    old.execute("PRAGMA page_size=4096")
+    old.execute("PRAGMA page_size=8192")  # not the size a new database gets
     old.execute("PRAGMA journal_mode=WAL")
     old.execute("CREATE TABLE t (x INTEGER)")
     old.close()
@@ -78,7 +78,7 @@ def test_an_existing_sqlite_database_keeps_its_page_size(tmp_path: Path) -> None
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO t VALUES (1)"))
         with engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+            assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 8192
             assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 1
     finally:
         engine.dispose()
