@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,25 @@ def demo_config(tmp: Path) -> Path:
 Predicate = Callable[[dict[str, Any]], bool]
 
 
+# How long the demo gets to show everything. Not a speed check: the demo shows it all within
+# about a minute on a loaded machine, and a demo that never shows one of them must fail
+# (naming it) rather than hang the suite while the daemon goes on logging.
+DEMO_WITHIN = 600.0
+
+
 def wait_for_all(daemon: DaemonProcess, wanted: dict[str, Predicate]) -> None:
     """Read the log until every predicate has matched a line (in any order)."""
     missing = dict(wanted)
+    give_up = time.monotonic() + DEMO_WITHIN
     while missing:
-        line = daemon.wait_log(lambda e: any(p(e) for p in missing.values()))
+        line = daemon.wait_log(
+            lambda e: time.monotonic() > give_up or any(p(e) for p in missing.values())
+        )
         for name, predicate in list(missing.items()):
             if predicate(line):
                 del missing[name]
+        if missing and time.monotonic() > give_up:
+            raise AssertionError(f"the demo never logged: {', '.join(sorted(missing))}")
 
 
 def event(name: str, **fields: Any) -> Predicate:
@@ -115,8 +127,11 @@ def test_the_demo_pages_escalates_refers_and_counts(tmp_path: Path) -> None:
             # The CAD's units: positions are fixes, statuses the clinicians' availability.
             "cad fix": event("avl.fix.recorded", source="eido:cad-eido"),
             "cad status": event("clinician.availability.changed", via="cad:cad-eido"),
-            # The CAD's dispatcher puts a paged clinician's unit on the call: the answer.
-            "cad answer": event("page.answered", via="cad:cad-eido"),
+            # Not awaited: the CAD's dispatcher answering a page by putting the paged
+            # clinician's unit on the call. It happens only when a page goes to one of the six
+            # clinicians who ride CAD units, for a call on the EIDO feed, and is still open at
+            # the dispatcher's next look (the demo phones answer some pages first): chance, not
+            # a promise. tests/daemon/test_unit_locations.py drives that path in a real daemon.
             # The phone: ack page, encounter form GET and POST; the disposition refers.
             "form": event("demo.form.completed"),
             "encounter saved": event("referral.auto.wanted", kind="disposition"),
