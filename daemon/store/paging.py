@@ -357,6 +357,18 @@ def claim_due_steps(
         and_(s.state == "claimed", s.lease_until < now),
     )
     stmt = select(s.id, s.chain_id, s.step, s.action).where(due).order_by(s.due_at).limit(limit)
+    if conn.dialect.name == "postgresql":
+        # Chains before steps, the order answers and cancellations lock in (apply_answer,
+        # cancel_chains): the steps claimed here are finished in this same transaction, which
+        # then writes their chains. A chain another transaction holds is passed over.
+        c = escalation_chains.c
+        chains = conn.execute(
+            select(c.id)
+            .where(c.id.in_(stmt.with_only_columns(s.chain_id).scalar_subquery()))
+            .order_by(c.id)
+            .with_for_update(key_share=True, skip_locked=True)
+        ).scalars().all()  # fmt: skip
+        stmt = stmt.where(s.chain_id.in_(chains))
     rows = conn.execute(_for_update(conn, stmt)).all()
     if rows:
         conn.execute(
