@@ -1343,8 +1343,9 @@ class IncidentStore:
         transaction of its own on the writer's connection. The Deferred fires with ``fn``'s
         result once that transaction has committed: work that says a page is due is durable
         before the page goes. ``fn``'s own error rolls back its savepoint only (the batch
-        goes on); a batch that fails takes the work that rode it along (StoreError). A batch
-        retried after a transient error runs ``fn`` again in the new transaction.
+        goes on); when the batch fails, ``fn`` goes again in a transaction of its own, and
+        the Deferred errbacks (StoreError) only if that fails too. A batch retried after a
+        transient error runs ``fn`` again in the new transaction.
 
         Urgent work (a page waits for it) holds background work back while it waits; work that
         is not (``urgent=False``: recording what was sent) only saves itself a commit."""
@@ -1561,8 +1562,16 @@ class IncidentStore:
             error.__cause__ = cause
             for _, done, _ in batch:
                 done.errback(error)
-            for rider in riders:
-                rider.done.errback(error)
+            if batch:
+                # The riders only shared the failed batch's transaction (a bad record, a commit
+                # that failed): each goes again in a transaction of its own, and its caller is
+                # told only if that fails too. A page's chain is not lost to a stranger's row.
+                for rider in riders:
+                    rider.alone = True
+                self._riders[:0] = riders
+            else:
+                for rider in riders:
+                    rider.done.errback(error)
         else:
             self._healthy = True
             if self._checkpoints is not None:

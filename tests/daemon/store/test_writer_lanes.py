@@ -203,17 +203,19 @@ def test_work_rides_the_next_batch_in_its_transaction(engine: Engine) -> None:
     assert writes.calls == []  # nothing ran on its own later
 
 
-def test_a_failed_batch_takes_the_work_that_rode_it(engine: Engine) -> None:
+def test_a_failed_batch_sends_the_work_that_rode_it_on_its_own(engine: Engine) -> None:
     bad = replace(record(snapshot("BAD")), feed=None)  # NOT NULL: the batch cannot commit
     writes, _, results = riding(engine, bad)
     writes.run_next()
-    for n in (0, 1):
-        assert isinstance(results.values[n], Failure) and results.values[n].check(StoreError)
-    assert category(engine, "G-0") != "rode"
-    assert writes.calls == []  # it is not tried again on its own: its caller was told
+    assert isinstance(results.values[1], Failure) and results.values[1].check(StoreError)
+    assert 0 not in results.values and category(engine, "G-0") != "rode"
+    assert len(writes.calls) == 1  # the work goes again, in a transaction of its own
+    writes.run_next()
+    assert results.values[0] == "rode" and category(engine, "G-0") == "rode"
 
 
 def test_a_commit_that_fails_takes_the_work_that_rode_it(engine: Engine) -> None:
+    """The work goes again on its own; its caller is told when that commit fails too."""
     ran: list[str] = []
 
     def work(conn: Connection) -> str:
@@ -223,9 +225,13 @@ def test_a_commit_that_fails_takes_the_work_that_rode_it(engine: Engine) -> None
     writes, _, results = riding(engine, incident(2), work)
     with failing_commit(engine):
         writes.run_next()
-    assert ran == ["rode"]  # the work ran in its savepoint; then the commit failed
-    for n in (0, 1):
-        assert isinstance(results.values[n], Failure) and results.values[n].check(StoreError)
+        assert ran == ["rode"]  # the work ran in its savepoint; then the commit failed
+        assert isinstance(results.values[1], Failure) and results.values[1].check(StoreError)
+        assert 0 not in results.values
+        writes.run_next()  # on its own, and that commit fails too
+    assert ran == ["rode", "rode"]
+    assert isinstance(results.values[0], Failure) and results.values[0].check(StoreError)
+    assert writes.calls == []
     assert category(engine, "G-0") != "rode"
     with engine.connect() as conn:
         assert conn.execute(
