@@ -314,6 +314,13 @@ class Pipeline:
                         continue
                     except Exception:
                         failure = Failure()
+                else:
+                    # Part of the payload committed (its records went in two batches, and one
+                    # failed): what committed is counted, logged and told to the observers all
+                    # the same, as ingest() does. A resend finds it a duplicate: told never.
+                    for value, record in zip(mine, records, strict=True):
+                        if not isinstance(value, Failure):
+                            self._outcome(value, record)
                 answers.append(self._not_stored(feed, origin, failure))
             return answers
 

@@ -234,6 +234,31 @@ def test_a_store_failure_is_not_acknowledged(engine: Engine, registry: Collector
     assert registry.get_sample_value("corespond_store_failures_total", {"feed": "cad"}) == 2
 
 
+def test_a_payload_committed_in_part_still_reports_what_committed(
+    engine: Engine, registry: CollectorRegistry
+) -> None:
+    """A payload's two snapshots go in two batches and the second fails: the payload is not
+    acknowledged, and the first, committed, is counted (and told to observers) all the same,
+    since a resend would only find it a duplicate."""
+    writes: list[Any] = []
+
+    def second_fails(fn: Callable[[], Any]) -> Deferred[Any]:
+        writes.append(fn)
+        return fail(RuntimeError("disk full")) if len(writes) == 2 else maybeDeferred(fn)
+
+    store = IncidentStore(
+        engine, TaskClock(), run_in_thread=second_fails, run_read_in_thread=inline, attempts=1,
+        batch_max=1,  # one snapshot a batch: the payload spans two
+    )
+    store.start()
+    pipeline = Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(registry))
+    two = json.dumps(snapshot_to_json(snap(1))) + "\n" + json.dumps(snapshot_to_json(snap(2)))
+    [answer] = result(pipeline.ingest_for(feed(CorespondJsonFormat())).many([two.encode()], ORIGIN))
+    assert isinstance(answer, Failure) and answer.check(StoreError)
+    assert len(writes) == 2 and pipeline.counts.new == 1
+    assert result(store.run_read(totals)).snapshots == 1
+
+
 def test_a_split_that_refuses_rejects_the_payload(pipeline: Pipeline) -> None:
     class Refusing(Exploding):
         def split(self, payload: bytes) -> list[bytes]:
