@@ -2060,6 +2060,10 @@ class ReferralService:
                 self.worker.adopt(claimed)
             else:
                 self.worker.wake()
+        else:
+            # Queued without a message: held when looked at, but a consent was recorded before
+            # it was stored. Built by the next rebuild, not only at the next start.
+            self._rebuild_later()
         log.info(
             "referral.created",
             referral_id=created.ref,
