@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -47,7 +48,11 @@ BUILDER_NICE = 10  # builders yield the CPU to the daemon (and its pages) when b
 def _warm() -> None:
     """Each worker starts here, at a lower CPU priority, then imports hl7apy: the import is
     a fraction of a second of CPU per builder, which should not compete with pages either
-    (this module leaves hl7apy out, so unpickling this function does not import it)."""
+    (this module leaves hl7apy out, so unpickling this function does not import it).
+
+    Ctrl-C in a terminal reaches the whole process group: the daemon stops the pool itself,
+    so a builder ignores SIGINT rather than print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         os.nice(BUILDER_NICE)
     import corespond.adapters.hl7_referral  # noqa: F401
