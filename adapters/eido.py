@@ -375,7 +375,9 @@ def html_to_text(html: str, where: str) -> str:
 # Every EIDO carries the incident's whole state, so each update repeats every note the incident
 # has so far, verbatim: without this, an incident's k-th update parses k-1 notes again with
 # lxml (40-45 us each). Keyed by the note's exact string (a pure function of it); bounded, so
-# only the notes of recent incidents stay. None (cached too) means "not parseable HTML": the
+# only the notes of recent incidents stay (each note is a key of its own: with five notes an
+# incident, this covers about a fifth of the incidents that pidflo's location cache of the same
+# size covers). None (cached too) means "not parseable HTML": the
 # rejection's pointer is added by the caller, for this message. lru_cache is thread-safe.
 @functools.lru_cache(maxsize=4096)
 def _recent_html_text(html: str) -> str | None:
