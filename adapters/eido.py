@@ -49,7 +49,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -576,10 +576,19 @@ def _unit(component: Mapping[str, Any], where: str) -> Unit:
         id=name,
         type=_text(component, "emergencyResourceTypeCommonRegistryText", where)
         or _text(component, "emergencyResourceTypeInternalText", where),
-        status=secondary[-1]
-        if secondary
-        else _text(component, "primaryUnitStatusRegistryText", where),
+        status=unit_status(
+            secondary, lambda: _text(component, "primaryUnitStatusRegistryText", where)
+        ),
     )
+
+
+def unit_status(secondary: Sequence[str], primary: Callable[[], str | None]) -> str | None:
+    """A resource's status, the one rule for every reader of EIDO units (the incident parse,
+    both ways, and :mod:`corespond.adapters.eido_units`): its last non-blank
+    ``secondaryUnitStatusRegistryText`` (``Dispatched``, ``EnRoute``, ``OnScene``...), else its
+    ``primaryUnitStatusRegistryText``. ``primary`` is read only when there is no secondary
+    status, so a bad primary value next to a good secondary one is never looked at."""
+    return secondary[-1] if secondary else primary()
 
 
 def _caution(component: Mapping[str, Any], where: str) -> Caution:
@@ -1080,9 +1089,9 @@ def _typed_unit(component: _Resource) -> Unit:
         id=name,
         type=_typed_text(component.emergency_resource_type_common_registry_text)
         or _typed_text(component.emergency_resource_type_internal_text),
-        status=secondary[-1]
-        if secondary
-        else _typed_text(component.primary_unit_status_registry_text),
+        status=unit_status(
+            secondary, lambda: _typed_text(component.primary_unit_status_registry_text)
+        ),
     )
 
 
@@ -1314,4 +1323,5 @@ __all__ = [
     "load_json",
     "snapshot_from_eido",
     "text_to_html",
+    "unit_status",
 ]
