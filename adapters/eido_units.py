@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from corespond.adapters.eido import load_json
+from corespond.adapters.eido import load_json, unit_status
 from corespond.adapters.pidflo import parse_pidf_lo
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.snapshot import parse_time
@@ -120,13 +120,13 @@ def unit_locations(doc: Any) -> UnitLocations:
 def _unit_status(
     resource: Mapping[str, Any], where: str, eido_time: datetime | None
 ) -> UnitStatus | None:
-    # As the incident parse reads it: the last secondary status, else the primary one.
+    # The incident parse's rule (eido.unit_status); the words are checked here, per unit.
     key = "secondaryUnitStatusRegistryText"
     secondary = resource.get(key)
     if secondary is not None and not isinstance(secondary, list):
         raise RejectedMessage("invalid-field", "must be an array", f"{where}/{key}")
     words = [w for i, x in enumerate(secondary or ()) if (w := _word(x, f"{where}/{key}/{i}"))]
-    status = words[-1] if words else _text(resource, "primaryUnitStatusRegistryText", where)
+    status = unit_status(words, lambda: _text(resource, "primaryUnitStatusRegistryText", where))
     if status is None:
         return None
     if len(status) > MAX_UNIT_CHARS:

@@ -105,9 +105,11 @@ def parse_pidf_lo(xml_text: str, where: str) -> Location:
 
 
 # An EIDO carries the whole incident every time, so each update of an incident usually repeats
-# the same PIDF-LO document: remember the last few results (a Location is immutable; failures
-# are not cached). Bounded, so the few addresses it holds are only recent ones.
-@functools.lru_cache(maxsize=256)
+# the same PIDF-LO document: remember the recent results (a Location is immutable; failures
+# are not cached). An incident's updates come minutes apart, so the bound must cover every
+# incident updated meanwhile: in a model feed (20 EIDOs over an incident's hour), 256 hit 94 %
+# at 1 EIDO/s but 14 % at 10/s; 4096 hit 94 % at 10/s and 70 % at 30/s (a few MB).
+@functools.lru_cache(maxsize=4096)
 def _recent_location(xml_text: str) -> Location:
     return _parse_pidf_lo(xml_text, "")
 

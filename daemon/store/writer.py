@@ -88,12 +88,6 @@ class SnapshotRecord:
     raw: bytes
     snapshot: Snapshot
     decision: Decision
-    # The snapshot's two JSON columns as text, when whoever built the record has them already
-    # (a parser may write the normalized form as it decodes): exactly what json_text writes
-    # for snapshot_public_json and snapshot_protected_json. Used where the driver binds JSON
-    # as text (SQLite); None, or PostgreSQL: the writer builds them (about 8 us a snapshot).
-    public_json: str | None = None
-    protected_json: str | None = None
 
 
 @fast_init
@@ -699,7 +693,6 @@ def _insert_snapshots(
     """Insert the candidates; digest -> new snapshot id for those that were not there yet."""
     sql = _dialect_statements(conn)
     time, json = sql.binds.time, sql.binds.json
-    as_text = sql.driver_level  # the records' own JSON text, where it has any
     params = [
         (
             states[p.key].pk,
@@ -709,12 +702,8 @@ def _insert_snapshots(
             time((snap := record.snapshot).updated_at),
             p.digest,
             record.raw,
-            record.public_json
-            if as_text and record.public_json is not None
-            else json(snapshot_public_json(snap)),
-            record.protected_json
-            if as_text and record.protected_json is not None
-            else json(snapshot_protected_json(snap)),
+            json(snapshot_public_json(snap)),
+            json(snapshot_protected_json(snap)),
         )
         for p in candidates
     ]

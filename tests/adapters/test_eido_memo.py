@@ -1,5 +1,6 @@
-"""The EIDO parser's shortcuts (orjson's value first, remembered persons and locations) give
-exactly what the long way gives: the same snapshot, or the same rejection with its pointer."""
+"""The EIDO parser's shortcuts (orjson's value first, remembered persons, locations and HTML
+notes) give exactly what the long way gives: the same snapshot, or the same rejection with its
+pointer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corespond.adapters import eido, pidflo
-from corespond.adapters.eido import EidoFormat, eido_document, load_json, snapshot_from_eido
+from corespond.adapters.eido import (
+    EidoFormat,
+    eido_document,
+    html_to_text,
+    load_json,
+    snapshot_from_eido,
+)
 from corespond.daemon.demo import incident_lifecycles
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.snapshot import Snapshot
@@ -43,6 +50,7 @@ def long_way(message: bytes) -> Answer:
     eido._recent_persons.clear()
     eido._recent_nc_texts.clear()
     pidflo._recent_location.cache_clear()
+    eido._recent_html_text.cache_clear()
     return answer(lambda m: snapshot_from_eido(load_json(m)), message)
 
 
@@ -131,3 +139,57 @@ def test_changed_document_parses_as_the_long_way(value: Any, data: st.DataObject
     doc = fixture(data.draw(st.sampled_from(VALID)))
     path = data.draw(st.sampled_from(paths(doc)[1:]))
     same_after([encode(doc)], encode(replaced(doc, path, value)))
+
+
+def _html_notes(doc: Any) -> Any:
+    """``doc`` with each note as a CAD writes HTML5: a paragraph, entities, a break."""
+    for note in doc.get("notesComponent", ()):
+        text = note["notesActionComments"]
+        note["notesActionComments"] = f"<p>{text} &amp; <b>more</b><br>line</p><!-- x -->"
+    return doc
+
+
+def test_html_notes_parse_as_the_long_way() -> None:
+    # Every update of an incident repeats its notes: all but the first reading of each note
+    # are remembered, and every snapshot still equals the long way's.
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    messages = [
+        json.dumps(_html_notes(eido_document(snap))).encode()
+        for lifecycle in incident_lifecycles(random.Random(5), 20, start)
+        for snap in lifecycle
+    ]
+    eido._recent_html_text.cache_clear()
+    short = [answer(FORMAT.parse, m) for m in messages]
+    assert eido._recent_html_text.cache_info().hits > 0
+    assert short == [long_way(m) for m in messages]
+    assert all(isinstance(s, Snapshot) and s.notes for s in short)
+
+
+_HTML_BITS = st.sampled_from(
+    ["<p>", "</p>", "<br>", "<b>", "</b>", "<script>", "</script>", "<!--", "-->", "&amp;",
+     "&", "<", ">", "x", "é", " ", "\n", "\x00", "\x0b", "\ud800", "<?pi?>", "<div>"]
+)  # fmt: skip
+html_texts = st.one_of(st.text(), st.lists(_HTML_BITS, max_size=12).map("".join))
+
+
+def _note_answer(html: str, where: str) -> str | tuple[str, str, str | None]:
+    try:
+        return html_to_text(html, where)
+    except RejectedMessage as err:
+        return (err.code, err.reason, err.where)
+
+
+@settings(max_examples=300, deadline=None)
+@given(html_texts, html_texts)
+def test_remembered_notes_read_as_the_long_way(first: str, second: str) -> None:
+    # Read cold, then again warm under another pointer: the same text, or the same rejection
+    # with the pointer of the message at hand.
+    eido._recent_html_text.cache_clear()
+    cold = [_note_answer(h, f"/notesComponent/{i}") for i, h in enumerate((first, second))]
+    warm = [_note_answer(h, f"/notesComponent/{i}") for i, h in enumerate((first, second))]
+    moved = _note_answer(first, "/notesComponent/9")
+    assert warm == cold
+    if isinstance(cold[0], tuple):
+        assert moved == (*cold[0][:2], "/notesComponent/9")
+    else:
+        assert moved == cold[0]

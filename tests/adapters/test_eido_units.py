@@ -22,6 +22,7 @@ from corespond.adapters.eido_units import (
     unit_locations_of_message,
 )
 from corespond.adapters.pidflo import pidf_lo_document
+from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.snapshot import GeoPoint, Location
 
 SAMPLE = Path(__file__).parent.parent / "fixtures" / "eido" / "bh-update.json"
@@ -254,3 +255,28 @@ def test_fuzz_random_resources(resources: list[dict[str, Any]]) -> None:
 ]), json_values, max_size=4))  # fmt: skip
 def test_fuzz_random_documents(doc: dict[str, Any]) -> None:
     _check(unit_locations(doc))
+
+
+_STATUS_WORDS = st.sampled_from(["EnRoute", "OnScene", "Available", "", " ", " Cleared "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"emergencyResourceName": st.sampled_from(["CR-12", "2A31"])},
+    optional={
+        "primaryUnitStatusRegistryText": _STATUS_WORDS | json_values,
+        "secondaryUnitStatusRegistryText": st.lists(_STATUS_WORDS, max_size=3) | json_values,
+    }), max_size=3))  # fmt: skip
+def test_statuses_follow_the_incident_parses_rule(resources: list[dict[str, Any]]) -> None:
+    # Whatever the incident parse accepts, the unit reader gives each resource the status the
+    # parsed snapshot's unit has (one rule, eido.unit_status), or none where the unit has none.
+    doc: dict[str, Any] = json.loads(SAMPLE.read_text())
+    doc["emergencyResourceComponent"] = resources
+    try:
+        units = snapshot_from_eido(copy.deepcopy(doc)).units
+    except RejectedMessage:
+        return
+    found = unit_locations_of_message(message(doc), statuses=True)
+    assert not found.problems
+    by_where = {s.where: s.status for s in found.statuses}
+    expected = {f"/emergencyResourceComponent/{i}": u.status for i, u in enumerate(units)}
+    assert by_where == {w: s for w, s in expected.items() if s is not None}

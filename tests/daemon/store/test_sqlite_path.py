@@ -10,18 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from corespond.daemon.decision import Response
 from corespond.daemon.snapshot import (
     IncidentStatus,
-    snapshot_protected_json,
-    snapshot_public_json,
 )
 from corespond.daemon.store import writer
-from corespond.daemon.store.engine import create_store_engine, json_text
-from corespond.daemon.store.tables import snapshots
+from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.writer import StoredSnapshot, write_batch
 from tests.daemon.store.records import at, decision, record, reject, snapshot
 
@@ -155,26 +152,3 @@ def test_driver_errors_are_raised_as_sqlalchemy_raises_them(engine: Engine) -> N
     with pytest.raises(IntegrityError) as caught, engine.begin() as conn:
         write_batch(conn, [bad])
     assert caught.value.orig is not None
-
-
-def test_records_may_bring_their_json_columns_as_text(engine: Engine) -> None:
-    """SQLite stores a record's own JSON text as it is; PostgreSQL's Core path builds its own."""
-    snap = snapshot("INC-1")
-    public, protected = snapshot_public_json(snap), snapshot_protected_json(snap)
-    brought = replace(
-        record(snap),
-        public_json=json_text(dict(public, brought=True)),
-        protected_json=json_text(dict(protected, brought=True)),
-    )
-    plain = record(snapshot("INC-2"))
-    with engine.begin() as conn:
-        write_batch(conn, [brought, plain])
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(snapshots.c.public, snapshots.c.protected).order_by(snapshots.c.id)
-        ).all()
-    on_sqlite = engine.dialect.name == "sqlite"
-    assert rows[0].public == (dict(public, brought=True) if on_sqlite else public)
-    assert rows[0].protected == (dict(protected, brought=True) if on_sqlite else protected)
-    assert rows[1].public == snapshot_public_json(plain.snapshot)
-    assert rows[1].protected == snapshot_protected_json(plain.snapshot)
