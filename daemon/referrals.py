@@ -68,6 +68,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.config import ProviderConfig, ReferralsConfig
 from corespond.daemon.errors import RejectedMessage, SafeMessage
 from corespond.daemon.referral_metrics import ReferralMetrics
+from corespond.daemon.referral_trace import ReactorSpans
 from corespond.daemon.rollups import keeping_referral_flags
 from corespond.daemon.store.tables import (
     ReferralMessageRow,
@@ -1198,6 +1199,8 @@ class ReferralWorker:
         self._stopping = False
         self.delivered = 0
         self.commits = 0  # group commits of send results (for tests and the bench)
+        # The reactor's time in referral callbacks, when the store's trace is on (the bench).
+        self.spans = ReactorSpans.from_environment()
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -1211,7 +1214,9 @@ class ReferralWorker:
                     provider.tls.cert_file,
                     provider.tls.key_file,
                 )
-        self._loop = self.clock.looping_call(self.config.poll_interval, self.poll, now=True)
+        self._loop = self.clock.looping_call(
+            self.config.poll_interval, self.spans.timed(self.poll), now=True
+        )
 
     def stop(self) -> Deferred[None]:
         self._stopping = True
@@ -1223,6 +1228,7 @@ class ReferralWorker:
 
         def stopped(_: object) -> None:
             self._pool.stop()
+            self.spans.close()
 
         d: Deferred[Any] = DeferredList(pending, consumeErrors=True)
         return d.addCallback(stopped)
@@ -1238,8 +1244,8 @@ class ReferralWorker:
         writer thread on SQLite, else this worker's pool. The service, the certificate checks
         and the automatic referrals share it."""
         if self._run_in_thread is not None:
-            return self._run_in_thread(fn)
-        return deferToThreadPool(self.reactor, self._pool, fn)
+            return self.spans.relay(self._run_in_thread(fn))
+        return self.spans.relay(deferToThreadPool(self.reactor, self._pool, fn))
 
     def poll(self) -> Deferred[None]:
         if self._polling:
@@ -1354,7 +1360,7 @@ class ReferralWorker:
         passed_over = provider in self._passed_over
         self._passed_over.discard(provider)
         if not self._stopping and (passed_over or lane.broken or isinstance(result, Failure)):
-            self.clock.call_later(0, self.poll)
+            self.clock.call_later(0, self.spans.timed(self.poll))
 
     # --- one provider's sender -----------------------------------------------------------------
 
@@ -1427,7 +1433,9 @@ class ReferralWorker:
             return
         if not self._commit_now(lane):
             if lane.timer is None:
-                lane.timer = self.clock.call_later(COMMIT_WITHIN, self._commit_due, lane)
+                lane.timer = self.clock.call_later(
+                    COMMIT_WITHIN, self.spans.timed(self._commit_due), lane
+                )
             return
         self._commit(lane)
 
@@ -1522,10 +1530,12 @@ class ReferralWorker:
         try:
             link = self._links.get(provider.name)
             if link is None or not link.connected_:
-                link = await self._connect(provider)
+                link = await self.spans.relay(self._connect(provider))
                 self._links[provider.name] = link
             sent_at = self.reactor.seconds()
-            reply = await link.send(item.message, item.control_id, provider.ack_timeout)
+            reply = await self.spans.relay(
+                link.send(item.message, item.control_id, provider.ack_timeout)
+            )
         except Exception as err:
             return self._failed(item, provider, err)
         if self.metrics is not None:
@@ -2004,7 +2014,7 @@ class ReferralService:
             self.worker.clock.now(),
         )  # fmt: skip
         try:
-            message = await self.builder.build(content, provider.profile)
+            message = await self.worker.spans.relay(self.builder.build(content, provider.profile))
         except BuildCrashed as err:
             # Stored without its message, as asked for: built again later, never lost.
             created = await self._store(provider, request, None, on_stored, content)
@@ -2077,7 +2087,9 @@ class ReferralService:
     async def _build_and_queue(self, unbuilt: Unbuilt) -> str | None:
         self._building.add(unbuilt.id)
         try:
-            message = await self.builder.build(unbuilt.content, unbuilt.profile)
+            message = await self.worker.spans.relay(
+                self.builder.build(unbuilt.content, unbuilt.profile)
+            )
             now = self.worker.clock.now()
             control_id = await self.worker.in_thread(
                 lambda: queue_built(self.engine, unbuilt, message, now)
