@@ -191,7 +191,7 @@ class Phase:
     seconds: float = 0.0
     cpu: float = 0.0  # the daemon process's CPU seconds (all threads) from ready to the end
     windows: list[tuple[float, float]] = field(default_factory=list)  # send -> page, per page
-    waited: tuple[list[float], ...] = ()  # per page: behind referral work (writer, reactor, any)
+    waited: tuple[Any, ...] = ()  # per page: behind referral work (see referral_time_in_pages)
 
 
 def process_cpu(pid: int) -> float:
@@ -475,9 +475,11 @@ def main() -> None:
         if p.waited:
             parts = ", ".join(
                 f"{part} p99 {pct(times, 0.99):.2f} max {max(times, default=0) * 1e3:.2f}"
-                for part, times in zip(("writer", "reactor", "either"), p.waited, strict=True)
+                for part, times in zip(("writer", "reactor", "either"), p.waited, strict=False)
             )
             print(f"{p.name}: time a page could wait behind referral work: {parts}")
+            for what, seconds in list(p.waited[3].items())[:6]:
+                print(f"  slowest 1 %: {seconds * 1e3:6.2f}  {what}")
     for p in phases:
         if p.after_ack:
             print(f"{p.name}: from the feed's 200 to the page p50 {pct(p.after_ack, 0.5):.1f}, "

@@ -362,7 +362,7 @@ def is_referral_work(label: str) -> bool:
 
 def referral_time_in_pages(
     trace: Path, windows: list[Interval]
-) -> tuple[list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], dict[str, float]]:
     """For each page (its window: the CAD's send time to the page's arrival, perf_counter
     seconds of this machine's monotonic clock), in seconds: (writer, reactor, either) time it
     could have waited behind referral work. From the store's trace and the referral side's
@@ -372,14 +372,16 @@ def referral_time_in_pages(
       queued for it (a page's snapshot or its ride waits behind at most one such job);
     - reactor: the reactor ran referral callbacks while no batch or page work of the window
       ran on the writer (so the page's next step may have been waiting for the reactor);
-    - either: the union of both (the page waits for one thing at a time).
+    - either: the union of both (the page waits for one thing at a time);
+    - and for the slowest 1 % of pages by "either", the mean seconds of each kind of work
+      (writer job or reactor callback, by name).
 
     Bounds from above: the page's own snapshot and ride are not told from the others in its
     window, and the reactor part counts its network legs too."""
     rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
     waiting: list[Interval] = []  # batches and page work queued for the writer
     running: list[Interval] = []  # ... and running on it
-    referral: list[Interval] = []  # referral transactions running on the writer
+    referral: dict[str, list[Interval]] = {}  # referral transactions running on the writer
     for r in rows:
         if "batch" in r or "ride" in r:
             if "ride" in r and "_record_submissions" in r["ride"]:
@@ -391,19 +393,30 @@ def referral_time_in_pages(
                 waiting.append((r["submitted"], r["thread"]))
                 running.append((r["thread"], r["done"]))
             elif is_referral_work(r["what"]):
-                referral.append((r["thread"], r["done"]))
+                referral.setdefault("writer: " + r["what"], []).append((r["thread"], r["done"]))
     spans_path = Path(str(trace) + ".referrals")
-    reactor = [
-        (s["start"], s["end"])
-        for s in (json.loads(line) for line in spans_path.read_text().splitlines() if line)
-    ] if spans_path.exists() else []  # fmt: skip
-    writer_part = intersected(merged(waiting), merged(referral))
-    reactor_part = without(merged(reactor), merged(running))
+    reactor: dict[str, list[Interval]] = {}
+    if spans_path.exists():
+        for line in spans_path.read_text().splitlines():
+            span = json.loads(line)
+            reactor.setdefault("reactor: " + span["what"], []).append((span["start"], span["end"]))
+    waiting, running = merged(waiting), merged(running)
+    parts = {what: intersected(waiting, merged(ivs)) for what, ivs in referral.items()}
+    parts.update({what: without(merged(ivs), running) for what, ivs in reactor.items()})
+    writer_part = merged([i for w, ivs in parts.items() if w.startswith("writer") for i in ivs])
+    reactor_part = merged([i for w, ivs in parts.items() if w.startswith("reactor") for i in ivs])
     either = merged(writer_part + reactor_part)
+    total = [measure(either, a, b) for a, b in windows]
+    slow = sorted(range(len(windows)), key=lambda n: total[n])[int(len(windows) * 0.99) :]
+    worst = {
+        what: sum(measure(ivs, *windows[n]) for n in slow) / max(1, len(slow))
+        for what, ivs in parts.items()
+    }
     return (
         [measure(writer_part, a, b) for a, b in windows],
         [measure(reactor_part, a, b) for a, b in windows],
-        [measure(either, a, b) for a, b in windows],
+        total,
+        {what: t for what, t in sorted(worst.items(), key=lambda kv: -kv[1]) if t > 0},
     )
 
 

@@ -34,7 +34,7 @@ class ReactorSpans:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.spans: list[tuple[float, float]] = []
+        self.spans: list[tuple[float, float, str]] = []
         self._depth = 0
 
     @classmethod
@@ -46,8 +46,9 @@ class ReactorSpans:
     def enabled(self) -> bool:
         return self.path is not None
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the reactor, timed (unless a timed stretch already runs)."""
+    def run(self, fn: Callable[..., T], *args: Any, label: str = "") -> T:
+        """``fn(*args)`` on the reactor, timed as ``label`` (unless a timed stretch already
+        runs: it holds this one)."""
         if self._depth:
             return fn(*args)
         self._depth += 1
@@ -55,7 +56,7 @@ class ReactorSpans:
         try:
             return fn(*args)
         finally:
-            self.spans.append((start, time.perf_counter()))
+            self.spans.append((start, time.perf_counter(), label))
             self._depth -= 1
 
     def timed(self, fn: Callable[..., T]) -> Callable[..., T]:
@@ -63,23 +64,25 @@ class ReactorSpans:
         if self.path is None:
             return fn
 
+        label = getattr(fn, "__qualname__", "timer")
+
         def timed(*args: Any) -> T:
-            return self.run(fn, *args)
+            return self.run(fn, *args, label=label)
 
         return timed
 
-    def relay(self, d: Deferred[T]) -> Deferred[T]:
+    def relay(self, d: Deferred[T], label: str) -> Deferred[T]:
         """A Deferred that fires with ``d``'s result, its callbacks (everything the referral
-        side does with the result, up to its next wait) timed."""
+        side does with the result, up to its next wait) timed as ``label``."""
         if self.path is None:
             return d
         out: Deferred[T] = Deferred()
 
         def fire(result: T | Failure) -> None:
             if isinstance(result, Failure):
-                self.run(out.errback, result)
+                self.run(out.errback, result, label=label)
             else:
-                self.run(out.callback, result)
+                self.run(out.callback, result, label=label)
 
         d.addBoth(fire)
         return out
@@ -89,5 +92,8 @@ class ReactorSpans:
         if self.path is None or not self.spans:
             return
         with open(self.path, "w") as out:
-            out.writelines(f'{{"start":{s:.6f},"end":{e:.6f}}}\n' for s, e in self.spans)
+            out.writelines(
+                f'{{"start":{s:.6f},"end":{e:.6f},"what":"{what}"}}\n'
+                for s, e, what in self.spans
+            )
         self.spans = []

@@ -1244,8 +1244,13 @@ class ReferralWorker:
         writer thread on SQLite, else this worker's pool. The service, the certificate checks
         and the automatic referrals share it."""
         if self._run_in_thread is not None:
-            return self.spans.relay(self._run_in_thread(fn))
-        return self.spans.relay(deferToThreadPool(self.reactor, self._pool, fn))
+            d = self._run_in_thread(fn)
+        else:
+            d = deferToThreadPool(self.reactor, self._pool, fn)
+        if not self.spans.enabled:
+            return d
+        what = getattr(getattr(fn, "func", fn), "__qualname__", "work")  # a partial's function
+        return self.spans.relay(d, "result of " + what)
 
     def poll(self) -> Deferred[None]:
         if self._polling:
@@ -1530,11 +1535,11 @@ class ReferralWorker:
         try:
             link = self._links.get(provider.name)
             if link is None or not link.connected_:
-                link = await self.spans.relay(self._connect(provider))
+                link = await self.spans.relay(self._connect(provider), "connected")
                 self._links[provider.name] = link
             sent_at = self.reactor.seconds()
             reply = await self.spans.relay(
-                link.send(item.message, item.control_id, provider.ack_timeout)
+                link.send(item.message, item.control_id, provider.ack_timeout), "ACK"
             )
         except Exception as err:
             return self._failed(item, provider, err)
@@ -2014,7 +2019,9 @@ class ReferralService:
             self.worker.clock.now(),
         )  # fmt: skip
         try:
-            message = await self.worker.spans.relay(self.builder.build(content, provider.profile))
+            message = await self.worker.spans.relay(
+                self.builder.build(content, provider.profile), "built"
+            )
         except BuildCrashed as err:
             # Stored without its message, as asked for: built again later, never lost.
             created = await self._store(provider, request, None, on_stored, content)
@@ -2088,7 +2095,7 @@ class ReferralService:
         self._building.add(unbuilt.id)
         try:
             message = await self.worker.spans.relay(
-                self.builder.build(unbuilt.content, unbuilt.profile)
+                self.builder.build(unbuilt.content, unbuilt.profile), "built"
             )
             now = self.worker.clock.now()
             control_id = await self.worker.in_thread(
