@@ -883,6 +883,10 @@ def _provider_free(conn: Connection, provider: str, now: datetime, worker_id: st
         key = func.hashtext("corespond.referrals:" + provider)
         if not conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
             return False
+    if _driver_level(conn):
+        at = sqlite_datetime_text(now)
+        live = _cursor(conn).execute(_SQLITE_LIVE_ELSEWHERE, (provider, at, worker_id))
+        return live.fetchone() is None
     return not conn.execute(
         _LIVE_CLAIM, {"f_provider": provider, "f_now": now, "f_worker": worker_id}
     ).scalar()
