@@ -474,10 +474,13 @@ def main() -> None:
     for p in phases:
         if p.waited:
             parts = ", ".join(
-                f"{part} p99 {pct(times, 0.99):.2f} max {max(times, default=0) * 1e3:.2f}"
+                f"{part} p50 {pct(times, 0.5):.2f} p99 {pct(times, 0.99):.2f} "
+                f"max {max(times, default=0) * 1e3:.2f}"
                 for part, times in zip(("writer", "reactor", "either"), p.waited, strict=False)
             )
-            print(f"{p.name}: time a page could wait behind referral work: {parts}")
+            waited = sum(t > 0 for t in p.waited[2])
+            print(f"{p.name}: time a page could wait behind referral work ({waited} of "
+                  f"{len(p.waited[2])} pages at all): {parts}")  # fmt: skip
             for what, seconds in list(p.waited[3].items())[:6]:
                 print(f"  slowest 1 %: {seconds * 1e3:6.2f}  {what}")
     for p in phases:
