@@ -99,12 +99,19 @@ class MLLPClientProtocol(Protocol):
             raise ConnectionDropped("the connection is closed")
         self._waiting = Deferred()
         self._control_id = control_id
-        self._timer = self._clock.callLater(timeout, self._timed_out)
+        # One timer per connection, moved for each message: an ACK leaves it running (a
+        # firing with nothing in flight does nothing), rather than a cancel and a new
+        # delayed call per message.
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self._clock.callLater(timeout, self._timed_out)
         assert self.transport is not None
         self.transport.write(frame(message))
         return self._waiting
 
     def close(self) -> None:
+        self._stop_timer()
         if self.transport is not None and self.connected_:
             self.transport.loseConnection()
 
@@ -138,17 +145,23 @@ class MLLPClientProtocol(Protocol):
 
     def _finish(self, result: Hl7Reply | Failure) -> None:
         waiting, self._waiting, self._control_id = self._waiting, None, None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if isinstance(result, Failure):
+            self._stop_timer()
         if waiting is not None:
             if isinstance(result, Failure):
                 waiting.errback(result)
             else:
                 waiting.callback(result)
 
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     def _timed_out(self) -> None:
         self._timer = None
+        if self._waiting is None:
+            return  # the timer of a message that was answered: nothing in flight
         self._finish(Failure(AckTimeout("no ACK naming the message within the timeout")))
         # Closed, so that a late ACK cannot be read as the answer to the next message.
         if self.transport is not None:
@@ -156,6 +169,7 @@ class MLLPClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDropped())) -> None:  # noqa: B008
         self.connected_ = False
+        self._stop_timer()
         if self._waiting is not None:
             self._finish(
                 Failure(ConnectionDropped("the peer closed the connection before the ACK"))

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from referrals import PEER, free_port
+from referrals import PEER, free_port, referral_time_in_pages
 
 FEED_TOKEN = "bench-feed-token-0123456789"
 ZONE = (-97.9, 30.1, -97.5, 30.5)  # lon/lat box of the program's zone
@@ -190,6 +190,8 @@ class Phase:
     referrals: int = 0
     seconds: float = 0.0
     cpu: float = 0.0  # the daemon process's CPU seconds (all threads) from ready to the end
+    windows: list[tuple[float, float]] = field(default_factory=list)  # send -> page, per page
+    waited: tuple[Any, ...] = ()  # per page: behind referral work (see referral_time_in_pages)
 
 
 def process_cpu(pid: int) -> float:
@@ -306,6 +308,8 @@ async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, ph
     while len(endpoint.arrived) < len(scheduled) and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)  # the last pages are still on their way
     phase.page = [endpoint.arrived[m] - at for m, at in scheduled.items() if m in endpoint.arrived]
+    phase.windows = [(at, endpoint.arrived[m]) for m, at in scheduled.items()
+                     if m in endpoint.arrived]  # fmt: skip
     # Paging's own share: from the feed's answer (the snapshot committed) to the page.
     phase.after_ack = [endpoint.arrived[m] - acked[m] for m in acked if m in endpoint.arrived]
     while not pool.empty():
@@ -368,10 +372,15 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
                               store_url=url)  # fmt: skip
         migrate = [sys.executable, "-m", "corespond.daemon.cli", "db", "upgrade", "-c", str(config)]
         subprocess.run(migrate, check=True, capture_output=True)
+        # Referral work's share of each page: the store's trace and the referral side's
+        # reactor spans (bench/referrals.py, referral_time_in_pages).
+        referral_load = name == "paging + referrals"
+        trace = os.environ.get("CORESPOND_STORE_TRACE") or str(Path(tmp) / "trace.jsonl")
         child = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--daemon", str(config),
-            *(["--referral-load"] if name == "paging + referrals" else []),
+            *(["--referral-load"] if referral_load else []),
             stdout=asyncio.subprocess.PIPE,
+            env=dict(os.environ, CORESPOND_STORE_TRACE=trace) if referral_load else None,
         )  # fmt: skip
         assert child.stdout is not None
         try:
@@ -392,6 +401,8 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
                 await child.wait()
         if "referrals" in out:
             phase.referrals = int(out[out.index("referrals") + 1])
+        if referral_load:
+            phase.waited = referral_time_in_pages(Path(trace), phase.windows)
     return phase
 
 
@@ -460,6 +471,18 @@ def main() -> None:
         added = pct(loaded.page, 0.99) - pct(base.page, 0.99)
         print(f"referral building adds {added:+.1f} ms to page p99 "
               f"(p50 {pct(loaded.page, 0.5) - pct(base.page, 0.5):+.1f} ms)")  # fmt: skip
+    for p in phases:
+        if p.waited:
+            parts = ", ".join(
+                f"{part} p50 {pct(times, 0.5):.2f} p99 {pct(times, 0.99):.2f} "
+                f"max {max(times, default=0) * 1e3:.2f}"
+                for part, times in zip(("writer", "reactor", "either"), p.waited, strict=False)
+            )
+            waited = sum(t > 0 for t in p.waited[2])
+            print(f"{p.name}: time a page could wait behind referral work ({waited} of "
+                  f"{len(p.waited[2])} pages at all): {parts}")  # fmt: skip
+            for what, seconds in list(p.waited[3].items())[:6]:
+                print(f"  slowest 1 %: {seconds * 1e3:6.2f}  {what}")
     for p in phases:
         if p.after_ack:
             print(f"{p.name}: from the feed's 200 to the page p50 {pct(p.after_ack, 0.5):.1f}, "

@@ -292,6 +292,134 @@ def run_side(side: str, args: argparse.Namespace, url: str, port: int, spec: dic
     return json.loads(out.strip().splitlines()[-1])
 
 
+# --- what referral work adds to a page (bench/dispatch.py's paging + referrals phase) ----------
+
+Interval = tuple[float, float]
+
+
+def merged(intervals: list[Interval]) -> list[Interval]:
+    """The union of ``intervals``, as sorted disjoint intervals."""
+    out: list[Interval] = []
+    for a, b in sorted(i for i in intervals if i[1] > i[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def intersected(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
+    """Where two unions (each sorted and disjoint) overlap."""
+    out: list[Interval] = []
+    i = j = 0
+    while i < len(xs) and j < len(ys):
+        a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if b > a:
+            out.append((a, b))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def without(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
+    """``xs`` less ``ys`` (both sorted and disjoint)."""
+    out: list[Interval] = []
+    j = 0
+    for a, b in xs:
+        while j < len(ys) and ys[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(ys) and ys[k][0] < b:
+            if ys[k][0] > a:
+                out.append((a, ys[k][0]))
+            a = max(a, ys[k][1])
+            k += 1
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def measure(xs: list[Interval], a: float, b: float) -> float:
+    """How much of [a, b] the union ``xs`` covers."""
+    import bisect
+
+    total = 0.0
+    for x, y in xs[max(0, bisect.bisect_left(xs, (a, a)) - 1) :]:
+        if x >= b:
+            break
+        total += max(0.0, min(y, b) - max(x, a))
+    return total
+
+
+def is_referral_work(label: str) -> bool:
+    """A writer job of the referral side (its function's qualified name, as traced)."""
+    return label.startswith(("Referral", "AutoReferrals", "CertificateWatch")) or (
+        "referral" in label.lower()
+    )
+
+
+def referral_time_in_pages(
+    trace: Path, windows: list[Interval]
+) -> tuple[list[float], list[float], list[float], dict[str, float]]:
+    """For each page (its window: the CAD's send time to the page's arrival, perf_counter
+    seconds of this machine's monotonic clock), in seconds: (writer, reactor, either) time it
+    could have waited behind referral work. From the store's trace and the referral side's
+    reactor spans (``CORESPOND_STORE_TRACE``, daemon/referral_trace.py):
+
+    - writer: a referral transaction ran on the writer while an ingest batch or page work was
+      queued for it (a page's snapshot or its ride waits behind at most one such job);
+    - reactor: the reactor ran referral callbacks while no batch or page work of the window
+      ran on the writer (so the page's next step may have been waiting for the reactor);
+    - either: the union of both (the page waits for one thing at a time);
+    - and for the slowest 1 % of pages by "either", the mean seconds of each kind of work
+      (writer job or reactor callback, by name).
+
+    Bounds from above: the page's own snapshot and ride are not told from the others in its
+    window, and the reactor part counts its network legs too."""
+    rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    waiting: list[Interval] = []  # batches and page work queued for the writer
+    running: list[Interval] = []  # ... and running on it
+    referral: dict[str, list[Interval]] = {}  # referral transactions running on the writer
+    for r in rows:
+        if "batch" in r or "ride" in r:
+            if "ride" in r and "_record_submissions" in r["ride"]:
+                continue  # recording what was sent: no page waits for it
+            waiting.append((r["submitted"], r["thread"]))
+            running.append((r["thread"], r.get("committed", r.get("done", r["thread"]))))
+        elif "job" in r:
+            if r["job"] == "page":
+                waiting.append((r["submitted"], r["thread"]))
+                running.append((r["thread"], r["done"]))
+            elif is_referral_work(r["what"]):
+                referral.setdefault("writer: " + r["what"], []).append((r["thread"], r["done"]))
+    spans_path = Path(str(trace) + ".referrals")
+    reactor: dict[str, list[Interval]] = {}
+    if spans_path.exists():
+        for line in spans_path.read_text().splitlines():
+            span = json.loads(line)
+            reactor.setdefault("reactor: " + span["what"], []).append((span["start"], span["end"]))
+    waiting, running = merged(waiting), merged(running)
+    parts = {what: intersected(waiting, merged(ivs)) for what, ivs in referral.items()}
+    parts.update({what: without(merged(ivs), running) for what, ivs in reactor.items()})
+    writer_part = merged([i for w, ivs in parts.items() if w.startswith("writer") for i in ivs])
+    reactor_part = merged([i for w, ivs in parts.items() if w.startswith("reactor") for i in ivs])
+    either = merged(writer_part + reactor_part)
+    total = [measure(either, a, b) for a, b in windows]
+    slow = sorted(range(len(windows)), key=lambda n: total[n])[int(len(windows) * 0.99) :]
+    worst = {
+        what: sum(measure(ivs, *windows[n]) for n in slow) / max(1, len(slow))
+        for what, ivs in parts.items()
+    }
+    return (
+        [measure(writer_part, a, b) for a, b in windows],
+        [measure(reactor_part, a, b) for a, b in windows],
+        total,
+        {what: t for what, t in sorted(worst.items(), key=lambda kv: -kv[1]) if t > 0},
+    )
+
+
 def side_main(args: argparse.Namespace) -> None:
     from corespond.daemon.log import configure_logging
 

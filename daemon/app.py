@@ -477,12 +477,9 @@ class Corespond:
             return
         from corespond.daemon.auto_referrals import AutoReferrals
 
-        worker = self.referrals.worker
-        self.auto_referrals = AutoReferrals(
-            self.engine, self.config.referrals, clock=self.clock,
-            run_in_thread=worker.in_thread, created=worker.wake,
-            create=self.referrals.create,  # built in the builder process, one transaction
-        )  # fmt: skip
+        self.auto_referrals = AutoReferrals.of_service(
+            self.engine, self.config.referrals, self.referrals, self.clock
+        )
         self.auto_referral_wake.target = self.auto_referrals.wake
         self.auto_referrals.start()
 

@@ -11,17 +11,18 @@ second decision or a restart adds nothing):
   (by id; at start it looks back ``catch_up`` so a daemon killed after a commit misses none).
 
 :class:`AutoReferrals` claims due rows under a lease (``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL) and creates each referral through ``referrals.create_referral``, the code the API
-and the CLI run, with the row marked done *in the referral's own transaction*: the referral and
-the mark commit together or not at all, so a daemon killed at any instant creates it once. A
-referral the referral rules refuse (a provider no longer configured, say) is marked refused with
-the reason (ids only). The person is the one recorded on the incident; no summary is written
-for the clinician (never the CAD narrative).
+PostgreSQL) and creates each referral through ``create`` (in the daemon
+``ReferralService.create``, the code the API and the form run), with the row marked done *in
+the referral's own transaction*: the referral and the mark commit together or not at all, so a
+daemon killed at any instant creates it once. A referral the referral rules refuse (a provider
+no longer configured, say) is marked refused with the reason (ids only). The person is the one
+recorded on the incident; no summary is written for the clinician (never the CAD narrative).
 
-In the daemon the referral is made by ``ReferralService.create`` (``create=``): built in the
-builder process, never on the shared writer thread, and stored with the row's mark in one
-transaction. A disposition wakes the worker as soon as the encounter's transaction has
-committed (:class:`AfterCommitWake`), not at the next poll.
+In the daemon (:meth:`AutoReferrals.of_service`) the referral is built in the builder process,
+never on the shared writer thread, and stored with the row's mark in one transaction, which
+claims its message for the outbox worker (no wake, no claim of its own). A disposition wakes
+:class:`AutoReferrals` as soon as the encounter's transaction has committed
+(:class:`AfterCommitWake`), not at the next poll.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.python.failure import Failure
 
-from corespond.adapters.hl7_referral import Person, ReferralContent, build_message
+from corespond.adapters.hl7_referral import Person
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import AutoReferralConfig, ReferralsConfig
 from corespond.daemon.encounter_desk import SaveHook
@@ -50,7 +51,7 @@ from corespond.daemon.referrals import (
     ReferralBuildFailed,
     ReferralError,
     ReferralRequest,
-    create_referral,
+    ReferralService,
     person_of_incident,
 )
 from corespond.daemon.store.tables import auto_referrals, decisions, incidents
@@ -63,6 +64,10 @@ DEFAULT_REFERRER = "corespond"
 # it (PostgreSQL), and re-reading a few is free (the rows it would add exist).
 SCAN_OVERLAP = 256
 SCAN_BATCH = 5_000
+
+
+# How a referral is made: ``ReferralService.create(request, on_stored)``.
+Create = Callable[[ReferralRequest, Callable[[Connection, str], None]], Deferred[CreatedReferral]]
 
 
 class LeaseLost(Exception):
@@ -327,35 +332,6 @@ def requests_of_claims(
     return out
 
 
-def create_claimed(
-    engine: Engine,
-    config: ReferralsConfig,
-    claim: Claimed,
-    worker_id: str,
-    now: datetime,
-    *,
-    build: Callable[[ReferralContent, str], bytes] = build_message,
-) -> str:
-    """Create the referral a claimed row asks for, marking the row done in the referral's
-    own transaction; the outcome: the referral's state, ``refused`` or ``lost``. Blocking:
-    call it from a thread."""
-    try:
-        [(_, request)] = requests_of_claims(engine, config, [claim])
-        if isinstance(request, ReferralError):
-            raise request
-        created = create_referral(engine, config, request, now, build=build,
-                                  on_stored=_mark_done(claim, worker_id, now))  # fmt: skip
-    except LeaseLost:
-        return "lost"
-    except ReferralError as err:
-        refuse_claimed(engine, claim, worker_id, now, err)
-        return "refused"
-    log.info("referral.auto.created", referral_id=created.ref, incident_pk=claim.incident_pk,
-             provider=claim.provider, kind=claim.trigger.partition(":")[0],
-             state=created.state)  # fmt: skip
-    return created.state
-
-
 class AutoReferrals:
     """Scans for rule triggers and creates the referrals triggers asked for, every
     ``referrals.poll_interval`` seconds and on :meth:`wake`."""
@@ -367,29 +343,35 @@ class AutoReferrals:
         *,
         clock: Clock,
         run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]],
-        created: Callable[[], None] = lambda: None,
+        create: Create,
         worker_id: str | None = None,
         lease: timedelta = timedelta(minutes=2),
         catch_up: timedelta = timedelta(hours=24),
-        build: Callable[[ReferralContent, str], bytes] = build_message,
-        create: Callable[..., Deferred[CreatedReferral]] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.clock = clock
         self._run = run_in_thread
-        self._created = created  # wakes the outbox worker
+        # ReferralService.create(request, on_stored): the builder process, one transaction
+        # that also hands the message to the outbox worker (no wake of our own needed).
+        self._create = create
         self.worker_id = worker_id or f"auto-{uuid.uuid4().hex[:8]}"
         self.lease = lease
         self.catch_up = catch_up
-        self._build = build
-        # ReferralService.create(request, on_stored): the builder process, one transaction.
-        self._create = create
         self._after: int | None = None  # the last decision id scanned
         self._rules = any(e.kind == "rule" for e in config.auto)
         self._polling = False
         self._again = False
         self._loop: Any = None
+
+    @classmethod
+    def of_service(
+        cls, engine: Engine, config: ReferralsConfig, service: ReferralService, clock: Clock
+    ) -> AutoReferrals:
+        """As the daemon runs them: transactions where the service's run, referrals made by
+        its ``create``."""
+        return cls(engine, config, clock=clock, run_in_thread=service.worker.in_thread,
+                   create=service.create)  # fmt: skip
 
     def start(self) -> None:
         self._loop = self.clock.looping_call(self.config.poll_interval, self.poll, now=True)
@@ -406,14 +388,10 @@ class AutoReferrals:
             self._again = True
             return succeed(None)
         self._polling = True
-        d: Deferred[int] = (
-            self._run(self._work) if self._create is None else ensureDeferred(self._work_async())
-        )
+        d: Deferred[int] = ensureDeferred(self._work())
 
-        def done(created: int) -> None:
+        def done(_: int) -> None:
             self._polling = False
-            if created:
-                self._created()
             if self._again:
                 self._again = False
                 self.poll()
@@ -443,10 +421,10 @@ class AutoReferrals:
             claims = claim_due(conn, now, self.worker_id, self.lease)
         return requests_of_claims(self.engine, self.config, claims) if claims else []
 
-    async def _work_async(self) -> int:
+    async def _work(self) -> int:
         """One pass through the referral service: claims and reads in a thread, each
-        referral built in the builder process and stored with its mark in one transaction."""
-        assert self._create is not None
+        referral built in the builder process and stored with its mark in one transaction;
+        the referrals created."""
         created, scan = 0, True
         while True:
             now = self.clock.now()
@@ -458,7 +436,6 @@ class AutoReferrals:
                 created += await self._create_one(claim, request, now)
 
     async def _create_one(self, claim: Claimed, request: Any, now: datetime) -> int:
-        assert self._create is not None
         try:
             if isinstance(request, ReferralError):
                 raise request
@@ -478,28 +455,12 @@ class AutoReferrals:
                  state=made.state)  # fmt: skip
         return 0 if made.replayed else 1
 
-    def _work(self) -> int:
-        """One pass, in a thread: scan, then create what is due; referrals created."""
-        now = self.clock.now()
-        self._scan(now)
-        created = 0
-        while True:
-            with self.engine.begin() as conn:
-                claims = claim_due(conn, now, self.worker_id, self.lease)
-            if not claims:
-                return created
-            for claim in claims:
-                outcome = create_claimed(self.engine, self.config, claim, self.worker_id, now,
-                                         build=self._build)  # fmt: skip
-                created += outcome not in ("refused", "lost")
-
 
 __all__ = [
     "AfterCommitWake",
     "AutoReferrals",
     "Claimed",
     "claim_due",
-    "create_claimed",
     "disposition_hook",
     "first_decision_since",
     "referral_request",

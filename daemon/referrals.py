@@ -68,6 +68,7 @@ from corespond.daemon.clock import Clock
 from corespond.daemon.config import ProviderConfig, ReferralsConfig
 from corespond.daemon.errors import RejectedMessage, SafeMessage
 from corespond.daemon.referral_metrics import ReferralMetrics
+from corespond.daemon.referral_trace import ReactorSpans
 from corespond.daemon.rollups import keeping_referral_flags
 from corespond.daemon.store.tables import (
     ReferralMessageRow,
@@ -266,9 +267,14 @@ def _insert_referral(
         summary=request.summary,
     )
     with keeping_referral_flags(conn, incident_ref=request.incident_ref):
-        return int(
-            conn.execute(referrals.insert().values(values).returning(referrals.c.id)).scalar_one()
-        )
+        return int(conn.execute(_INSERT_REFERRAL, values).scalar_one())
+
+
+# Statements built once, their values bound per call: ``insert().values(row)`` built and
+# cache-keyed a new statement for every referral (most of its transaction's CPU, on the
+# writer that pages share).
+_INSERT_REFERRAL = referrals.insert().returning(referrals.c.id)
+_INSERT_MESSAGE = referral_messages.insert().returning(referral_messages.c.id)
 
 
 def create_referral(
@@ -535,8 +541,8 @@ def _queue_message(
         if _provider_free(conn, name, now, worker_id):
             lease_until = now + lease
     message_id = conn.execute(
-        referral_messages.insert()
-        .values(
+        _INSERT_MESSAGE,
+        dict(
             referral_id=referral_id,
             control_id=control_id,
             provider=name,
@@ -548,8 +554,7 @@ def _queue_message(
             message=message,
             lease_until=lease_until,
             claimed_by=None if lease_until is None else worker_id,
-        )
-        .returning(referral_messages.c.id)
+        ),
     ).scalar_one()
     if lease_until is None:
         return None
@@ -878,16 +883,24 @@ def _provider_free(conn: Connection, provider: str, now: datetime, worker_id: st
         key = func.hashtext("corespond.referrals:" + provider)
         if not conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
             return False
-    m = referral_messages
-    live = select(
-        exists().where(
-            m.c.provider == provider,
-            m.c.state == "sending",
-            m.c.lease_until > now,
-            m.c.claimed_by != worker_id,
-        )
+    if _driver_level(conn):
+        at = sqlite_datetime_text(now)
+        live = _cursor(conn).execute(_SQLITE_LIVE_ELSEWHERE, (provider, at, worker_id))
+        return live.fetchone() is None
+    return not conn.execute(
+        _LIVE_CLAIM, {"f_provider": provider, "f_now": now, "f_worker": worker_id}
+    ).scalar()
+
+
+_m = referral_messages
+_LIVE_CLAIM = select(
+    exists().where(
+        _m.c.provider == bindparam("f_provider"),
+        _m.c.state == "sending",
+        _m.c.lease_until > bindparam("f_now"),
+        _m.c.claimed_by != bindparam("f_worker"),
     )
-    return not conn.execute(live).scalar()
+)
 
 
 def renew_claims(
@@ -1198,6 +1211,8 @@ class ReferralWorker:
         self._stopping = False
         self.delivered = 0
         self.commits = 0  # group commits of send results (for tests and the bench)
+        # The reactor's time in referral callbacks, when the store's trace is on (the bench).
+        self.spans = ReactorSpans.from_environment()
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -1211,7 +1226,9 @@ class ReferralWorker:
                     provider.tls.cert_file,
                     provider.tls.key_file,
                 )
-        self._loop = self.clock.looping_call(self.config.poll_interval, self.poll, now=True)
+        self._loop = self.clock.looping_call(
+            self.config.poll_interval, self.spans.timed(self.poll), now=True
+        )
 
     def stop(self) -> Deferred[None]:
         self._stopping = True
@@ -1223,6 +1240,7 @@ class ReferralWorker:
 
         def stopped(_: object) -> None:
             self._pool.stop()
+            self.spans.close()
 
         d: Deferred[Any] = DeferredList(pending, consumeErrors=True)
         return d.addCallback(stopped)
@@ -1238,8 +1256,13 @@ class ReferralWorker:
         writer thread on SQLite, else this worker's pool. The service, the certificate checks
         and the automatic referrals share it."""
         if self._run_in_thread is not None:
-            return self._run_in_thread(fn)
-        return deferToThreadPool(self.reactor, self._pool, fn)
+            d = self._run_in_thread(fn)
+        else:
+            d = deferToThreadPool(self.reactor, self._pool, fn)
+        if not self.spans.enabled:
+            return d
+        what = getattr(getattr(fn, "func", fn), "__qualname__", "work")  # a partial's function
+        return self.spans.relay(d, "result of " + what)
 
     def poll(self) -> Deferred[None]:
         if self._polling:
@@ -1354,7 +1377,7 @@ class ReferralWorker:
         passed_over = provider in self._passed_over
         self._passed_over.discard(provider)
         if not self._stopping and (passed_over or lane.broken or isinstance(result, Failure)):
-            self.clock.call_later(0, self.poll)
+            self.clock.call_later(0, self.spans.timed(self.poll))
 
     # --- one provider's sender -----------------------------------------------------------------
 
@@ -1427,7 +1450,9 @@ class ReferralWorker:
             return
         if not self._commit_now(lane):
             if lane.timer is None:
-                lane.timer = self.clock.call_later(COMMIT_WITHIN, self._commit_due, lane)
+                lane.timer = self.clock.call_later(
+                    COMMIT_WITHIN, self.spans.timed(self._commit_due), lane
+                )
             return
         self._commit(lane)
 
@@ -1522,10 +1547,12 @@ class ReferralWorker:
         try:
             link = self._links.get(provider.name)
             if link is None or not link.connected_:
-                link = await self._connect(provider)
+                link = await self.spans.relay(self._connect(provider), "connected")
                 self._links[provider.name] = link
             sent_at = self.reactor.seconds()
-            reply = await link.send(item.message, item.control_id, provider.ack_timeout)
+            reply = await self.spans.relay(
+                link.send(item.message, item.control_id, provider.ack_timeout), "ACK"
+            )
         except Exception as err:
             return self._failed(item, provider, err)
         if self.metrics is not None:
@@ -2004,7 +2031,9 @@ class ReferralService:
             self.worker.clock.now(),
         )  # fmt: skip
         try:
-            message = await self.builder.build(content, provider.profile)
+            message = await self.worker.spans.relay(
+                self.builder.build(content, provider.profile), "built"
+            )
         except BuildCrashed as err:
             # Stored without its message, as asked for: built again later, never lost.
             created = await self._store(provider, request, None, on_stored, content)
@@ -2077,7 +2106,9 @@ class ReferralService:
     async def _build_and_queue(self, unbuilt: Unbuilt) -> str | None:
         self._building.add(unbuilt.id)
         try:
-            message = await self.builder.build(unbuilt.content, unbuilt.profile)
+            message = await self.worker.spans.relay(
+                self.builder.build(unbuilt.content, unbuilt.profile), "built"
+            )
             now = self.worker.clock.now()
             control_id = await self.worker.in_thread(
                 lambda: queue_built(self.engine, unbuilt, message, now)

@@ -83,6 +83,35 @@ def test_timeout_aborts_the_connection_and_a_late_ack_changes_nothing() -> None:
     assert proto.ignored == 1 and len(got) == 1
 
 
+def test_each_message_has_its_own_timeout_on_the_one_timer() -> None:
+    """The connection's one timer is moved to each message's send: an ACK just before the
+    first message's timeout never cuts the next message's wait short, and an idle
+    connection's timer firing with nothing in flight changes nothing."""
+    proto, transport, clock = client()
+    first = results(proto.send(MSG, "CR1", 5))
+    clock.advance(4.5)
+    proto.dataReceived(ack("CR1"))
+    assert isinstance(first[0], Hl7Reply) and len(clock.getDelayedCalls()) == 1
+    second = results(proto.send(MSG, "CR2", 5))
+    assert len(clock.getDelayedCalls()) == 1  # the same timer, moved
+    clock.advance(4.9)  # 9.4 s since the first send: past its timeout, not the second's
+    assert second == [] and not transport.disconnecting
+    clock.advance(0.1)
+    assert isinstance(second[0], Failure) and second[0].check(AckTimeout)
+    assert transport.disconnecting
+    # Idle: the timer of an answered message fires with nothing in flight.
+    proto2, transport2, clock2 = client()
+    answered = results(proto2.send(MSG, "CR3", 5))
+    proto2.dataReceived(ack("CR3"))
+    clock2.advance(10)
+    assert len(answered) == 1 and not transport2.disconnecting and not proto2.busy
+    got = results(proto2.send(MSG, "CR4", 5))
+    proto2.dataReceived(ack("CR4"))
+    assert isinstance(got[0], Hl7Reply)
+    proto2.close()
+    assert clock2.getDelayedCalls() == []
+
+
 def test_dropped_before_the_ack() -> None:
     proto, _, clock = client()
     got = results(proto.send(MSG, "CR1", 5))

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, update
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 
 from corespond.daemon.auto_referrals import (
     AutoReferrals,
     claim_due,
-    create_claimed,
     disposition_hook,
+    requests_of_claims,
     scan_rule_triggers,
 )
 from corespond.daemon.clock import Clock
@@ -130,13 +130,26 @@ def rows(w: World, table: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute(select(table).order_by(table.c.id)).mappings()]
 
 
-def auto_worker(w: World, **kw: Any) -> AutoReferrals:
-    return AutoReferrals(w.engine, CONFIG, clock=Clock(w.reactor), run_in_thread=inline, **kw)
+def inline_create(w: World) -> Any:
+    """The service's create without its builder process: create_referral, inline."""
+    from corespond.daemon.referrals import create_referral
+
+    def create(request: Any, on_stored: Any) -> Deferred[Any]:
+        return maybeDeferred(create_referral, w.engine, CONFIG, request, datetime.now(UTC),
+                             on_stored=on_stored)  # fmt: skip
+
+    return create
+
+
+def auto_worker(w: World, config: Any = CONFIG) -> AutoReferrals:
+    return AutoReferrals(w.engine, config, clock=Clock(w.reactor), run_in_thread=inline,
+                         create=inline_create(w))  # fmt: skip
 
 
 def run(worker: AutoReferrals) -> int:
+    """One pass: the referrals it created."""
     done: list[Any] = []
-    maybeDeferred(worker._work).addBoth(done.append)
+    ensureDeferred(worker._work()).addBoth(done.append)
     assert done and isinstance(done[0], int), done
     return done[0]
 
@@ -217,10 +230,20 @@ def test_the_referral_and_its_mark_commit_together(w: World) -> None:
     # Its lease ran out and another worker took it: the first one's create rolls back whole.
     with w.engine.begin() as conn:
         conn.execute(update(auto_referrals).values(claimed_by="w-b"))
-    assert create_claimed(w.engine, CONFIG, claim, "w-a", datetime.now(UTC)) == "lost"
+    [(_, asked)] = requests_of_claims(w.engine, CONFIG, [claim])
+    first, second = auto_worker(w), auto_worker(w)
+    first.worker_id, second.worker_id = "w-a", "w-b"
+    assert created_by(first._create_one(claim, asked, datetime.now(UTC))) == 0
     assert rows(w, referrals) == [] and rows(w, referral_messages) == []
-    assert create_claimed(w.engine, CONFIG, claim, "w-b", datetime.now(UTC)) == "queued"
+    assert created_by(second._create_one(claim, asked, datetime.now(UTC))) == 1
     assert len(rows(w, referrals)) == 1 and rows(w, auto_referrals)[0]["state"] == "done"
+
+
+def created_by(work: Any) -> int:
+    done: list[Any] = []
+    ensureDeferred(work).addBoth(done.append)
+    assert done and isinstance(done[0], int), done
+    return done[0]
 
 
 def test_a_trigger_no_longer_configured_is_refused_with_its_reason(w: World) -> None:
@@ -228,8 +251,7 @@ def test_a_trigger_no_longer_configured_is_refused_with_its_reason(w: World) -> 
     with w.engine.begin() as conn:
         scan_rule_triggers(conn, CONFIG.auto, 0, Clock(w.reactor).now())
     without = dataclasses.replace(CONFIG, auto=(DISPOSITION,))
-    worker = AutoReferrals(w.engine, without, clock=Clock(w.reactor), run_in_thread=inline)
-    assert run(worker) == 0
+    assert run(auto_worker(w, without)) == 0
     (row,) = rows(w, auto_referrals)
     assert row["state"] == "refused"
     assert row["refusal"] == "no referrals.auto entry for rule:bh.apco.overdose any more"
@@ -280,14 +302,9 @@ def test_a_disposition_wakes_the_worker_once_its_save_has_committed(w: World) ->
     service's create (here create_referral, inline) with the row's mark in its transaction.
     A save that asks for nothing wakes nothing."""
     from corespond.daemon.auto_referrals import AfterCommitWake
-    from corespond.daemon.referrals import create_referral
-
-    def create(request: Any, on_stored: Any) -> Any:
-        return maybeDeferred(create_referral, w.engine, CONFIG, request, datetime.now(UTC),
-                             on_stored=on_stored)  # fmt: skip
 
     wake = AfterCommitWake()
-    worker = auto_worker(w, create=create)
+    worker = auto_worker(w)
     wake.target = worker.wake
     taken_page(w)
     d = EncounterDesk(w.engine, OUTCOMES, clock=Clock(w.reactor), run_in_thread=wake.runner(inline),
@@ -308,10 +325,10 @@ def test_a_disposition_wakes_the_worker_once_its_save_has_committed(w: World) ->
 
 def test_automatic_referrals_are_built_in_the_builder_process(w: World) -> None:
     """The daemon's path: ReferralService.create, so hl7apy never runs in the daemon's
-    process (nor on the writer thread its pages share)."""
+    process (nor on the writer thread its pages share). Its transaction claims the message
+    for the outbox worker: the pass polls the worker no more (an empty claim on the writer
+    that pages share)."""
     import os
-
-    from twisted.internet.defer import ensureDeferred
 
     from corespond.daemon.referrals import ReferralService
     from tests.daemon.referral_rig import Loop, build_in_pid
@@ -320,17 +337,22 @@ def test_automatic_referrals_are_built_in_the_builder_process(w: World) -> None:
     service = ReferralService(w.engine, loop.reactor, CONFIG, clock=loop.clock,
                               build=build_in_pid)  # fmt: skip
     service.start()
-    worker = AutoReferrals(w.engine, CONFIG, clock=service.worker.clock,
-                           run_in_thread=service.worker.in_thread,
-                           create=service.create)  # fmt: skip
+    worker = AutoReferrals.of_service(w.engine, CONFIG, service, service.worker.clock)
     overdose_incident(w, "2026-002010")
+    polls: list[bool] = []
+    poll = service.worker.poll
+    service.worker.poll = lambda: polls.append(True) or poll()  # type: ignore[method-assign]
     try:
         loop.spin(lambda: service.started.called, turns=6000)
+        polls.clear()  # the worker's own first look, at start
         worker.poll()
         loop.spin(lambda: [r["state"] for r in rows(w, auto_referrals)] == ["done"], turns=6000)
+        loop.spin(lambda: not worker._polling)
+        loop.settle()
     finally:
         stopped = ensureDeferred(service.stop())
         loop.spin(lambda: stopped.called)
+    assert polls == []
     (made,) = rows(w, referrals)
     assert rows(w, auto_referrals)[0]["referral_ref"] == made["ref"]
     (message,) = [r["message"] for r in rows(w, referral_messages)]

@@ -95,9 +95,16 @@ def test_a_referral_is_one_transaction_and_goes_out_without_a_poll(engine: Engin
         assert set(conn.execute(select(referral_messages.c.state)).scalars()) == {"delivered"}
 
 
-def test_a_message_another_daemon_is_sending_to_waits_for_the_poll(engine: Engine) -> None:
+@pytest.mark.parametrize("driver_level", [True, False], ids=["driver", "core"])
+def test_a_message_another_daemon_is_sending_to_waits_for_the_poll(
+    engine: Engine, driver_level: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another worker holds a live claim on the provider: the new message is queued, not
-    claimed (one sender per provider across daemons), and this worker does not send it."""
+    claimed (one sender per provider across daemons), and this worker does not send it.
+    On SQLite the look at the live claims runs on the driver's cursor too (or Core)."""
+    from corespond.daemon import referrals as module
+
+    monkeypatch.setattr(module, "SQLITE_DRIVER_LEVEL", driver_level)
     loop = Loop()
     peer = Peer(loop).start()
     service = started(engine, loop, peer.port)
