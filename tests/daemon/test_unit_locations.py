@@ -22,7 +22,6 @@ from corespond.adapters.newworld import NewWorldFormat
 from corespond.adapters.pidflo import pidf_lo_document
 from corespond.daemon.app import Corespond
 from corespond.daemon.config import load_config
-from corespond.daemon.dispatcher import rejections_of
 from corespond.daemon.feeds import HttpListener
 from corespond.daemon.ingest import SnapshotState
 from corespond.daemon.responders import Availability
@@ -31,6 +30,7 @@ from corespond.daemon.snapshot import GeoPoint, Location, Snapshot, Unit
 from corespond.daemon.store.writer import SnapshotRecord, StoredSnapshot
 from tests.adapters.carriers import FakeCarrier, FakeMessagesApi
 from tests.browser import free_port
+from tests.daemon.dispatch_reference import rejections_of
 from tests.daemon.paging_rig import (
     FEED_TOKEN,
     FIXTURES,
