@@ -84,6 +84,16 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         statements[" ".join(sql.split())[:100]] += 1
 
     event.listen(engine, "before_cursor_execute", counted)
+    # On SQLite, every statement SQLite itself ran (the writer's and paging's driver-level
+    # statements, savepoints, BEGIN and COMMIT included), on every connection from here on.
+    ran = [0]
+    engine.dispose()
+
+    def traced(dbapi_conn: Any, _: Any) -> None:
+        if hasattr(dbapi_conn, "set_trace_callback"):
+            dbapi_conn.set_trace_callback(lambda sql: ran.__setitem__(0, ran[0] + 1))
+
+    event.listen(engine, "connect", traced)
     submitted: list[float] = []
 
     class Gateway:
@@ -145,6 +155,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     walls, cpus = [], []
     commits[0] = 0
     writer_cpu[0] = 0.0
+    ran[0] = 0
     statements.clear()
     profiler = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not wall
     for record, one in zip(records, stored, strict=True):
@@ -174,7 +185,8 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
           f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page"
           f"{f' ({writer_cpu[0] / args.pages * 1000:.2f} ms on the writer)' if args.ride else ''};"
           f" {commits[0] / args.pages:.1f} commits,"
-          f" {sum(statements.values()) / args.pages:.1f} statements per page")  # fmt: skip
+          f" {sum(statements.values()) / args.pages:.1f} statements per page through"
+          f" SQLAlchemy{f', {ran[0] / args.pages:.1f} run by SQLite' if not pg else ''}")  # fmt: skip
     if args.statements:
         for sql, count in statements.most_common():
             print(f"  {count / args.pages:5.2f}  {sql}")

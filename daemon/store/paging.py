@@ -9,11 +9,14 @@ the same transaction under the unique (chain, step) constraint: a step never run
 
 from __future__ import annotations
 
+import sqlite3
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     Connection,
     and_,
@@ -62,6 +65,108 @@ def _for_update(conn: Connection, stmt: Any) -> Any:
     return stmt  # SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE)
 
 
+# --- the new chain's statements on the driver's cursor (SQLite) --------------------------------
+#
+# A new page's transaction runs a handful of statements, each of which cost SQLAlchemy Core
+# about 0.3-0.5 ms of per-statement work (cache look-up, parameter processing, events, result
+# wrapping) for a few microseconds of SQLite's. On SQLite they go to the DB-API cursor of the
+# transaction's own connection (the savepoint of the batch the page rides), as the writer's
+# batch statements do: SQL compiled once from the same Core statement, values bound by the
+# columns' own bind processors (UTCDateTime's text, JSON through the engine's serializer),
+# driver errors raised as SQLAlchemy's DBAPIError. PostgreSQL runs the Core statement.
+
+
+class _OnDriver:
+    """A Core statement, run on the driver's cursor on SQLite (see above), through
+    ``conn.execute`` elsewhere. Rows come back with the statement's column names."""
+
+    __slots__ = ("_compiled", "columns", "stmt")
+
+    def __init__(self, stmt: Any, columns: Sequence[str] = ()) -> None:
+        self.stmt = stmt
+        self.columns = tuple(columns)  # an INSERT's columns, in the order rows give them
+        self._compiled: tuple[str, list[tuple[str, Any, Any]], Any] | None = None
+
+    def _sqlite(self, conn: Connection) -> tuple[str, list[tuple[str, Any, Any]], Any]:
+        compiled = self._compiled
+        if compiled is None:
+            dialect = conn.dialect
+            c = self.stmt.compile(dialect=dialect, column_keys=list(self.columns) or None)
+            binds = []
+            for name in c.positiontup:
+                bind = c.binds[name]
+                process = bind.type._cached_bind_processor(dialect)
+                binds.append((name, bind.effective_value, process))
+            names = [col.key for col in getattr(self.stmt, "selected_columns", ())] or [
+                col.key for col in (self.stmt._returning or ())
+            ]
+            row = namedtuple("Row", names, rename=True) if names else None
+            compiled = self._compiled = (str(c), binds, row)
+        return compiled
+
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
+        if conn.dialect.name != "sqlite":
+            return list(conn.execute(self.stmt, params).all())
+        sql, binds, row = self._sqlite(conn)
+        values = [
+            (p(v) if p is not None else v)
+            for v, p in ((params.get(name, default), proc) for name, default, proc in binds)
+        ]
+        cursor = _cursor(conn)
+        try:
+            found = cursor.execute(sql, values).fetchall()
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+        return [row._make(r) for r in found] if row is not None else []
+
+    def inserted(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[Any]:
+        """An INSERT .. RETURNING of several rows in one statement (one VALUES group each;
+        the rows come back in no given order)."""
+        if conn.dialect.name != "sqlite":
+            return list(conn.execute(self.stmt, list(rows)).all())
+        sql, binds, row = self._sqlite(conn)
+        head, _, tail = sql.partition(" VALUES ")
+        group, _, returning = tail.partition(") ")
+        sql = f"{head} VALUES {', '.join([group + ')'] * len(rows))} {returning}"
+        values = [
+            (p(r.get(name, d)) if p is not None else r.get(name, d))
+            for r in rows
+            for name, d, p in binds
+        ]
+        try:
+            found = _cursor(conn).execute(sql, values).fetchall()
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+        assert row is not None
+        return [row._make(r) for r in found]
+
+    def many(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """The statement once per row (executemany; nothing returned)."""
+        if conn.dialect.name != "sqlite":
+            conn.execute(self.stmt, list(rows))
+            return
+        sql, binds, _ = self._sqlite(conn)
+        values = [
+            [(p(r.get(name, d)) if p is not None else r.get(name, d)) for name, d, p in binds]
+            for r in rows
+        ]
+        try:
+            _cursor(conn).executemany(sql, values)
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+
+
+def _cursor(conn: Connection) -> sqlite3.Cursor:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    return driver.cursor()
+
+
+def _loaded(value: Any) -> Any:
+    """A JSON column's value as the driver returns it on SQLite (text) or as Core does."""
+    return orjson.loads(value) if isinstance(value, str) else value
+
+
 # --- chains ------------------------------------------------------------------------------------
 
 
@@ -98,7 +203,7 @@ _CHOSEN_COLUMNS = (
     .select_from(_p2.join(_i2, _i2.c.id == _p2.c.incident_pk))
     .where(
         _p2.c.clinician_id == bindparam("chosen"),
-        _p2.c.state.in_(ACTIVE_PAGE_STATES),
+        _p2.c.state.in_([literal_column(f"'{state}'") for state in ACTIVE_PAGE_STATES]),
         _p2.c.incident_pk != bindparam("incident_pk"),
         _i2.c.status == "active",
     )
@@ -128,6 +233,8 @@ def _incident_with(*columns: Any) -> Any:
 _CHAIN_COLUMNS = (_c.kind.label("chain_kind"), _c.state.label("chain_state"))
 _INCIDENT_CHAINS = _incident_with(*_LOCKED_COLUMNS, *_CHAIN_COLUMNS)
 _INCIDENT_CHAINS_CHOSEN = _incident_with(*_LOCKED_COLUMNS, *_CHAIN_COLUMNS, *_CHOSEN_COLUMNS)
+_DRIVER_INCIDENT_CHAINS = _OnDriver(_INCIDENT_CHAINS)
+_DRIVER_INCIDENT_CHAINS_CHOSEN = _OnDriver(_INCIDENT_CHAINS_CHOSEN)
 _LOCK_ONLY = (
     select(_i.id).where(_i.id == bindparam("incident_pk")).with_for_update()
 )  # PostgreSQL
@@ -145,12 +252,11 @@ def _lock_incident(
     if conn.dialect.name == "postgresql":
         conn.execute(_LOCK_ONLY, {"incident_pk": incident_pk})
     if chosen is None:
-        rows = conn.execute(_INCIDENT_CHAINS, {"incident_pk": incident_pk}).all()
+        rows = _DRIVER_INCIDENT_CHAINS.rows(conn, {"incident_pk": incident_pk})
     else:
-        rows = conn.execute(
-            _INCIDENT_CHAINS_CHOSEN,
-            {"incident_pk": incident_pk, "chosen": chosen.clinician_id, "since": chosen.since},
-        ).all()
+        rows = _DRIVER_INCIDENT_CHAINS_CHOSEN.rows(
+            conn, {"incident_pk": incident_pk, "chosen": chosen.clinician_id, "since": chosen.since}
+        )
     if not rows:
         return None, []
     return rows[0], [(r.chain_kind, r.chain_state) for r in rows if r.chain_kind is not None]
@@ -429,7 +535,16 @@ def gather_first_step(
 
 
 # Several steps in one statement (RETURNING in no given order: each row names its step).
-_INSERT_STEPS = insert(escalation_steps).returning(escalation_steps.c.id, escalation_steps.c.step)
+_DRIVER_INSERT_STEPS = _OnDriver(
+    insert(escalation_steps).returning(escalation_steps.c.id, escalation_steps.c.step),
+    ("chain_id", "step", "action", "due_at", "state", "claimed_by", "lease_until", "done_at",
+     "outcome", "dispatch"),
+)  # fmt: skip
+_DRIVER_INSERT_CHAIN = _OnDriver(
+    _INSERT_CHAIN,
+    ("incident_pk", "kind", "program", "response", "steps", "state", "created_at", "closed_at",
+     "pages_sent"),
+)  # fmt: skip
 
 
 def _create_chain_done(
@@ -446,17 +561,16 @@ def _create_chain_done(
     fewer); end the incident's wait."""
     steps = chain.steps
     last = len(steps) < 2
-    chain_id = int(
-        conn.execute(
-            _INSERT_CHAIN,
-            dict(
-                incident_pk=chain.incident_pk, kind=chain.kind, program=chain.program,
-                response=chain.response, steps=steps, state="exhausted" if last else OPEN,
-                created_at=now, closed_at=now if last else None,
-                pages_sent=len(chosen.result.pages),
-            ),
-        ).scalar_one()
+    (inserted,) = _DRIVER_INSERT_CHAIN.rows(
+        conn,
+        dict(
+            incident_pk=chain.incident_pk, kind=chain.kind, program=chain.program,
+            response=chain.response, steps=steps, state="exhausted" if last else OPEN,
+            created_at=now, closed_at=now if last else None,
+            pages_sent=len(chosen.result.pages),
+        ),
     )  # fmt: skip
+    chain_id = int(inserted.id)
     rows = [
         dict(
             chain_id=chain_id, step=0, action=steps[0]["action"], due_at=now, state="done",
@@ -474,7 +588,7 @@ def _create_chain_done(
                 dispatch=None,
             )
         )  # fmt: skip
-    step_id = next(int(i) for i, step in conn.execute(_INSERT_STEPS, rows) if step == 0)
+    step_id = next(int(r.id) for r in _DRIVER_INSERT_STEPS.inserted(conn, rows) if r.step == 0)
     if waited:
         conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == chain.incident_pk))
     work = replace(chosen.work, step=ClaimedStep(step_id, chain_id, 0, str(steps[0]["action"])))
@@ -659,7 +773,7 @@ def incident_facts(conn: Connection, incident_pk: int) -> IncidentFacts:
 
 
 def _facts_of(row: Any) -> IncidentFacts:
-    location = (row.public or {}).get("location") or {}
+    location = (_loaded(row.public) or {}).get("location") or {}
     parts = [f"zone {row.zone}" if row.zone else None, location.get("city")]
     general = ", ".join(str(p)[:40] for p in parts if p) or "see CAD"
     call_type = str(row.call_type or row.apco_type or "call")[:40]
@@ -911,6 +1025,15 @@ def finish_step_and_claim(
     return FinishedStep(created, due)
 
 
+_PAGE_INSERT_COLUMNS = (
+    "page_ref", "chain_id", "step_id", "incident_pk", "kind", "clinician_id", "state", "text",
+    "created_at", "endpoints", "endpoint_index", "delivery", "next_try_at", "lease_until",
+)  # fmt: skip
+_DRIVER_INSERT_PAGE = {
+    name: _OnDriver(stmt, _PAGE_INSERT_COLUMNS) for name, stmt in _INSERT_PAGE.items()
+}
+
+
 def _insert_pages(
     conn: Connection,
     work: StepWork,
@@ -952,12 +1075,12 @@ def _insert_page(
     """Insert a page under the first free reference of :func:`_references` (its id, the
     reference and the text): the insert itself finds out whether a reference is taken (the
     unique constraint, ON CONFLICT DO NOTHING), no look-up first."""
-    stmt = _INSERT_PAGE[conn.dialect.name]
+    stmt = _DRIVER_INSERT_PAGE[conn.dialect.name]
     for ref in _references(incident, attempt):
         text = text_for(ref)
-        page_id = conn.execute(stmt, dict(row, page_ref=ref, text=text)).scalar_one_or_none()
-        if page_id is not None:
-            return int(page_id), ref, text
+        inserted = stmt.rows(conn, dict(row, page_ref=ref, text=text))
+        if inserted:
+            return int(inserted[0].id), ref, text
     raise AssertionError("the last reference names the incident's own key")  # pragma: no cover
 
 
@@ -1061,14 +1184,17 @@ _PAGE_SUBMITTED = (
 )  # fmt: skip
 
 
+_DRIVER_PAGE_SUBMITTED = _OnDriver(_PAGE_SUBMITTED)
+
+
 def pages_submitted(
     conn: Connection, done: Sequence[tuple[ClaimedPage, str | None, datetime]]
 ) -> None:
     """Record several submissions (page, the gateway's id, when) in one transaction: deliveries
     that finish while a commit is under way share the next one."""
     if done:
-        conn.execute(
-            _PAGE_SUBMITTED,
+        _DRIVER_PAGE_SUBMITTED.many(
+            conn,
             [
                 dict(page_id=page.page_id, index=page.endpoint_index, via=page.gateway,
                      gid=gateway_id, at=at)
