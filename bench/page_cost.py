@@ -186,7 +186,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
           f"{f' ({writer_cpu[0] / args.pages * 1000:.2f} ms on the writer)' if args.ride else ''};"
           f" {commits[0] / args.pages:.1f} commits,"
           f" {sum(statements.values()) / args.pages:.1f} statements per page through"
-          f" SQLAlchemy{f', {ran[0] / args.pages:.1f} run by SQLite' if not pg else ''}")  # fmt: skip
+          f" SQLAlchemy{'' if pg else f', {ran[0] / args.pages:.1f} run by SQLite'}")  # fmt: skip
     if args.statements:
         for sql, count in statements.most_common():
             print(f"  {count / args.pages:5.2f}  {sql}")
