@@ -84,6 +84,16 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         statements[" ".join(sql.split())[:100]] += 1
 
     event.listen(engine, "before_cursor_execute", counted)
+    # On SQLite, every statement SQLite itself ran (the writer's and paging's driver-level
+    # statements, savepoints, BEGIN and COMMIT included), on every connection from here on.
+    ran = [0]
+    engine.dispose()
+
+    def traced(dbapi_conn: Any, _: Any) -> None:
+        if hasattr(dbapi_conn, "set_trace_callback"):
+            dbapi_conn.set_trace_callback(lambda sql: ran.__setitem__(0, ran[0] + 1))
+
+    event.listen(engine, "connect", traced)
     submitted: list[float] = []
 
     class Gateway:
@@ -93,12 +103,25 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
 
     reactor = Clock()
     reactor.advance(datetime.now(UTC).timestamp())
-    lanes: dict[str, Any] = {}
-    store = None
+    writer_cpu = [0.0]  # CPU in the writer's transactions (what a page's ride holds it for)
+
+    def on_writer(fn: Any) -> Any:
+        started = time.thread_time()
+        try:
+            return maybeDeferred(fn)
+        finally:
+            writer_cpu[0] += time.thread_time() - started
+
+    store = IncidentStore(
+        engine, reactor, run_in_thread=on_writer, run_read_in_thread=maybeDeferred,
+        checkpoint_seconds=None,
+    )  # fmt: skip
+    store.start()
+    # Reads (the choice made before a page's transaction, positions) on a reader connection,
+    # as the daemon makes them.
+    lanes: dict[str, Any] = {"run_read": store.run_read}
     if args.ride:
-        store = IncidentStore(engine, reactor, run_in_thread=maybeDeferred, checkpoint_seconds=None)
-        store.start()
-        lanes = {
+        lanes |= {
             "ride": partial(store.ride_next_batch, within=0),
             # (the next page's transaction, as the next ingest batch in the daemon)
             "ride_later": partial(store.ride_next_batch, within=60, urgent=False),
@@ -131,6 +154,8 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         stored = write_batch(conn, records)
     walls, cpus = [], []
     commits[0] = 0
+    writer_cpu[0] = 0.0
+    ran[0] = 0
     statements.clear()
     profiler = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not wall
     for record, one in zip(records, stored, strict=True):
@@ -148,8 +173,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
             profiler.disable()
         assert len(submitted) == before + 1, "the page was not submitted"
     service.stop()
-    if store is not None:
-        store.stop()
+    store.stop()
     engine.dispose()
     if profiler:
         profiler.dump_stats(args.profile)
@@ -158,9 +182,11 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
           f"{', riding' if args.ride else ''}:"
           f" wall p50 {walls[len(walls) // 2] * 1000:.1f} ms,"
           f" p99 {walls[int(len(walls) * 0.99)] * 1000:.1f} ms;"
-          f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page;"
+          f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page"
+          f"{f' ({writer_cpu[0] / args.pages * 1000:.2f} ms on the writer)' if args.ride else ''};"
           f" {commits[0] / args.pages:.1f} commits,"
-          f" {sum(statements.values()) / args.pages:.1f} statements per page")  # fmt: skip
+          f" {sum(statements.values()) / args.pages:.1f} statements per page through"
+          f" SQLAlchemy{'' if pg else f', {ran[0] / args.pages:.1f} run by SQLite'}")  # fmt: skip
     if args.statements:
         for sql, count in statements.most_common():
             print(f"  {count / args.pages:5.2f}  {sql}")

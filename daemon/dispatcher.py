@@ -84,21 +84,6 @@ class Fix:
     fixed_at: datetime
 
 
-class CandidateState(NamedTuple):
-    """What the store knows of one clinician when a page step runs (the row view of
-    :class:`Candidates`, for callers and tests that have a few)."""
-
-    clinician_id: str
-    program: str
-    availability: Availability
-    on_call: bool
-    fix: Fix | None
-    busy: bool  # en route to or on scene of another incident, or accepted another open page
-    paged: bool  # already paged for this incident
-    declined: bool  # declined a page for this incident
-    recent_pages: int
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class Candidates:
     """Every clinician's state for a page step, one array per field, all in one order.
@@ -126,34 +111,6 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @classmethod
-    def of(cls, states: Sequence[CandidateState]) -> Candidates:
-        """The arrays of a list of states (a clinician listed twice is a bug: ValueError)."""
-        ids = [s.clinician_id for s in states]
-        index = {cid: i for i, cid in enumerate(ids)}
-        if len(index) != len(ids):
-            twice = next(cid for cid in ids if ids.count(cid) > 1)
-            raise ValueError(f"clinician {twice!r} is listed twice")
-        programs = tuple(sorted({s.program for s in states}))
-        fixes = [s.fix for s in states]
-        return cls(
-            ids=np.array(ids, dtype=object),
-            index=index,
-            id_rank=rank_of(ids),
-            programs=programs,
-            program=np.array([programs.index(s.program) for s in states], dtype=np.int64),
-            availability=np.array([_CODE[s.availability] for s in states], dtype=np.int8),
-            on_call=np.array([s.on_call for s in states], dtype=bool),
-            has_fix=np.array([f is not None for f in fixes], dtype=bool),
-            lat=np.array([f.lat if f else math.nan for f in fixes], dtype=np.float64),
-            lon=np.array([f.lon if f else math.nan for f in fixes], dtype=np.float64),
-            fixed_at=np.array([micros(f.fixed_at) if f else 0 for f in fixes], dtype=np.int64),
-            busy=np.array([s.busy for s in states], dtype=bool),
-            paged=np.array([s.paged for s in states], dtype=bool),
-            declined=np.array([s.declined for s in states], dtype=bool),
-            recent=np.array([s.recent_pages for s in states], dtype=np.int64),
-        )
 
     def point(self, clinician_id: str) -> tuple[float, float] | None:
         """A clinician's position (lat, lon), None without a fix."""
@@ -313,15 +270,6 @@ def _detail(c: Considered) -> dict[str, Any]:
     return out
 
 
-def rejections_of(dispatch: Mapping[str, Any]) -> dict[str, str]:
-    """Clinician id -> reason passed over, from a stored choice (this shape or the one before
-    it, a list of every clinician considered)."""
-    rejected = dispatch.get("rejected") or {}
-    if isinstance(rejected, list):
-        return {r["clinician_id"]: r["rejected"] for r in rejected}
-    return {cid: reason for reason, ids in rejected.items() for cid in ids}
-
-
 def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Haversine distance on the mean Earth sphere."""
     p1, p2 = math.radians(lat1), math.radians(lat2)
@@ -330,20 +278,10 @@ def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
-def tie_key(c: Considered) -> tuple[bool, int, int, str]:
-    """The sort key of an eligible clinician: ETA (whole minutes) first when known, then
-    distance (in 100 m). :func:`choose` sorts by the same figures with numpy's rint, which
-    rounds half to even as ``round`` does."""
-    if c.eta_seconds is not None:
-        return (False, round(c.eta_seconds / 60), c.recent_pages, c.clinician_id)
-    assert c.distance_km is not None
-    return (True, round(c.distance_km * 10), c.recent_pages, c.clinician_id)
-
-
 def choose(
     point: tuple[float, float],
     covering: Iterable[str],
-    states: Candidates | Sequence[CandidateState],
+    c: Candidates,
     now: datetime,
     max_fix_age: timedelta,
     etas: Mapping[str, float | None] | None = None,
@@ -354,7 +292,6 @@ def choose(
     service, for some eligible clinicians; None = unreachable by road) reorders those it names;
     an unreachable clinician stays eligible but ranks after every one with a drive time.
     """
-    c = states if isinstance(states, Candidates) else Candidates.of(states)
     covering_set = frozenset(covering)
     # The haversine of great_circle_km, for everyone at once (NaN without a fix).
     lat0, lon0 = point

@@ -609,18 +609,29 @@ class PagingService:
         """Start the incident's chain and, when the worker runs, its first step in the same
         transaction: choose, create the pages claimed by this worker, and submit them as soon
         as it commits, without a timer or a claiming round trip (one commit from a snapshot to
-        a page). With a routing service, the drive times are asked between two transactions."""
+        a page).
+
+        The first page step is chosen before that transaction, from a read on a reader (the
+        roster scan, and the routing service's drive times, off the writer): the transaction
+        checks the choice under the incident's lock and, when it holds, only inserts
+        (:class:`~corespond.daemon.store.paging.PreChoice`). When it does not, or there was
+        nothing to choose ahead, the step is gathered and chosen in the transaction; with a
+        routing service, the drive times are then asked between two transactions."""
         now = self.clock.now()
         s = self.settings
         running = self._running
         fast = running and self.eta_source is None
         fixes = self._positions() if running else None
 
-        def work(conn: Connection) -> tuple[db.OpenedChain, Any]:
+        def work(chosen: db.PreChoice | None, conn: Connection) -> tuple[db.OpenedChain, Any]:
             opened = db.open_chain(
                 conn, stored.incident_pk, self.roster, now,
                 worker=self.worker if running else None, lease=s.lease if running else None,
+                chosen=chosen,
             )  # fmt: skip
+            if opened.done is not None:
+                assert chosen is not None
+                return opened, (opened.done[0], chosen.result, opened.done[1])
             if opened.first is None:
                 return opened, None
             gathered = db.gather_step(
@@ -635,7 +646,8 @@ class PagingService:
             return opened, (gathered, result, done)
 
         async def run() -> None:
-            opened, after = await self._page_tx(work)
+            chosen = await self._choose_ahead(stored.incident_pk, now, fixes) if running else None
+            opened, after = await self._page_tx(partial(work, chosen))
             for chain_id in opened.cancelled:
                 log.info(
                     "escalation.chain.cancelled",
@@ -662,7 +674,7 @@ class PagingService:
             if after is None:
                 self.wake()  # not running: start() picks the step up
                 return
-            if not fast:  # ask the routing service, then finish as a pass would
+            if len(after) == 2:  # ask the routing service, then finish as a pass would
                 gathered, question = after
                 etas = await self._etas(question)
 
@@ -694,6 +706,38 @@ class PagingService:
             self.wake()  # whatever was committed is due: a pass takes it
 
         self._track(Deferred.fromCoroutine(run()).addErrback(failed))
+
+    async def _choose_ahead(
+        self, incident_pk: int, now: datetime, fixes: Positions | None
+    ) -> db.PreChoice | None:
+        """The first page step of the incident's new chain, chosen from a read on a reader
+        (with the routing service's drive times for the closest few, when there is one); None
+        when there is nothing to choose ahead or the read failed (the transaction chooses)."""
+        s = self.settings
+
+        def read(conn: Connection) -> tuple[db.StepWork, str, Any] | None:
+            gathered = db.gather_first_step(
+                conn, incident_pk, self.roster, now, s.recent_window, fixes
+            )
+            if gathered is None:
+                return None
+            work, response = gathered
+            if self.eta_source is not None:
+                return work, response, self._closest(work, now)
+            return work, response, self._page_step(work, None, now)
+
+        try:
+            found = await self._read(read)
+            if found is None:
+                return None
+            work, response, ahead = found
+            if self.eta_source is not None:  # (a routing service: choose with its times)
+                ahead = self._page_step(work, await self._etas(ahead), now)
+        except Exception as err:
+            log.warning("escalation.choice.unread", error=error_text(Failure(err)))
+            return None
+        # (nobody eligible: None, the transaction decides what comes next)
+        return db.PreChoice.of(work, ahead, response, now, s.recent_window, s.lease)
 
     # --- PagerEvents --------------------------------------------------------------------------
 

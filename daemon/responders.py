@@ -126,6 +126,9 @@ class UnitStatusOutcome:
     applied: bool  # the availability changed
     older: bool  # a newer change stands: the availability was left alone
     answered: str | None  # the page it answered (its reference), if any
+    # It carried an answer for a call, and the clinician had no page for that call that could
+    # take one (none yet: the CAD assigned the unit before the page).
+    no_page: bool = False
 
 
 class CadUnitDesk(ClinicianDesk, Protocol):

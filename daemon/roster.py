@@ -199,12 +199,11 @@ class Roster:
         return RosterTable(self)
 
     def on_call(self, at: datetime) -> set[str]:
-        """Every clinician on call at ``at``, across programs."""
-        found: set[str] = set()
-        for program in self.programs.values():
-            members = {c.id for c in self.clinicians.values() if c.program == program.id}
-            found |= (program.on_call(at) & members) if program.scheduled else members
-        return found
+        """Every clinician on call at ``at``, across programs: every member of a program
+        without a schedule, the scheduled programs' own members their schedules name (one
+        rule, :meth:`RosterTable.on_call`, which page steps use)."""
+        table = self.table
+        return {str(cid) for cid in table.ids[table.on_call(at)]}
 
 
 # --- parsing -----------------------------------------------------------------------------------

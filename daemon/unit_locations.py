@@ -237,17 +237,21 @@ class EidoUnitLocations:
         change = UnitStatusChange(clinician_id, state, answer, at, stored.incident_pk,
                                   f"cad:{record.feed}")  # fmt: skip
         self.desk.unit_status(change).addCallbacks(
-            self._status_done, self._status_failed, callbackArgs=(change, unit),
+            self._status_done, self._status_failed, callbackArgs=(change, unit, meaning),
             errbackArgs=(change, unit),
         )  # fmt: skip
 
     def _status_done(self, outcome: UnitStatusOutcome, change: UnitStatusChange,
-                     unit: str) -> None:  # fmt: skip
+                     unit: str, meaning: str) -> None:  # fmt: skip
         if outcome.applied:
             self.statuses_applied += 1
         if outcome.answered is not None:
             self.pages_answered += 1
             self._count("answered")
+        if outcome.no_page:
+            # Nothing to answer yet: a page sent later for this call is answered by the next
+            # EIDO that carries the status (a transaction per such EIDO until then).
+            self._answers_sent.discard((change.clinician_id, change.incident_pk, meaning))
         said = "applied" if outcome.applied else "older" if outcome.older else "unchanged"
         self._count(said)
         (log.info if outcome.applied or outcome.answered else log.debug)(

@@ -9,11 +9,14 @@ the same transaction under the unique (chain, step) constraint: a step never run
 
 from __future__ import annotations
 
+import sqlite3
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     Connection,
     and_,
@@ -31,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from corespond.daemon.dispatcher import Candidates, Fix
+from corespond.daemon.dispatcher import AVAILABILITIES, Candidates, Fix
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, LocationFix, PageView
 from corespond.daemon.roster import Roster
@@ -62,6 +65,108 @@ def _for_update(conn: Connection, stmt: Any) -> Any:
     return stmt  # SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE)
 
 
+# --- the new chain's statements on the driver's cursor (SQLite) --------------------------------
+#
+# A new page's transaction runs a handful of statements, each of which cost SQLAlchemy Core
+# about 0.3-0.5 ms of per-statement work (cache look-up, parameter processing, events, result
+# wrapping) for a few microseconds of SQLite's. On SQLite they go to the DB-API cursor of the
+# transaction's own connection (the savepoint of the batch the page rides), as the writer's
+# batch statements do: SQL compiled once from the same Core statement, values bound by the
+# columns' own bind processors (UTCDateTime's text, JSON through the engine's serializer),
+# driver errors raised as SQLAlchemy's DBAPIError. PostgreSQL runs the Core statement.
+
+
+class _OnDriver:
+    """A Core statement, run on the driver's cursor on SQLite (see above), through
+    ``conn.execute`` elsewhere. Rows come back with the statement's column names."""
+
+    __slots__ = ("_compiled", "columns", "stmt")
+
+    def __init__(self, stmt: Any, columns: Sequence[str] = ()) -> None:
+        self.stmt = stmt
+        self.columns = tuple(columns)  # an INSERT's columns, in the order rows give them
+        self._compiled: tuple[str, list[tuple[str, Any, Any]], Any] | None = None
+
+    def _sqlite(self, conn: Connection) -> tuple[str, list[tuple[str, Any, Any]], Any]:
+        compiled = self._compiled
+        if compiled is None:
+            dialect = conn.dialect
+            c = self.stmt.compile(dialect=dialect, column_keys=list(self.columns) or None)
+            binds = []
+            for name in c.positiontup:
+                bind = c.binds[name]
+                process = bind.type._cached_bind_processor(dialect)
+                binds.append((name, bind.effective_value, process))
+            names = [col.key for col in getattr(self.stmt, "selected_columns", ())] or [
+                col.key for col in (self.stmt._returning or ())
+            ]
+            row = namedtuple("Row", names, rename=True) if names else None
+            compiled = self._compiled = (str(c), binds, row)
+        return compiled
+
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
+        if conn.dialect.name != "sqlite":
+            return list(conn.execute(self.stmt, params).all())
+        sql, binds, row = self._sqlite(conn)
+        values = [
+            (p(v) if p is not None else v)
+            for v, p in ((params.get(name, default), proc) for name, default, proc in binds)
+        ]
+        cursor = _cursor(conn)
+        try:
+            found = cursor.execute(sql, values).fetchall()
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+        return [row._make(r) for r in found] if row is not None else []
+
+    def inserted(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[Any]:
+        """An INSERT .. RETURNING of several rows in one statement (one VALUES group each;
+        the rows come back in no given order)."""
+        if conn.dialect.name != "sqlite":
+            return list(conn.execute(self.stmt, list(rows)).all())
+        sql, binds, row = self._sqlite(conn)
+        head, _, tail = sql.partition(" VALUES ")
+        group, _, returning = tail.partition(") ")
+        sql = f"{head} VALUES {', '.join([group + ')'] * len(rows))} {returning}"
+        values = [
+            (p(r.get(name, d)) if p is not None else r.get(name, d))
+            for r in rows
+            for name, d, p in binds
+        ]
+        try:
+            found = _cursor(conn).execute(sql, values).fetchall()
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+        assert row is not None
+        return [row._make(r) for r in found]
+
+    def many(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """The statement once per row (executemany; nothing returned)."""
+        if conn.dialect.name != "sqlite":
+            conn.execute(self.stmt, list(rows))
+            return
+        sql, binds, _ = self._sqlite(conn)
+        values = [
+            [(p(r.get(name, d)) if p is not None else r.get(name, d)) for name, d, p in binds]
+            for r in rows
+        ]
+        try:
+            _cursor(conn).executemany(sql, values)
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+
+
+def _cursor(conn: Connection) -> sqlite3.Cursor:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    return driver.cursor()
+
+
+def _loaded(value: Any) -> Any:
+    """A JSON column's value as the driver returns it on SQLite (text) or as Core does."""
+    return orjson.loads(value) if isinstance(value, str) else value
+
+
 # --- chains ------------------------------------------------------------------------------------
 
 
@@ -80,25 +185,81 @@ _FACT_COLUMNS = (
     _i.id, _i.status, _i.incident_number, _i.external_id, _i.call_type, _i.apco_type, _i.zone,
     _i.lat, _i.lon, snapshots.c.public,
 )  # fmt: skip
-_LOCK_INCIDENT = (
-    select(*_FACT_COLUMNS, _i.response, _w.reason.label("waiting"))
-    .select_from(
-        incidents.outerjoin(chain_waits, _w.incident_pk == _i.id).outerjoin(
-            snapshots, snapshots.c.id == _i.current_snapshot_id
-        )
-    )
-    .where(_i.id == bindparam("incident_pk"))
-    .with_for_update(of=incidents)
+_LOCKED_COLUMNS = (*_FACT_COLUMNS, _i.response, _w.reason.label("waiting"))
+_LOCKED_FROM = (
+    incidents.outerjoin(chain_waits, _w.incident_pk == _i.id)
+    .outerjoin(snapshots, snapshots.c.id == _i.current_snapshot_id)
+    .outerjoin(escalation_chains, _c.incident_pk == _i.id)
 )
+# What a chosen clinician's figures rest on, read again under the incident's lock (see
+# PreChoice): availability (NULL: none set), busy with another active call, pages recently.
+_p2, _i2 = pages.alias("p2"), incidents.alias("i2")
+_CHOSEN_COLUMNS = (
+    select(clinician_states.c.availability)
+    .where(clinician_states.c.clinician_id == bindparam("chosen"))
+    .scalar_subquery()
+    .label("chosen_availability"),
+    select(func.count())
+    .select_from(_p2.join(_i2, _i2.c.id == _p2.c.incident_pk))
+    .where(
+        _p2.c.clinician_id == bindparam("chosen"),
+        _p2.c.state.in_([literal_column(f"'{state}'") for state in ACTIVE_PAGE_STATES]),
+        _p2.c.incident_pk != bindparam("incident_pk"),
+        _i2.c.status == "active",
+    )
+    .scalar_subquery()
+    .label("chosen_busy"),
+    select(func.count())
+    .select_from(_p2)
+    .where(
+        _p2.c.clinician_id == bindparam("chosen"),
+        _p2.c.kind == "page",
+        _p2.c.created_at >= bindparam("since", type_=pages.c.created_at.type),
+    )
+    .scalar_subquery()
+    .label("chosen_recent"),
+)
+
+
+def _incident_with(*columns: Any) -> Any:
+    return select(*columns).select_from(_LOCKED_FROM).where(_i.id == bindparam("incident_pk"))
+
+
+# One row per chain the incident had (chain_kind and chain_state NULL when none): on SQLite
+# the chains come with the lock, not in a statement of their own (the transaction holds the
+# write lock). On PostgreSQL a statement that waited for the row lock still reads the other
+# tables as they were when it began (READ COMMITTED): they are read in a second statement,
+# once the lock is held, which sees what the transaction that held it committed.
+_CHAIN_COLUMNS = (_c.kind.label("chain_kind"), _c.state.label("chain_state"))
+_INCIDENT_CHAINS = _incident_with(*_LOCKED_COLUMNS, *_CHAIN_COLUMNS)
+_INCIDENT_CHAINS_CHOSEN = _incident_with(*_LOCKED_COLUMNS, *_CHAIN_COLUMNS, *_CHOSEN_COLUMNS)
+_DRIVER_INCIDENT_CHAINS = _OnDriver(_INCIDENT_CHAINS)
+_DRIVER_INCIDENT_CHAINS_CHOSEN = _OnDriver(_INCIDENT_CHAINS_CHOSEN)
+_LOCK_ONLY = (
+    select(_i.id).where(_i.id == bindparam("incident_pk")).with_for_update()
+)  # PostgreSQL
 _CHAINS_OF = select(_c.kind, _c.state).where(_c.incident_pk == bindparam("incident_pk"))
 
 
-def _lock_incident(conn: Connection, incident_pk: int) -> Any:
-    """The incident's status, response, point and page facts, and whether it waits for a
-    chain, under its row lock: the lock serializes chain starts per incident across daemons
-    sharing one PostgreSQL (two snapshots at once must not start two chains); SQLite's
-    transaction already holds the write lock."""
-    return conn.execute(_LOCK_INCIDENT, {"incident_pk": incident_pk}).one_or_none()
+def _lock_incident(
+    conn: Connection, incident_pk: int, chosen: PreChoice | None = None
+) -> tuple[Any, list[tuple[str, str]]]:
+    """The incident's status, response, point and page facts, whether it waits for a chain,
+    and the (kind, state) of every chain it had, under its row lock: the lock serializes
+    chain starts per incident across daemons sharing one PostgreSQL (two snapshots at once
+    must not start two chains); SQLite's transaction already holds the write lock. With
+    ``chosen``, the row also holds that clinician's figures as they stand now."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_ONLY, {"incident_pk": incident_pk})
+    if chosen is None:
+        rows = _DRIVER_INCIDENT_CHAINS.rows(conn, {"incident_pk": incident_pk})
+    else:
+        rows = _DRIVER_INCIDENT_CHAINS_CHOSEN.rows(
+            conn, {"incident_pk": incident_pk, "chosen": chosen.clinician_id, "since": chosen.since}
+        )
+    if not rows:
+        return None, []
+    return rows[0], [(r.chain_kind, r.chain_state) for r in rows if r.chain_kind is not None]
 
 
 def _chains_of(conn: Connection, incident_pk: int) -> list[tuple[str, str]]:
@@ -132,10 +293,8 @@ def start_chain(
     exhausted chain of this kind, or an accepted clinician. With ``worker`` (and ``lease``),
     the first step is inserted already claimed by that worker, to be run in this transaction
     or right after it."""
-    row = _lock_incident(conn, chain.incident_pk)
-    if row is None or row.status != "active":
-        return None
-    if _blocking_chain(conn, chain.incident_pk, chain.kind):
+    row, chains = _lock_incident(conn, chain.incident_pk)
+    if row is None or row.status != "active" or _blocks(chains, chain.kind):
         return None
     claim = (worker, now + lease) if worker is not None and lease is not None else None
     return _create_chain(conn, chain, now, claim, row.waiting is not None)[0]
@@ -188,6 +347,8 @@ class OpenedChain:
     # incident's facts, and its pages (known to be none when it never had a chain).
     facts: IncidentFacts | None = None
     first_chain: bool = False
+    # With a PreChoice that held: the first step as it was done, and its page claimed.
+    done: tuple[StepWork, FinishedStep] | None = None
 
 
 def cancel_chains(conn: Connection, incident_pk: int, now: datetime) -> tuple[int, ...]:
@@ -232,20 +393,25 @@ def open_chain(
     *,
     worker: str | None = None,
     lease: timedelta | None = None,
+    chosen: PreChoice | None = None,
 ) -> OpenedChain:
     """Start the chain the incident's *current* state calls for, if it has none: read under the
     incident's row lock, so a decision change, a location that arrives later and a reopened
-    call all come here, in any order, and at most one chain starts."""
-    row = _lock_incident(conn, incident_pk)
+    call all come here, in any order, and at most one chain starts.
+
+    ``chosen`` (with ``worker``): the first step's choice, made before this transaction from a
+    read (:class:`PreChoice`). When what it rests on is unchanged under the lock, the chain is
+    inserted with its first step already done and its page claimed (``OpenedChain.done``);
+    otherwise the first step is inserted claimed, for the caller to gather and finish here."""
+    row, chains = _lock_incident(conn, incident_pk, chosen)
     kind = CHAIN_KINDS.get(row.response) if row is not None else None
     if row is None or row.status != "active" or kind is None:
         if row is not None and row.waiting is not None:
             conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == incident_pk))
         if row is not None and row.status != "active":
-            cancelled = cancel_chains(conn, incident_pk, now)
+            cancelled = cancel_chains(conn, incident_pk, now) if chains else ()
             return OpenedChain(None, None, None, "not-active", cancelled=cancelled)
         return OpenedChain(None, None, None, "no-response" if row is not None else "not-active")
-    chains = _chains_of(conn, incident_pk)
     if _blocks(chains, kind):
         return OpenedChain(None, None, None, "has-chain")
     programs = (
@@ -263,12 +429,171 @@ def open_chain(
     else:
         steps = [step.as_json() for step in program.escalation]
     chain = NewChain(incident_pk, kind, program.id, row.response, steps)
+    facts = _facts_of(row)
+    waited = row.waiting is not None
+    if chosen is not None and worker is not None and chosen.holds(row, chains, chain, facts):
+        chain_id, done = _create_chain_done(conn, chain, now, chosen, worker, waited)
+        return OpenedChain(
+            chain, chain_id, done[0].step, "started", facts=facts, first_chain=True,
+            done=done,
+        )  # fmt: skip
     claim = (worker, now + lease) if worker is not None and lease is not None else None
-    chain_id, step_id = _create_chain(conn, chain, now, claim, row.waiting is not None)
+    chain_id, step_id = _create_chain(conn, chain, now, claim, waited)
     first = ClaimedStep(step_id, chain_id, 0, str(steps[0]["action"])) if claim else None
-    return OpenedChain(
-        chain, chain_id, first, "started", facts=_facts_of(row), first_chain=not chains
-    )
+    return OpenedChain(chain, chain_id, first, "started", facts=facts, first_chain=not chains)
+
+
+@dataclass(frozen=True, slots=True)
+class PreChoice:
+    """A new chain's first page step decided before the chain's transaction, from a read on a
+    reader (:func:`gather_first_step`): the roster scan, and the drive times when asked, stay
+    off the writer and outside the lock.
+
+    The choice holds when, under the incident's lock, the incident still has no chain, its
+    facts (status, point, words of the page) and decision are as read, its program leads with
+    a page step, and the chosen clinician's figures are as read: availability, busy with no
+    other call, the same number of recent pages. A concurrent answer that took them (accept,
+    en route, on scene), a status change, or another page to them in the meantime fails the
+    check, and the step is gathered and chosen again inside the transaction, as before."""
+
+    work: StepWork  # as gathered on the reader (its step a placeholder)
+    result: StepOutcome  # "paged", one page
+    clinician_id: str
+    availability: str  # as read (available when the clinician never set one)
+    busy: bool
+    recent: int
+    response: str
+    since: datetime  # the start of the recent-pages window
+    lease: timedelta  # the page's claim for delivery
+
+    @classmethod
+    def of(
+        cls, work: StepWork, result: StepOutcome, response: str, now: datetime,
+        recent_window: timedelta, lease: timedelta,
+    ) -> PreChoice | None:  # fmt: skip
+        """The choice ``result`` made from ``work`` (None unless it pages a clinician)."""
+        candidates = work.candidates
+        if result.outcome != "paged" or result.dispatch is None or candidates is None:
+            return None
+        chosen = str(result.dispatch["chosen"])
+        i = candidates.index[chosen]
+        return cls(
+            work, result, chosen, AVAILABILITIES[candidates.availability[i]].value,
+            bool(candidates.busy[i]), int(candidates.recent[i]), response, now - recent_window,
+            lease,
+        )  # fmt: skip
+
+    def holds(self, row: Any, chains: Sequence[tuple[str, str]], chain: NewChain,
+              facts: IncidentFacts) -> bool:  # fmt: skip
+        """True when the choice is still what the step would choose under the lock."""
+        return (
+            not chains
+            and row.response == self.response
+            and facts == self.work.incident
+            and chain.program == self.work.program
+            and chain.steps == self.work.steps
+            and (row.chosen_availability or Availability.AVAILABLE.value) == self.availability
+            and bool(row.chosen_busy) == self.busy
+            and row.chosen_recent == self.recent
+        )
+
+
+def gather_first_step(
+    conn: Connection,
+    incident_pk: int,
+    roster: Roster,
+    now: datetime,
+    recent_window: timedelta,
+    fixes: Positions | None = None,
+) -> tuple[StepWork, str] | None:
+    """What the first page step of the incident's new chain would read, without a lock (a
+    reader's snapshot), and the decision's response; None when no dispatch chain with a page
+    step first would start now (closed, no chain yet, has one, no covered point)."""
+    rows = conn.execute(_INCIDENT_CHAINS, {"incident_pk": incident_pk}).all()
+    if not rows or any(r.chain_kind is not None for r in rows):
+        return None
+    row = rows[0]
+    if row.status != "active" or CHAIN_KINDS.get(row.response) != "dispatch":
+        return None
+    if row.lat is None or row.lon is None:
+        return None
+    programs = roster.programs_covering(row.lat, row.lon)
+    if not programs or not programs[0].escalation:
+        return None
+    program = programs[0]
+    steps = [step.as_json() for step in program.escalation]
+    if steps[0]["action"] != "page":
+        return None
+    candidates = candidate_states(conn, roster, incident_pk, now, recent_window, fixes, ())
+    work = StepWork(
+        ClaimedStep(0, 0, 0, "page"), OPEN, "dispatch", program.id, steps, _facts_of(row),
+        candidates, 0,
+    )  # fmt: skip
+    return work, str(row.response)
+
+
+
+
+# Several steps in one statement (RETURNING in no given order: each row names its step).
+_DRIVER_INSERT_STEPS = _OnDriver(
+    insert(escalation_steps).returning(escalation_steps.c.id, escalation_steps.c.step),
+    ("chain_id", "step", "action", "due_at", "state", "claimed_by", "lease_until", "done_at",
+     "outcome", "dispatch"),
+)  # fmt: skip
+_DRIVER_INSERT_CHAIN = _OnDriver(
+    _INSERT_CHAIN,
+    ("incident_pk", "kind", "program", "response", "steps", "state", "created_at", "closed_at",
+     "pages_sent"),
+)  # fmt: skip
+
+
+def _create_chain_done(
+    conn: Connection,
+    chain: NewChain,
+    now: datetime,
+    chosen: PreChoice,
+    worker: str,
+    waited: bool,
+) -> tuple[int, tuple[StepWork, FinishedStep]]:
+    """Insert the chain with its first step done as ``chosen`` decided, the step after it
+    pending (one statement for both), and the step's page claimed by ``worker`` for delivery
+    (as :func:`finish_step_and_claim` would after :func:`_create_chain`, in four statements
+    fewer); end the incident's wait."""
+    steps = chain.steps
+    last = len(steps) < 2
+    (inserted,) = _DRIVER_INSERT_CHAIN.rows(
+        conn,
+        dict(
+            incident_pk=chain.incident_pk, kind=chain.kind, program=chain.program,
+            response=chain.response, steps=steps, state="exhausted" if last else OPEN,
+            created_at=now, closed_at=now if last else None,
+            pages_sent=len(chosen.result.pages),
+        ),
+    )  # fmt: skip
+    chain_id = int(inserted.id)
+    rows = [
+        dict(
+            chain_id=chain_id, step=0, action=steps[0]["action"], due_at=now, state="done",
+            claimed_by=worker, lease_until=None, done_at=now, outcome=chosen.result.outcome,
+            dispatch=chosen.result.dispatch,
+        )
+    ]  # fmt: skip
+    due = None
+    if not last:
+        due = now + timedelta(minutes=float(steps[0].get("wait_minutes", 0)))
+        rows.append(
+            dict(
+                chain_id=chain_id, step=1, action=steps[1]["action"], due_at=due,
+                state="pending", claimed_by=None, lease_until=None, done_at=None, outcome=None,
+                dispatch=None,
+            )
+        )  # fmt: skip
+    step_id = next(int(r.id) for r in _DRIVER_INSERT_STEPS.inserted(conn, rows) if r.step == 0)
+    if waited:
+        conn.execute(delete(chain_waits).where(chain_waits.c.incident_pk == chain.incident_pk))
+    work = replace(chosen.work, step=ClaimedStep(step_id, chain_id, 0, str(steps[0]["action"])))
+    claim = {"delivery": "sending", "lease_until": now + chosen.lease}
+    return chain_id, (work, FinishedStep(_insert_pages(conn, work, chosen.result, now, claim), due))
 
 
 def _record_wait(
@@ -448,7 +773,7 @@ def incident_facts(conn: Connection, incident_pk: int) -> IncidentFacts:
 
 
 def _facts_of(row: Any) -> IncidentFacts:
-    location = (row.public or {}).get("location") or {}
+    location = (_loaded(row.public) or {}).get("location") or {}
     parts = [f"zone {row.zone}" if row.zone else None, location.get("city")]
     general = ", ".join(str(p)[:40] for p in parts if p) or "see CAD"
     call_type = str(row.call_type or row.apco_type or "call")[:40]
@@ -680,25 +1005,7 @@ def finish_step_and_claim(
         dict(delivery="sending", lease_until=now + lease) if lease is not None
         else dict(delivery="pending")
     )  # fmt: skip
-    created: list[ClaimedPage] = []
-    attempts = work.attempts
-    for page in result.pages:
-        attempts += 1
-        row = dict(
-            chain_id=work.step.chain_id, step_id=work.step.step_id,
-            incident_pk=work.incident.incident_pk, kind=page.kind,
-            clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
-            created_at=now, endpoints=page.endpoints, endpoint_index=0, next_try_at=now,
-            **delivery,
-        )  # fmt: skip
-        page_id, ref, text = _insert_page(conn, work.incident, attempts, page.text_for, row)
-        first = page.endpoints[0]
-        created.append(
-            ClaimedPage(
-                int(page_id), ref, page.kind, work.step.chain_id, text, 0, first["gateway"],
-                first["address"], page.clinician_id,
-            )
-        )  # fmt: skip
+    created = _insert_pages(conn, work, result, now, delivery)
     if created:
         conn.execute(_ADD_PAGES_SENT, dict(b_chain_id=work.step.chain_id, b_count=len(created)))
     following = work.step.step + 1
@@ -718,6 +1025,46 @@ def finish_step_and_claim(
     return FinishedStep(created, due)
 
 
+_PAGE_INSERT_COLUMNS = (
+    "page_ref", "chain_id", "step_id", "incident_pk", "kind", "clinician_id", "state", "text",
+    "created_at", "endpoints", "endpoint_index", "delivery", "next_try_at", "lease_until",
+)  # fmt: skip
+_DRIVER_INSERT_PAGE = {
+    name: _OnDriver(stmt, _PAGE_INSERT_COLUMNS) for name, stmt in _INSERT_PAGE.items()
+}
+
+
+def _insert_pages(
+    conn: Connection,
+    work: StepWork,
+    result: StepOutcome,
+    now: datetime,
+    delivery: dict[str, Any],
+) -> list[ClaimedPage]:
+    """Insert the step's pages with ``delivery`` (claimed: ``sending`` under a lease; or
+    ``pending``), numbered after the incident's earlier pages."""
+    created: list[ClaimedPage] = []
+    attempts = work.attempts
+    for page in result.pages:
+        attempts += 1
+        row = dict(
+            chain_id=work.step.chain_id, step_id=work.step.step_id,
+            incident_pk=work.incident.incident_pk, kind=page.kind,
+            clinician_id=page.clinician_id, state=OPEN if page.kind == "page" else "sent",
+            created_at=now, endpoints=page.endpoints, endpoint_index=0, next_try_at=now,
+            **delivery,
+        )  # fmt: skip
+        page_id, ref, text = _insert_page(conn, work.incident, attempts, page.text_for, row)
+        first = page.endpoints[0]
+        created.append(
+            ClaimedPage(
+                int(page_id), ref, page.kind, work.step.chain_id, text, 0, first["gateway"],
+                first["address"], page.clinician_id,
+            )
+        )  # fmt: skip
+    return created
+
+
 def _insert_page(
     conn: Connection,
     incident: IncidentFacts,
@@ -728,12 +1075,12 @@ def _insert_page(
     """Insert a page under the first free reference of :func:`_references` (its id, the
     reference and the text): the insert itself finds out whether a reference is taken (the
     unique constraint, ON CONFLICT DO NOTHING), no look-up first."""
-    stmt = _INSERT_PAGE[conn.dialect.name]
+    stmt = _DRIVER_INSERT_PAGE[conn.dialect.name]
     for ref in _references(incident, attempt):
         text = text_for(ref)
-        page_id = conn.execute(stmt, dict(row, page_ref=ref, text=text)).scalar_one_or_none()
-        if page_id is not None:
-            return int(page_id), ref, text
+        inserted = stmt.rows(conn, dict(row, page_ref=ref, text=text))
+        if inserted:
+            return int(inserted[0].id), ref, text
     raise AssertionError("the last reference names the incident's own key")  # pragma: no cover
 
 
@@ -837,14 +1184,17 @@ _PAGE_SUBMITTED = (
 )  # fmt: skip
 
 
+_DRIVER_PAGE_SUBMITTED = _OnDriver(_PAGE_SUBMITTED)
+
+
 def pages_submitted(
     conn: Connection, done: Sequence[tuple[ClaimedPage, str | None, datetime]]
 ) -> None:
     """Record several submissions (page, the gateway's id, when) in one transaction: deliveries
     that finish while a commit is under way share the next one."""
     if done:
-        conn.execute(
-            _PAGE_SUBMITTED,
+        _DRIVER_PAGE_SUBMITTED.many(
+            conn,
             [
                 dict(page_id=page.page_id, index=page.endpoint_index, via=page.gateway,
                      gid=gateway_id, at=at)

@@ -15,6 +15,7 @@ moves backwards), and the availability that answer would have written is put bac
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, select
 
@@ -46,30 +47,41 @@ _STATE_AFTER = {PageAnswer.ACCEPT: "accepted", PageAnswer.EN_ROUTE: "en_route",
 def apply_unit_status(
     conn: Connection, change: UnitStatusChange, now: datetime
 ) -> UnitStatusOutcome:
+    """Apply ``change``. Locks in the order every writer of a chain and a clinician takes them
+    (:func:`~corespond.daemon.store.paging.apply_answer`): the page's chain first, then the
+    clinician's availability row (``FOR UPDATE`` on PostgreSQL), so that an availability
+    written meanwhile on another daemon (a reply, the API) is waited for and judged against,
+    never overwritten by an older CAD status read before it committed."""
+    page = _page_for(conn, change) if change.answer is not None else None
     t = clinician_states.c
     prior = conn.execute(
-        select(t.availability, t.changed_at, t.via).where(t.clinician_id == change.clinician_id)
-    ).first()
+        _for_update(conn, select(t.availability, t.changed_at, t.via).where(
+            t.clinician_id == change.clinician_id
+        ))
+    ).first()  # fmt: skip
     older = prior is not None and prior.changed_at > change.at
-    answered = _answer_page(conn, change, now) if change.answer is not None else None
+    answered = _answer_page(conn, change, page, now) if page is not None else None
+    no_page = change.answer is not None and change.incident_pk is not None and page is None
     if older:
         assert prior is not None
         if answered is not None:  # the answer wrote the availability: the newer one stands
             write_availability(conn, change.clinician_id, Availability(prior.availability),
                                prior.via, prior.changed_at)  # fmt: skip
-        return UnitStatusOutcome(applied=False, older=True, answered=answered)
+        return UnitStatusOutcome(applied=False, older=True, answered=answered, no_page=no_page)
     if change.state is None:
-        return UnitStatusOutcome(applied=False, older=False, answered=answered)
+        return UnitStatusOutcome(applied=False, older=False, answered=answered, no_page=no_page)
     # The same state again is no change: it keeps the time it began.
     same = prior is not None and prior.availability == change.state.value
     if not same:
         write_availability(conn, change.clinician_id, change.state, change.via, change.at)
-    return UnitStatusOutcome(applied=not same, older=False, answered=answered)
+    return UnitStatusOutcome(applied=not same, older=False, answered=answered, no_page=no_page)
 
 
-def _answer_page(conn: Connection, change: UnitStatusChange, now: datetime) -> str | None:
-    """The reference of the clinician's page for the status's call that the status answered."""
-    if change.incident_pk is None or change.answer is None:
+def _page_for(conn: Connection, change: UnitStatusChange) -> tuple[PageRecord, datetime] | None:
+    """The clinician's page for the status's call that may still take an answer, and when it
+    was created, as it stands once no other answer to its chain (a reply, a tap on the ack
+    page, on this daemon or another) is under way (its chain locked on PostgreSQL)."""
+    if change.incident_pk is None:
         return None
     p = pages.c
     row = conn.execute(
@@ -85,13 +97,20 @@ def _answer_page(conn: Connection, change: UnitStatusChange, now: datetime) -> s
     ).first()
     if row is None:
         return None
-    # The path is chosen from the page as it stands once no other answer to its chain (a reply,
-    # a tap on the ack page, on this daemon or another) is under way.
     page = lock_page(conn, PageRecord(row.id, row.page_ref, row.chain_id, row.kind,
                                       row.clinician_id, row.state))  # fmt: skip
+    return page, row.created_at
+
+
+def _answer_page(
+    conn: Connection, change: UnitStatusChange, found: tuple[PageRecord, datetime], now: datetime
+) -> str | None:
+    """The reference of the page (:func:`_page_for`) the status answered, if it did."""
+    assert change.answer is not None
+    page, created_at = found
     # The answer's time is the CAD's, within the page's life (a CAD clock that runs ahead, or a
     # status set before the page, would otherwise put the answer outside it).
-    when = min(max(change.at, row.created_at), now)
+    when = min(max(change.at, created_at), now)
     answered = None
     for answer in _ANSWER_PATHS.get((page.state, change.answer), ()):
         if apply_answer(conn, page, answer, change.via, when) != "applied":
@@ -100,6 +119,11 @@ def _answer_page(conn: Connection, change: UnitStatusChange, now: datetime) -> s
         page = PageRecord(page.page_id, page.page_ref, page.chain_id, page.kind,
                           page.clinician_id, _STATE_AFTER[answer])  # fmt: skip
     return answered
+
+
+def _for_update(conn: Connection, stmt: Any) -> Any:
+    """Locked to the end of the transaction on PostgreSQL (SQLite's one writer holds it all)."""
+    return stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt
 
 
 __all__ = ["apply_unit_status"]

@@ -947,7 +947,7 @@ class _Trace:
         self.batch = {}
 
     def job(self, job: _Job, dispatched: float) -> None:
-        """One unit of other writers' work (a page lane or background job) on the writer."""
+        """One unit of other writers' work (a background job) on the writer."""
         ran = job.ran or (0.0, 0.0)
         self.lines.append(
             f'{{"job":"{job.lane}","what":"{job.label}","submitted":{job.queued:.6f},'
@@ -1082,15 +1082,14 @@ class _WalCheckpoints:
 # FIFO, decides what runs next whenever the writer is free:
 # - ingest batches, and page work riding them (``ride_next_batch``: a savepoint inside the next
 #   batch's transaction, or its own transaction when no batch comes within a short bound);
-# - page work in a transaction of its own (``run_on_writer(fn, lane=PAGE_LANE)``);
 # - background work (``run_on_writer(fn)``: referral results, ACK group commits, sessions,
 #   encounters, checkpoints), only when no urgent work waits, and one job at a time, so that a
 #   page waits behind at most one background job. After BACKGROUND_EVERY urgent units in a row
 #   one background job goes anyway: a busy feed never starves it.
 # While page work waits for its batch the writer starts nothing in the background lane.
-PAGE_LANE = "page"
+# (A page lane of jobs in their own transactions had no caller: every transaction a page waits
+# for rides a batch, and the first step's choice is read on a reader. It was removed.)
 BACKGROUND_LANE = "background"
-LANES = (PAGE_LANE, BACKGROUND_LANE)
 BACKGROUND_EVERY = 8
 _SAVEPOINT = "SAVEPOINT corespond_ride"
 _ROLLBACK_TO = "ROLLBACK TO SAVEPOINT corespond_ride"
@@ -1188,8 +1187,7 @@ class IncidentStore:
         self._drains: list[Deferred[None]] = []
         self._healthy = True
         self._reactor = reactor
-        # Other writers' work, by lane (see PAGE_LANE), and page work waiting to ride a batch.
-        self._page_jobs: deque[_Job] = deque()
+        # Other writers' work (see BACKGROUND_LANE), and page work waiting to ride a batch.
         self._background: deque[_Job] = deque()
         self._riders: list[_Rider] = []
         self._urgent_run = 0  # urgent units run in a row while background work waited
@@ -1273,10 +1271,9 @@ class IncidentStore:
         if not self._started:
             while self._queue:
                 self._queue.popleft()[1].errback(StoreClosed("the store was stopped unstarted"))
-            waiting: list[_Job | _Rider] = [*self._page_jobs, *self._background, *self._riders]
+            waiting: list[_Job | _Rider] = [*self._background, *self._riders]
             for unit in waiting:
                 unit.done.errback(StoreClosed("the store was stopped unstarted"))
-            self._page_jobs.clear()
             self._background.clear()
             self._riders = []
             self._release_drains()
@@ -1296,33 +1293,28 @@ class IncidentStore:
 
         return self.drain().addCallback(stopped)
 
-    def run_on_writer(self, fn: Callable[[], T], lane: str = BACKGROUND_LANE) -> Deferred[T]:
-        """``fn()`` on the store's one writer thread, between group commits, in ``lane``.
+    def run_on_writer(self, fn: Callable[[], T]) -> Deferred[T]:
+        """``fn()`` on the store's one writer thread, between group commits, in the background
+        lane.
 
         For other writers of an SQLite database (paging, referrals, sessions): SQLite lets one
         connection write at a time, and a connection that finds the lock taken waits in
         SQLite's busy handler, which *sleeps* (1, 2, 5 ... 100 ms). Writers that share this
-        thread queue instead, each lane in order; ``fn`` runs its own transaction. The default
-        is the background lane: work no page waits for (see PAGE_LANE).
+        thread queue instead, in order; ``fn`` runs its own transaction: work no page waits
+        for (work a page waits for rides a batch: :meth:`ride_next_batch`).
         """
-        if lane not in LANES:
-            raise ValueError(f"no such writer lane: {lane}")
         if self._closed and not self._started:
             return fail(StoreClosed("the store is stopped"))
-        job = _Job(fn, lane, time.perf_counter())
+        job = _Job(fn, BACKGROUND_LANE, time.perf_counter())
         if self._trace is not None:
             job.label = _label(fn)
-        (self._page_jobs if lane == PAGE_LANE else self._background).append(job)
+        self._background.append(job)
         self._next_batch()
         return job.done
 
     def ride_later(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         """``fn(conn)`` in a batch within RIDE_LATER_WITHIN: work no page waits for."""
         return self.ride_next_batch(fn, RIDE_LATER_WITHIN, urgent=False)
-
-    def run_page_on_writer(self, fn: Callable[[], T]) -> Deferred[T]:
-        """``fn()`` on the writer thread in the page lane (before any background work)."""
-        return self.run_on_writer(fn, PAGE_LANE)
 
     def ride_next_batch(
         self, fn: Callable[[Connection], T], within: float = RIDE_WITHIN, *, urgent: bool = True
@@ -1372,7 +1364,7 @@ class IncidentStore:
         return done
 
     def _pending(self) -> bool:
-        return bool(self._queue or self._page_jobs or self._background or self._riders)
+        return bool(self._queue or self._background or self._riders)
 
     def _ride_alone(self, rider: _Rider, dispatch: bool = True) -> None:
         """No batch took ``rider`` in time: it goes in a transaction of its own."""
@@ -1384,13 +1376,11 @@ class IncidentStore:
             self._next_batch()
 
     def _next_batch(self) -> None:
-        """The writer is free: start the next unit of work, by lane (see PAGE_LANE)."""
+        """The writer is free: start the next unit of work, by lane (see BACKGROUND_LANE)."""
         if self._writing or not self._started:
             return
         if self._background and self._urgent_run >= BACKGROUND_EVERY:
             self._dispatch_job(self._background.popleft())
-        elif self._page_jobs:
-            self._dispatch_job(self._page_jobs.popleft())
         elif self._queue or any(r.alone for r in self._riders):
             self._dispatch_batch()
         elif any(r.urgent for r in self._riders):
@@ -1419,10 +1409,7 @@ class IncidentStore:
 
     def _dispatch_job(self, job: _Job) -> None:
         self._writing = True
-        if job.lane == BACKGROUND_LANE:
-            self._urgent_run = 0
-        elif self._background:
-            self._urgent_run += 1
+        self._urgent_run = 0  # (every job is background work)
         dispatched = time.perf_counter()
         fn = job.fn
         if self._trace is not None:

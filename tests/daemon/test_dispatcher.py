@@ -8,17 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corespond.daemon.dispatcher import (
-    DETAILED,
-    CandidateState,
-    Fix,
-    Rejection,
-    choose,
-    great_circle_km,
-    rejections_of,
-    tie_key,
-)
+from corespond.daemon.dispatcher import DETAILED, Fix, Rejection, great_circle_km
 from corespond.daemon.responders import Availability
+from tests.daemon.dispatch_reference import CandidateState, choose, rejections_of, tie_key
 
 NOW = datetime(2026, 3, 9, 15, 0, tzinfo=UTC)
 AGE = timedelta(minutes=30)

@@ -18,7 +18,6 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock as TaskClock
 
 from corespond.daemon.decision import Response
-from corespond.daemon.dispatcher import rejections_of
 from corespond.daemon.escalation import PagingService, PagingSettings
 from corespond.daemon.pager import (
     DeliveryReceipt,
@@ -36,6 +35,7 @@ from corespond.daemon.store import paging as db
 from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.tables import Base, pages, phi_columns
 from corespond.daemon.store.writer import StoredSnapshot, write_batch
+from tests.daemon.dispatch_reference import rejections_of
 from tests.daemon.store.records import decision, record, snapshot
 from tests.daemon.store.test_store import Threads
 

@@ -22,7 +22,6 @@ from corespond.adapters.newworld import NewWorldFormat
 from corespond.adapters.pidflo import pidf_lo_document
 from corespond.daemon.app import Corespond
 from corespond.daemon.config import load_config
-from corespond.daemon.dispatcher import rejections_of
 from corespond.daemon.feeds import HttpListener
 from corespond.daemon.ingest import SnapshotState
 from corespond.daemon.responders import Availability
@@ -31,6 +30,7 @@ from corespond.daemon.snapshot import GeoPoint, Location, Snapshot, Unit
 from corespond.daemon.store.writer import SnapshotRecord, StoredSnapshot
 from tests.adapters.carriers import FakeCarrier, FakeMessagesApi
 from tests.browser import free_port
+from tests.daemon.dispatch_reference import rejections_of
 from tests.daemon.paging_rig import (
     FEED_TOKEN,
     FIXTURES,
@@ -454,3 +454,29 @@ def test_a_reload_changes_the_unit_status_map_and_a_bad_one_changes_nothing(
         d.turner.until_true(lambda: states(d)[0][1] == "en_route")
         d.settle()
         assert pages_of(d) == [("c-3", "open", None)]
+
+
+def test_an_assignment_before_the_page_answers_the_page_sent_later(daemon: Daemon) -> None:
+    """The CAD assigns the clinician's unit before the clinician is paged (the call had no
+    location yet): nothing is answered then, and the next EIDO of the call that still has
+    the unit assigned answers the page sent meanwhile."""
+    d = daemon
+    d.post(with_unit(eido_document(traffic_stop(90)), "M21", INCIDENT_1,
+                     d.now() - timedelta(seconds=30)))  # fmt: skip
+    d.turner.until_true(lambda: len(d.fixes()) == 1)
+    call = cad_snapshot(1, INCIDENT_1)
+    d.post(on_call(replace(call, location=None), d.now(), ("M21", "Dispatched")))
+    d.settle()
+    assert pages_of(d) == [] and statuses(d, "unchanged") == 1
+    d.post(eido_document(replace(call, updated_at=d.now())))  # the location: c-3 is paged
+    d.turner.until_true(lambda: len(d.carrier.submits) == 1)
+    assert pages_of(d) == [("c-3", "open", None)]
+    d.post(on_call(call, d.now(), ("M21", "Dispatched")))
+    d.turner.until_true(lambda: statuses(d, "unchanged") == 2)
+    d.settle()
+    assert pages_of(d) == [("c-3", "accepted", "cad:cad-json")]
+    assert chain_state(d) == [("accepted", "c-3")]
+    # Once answered, the call's repeats cost nothing.
+    d.post(on_call(call, d.now(), ("M21", "Dispatched")))
+    d.settle()
+    assert statuses(d, "unchanged") == 2

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from sqlalchemy import Connection, Engine, event, select, update
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -49,6 +48,10 @@ class Log:
             return name
 
         return run
+
+    def rider(self, name: str) -> Callable[[Connection], str]:
+        """The same, as page work riding a batch."""
+        return lambda conn: self.job(name)()
 
 
 def run_all(writes: Threads) -> None:
@@ -103,7 +106,7 @@ def test_page_work_goes_before_background_work_queued_earlier(engine: Engine) ->
     store.run_on_writer(log.job("b1"))  # the writer was free: it starts at once
     store.run_on_writer(log.job("b2"))
     store.run_on_writer(log.job("b3"))
-    page = store.run_page_on_writer(log.job("p1"))
+    page = store.ride_next_batch(log.rider("p1"), within=0)  # its own transaction at once
     store.store_snapshot(incident(1))
     run_all(writes)
     # b1 was running; then the page, the ingest batch, and only then the rest.
@@ -118,7 +121,7 @@ def test_a_page_waits_behind_at_most_one_background_job(engine: Engine) -> None:
         store.run_on_writer(log.job(f"b{n}"))
     writes.run_next()
     writes.run_next()  # b0, b1 ran: the writer was free of anything urgent
-    store.run_page_on_writer(log.job("page"))
+    store.ride_next_batch(log.rider("page"), within=0)
     run_all(writes)
     assert log.ran == ["b0", "b1", "b2", "page", "b3", "b4"]
 
@@ -131,7 +134,7 @@ def test_background_work_is_not_starved_by_a_busy_feed(engine: Engine) -> None:
     units = 0
     while not background.called:
         store.store_snapshot(incident(units + 1))  # a batch always waiting ...
-        store.run_page_on_writer(log.job("page"))  # ... and a page
+        store.ride_next_batch(log.rider("page"))  # ... and a page riding it
         writes.run_next()
         units += 1
         assert units <= BACKGROUND_EVERY + 2  # the unit running, BACKGROUND_EVERY, then it
@@ -139,13 +142,13 @@ def test_background_work_is_not_starved_by_a_busy_feed(engine: Engine) -> None:
     assert log.ran.count("page") >= BACKGROUND_EVERY // 2  # urgent work went first
 
 
-def test_a_failing_job_errbacks_only_itself(engine: Engine) -> None:
+def test_failing_page_work_errbacks_only_itself(engine: Engine) -> None:
     store, writes, _ = make_store(engine)
 
-    def broken() -> None:
+    def broken(conn: Connection) -> None:
         raise ValueError("no")
 
-    failed = store.run_page_on_writer(broken)
+    failed = store.ride_next_batch(broken, within=0)
     fine = store.run_on_writer(lambda: 7)
     run_all(writes)
     assert isinstance(failed.result, Failure) and failed.result.check(ValueError)
@@ -164,12 +167,6 @@ def test_drain_waits_for_every_lane(engine: Engine) -> None:
     clock.advance(RIDE_WITHIN)
     writes.run_next()
     assert drained.called
-
-
-def test_an_unknown_lane_is_refused(engine: Engine) -> None:
-    store, _, _ = make_store(engine)
-    with pytest.raises(ValueError):
-        store.run_on_writer(lambda: None, lane="bulk")
 
 
 # --- riding the next batch -------------------------------------------------------------------
