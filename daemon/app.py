@@ -317,6 +317,7 @@ class Corespond:
                     run_in_thread=self.store.run_on_writer
                     if self.engine.dialect.name == "sqlite"
                     else None,
+                    ride=self.store.ride_later if self.engine.dialect.name == "sqlite" else None,
                     metrics=ReferralMetrics(self.registry),
                 )  # fmt: skip
                 self.referrals.start()

@@ -395,32 +395,11 @@ def store_referral(
     A request whose idempotency key was used before gets that referral back, and nothing
     is stored. Blocking (database): run it in a thread.
     """
-    ref, control_id = content.referral_ref, content.control_id
     try:
         with engine.begin() as conn:
-            earlier = earlier_referral(conn, request)
-            if earlier is not None:
-                return earlier, None
-            consent_id: int | None = None
-            hold: str | None = None
-            if request.part2:
-                consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
-            referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
-            if request.idempotency_key is not None:
-                conn.execute(
-                    _i.insert().values(
-                        key=request.idempotency_key, referral_id=referral_id,
-                        digest=request_digest(request), created_at=now,
-                    )
-                )  # fmt: skip
-            claimed = None
-            if hold is None and message is not None:
-                claimed = _queue_message(
-                    conn, referral_id, provider, control_id, message, now, claim=claim,
-                    part2=request.part2, consent_id=consent_id,
-                )  # fmt: skip
-            if on_stored is not None:
-                on_stored(conn, ref)
+            return store_referral_in(
+                conn, provider, request, content, message, now, on_stored=on_stored, claim=claim
+            )
     except IntegrityError:
         # PostgreSQL: the same key, submitted twice at once; the first to commit wins.
         with engine.connect() as conn:
@@ -428,6 +407,45 @@ def store_referral(
         if earlier is None:
             raise
         return earlier, None
+
+
+def store_referral_in(
+    conn: Connection,
+    provider: ProviderConfig,
+    request: ReferralRequest,
+    content: ReferralContent,
+    message: bytes | None,
+    now: datetime,
+    *,
+    on_stored: Callable[[Connection, str], None] | None = None,
+    claim: Claim | None = None,
+) -> tuple[CreatedReferral, Claimed | None]:
+    """:func:`store_referral`'s statements, in the caller's transaction on ``conn`` (on
+    SQLite, a savepoint of the next ingest batch: see ``ReferralService(ride=...)``)."""
+    ref, control_id = content.referral_ref, content.control_id
+    earlier = earlier_referral(conn, request)
+    if earlier is not None:
+        return earlier, None
+    consent_id: int | None = None
+    hold: str | None = None
+    if request.part2:
+        consent_id, hold = consent_covering(conn, request.consent_ref, provider.name, now)
+    referral_id = _insert_referral(conn, provider, request, ref, now, hold, consent_id)
+    if request.idempotency_key is not None:
+        conn.execute(
+            _i.insert().values(
+                key=request.idempotency_key, referral_id=referral_id,
+                digest=request_digest(request), created_at=now,
+            )
+        )  # fmt: skip
+    claimed = None
+    if hold is None and message is not None:
+        claimed = _queue_message(
+            conn, referral_id, provider, control_id, message, now, claim=claim,
+            part2=request.part2, consent_id=consent_id,
+        )  # fmt: skip
+    if on_stored is not None:
+        on_stored(conn, ref)
     state = "held" if hold else "queued"
     queued_id = control_id if hold is None and message is not None else None
     return CreatedReferral(referral_id, ref, state, hold, queued_id), claimed
@@ -1126,6 +1144,8 @@ ConnectFn = Callable[[ProviderConfig], "Deferred[mllp.MLLPClientProtocol]"]
 # meanwhile means a resend with the same bytes and MSH-10, as for any uncommitted ACK.
 COMMIT_WITHIN = 0.2
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+# ``fn(conn)`` in a savepoint of the next ingest batch's transaction (IncidentStore.ride_later).
+RideBatch = Callable[[Callable[[Connection], Any]], "Deferred[Any]"]
 
 
 @dataclass(slots=True)
@@ -1971,6 +1991,7 @@ class ReferralService:
         build: Callable[[ReferralContent, str], bytes] = build_message,
         *,
         run_in_thread: RunInThread | None = None,
+        ride: RideBatch | None = None,
         metrics: ReferralMetrics | None = None,
     ) -> None:
         from corespond.daemon.referral_build import BuildPool
@@ -1992,6 +2013,10 @@ class ReferralService:
         self.certificates = CertificateWatch(
             config, self.worker.clock, self.metrics, self.worker.in_thread
         )
+        # SQLite: a new referral's statements ride the next ingest batch (a savepoint in its
+        # transaction, ``IncidentStore.ride_later``) instead of a transaction and an fsync of
+        # their own on the writer that pages share: a page never waits behind that commit.
+        self._ride = ride
         self._building: set[int] = set()  # referral ids whose build is under way here
         self._rebuilding = False
         self.started: Deferred[Any] = succeed(None)  # fires once the start's rebuild is done
@@ -2072,12 +2097,26 @@ class ReferralService:
                 self.config, provider, request, new_referral_ref(), new_control_id(), now
             )
         claim = self.worker.claim_for() if message is not None else None
-        created, claimed = await self.worker.in_thread(
-            lambda: store_referral(
-                self.engine, provider, request, content, message, now,
-                on_stored=on_stored, claim=claim,
-            )
-        )  # fmt: skip
+        stored: Deferred[tuple[CreatedReferral, Claimed | None]]
+        if self._ride is not None:
+            stored = self.worker.spans.relay(
+                self._ride(
+                    partial(
+                        store_referral_in, provider=provider, request=request,
+                        content=content, message=message, now=now, on_stored=on_stored,
+                        claim=claim,
+                    )
+                ),
+                "result of store_referral_in",
+            )  # fmt: skip
+        else:
+            stored = self.worker.in_thread(
+                lambda: store_referral(
+                    self.engine, provider, request, content, message, now,
+                    on_stored=on_stored, claim=claim,
+                )
+            )  # fmt: skip
+        created, claimed = await stored
         if created.replayed:
             log.info("referral.replayed", referral_id=created.ref, state=created.state)
             return created

@@ -1082,6 +1082,8 @@ class _WalCheckpoints:
 # FIFO, decides what runs next whenever the writer is free:
 # - ingest batches, and page work riding them (``ride_next_batch``: a savepoint inside the next
 #   batch's transaction, or its own transaction when no batch comes within a short bound);
+#   work no page waits for rides too (``ride_later``: a referral stored, a page's sending
+#   recorded), saving itself a commit, but never in a batch that carries page work;
 # - background work (``run_on_writer(fn)``: referral results, ACK group commits, sessions,
 #   encounters, checkpoints), only when no urgent work waits, and one job at a time, so that a
 #   page waits behind at most one background job. After BACKGROUND_EVERY urgent units in a row
@@ -1393,6 +1395,11 @@ class IncidentStore:
     def _dispatch_batch(self) -> None:
         batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
         riders, self._riders = self._riders, []
+        if any(r.urgent for r in riders):
+            # A page waits for this batch: work no page waits for (a referral stored, what was
+            # sent recorded) takes the next one, unless its time is up.
+            self._riders = [r for r in riders if not (r.urgent or r.alone)]
+            riders = [r for r in riders if r.urgent or r.alone]
         for rider in riders:
             if rider.timer is not None and rider.timer.active():
                 rider.timer.cancel()

@@ -199,3 +199,41 @@ def test_two_submits_racing_with_one_key_make_one_referral(engine: Engine) -> No
     assert isinstance(first, CreatedReferral) and not first.replayed
     assert isinstance(again, CreatedReferral) and again.replayed and again.ref == "RFIRST"
     assert count(engine, referrals) == 1 and count(engine, referral_messages) == 1
+
+
+def test_a_referral_rides_the_next_ingest_batch_and_commits_with_it(engine: Engine) -> None:
+    """On SQLite the daemon hands the service the store's ``ride_later``: a new referral's
+    statements go in a savepoint of the next ingest batch, so no page waits behind a commit
+    of its own on the shared writer; it is handed to the sender once that batch committed."""
+    from corespond.daemon.store.writer import IncidentStore
+    from tests.daemon.store.test_store import Threads, incident
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    writes = Threads()
+    store = IncidentStore(engine, loop.clock, run_in_thread=writes, run_read_in_thread=Threads())
+    store.start()
+    cfg = replace(with_port(config(), "csu", peer.port), poll_interval=3600.0)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, ride=store.ride_later)
+    service.start()
+    loop.spin(lambda: service.started.called, turns=6000)
+    loop.spin(lambda: not service.worker._polling)
+    commits = Commits(engine)
+    try:
+        d = service.create(request())
+        loop.spin(lambda: bool(store._riders), turns=6000)  # built, waiting for a batch
+        assert not d.called and count(engine, referrals) == 0
+        stored = store.store_snapshot(incident(0))
+        writes.run_next()  # the batch, and the referral riding it: one transaction
+        assert commits.n == 1 and stored.called
+        loop.spin(lambda: d.called)
+        mine = d.result
+        assert isinstance(mine, CreatedReferral) and mine.state == "queued"
+        loop.spin(lambda: service.worker.delivered == 1)
+    finally:
+        stop(loop, service, peer)
+        commits.close()
+        store.stop()
+        while writes.calls:
+            writes.run_next()
+    assert peer.control_ids() == [mine.control_id]

@@ -313,3 +313,34 @@ def test_work_no_page_waits_for_does_not_hold_the_writer(engine: Engine) -> None
     writes.run_next()
     assert later.result == "later" and category(engine, "G-0") == "later"
     assert drained.called
+
+
+def test_work_no_page_waits_for_stays_out_of_a_batch_with_page_work(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    stored_first(store, writes)
+    log = Log()
+    later = store.ride_later(log.rider("referral"))
+    page = store.ride_next_batch(log.rider("page"))
+    store.store_snapshot(incident(1))
+    writes.run_next()  # the batch and the page riding it: the referral waits for the next
+    assert log.ran == ["page"] and page.result == "page" and not later.called
+    store.store_snapshot(incident(2))
+    writes.run_next()
+    assert log.ran == ["page", "referral"] and later.result == "referral"
+
+
+def test_work_no_page_waits_for_goes_alone_after_its_bound_even_beside_page_work(
+    engine: Engine,
+) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    log = Log()
+    store.store_snapshot(incident(1))  # the writer is busy with a batch ...
+    later = store.ride_later(log.rider("referral"))
+    clock.advance(RIDE_LATER_WITHIN)  # ... when its time is up: it waits no longer
+    page = store.ride_next_batch(log.rider("page"))
+    writes.run_next()
+    assert log.ran == []
+    writes.run_next()  # the next unit takes both
+    assert log.ran == ["referral", "page"]
+    assert page.result == "page" and later.result == "referral"
