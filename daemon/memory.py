@@ -41,50 +41,67 @@ SLOW_PAUSE_MS = 5.0  # a pause above this shows in a 20 ms page p99
 # --- the probe ----------------------------------------------------------------------------------
 
 
-class GcProbe:
-    """Records every collection of this process (``gc.callbacks``) until :meth:`close`.
+class PauseRecorder:
+    """Appends a JSON line to ``lines`` for every collection of this process (``gc.callbacks``)
+    until :meth:`remove`: generation, start, duration, the collecting thread's CPU time (what
+    the collection cost, whatever else ran on the machine), objects freed, thread.
 
     Times are ``time.perf_counter()`` seconds: CLOCK_MONOTONIC on Linux, the same clock a bench
     in another process reads, so it can keep the pauses inside its own measuring window.
     """
 
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self._started = 0.0
+        self._cpu = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        # Collections never overlap (they hold the GIL), so one start is pending at a time.
+        now, cpu = time.perf_counter(), time.thread_time()
+        if phase == "start":
+            self._started, self._cpu = now, cpu
+            return
+        self.lines.append(
+            f'{{"gc":{info["generation"]},"at":{self._started:.6f},'
+            f'"ms":{(now - self._started) * 1e3:.3f},"cpu_ms":{(cpu - self._cpu) * 1e3:.3f},'
+            f'"collected":{info["collected"]},'
+            f'"thread":{json.dumps(threading.current_thread().name)}}}'
+        )
+
+    def remove(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+
+class GcProbe:
+    """Records every collection (:class:`PauseRecorder`) and censuses until :meth:`close`,
+    then writes them to ``path``."""
+
     def __init__(self, path: str, *, keep_garbage: bool = False) -> None:
         self.path = path
         self.lines: list[str] = []
-        self._started = 0.0
         self.keep_garbage = keep_garbage
         if keep_garbage:
             gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.callbacks.append(self._callback)
+        self.pauses = PauseRecorder(self.lines)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> GcProbe | None:
         path = environ.get(GC_PROBE_ENV)
         return cls(path, keep_garbage=bool(environ.get(GC_GARBAGE_ENV))) if path else None
 
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        now = time.perf_counter()
-        if phase == "start":
-            self._started = now
-            return
-        self.lines.append(
-            f'{{"gc":{info["generation"]},"at":{self._started:.6f},'
-            f'"ms":{(now - self._started) * 1e3:.3f},"collected":{info["collected"]},'
-            f'"thread":{json.dumps(threading.current_thread().name)}}}'
-        )
-
     def census(self, label: str, *, owners: bool = False, **extra: Any) -> None:
         """Note what the collector tracks now (see :func:`take_census`)."""
         found = take_census(owners=owners)
         record = {"census": label, "at": time.perf_counter(), **extra, **found}
         if self.keep_garbage:
-            record["garbage"] = dict(Counter(type_name(o) for o in gc.garbage).most_common(60))
+            record["garbage"] = dict(Counter(map(_garbage_name, gc.garbage)).most_common(60))
             gc.garbage.clear()
         self.lines.append(json.dumps(record))
 
     def close(self) -> None:
-        if self._callback in gc.callbacks:
-            gc.callbacks.remove(self._callback)
+        self.pauses.remove()
         if self.keep_garbage:
             gc.set_debug(0)
             gc.garbage.clear()
@@ -99,6 +116,15 @@ def type_name(obj: object) -> str:
     cls = type(obj)
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _garbage_name(obj: object) -> str:
+    """Classes made at run time are named by what they are, not as ``type``."""
+    if isinstance(obj, type):
+        return f"class {obj.__module__}.{obj.__qualname__}"
+    if type(obj).__name__ == "function":
+        return _owner_name(obj)  # which closure
+    return type_name(obj)
 
 
 def _owner_name(obj: object) -> str:
@@ -167,12 +193,15 @@ class PauseSummary:
     slow: int  # pauses above SLOW_PAUSE_MS
     total_ms: float
     collected: int  # objects freed: cyclic garbage that reference counting could not free
+    max_cpu_ms: float  # the same in the collecting thread's CPU time: other processes and
+    slow_cpu: int  # threads taking the core in the middle of a collection do not count
 
     def line(self) -> str:
         g0, g1, g2 = self.collections
         return (
-            f"collections gen0/1/2 {g0}/{g1}/{g2}, pause max {self.max_ms:.1f} ms, "
-            f"p99 {self.p99_ms:.2f} ms, > {SLOW_PAUSE_MS:.0f} ms: {self.slow}, "
+            f"collections gen0/1/2 {g0}/{g1}/{g2}, pause max {self.max_ms:.1f} ms "
+            f"(CPU {self.max_cpu_ms:.1f}), p99 {self.p99_ms:.2f} ms, "
+            f"> {SLOW_PAUSE_MS:.0f} ms: {self.slow} (CPU: {self.slow_cpu}), "
             f"total {self.total_ms:.0f} ms, {self.collected} objects collected"
         )
 
@@ -199,6 +228,8 @@ def pause_summary(
         sum(1 for m in ms if m > SLOW_PAUSE_MS),
         sum(ms),
         sum(int(p["collected"]) for p in pauses),
+        max((float(p.get("cpu_ms", 0)) for p in pauses), default=0.0),
+        sum(1 for p in pauses if float(p.get("cpu_ms", 0)) > SLOW_PAUSE_MS),
     )
 
 

@@ -205,11 +205,11 @@ def test_the_probe_records_each_collection_and_writes_it_on_close(
         probe.census("after")
     finally:
         probe.close()
-    assert probe._callback not in gc.callbacks
+    assert probe.pauses._callback not in gc.callbacks
     records = read_probe(str(tmp_path / "gc.jsonl"))
     full = [r for r in records if r.get("gc") == 2]
     assert full and max(r["collected"] for r in full) >= 50
-    assert {"thread", "ms", "at"} <= set(full[0])
+    assert {"thread", "ms", "cpu_ms", "at"} <= set(full[0])
     census = [r for r in records if "census" in r]
     assert census[0]["census"] == "after" and census[0]["tracked"] > 0
 
@@ -223,14 +223,15 @@ def test_the_pause_summary_keeps_the_window_and_counts_slow_pauses() -> None:
         {"gc": 0, "at": 1.0, "ms": 0.4, "collected": 0},
         {"gc": 0, "at": 2.0, "ms": 0.6, "collected": 3},
         {"gc": 1, "at": 3.0, "ms": 2.0, "collected": 0},
-        {"gc": 2, "at": 4.0, "ms": SLOW_PAUSE_MS + 1, "collected": 9},
+        {"gc": 2, "at": 4.0, "ms": SLOW_PAUSE_MS + 1, "cpu_ms": 1.0, "collected": 9},
         {"gc": 2, "at": 9.0, "ms": 120.0, "collected": 9},  # after the window
         {"census": "warm", "at": 5.0, "tracked": 1},
     ]
     s = pause_summary(records, 1.5, 8.0)
     assert s.collections == (1, 1, 1)
     assert s.max_ms == SLOW_PAUSE_MS + 1
-    assert s.slow == 1
+    assert s.slow == 1 and s.slow_cpu == 0 and s.max_cpu_ms == 1.0
+    assert s.collected == 12
     assert s.total_ms == pytest.approx(0.6 + 2.0 + SLOW_PAUSE_MS + 1)
     assert "gen0/1/2 1/1/1" in s.line()
     assert pause_summary([]).collections == (0, 0, 0)
