@@ -205,12 +205,20 @@ class Phase:
     cpu: float = 0.0  # the daemon process's CPU seconds (all threads) from ready to the end
     window: tuple[float, float] = (0.0, 0.0)  # perf_counter seconds of the load
     gc: list[dict[str, Any]] = field(default_factory=list)  # the daemon's GC probe records
+    rss: tuple[float, float] = (0.0, 0.0)  # the daemon's resident MiB when ready, at the end
 
 
 def process_cpu(pid: int) -> float:
     """User and system CPU seconds of process ``pid`` so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def snapshots(count: int, rate_bh: float, seed: int) -> list[tuple[int | None, bytes]]:
@@ -399,10 +407,12 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
             assert line and line[0] == "ready", line
             print(f"{name}: daemon ready, driving", file=sys.stderr, flush=True)
             ready_cpu = process_cpu(child.pid)  # start-up (imports, roster, fixes) left out
+            ready_rss = resident_mib(child.pid)
             await drive(int(line[1]), load, args.rate, phase, endpoint)
             print(f"{name}: {len(phase.stored)} stored, {len(phase.page)} pages", file=sys.stderr,
                   flush=True)  # fmt: skip
             phase.cpu = process_cpu(child.pid) - ready_cpu
+            phase.rss = (ready_rss, resident_mib(child.pid))
             child.send_signal(signal.SIGTERM)
             out = (await child.stdout.read()).decode().split()
             await child.wait()
@@ -521,7 +531,8 @@ def print_gc(phases: list[Phase], args: argparse.Namespace) -> None:
             per_k = (warm["tracked"] - ready["tracked"]) / max(1, len(p.stored)) * 1000
             print(f"{p.name}: tracked objects not frozen: {ready['tracked']} when ready, "
                   f"{warm['tracked']} at the end ({per_k:+.0f} per 1,000 snapshots); "
-                  f"frozen {warm['frozen']}")  # fmt: skip
+                  f"frozen {warm['frozen']}; resident {p.rss[0]:.0f} MiB when ready, "
+                  f"{p.rss[1]:.0f} MiB at the end")  # fmt: skip
             if args.gc_census:
                 print(json.dumps({"phase": p.name, "ready": ready, "warm": warm}, indent=1))
 
