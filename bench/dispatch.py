@@ -121,22 +121,29 @@ def write_config(
     return config
 
 
-def run_daemon(config_path: Path, referral_load: bool) -> None:
+def run_daemon(config_path: Path, referral_load: bool, gc_policy: str) -> None:
     """The child: the app on the global reactor (this is an entry point), then referrals."""
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 
     from corespond.adapters.hl7_referral import Person
     from corespond.daemon.app import Corespond
+    from corespond.daemon.clock import Clock
     from corespond.daemon.config import load_config
     from corespond.daemon.feeds import HttpListener
     from corespond.daemon.log import configure_logging
+    from corespond.daemon.memory import CollectorPolicy, CollectorSettings, GcProbe
     from corespond.daemon.referrals import ReferralRequest
     from corespond.daemon.responders import LocationFix
 
     config = load_config(config_path)
     configure_logging(config.logging.level, "json", sys.stderr)
-    app = Corespond(config, reactor)
+    probe = GcProbe.from_environment()
+    memory = None  # --gc-policy off: no freezing at all
+    if gc_policy != "off":  # start: freeze once after start-up, as `corespond run` did in stop 11
+        settings = CollectorSettings() if gc_policy == "on" else CollectorSettings((), 1e9)
+        memory = CollectorPolicy(Clock(reactor), settings=settings)
+    app = Corespond(config, reactor, memory=memory)
     state = {"running": True, "referrals": 0}
 
     async def referrals() -> None:
@@ -163,13 +170,19 @@ def run_daemon(config_path: Path, referral_load: bool) -> None:
                 await app.paging.record_fix(LocationFix(cid, lat, lon, now, "bench"))
         listener = app.feeds.find("http", 0)
         assert isinstance(listener, HttpListener)
+        if probe is not None:
+            probe.census("ready")
         print(f"ready {listener.port}", flush=True)
         if referral_load:
             reactor.callLater(0, lambda: ensureDeferred(referrals()))  # type: ignore[attr-defined]
 
     async def stop() -> None:
         state["running"] = False
+        if probe is not None:
+            probe.census("warm", owners=True)
         await app.stop()
+        if probe is not None:
+            probe.close()
         print(f"referrals {state['referrals']}", flush=True)
 
     reactor.callWhenRunning(lambda: ensureDeferred(start()))  # type: ignore[attr-defined]
@@ -192,12 +205,22 @@ class Phase:
     cpu: float = 0.0  # the daemon process's CPU seconds (all threads) from ready to the end
     windows: list[tuple[float, float]] = field(default_factory=list)  # send -> page, per page
     waited: tuple[Any, ...] = ()  # per page: behind referral work (see referral_time_in_pages)
+    window: tuple[float, float] = (0.0, 0.0)  # perf_counter seconds of the load
+    gc: list[dict[str, Any]] = field(default_factory=list)  # the daemon's GC probe records
+    rss: tuple[float, float] = (0.0, 0.0)  # the daemon's resident MiB when ready, at the end
 
 
 def process_cpu(pid: int) -> float:
     """User and system CPU seconds of process ``pid`` so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def snapshots(count: int, rate_bh: float, seed: int) -> list[tuple[int | None, bytes]]:
@@ -293,6 +316,7 @@ async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, ph
 
     start = time.perf_counter() + 0.1
     tasks = []
+    phase.window = (start, float("inf"))
     for i, (marker, body) in enumerate(load):
         at = start + i / rate
         delay = at - time.perf_counter()
@@ -307,6 +331,7 @@ async def drive(port: int, load: list[tuple[int | None, bytes]], rate: float, ph
     deadline = time.perf_counter() + (30 if phase.name != "no paging" else 0)
     while len(endpoint.arrived) < len(scheduled) and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)  # the last pages are still on their way
+    phase.window = (start, time.perf_counter())
     phase.page = [endpoint.arrived[m] - at for m, at in scheduled.items() if m in endpoint.arrived]
     phase.windows = [(at, endpoint.arrived[m]) for m, at in scheduled.items()
                      if m in endpoint.arrived]  # fmt: skip
@@ -376,11 +401,16 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
         # reactor spans (bench/referrals.py, referral_time_in_pages).
         referral_load = name == "paging + referrals"
         trace = os.environ.get("CORESPOND_STORE_TRACE") or str(Path(tmp) / "trace.jsonl")
+        probe = Path(tmp) / "gc.jsonl"  # the daemon's GC pauses and censuses (daemon/memory.py)
+        env = dict(os.environ, CORESPOND_GC_PROBE=str(probe))
+        if referral_load:
+            env["CORESPOND_STORE_TRACE"] = trace
         child = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--daemon", str(config),
             *(["--referral-load"] if referral_load else []),
+            "--gc-policy", args.gc_policy,
             stdout=asyncio.subprocess.PIPE,
-            env=dict(os.environ, CORESPOND_STORE_TRACE=trace) if referral_load else None,
+            env=env,
         )  # fmt: skip
         assert child.stdout is not None
         try:
@@ -388,10 +418,12 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
             assert line and line[0] == "ready", line
             print(f"{name}: daemon ready, driving", file=sys.stderr, flush=True)
             ready_cpu = process_cpu(child.pid)  # start-up (imports, roster, fixes) left out
+            ready_rss = resident_mib(child.pid)
             await drive(int(line[1]), load, args.rate, phase, endpoint)
             print(f"{name}: {len(phase.stored)} stored, {len(phase.page)} pages", file=sys.stderr,
                   flush=True)  # fmt: skip
             phase.cpu = process_cpu(child.pid) - ready_cpu
+            phase.rss = (ready_rss, resident_mib(child.pid))
             child.send_signal(signal.SIGTERM)
             out = (await child.stdout.read()).decode().split()
             await child.wait()
@@ -403,6 +435,10 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
             phase.referrals = int(out[out.index("referrals") + 1])
         if referral_load:
             phase.waited = referral_time_in_pages(Path(trace), phase.windows)
+        if probe.exists():
+            from corespond.daemon.memory import read_probe
+
+            phase.gc = read_probe(str(probe))
     return phase
 
 
@@ -446,16 +482,23 @@ def main() -> None:
     parser.add_argument("--clinicians", type=int, default=500)
     parser.add_argument("--no-referrals", action="store_true", help="leave phase 3 out")
     parser.add_argument("--postgres", action="store_true", help="store in PostgreSQL")
+    parser.add_argument("--gc-policy", choices=["on", "start", "off"], default="on",
+                        help="the daemon's collector policy (daemon/memory.py): on; start: "
+                        "freeze once after start-up only; off: never freeze")  # fmt: skip
+    parser.add_argument(
+        "--gc-census", action="store_true",
+        help="print what the daemon's collector tracks at each phase's end",
+    )  # fmt: skip
     parser.add_argument("--daemon", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--referral-load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.daemon is not None:
-        run_daemon(args.daemon, args.referral_load)
+        run_daemon(args.daemon, args.referral_load, args.gc_policy)
         return
     phases = asyncio.run(bench(args))
     print(f"load: {args.rate:.0f} snapshots/s for {args.seconds:.0f} s, 5% behavioral-health, "
           f"roster of {args.clinicians} clinicians (all with a fix), "
-          f"{'PostgreSQL' if args.postgres else 'SQLite'}")  # fmt: skip
+          f"{'PostgreSQL' if args.postgres else 'SQLite'}, GC policy {args.gc_policy}")  # fmt: skip
     print(f"{'phase':<20} {'stored p50':>10} {'p99':>8} {'page p50':>9} {'p99':>8} "
           f"{'max':>8} {'pages':>9} {'referrals/s':>11}")  # fmt: skip
     for p in phases:
@@ -494,7 +537,29 @@ def main() -> None:
         per_page = (paging.cpu - quiet.cpu) / len(paging.page) * 1000
         print(f"daemon CPU: no paging {quiet.cpu:.1f} s, paging {paging.cpu:.1f} s: "
               f"{per_page:.1f} ms per page")  # fmt: skip
+    print_gc(phases, args)
     print("all figures in milliseconds")
+
+
+def print_gc(phases: list[Phase], args: argparse.Namespace) -> None:
+    """The daemon's garbage collections during the load (all threads), and with --gc-census
+    what it tracks when warm: the objects a full collection walks."""
+    from corespond.daemon.memory import pause_summary
+
+    for p in phases:
+        if not p.gc:
+            continue
+        print(f"{p.name}: GC during the load: {pause_summary(p.gc, *p.window).line()}")
+        census = {c["census"]: c for c in p.gc if "census" in c}
+        if "ready" in census and "warm" in census:
+            ready, warm = census["ready"], census["warm"]
+            per_k = (warm["tracked"] - ready["tracked"]) / max(1, len(p.stored)) * 1000
+            print(f"{p.name}: tracked objects not frozen: {ready['tracked']} when ready, "
+                  f"{warm['tracked']} at the end ({per_k:+.0f} per 1,000 snapshots); "
+                  f"frozen {warm['frozen']}; resident {p.rss[0]:.0f} MiB when ready, "
+                  f"{p.rss[1]:.0f} MiB at the end")  # fmt: skip
+            if args.gc_census:
+                print(json.dumps({"phase": p.name, "ready": ready, "warm": warm}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Two figures for each server:
 The baseline is measured in the same run: bench/naive_server.py, the same parser and
 classifier behind the same framing, but one ORM session and one commit per snapshot, as a
 straightforward implementation would do. Peak RSS is the server's VmHWM.
+
+Last, the daemon's garbage collections during the sustained and the paced runs (all threads:
+collections per generation, the longest pause, p99, pauses over 5 ms), from its GC probe
+(CORESPOND_GC_PROBE, daemon/memory.py).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 STX, ETX, ACK = b"\x02", b"\x03", 0x06
@@ -67,6 +72,8 @@ class Server:
     name: str
     proc: subprocess.Popen[bytes]
     port: int
+    probe: Path | None = None  # the daemon's GC probe file, written when it stops
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)  # perf_counter
 
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -117,13 +124,13 @@ feeds:
     proc = subprocess.Popen(
         [sys.executable, "-m", "corespond.daemon.cli", "run", "-c", str(config)],
         stdout=subprocess.DEVNULL,
-        env=dict(os.environ, NOTIFY_SOCKET=str(notify)),
+        env=dict(os.environ, NOTIFY_SOCKET=str(notify), CORESPOND_GC_PROBE=str(workdir / "gc")),
         preexec_fn=lambda: pin(0),
     )
     while b"READY=1" not in sock.recv(4096):
         pass
     sock.close()
-    return Server("corespond (group commit, Core)", proc, port)
+    return Server("corespond (group commit, Core)", proc, port, workdir / "gc")
 
 
 def start_naive(workdir: Path) -> Server:
@@ -202,7 +209,10 @@ def measure(server: Server, frames: list[bytes], args: argparse.Namespace) -> di
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     lat = drive(server.port, sustained, args.window, None)
     elapsed, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
+    server.windows["sustained"] = (t0, t0 + elapsed)
+    t1 = time.perf_counter()
     paced = drive(server.port, paced_frames, 10_000, args.rate)
+    server.windows[f"paced @{args.rate:.0f}/s"] = (t1, time.perf_counter())
     return {
         "rate": len(sustained) / elapsed,
         "cpu_us": cpu / len(sustained) * 1e6,
@@ -231,6 +241,7 @@ def main() -> None:
     print(f"mean message size {size:.0f} bytes; window {args.window}; paced at {args.rate:.0f}/s "
           f"for {args.seconds:.0f} s; server on CPU 0, client on CPU 1\n", flush=True)  # fmt: skip
     results = {}
+    gc_lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="corespond-bench-") as tmp:
         for start, count in ((start_naive, args.naive_messages), (start_daemon, args.messages)):
             workdir = Path(tmp) / start.__name__
@@ -241,6 +252,7 @@ def main() -> None:
                 results[server.name] = measure(server, frames[:n], args)
             finally:
                 server.stop()
+            gc_lines += gc_summary(server)
     header = f"{'server':<40} {'snapshots/s':>11} {'p50 ms':>7} {'p99 ms':>7} " \
              f"{'@' + str(int(args.rate)) + '/s p50':>10} {'p99':>7} {'peak RSS':>9} " \
              f"{'CPU us/snap':>11}"  # fmt: skip
@@ -252,6 +264,21 @@ def main() -> None:
               f"{r['rss_mib']:>6.0f} MiB {r['cpu_us']:>11.0f}")  # fmt: skip
     naive, tuned = list(results.values())
     print(f"\ntuned / naive throughput: {tuned['rate'] / naive['rate']:.1f}x")
+    for line in gc_lines:
+        print(line)
+
+
+def gc_summary(server: Server) -> list[str]:
+    """One line per measuring window: the daemon's collections in it."""
+    if server.probe is None or not server.probe.exists():
+        return []
+    from corespond.daemon.memory import pause_summary, read_probe
+
+    records: list[dict[str, Any]] = read_probe(str(server.probe))
+    return [
+        f"GC in corespond, {name}: {pause_summary(records, *window).line()}"
+        for name, window in server.windows.items()
+    ]
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from corespond.daemon.gateways import (
     build_gateways,
 )
 from corespond.daemon.log import error_text
+from corespond.daemon.memory import CollectorPolicy
 from corespond.daemon.pager import Pager
 from corespond.daemon.pipeline import IngestMetrics, Pipeline
 from corespond.daemon.responders import ClinicianDesk, PageDesk
@@ -134,8 +135,12 @@ class Corespond:
         pagers: Mapping[str, Pager] | None = None,
         page_desk: PageDesk | None = None,
         clinician_desk: ClinicianDesk | None = None,
+        memory: CollectorPolicy | None = None,
     ) -> None:
         self.config = config
+        # When the garbage collector may walk the heap; the entry point gives one (it is
+        # process-wide state, as the reactor is), tests mostly do not.
+        self.memory = memory
         self.reactor = reactor
         self.clock = Clock(reactor)
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -336,6 +341,8 @@ class Corespond:
         self.watchdog = Watchdog.from_environment(self.notifier, self.clock, self.healthy)
         if self.watchdog is not None:
             self.watchdog.start()
+        if self.memory is not None:
+            self.memory.started()
         log.info(
             "daemon.started",
             version=__version__,
@@ -379,6 +386,8 @@ class Corespond:
         assert self.rules is not None
         ok = await self.rules.reload()
         self._status("rules reloaded" if ok else "rules reload failed; previous rules kept")
+        if ok and self.memory is not None:
+            self.memory.reloaded()
 
     def _status(self, text: str) -> None:
         """sd_notify STATUS; a daemon on its last known good rules says so first, always."""
@@ -659,6 +668,8 @@ class Corespond:
         self.notifier.reloading()
         config_ok = await self._reload_config()
         rules_ok = await self._reload_rules()
+        if self.memory is not None:
+            self.memory.reloaded()  # even a failed reload may have replaced a part
         return self._reloaded(config_ok, rules_ok)
 
     async def _reload_rules(self) -> bool:
@@ -810,6 +821,8 @@ class Corespond:
         """Stop accepting, finish what is in flight, commit, and say what was done."""
         self.notifier.stopping()
         log.info("daemon.stopping")
+        if self.memory is not None:
+            self.memory.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.rules_watcher is not None:

@@ -4,7 +4,6 @@ global reactor."""
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -188,9 +187,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from twisted.internet.defer import ensureDeferred
 
     from corespond.daemon.app import Corespond
+    from corespond.daemon.clock import Clock
+    from corespond.daemon.memory import CollectorPolicy, GcProbe
 
+    probe = GcProbe.from_environment()  # benchmarks only: every collection's pause
     try:
-        daemon = Corespond(config, reactor)
+        # What start-up built (modules, rules, config, schema) lives as long as the process:
+        # frozen, a full collection no longer walks it (daemon/memory.py says when).
+        daemon = Corespond(config, reactor, memory=CollectorPolicy(Clock(reactor)))
     except Exception as err:
         log.critical("daemon.start.failed", error=error_text(err))
         print(f"corespond: cannot start: {err}", file=sys.stderr)
@@ -218,19 +222,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             lambda: ensureDeferred(daemon.reload())
         )
 
-    def started(_: object) -> None:
-        # What start-up built (modules, rules, config, schema) lives as long as the process.
-        # Frozen, a full collection no longer walks its ~150k objects (230-270 ms on this
-        # shared VM under load, with every snapshot waiting; bench/store_tail.py shows them).
-        gc.collect()
-        gc.freeze()
-
-    reactor.callWhenRunning(
-        lambda: ensureDeferred(daemon.start()).addCallbacks(started, start_failed)
-    )
+    reactor.callWhenRunning(lambda: ensureDeferred(daemon.start()).addErrback(start_failed))
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     signal.signal(signal.SIGHUP, reload)
     reactor.run()  # SIGINT and SIGTERM stop it; the shutdown trigger drains and commits
+    if probe is not None:
+        probe.close()
     if outcome["summary"] is not None:
         print(outcome["summary"].text(), file=sys.stderr)
     return int(outcome["code"])

@@ -11,11 +11,9 @@ for each snapshot (became current, decision changed) are computed in that order.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from corespond.daemon.decision import Decision
 from corespond.daemon.errors import SafeMessage
 from corespond.daemon.ingest import SnapshotState
+from corespond.daemon.memory import PauseRecorder
 from corespond.daemon.slotted import fast_init
 from corespond.daemon.snapshot import (
     Snapshot,
@@ -921,19 +920,7 @@ class _Trace:
         self.path = path
         self.lines: list[str] = []
         self.batch: dict[str, float] = {}  # the batch in flight: only one at a time
-        self._gc_started = 0.0
-        gc.callbacks.append(self._gc)
-
-    def _gc(self, phase: str, info: dict[str, int]) -> None:
-        now = time.perf_counter()
-        if phase == "start":
-            self._gc_started = now
-            return
-        self.lines.append(
-            f'{{"gc":{info["generation"]},"at":{self._gc_started:.6f},'
-            f'"ms":{(now - self._gc_started) * 1e3:.3f},"collected":{info["collected"]},'
-            f'"thread":"{threading.current_thread().name}"}}'
-        )
+        self.pauses = PauseRecorder(self.lines)
 
     def batch_done(self, size: int, first_submitted: float) -> None:
         b = self.batch
@@ -973,8 +960,7 @@ class _Trace:
         self.lines.append(f'{{"checkpoint":"{step}","at":{started:.6f},"ms":{ms:.3f}}}')
 
     def close(self) -> None:
-        if self._gc in gc.callbacks:
-            gc.callbacks.remove(self._gc)
+        self.pauses.remove()
         with open(self.path, "w") as out:
             out.write("\n".join(self.lines) + "\n")
 
