@@ -373,6 +373,11 @@ class LineLogger:
     else (console output, a level above info, ``exc_info``, another configuration) goes
     through structlog as before. Writing ``cad.snapshot.stored`` this way costs about a third
     less than through the bound logger's processor loop.
+
+    :data:`LINE_STEPS` names the chain :meth:`info` repeats by hand. When the chain that
+    :func:`configure_logging` installs is not exactly that one (a processor added, removed or
+    moved), every line goes through structlog instead; a test holds the two equal, so that
+    the fast path is not lost silently either.
     """
 
     __slots__ = ("_chain", "_name", "_writer")
@@ -403,20 +408,40 @@ class LineLogger:
         writer.msg(allowlisted_json_line(writer, "info", fields))
 
 
+# What LineLogger.info does, step by step, for a line at info without exc_info: the context
+# variables merged; the level filter (its _threshold test); ``level`` and ``logger`` set as
+# add_log_level and add_logger_name set them; the timestamp; no exception to format; then the
+# allowlist and the JSON line. The JSON chain configure_logging builds must be exactly these.
+LINE_STEPS: tuple[Any, ...] = (
+    structlog.contextvars.merge_contextvars,
+    _drop_below_level,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    utc_timestamp,
+    format_exception_without_messages,
+    allowlisted_json_line,
+)
+
+
 class _Direct:
     """The JSON chain :func:`configure_logging` installed, for :class:`LineLogger`."""
 
-    __slots__ = ("chain", "processors", "stream")
+    __slots__ = ("chain", "processors", "repeated", "stream")
 
     def __init__(self, processors: list[Any], stream: TextIO) -> None:
         self.processors = processors
         self.chain = tuple(processors)
+        self.repeated = self.chain == LINE_STEPS
         self.stream = stream
 
     def installed(self, processors: Iterable[Any]) -> bool:
         """Whether structlog still runs this chain (``capture_logs`` changes the list in
-        place, ``configure`` replaces it)."""
-        return processors is self.processors and tuple(processors) == self.chain
+        place, ``configure`` replaces it) and it is the one LineLogger repeats."""
+        return (
+            processors is self.processors
+            and self.repeated
+            and tuple(processors) == self.chain
+        )
 
 
 _direct: _Direct | None = None

@@ -463,3 +463,34 @@ def test_line_logger_keeps_context_variables_level_and_reconfiguration() -> None
     text = console.getvalue()
     assert "cad.snapshot.stored" in text and "cad-eido" in text and PHI not in text
     assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_line_logger_repeats_exactly_the_configured_chain() -> None:
+    # LineLogger.info rebuilds the JSON chain by hand: the chain configure_logging installs
+    # must be the one it repeats, step for step (else every line silently takes the slow path).
+    configured()
+    assert tuple(structlog.get_config()["processors"]) == corespond_log.LINE_STEPS
+    assert corespond_log._direct is not None
+    assert corespond_log._direct.installed(structlog.get_config()["processors"])
+
+
+def test_line_logger_falls_back_when_the_chain_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A step of the chain changed (here: the logger name step also sets a field) and not in
+    # LineLogger, which sets the name inline: its lines go through structlog, so they still
+    # carry what the chain adds.
+    name = structlog.stdlib.add_logger_name
+
+    def named(logger: Any, method: str, event_dict: Any) -> Any:
+        event_dict["count"] = 7
+        return name(logger, method, event_dict)
+
+    monkeypatch.setattr(structlog.stdlib, "add_logger_name", named)
+    stream = configured()
+    assert tuple(structlog.get_config()["processors"]) != corespond_log.LINE_STEPS
+    corespond_log.LineLogger("corespond.daemon.pipeline").info("cad.snapshot.stored", feed="f")
+    structlog.get_logger("corespond.daemon.pipeline").info("cad.snapshot.stored", feed="f")
+    fast, chain = json_lines(stream)
+    assert fast["count"] == chain["count"] == 7
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+        k: v for k, v in chain.items() if k != "timestamp"
+    }
