@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any, TextIO, cast
 
 import orjson
@@ -463,7 +464,10 @@ class _NamedWriteLogger:
     def msg(self, message: str) -> None:
         with _WRITE_LOCK:
             self._write(message + "\n")
-            self._flush()
+            if _held:
+                _unflushed[id(self.stream)] = self._flush  # one flush a stream
+            else:
+                self._flush()
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -471,6 +475,33 @@ class _NamedWriteLogger:
 
 # Reentrant: a signal handler may log while the main thread holds it (see above).
 _WRITE_LOCK = threading.RLock()
+# Inside lines_held(): our lines are written but not flushed one by one (see there).
+_held = 0
+_unflushed: dict[int, Callable[[], None]] = {}
+
+
+@contextmanager
+def lines_held() -> Iterator[None]:
+    """Our lines written inside go out together: one flush when the outermost hold ends.
+
+    For the lines of a committed batch, written one per snapshot in one pass on the reactor:
+    a flush is a write() to the journal's socket or pipe each. Every line keeps its fields and
+    its place in the stream (they all go through the one buffer, in order); they reach it
+    microseconds later, when the batch's callbacks are done. Lines of other threads written
+    meanwhile wait for the same flush.
+    """
+    global _held
+    with _WRITE_LOCK:  # msg() reads _held under it: no line is left behind unflushed
+        _held += 1
+    try:
+        yield
+    finally:
+        with _WRITE_LOCK:
+            _held -= 1
+            if not _held:
+                for flush in _unflushed.values():
+                    flush()
+                _unflushed.clear()
 
 
 class _NamedWriteLoggerFactory:
