@@ -9,9 +9,13 @@ transaction, as group commit forms them under load), and the whole path through
 :class:`~corespond.daemon.pipeline.Pipeline` (records, Deferreds, metrics, the log line per
 snapshot written as JSON to /dev/null), with the store's writer "thread" run inline every
 ``--batch`` submissions (``--read N``: N frames handed over at once, as the TCP feed does with
-the frames of one read). Figures are CPU time (``time.process_time``), best of ``--repeat``,
-per snapshot. What this leaves out against bench/ingest.py: the TCP transport and framing, the
-reactor, and the hand-over between the reactor and the writer thread.
+the frames of one read). ``feed`` adds the TCP feed's own part: the frames with their STX/ETX,
+``--chunk`` bytes at a time (the daemon reads up to 64 KiB), through the TCP feed's protocol
+(deframing, one ``many`` per read, the ACKs written to a StringTransport), the writer run
+whenever ``--batch`` snapshots wait. Figures are CPU time (``time.process_time``), best of
+``--repeat``, per snapshot. What this leaves out against bench/ingest.py: the socket and
+the reactor, and the hand-over between the reactor and the writer thread (bench/ingest_threads.py
+measures the daemon whole).
 
 For instruction counts that do not move with the machine's load, run one stage under callgrind
 with instrumentation switched on only for the timed loop (``--callgrind``; instructions per
@@ -37,9 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
 
 from corespond.adapters.eido import EidoFormat
+from corespond.adapters.tcp_feed import TcpFeedFactory
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Origin
 from corespond.daemon.log import configure_logging
@@ -51,7 +58,7 @@ from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 
 BENCH = Path(__file__).resolve().parent
-STAGES = ("parse", "classify", "store", "pipeline")
+STAGES = ("parse", "classify", "store", "pipeline", "feed")
 
 
 class _WallTime:
@@ -120,13 +127,21 @@ def main() -> None:
         default=1,
         help="pipeline stage: frames handed over together (a TCP read holds about 16 of these)",
     )
+    parser.add_argument(
+        "--chunk", type=int, default=65536, help="feed stage: bytes handed over per read"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        help="warning: without the line per snapshot (what it costs is the difference)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stage", choices=(*STAGES, "all", "none"), default="all")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed loops")
     parser.add_argument("--callgrind", action="store_true", help="see the module's text")
     args = parser.parse_args()
     with open(os.devnull, "w") as devnull:
-        configure_logging("info", "json", devnull)
+        configure_logging(args.log_level, "json", devnull)
         run(args)
 
 
@@ -197,7 +212,48 @@ def run(args: argparse.Namespace) -> None:
             assert pipe.counts.new == len(frames), pipe.counts
             engine.dispose()
 
-        fns = {"parse": parse, "classify": classify, "store": store, "pipeline": pipeline}
+        def feed(timer: Timer) -> None:
+            nonlocal runs
+            runs += 1
+            engine = fresh_engine(workdir, runs)
+            queued: list[Callable[[], Any]] = []
+
+            def run_in_thread(fn: Callable[[], Any]) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                queued.append(lambda: d.callback(fn()))
+                return d
+
+            store = IncidentStore(engine, None, run_in_thread=run_in_thread)
+            store.start()
+            metrics = IngestMetrics(CollectorRegistry())
+            clock = Clock(_WallTime())  # type: ignore[arg-type]
+            pipe = Pipeline(store, classifier, clock, metrics)
+            ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
+            factory = TcpFeedFactory(
+                ingest, feed="bench", framing="stx-etx", ack="ack-nak",
+                max_message_bytes=1 << 20, clock=clock, idle_timeout=None,
+            )  # fmt: skip
+            proto = factory.buildProtocol(None)
+            assert proto is not None
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 9))
+            proto.makeConnection(transport)
+            acks = 0
+            with timer:
+                for i in range(0, len(wire), args.chunk):
+                    proto.dataReceived(wire[i : i + args.chunk])
+                    if store.queued >= args.batch or i + args.chunk >= len(wire):
+                        while queued:  # the writer thread's turn: write, commit, answer
+                            queued.pop(0)()
+                        acks += len(transport.value())
+                        transport.clear()
+            assert acks == len(frames) == pipe.counts.new, (acks, pipe.counts)
+            engine.dispose()
+
+        wire = b"".join(b"\x02" + f + b"\x03" for f in frames)
+        fns = {
+            "parse": parse, "classify": classify, "store": store, "pipeline": pipeline,
+            "feed": feed,
+        }  # fmt: skip
         per: dict[str, float] = {}
         for stage in stages:
             timer = Timer(args.profile, args.callgrind)
