@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> None:
                         write_batch(conn, records[i : i + args.batch])
             engine.dispose()
 
-        def pipeline(timer: Timer) -> None:
+        def inline_pipeline() -> tuple[Any, IncidentStore, list[Callable[[], Any]], Pipeline]:
+            """A fresh store whose "writer thread" runs when the loop empties ``queued``."""
             nonlocal runs
             runs += 1
             engine = fresh_engine(workdir, runs)
@@ -197,6 +198,10 @@ def run(args: argparse.Namespace) -> None:
             store.start()
             metrics = IngestMetrics(CollectorRegistry())
             pipe = Pipeline(store, classifier, Clock(_WallTime()), metrics)  # type: ignore[arg-type]
+            return engine, store, queued, pipe
+
+        def pipeline(timer: Timer) -> None:
+            engine, _, queued, pipe = inline_pipeline()
             ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
             step = args.read
             with timer:
@@ -213,25 +218,11 @@ def run(args: argparse.Namespace) -> None:
             engine.dispose()
 
         def feed(timer: Timer) -> None:
-            nonlocal runs
-            runs += 1
-            engine = fresh_engine(workdir, runs)
-            queued: list[Callable[[], Any]] = []
-
-            def run_in_thread(fn: Callable[[], Any]) -> Deferred[Any]:
-                d: Deferred[Any] = Deferred()
-                queued.append(lambda: d.callback(fn()))
-                return d
-
-            store = IncidentStore(engine, None, run_in_thread=run_in_thread)
-            store.start()
-            metrics = IngestMetrics(CollectorRegistry())
-            clock = Clock(_WallTime())  # type: ignore[arg-type]
-            pipe = Pipeline(store, classifier, clock, metrics)
+            engine, store, queued, pipe = inline_pipeline()
             ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
             factory = TcpFeedFactory(
                 ingest, feed="bench", framing="stx-etx", ack="ack-nak",
-                max_message_bytes=1 << 20, clock=clock, idle_timeout=None,
+                max_message_bytes=1 << 20, clock=pipe.clock, idle_timeout=None,
             )  # fmt: skip
             proto = factory.buildProtocol(None)
             assert proto is not None
