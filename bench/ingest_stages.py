@@ -47,6 +47,7 @@ from twisted.internet.testing import StringTransport
 
 from corespond.adapters.eido import EidoFormat
 from corespond.adapters.tcp_feed import TcpFeedFactory
+from corespond.daemon import pipeline as pipeline_module
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Origin
 from corespond.daemon.log import configure_logging
@@ -65,6 +66,13 @@ class _WallTime:
     """What the pipeline's clock reads (the reactor's ``seconds``), without a reactor."""
 
     seconds = staticmethod(time.time)
+
+
+class _Silent:
+    """The per-snapshot line's logger, writing nothing (``--no-line``)."""
+
+    def info(self, event: str, **fields: Any) -> None:
+        pass
 
 
 def load_frames(count: int) -> list[bytes]:
@@ -131,9 +139,9 @@ def main() -> None:
         "--chunk", type=int, default=65536, help="feed stage: bytes handed over per read"
     )
     parser.add_argument(
-        "--log-level",
-        default="info",
-        help="warning: without the line per snapshot (what it costs is the difference)",
+        "--no-line",
+        action="store_true",
+        help="pipeline/feed: the per-snapshot log line not written (its cost is the difference)",
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stage", choices=(*STAGES, "all", "none"), default="all")
@@ -141,7 +149,9 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true", help="see the module's text")
     args = parser.parse_args()
     with open(os.devnull, "w") as devnull:
-        configure_logging(args.log_level, "json", devnull)
+        configure_logging("info", "json", devnull)
+        if args.no_line:
+            pipeline_module.stored_log = _Silent()  # type: ignore[assignment]
         run(args)
 
 
