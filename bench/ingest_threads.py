@@ -9,17 +9,21 @@ frames in flight. After a warm-up it measures ``--messages`` snapshots and print
 snapshot, the CPU time of each of the daemon's threads (from /proc; the threads are named
 after their Python thread, so the reactor, the store writer and the checkpoints show apart).
 
-``--wrap cprofile``: every thread runs under cProfile (CPU time of its own thread); the
+``--wrap cprofile``: every thread runs under cProfile (timer: its thread's CPU time); the
 profiles cover the measured snapshots only and are written to ``--out`` as ``<thread>.prof``,
-and their top functions printed. ``--wrap callgrind``: the daemon runs under valgrind
+and their top functions printed. For the shape only: the profiler multiplies the reactor's
+time about fourfold, and the pool threads' waits in their queues showed up as time. For
+shares, ``--py-spy PATH --py-spy-args=--gil`` (samples of the thread holding the GIL).
+``--wrap callgrind``: the daemon runs under valgrind
 (``--separate-threads=yes``, instrumentation on only while the measured snapshots go
 through); prints the instructions per snapshot of each thread and of the whole process.
 Use fewer messages there (about 1,500: valgrind is ~50 times slower).
 
-What bench/ingest_stages.py cannot see is here: the TCP transport, framing, the reactor and
-the hand-over to and from the writer thread. The difference between this run's total and
-``ingest_stages.py --stage pipeline --read 16`` (the same code without sockets or threads) is
-that part.
+What bench/ingest_stages.py cannot see is here: the socket, the reactor, the hand-over to
+and from the writer thread, the WAL checkpoint thread and the kernel's time. The difference
+between this run's instructions and ``ingest_stages.py --stage feed --batch 26`` (the same
+code, the TCP feed's protocol and framing included, in one thread) is that part, less what
+batch sizes move (the daemon forms batches of 25-29 under this load).
 """
 
 from __future__ import annotations
