@@ -99,8 +99,8 @@ def pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def start_daemon(workdir: Path) -> Server:
-    port = free_port()
+def daemon_config(workdir: Path, port: int) -> Path:
+    """The daemon's configuration for the benchmark (written into ``workdir``)."""
     config = workdir / "bench.yaml"
     config.write_text(
         f"""
@@ -117,6 +117,12 @@ feeds:
       ack: ack-nak
 """
     )
+    return config
+
+
+def start_daemon(workdir: Path) -> Server:
+    port = free_port()
+    config = daemon_config(workdir, port)
     notify = workdir / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))

@@ -9,9 +9,13 @@ transaction, as group commit forms them under load), and the whole path through
 :class:`~corespond.daemon.pipeline.Pipeline` (records, Deferreds, metrics, the log line per
 snapshot written as JSON to /dev/null), with the store's writer "thread" run inline every
 ``--batch`` submissions (``--read N``: N frames handed over at once, as the TCP feed does with
-the frames of one read). Figures are CPU time (``time.process_time``), best of ``--repeat``,
-per snapshot. What this leaves out against bench/ingest.py: the TCP transport and framing, the
-reactor, and the hand-over between the reactor and the writer thread.
+the frames of one read). ``feed`` adds the TCP feed's own part: the frames with their STX/ETX,
+``--chunk`` bytes at a time (the daemon reads up to 64 KiB), through the TCP feed's protocol
+(deframing, one ``many`` per read, the ACKs written to a StringTransport), the writer run
+whenever ``--batch`` snapshots wait. Figures are CPU time (``time.process_time``), best of
+``--repeat``, per snapshot. What this leaves out against bench/ingest.py: the socket and
+the reactor, and the hand-over between the reactor and the writer thread (bench/ingest_threads.py
+measures the daemon whole).
 
 For instruction counts that do not move with the machine's load, run one stage under callgrind
 with instrumentation switched on only for the timed loop (``--callgrind``; instructions per
@@ -38,9 +42,13 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
 
 from corespond.adapters.eido import EidoFormat
+from corespond.adapters.tcp_feed import TcpFeedFactory
+from corespond.daemon import pipeline as pipeline_module
 from corespond.daemon.clock import Clock
 from corespond.daemon.ingest import Origin
 from corespond.daemon.log import configure_logging
@@ -52,13 +60,20 @@ from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 
 BENCH = Path(__file__).resolve().parent
-STAGES = ("parse", "classify", "store", "pipeline")
+STAGES = ("parse", "classify", "store", "pipeline", "feed")
 
 
 class _WallTime:
     """What the pipeline's clock reads (the reactor's ``seconds``), without a reactor."""
 
     seconds = staticmethod(time.time)
+
+
+class _Silent:
+    """The per-snapshot line's logger, writing nothing (``--no-line``)."""
+
+    def info(self, event: str, **fields: Any) -> None:
+        pass
 
 
 def load_frames(count: int) -> list[bytes]:
@@ -130,6 +145,14 @@ def main() -> None:
         default=1,
         help="pipeline stage: frames handed over together (a TCP read holds about 16 of these)",
     )
+    parser.add_argument(
+        "--chunk", type=int, default=65536, help="feed stage: bytes handed over per read"
+    )
+    parser.add_argument(
+        "--no-line",
+        action="store_true",
+        help="pipeline/feed: the per-snapshot log line not written (its cost is the difference)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--html-notes",
@@ -142,6 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     with open(os.devnull, "w") as devnull:
         configure_logging("info", "json", devnull)
+        if args.no_line:
+            pipeline_module.stored_log = _Silent()  # type: ignore[assignment]
         run(args)
 
 
@@ -184,7 +209,8 @@ def run(args: argparse.Namespace) -> None:
                         write_batch(conn, records[i : i + args.batch])
             engine.dispose()
 
-        def pipeline(timer: Timer) -> None:
+        def inline_pipeline() -> tuple[Any, IncidentStore, list[Callable[[], Any]], Pipeline]:
+            """A fresh store whose "writer thread" runs when the loop empties ``queued``."""
             nonlocal runs
             runs += 1
             engine = fresh_engine(workdir, runs)
@@ -199,6 +225,10 @@ def run(args: argparse.Namespace) -> None:
             store.start()
             metrics = IngestMetrics(CollectorRegistry())
             pipe = Pipeline(store, classifier, Clock(_WallTime()), metrics)  # type: ignore[arg-type]
+            return engine, store, queued, pipe
+
+        def pipeline(timer: Timer) -> None:
+            engine, _, queued, pipe = inline_pipeline()
             ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
             step = args.read
             with timer:
@@ -214,7 +244,34 @@ def run(args: argparse.Namespace) -> None:
             assert pipe.counts.new == len(frames), pipe.counts
             engine.dispose()
 
-        fns = {"parse": parse, "classify": classify, "store": store, "pipeline": pipeline}
+        def feed(timer: Timer) -> None:
+            engine, store, queued, pipe = inline_pipeline()
+            ingest = pipe.ingest_for(FeedContext("bench", "bench", fmt, 1 << 20))
+            factory = TcpFeedFactory(
+                ingest, feed="bench", framing="stx-etx", ack="ack-nak",
+                max_message_bytes=1 << 20, clock=pipe.clock, idle_timeout=None,
+            )  # fmt: skip
+            proto = factory.buildProtocol(None)
+            assert proto is not None
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 9))
+            proto.makeConnection(transport)
+            acks = 0
+            with timer:
+                for i in range(0, len(wire), args.chunk):
+                    proto.dataReceived(wire[i : i + args.chunk])
+                    if store.queued >= args.batch or i + args.chunk >= len(wire):
+                        while queued:  # the writer thread's turn: write, commit, answer
+                            queued.pop(0)()
+                        acks += len(transport.value())
+                        transport.clear()
+            assert acks == len(frames) == pipe.counts.new, (acks, pipe.counts)
+            engine.dispose()
+
+        wire = b"".join(b"\x02" + f + b"\x03" for f in frames)
+        fns = {
+            "parse": parse, "classify": classify, "store": store, "pipeline": pipeline,
+            "feed": feed,
+        }  # fmt: skip
         per: dict[str, float] = {}
         for stage in stages:
             timer = Timer(args.profile, args.callgrind)

@@ -8,10 +8,11 @@ that start and end on word boundaries and short keys ("no", "od") cost nothing i
 words (performance.md 3.b: check boundaries without a leading ``\\b``). A key ending in a digit
 also matches before a letter ("918V", "415E"): CAD codes glue suffixes on.
 
-:meth:`LiteralMatcher.scan` lists every hit (the plain form); :meth:`LiteralMatcher.scan_field`,
-what the engine calls, finds the same hits (uncertainty triggers aside) with an automaton per
+:meth:`LiteralMatcher.scan_field`, what the engine calls, finds the hits with an automaton per
 field that holds only the keys that apply there, and groups them as it goes (terms by id,
-triggers by kind).
+triggers by kind). The plain form, every hit of every key listed (uncertainty triggers too),
+is the tests' reference (``plain_scan`` in tests/rules/test_equivalence.py, with
+pyahocorasick's trie: a second implementation, not a second copy of this one).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import ahocorasick
 import ahocorasick_rs
 
 _TRANSLATE = str.maketrans({"_": " ", "-": " ", "\t": " ", "\r": " "})
@@ -196,7 +196,7 @@ class LiteralMatcher:
             if key.kind == "gate":
                 stored = core
             elif key.stem or core[-1].isdigit():
-                stored = " " + core  # the right boundary is checked in scan()
+                stored = " " + core  # the right boundary is checked in the scan
             else:
                 stored = f" {core} "
             bucket = table.setdefault(stored, [])
@@ -204,24 +204,12 @@ class LiteralMatcher:
                 bucket.append(key)
         self.size = len(table)
         self._table = table
-        # The automaton over every key, for scan(); the engine only uses scan_field()'s
-        # per-field ones, so it is made when scan() is first called.
-        self._automaton: ahocorasick.Automaton | None = None
         self._scanners: dict[str, _FieldScanner] = {}
 
-    def _plain_automaton(self) -> ahocorasick.Automaton:
-        automaton = ahocorasick.Automaton()
-        for stored, keys in self._table.items():
-            lead = 1 if stored.startswith(" ") else 0
-            trail = 1 if stored.endswith(" ") and len(stored) > 1 else 0
-            entries = tuple(
-                (k.kind, k.ident, k.stem, k.fields, k.kind != "gate" and not k.stem and not trail)
-                for k in keys
-            )
-            automaton.add_word(stored, (len(stored), lead, trail, entries))
-        if self.size:
-            automaton.make_automaton()
-        return automaton
+    def stored_keys(self) -> list[tuple[str, tuple[Key, ...]]]:
+        """Every key as the automata store it (padded words-only text), with the literals it
+        stands for: the plain form of what :meth:`scan_field` looks for (tests scan with it)."""
+        return [(stored, tuple(keys)) for stored, keys in self._table.items()]
 
     def field_keys(self, field: str) -> list[tuple[str, FieldValue]]:
         """The keys :meth:`scan_field` looks for in ``field``, each with its value.
@@ -259,40 +247,8 @@ class LiteralMatcher:
         self._scanners[field] = scanner
         return scanner
 
-    def scan(self, normalized: str, field: str) -> list[Hit]:
-        """Every hit in ``normalized`` text (of a field named ``field``), offsets in that text.
-
-        The plain form; :meth:`scan_field` finds the same hits (tests hold them equal).
-        """
-        if not self.size or not normalized:
-            return []
-        padded = f" {words_only(normalized)} "
-        n = len(normalized)
-        out: list[Hit] = []
-        automaton = self._automaton
-        if automaton is None:
-            automaton = self._automaton = self._plain_automaton()
-        for last, (length, lead, trail, entries) in automaton.iter(padded):
-            # padded index i is text index i - 1
-            start = last - length + 1 + lead - 1
-            end = last + 1 - trail - 1
-            for kind, ident, stem, fields, check_digit_end in entries:
-                if fields and field not in fields:
-                    continue
-                if stem:
-                    stop = end  # evidence shows the whole word a stem matched
-                    while stop < n and normalized[stop].isalnum():
-                        stop += 1
-                    out.append((kind, ident, start, stop))
-                elif check_digit_end:
-                    if end >= n or not normalized[end].isdigit():
-                        out.append((kind, ident, start, end))
-                else:
-                    out.append((kind, ident, start, end))
-        return out
-
     def scan_field(self, raw: str, field: str) -> FieldHits:
-        """What :meth:`scan` finds in ``normalize_text(raw)``, grouped in the same pass.
+        """Every hit in ``normalize_text(raw)`` on word boundaries, grouped in the same pass.
 
         One DFA pass over the padded words-only text; a key that stands for one plain term or
         trigger is taken at once (``fast``), the others walk their entries (stems run to the

@@ -36,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from corespond.daemon.decision import Decision
 from corespond.daemon.errors import SafeMessage
 from corespond.daemon.ingest import SnapshotState
+from corespond.daemon.log import lines_held
 from corespond.daemon.memory import PauseRecorder
 from corespond.daemon.slotted import fast_init
 from corespond.daemon.snapshot import (
@@ -1397,7 +1398,7 @@ class IncidentStore:
         if self._trace is not None:
             self._trace.batch["dispatched"] = time.perf_counter()
         self._run_write(lambda: self._write(items, riders)).addBoth(
-            self._written, batch, riders
+            self._answer_batch, batch, riders
         )
 
     def _dispatch_job(self, job: _Job) -> None:
@@ -1508,6 +1509,17 @@ class IncidentStore:
         conn.connection.driver_connection.execute(_CHECKPOINT).fetchall()  # type: ignore[union-attr]
         if self._trace is not None:
             self._trace.checkpoint("writer", started)
+
+    def _answer_batch(
+        self,
+        result: tuple[list[StoredSnapshot | int], list[tuple[bool, Any]]] | Failure,
+        batch: list[tuple[Any, Deferred[Any] | _Slot, float]],
+        riders: list[_Rider],
+    ) -> None:
+        """:meth:`_written`, the batch's log lines (one a snapshot) flushed together at the
+        end: one write to the log's stream instead of one a line (see lines_held)."""
+        with lines_held():
+            self._written(result, batch, riders)
 
     def _written(
         self,

@@ -207,3 +207,73 @@ def test_fuzz_chunking_never_changes_the_result(
     assert pieces.discarded == whole.discarded
     for item in got:
         assert isinstance(item, FramingError) or len(item) <= limit
+
+
+DELIMITERS = {"stx-etx": (0x02, 0x03, None), "vt-fs-cr": (0x0B, 0x1C, 0x0D)}
+
+
+def byte_by_byte(kind: str, wire: bytes, limit: int) -> tuple[list[bytes | str], int]:
+    """The delimited framings as the module's text states them, one byte at a time: what
+    the deframer (which jumps from delimiter to delimiter) must deliver, and discard."""
+    start, stop, trailer = DELIMITERS[kind]
+    out: list[bytes | str] = []
+    buf = bytearray()
+    inside = skipping = expect_trailer = False
+    discarded = 0
+    for byte in wire:
+        if expect_trailer:
+            expect_trailer = False
+            if byte == trailer:
+                continue
+        if byte == start:
+            if inside and not skipping:
+                out.append("interrupted")
+            buf.clear()
+            inside, skipping = True, False
+        elif not inside:
+            discarded += 1  # between frames, a stray end byte too
+        elif byte == stop:
+            if not skipping:
+                out.append(bytes(buf))
+            buf.clear()
+            inside = skipping = False
+            expect_trailer = trailer is not None
+        elif not skipping:
+            if len(buf) == limit:
+                buf.clear()
+                skipping = True
+                out.append("oversize")
+            else:
+                buf.append(byte)
+    if inside and not skipping:
+        out.append("truncated")
+    return out, discarded
+
+
+@pytest.mark.parametrize("kind", sorted(DELIMITERS))
+@settings(max_examples=300, deadline=None)
+@given(
+    wire=st.lists(
+        st.sampled_from([b"\x02", b"\x03", b"\x0b", b"\x1c", b"\r", b"ab", b"xyz" * 3])
+    ).map(b"".join)
+    | st.binary(max_size=200),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=20),
+    limit=st.integers(min_value=1, max_value=12),
+)
+def test_delimited_deframer_delivers_what_a_byte_by_byte_reading_does(
+    kind: str, wire: bytes, cuts: list[int], limit: int
+) -> None:
+    expected, discarded = byte_by_byte(kind, wire, limit)
+    for chunks in ([wire], one_by_one(wire), chunked(wire, cuts)):
+        d = make_deframer(kind, limit)
+        assert codes(feed_chunks(d, chunks)) == expected
+        assert d.discarded == discarded
+        assert d.buffered == 0
+
+
+def test_a_frame_within_one_read_is_not_copied_through_the_buffer() -> None:
+    d = make_deframer("stx-etx", 100)
+    assert d.feed(b"\x02abc\x03\x02de") == [b"abc"]
+    assert d.buffered == 2  # only the frame the read cut short waits
+    assert d.feed(b"f\x03") == [b"def"]
+    assert d.buffered == 0

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -463,3 +464,91 @@ def test_line_logger_keeps_context_variables_level_and_reconfiguration() -> None
     text = console.getvalue()
     assert "cad.snapshot.stored" in text and "cad-eido" in text and PHI not in text
     assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_line_logger_repeats_exactly_the_configured_chain() -> None:
+    # LineLogger.info rebuilds the JSON chain by hand: the chain configure_logging installs
+    # must be the one it repeats, step for step (else every line silently takes the slow path).
+    configured()
+    assert tuple(structlog.get_config()["processors"]) == corespond_log.LINE_STEPS
+    assert corespond_log._direct is not None
+    assert corespond_log._direct.installed(structlog.get_config()["processors"])
+
+
+def test_line_logger_falls_back_when_the_chain_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A step of the chain changed (here: the logger name step also sets a field) and not in
+    # LineLogger, which sets the name inline: its lines go through structlog, so they still
+    # carry what the chain adds.
+    name = structlog.stdlib.add_logger_name
+
+    def named(logger: Any, method: str, event_dict: Any) -> Any:
+        event_dict["count"] = 7
+        return name(logger, method, event_dict)
+
+    monkeypatch.setattr(structlog.stdlib, "add_logger_name", named)
+    stream = configured()
+    assert tuple(structlog.get_config()["processors"]) != corespond_log.LINE_STEPS
+    corespond_log.LineLogger("corespond.daemon.pipeline").info("cad.snapshot.stored", feed="f")
+    structlog.get_logger("corespond.daemon.pipeline").info("cad.snapshot.stored", feed="f")
+    fast, chain = json_lines(stream)
+    assert fast["count"] == chain["count"] == 7
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+        k: v for k, v in chain.items() if k != "timestamp"
+    }
+
+
+class Flushes(io.StringIO):
+    """A stream that counts its flushes and keeps what each one made visible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+        super().flush()
+
+
+def test_lines_held_go_out_with_one_flush_each_in_place() -> None:
+    stream = Flushes()
+    configure_logging("info", "json", stream, cache_loggers=False)
+    line_log = corespond_log.LineLogger("corespond.daemon.pipeline")
+    line_log.info("cad.snapshot.stored", feed="f", snapshot_id=0)
+    assert len(stream.flushed) == 1
+    with corespond_log.lines_held():
+        line_log.info("cad.snapshot.stored", feed="f", snapshot_id=1, caller_name=PHI)
+        with corespond_log.lines_held():  # nested: only the outermost flushes
+            structlog.get_logger("corespond.test").warning("feed.tcp.paused", in_flight=3)
+        line_log.info("cad.snapshot.duplicate", feed="f", snapshot_id=2)
+        assert len(stream.flushed) == 1
+    assert len(stream.flushed) == 2 and stream.flushed[-1] == stream.getvalue()
+    lines = json_lines(stream)
+    assert [line.get("snapshot_id") for line in lines] == [0, 1, None, 2]
+    assert lines[1]["redacted"] == ["caller_name"] and PHI not in stream.getvalue()
+    line_log.info("cad.snapshot.stored", feed="f", snapshot_id=3)  # flushed at once again
+    assert len(stream.flushed) == 3
+
+
+def test_a_line_of_another_thread_during_a_hold_is_flushed_with_it() -> None:
+    stream = Flushes()
+    configure_logging("info", "json", stream, cache_loggers=False)
+    with corespond_log.lines_held():
+        other = threading.Thread(
+            target=lambda: structlog.get_logger("corespond.store").warning(
+                "store.batch.retried", attempt=1
+            )
+        )
+        other.start()
+        other.join()
+        assert stream.flushed == []
+    assert len(stream.flushed) == 1 and "store.batch.retried" in stream.flushed[0]
+
+
+def test_an_error_inside_a_hold_still_flushes() -> None:
+    stream = Flushes()
+    configure_logging("info", "json", stream, cache_loggers=False)
+    with pytest.raises(RuntimeError), corespond_log.lines_held():
+        corespond_log.LineLogger("corespond.x").info("cad.snapshot.stored", feed="f")
+        raise RuntimeError
+    assert len(stream.flushed) == 1 and "cad.snapshot.stored" in stream.flushed[0]
+    assert corespond_log._held == 0

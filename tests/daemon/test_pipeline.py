@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -16,10 +19,12 @@ from twisted.python.failure import Failure
 
 from corespond.adapters.corespond_json import CorespondJsonFormat
 from corespond.adapters.eido import EidoFormat, eido_document
+from corespond.daemon import log as corespond_log
 from corespond.daemon.clock import Clock
 from corespond.daemon.decision import Response
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.ingest import Accepted, Origin, Rejected, SnapshotState
+from corespond.daemon.log import configure_logging
 from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
 from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
 from corespond.daemon.store.queries import totals
@@ -308,3 +313,55 @@ def test_many_payloads_not_stored_are_failures(engine: Engine, registry: Collect
     result(store.stop())
     closed = result(pipeline.ingest_for(feed()).many([eido(snap(2))], ORIGIN))
     assert [type(a) for a in closed] == [Failure]
+
+
+class _Flushes(io.StringIO):
+    """A log stream that counts its flushes."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.fixture
+def log_stream() -> Iterator[_Flushes]:
+    stream = _Flushes()
+    configure_logging("info", "json", stream, cache_loggers=False)
+    yield stream
+    if corespond_log._handler is not None:
+        logging.getLogger().removeHandler(corespond_log._handler)
+        corespond_log._handler = None
+    structlog.reset_defaults()
+
+
+def test_a_batchs_lines_go_out_with_one_flush(engine: Engine, log_stream: _Flushes) -> None:
+    writes: list[Callable[[], None]] = []
+
+    def writer_thread(fn: Callable[[], Any]) -> Deferred[Any]:
+        # The batch is written when the test says, as the writer thread would do it later.
+        d: Deferred[Any] = Deferred()
+        writes.append(lambda: d.callback(fn()))
+        return d
+
+    store = IncidentStore(engine, TaskClock(), run_in_thread=writer_thread)
+    store.start()
+    pipeline = Pipeline(store, classifier(), Clock(TaskClock()), IngestMetrics(CollectorRegistry()))
+    ingest = pipeline.ingest_for(feed())
+    answered = ingest.many([eido(snap(n)) for n in range(1, 6)], ORIGIN)
+    before = log_stream.flushes  # (earlier tests' Twisted events may be written first)
+    writes.pop()()
+    assert all(isinstance(a[0], Accepted) for a in result(answered))
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    stored = [line for line in lines if line["event"] == "cad.snapshot.stored"]
+    # One line per snapshot, every field kept, in order; one flush for the batch's five.
+    assert [line["incident_id"] for line in stored] == [snap(n).incident_id for n in range(1, 6)]
+    assert all(line["snapshot_id"] and line["rules"] and line["ruleset"] for line in stored)
+    assert log_stream.flushes == before + 1
+    one = ingest(eido(snap(7)), ORIGIN)
+    writes.pop()()
+    assert isinstance(result(one)[0], Accepted)
+    assert log_stream.flushes == before + 2
+    assert log_stream.getvalue().count("cad.snapshot.stored") == 6
+    assert not writes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -266,4 +267,7 @@ def test_paging_starts_a_chain_from_a_decision(tmp_path: Path) -> None:
     outcomes = [e["outcome"] for e in daemon.log if e.get("event") == "escalation.step.done"]
     assert outcomes == ["no-candidate", "no-candidate", "notified"]
     text = json.dumps(daemon.log)
-    assert "hearing voices" not in text and "5550" not in text
+    # The roster's pager addresses, whole: a bare "5550" also matched a peer's port (45550).
+    addresses = re.findall(r'address: "([^"]+)"', roster.read_text())
+    assert addresses and not [a for a in addresses if a in text]
+    assert "hearing voices" not in text

@@ -2,8 +2,9 @@
 
 ``Reference`` below is the straightforward reading of the rule semantics: every rule's
 condition tree evaluated against every snapshot (no prefilter of candidate rules, no include
-rules first, no caches), hits from :meth:`LiteralMatcher.scan` over one automaton holding every
-literal for every field, and negation from :class:`NegationScopes` built for the whole field.
+rules first, no caches), hits from :func:`plain_scan` (pyahocorasick's trie holding every
+literal for every field, not the engine's ahocorasick_rs automata), and negation from
+:class:`NegationScopes` built for the whole field.
 The engine's shortcuts (rule bit masks, per-field automata, lazy negation, remembered call
 types) must not change a single decision, rule id or evidence span.
 """
@@ -109,7 +110,7 @@ class Reference:
 
     def fired(self, snap: Snapshot) -> list[tuple[Rule, list[Span]]]:
         hits = {
-            f: self.matcher.scan(normalize_text(field_text(snap, f)), f)
+            f: plain_scan(self.matcher, normalize_text(field_text(snap, f)), f)
             for f in SCANNED
             if field_text(snap, f)
         }
@@ -393,7 +394,7 @@ def test_grouped_scan_finds_what_the_plain_scan_finds(
     matcher = engines[1].matcher
     found = matcher.scan_field(text, field)
     normalized = normalize_text(text)
-    hits = matcher.scan(normalized, field)
+    hits = plain_scan(matcher, normalized, field)
     assert found.text == normalized
     terms: dict[int, list[tuple[int, int]]] = {}
     for kind, ident, start, end in hits:
@@ -418,7 +419,7 @@ def test_lazy_negation_answers_as_the_scopes(
 ) -> None:
     reference = engines[1]
     normalized = normalize_text(text)
-    hits = reference.matcher.scan(normalized, "narrative")
+    hits = plain_scan(reference.matcher, normalized, "narrative")
     found = reference.matcher.scan_field(text, "narrative")
     window = data.draw(st.integers(0, 8))
     scopes = NegationScopes(normalized, hits, window)
@@ -434,6 +435,54 @@ def test_lazy_negation_answers_as_the_scopes(
         start, end = min(a, b), max(a, b)
         assert lazy.negated(start, end) == scopes.scope(start, end).negated
         assert on_raw.negated(start, end) == lazy.negated(start, end)
+
+
+def plain_scan(matcher: LiteralMatcher, normalized: str, field: str) -> list[Hit]:
+    """Every hit in ``normalized`` text (of a field named ``field``), offsets in that text:
+    one pyahocorasick trie over every key of ``matcher`` (the plain form the engine's
+    ``scan_field`` must agree with; it was ``LiteralMatcher.scan`` until stop 12)."""
+    held = _PLAIN.get(id(matcher))
+    if held is not None and held[0] is matcher:
+        automaton = held[1]
+    else:
+        automaton = ahocorasick.Automaton()
+        _PLAIN[id(matcher)] = (matcher, automaton)  # the matcher held: its id stays its own
+        for stored, keys in matcher.stored_keys():
+            lead = 1 if stored.startswith(" ") else 0
+            trail = 1 if stored.endswith(" ") and len(stored) > 1 else 0
+            entries = tuple(
+                (k.kind, k.ident, k.stem, k.fields, k.kind != "gate" and not k.stem and not trail)
+                for k in keys
+            )
+            automaton.add_word(stored, (len(stored), lead, trail, entries))
+        if len(automaton):
+            automaton.make_automaton()
+    if not len(automaton) or not normalized:
+        return []
+    padded = f" {words_only(normalized)} "
+    n = len(normalized)
+    out: list[Hit] = []
+    for last, (length, lead, trail, entries) in automaton.iter(padded):
+        # padded index i is text index i - 1
+        start = last - length + 1 + lead - 1
+        end = last + 1 - trail - 1
+        for kind, ident, stem, fields, check_digit_end in entries:
+            if fields and field not in fields:
+                continue
+            if stem:
+                stop = end  # evidence shows the whole word a stem matched
+                while stop < n and normalized[stop].isalnum():
+                    stop += 1
+                out.append((kind, ident, start, stop))
+            elif check_digit_end:
+                if end >= n or not normalized[end].isdigit():
+                    out.append((kind, ident, start, end))
+            else:
+                out.append((kind, ident, start, end))
+    return out
+
+
+_PLAIN: dict[int, tuple[LiteralMatcher, ahocorasick.Automaton]] = {}
 
 
 def trie_scan_field(matcher: LiteralMatcher, raw: str, field: str) -> FieldHits:
