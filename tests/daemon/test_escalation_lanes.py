@@ -67,11 +67,14 @@ def test_the_page_goes_after_the_batch_it_rode_commits(lanes: Lanes) -> None:
     writes.run_next()  # the batch and the chain's first step: one transaction
     assert lanes.chains() == 1
     assert [(gw, address) for gw, address, _ in w.sent()] == [("wctp", "5550101")]
-    # The submission is recorded later, riding a batch too (here none comes: alone).
+    # The submission is recorded later, riding a batch too (here none comes: alone), and never
+    # beside page work: the worker's pass claiming due pages, waiting meanwhile, goes first.
     assert lanes.submitted() == 0 and writes.calls == []
     w.reactor.advance(RIDE_LATER_WITHIN)
     writes.run_next()
-    assert lanes.submitted() == 1
+    assert lanes.submitted() == 0
+    writes.run_next()
+    assert lanes.submitted() == 1 and writes.calls == []
 
 
 def test_without_a_batch_the_page_goes_after_the_bound(lanes: Lanes) -> None:
