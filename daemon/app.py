@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import structlog
@@ -63,6 +64,9 @@ log = structlog.get_logger(__name__)
 # How often the demo's CAD sends its crisis units' positions and statuses, in simulator ticks
 # (15 s at the demo's 1.5 s).
 CAD_UNIT_TICKS = 10
+# How long the referral worker's group commit of send results waits for an ingest batch to
+# ride before it goes alone (SQLite): short, since the sender's claims ahead wait for it.
+REFERRAL_COMMIT_WITHIN = 0.01
 
 
 class StartupError(SafeMessage, Exception):
@@ -323,6 +327,11 @@ class Corespond:
                     if self.engine.dialect.name == "sqlite"
                     else None,
                     ride=self.store.ride_later if self.engine.dialect.name == "sqlite" else None,
+                    ride_commits=partial(
+                        self.store.ride_next_batch, within=REFERRAL_COMMIT_WITHIN, urgent=False
+                    )
+                    if self.engine.dialect.name == "sqlite"
+                    else None,
                     metrics=ReferralMetrics(self.registry),
                 )  # fmt: skip
                 self.referrals.start()

@@ -1204,6 +1204,7 @@ class ReferralWorker:
         rand: Callable[[], float] = random.random,
         lease_margin: float = 30.0,
         run_in_thread: RunInThread | None = None,
+        ride: RideBatch | None = None,
         metrics: ReferralMetrics | None = None,
     ) -> None:
         self.engine = engine
@@ -1219,6 +1220,10 @@ class ReferralWorker:
         # SQLite: the store's writer thread, so that our commits queue instead of sleeping in
         # SQLite's busy handler; otherwise (PostgreSQL, tests, the bench) our own pool.
         self._run_in_thread = run_in_thread
+        # SQLite: the group commit of send results rides the next ingest batch (a savepoint in
+        # its transaction) instead of a transaction and an fsync of its own on the writer
+        # pages share; it waits for one only briefly (the bound the daemon gives it).
+        self._ride = ride
         self.metrics = metrics
         self._links: dict[str, mllp.MLLPClientProtocol] = {}
         self._in_flight: dict[str, Deferred[None]] = {}
@@ -1497,27 +1502,30 @@ class ReferralWorker:
         if stale or want > 0:
             lane.renewed_at = now
 
+        def commit_in(conn: Connection) -> list[Claimed]:
+            record_delivered_many(
+                conn, [(o.claimed, *o.accepted) for o in group if o.accepted is not None]
+            )
+            for outcome in group:
+                if outcome.record is not None:
+                    outcome.record(conn)
+            if renew:
+                renew_claims(conn, still, self.worker_id, now + lease)
+            if want <= 0:
+                return []
+            return claim_due(
+                conn,
+                now,
+                self.worker_id,
+                lease=lease,
+                limit=want,
+                provider=lane.provider,
+                per_provider=want,
+            )
+
         def commit() -> list[Claimed]:
             with self.engine.begin() as conn:
-                record_delivered_many(
-                    conn, [(o.claimed, *o.accepted) for o in group if o.accepted is not None]
-                )
-                for outcome in group:
-                    if outcome.record is not None:
-                        outcome.record(conn)
-                if renew:
-                    renew_claims(conn, still, self.worker_id, now + lease)
-                if want <= 0:
-                    return []
-                return claim_due(
-                    conn,
-                    now,
-                    self.worker_id,
-                    lease=lease,
-                    limit=want,
-                    provider=lane.provider,
-                    per_provider=want,
-                )
+                return commit_in(conn)
 
         def committed(claimed: list[Claimed]) -> None:
             self.commits += 1
@@ -1552,7 +1560,12 @@ class ReferralWorker:
             for d in waiting:
                 d.callback(None)
 
-        self.in_thread(commit).addCallbacks(committed, failed).addBoth(finished)
+        stored: Deferred[list[Claimed]]
+        if self._ride is not None:
+            stored = self.spans.relay(self._ride(commit_in), "result of group commit (rode)")
+        else:
+            stored = self.in_thread(commit)
+        stored.addCallbacks(committed, failed).addBoth(finished)
 
     async def _send_one(self, item: Claimed) -> _Outcome:
         """Send one claimed message; what to commit for it (never raises)."""
@@ -1856,6 +1869,7 @@ class ReferralListener:
         clock: Any = None,
         *,
         run_in_thread: RunInThread | None = None,
+        ride: RideBatch | None = None,
         metrics: ReferralMetrics | None = None,
     ) -> None:
         self.engine = engine
@@ -1864,6 +1878,10 @@ class ReferralListener:
         self.clock = Clock(clock or reactor)
         self._pool = ThreadPool(0, 1, name="corespond-hl7-inbound")
         self._run_in_thread = run_in_thread
+        # SQLite: the group commit of send results rides the next ingest batch (a savepoint in
+        # its transaction) instead of a transaction and an fsync of its own on the writer
+        # pages share; it waits for one only briefly (the bound the daemon gives it).
+        self._ride = ride
         self.metrics = metrics
         self._port: Any = None
 
@@ -1992,6 +2010,7 @@ class ReferralService:
         *,
         run_in_thread: RunInThread | None = None,
         ride: RideBatch | None = None,
+        ride_commits: RideBatch | None = None,
         metrics: ReferralMetrics | None = None,
     ) -> None:
         from corespond.daemon.referral_build import BuildPool
@@ -2002,7 +2021,7 @@ class ReferralService:
         self.metrics = metrics or ReferralMetrics(None)
         self.worker = ReferralWorker(
             engine, reactor, config, clock=clock, run_in_thread=run_in_thread,
-            metrics=self.metrics,
+            ride=ride_commits, metrics=self.metrics,
         )  # fmt: skip
         self.listener = ReferralListener(
             engine, reactor, config, clock=clock, run_in_thread=run_in_thread,

@@ -237,3 +237,41 @@ def test_a_referral_rides_the_next_ingest_batch_and_commits_with_it(engine: Engi
         while writes.calls:
             writes.run_next()
     assert peer.control_ids() == [mine.control_id]
+
+
+def test_the_group_commit_of_send_results_rides_a_batch_too(engine: Engine) -> None:
+    """The worker's commit of an ACK rides the next ingest batch (``ride_commits``): the
+    referral counts as delivered only once that batch committed, in one transaction."""
+    from corespond.daemon.store.writer import IncidentStore
+    from tests.daemon.store.test_store import Threads, incident
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    writes = Threads()
+    store = IncidentStore(engine, loop.clock, run_in_thread=writes, run_read_in_thread=Threads())
+    store.start()
+    cfg = replace(with_port(config(), "csu", peer.port), poll_interval=3600.0)
+    service = ReferralService(
+        engine, loop.reactor, cfg, clock=loop.clock,
+        ride_commits=lambda fn: store.ride_next_batch(fn, within=60, urgent=False),
+    )  # fmt: skip
+    service.start()
+    loop.spin(lambda: service.started.called, turns=6000)
+    loop.spin(lambda: not service.worker._polling)
+    try:
+        mine = created(loop, service)
+        loop.spin(lambda: bool(store._riders))  # acknowledged; its commit waits for a batch
+        assert peer.control_ids() == [mine.control_id] and service.worker.delivered == 0
+        commits = Commits(engine)
+        store.store_snapshot(incident(0))
+        writes.run_next()
+        assert commits.n == 1
+        commits.close()
+        loop.spin(lambda: service.worker.delivered == 1)
+    finally:
+        stop(loop, service, peer)
+        store.stop()
+        while writes.calls:
+            writes.run_next()
+    with engine.connect() as conn:
+        assert set(conn.execute(select(referral_messages.c.state)).scalars()) == {"delivered"}
