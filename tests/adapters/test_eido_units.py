@@ -272,6 +272,10 @@ def test_statuses_follow_the_incident_parses_rule(resources: list[dict[str, Any]
     doc: dict[str, Any] = json.loads(SAMPLE.read_text())
     doc["emergencyResourceComponent"] = resources
     try:
+        json.dumps(resources, allow_nan=False)
+    except ValueError:
+        return  # an infinite float: no JSON message carries one (both readers refuse it)
+    try:
         units = snapshot_from_eido(copy.deepcopy(doc)).units
     except RejectedMessage:
         return
