@@ -25,7 +25,9 @@ from corespond.daemon.referrals import (
     store_referral,
 )
 from corespond.daemon.store.tables import referral_idempotency, referral_messages, referrals
+from corespond.daemon.store.writer import IncidentStore
 from tests.daemon.referral_rig import Loop, Peer, config, now, request, with_port
+from tests.daemon.store.test_store import Threads, incident
 
 KEY = "api:avl:8e03978e-40d5-43e8-bc93-6894a57f9324"
 
@@ -50,10 +52,13 @@ class Commits:
         event.remove(self.engine, "commit", self._count)
 
 
-def started(engine: Engine, loop: Loop, port: int, **kw: Any) -> ReferralService:
+def started(
+    engine: Engine, loop: Loop, port: int, wiring: dict[str, Any] | None = None, **kw: Any
+) -> ReferralService:
+    """The service on ``loop``, started and idle; ``wiring``: its store hand-offs (ride...)."""
     # A poll interval far beyond the test: anything sent was handed over, not polled for.
     cfg = replace(with_port(config(), "csu", port), poll_interval=3600.0, **kw)
-    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock)
+    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, **(wiring or {}))
     service.start()
     loop.spin(lambda: service.started.called, turns=6000)
     loop.spin(lambda: not service.worker._polling)  # the first poll's claim, done
@@ -201,23 +206,29 @@ def test_two_submits_racing_with_one_key_make_one_referral(engine: Engine) -> No
     assert count(engine, referrals) == 1 and count(engine, referral_messages) == 1
 
 
+def store_on_writer(engine: Engine, loop: Loop) -> tuple[IncidentStore, Threads]:
+    """The daemon's store on ``loop``'s clock, its writer thread the test's Threads: the test
+    runs each unit of writer work, so it sees what rides which batch."""
+    writes = Threads()
+    store = IncidentStore(engine, loop.clock, run_in_thread=writes, run_read_in_thread=Threads())
+    store.start()
+    return store, writes
+
+
+def stop_store(store: IncidentStore, writes: Threads) -> None:
+    store.stop()
+    while writes.calls:
+        writes.run_next()
+
+
 def test_a_referral_rides_the_next_ingest_batch_and_commits_with_it(engine: Engine) -> None:
     """On SQLite the daemon hands the service the store's ``ride_later``: a new referral's
     statements go in a savepoint of the next ingest batch, so no page waits behind a commit
     of its own on the shared writer; it is handed to the sender once that batch committed."""
-    from corespond.daemon.store.writer import IncidentStore
-    from tests.daemon.store.test_store import Threads, incident
-
     loop = Loop()
     peer = Peer(loop).start()
-    writes = Threads()
-    store = IncidentStore(engine, loop.clock, run_in_thread=writes, run_read_in_thread=Threads())
-    store.start()
-    cfg = replace(with_port(config(), "csu", peer.port), poll_interval=3600.0)
-    service = ReferralService(engine, loop.reactor, cfg, clock=loop.clock, ride=store.ride_later)
-    service.start()
-    loop.spin(lambda: service.started.called, turns=6000)
-    loop.spin(lambda: not service.worker._polling)
+    store, writes = store_on_writer(engine, loop)
+    service = started(engine, loop, peer.port, {"ride": store.ride_later})
     commits = Commits(engine)
     try:
         d = service.create(request())
@@ -233,31 +244,18 @@ def test_a_referral_rides_the_next_ingest_batch_and_commits_with_it(engine: Engi
     finally:
         stop(loop, service, peer)
         commits.close()
-        store.stop()
-        while writes.calls:
-            writes.run_next()
+        stop_store(store, writes)
     assert peer.control_ids() == [mine.control_id]
 
 
 def test_the_group_commit_of_send_results_rides_a_batch_too(engine: Engine) -> None:
     """The worker's commit of an ACK rides the next ingest batch (``ride_commits``): the
     referral counts as delivered only once that batch committed, in one transaction."""
-    from corespond.daemon.store.writer import IncidentStore
-    from tests.daemon.store.test_store import Threads, incident
-
     loop = Loop()
     peer = Peer(loop).start()
-    writes = Threads()
-    store = IncidentStore(engine, loop.clock, run_in_thread=writes, run_read_in_thread=Threads())
-    store.start()
-    cfg = replace(with_port(config(), "csu", peer.port), poll_interval=3600.0)
-    service = ReferralService(
-        engine, loop.reactor, cfg, clock=loop.clock,
-        ride_commits=lambda fn: store.ride_next_batch(fn, within=60, urgent=False),
-    )  # fmt: skip
-    service.start()
-    loop.spin(lambda: service.started.called, turns=6000)
-    loop.spin(lambda: not service.worker._polling)
+    store, writes = store_on_writer(engine, loop)
+    ride = {"ride_commits": lambda fn: store.ride_next_batch(fn, within=60, urgent=False)}
+    service = started(engine, loop, peer.port, ride)
     try:
         mine = created(loop, service)
         loop.spin(lambda: bool(store._riders))  # acknowledged; its commit waits for a batch
@@ -270,8 +268,6 @@ def test_the_group_commit_of_send_results_rides_a_batch_too(engine: Engine) -> N
         loop.spin(lambda: service.worker.delivered == 1)
     finally:
         stop(loop, service, peer)
-        store.stop()
-        while writes.calls:
-            writes.run_next()
+        stop_store(store, writes)
     with engine.connect() as conn:
         assert set(conn.execute(select(referral_messages.c.state)).scalars()) == {"delivered"}
