@@ -16,6 +16,10 @@ per page, the thread's CPU time per page, and the commits (each one an fsync) pe
 ingest batch comes here), on the writer's held connection, the submissions riding the next.
 Without it, each is a transaction on a connection from the pool (the code before the lanes).
 
+``--follow``: each incident's snapshot is stored through the store's writer with the paging
+core as its follower, as the daemon runs: the chain, its first step and its page in the
+snapshot's own transaction (the figures include storing the snapshot).
+
 ``bench/dispatch.py`` measures the same path end to end under ingest load on a shared
 machine, where other processes move the figures; CPU time and commits per page move far
 less, and say what the paging core itself costs.
@@ -48,6 +52,10 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true", help="list the SQL per page")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the pages here")
     parser.add_argument("--ride", action="store_true", help="through the store's writer lanes")
+    parser.add_argument(
+        "--follow", action="store_true",
+        help="the chain in the snapshot's own transaction (the store's follower), as the daemon",
+    )  # fmt: skip
     args = parser.parse_args()
     server = postgres_server() if args.postgres else contextlib.nullcontext()
     with server as pg, tempfile.TemporaryDirectory() as tmp:
@@ -119,8 +127,8 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     store.start()
     # Reads (the choice made before a page's transaction, positions) on a reader connection,
     # as the daemon makes them.
-    lanes: dict[str, Any] = {"run_read": store.run_read}
-    if args.ride:
+    lanes: dict[str, Any] = {}
+    if args.ride or args.follow:
         lanes |= {
             "ride": partial(store.ride_next_batch, within=0),
             # (the next page's transaction, as the next ingest batch in the daemon)
@@ -128,7 +136,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         }
     service = PagingService(
         engine, roster, {"wctp": Gateway()}, reactor, PagingSettings(worker_id="bench"),
-        run_in_thread=maybeDeferred, **lanes,
+        run_in_thread=maybeDeferred, run_read=store.run_read, **lanes,
     )  # fmt: skip
     service.start()
     rng = random.Random(7)
@@ -150,8 +158,12 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         )
         for n in range(args.pages)
     ]  # fmt: skip
-    with engine.begin() as conn:
-        stored = write_batch(conn, records)
+    if args.follow:  # stored one by one below, each with its chain
+        store.follow_with(service)
+        stored: list[Any] = [None] * len(records)
+    else:
+        with engine.begin() as conn:
+            stored = write_batch(conn, records)  # type: ignore[assignment]
     walls, cpus = [], []
     commits[0] = 0
     writer_cpu[0] = 0.0
@@ -164,7 +176,10 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
             profiler.enable()
         before = len(submitted)
         wall, cpu = time.perf_counter(), time.thread_time()
-        service.observe(record, one)  # type: ignore[arg-type]
+        if args.follow:
+            store.store_snapshot(record).addCallback(partial(service.followed, record))
+        else:
+            service.observe(record, one)  # type: ignore[arg-type]
         if len(submitted) == before:
             service.wake()  # (the code before the fast path paged from its worker's pass)
         cpus.append(time.thread_time() - cpu)
@@ -179,11 +194,12 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         profiler.dump_stats(args.profile)
     walls.sort()
     print(f"{args.pages} pages, roster of {args.clinicians}, {'PostgreSQL' if pg else 'SQLite'}"
-          f"{', riding' if args.ride else ''}:"
+          f"{', riding' if args.ride else ''}"
+          f"{', in the snapshot transaction (its snapshot included)' if args.follow else ''}:"
           f" wall p50 {walls[len(walls) // 2] * 1000:.1f} ms,"
           f" p99 {walls[int(len(walls) * 0.99)] * 1000:.1f} ms;"
           f" CPU {sum(cpus) / len(cpus) * 1000:.2f} ms per page"
-          f"{f' ({writer_cpu[0] / args.pages * 1000:.2f} ms on the writer)' if args.ride else ''};"
+          f"{f' ({writer_cpu[0] / args.pages * 1000:.2f} ms on the writer)' if lanes else ''};"
           f" {commits[0] / args.pages:.1f} commits,"
           f" {sum(statements.values()) / args.pages:.1f} statements per page through"
           f" SQLAlchemy{'' if pg else f', {ran[0] / args.pages:.1f} run by SQLite'}")  # fmt: skip

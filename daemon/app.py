@@ -218,12 +218,14 @@ class Corespond:
                 # ... and the transactions a page waits for ride the next ingest batch, ahead
                 # of the writer's background work (referrals, sessions, checkpoints).
                 ride=self.store.ride_next_batch if self.engine.dialect.name == "sqlite" else None,
-                ride_later=self.store.ride_later
-                if self.engine.dialect.name == "sqlite"
-                else None,
+                ride_later=self.store.ride_later if self.engine.dialect.name == "sqlite" else None,
             )
             self.pipeline.observers.append(self.paging.observe)
             self.pipeline.current_observers.append(self.paging.observe_current)
+            # A snapshot that calls for a clinician starts its chain, and pages, in the
+            # transaction that stores it (the observers above are the way when it did not).
+            self.store.follow_with(self.paging)
+            self.pipeline.snapshot_observers.append(self.paging.followed)
             # AVL from the CAD feeds: unit positions and statuses become clinicians' fixes
             # and availability.
             from corespond.daemon.unit_locations import EidoUnitLocations

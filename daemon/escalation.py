@@ -9,6 +9,12 @@ transaction, then delivers the pages it created from the page outbox through the
 again at the next due time", recomputed from the database after every pass and at start-up, so
 a restarted daemon resumes every chain where it stood.
 
+A chain usually starts in the transaction that stores the snapshot calling for it: the service
+is the store's :class:`~corespond.daemon.store.writer.Follower` (:meth:`PagingService.follow`),
+so the chain, its first step and its page commit with the snapshot, and the page goes as soon
+as that one commit is done. The pipeline's observers (:meth:`PagingService.observe`,
+:meth:`PagingService.observe_current`) start it after the commit when that did not happen.
+
 Only a human answer (a reply through :meth:`PagingService.reply`, or
 :meth:`PagingService.answer` from the ack page) stops a chain (accept, en route) or moves it on
 now (decline); a delivery receipt is only recorded. A call that closes ends its chain as soon
@@ -300,6 +306,14 @@ class PagingService:
             arrays = self._fix_arrays = (table, table.positions(self._fixes))
         return arrays[1]
 
+    def _positions_ready(self, roster: Roster, now: datetime) -> Positions | None:
+        """:meth:`_positions` as kept, for a step on another thread (it starts no read): None
+        when they are too old or were made for another roster."""
+        at, arrays = self._fixes_at, self._fix_arrays
+        if at is None or arrays is None or arrays[0] is not roster.table:
+            return None
+        return arrays[1] if now - at < POSITIONS_MAX_AGE else None
+
     def _positions_read(self, result: dict[str, Fix] | Failure, at: datetime) -> None:
         self._fixes_loading = False
         if isinstance(result, Failure):
@@ -571,6 +585,8 @@ class PagingService:
     def observe(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
         """A decision changed: start the chain the incident now calls for, or end its wait for
         one (never raises). Decision changes are few: no first look on a reader."""
+        if stored.followed is not None:
+            return  # done in the snapshot's own transaction (see follow)
         previous = stored.previous_decision
         if record.decision.response is Response.NONE and (
             previous is None or previous.response is Response.NONE
@@ -585,31 +601,88 @@ class PagingService:
         transaction that sees it closed, not when its next step would have run). Most
         snapshots call for nobody and cost nothing here; the others take a look on a reader
         first, and the writer only when it may start or end something (never raises)."""
-        if record.decision.response is Response.NONE:
+        if stored.followed is not None or record.decision.response is Response.NONE:
             return
 
         def looked(maybe: bool) -> None:
             if maybe:
                 self._open_chain(stored)
 
-        def failed(failure: Failure) -> None:
-            log.error(
-                "escalation.chain.not_started",
-                incident_id=stored.external_id,
-                error=error_text(failure),
-            )
-
         self._track(
             self._read(lambda c: db.may_need_chain(c, stored.incident_pk)).addCallbacks(
-                looked, failed
+                looked, self._not_started, errbackArgs=(stored,)
             )
         )
 
+    # --- the store's follower: a chain started in the snapshot's own transaction -------------
+
+    def wants(self, record: SnapshotRecord) -> bool:
+        """(:class:`~corespond.daemon.store.writer.Follower`, on the reactor.) A snapshot whose
+        decision calls for a response may start its incident's chain, or end it (a closed
+        call), while this worker runs. The positions kept in memory are made ready for the
+        choice here, on the reactor (the writer thread only reads them)."""
+        if not self._running or record.decision.response is Response.NONE:
+            return False
+        self._positions()
+        return True
+
+    def follow(
+        self, conn: Connection, record: SnapshotRecord, stored: StoredSnapshot
+    ) -> tuple[datetime, db.OpenedChain, Any] | None:
+        """(Follower, on the writer thread, inside the transaction that stores the snapshot.)
+        What :meth:`observe` or :meth:`observe_current` would start after the commit, done
+        before it: the chain, its first step chosen and its page claimed by this worker,
+        committed with the snapshot. A page then waits for one commit, not for the
+        snapshot's and then its chain's in the next batch, with a read on a reader between
+        them. None: nothing to do (a repeated snapshot of a call that has its chain)."""
+        if not stored.decision_changed and not (
+            stored.became_current and db.may_need_chain(conn, stored.incident_pk)
+        ):
+            return None
+        roster = self.roster
+        now = self.clock.now()
+        fixes = self._positions_ready(roster, now)
+        chosen = None
+        if self.eta_source is None:
+            # Chosen as ahead of a chain's transaction, here in it: open_chain's check then
+            # holds, and the chain goes in with its first step done by the cheaper inserts.
+            found = self._choose_from(conn, roster, stored.incident_pk, now, fixes)
+            if found is not None:
+                work, response, result = found
+                s = self.settings
+                chosen = db.PreChoice.of(work, result, response, now, s.recent_window, s.lease)
+        return (now, *self._open_in(roster, stored.incident_pk, now, fixes, True, chosen, conn))
+
+    def followed(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
+        """(A snapshot observer, on the reactor after the commit.) Log and deliver what
+        :meth:`follow` did; when it failed (its savepoint rolled back, the snapshot stands),
+        start the chain the way :meth:`observe` does (never raises)."""
+        done = stored.followed
+        if done is None:
+            return
+        if not done.ok:
+            log.warning(
+                "escalation.chain.retried",
+                incident_id=stored.external_id,
+                error=error_text(Failure(done.value)),
+            )
+            self._open_chain(stored)
+            return
+        if done.value is None:
+            return
+        now, opened, after = done.value
+        self._track(
+            Deferred.fromCoroutine(self._chain_opened(stored, now, opened, after)).addErrback(
+                self._not_started, stored
+            )
+        )
+
+    # --- starting a chain ----------------------------------------------------------------------
+
     def _open_chain(self, stored: StoredSnapshot) -> None:
-        """Start the incident's chain and, when the worker runs, its first step in the same
-        transaction: choose, create the pages claimed by this worker, and submit them as soon
-        as it commits, without a timer or a claiming round trip (one commit from a snapshot to
-        a page).
+        """Start the incident's chain after its snapshot committed, riding the next batch
+        (the way when :meth:`follow` did not: the worker stopped, the follower failed, a
+        decision that no longer calls for a response ends the incident's wait).
 
         The first page step is chosen before that transaction, from a read on a reader (the
         roster scan, and the routing service's drive times, off the writer): the transaction
@@ -618,94 +691,114 @@ class PagingService:
         nothing to choose ahead, the step is gathered and chosen in the transaction; with a
         routing service, the drive times are then asked between two transactions."""
         now = self.clock.now()
-        s = self.settings
         running = self._running
-        fast = running and self.eta_source is None
         fixes = self._positions() if running else None
-
-        def work(chosen: db.PreChoice | None, conn: Connection) -> tuple[db.OpenedChain, Any]:
-            opened = db.open_chain(
-                conn, stored.incident_pk, self.roster, now,
-                worker=self.worker if running else None, lease=s.lease if running else None,
-                chosen=chosen,
-            )  # fmt: skip
-            if opened.done is not None:
-                assert chosen is not None
-                return opened, (opened.done[0], chosen.result, opened.done[1])
-            if opened.first is None:
-                return opened, None
-            gathered = db.gather_step(
-                conn, opened.first, self.roster, now, s.recent_window, fixes, opened
-            )
-            if not fast:
-                return opened, (gathered, self._closest(gathered, now))
-            result = self._decide(gathered, None, now)
-            done = db.finish_step_and_claim(
-                conn, gathered, result, self.worker, now, s.lease, fresh=True
-            )
-            return opened, (gathered, result, done)
+        roster = self.roster
 
         async def run() -> None:
             chosen = await self._choose_ahead(stored.incident_pk, now, fixes) if running else None
-            opened, after = await self._page_tx(partial(work, chosen))
-            for chain_id in opened.cancelled:
-                log.info(
-                    "escalation.chain.cancelled",
-                    chain_id=chain_id,
-                    incident_id=stored.external_id,
-                    reason="incident-closed",
-                )
-            if opened.chain is None:
-                if opened.waiting:
-                    log.info(
-                        "escalation.chain.waiting",
-                        incident_id=stored.external_id,
-                        reason=opened.reason,
-                    )
-                return
+            opened, after = await self._page_tx(
+                partial(self._open_in, roster, stored.incident_pk, now, fixes, running, chosen)
+            )
+            await self._chain_opened(stored, now, opened, after)
+
+        self._track(Deferred.fromCoroutine(run()).addErrback(self._not_started, stored))
+
+    def _open_in(
+        self,
+        roster: Roster,
+        incident_pk: int,
+        now: datetime,
+        fixes: Positions | None,
+        running: bool,
+        chosen: db.PreChoice | None,
+        conn: Connection,
+    ) -> tuple[db.OpenedChain, Any]:
+        """In a transaction: start the incident's chain and, when the worker runs, its first
+        step: choose, create the pages claimed by this worker, to submit as soon as it
+        commits, without a timer or a claiming round trip. What comes after the commit: None
+        (no step to run here), the step and the question for the routing service, or the
+        step done (:meth:`_chain_opened`)."""
+        s = self.settings
+        opened = db.open_chain(
+            conn, incident_pk, roster, now,
+            worker=self.worker if running else None, lease=s.lease if running else None,
+            chosen=chosen,
+        )  # fmt: skip
+        if opened.done is not None:
+            assert chosen is not None
+            return opened, (opened.done[0], chosen.result, opened.done[1])
+        if opened.first is None:
+            return opened, None
+        gathered = db.gather_step(conn, opened.first, roster, now, s.recent_window, fixes, opened)
+        if not running or self.eta_source is not None:
+            return opened, (gathered, self._closest(gathered, now))
+        result = self._decide(gathered, None, now)
+        done = db.finish_step_and_claim(
+            conn, gathered, result, self.worker, now, s.lease, fresh=True
+        )
+        return opened, (gathered, result, done)
+
+    async def _chain_opened(
+        self, stored: StoredSnapshot, now: datetime, opened: db.OpenedChain, after: Any
+    ) -> None:
+        """After :meth:`_open_in` committed: say what it did, ask the routing service and
+        finish the first step when it has to, then deliver the step's pages."""
+        s = self.settings
+        for chain_id in opened.cancelled:
             log.info(
-                "escalation.chain.started",
-                chain_id=opened.chain_id,
+                "escalation.chain.cancelled",
+                chain_id=chain_id,
                 incident_id=stored.external_id,
-                program=opened.chain.program,
-                response=opened.chain.response,
-                kind=opened.chain.kind,
+                reason="incident-closed",
             )
-            if after is None:
-                self.wake()  # not running: start() picks the step up
-                return
-            if len(after) == 2:  # ask the routing service, then finish as a pass would
-                gathered, question = after
-                etas = await self._etas(question)
+        if opened.chain is None:
+            if opened.waiting:
+                log.info(
+                    "escalation.chain.waiting",
+                    incident_id=stored.external_id,
+                    reason=opened.reason,
+                )
+            return
+        log.info(
+            "escalation.chain.started",
+            chain_id=opened.chain_id,
+            incident_id=stored.external_id,
+            program=opened.chain.program,
+            response=opened.chain.response,
+            kind=opened.chain.kind,
+        )
+        if after is None:
+            self.wake()  # not running: start() picks the step up
+            return
+        if len(after) == 2:  # ask the routing service, then finish as a pass would
+            gathered, question = after
+            etas = await self._etas(question)
 
-                def finish(conn: Connection) -> Any:
-                    result = self._decide(gathered, etas, now)
-                    done = db.finish_step_and_claim(
-                        conn, gathered, result, self.worker, now, s.lease
-                    )
-                    return gathered, result, done
+            def finish(conn: Connection) -> Any:
+                result = self._decide(gathered, etas, now)
+                done = db.finish_step_and_claim(conn, gathered, result, self.worker, now, s.lease)
+                return gathered, result, done
 
-                after = await self._page_tx(finish)
-            gathered, result, done = after
-            self._step_done(gathered, result, done)
-            if done is None:
-                return
-            if done.next_due is not None:
-                self._wake_at(done.next_due)
-            if done.pages:
-                self._wake_at(now + s.lease)  # a delivery that never ends is claimed again
-                deliveries = [Deferred.fromCoroutine(self._deliver(p)) for p in done.pages]
-                await gatherResults(deliveries, consumeErrors=True)
+            after = await self._page_tx(finish)
+        gathered, result, done = after
+        self._step_done(gathered, result, done)
+        if done is None:
+            return
+        if done.next_due is not None:
+            self._wake_at(done.next_due)
+        if done.pages:
+            self._wake_at(now + s.lease)  # a delivery that never ends is claimed again
+            deliveries = [Deferred.fromCoroutine(self._deliver(p)) for p in done.pages]
+            await gatherResults(deliveries, consumeErrors=True)
 
-        def failed(failure: Failure) -> None:
-            log.error(
-                "escalation.chain.not_started",
-                incident_id=stored.external_id,
-                error=error_text(failure),
-            )
-            self.wake()  # whatever was committed is due: a pass takes it
-
-        self._track(Deferred.fromCoroutine(run()).addErrback(failed))
+    def _not_started(self, failure: Failure, stored: StoredSnapshot) -> None:
+        log.error(
+            "escalation.chain.not_started",
+            incident_id=stored.external_id,
+            error=error_text(failure),
+        )
+        self.wake()  # whatever was committed is due: a pass takes it
 
     async def _choose_ahead(
         self, incident_pk: int, now: datetime, fixes: Positions | None
@@ -714,18 +807,8 @@ class PagingService:
         (with the routing service's drive times for the closest few, when there is one); None
         when there is nothing to choose ahead or the read failed (the transaction chooses)."""
         s = self.settings
-
-        def read(conn: Connection) -> tuple[db.StepWork, str, Any] | None:
-            gathered = db.gather_first_step(
-                conn, incident_pk, self.roster, now, s.recent_window, fixes
-            )
-            if gathered is None:
-                return None
-            work, response = gathered
-            if self.eta_source is not None:
-                return work, response, self._closest(work, now)
-            return work, response, self._page_step(work, None, now)
-
+        read = partial(self._choose_from, roster=self.roster, incident_pk=incident_pk, now=now,
+                       fixes=fixes)  # fmt: skip
         try:
             found = await self._read(read)
             if found is None:
@@ -738,6 +821,27 @@ class PagingService:
             return None
         # (nobody eligible: None, the transaction decides what comes next)
         return db.PreChoice.of(work, ahead, response, now, s.recent_window, s.lease)
+
+    def _choose_from(
+        self,
+        conn: Connection,
+        roster: Roster,
+        incident_pk: int,
+        now: datetime,
+        fixes: Positions | None,
+    ) -> tuple[db.StepWork, str, Any] | None:
+        """What the first page step of the incident's new chain would read and choose (the
+        question for the routing service instead, when there is one), with the decision's
+        response; None when no dispatch chain with a page step first would start now."""
+        gathered = db.gather_first_step(
+            conn, incident_pk, roster, now, self.settings.recent_window, fixes
+        )
+        if gathered is None:
+            return None
+        work, response = gathered
+        if self.eta_source is not None:
+            return work, response, self._closest(work, now)
+        return work, response, self._page_step(work, None, now)
 
     # --- PagerEvents --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import structlog
@@ -57,6 +57,8 @@ from corespond.daemon.store.tables import (
 )
 
 __all__ = [
+    "Followed",
+    "Follower",
     "IncidentStore",
     "RejectRecord",
     "SnapshotRecord",
@@ -65,6 +67,7 @@ __all__ = [
     "StoreError",
     "StoredSnapshot",
     "clean_text",
+    "follow_in",
     "write_batch",
 ]
 
@@ -102,6 +105,34 @@ class StoredSnapshot:
     # What the outcome changed from, when it changed (None for a new incident, and when it did
     # not change: loading every previous decision would cost the hot path for nothing).
     previous_decision: Decision | None
+    # What the store's follower did for this snapshot in the same transaction (None when it
+    # was not asked: see Follower).
+    followed: Followed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Followed:
+    """The outcome of a :class:`Follower`'s work for one snapshot, committed with it: its
+    value, or (``ok`` False) the exception that rolled the work back (the snapshot stands)."""
+
+    ok: bool
+    value: Any
+
+
+class Follower(Protocol):
+    """Work that a new snapshot calls for, done in the transaction that stores the snapshot:
+    the escalation's chain and first page for a call that needs a clinician, committed with
+    the snapshot instead of in a second transaction after it (see
+    :meth:`IncidentStore.follow_with`)."""
+
+    def wants(self, record: SnapshotRecord) -> bool:
+        """On the reactor, when the batch is put together: may ``record`` call for work?
+        (The batch then counts as page work: see _dispatch_batch.)"""
+
+    def follow(self, conn: Connection, record: SnapshotRecord, stored: StoredSnapshot) -> Any:
+        """On the writer thread, in a savepoint after the batch's own statements: the work,
+        for a new snapshot ``wants`` said yes to; its value reaches the reactor as
+        ``StoredSnapshot.followed``."""
 
 
 @fast_init
@@ -1062,12 +1093,31 @@ class _WalCheckpoints:
         self.busy = False
 
 
+def follow_in(
+    conn: Connection, follower: Follower, record: SnapshotRecord, stored: StoredSnapshot
+) -> StoredSnapshot:
+    """The follower's work for one stored snapshot in a savepoint of ``conn``'s transaction
+    (as the store runs it after a batch's own statements): ``stored`` with what it did."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(_SAVEPOINT)
+    try:
+        followed = Followed(True, follower.follow(conn, record, stored))
+    except Exception as err:
+        driver.execute(_ROLLBACK_TO)
+        followed = Followed(False, err)
+    driver.execute(_RELEASE)
+    return replace(stored, followed=followed)
+
+
 # --- the writer's lanes ------------------------------------------------------------------------
 #
 # Everything that writes an SQLite database shares the store's one writer thread (SQLite lets one
 # connection write at a time). Its work comes in lanes, and the store, not the thread pool's
 # FIFO, decides what runs next whenever the writer is free:
-# - ingest batches, and page work riding them (``ride_next_batch``: a savepoint inside the next
+# - ingest batches, with the work their new snapshots call for (``follow_with``: a chain and
+#   its first page, in a savepoint after the batch's own statements; such a batch carries page
+#   work), and page work riding them (``ride_next_batch``: a savepoint inside the next
 #   batch's transaction, or its own transaction when no batch comes within a short bound);
 #   work no page waits for rides too (``ride_later``: a referral stored, a page's sending
 #   recorded), saving itself a commit, but never in a batch that carries page work;
@@ -1179,6 +1229,7 @@ class IncidentStore:
         # Other writers' work (see BACKGROUND_LANE), and page work waiting to ride a batch.
         self._background: deque[_Job] = deque()
         self._riders: list[_Rider] = []
+        self._follower: Follower | None = None
         self._urgent_run = 0  # urgent units run in a row while background work waited
         self._trace: _Trace | None = None
         # The writer thread's connection, held between batches: checking one out of the pool
@@ -1301,6 +1352,14 @@ class IncidentStore:
         self._next_batch()
         return job.done
 
+    def follow_with(self, follower: Follower | None) -> None:
+        """From the next batch on, ``follower`` does the work a new snapshot calls for inside
+        the snapshot's own transaction (one follower; None: none). A page then needs one
+        commit from the CAD's snapshot, not two: the snapshot's, then its chain's riding the
+        batch after it. The follower's failure rolls back its savepoint only: the snapshot
+        is stored and acknowledged all the same, and ``StoredSnapshot.followed`` says why."""
+        self._follower = follower
+
     def ride_later(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         """``fn(conn)`` in a batch within RIDE_LATER_WITHIN: work no page waits for."""
         return self.ride_next_batch(fn, RIDE_LATER_WITHIN, urgent=False)
@@ -1381,8 +1440,18 @@ class IncidentStore:
 
     def _dispatch_batch(self) -> None:
         batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+        follower = self._follower
+        follow = (
+            [
+                i
+                for i, (item, _, _) in enumerate(batch)
+                if isinstance(item, SnapshotRecord) and follower.wants(item)
+            ]
+            if follower is not None
+            else []
+        )
         riders, self._riders = self._riders, []
-        if any(r.urgent for r in riders):
+        if follow or any(r.urgent for r in riders):
             # A page waits for this batch: work no page waits for (a referral stored, what was
             # sent recorded) takes the next one, unless its time is up.
             self._riders = [r for r in riders if not (r.urgent or r.alone)]
@@ -1397,7 +1466,7 @@ class IncidentStore:
         items = [item for item, _, _ in batch]
         if self._trace is not None:
             self._trace.batch["dispatched"] = time.perf_counter()
-        self._run_write(lambda: self._write(items, riders)).addBoth(
+        self._run_write(lambda: self._write(items, riders, follower, follow)).addBoth(
             self._answer_batch, batch, riders
         )
 
@@ -1450,11 +1519,16 @@ class IncidentStore:
         return outcome
 
     def _write(
-        self, items: list[SnapshotRecord | RejectRecord], riders: Sequence[_Rider] = ()
+        self,
+        items: list[SnapshotRecord | RejectRecord],
+        riders: Sequence[_Rider] = (),
+        follower: Follower | None = None,
+        follow: Sequence[int] = (),
     ) -> tuple[list[StoredSnapshot | int], list[tuple[bool, Any]]]:
         """In the writer thread: one transaction, retried when the failure is transient.
 
-        The batch's items, then the work riding it, each in a savepoint: their results (for a
+        The batch's items, the follower's work for those of ``follow`` that are new
+        snapshots, then the work riding the batch, each in a savepoint: their results (for a
         rider, whether it succeeded and its value or exception)."""
         trace = self._trace.batch if self._trace is not None else None
         if trace is not None:
@@ -1465,6 +1539,15 @@ class IncidentStore:
                 conn = self._connection()
                 with conn.begin():
                     results = write_batch(conn, items) if items else []
+                    for i in follow:
+                        stored, record = results[i], items[i]
+                        if (
+                            isinstance(stored, StoredSnapshot)
+                            and stored.state is SnapshotState.NEW
+                            and isinstance(record, SnapshotRecord)
+                        ):
+                            assert follower is not None
+                            results[i] = follow_in(conn, follower, record, stored)
                     if trace is not None:
                         trace["written"] = time.perf_counter()
                     ridden = [self._ride(conn, r, trace is not None) for r in riders]

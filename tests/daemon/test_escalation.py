@@ -34,7 +34,13 @@ from corespond.daemon.snapshot import GeoPoint, IncidentStatus, Location
 from corespond.daemon.store import paging as db
 from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.tables import Base, pages, phi_columns
-from corespond.daemon.store.writer import StoredSnapshot, write_batch
+from corespond.daemon.store.writer import (
+    SnapshotRecord,
+    SnapshotState,
+    StoredSnapshot,
+    follow_in,
+    write_batch,
+)
 from tests.daemon.dispatch_reference import rejections_of
 from tests.daemon.store.records import decision, record, snapshot
 from tests.daemon.store.test_store import Threads
@@ -44,6 +50,13 @@ FIXTURES = Path(__file__).parent.parent / "fixtures" / "paging"
 T = datetime(2026, 3, 9, 14, 0, tzinfo=UTC)
 INCIDENT_POINT = GeoPoint(30.25, -97.75)
 MARKERS = ("ZQXNARRATIVE", "ZQXPERSON", "ZQXADDRESS")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test here that stores snapshots runs both ways (see World.in_batch); the modules
+    that borrow the ``w`` fixture keep the first."""
+    if "w" in metafunc.fixturenames:
+        metafunc.parametrize("w", [False, True], ids=["after", "in-batch"], indirect=True)
 
 
 def inline(fn: Callable[[], Any]) -> Deferred[Any]:
@@ -78,6 +91,10 @@ class World:
     reactor: TaskClock
     pagers: dict[str, RecordingPager]
     service: PagingService
+    # How a stored snapshot reaches paging: after its commit (the observers), or with the
+    # chain started in the snapshot's own transaction (the store's follower) as the daemon
+    # does while it runs. Each test of this module runs both ways.
+    in_batch: bool = False
 
     def sent(self) -> list[tuple[str, str, str]]:
         """(gateway, address, page_ref) of every page sent, in order."""
@@ -108,14 +125,14 @@ def make_service(
 
 
 @pytest.fixture(name="w")
-def world(engine: Engine, roster: Roster) -> Iterator[World]:
+def world(engine: Engine, roster: Roster, request: pytest.FixtureRequest) -> Iterator[World]:
     reactor = TaskClock()
     reactor.advance(T.timestamp())
     pagers = {n: RecordingPager(n) for n in ("wctp", "sms")}
     pagers["smtp"] = RecordingPager("smtp", two_way=False)
     service = make_service(engine, roster, reactor, pagers)  # type: ignore[arg-type]
     service.start()
-    w = World(engine, roster, reactor, pagers, service)
+    w = World(engine, roster, reactor, pagers, service, getattr(request, "param", False))
     fixes = {"c-101": (30.26, -97.75), "c-102": (30.28, -97.75), "c-103": (30.25, -97.76)}
     for cid, (lat, lon) in fixes.items():
         service.record_fix(LocationFix(cid, lat, lon, T - timedelta(minutes=2), "http"))
@@ -123,13 +140,12 @@ def world(engine: Engine, roster: Roster) -> Iterator[World]:
     service.stop()
 
 
-def incident(
-    w: World,
-    response: Response,
+def clinician_call(
+    response: Response = Response.CLINICIAN,
     *,
     incident_id: str = "2026-001445",
     status: IncidentStatus = IncidentStatus.ACTIVE,
-) -> StoredSnapshot:
+) -> SnapshotRecord:
     snap = snapshot(
         incident_id,
         status=status,
@@ -142,11 +158,42 @@ def incident(
         incident_number=incident_id,
         location=Location(INCIDENT_POINT, f"{MARKERS[2]} 12 Imaginary Lane", "Testville", "TX"),
     )
-    rec = record(snap, decision(response, evidence_text=MARKERS[0]))
+    return record(snap, decision(response, evidence_text=MARKERS[0]))
+
+
+def incident(
+    w: World,
+    response: Response,
+    *,
+    incident_id: str = "2026-001445",
+    status: IncidentStatus = IncidentStatus.ACTIVE,
+) -> StoredSnapshot:
+    return stored_and_told(w, clinician_call(response, incident_id=incident_id, status=status))
+
+
+def stored_and_told(w: World, rec: SnapshotRecord) -> StoredSnapshot:
+    """``rec`` stored, and told to the service as the store and the pipeline do: with the
+    service as the store's follower in the same transaction (``w.in_batch``), then a changed
+    decision to :meth:`observe`, any other new current snapshot to :meth:`observe_current`,
+    and every new snapshot to :meth:`followed`."""
     with w.engine.begin() as conn:
         (stored,) = write_batch(conn, [rec])
-    assert isinstance(stored, StoredSnapshot)
-    w.service.observe(rec, stored)
+        assert isinstance(stored, StoredSnapshot)
+        if w.in_batch and stored.state is SnapshotState.NEW and w.service.wants(rec):
+            stored = follow_in(conn, w.service, rec, stored)
+    return told(w, rec, stored)
+
+
+def told(w: World, rec: SnapshotRecord, stored: StoredSnapshot) -> StoredSnapshot:
+    """``stored`` told to the service as the pipeline tells its observers."""
+    if stored.state is not SnapshotState.NEW:
+        return stored
+    previous = stored.previous_decision
+    if stored.decision_changed and (previous is not None or rec.decision.behavioral_health):
+        w.service.observe(rec, stored)
+    elif stored.became_current:
+        w.service.observe_current(rec, stored)
+    w.service.followed(rec, stored)
     return stored
 
 
@@ -521,23 +568,24 @@ def cad(
     point: GeoPoint | None = INCIDENT_POINT,
     status: IncidentStatus = IncidentStatus.ACTIVE,
 ) -> StoredSnapshot:
-    """A snapshot of incident 2026-001445 stored and told to the service as the pipeline does:
-    a changed decision to :meth:`observe`, any other new current snapshot to
-    :meth:`observe_current`."""
+    """A snapshot of incident 2026-001445 stored and told to the service as the pipeline does
+    (:func:`stored_and_told`)."""
+    return stored_and_told(w, cad_record(response, updated=updated, point=point, status=status))
+
+
+def cad_record(
+    response: Response,
+    *,
+    updated: float,
+    point: GeoPoint | None = INCIDENT_POINT,
+    status: IncidentStatus = IncidentStatus.ACTIVE,
+) -> SnapshotRecord:
     snap = snapshot("2026-001445", updated=updated, status=status, narrative=MARKERS[0])
     location = Location(point, f"{MARKERS[2]} 12 Imaginary Lane", "Testville", "TX")
     snap = dataclasses.replace(
         snap, incident_number="2026-001445", location=location if point else None
     )
-    rec = record(snap, decision(response, evidence_text=MARKERS[0]))
-    with w.engine.begin() as conn:
-        (stored,) = write_batch(conn, [rec])
-    assert isinstance(stored, StoredSnapshot)
-    if stored.decision_changed:
-        w.service.observe(rec, stored)
-    elif stored.became_current:
-        w.service.observe_current(rec, stored)
-    return stored
+    return record(snap, decision(response, evidence_text=MARKERS[0]))
 
 
 def test_a_location_that_arrives_later_starts_the_chain(w: World) -> None:

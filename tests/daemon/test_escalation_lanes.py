@@ -8,14 +8,17 @@ transaction runs and sees when the page goes relative to the commit; a fake cloc
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from corespond.daemon.decision import Response
+from corespond.daemon.store import paging as db
 from corespond.daemon.store.writer import (
     RIDE_LATER_WITHIN,
     RIDE_WITHIN,
     IncidentStore,
+    StoredSnapshot,
     StoreError,
 )
 from tests.daemon.store.test_store import Threads
@@ -23,9 +26,12 @@ from tests.daemon.store.test_store import incident as other_incident
 from tests.daemon.store.test_writer_lanes import failing_commit
 from tests.daemon.test_escalation import (
     World,
+    cad_record,
+    clinician_call,
     incident,
     make_service,
     roster,  # noqa: F401 (a fixture)
+    told,
     world,  # noqa: F401 (a fixture)
 )
 
@@ -104,3 +110,60 @@ def test_a_batch_that_fails_to_commit_sends_no_page_until_the_chain_commits_alon
     while writes.calls:
         writes.run_next()
     assert len(w.sent()) == 1 and lanes.chains() == 1
+
+
+# --- a chain started in the snapshot's own transaction (the store's follower) -----------------
+
+
+def test_a_clinician_call_pages_after_one_commit_its_snapshots(lanes: Lanes) -> None:
+    w, store, writes = lanes.w, lanes.store, lanes.writes
+    store.follow_with(w.service)
+    rec = clinician_call()
+    store.store_snapshot(rec).addCallback(lambda stored: told(w, rec, stored))
+    assert len(writes.calls) == 1 and w.sent() == []
+    writes.run_next()  # the snapshot, its chain, the first step and its page: one transaction
+    assert lanes.chains() == 1
+    assert [(gw, address) for gw, address, _ in w.sent()] == [("wctp", "5550101")]
+    assert writes.calls == []  # nothing else was waited for: only the submission, later
+    w.reactor.advance(RIDE_LATER_WITHIN)
+    while writes.calls:
+        writes.run_next()
+    assert lanes.submitted() == 1 and lanes.chains() == 1 and len(w.sent()) == 1
+
+
+def test_a_repeated_snapshot_of_a_call_with_its_chain_starts_nothing(lanes: Lanes) -> None:
+    w, store, writes = lanes.w, lanes.store, lanes.writes
+    store.follow_with(w.service)
+    for updated in (0, 1):
+        rec = cad_record(Response.CLINICIAN, updated=updated)
+        store.store_snapshot(rec).addCallback(lambda stored, rec=rec: told(w, rec, stored))
+        while writes.calls:
+            w.reactor.advance(RIDE_LATER_WITHIN)
+            writes.run_next()
+    assert lanes.chains() == 1 and len(w.sent()) == 1
+
+
+def test_when_the_chain_fails_in_the_snapshots_transaction_it_starts_after_the_commit(
+    lanes: Lanes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, store, writes = lanes.w, lanes.store, lanes.writes
+    store.follow_with(w.service)
+    opened = db.open_chain
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(db, "open_chain", opened)  # only the first time
+        raise RuntimeError("lock timeout")
+
+    monkeypatch.setattr(db, "open_chain", broken)
+    rec = clinician_call()
+    acked: list[StoredSnapshot] = []
+    store.store_snapshot(rec).addCallback(acked.append).addCallback(
+        lambda _: told(w, rec, acked[0])
+    )
+    writes.run_next()
+    assert acked and acked[0].state == "new"  # the snapshot is stored and acknowledged
+    assert lanes.chains() == 0 and w.sent() == []
+    w.reactor.advance(RIDE_WITHIN)  # the chain goes the way after the commit: riding
+    while writes.calls:
+        writes.run_next()
+    assert lanes.chains() == 1 and len(w.sent()) == 1

@@ -466,6 +466,8 @@ def test_an_assignment_before_the_page_answers_the_page_sent_later(daemon: Daemo
     d.turner.until_true(lambda: len(d.fixes()) == 1)
     call = cad_snapshot(1, INCIDENT_1)
     d.post(on_call(replace(call, location=None), d.now(), ("M21", "Dispatched")))
+    # (the status is applied on the writer after the snapshot's commit: wait for it)
+    d.turner.until_true(lambda: statuses(d, "unchanged") == 1)
     d.settle()
     assert pages_of(d) == [] and statuses(d, "unchanged") == 1
     d.post(eido_document(replace(call, updated_at=d.now())))  # the location: c-3 is paged

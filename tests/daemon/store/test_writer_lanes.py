@@ -22,6 +22,7 @@ from corespond.daemon.store.writer import (
     RIDE_LATER_WITHIN,
     RIDE_WITHIN,
     IncidentStore,
+    SnapshotRecord,
     StoredSnapshot,
     StoreError,
 )
@@ -231,9 +232,9 @@ def test_a_commit_that_fails_takes_the_work_that_rode_it(engine: Engine) -> None
     assert writes.calls == []
     assert category(engine, "G-0") != "rode"
     with engine.connect() as conn:
-        assert conn.execute(
-            select(incidents.c.id).where(incidents.c.external_id == "G-2")
-        ).all() == []
+        assert (
+            conn.execute(select(incidents.c.id).where(incidents.c.external_id == "G-2")).all() == []
+        )
 
 
 def test_work_that_fails_rolls_back_only_its_savepoint(engine: Engine) -> None:
@@ -298,7 +299,6 @@ def test_stopping_sends_waiting_work_on_its_own(engine: Engine) -> None:
     assert category(engine, "G-0") == "late"
 
 
-
 def test_work_no_page_waits_for_does_not_hold_the_writer(engine: Engine) -> None:
     store, writes, clock = make_store(engine)
     stored_first(store, writes)
@@ -344,3 +344,96 @@ def test_work_no_page_waits_for_goes_alone_after_its_bound_even_beside_page_work
     writes.run_next()  # the next unit takes both
     assert log.ran == ["referral", "page"]
     assert page.result == "page" and later.result == "referral"
+
+
+# --- the follower: work a snapshot calls for, in the snapshot's own transaction ---------------
+
+
+class Marker:
+    """A follower that sets the stored incident's category to "followed" for the snapshots
+    whose incident id is in ``wanted`` (or fails for those in ``failing``), noting each call."""
+
+    def __init__(self, wanted: set[str], failing: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.wanted, self.failing = wanted, failing
+        self.asked: list[str] = []
+        self.followed: list[tuple[str, str]] = []  # (incident id, snapshot state)
+
+    def wants(self, rec: SnapshotRecord) -> bool:
+        self.asked.append(rec.snapshot.incident_id)
+        return rec.snapshot.incident_id in self.wanted
+
+    def follow(self, conn: Connection, rec: SnapshotRecord, stored: StoredSnapshot) -> str:
+        self.followed.append((stored.external_id, stored.state))
+        set_category(stored.external_id, "followed")(conn)
+        if stored.external_id in self.failing:
+            raise RuntimeError("no clinician table")
+        return f"followed {stored.external_id}"
+
+
+def incident_ids(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(incidents.c.external_id)).scalars())
+
+
+def test_a_follower_works_in_the_snapshots_own_transaction(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    marker = Marker({"G-1"})
+    store.follow_with(marker)
+    results = Results()
+    results.watch(1, store.store_snapshot(incident(1)))
+    with failing_commit(engine):
+        writes.run_next()  # the commit fails: the follower's work is gone with the snapshot
+    assert marker.followed == [("G-1", "new")] and incident_ids(engine) == []
+    assert isinstance(results.values[1], Failure)
+    for n in (1, 2):  # the CAD sends it again, and another
+        results.watch(n, store.store_snapshot(incident(n)))
+    run_all(writes)
+    assert category(engine, "G-1") == "followed" and category(engine, "G-2") is None
+    first, second = results.values[1], results.values[2]
+    assert isinstance(first, StoredSnapshot) and isinstance(second, StoredSnapshot)
+    assert first.followed is not None and first.followed.ok
+    assert first.followed.value == "followed G-1"
+    assert second.followed is None  # not wanted: never asked to follow
+    assert marker.followed == [("G-1", "new")] * 2
+
+
+def test_a_follower_is_not_asked_for_a_repeated_snapshot(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    store.follow_with(marker := Marker({"G-1"}))
+    done = Results()
+    done.watch(1, store.store_snapshot(incident(1)))
+    writes.run_next()
+    done.watch(2, store.store_snapshot(incident(1)))  # the same bytes again: a duplicate
+    writes.run_next()
+    assert [state for _, state in marker.followed] == ["new"]
+    assert done.values[2].state == "duplicate" and done.values[2].followed is None
+
+
+def test_a_failing_follower_rolls_back_only_its_savepoint(engine: Engine) -> None:
+    store, writes, _ = make_store(engine)
+    store.follow_with(Marker({"G-1"}, failing={"G-1"}))
+    done = Results()
+    done.watch(1, store.store_snapshot(incident(1)))
+    writes.run_next()
+    stored = done.values[1]
+    assert isinstance(stored, StoredSnapshot) and stored.state == "new"  # stored, acknowledged
+    assert stored.followed is not None and not stored.followed.ok
+    assert str(stored.followed.value) == "no clinician table"
+    assert category(engine, "G-1") is None  # the follower's statements rolled back
+    assert store.healthy
+
+
+def test_a_batch_with_a_followed_snapshot_keeps_work_no_page_waits_for_out(
+    engine: Engine,
+) -> None:
+    store, writes, _ = make_store(engine)
+    stored_first(store, writes)
+    store.follow_with(Marker({"G-1"}))
+    log = Log()
+    later = store.ride_later(log.rider("referral"))
+    store.store_snapshot(incident(1))  # a snapshot that may page
+    writes.run_next()
+    assert log.ran == [] and not later.called
+    store.store_snapshot(incident(2))  # one that does not: the referral rides it
+    writes.run_next()
+    assert log.ran == ["referral"] and later.result == "referral"
