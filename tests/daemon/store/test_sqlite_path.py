@@ -18,7 +18,17 @@ from sqlalchemy.exc import IntegrityError
 
 from corespond.daemon.decision import Evidence, Response
 from corespond.daemon.snapshot import (
+    Caution,
+    Disposition,
+    GeoPoint,
     IncidentStatus,
+    Location,
+    Note,
+    Person,
+    Snapshot,
+    Unit,
+    snapshot_protected_json,
+    snapshot_public_json,
 )
 from corespond.daemon.store import writer
 from corespond.daemon.store.engine import create_store_engine, json_text
@@ -235,4 +245,68 @@ def test_decision_json_is_what_the_json_column_binds(
     assert writer._decision_json_texts(dec) == (
         json_text(list(dec.rules)),
         json_text(dec.evidence_json()),
+    )
+
+
+_times = st.one_of(
+    st.none(),
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, UTC, timezone(timedelta(hours=3)), None]),
+    ),
+)
+_texts = st.one_of(st.none(), st.text(max_size=8))
+_floats = st.one_of(st.floats(-180, 180), st.floats(allow_nan=True, allow_infinity=True))
+
+
+@given(
+    st.builds(
+        Snapshot,
+        incident_id=st.text(max_size=8),
+        updated_at=_times.filter(lambda t: t is not None),
+        status=st.sampled_from(IncidentStatus),
+        incident_number=_texts,
+        call_type=_texts,
+        opened_at=_times,
+        closed_at=_times,
+        location=st.one_of(
+            st.none(),
+            st.builds(
+                Location,
+                point=st.one_of(st.none(), st.builds(GeoPoint, _floats, _floats)),
+                address=_texts,
+                city=_texts,
+                state=_texts,
+            ),
+        ),
+        # Every field of the parts filled: a new one must reach the JSON as the dicts have it.
+        units=st.lists(st.builds(Unit, st.text(max_size=5), _texts, _texts), max_size=2).map(
+            tuple
+        ),
+        cautions=st.lists(st.builds(Caution, st.text(max_size=5), _texts), max_size=2).map(tuple),
+        dispositions=st.lists(st.builds(Disposition, st.text(max_size=5), _texts), max_size=2).map(
+            tuple
+        ),
+        notes=st.lists(st.builds(Note, st.text(max_size=8), _times), max_size=2).map(tuple),
+        persons=st.lists(
+            st.builds(
+                Person,
+                st.lists(st.text(max_size=4), max_size=2).map(tuple),
+                _texts,
+                _texts,
+                _texts,
+                _texts,
+            ),
+            max_size=2,
+        ).map(tuple),
+    )
+)
+def test_snapshot_json_is_what_the_json_columns_bind(snap: Snapshot) -> None:
+    """The driver path encodes the snapshot's two JSON columns with msgspec over its own
+    values: the same text as json_text of snapshot_public_json / snapshot_protected_json,
+    which the Core path binds (and the public part holds no field the dicts leave out)."""
+    assert writer._snapshot_json_texts(snap) == (
+        json_text(snapshot_public_json(snap)),
+        json_text(snapshot_protected_json(snap)),
     )
