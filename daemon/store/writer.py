@@ -247,6 +247,8 @@ def _snapshot_json_texts(snap: Snapshot) -> tuple[str, str]:
                 "state": loc.state,
             }
         try:
+            # The keys of snapshot_public_json, as a literal: a dict built from PUBLIC_KEYS
+            # and an attrgetter cost 2 us more a snapshot.
             public = _encode(
                 {
                     "id": snap.incident_id,
