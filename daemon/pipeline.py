@@ -88,14 +88,14 @@ def prepare_records(
             records.append(_reject(feed, origin, received_at, message, bug))
             continue
         records.append(
-            SnapshotRecord(
-                feed=feed.name,
-                source=feed.source,
-                format=fmt.name,
-                received_at=received_at,
-                raw=message,
-                snapshot=snapshot,
-                decision=classify_safely(classifier, snapshot, feed.name),
+            SnapshotRecord(  # (feed, source, format, received_at, raw, snapshot, decision)
+                feed.name,
+                feed.source,
+                fmt.name,
+                received_at,
+                message,
+                snapshot,
+                classify_safely(classifier, snapshot, feed.name),
             )
         )
     return records
@@ -333,14 +333,19 @@ class Pipeline:
             new, duplicate = counts.new, counts.duplicate
             answered = 0
             start = 0
+            # Looked for once in the group, not per payload (a generator per payload).
+            any_failure = any(isinstance(r, Failure) for r in results)
+            outcome = self._outcome
             for records in prepared:
                 mine = results[start : start + len(records)]
                 start += len(records)
-                failure = next((r for r in mine if isinstance(r, Failure)), None)
+                failure = None
+                if any_failure:
+                    failure = next((r for r in mine if isinstance(r, Failure)), None)
                 if failure is None:
                     try:
                         pairs = zip(mine, records, strict=True)
-                        answers.append([self._outcome(v, r, count=False) for v, r in pairs])
+                        answers.append([outcome(v, r, False) for v, r in pairs])
                         answered += 1
                         continue
                     except Exception:
@@ -351,7 +356,7 @@ class Pipeline:
                     # the same, as ingest() does. A resend finds it a duplicate: told never.
                     for value, record in zip(mine, records, strict=True):
                         if not isinstance(value, Failure):
-                            self._outcome(value, record, count=False)
+                            self._outcome(value, record, False)
                 answers.append(self._not_stored(feed, origin, failure))
             # The group's metrics at once: a counter's inc() and a histogram's observe() take a
             # lock and check their arguments (about 2 and 5 us), once per snapshot before.
@@ -366,13 +371,13 @@ class Pipeline:
         return self.store.store_many(records).addCallbacks(stored, failed)
 
     def _outcome(
-        self, stored: StoredSnapshot | int | Failure, record: Any, *, count: bool = True
+        self, stored: StoredSnapshot | int | Failure, record: Any, count: bool = True
     ) -> Outcome:
         if isinstance(record, RejectRecord):
             assert isinstance(stored, int)
             return self._rejected(stored, record)
         assert isinstance(stored, StoredSnapshot)
-        return self._stored(stored, record, count=count)
+        return self._stored(stored, record, count)
 
     def _not_stored(self, feed: FeedContext, origin: Origin, failure: Failure) -> Failure:
         metrics = self.metrics
@@ -404,7 +409,7 @@ class Pipeline:
         return Rejected(record.code, record.reason, record.where, reject_id)
 
     def _stored(
-        self, stored: StoredSnapshot, record: SnapshotRecord, *, count: bool = True
+        self, stored: StoredSnapshot, record: SnapshotRecord, count: bool = True
     ) -> Outcome:
         """Count, log and tell about one stored snapshot; ``count=False``: the caller counts
         the messages metric for its group (:meth:`IngestMetrics.count_snapshots`)."""
