@@ -42,7 +42,6 @@ from corespond.daemon.memory import PauseRecorder
 from corespond.daemon.slotted import fast_init
 from corespond.daemon.snapshot import (
     Snapshot,
-    format_time,
     snapshot_protected_json,
     snapshot_public_json,
     utc,
@@ -197,15 +196,7 @@ def _sqlite_time(value: datetime | None) -> str | None:
     if text is None:
         if len(_SQLITE_TIMES) >= _SQLITE_TIMES_MAX:
             _SQLITE_TIMES.clear()
-        if value.tzinfo is UTC:
-            # The snapshot's JSON has just formatted its source time (format_time remembers
-            # it): the same digits, cut and joined, cost a fifth of isoformat's printf.
-            iso = format_time(value)
-            assert iso is not None
-            text = f"{iso[:10]} {iso[11:19]}.{iso[20:26] if len(iso) == 27 else '000000'}"
-        else:
-            text = sqlite_datetime_text(value)
-        _SQLITE_TIMES[value] = text
+        text = _SQLITE_TIMES[value] = sqlite_datetime_text(value)
     return text
 
 
