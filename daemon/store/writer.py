@@ -374,9 +374,9 @@ def _sqlite_batch(conn: Connection) -> _SqliteBatch | None:
 
 
 # Rows a multi-row INSERT takes at most: 64 rows of the widest table (incidents, 24 columns)
-# bind 1,536 values, under SQLite's limit of 32,766 (3.32 on; the oldest SQLite that Python
-# 3.11 supports allowed 999, see _ROWS_PER_INSERT's use).
-_ROWS_PER_INSERT = 64
+# bind 1,536 values, under SQLite's default limit of 32,766 bound values (3.32 on); before
+# 3.32 the limit was 999, which 32 rows keep under.
+_ROWS_PER_INSERT = 64 if sqlite3.sqlite_version_info >= (3, 32) else 32
 _INSERT_TEXTS: dict[tuple[str, int], str] = {}
 
 
