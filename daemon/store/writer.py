@@ -17,11 +17,12 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from operator import itemgetter
+from itertools import chain
 from typing import Any, Protocol, TypeVar
 
+import msgspec
 import orjson
 import structlog
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
@@ -234,6 +235,97 @@ def _sqlite_json(value: Any) -> str:
     return "[]" if value == [] else json_text(value)  # no rules, no evidence: most decisions
 
 
+def _snapshot_json_dicts(snap: Snapshot) -> tuple[dict[str, Any], dict[str, Any]]:
+    return snapshot_public_json(snap), snapshot_protected_json(snap)
+
+
+_encode = msgspec.json.Encoder().encode
+# msgspec writes a float from 1e16 on as 1e16 where orjson (json_text) writes 1e+16.
+_PLAIN_FLOAT = 1e15
+
+
+def _snapshot_json_texts(snap: Snapshot) -> tuple[str, str]:
+    """``json_text(snapshot_public_json(snap))`` and the same of the protected part: the
+    same text, from msgspec's encoder over the snapshot's own values.
+
+    msgspec writes the slotted dataclasses Unit, Caution, Disposition and Person, the StrEnum
+    and UTC datetimes itself, with the keys in the order the dicts have them (notes put the
+    time first: they stay dicts). The two dicts with a dict per unit, note and person, every
+    time formatted on its own, cost about 7 us a snapshot, this about 6 (and fewer
+    instructions: see the README's ingest section). Text msgspec refuses (a lone surrogate),
+    times outside UTC and floats it would write otherwise take the dicts' way.
+    tests/daemon/store/test_sqlite_path.py holds the two to the same text.
+    """
+    loc = snap.location
+    point = loc.point if loc is not None else None
+    plain = point is None or (abs(point.lat) < _PLAIN_FLOAT and abs(point.lon) < _PLAIN_FLOAT)
+    if plain and _utc_times(snap):
+        location = None
+        if loc is not None:
+            location = {
+                "lat": point.lat if point else None,
+                "lon": point.lon if point else None,
+                "city": loc.city,
+                "state": loc.state,
+            }
+        try:
+            # The keys of snapshot_public_json, as a literal: a dict built from PUBLIC_KEYS
+            # and an attrgetter cost 2 us more a snapshot.
+            public = _encode(
+                {
+                    "id": snap.incident_id,
+                    "updated_at": snap.updated_at,
+                    "status": snap.status,
+                    "number": snap.incident_number,
+                    "call_type": snap.call_type,
+                    "call_type_code": snap.call_type_code,
+                    "apco_type": snap.apco_type,
+                    "priority": snap.priority,
+                    "agency": snap.agency,
+                    "zone": snap.zone,
+                    "opened_at": snap.opened_at,
+                    "closed_at": snap.closed_at,
+                    "location": location,
+                    "units": snap.units,
+                    "cautions": snap.cautions,
+                    "dispositions": snap.dispositions,
+                }
+            )
+            protected = _encode(
+                {
+                    "address": loc.address if loc is not None else None,
+                    "notes": [{"time": n.time, "text": n.text} for n in snap.notes],
+                    "persons": snap.persons,
+                }
+            )
+            return public.decode(), protected.decode()
+        except (UnicodeEncodeError, TypeError, msgspec.EncodeError):
+            pass
+    return json_text(snapshot_public_json(snap)), json_text(snapshot_protected_json(snap))
+
+
+def _utc_times(snap: Snapshot) -> bool:
+    """Whether every time of ``snap`` is an aware UTC datetime (what parsers make)."""
+    for value in (snap.updated_at, snap.opened_at, snap.closed_at, *[n.time for n in snap.notes]):
+        if value is not None and value.tzinfo is not UTC:
+            return False
+    return True
+
+
+def _decision_json_texts(decision: Decision) -> tuple[str, str]:
+    """``json_text`` of a decision's rules (as a list) and of its evidence_json(): orjson
+    writes the tuple of rule ids as it writes a list. (Evidence goes as dicts: orjson's own
+    way with a slotted dataclass cost 17k instructions an object under callgrind.)"""
+    rules, evidence = decision.rules, decision.evidence
+    try:
+        return (
+            orjson.dumps(rules).decode() if rules else "[]",
+            orjson.dumps(decision.evidence_json()).decode() if evidence else "[]",
+        )
+    except TypeError:  # a lone surrogate in a matched text
+        return json_text(list(rules)), json_text(decision.evidence_json())
+
+
 _CORE_BINDS = _Binds(time=_same, json=_same, flag=_same)
 # Exactly what UTCDateTime, JSON and Boolean bind on SQLite (the same functions underneath).
 _SQLITE_BINDS = _Binds(time=_sqlite_time, json=_sqlite_json, flag=int)
@@ -312,6 +404,13 @@ def _sqlite_batch(conn: Connection) -> _SqliteBatch | None:
     return batch
 
 
+# Rows a multi-row INSERT takes at most: 64 rows of the widest table (incidents, 24 columns)
+# bind 1,536 values, under SQLite's default limit of 32,766 bound values (3.32 on); before
+# 3.32 the limit was 999, which 32 rows keep under.
+_ROWS_PER_INSERT = 64 if sqlite3.sqlite_version_info >= (3, 32) else 32
+_INSERT_TEXTS: dict[tuple[str, int], str] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class _DriverInsert:
     """``INSERT INTO table (id, columns...)`` with ids numbered by the writer (SQLite only)."""
@@ -329,15 +428,34 @@ class _DriverInsert:
             sql=f"INSERT INTO {_quoted(table.name)} ({names}) VALUES ({_marks(len(columns) + 1)})",
         )
 
-    def execute(self, batch: _SqliteBatch, rows: Sequence[tuple[Any, ...]]) -> range:
-        """Insert ``rows`` (the statement's columns in order, driver-ready); their ids."""
-        ids = batch.ids(self.table, len(rows))
-        batch.cursor.executemany(self.sql, [(i, *row) for i, row in zip(ids, rows, strict=True)])
-        return ids
-
     def insert(self, batch: _SqliteBatch, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` that start with their id (numbered by :meth:`_SqliteBatch.ids`)."""
-        batch.cursor.executemany(self.sql, rows)
+        """Insert ``rows`` that start with their id (numbered by :meth:`_SqliteBatch.ids`).
+
+        Several rows a statement (``VALUES (...), (...)``), in runs of _ROWS_PER_INSERT rows
+        and then the powers of two below it, so that a table has at most eight statement
+        texts for the driver's statement cache. Each execution of a statement is a statement
+        transaction in SQLite (a savepoint, and a copy of every page it first writes) and a
+        reset in the driver: executemany paid them once per row."""
+        cursor = batch.cursor
+        start, left = 0, len(rows)
+        size = _ROWS_PER_INSERT
+        while left:
+            while size > left:
+                size >>= 1
+            while left >= size:
+                values = list(chain.from_iterable(rows[start : start + size]))
+                cursor.execute(self._text(size), values)
+                start += size
+                left -= size
+
+    def _text(self, count: int) -> str:
+        key = (self.table, count)
+        text = _INSERT_TEXTS.get(key)
+        if text is None:
+            row = f"({_marks(len(self.columns) + 1)})"
+            head = self.sql.rsplit(" VALUES ", 1)[0]
+            text = _INSERT_TEXTS[key] = f"{head} VALUES {', '.join([row] * count)}"
+        return text
 
     def as_dicts(self, rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """The same rows as SQLAlchemy Core takes them."""
@@ -370,22 +488,19 @@ _DRIVER_SNAPSHOTS = _DriverInsert.of(snapshots, _SNAPSHOT_COLUMNS)
 _DRIVER_DECISIONS = _DriverInsert.of(decisions, _DECISION_COLUMNS)
 _DRIVER_INCIDENTS = _DriverInsert.of(incidents, _PLACEHOLDER_COLUMNS)
 _DRIVER_NEW_INCIDENTS = _DriverInsert.of(incidents, _INCIDENT_COLUMNS)
-_NEW_INCIDENT_ROW = itemgetter("incident_pk", *_INCIDENT_COLUMNS)
-_DRIVER_UPDATES: dict[tuple[str, ...], tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
+# What a batch sets on an incident that it already holds: every column a current snapshot
+# determines, or only the counts and times when all of the batch's snapshots came late.
+_CURRENT_COLUMNS = _INCIDENT_COLUMNS[2:]
+_COUNT_COLUMNS = ("first_received_at", "last_received_at", "snapshot_count")
 
 
-def _driver_update(batch: _SqliteBatch, rows: list[dict[str, Any]]) -> None:
-    """``UPDATE incidents SET ... WHERE id = incident_pk`` for rows of one shape (SQLite)."""
-    shape = tuple(rows[0])
-    if shape not in _DRIVER_UPDATES:
-        columns = [c for c in shape if c != "incident_pk"]
-        assignments = ", ".join(f"{_quoted(c)} = ?" for c in columns)
-        _DRIVER_UPDATES[shape] = (
-            f"UPDATE {_quoted(incidents.name)} SET {assignments} WHERE id = ?",
-            itemgetter(*columns, "incident_pk"),
-        )
-    sql, values = _DRIVER_UPDATES[shape]
-    batch.cursor.executemany(sql, [values(row) for row in rows])
+def _update_text(columns: tuple[str, ...]) -> str:
+    assignments = ", ".join(f"{_quoted(c)} = ?" for c in columns)
+    return f"UPDATE {_quoted(incidents.name)} SET {assignments} WHERE id = ?"
+
+
+_DRIVER_UPDATE_CURRENT = _update_text(_CURRENT_COLUMNS)
+_DRIVER_UPDATE_COUNTS = _update_text(_COUNT_COLUMNS)
 
 
 class _InSelect:
@@ -487,18 +602,28 @@ def _write_batch(
     return results  # type: ignore[return-value]
 
 
-@dataclass(slots=True)
 class _Pending:
-    index: int
-    record: SnapshotRecord
-    digest: str
-    key: tuple[str, str] = ("", "")
-    received_at: datetime = field(init=False)
+    """A snapshot of the batch, with what the batch reads of it more than once."""
 
-    def __post_init__(self) -> None:
-        external_id = clean_text(self.record.snapshot.incident_id) or ""
-        self.key = (self.record.source, external_id)
-        self.received_at = utc(self.record.received_at)
+    # A plain slotted class: a dataclass's __init__ and __post_init__ cost two Python calls.
+    __slots__ = ("digest", "index", "key", "received_at", "record", "updated_at")
+
+    def __init__(self, index: int, record: SnapshotRecord, digest: str) -> None:
+        self.index = index
+        self.record = record
+        self.digest = digest
+        snap = record.snapshot
+        incident_id = snap.incident_id
+        if not incident_id.isascii() or "\x00" in incident_id:  # (clean_text's own test)
+            incident_id = clean_text(incident_id) or ""
+        self.key = (record.source, incident_id)
+        # utc() converts even a UTC value (astimezone makes a new object): parsers make UTC.
+        received_at, updated_at = record.received_at, snap.updated_at
+        self.received_at = received_at if received_at.tzinfo is UTC else utc(received_at)
+        self.updated_at = updated_at if updated_at.tzinfo is UTC else utc(updated_at)
+
+
+_NEW = SnapshotState.NEW
 
 
 @dataclass(slots=True)
@@ -723,22 +848,25 @@ def _insert_snapshots(
 ) -> dict[str, int]:
     """Insert the candidates; digest -> new snapshot id for those that were not there yet."""
     sql = _dialect_statements(conn)
-    time, json = sql.binds.time, sql.binds.json
+    time = sql.binds.time
+    batch = _sqlite_batch(conn)
+    # The driver binds the JSON columns as text; SQLAlchemy's JSON type encodes the dicts.
+    columns: Callable[[Snapshot], tuple[Any, Any]] = (
+        _snapshot_json_texts if batch is not None else _snapshot_json_dicts
+    )
     params = [
         (
             states[p.key].pk,
             (record := p.record).feed,
             record.format,
             time(p.received_at),
-            time((snap := record.snapshot).updated_at),
+            time(p.updated_at),
             p.digest,
             record.raw,
-            json(snapshot_public_json(snap)),
-            json(snapshot_protected_json(snap)),
+            *columns(record.snapshot),
         )
         for p in candidates
     ]
-    batch = _sqlite_batch(conn)
     if batch is not None:
         # The digests are not there (checked under the write lock): every row goes in, after
         # the batch's new incidents (_apply).
@@ -759,13 +887,13 @@ def _apply(
     """Decide, in item order, what each new snapshot does to its incident; write it down."""
     sql = _dialect_statements(conn)
     batch = _sqlite_batch(conn)
-    time, json, flag = sql.binds.time, sql.binds.json, sql.binds.flag
+    time, flag = sql.binds.time, sql.binds.flag
     decision_params: list[tuple[Any, ...]] = []
     previous_to_load: dict[int, int] = {}  # item index -> stored decision id
     for p in candidates:
         state = states[p.key]
         snapshot_id = inserted[p.digest]
-        rank = (utc(p.record.snapshot.updated_at), p.received_at, snapshot_id)
+        rank = (p.updated_at, p.received_at, snapshot_id)
         became_current = state.rank is None or rank > state.rank
         outcome = _outcome(p.record.decision)
         changed = became_current and outcome != state.outcome
@@ -783,6 +911,12 @@ def _apply(
             state.last_received_at = p.received_at
         state.touched = True
         decision = p.record.decision
+        rules: Any
+        evidence: Any
+        if batch is not None:
+            rules, evidence = _decision_json_texts(decision)
+        else:
+            rules, evidence = list(decision.rules), decision.evidence_json()
         decision_params.append(
             (
                 snapshot_id,
@@ -793,19 +927,14 @@ def _apply(
                 outcome[1],  # the category, cleaned
                 outcome[2],  # the response
                 decision.score,
-                json(list(decision.rules)),
-                json(decision.evidence_json()),
+                rules,
+                evidence,
                 flag(changed),
             )
         )
+        # (Positional: keywords cost a Python call more to match.)
         results[p.index] = StoredSnapshot(
-            incident_pk=state.pk,
-            external_id=state.external_id,
-            snapshot_id=snapshot_id,
-            state=SnapshotState.NEW,
-            became_current=became_current,
-            decision_changed=changed,
-            previous_decision=previous,
+            state.pk, state.external_id, snapshot_id, _NEW, became_current, changed, previous
         )
     if previous_to_load:
         _fill_previous(conn, previous_to_load, results)
@@ -818,33 +947,39 @@ def _apply(
     else:
         rows = conn.execute(_INSERT_DECISIONS, _DRIVER_DECISIONS.as_dicts(decision_params))
         decision_ids = {snapshot_id: decision_id for decision_id, snapshot_id in rows}
-    # executemany needs one shape per statement: incidents with a new current snapshot, and
-    # incidents that only received late ones.
+    # One statement per shape: incidents with a new current snapshot, incidents that only
+    # received late ones (each row ends with the incident's id), and new ones (SQLite).
     new_incidents: list[tuple[Any, ...]] = []
-    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    current: list[tuple[Any, ...]] = []
+    late: list[tuple[Any, ...]] = []
     for (source, external_id), state in states.items():
         if state.touched:
-            values = _incident_update(state, decision_ids, sql.binds)
-            if state.new:
-                values["source"], values["external_id"] = source, external_id
-                new_incidents.append(_NEW_INCIDENT_ROW(values))
+            values = _incident_values(state, decision_ids, sql.binds)
+            if state.new:  # (always with a current snapshot: its first one is in the batch)
+                new_incidents.append((state.pk, source, external_id, *values))
             else:
-                shapes.setdefault(tuple(values), []).append(values)
+                (current if state.current is not None else late).append((*values, state.pk))
     if batch is not None:  # parents first: the foreign keys are checked row by row
         if new_incidents:
             _DRIVER_NEW_INCIDENTS.insert(batch, new_incidents)
         _DRIVER_SNAPSHOTS.insert(batch, batch.snapshot_rows)
         _DRIVER_DECISIONS.insert(batch, decision_rows)
-    for params in shapes.values():
-        if batch is not None:
-            _driver_update(batch, params)
-        else:
-            conn.execute(_UPDATE_INCIDENT, params)
+        if current:
+            batch.cursor.executemany(_DRIVER_UPDATE_CURRENT, current)
+        if late:
+            batch.cursor.executemany(_DRIVER_UPDATE_COUNTS, late)
+        return
+    for columns, shaped in ((_CURRENT_COLUMNS, current), (_COUNT_COLUMNS, late)):
+        if shaped:
+            keys = (*columns, "incident_pk")
+            conn.execute(_UPDATE_INCIDENT, [dict(zip(keys, row, strict=True)) for row in shaped])
 
 
 def _outcome(decision: Decision) -> tuple[bool, str | None, str]:
     """What a dispatcher acts on (see Decision.same_outcome), as the incident row holds it."""
-    return (decision.behavioral_health, clean_text(decision.category), decision.response.value)
+    # _value_: the member's plain attribute (.value is a property, and binding the StrEnum
+    # itself sends it through sqlite3's adapter look-ups).
+    return (decision.behavioral_health, clean_text(decision.category), decision.response._value_)
 
 
 def _fill_previous(
@@ -874,57 +1009,42 @@ def _fill_previous(
         results[index] = replace(result, previous_decision=loaded[decision_id])
 
 
-def _incident_update(
+def _incident_values(
     state: _IncidentState, decision_ids: dict[int, int], binds: _Binds
-) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "incident_pk": state.pk,
-        "snapshot_count": state.snapshot_count,
-        "first_received_at": binds.time(state.first_received_at),
-        "last_received_at": binds.time(state.last_received_at),
-    }
-    if state.current is not None:
-        assert state.snapshot_id is not None
-        values.update(incident_columns(state.current.record.snapshot, binds.time))
-        values.update(decision_columns(state.current.record.decision, binds.flag))
-        values["current_snapshot_id"] = state.snapshot_id
-        values["current_decision_id"] = decision_ids[state.snapshot_id]
-    return values
-
-
-def incident_columns(
-    snap: Snapshot, time: Callable[[datetime | None], Any] = _same
-) -> dict[str, Any]:
-    """The incident columns that a snapshot determines when it is the current one.
-
-    ``time`` converts the times (the driver-level path binds them as text).
-    """
+) -> tuple[Any, ...]:
+    """The incident's columns after the batch: _CURRENT_COLUMNS when a snapshot of the batch
+    became its current one, else _COUNT_COLUMNS. A tuple in column order: building a dict
+    per incident and reading it back by name cost more than the statement's binding."""
+    time = binds.time
+    counts = (time(state.first_received_at), time(state.last_received_at), state.snapshot_count)
+    current = state.current
+    if current is None:
+        return counts
+    assert state.snapshot_id is not None and state.outcome is not None
+    snap = current.record.snapshot
     point = snap.location.point if snap.location else None
-    return {
-        "incident_number": clean_text(snap.incident_number),
-        "status": snap.status.value,
-        "call_type": clean_text(snap.call_type),
-        "call_type_code": clean_text(snap.call_type_code),
-        "apco_type": clean_text(snap.apco_type),
-        "priority": clean_text(snap.priority),
-        "agency": clean_text(snap.agency),
-        "zone": clean_text(snap.zone),
-        "lat": point.lat if point else None,
-        "lon": point.lon if point else None,
-        "opened_at": time(snap.opened_at),
-        "closed_at": time(snap.closed_at),
-        "updated_at": time(snap.updated_at),
-    }
-
-
-def decision_columns(decision: Decision, flag: Callable[[bool], Any] = _same) -> dict[str, Any]:
-    """The incident columns that its current decision determines (``flag`` converts the
-    flag, as ``time`` does for :func:`incident_columns`)."""
-    return {
-        "behavioral_health": flag(decision.behavioral_health),
-        "category": clean_text(decision.category),
-        "response": decision.response.value,
-    }
+    behavioral_health, category, response = state.outcome  # the current decision's, cleaned
+    return (
+        clean_text(snap.incident_number),
+        snap.status._value_,
+        clean_text(snap.call_type),
+        clean_text(snap.call_type_code),
+        clean_text(snap.apco_type),
+        clean_text(snap.priority),
+        clean_text(snap.agency),
+        clean_text(snap.zone),
+        point.lat if point else None,
+        point.lon if point else None,
+        time(snap.opened_at),
+        time(snap.closed_at),
+        time(current.updated_at),
+        *counts,
+        state.snapshot_id,
+        decision_ids[state.snapshot_id],
+        binds.flag(behavioral_health),
+        category,
+        response,
+    )
 
 
 # --- group commit under Twisted --------------------------------------------------------------

@@ -25,7 +25,7 @@ from corespond.daemon.decision import Response
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.ingest import Accepted, Origin, Rejected, SnapshotState
 from corespond.daemon.log import configure_logging
-from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
+from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline, observe_many
 from corespond.daemon.snapshot import Note, Snapshot, snapshot_to_json
 from corespond.daemon.store.queries import totals
 from corespond.daemon.store.tables import RejectedMessageRow
@@ -365,3 +365,43 @@ def test_a_batchs_lines_go_out_with_one_flush(engine: Engine, log_stream: _Flush
     assert log_stream.flushes == before + 2
     assert log_stream.getvalue().count("cad.snapshot.stored") == 6
     assert not writes
+
+
+def test_a_groups_metrics_are_counted_at_once(
+    pipeline: Pipeline, registry: CollectorRegistry
+) -> None:
+    """ingest_many counts a group's snapshots and observes its latency in one update each:
+    the same figures as one payload at a time."""
+    ingest = pipeline.ingest_for(feed())
+    result(ingest.many([eido(snap(1)), eido(snap(2)), b"{", eido(snap(1))], ORIGIN))
+    result(ingest.many([eido(snap(3))], ORIGIN))
+    counts = {
+        outcome: registry.get_sample_value(
+            "corespond_cad_messages_total", {"feed": "cad", "outcome": outcome}
+        )
+        for outcome in ("new", "duplicate", "rejected")
+    }
+    assert counts == {"new": 3, "duplicate": 1, "rejected": 1}
+    assert (pipeline.counts.new, pipeline.counts.duplicate) == (3, 1)
+    assert registry.get_sample_value("corespond_ingest_seconds_count", {"feed": "cad"}) == 5
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.0004, 0.0005, 0.003, 1.0, 4.99, 5.0, 7.5])
+@pytest.mark.parametrize("times", [0, 1, 2, 17])
+def test_observe_many_is_observe_that_many_times(amount: float, times: int) -> None:
+    metrics_one = IngestMetrics(CollectorRegistry())
+    metrics_many = IngestMetrics(CollectorRegistry())
+    child_one, child_many = metrics_one.latency.labels("cad"), metrics_many.latency.labels("cad")
+    for _ in range(times):
+        child_one.observe(amount)
+    observe_many(child_many, amount, times)
+
+    def samples(metrics: IngestMetrics) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name, s.labels, round(s.value, 9))
+            for family in metrics.latency.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(metrics_many) == samples(metrics_one)
