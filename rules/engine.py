@@ -61,6 +61,7 @@ from corespond.rules.negation import ClauseNegation
 
 SCANNED_FIELDS = ("call_type", "narrative", "cautions", "persons")
 _RECENT_SIZE = 4096  # distinct short field texts remembered per classifier
+_RECENT_NARRATIVES = 1024  # narratives remembered per classifier (a few KB each)
 _STATUS = {s: (s.value.upper(), s.value) for s in IncidentStatus}  # as status codes compare
 _RANK = {r: i for i, r in enumerate(RESPONSE_ORDER)}
 
@@ -202,6 +203,7 @@ class RuleClassifier:
         self._outcomes: dict[tuple[int, ...], _Outcome] = {}
         self._recent_evidence: dict[tuple[str, str, int, int, str], Evidence] = {}
         self._recent: dict[tuple[str, str], _Scanned] = {}
+        self._recent_narratives: dict[str, _Scanned] = {}
         self._recent_codes: dict[
             tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
         ] = {}
@@ -529,7 +531,16 @@ class RuleClassifier:
     def _scan_into(self, ctx: _Context, field: str, raw: str) -> int:
         """Scans one text field into ``ctx``; the mask of rules its hits point at."""
         if field == "narrative":
-            found, candidates, kept, scopes = self._scan(field, raw)
+            # Every update of an incident repeats its notes, and many add none (a unit's
+            # status, a closing): the narrative of a recent update is scanned once. Keyed by
+            # the text alone (the scan is a pure function of it); bounded to the incidents of
+            # the moment, as the parser's caches are.
+            got = self._recent_narratives.get(raw)
+            if got is None:
+                if len(self._recent_narratives) >= _RECENT_NARRATIVES:
+                    self._recent_narratives.clear()
+                got = self._recent_narratives[raw] = self._scan(field, raw)
+            found, candidates, kept, scopes = got
         else:
             # Call types, cautions and mental states come from a small vocabulary: remember.
             key = (field, raw)
