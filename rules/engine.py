@@ -203,7 +203,7 @@ class RuleClassifier:
         self._outcomes: dict[tuple[int, ...], _Outcome] = {}
         self._recent_evidence: dict[tuple[str, str, int, int, str], Evidence] = {}
         self._recent: dict[tuple[str, str], _Scanned] = {}
-        self._recent_narratives: dict[str, _Scanned] = {}
+        self._recent_narratives: dict[tuple[str, str], _Scanned] = {}
         self._recent_codes: dict[
             tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
         ] = {}
@@ -530,26 +530,21 @@ class RuleClassifier:
 
     def _scan_into(self, ctx: _Context, field: str, raw: str) -> int:
         """Scans one text field into ``ctx``; the mask of rules its hits point at."""
+        # Call types, cautions and mental states come from a small vocabulary: remember them.
+        # Every update of an incident repeats its notes too, and many add none (a unit's
+        # status, a closing): a recent narrative is scanned once, in a smaller cache of its
+        # own (a few KB each). The scan is a pure function of the field and the text.
         if field == "narrative":
-            # Every update of an incident repeats its notes, and many add none (a unit's
-            # status, a closing): the narrative of a recent update is scanned once. Keyed by
-            # the text alone (the scan is a pure function of it); bounded to the incidents of
-            # the moment, as the parser's caches are.
-            got = self._recent_narratives.get(raw)
-            if got is None:
-                if len(self._recent_narratives) >= _RECENT_NARRATIVES:
-                    self._recent_narratives.clear()
-                got = self._recent_narratives[raw] = self._scan(field, raw)
-            found, candidates, kept, scopes = got
+            recent, limit = self._recent_narratives, _RECENT_NARRATIVES
         else:
-            # Call types, cautions and mental states come from a small vocabulary: remember.
-            key = (field, raw)
-            got = self._recent.get(key)
-            if got is None:
-                if len(self._recent) >= _RECENT_SIZE:
-                    self._recent.clear()
-                got = self._recent[key] = self._scan(field, raw)
-            found, candidates, kept, scopes = got
+            recent, limit = self._recent, _RECENT_SIZE
+        key = (field, raw)
+        got = recent.get(key)
+        if got is None:
+            if len(recent) >= limit:
+                recent.clear()
+            got = recent[key] = self._scan(field, raw)
+        found, candidates, kept, scopes = got
         ctx.raw[field] = raw
         ctx.found[field] = found
         ctx.kept[field] = kept
