@@ -1037,16 +1037,39 @@ def _typed_notes(components: list[_NoteComponent] | None) -> tuple[Note, ...]:
     if not components:
         return ()
     notes = []
+    recent = _recent_notes
     for component in components:
-        if component.notes_action_comments is None:
+        html = component.notes_action_comments
+        if html is None:
             raise _Untyped
-        html = _typed_raw_text(component.notes_action_comments)
-        time = _typed_time(component.last_update_time_stamp, required=True)
-        text = html_to_text(html or "", "")
-        if text:
-            notes.append(Note(text=text, time=time))
-    notes.sort(key=_note_time)
+        key = (html, component.last_update_time_stamp)
+        note = recent.get(key, _NO_NOTE)
+        if note is _NO_NOTE:
+            note = _typed_note(html, key[1])
+            if len(recent) >= _NOTES_REMEMBERED:
+                recent.clear()
+            recent[key] = note
+        if note is not None:
+            notes.append(note)
+    if len(notes) > 1:
+        notes.sort(key=_note_time)
     return tuple(notes)
+
+
+def _typed_note(html: str, stamp: str | None) -> Note | None:
+    """The note of one component (None when its text is blank); gives up as the typed path
+    does."""
+    text = html_to_text(_typed_raw_text(html) or "", "")
+    time = _typed_time(stamp, required=True)
+    return Note(text, time) if text else None
+
+
+# Every update of an incident repeats its notes verbatim: a note is a pure function of its
+# text and its time stamp (the two strings), so a recent one is not mapped again. Only notes
+# the typed path took are kept (giving up raises before the store); bounded like the others.
+_recent_notes: dict[tuple[str, str | None], Note | None] = {}
+_NOTES_REMEMBERED: Final = 4096
+_NO_NOTE: Final = Note("")
 
 
 def _typed_person(component: _PersonComponent) -> Person:
@@ -1081,6 +1104,31 @@ _recent_nc_texts: dict[bytes, _PersonDetails] = {}
 
 
 def _typed_unit(component: _Resource) -> Unit:
+    # A few dozen units in a handful of statuses make up a feed's resources, whichever
+    # incident they are on: the unit is a pure function of the fields below (the $id only
+    # when there is no name, the internal type only without a common one), so a recent one
+    # is not mapped again.
+    name = component.emergency_resource_name
+    kind = component.emergency_resource_type_common_registry_text
+    secondary = component.secondary_unit_status_registry_text
+    key = (
+        name,
+        None if name and name.strip() else component.id,
+        kind,
+        None if kind and kind.strip() else component.emergency_resource_type_internal_text,
+        component.primary_unit_status_registry_text,
+        tuple(secondary) if secondary else None,
+    )
+    unit = _recent_units.get(key)
+    if unit is None:
+        unit = _mapped_unit(component)
+        if len(_recent_units) >= _UNITS_REMEMBERED:
+            _recent_units.clear()
+        _recent_units[key] = unit
+    return unit
+
+
+def _mapped_unit(component: _Resource) -> Unit:
     name = _typed_text(component.emergency_resource_name) or _typed_text(component.id)
     if not name:
         raise _Untyped
@@ -1093,6 +1141,10 @@ def _typed_unit(component: _Resource) -> Unit:
             secondary, lambda: _typed_text(component.primary_unit_status_registry_text)
         ),
     )
+
+
+_recent_units: dict[tuple[object, ...], Unit] = {}
+_UNITS_REMEMBERED: Final = 4096
 
 
 def _typed_caution(component: _CautionComponent) -> Caution:
