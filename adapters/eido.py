@@ -911,30 +911,42 @@ def _typed_snapshot(message: bytes) -> Snapshot:
     assert incident_id is not None and updated_at is not None
 
     incident = doc.incident_component
-    status = IncidentStatus.ACTIVE
     closed_at = None
-    fields: dict[str, Any] = {}
-    if incident is not None:
-        status, fields = _typed_incident(incident)
+    if incident is None:
+        status, number, call_type, code, apco, priority, zone, dispositions = _NO_INCIDENT
+    else:
+        status, number, call_type, code, apco, priority, zone, dispositions = _typed_incident(
+            incident
+        )
         if status is IncidentStatus.CLOSED:
             closed_at = _typed_time(incident.last_update_time_stamp) or updated_at
 
     starts = [
         t for call in doc.call_component or () if (t := _typed_time(call.call_start_timestamp))
     ]
+    units = doc.emergency_resource_component
+    cautions = doc.caution_component
+    persons = doc.person_component
+    # Positional, in Snapshot's field order (keywords cost about a third more to bind).
     return Snapshot(
-        incident_id=incident_id,
-        updated_at=updated_at,
-        status=status,
-        agency=_typed_agency(doc),
-        opened_at=min(starts, default=None),
-        closed_at=closed_at,
-        location=_typed_location(doc.location_component),
-        units=tuple(_typed_unit(u) for u in doc.emergency_resource_component or ()),
-        cautions=tuple(_typed_caution(c) for c in doc.caution_component or ()),
-        notes=_typed_notes(doc.notes_component),
-        persons=tuple(_typed_person(p) for p in doc.person_component or ()),
-        **fields,
+        incident_id,
+        updated_at,
+        status,
+        number,
+        call_type,
+        code,
+        apco,
+        priority,
+        _typed_agency(doc),
+        zone,
+        min(starts, default=None),
+        closed_at,
+        _typed_location(doc.location_component),
+        tuple([_typed_unit(u) for u in units]) if units else (),
+        tuple([_typed_caution(c) for c in cautions]) if cautions else (),
+        dispositions,
+        _typed_notes(doc.notes_component),
+        tuple([_typed_person(p) for p in persons]) if persons else (),
     )
 
 
@@ -988,7 +1000,15 @@ def _typed_agency(doc: _Eido) -> str | None:
     return None if ref is None else _typed_text(ref.ref)
 
 
-def _typed_incident(incident: _Incident) -> tuple[IncidentStatus, dict[str, Any]]:
+_NO_INCIDENT: Final = (IncidentStatus.ACTIVE, None, None, None, None, None, None, ())
+
+
+def _typed_incident(
+    incident: _Incident,
+) -> tuple[IncidentStatus, str | None, str | None, str | None, str | None, str | None,
+           str | None, tuple[Disposition, ...]]:  # fmt: skip
+    """Status, then the Snapshot's fields in its own order from incident_number to
+    priority, then zone and the dispositions."""
     number = incident.incident_common_priority_number
     priority: str | None
     if number is not None:
@@ -998,23 +1018,24 @@ def _typed_incident(incident: _Incident) -> tuple[IncidentStatus, dict[str, Any]
     status = IncidentStatus.ACTIVE
     for word in _typed_texts(incident.incident_status_common_registry_text):
         status = _STATUS_WORDS.get(word.lower(), status)
-    dispositions = tuple(
+    dispositions = tuple([
         Disposition(
-            code=_typed_text(d.disposition_common_registry_code, required=True) or "",
-            text=_typed_text(d.disposition_description_text)
+            _typed_text(d.disposition_common_registry_code, required=True) or "",
+            _typed_text(d.disposition_description_text)
             or _typed_text(d.disposition_category_text),
         )
         for d in incident.disposition_component or ()
+    ])  # fmt: skip
+    return (
+        status,
+        _typed_text(incident.internal_incident_id),
+        _typed_text(incident.incident_type_internal_text),
+        _typed_text(incident.incident_type_internal_code),
+        _typed_text(incident.incident_type_common_registry_text, required=True),
+        priority,
+        _typed_text(incident.beat_or_dispatch_group_text),
+        dispositions,
     )
-    return status, {
-        "apco_type": _typed_text(incident.incident_type_common_registry_text, required=True),
-        "call_type_code": _typed_text(incident.incident_type_internal_code),
-        "call_type": _typed_text(incident.incident_type_internal_text),
-        "priority": priority,
-        "zone": _typed_text(incident.beat_or_dispatch_group_text),
-        "incident_number": _typed_text(incident.internal_incident_id),
-        "dispositions": dispositions,
-    }
 
 
 def _typed_location(components: list[_LocationComponent] | None) -> Location | None:
@@ -1037,16 +1058,39 @@ def _typed_notes(components: list[_NoteComponent] | None) -> tuple[Note, ...]:
     if not components:
         return ()
     notes = []
+    recent = _recent_notes
     for component in components:
-        if component.notes_action_comments is None:
+        html = component.notes_action_comments
+        if html is None:
             raise _Untyped
-        html = _typed_raw_text(component.notes_action_comments)
-        time = _typed_time(component.last_update_time_stamp, required=True)
-        text = html_to_text(html or "", "")
-        if text:
-            notes.append(Note(text=text, time=time))
-    notes.sort(key=_note_time)
+        key = (html, component.last_update_time_stamp)
+        note = recent.get(key, _NO_NOTE)
+        if note is _NO_NOTE:
+            note = _typed_note(html, key[1])
+            if len(recent) >= _NOTES_REMEMBERED:
+                recent.clear()
+            recent[key] = note
+        if note is not None:
+            notes.append(note)
+    if len(notes) > 1:
+        notes.sort(key=_note_time)
     return tuple(notes)
+
+
+def _typed_note(html: str, stamp: str | None) -> Note | None:
+    """The note of one component (None when its text is blank); gives up as the typed path
+    does."""
+    text = html_to_text(_typed_raw_text(html) or "", "")
+    time = _typed_time(stamp, required=True)
+    return Note(text, time) if text else None
+
+
+# Every update of an incident repeats its notes verbatim: a note is a pure function of its
+# text and its time stamp (the two strings), so a recent one is not mapped again. Only notes
+# the typed path took are kept (giving up raises before the store); bounded like the others.
+_recent_notes: dict[tuple[str, str | None], Note | None] = {}
+_NOTES_REMEMBERED: Final = 4096
+_NO_NOTE: Final = Note("")
 
 
 def _typed_person(component: _PersonComponent) -> Person:
@@ -1081,6 +1125,31 @@ _recent_nc_texts: dict[bytes, _PersonDetails] = {}
 
 
 def _typed_unit(component: _Resource) -> Unit:
+    # A few dozen units in a handful of statuses make up a feed's resources, whichever
+    # incident they are on: the unit is a pure function of the fields below (the $id only
+    # when there is no name, the internal type only without a common one), so a recent one
+    # is not mapped again.
+    name = component.emergency_resource_name
+    kind = component.emergency_resource_type_common_registry_text
+    secondary = component.secondary_unit_status_registry_text
+    key = (
+        name,
+        None if name and name.strip() else component.id,
+        kind,
+        None if kind and kind.strip() else component.emergency_resource_type_internal_text,
+        component.primary_unit_status_registry_text,
+        tuple(secondary) if secondary else None,
+    )
+    unit = _recent_units.get(key)
+    if unit is None:
+        unit = _mapped_unit(component)
+        if len(_recent_units) >= _UNITS_REMEMBERED:
+            _recent_units.clear()
+        _recent_units[key] = unit
+    return unit
+
+
+def _mapped_unit(component: _Resource) -> Unit:
     name = _typed_text(component.emergency_resource_name) or _typed_text(component.id)
     if not name:
         raise _Untyped
@@ -1093,6 +1162,10 @@ def _typed_unit(component: _Resource) -> Unit:
             secondary, lambda: _typed_text(component.primary_unit_status_registry_text)
         ),
     )
+
+
+_recent_units: dict[tuple[object, ...], Unit] = {}
+_UNITS_REMEMBERED: Final = 4096
 
 
 def _typed_caution(component: _CautionComponent) -> Caution:

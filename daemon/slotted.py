@@ -27,7 +27,12 @@ def fast_init(cls: type[T]) -> type[T]:
     namespace: dict[str, Any] = {}
     args: list[str] = []
     body: list[str] = []
-    for i, f in enumerate(dataclasses.fields(cls)):  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    twin = _twin(cls) if len(fields) >= TWIN_FROM else None
+    if twin is not None:
+        namespace.update(_twin=twin, _cls=cls, _set_class=object.__setattr__)
+        body.append("    _set_class(self, '__class__', _twin)")
+    for i, f in enumerate(fields):
         if not f.init or f.default_factory is not dataclasses.MISSING or f.kw_only:
             raise TypeError(f"{cls.__qualname__}.{f.name}: only plain fields are supported")
         namespace[f"_set{i}"] = cls.__dict__[f.name].__set__  # the slot's member descriptor
@@ -36,7 +41,9 @@ def fast_init(cls: type[T]) -> type[T]:
         else:
             namespace[f"_default{i}"] = f.default
             args.append(f"{f.name}=_default{i}")
-        body.append(f"    _set{i}(self, {f.name})")
+        body.append(f"    self.{f.name} = {f.name}" if twin else f"    _set{i}(self, {f.name})")
+    if twin is not None:
+        body.append("    self.__class__ = _cls")
     source = f"def __init__(self, {', '.join(args)}):\n" + ("\n".join(body) or "    pass") + "\n"
     exec(source, namespace)  # the names and defaults all come from the class itself
     init = namespace["__init__"]
@@ -44,3 +51,23 @@ def fast_init(cls: type[T]) -> type[T]:
     init.__module__ = cls.__module__
     setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses assigning to a method
     return cls
+
+
+# From this many fields on, __init__ fills the slots as a mutable twin of the class (the same
+# slots, so the same layout) and gives the object its class back at the end: a plain attribute
+# store is a fraction of a descriptor call, and the two class changes cost about as much as
+# four descriptor calls. Snapshot (18 fields): 14.9k -> 6.9k instructions a build under
+# callgrind, Person (5): 5.2k -> 4.5k, Unit (3) would go from 3.7k to 4.1k.
+TWIN_FROM = 5
+
+
+def _twin(cls: type) -> type | None:
+    """A class whose instances can become ``cls`` instances and back, or None when ``cls``
+    is not a direct subclass of object (a base's slots or __setattr__ would differ)."""
+    if cls.__bases__ != (object,):
+        return None
+    twin = type(f"{cls.__name__}Building", (), {"__slots__": cls.__slots__})  # type: ignore[attr-defined]
+    probe: Any = object.__new__(cls)
+    object.__setattr__(probe, "__class__", twin)  # raises now if the layouts differ
+    probe.__class__ = cls
+    return twin

@@ -61,6 +61,7 @@ from corespond.rules.negation import ClauseNegation
 
 SCANNED_FIELDS = ("call_type", "narrative", "cautions", "persons")
 _RECENT_SIZE = 4096  # distinct short field texts remembered per classifier
+_RECENT_NARRATIVES = 1024  # narratives remembered per classifier (a few KB each)
 _STATUS = {s: (s.value.upper(), s.value) for s in IncidentStatus}  # as status codes compare
 _RANK = {r: i for i, r in enumerate(RESPONSE_ORDER)}
 
@@ -202,6 +203,7 @@ class RuleClassifier:
         self._outcomes: dict[tuple[int, ...], _Outcome] = {}
         self._recent_evidence: dict[tuple[str, str, int, int, str], Evidence] = {}
         self._recent: dict[tuple[str, str], _Scanned] = {}
+        self._recent_narratives: dict[tuple[str, str], _Scanned] = {}
         self._recent_codes: dict[
             tuple[object, ...], tuple[dict[str, tuple[str, str]], list[Apco], int]
         ] = {}
@@ -528,17 +530,21 @@ class RuleClassifier:
 
     def _scan_into(self, ctx: _Context, field: str, raw: str) -> int:
         """Scans one text field into ``ctx``; the mask of rules its hits point at."""
+        # Call types, cautions and mental states come from a small vocabulary: remember them.
+        # Every update of an incident repeats its notes too, and many add none (a unit's
+        # status, a closing): a recent narrative is scanned once, in a smaller cache of its
+        # own (a few KB each). The scan is a pure function of the field and the text.
         if field == "narrative":
-            found, candidates, kept, scopes = self._scan(field, raw)
+            recent, limit = self._recent_narratives, _RECENT_NARRATIVES
         else:
-            # Call types, cautions and mental states come from a small vocabulary: remember.
-            key = (field, raw)
-            got = self._recent.get(key)
-            if got is None:
-                if len(self._recent) >= _RECENT_SIZE:
-                    self._recent.clear()
-                got = self._recent[key] = self._scan(field, raw)
-            found, candidates, kept, scopes = got
+            recent, limit = self._recent, _RECENT_SIZE
+        key = (field, raw)
+        got = recent.get(key)
+        if got is None:
+            if len(recent) >= limit:
+                recent.clear()
+            got = recent[key] = self._scan(field, raw)
+        found, candidates, kept, scopes = got
         ctx.raw[field] = raw
         ctx.found[field] = found
         ctx.kept[field] = kept

@@ -9,6 +9,7 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,6 +50,8 @@ def long_way(message: bytes) -> Answer:
     """The exact decoder, and nothing remembered from earlier messages."""
     eido._recent_persons.clear()
     eido._recent_nc_texts.clear()
+    eido._recent_notes.clear()
+    eido._recent_units.clear()
     pidflo._recent_location.cache_clear()
     eido._recent_html_text.cache_clear()
     return answer(lambda m: snapshot_from_eido(load_json(m)), message)
@@ -59,6 +62,8 @@ def same_after(before: list[bytes], message: bytes) -> None:
     long way does."""
     eido._recent_persons.clear()
     eido._recent_nc_texts.clear()
+    eido._recent_notes.clear()
+    eido._recent_units.clear()
     for earlier in before:
         answer(FORMAT.parse, earlier)
     short = answer(FORMAT.parse, message)
@@ -76,8 +81,11 @@ def test_demo_incidents_parse_as_the_long_way() -> None:
     ]
     eido._recent_persons.clear()
     eido._recent_nc_texts.clear()
+    eido._recent_notes.clear()
+    eido._recent_units.clear()
     short = [answer(FORMAT.parse, m) for m in messages]
-    assert eido._recent_nc_texts  # the shortcut (the typed path's) was taken
+    assert eido._recent_nc_texts  # the shortcuts (the typed path's) were taken
+    assert eido._recent_notes and eido._recent_units
     assert short == [long_way(m) for m in messages]
     assert all(isinstance(s, Snapshot) for s in short)
 
@@ -114,6 +122,38 @@ def test_an_integer_beyond_64_bits_is_read_exactly() -> None:
     assert snap.priority == str(2**70)
     doc["incidentComponent"]["incidentCommonPriorityNumber"] = 1.5
     assert answer(FORMAT.parse, encode(doc))[:1] == ("invalid-field",)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "other", "changed"),
+    [
+        # A unit's $id is read only without a name, its internal type only without a common
+        # one, its primary status only without a secondary one.
+        ("emergencyResourceName", " ", "$id", "urn:emergency:uid:eidodatacomponent:other:x"),
+        ("emergencyResourceTypeCommonRegistryText", "", "emergencyResourceTypeInternalText", "X"),
+        ("secondaryUnitStatusRegistryText", [], "primaryUnitStatusRegistryText", "Available"),
+        ("secondaryUnitStatusRegistryText", ["EnRoute"], "secondaryUnitStatusRegistryText",
+         ["EnRoute", "OnScene"]),
+    ],
+)  # fmt: skip
+def test_remembered_units_read_what_they_depend_on(
+    field: str, value: Any, other: str, changed: Any
+) -> None:
+    doc = fixture("bh-open.json")
+    unit = doc["emergencyResourceComponent"][0]
+    unit[field] = value
+    before = encode(doc)
+    unit[other] = changed
+    same_after([before], encode(doc))
+    assert FORMAT.parse(before) != FORMAT.parse(encode(doc))
+
+
+def test_remembered_notes_keep_their_time() -> None:
+    doc = fixture("bh-open.json")
+    before = encode(doc)
+    for note in doc["notesComponent"]:
+        note["lastUpdateTimeStamp"] = "2026-03-14T23:59:00Z"
+    same_after([before], encode(doc))
 
 
 @settings(max_examples=200, deadline=None)

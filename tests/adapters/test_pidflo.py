@@ -297,3 +297,112 @@ def test_repeated_documents_give_equal_results_and_errors_keep_their_pointer() -
         with pytest.raises(RejectedMessage) as info:
             parse_pidf_lo(bad, where)
         assert (info.value.code, info.value.where) == ("bad-pidf-lo", where)
+
+
+# --- the common shape without a tree, against lxml's tree ------------------------------------
+
+# What the fast reader's answer is compared with: the tree's, for any document it answers.
+_PLAIN = "aZ09 -.,#'\"/:;=?~!%"
+_SPECIAL = ["  ", "\t", "\n", "\r", "<", ">", "&", "&amp;", "&#65;", "]]>", "\x01", "\u00e9"]
+_ALPHABET = st.sampled_from([*_PLAIN, *_SPECIAL, "\ufffe", "+"])
+
+
+
+def _pieces(most: int) -> st.SearchStrategy[str]:
+    return st.lists(_ALPHABET, max_size=most).map("".join)
+
+
+def _common_document(civic: list[tuple[str, str]] | None, pos: str | None, srs: str,
+                     gap: str = "") -> str:  # fmt: skip
+    inner = ""
+    if civic is not None:
+        parts = "".join(f"{gap}<{name}>{text}</{name}>" for name, text in civic)
+        inner += (f'<civicAddress xmlns="urn:ietf:params:xml:ns:pidf:geopriv10:civicAddr">'
+                  f"{parts}{gap}</civicAddress>{gap}")  # fmt: skip
+    if pos is not None:
+        inner += (f'<gml:Point xmlns:gml="http://www.opengis.net/gml" srsName="{srs}">{gap}'
+                  f"<gml:pos>{pos}</gml:pos>{gap}</gml:Point>{gap}")  # fmt: skip
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<presence xmlns="urn:ietf:params:xml:ns:pidf"'
+        ' xmlns:gp="urn:ietf:params:xml:ns:pidf:geopriv10"'
+        ' xmlns:dm="urn:ietf:params:xml:ns:pidf:data-model" entity="pres:x@test.invalid">'
+        f'{gap}<dm:device id="d">{gap}<gp:geopriv>{gap}<gp:location-info>{gap}{inner}'
+        f"</gp:location-info>{gap}<gp:usage-rules/>{gap}<gp:method>Manual</gp:method>{gap}"
+        f"</gp:geopriv>{gap}</dm:device>{gap}</presence>{gap}"
+    )
+
+
+def _same_as_the_tree(text: str) -> Location | None:
+    """The fast reader's answer, after checking that the tree reads the same (or that the fast
+    reader did not answer)."""
+    from corespond.adapters.pidflo import _common_shape, _parse_pidf_lo_tree
+
+    fast = _common_shape(text)
+    if fast is not None:
+        assert _parse_pidf_lo_tree(text, WHERE) == fast
+    return fast
+
+
+@settings(max_examples=150, deadline=None)
+@given(locations)
+def test_the_writers_documents_take_the_common_shape(loc: Location) -> None:
+    text = pidf_lo_document(loc)
+    fast = _same_as_the_tree(text)
+    texts = "".join(t for t in (loc.address, loc.city, loc.state) if t)
+    if loc != Location() and all(" " <= c <= "~" and c not in "<>&" for c in texts):
+        assert fast == loc  # taken whenever the values are plain
+
+
+civic_names = st.sampled_from(["A1", "A3", "A6", "RD", "HNO", "HNS", "STS", "LOC", "UNIT",
+                               "country", "NAM", "x-y", "BLD"])  # fmt: skip
+numbers = st.floats(-200, 200).map(repr) | st.sampled_from(["1e999", "nan", "", "1e", "+5", ".5"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    civic=st.none() | st.lists(st.tuples(civic_names, _pieces(12)), max_size=6),
+    pos=st.none() | st.lists(numbers, max_size=3).map(" ".join),
+    srs=st.sampled_from([EPSG2[9:-1], EPSG3[9:-1], " urn:ogc:def:crs:EPSG::4326", "x"]),
+    gap=st.sampled_from(["", " ", "\n  ", "\r\n", "\t"]),
+)
+def test_generated_common_shapes_read_as_the_tree_reads_them(
+    civic: list[tuple[str, str]] | None, pos: str | None, srs: str, gap: str
+) -> None:
+    text = _common_document(civic, pos, srs, gap)
+    fast = _same_as_the_tree(text)
+    plain = all(set(t) <= set(_PLAIN) for _, t in civic or ())
+    if plain and pos is None and all("-" not in name for name, _ in civic or ()):
+        assert fast is not None  # the shape itself is taken
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_mutated_common_shapes_read_as_the_tree_reads_them(data: st.DataObject) -> None:
+    text = _common_document(
+        [("A1", "ZZ"), ("A3", "Testville"), ("RD", "Imaginary Ave"), ("HNO", "12")],
+        "41.5 -93.6", EPSG2[9:-1],
+    )  # fmt: skip
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(text)))
+        j = data.draw(st.integers(i, min(len(text), i + 12)))
+        text = text[:i] + data.draw(_pieces(3)) + text[j:]
+    _same_as_the_tree(text)
+
+
+def test_what_the_common_shape_leaves_to_the_tree() -> None:
+    from corespond.adapters.pidflo import _common_shape
+
+    good = _common_document([("A3", "Testville")], "41.5 -93.6", EPSG2[9:-1])
+    assert _common_shape(good) == Location(GeoPoint(41.5, -93.6), None, "Testville", None)
+    for bad in (
+        good.replace("Testville", "T&amp;ville"),  # a reference
+        good.replace("Testville", "T\u00e9ville"),  # beyond ASCII
+        good.replace("<A3>", "<ca:A3>"),  # another prefix
+        good.replace(EPSG2[9:-1], EPSG3[9:-1]),  # another CRS
+        good.replace("41.5 -93.6", "91 0"),  # out of range: the tree says why
+        good.replace("<gp:usage-rules/>", "<gp:usage-rules></gp:usage-rules>"),
+    ):
+        assert _common_shape(bad) is None
+    with pytest.raises(RejectedMessage) as info:
+        parse_pidf_lo(good.replace("41.5 -93.6", "91 0"), WHERE)
+    assert "out of range" in info.value.reason

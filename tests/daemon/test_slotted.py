@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -26,6 +27,43 @@ class Fast:
     a: int
     b: str = "b"
     c: tuple[int, ...] = field(default=(), repr=False)
+
+
+def _wide() -> type:
+    @dataclass(frozen=True, slots=True)
+    class Wide:  # TWIN_FROM fields or more: fast_init builds it as its mutable twin
+        a: int
+        b: str = "b"
+        c: tuple[int, ...] = ()
+        d: float = 0.5
+        e: str | None = None
+        f: object = None
+
+    return Wide
+
+
+PlainWide, FastWide = _wide(), fast_init(_wide())
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((1,), {}), ((1, "x", (2,), 1.5, "e", 7), {}), ((), {"a": 3, "f": [1], "d": 2.0})],
+)
+def test_wide_classes_built_as_a_twin_are_the_same_objects(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    assert "_twin" in FastWide.__init__.__code__.co_names
+    plain, fast = PlainWide(*args, **kwargs), FastWide(*args, **kwargs)  # type: ignore[arg-type]
+    assert type(fast) is FastWide
+    assert dataclasses.astuple(plain) == dataclasses.astuple(fast)
+    assert repr(fast) == repr(plain)
+    assert fast == FastWide(*args, **kwargs) and fast != PlainWide(*args, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.b = "z"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        FastWide(1, "b", (), 0.5, None, None, 7)  # type: ignore[call-arg]
+    changed = dataclasses.replace(fast, b="z")
+    assert dataclasses.astuple(changed) == dataclasses.astuple(dataclasses.replace(plain, b="z"))
 
 
 @pytest.mark.parametrize(
@@ -81,6 +119,8 @@ def test_the_hot_path_types_build_as_before() -> None:
     assert decision.evidence[0].text == "abc" and decision.response is Response.CLINICIAN
     snap = Snapshot("inc-1", datetime(2026, 11, 27, tzinfo=UTC), persons=(Person(("caller",)),))
     assert snap.call_type is None and snap.units == () and snap.persons[0].roles == ("caller",)
-    assert "_set0" in Snapshot.__init__.__code__.co_names  # fast_init's, not the generated one
+    assert "_twin" in Snapshot.__init__.__code__.co_names  # fast_init's, not the generated one
+    assert type(snap) is Snapshot and type(snap.persons[0]) is Person
+    assert pickle.loads(pickle.dumps(snap)) == snap
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.call_type = "x"  # type: ignore[misc]

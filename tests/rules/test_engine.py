@@ -247,3 +247,26 @@ def test_classify_never_raises_and_spans_are_exact(
     assert d.behavioral_health == (d.category is not None)
     for e in d.evidence:
         assert field_text(snap, e.field)[e.start : e.end] == e.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    narrative=_words,
+    call_types=st.lists(_field, min_size=2, max_size=4),
+    closed=st.booleans(),
+)
+def test_a_remembered_narrative_decides_as_a_fresh_scan(
+    narrative: str, call_types: list[str | None], closed: bool
+) -> None:
+    # Updates of one incident repeat its narrative beside other fields: a classifier that
+    # scanned it before decides each as a classifier that never saw it.
+    warm = RuleClassifier(RULESET)
+    for call_type in call_types:
+        snap = Snapshot(
+            incident_id="again",
+            updated_at=T0,
+            call_type=call_type,
+            status=IncidentStatus.CLOSED if closed else IncidentStatus.ACTIVE,
+            notes=(Note(narrative, T0),),
+        )
+        assert warm.classify(snap) == RuleClassifier(RULESET).classify(snap)
