@@ -225,6 +225,23 @@ def attribute(rows: list[dict[str, Any]], trace: list[dict[str, Any]], since: fl
                       if s < window[1] and e > window[0])  # fmt: skip
         share = covered / length * 100
         print(f"{kind} checkpoints: {len(kind_spans)}, {share:.1f} % of the paced window")
+    # Does a checkpoint slow the commits beside it? Slow commits among those that ran beside
+    # one, against the others (the disk's own stalls, which the other sessions' I/O moves).
+    batches = {id(r["batch"]): r["batch"] for r in rows}.values()
+    for kind, kind_spans in spans.items():
+        beside = [b for b in batches if overlaps(b["written"], b["committed"], kind_spans)]
+        apart = [b for b in batches if not overlaps(b["written"], b["committed"], kind_spans)]
+        if not beside or not apart:
+            continue
+        line = []
+        for slow_ms in (5.0, 10.0):
+            a = sum((b["committed"] - b["written"]) * 1e3 > slow_ms for b in beside)
+            n = sum((b["committed"] - b["written"]) * 1e3 > slow_ms for b in apart)
+            line.append(
+                f"over {slow_ms:.0f} ms {a}/{len(beside)} ({a / len(beside) * 100:.1f} %)"
+                f" against {n}/{len(apart)} ({n / len(apart) * 100:.1f} %)"
+            )
+        print(f"commits beside a {kind} checkpoint: " + "; ".join(line))
     print("slowest 10 snapshots (ms: " + " / ".join(SNAPSHOT_STEPS) + "; overlapping):")
     for r in ordered[-10:]:
         print(f"  {r['total']:7.2f}: " + " / ".join(f"{r[s]:.1f}" for s in SNAPSHOT_STEPS)
