@@ -19,6 +19,14 @@ snapshot, and for the median batch and the slowest 1 % where the time went:
 and the WAL checkpoints: how long each step took, and how many batches (and how many of the
 slowest 1 %) waited for one that ran on the writer thread. ``bench/fsync_floor.py`` measures
 the disk's own commit latency at the same rate: the floor under the p99.
+
+Then snapshot by snapshot (the client's send and ACK times are on the daemon's clock): each
+paced snapshot placed in its batch, with "in" (send -> submitted: TCP, read, parse, classify)
+and "out" (answered on the reactor -> ACK read by the client) around its batch's steps; for the
+slowest 1 % and every snapshot over 10 ms, which step was largest and what it overlapped (a
+checkpoint beside its commit or while it queued, a background job on the writer, a GC pause
+over 1 ms); each kind of checkpoint's share of the window; the share of commits over 5 and
+10 ms beside a checkpoint against the others; and the slowest 10, step by step.
 """
 
 from __future__ import annotations
