@@ -155,9 +155,17 @@ def start_naive(workdir: Path) -> Server:
     return Server("naive (ORM, one commit per snapshot)", proc, port)
 
 
-def drive(port: int, frames: list[bytes], window: int, rate: float | None) -> list[float]:
+def drive(
+    port: int,
+    frames: list[bytes],
+    window: int,
+    rate: float | None,
+    times: list[tuple[float, float]] | None = None,
+) -> list[float]:
     """Send every frame, keeping at most ``window`` unacknowledged (or pacing at ``rate``);
-    returns the send-to-ack latency of each, in seconds."""
+    returns the send-to-ack latency of each, in seconds. ``times`` receives each frame's
+    (sent, acknowledged) perf_counter times, in order: CLOCK_MONOTONIC, the daemon's clock
+    too, so that bench/store_tail.py can place each snapshot in the daemon's trace."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sent_at: deque[float] = deque()
@@ -196,7 +204,10 @@ def drive(port: int, frames: list[bytes], window: int, rate: float | None) -> li
             for byte in data:
                 if byte != ACK:
                     raise SystemExit(f"server refused a message (byte {byte:#x})")
-                latencies.append(acked - sent_at.popleft())
+                sent = sent_at.popleft()
+                latencies.append(acked - sent)
+                if times is not None:
+                    times.append((sent, acked))
     sock.close()
     return latencies
 

@@ -312,3 +312,69 @@ def test_sqlite_wal_checkpoints_leave_a_short_wal_to_the_next_tick(engine: Engin
     writes.run_next()
     assert wal_frames(engine) < 30  # and the next write started the WAL over
     assert store.stop().called
+
+
+class ReactorPasses(Clock):
+    """A test clock with the reactor's thread-call queue: what ``callFromThread`` queues runs
+    when the test says the reactor makes its next pass (after the pass over its sockets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread_calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.thread_calls.append((f, args))
+
+    def next_pass(self) -> None:
+        calls, self.thread_calls = self.thread_calls, []
+        for f, args in calls:
+            f(*args)
+
+
+def passes_store(engine: Engine) -> tuple[IncidentStore, ReactorPasses, Threads]:
+    reactor, writes = ReactorPasses(), Threads()
+    store = IncidentStore(engine, reactor, run_in_thread=writes, run_read_in_thread=Threads())
+    store.start()
+    return store, reactor, writes
+
+
+def test_the_next_batch_goes_to_the_writer_after_the_answers_leave(engine: Engine) -> None:
+    store, reactor, writes = passes_store(engine)
+    results = Results()
+    results.watch(0, store.store_snapshot(incident(0)))
+    results.watch(1, store.store_snapshot(incident(1)))  # queued behind the write in flight
+    writes.run_next()
+    # 0 is answered; its answer leaves at the reactor's next pass over its sockets, and the
+    # writer thread (which would take the GIL and the core through its statements) waits.
+    assert list(results.values) == [0]
+    assert writes.calls == [] and store.queued == 1
+    reactor.next_pass()
+    assert len(writes.calls) == 1 and store.queued == 0
+    writes.run_next()
+    assert sorted(results.values) == [0, 1]
+    reactor.next_pass()
+    assert writes.calls == [] and reactor.thread_calls == []
+
+
+def test_what_the_pass_reads_joins_the_waiting_batch(engine: Engine) -> None:
+    store, reactor, writes = passes_store(engine)
+    results = Results()
+    for n in range(2):
+        results.watch(n, store.store_snapshot(incident(n)))
+    writes.run_next()
+    results.watch(2, store.store_snapshot(incident(2)))  # read in the pass: goes at once
+    assert len(writes.calls) == 1 and store.queued == 0
+    reactor.next_pass()  # the handed-over call finds the writer busy: nothing twice
+    assert len(writes.calls) == 1
+    writes.run_next()
+    assert sorted(results.values) == [0, 1, 2]
+    assert all(isinstance(v, StoredSnapshot) for v in results.values.values())
+
+
+def test_a_store_with_nothing_left_drains_without_a_pass(engine: Engine) -> None:
+    store, reactor, writes = passes_store(engine)
+    drained: list[object] = []
+    store.store_snapshot(incident(0))
+    store.drain().addCallback(drained.append)
+    writes.run_next()
+    assert drained == [None] and reactor.thread_calls == []
