@@ -558,7 +558,34 @@ def _queue_message(
         worker_id, lease = claim
         if _provider_free(conn, name, now, worker_id):
             lease_until = now + lease
-    message_id = conn.execute(
+    if _driver_level(conn):
+        cursor = _cursor(conn)
+        at = sqlite_datetime_text(now)
+        cursor.execute(
+            _SQLITE_QUEUE_MESSAGE,
+            (
+                referral_id, control_id, name, profile,
+                "pending" if lease_until is None else "sending", at, at, message,
+                sqlite_datetime_text(lease_until), None if lease_until is None else worker_id,
+            ),
+        )  # fmt: skip
+        message_id = cursor.lastrowid
+    else:
+        message_id = _insert_message(
+            conn, referral_id, control_id, name, profile, now, message, lease_until, worker_id
+        )
+    if lease_until is None:
+        return None
+    return Claimed(
+        int(message_id), referral_id, control_id, name, profile, 0, message, part2, consent_id
+    )
+
+
+def _insert_message(
+    conn: Connection, referral_id: int, control_id: str, name: str, profile: str,
+    now: datetime, message: bytes, lease_until: datetime | None, worker_id: str | None,
+) -> int:  # fmt: skip
+    return conn.execute(
         _INSERT_MESSAGE,
         dict(
             referral_id=referral_id,
@@ -574,11 +601,6 @@ def _queue_message(
             claimed_by=None if lease_until is None else worker_id,
         ),
     ).scalar_one()
-    if lease_until is None:
-        return None
-    return Claimed(
-        int(message_id), referral_id, control_id, name, profile, 0, message, part2, consent_id
-    )
 
 
 # --- operator actions --------------------------------------------------------------------------
@@ -987,6 +1009,13 @@ _SQLITE_MESSAGES_DELIVERED = (
 _SQLITE_REFERRALS_DELIVERED = (
     "UPDATE referrals SET state = 'delivered', delivered_at = ?, hold_reason = NULL,"
     " updated_at = ? WHERE id = ? AND state != 'cancelled'"
+)
+# _INSERT_MESSAGE (a new referral's message, on the writer inside an ingest batch): through
+# SQLAlchemy about 0.35 ms of CPU, most of it its per-statement work.
+_SQLITE_QUEUE_MESSAGE = (
+    "INSERT INTO referral_messages (referral_id, control_id, provider, profile, state,"
+    " attempts, next_due, created_at, message, lease_until, claimed_by)"
+    " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)"
 )
 _SQLITE_OUTBOX_DEPTH = (
     "SELECT provider, count(*) FROM referral_messages WHERE state IN ('pending', 'sending')"
