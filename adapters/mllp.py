@@ -78,6 +78,9 @@ class MLLPClientProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self.connected_ = False
         self.ignored = 0  # frames that completed nothing (counted for tests and metrics)
+        # ``timed(fn, data)`` runs each read (its deframing, the ACK's parse and everything
+        # its Deferred's callbacks do): the referral trace (daemon/referral_trace.py) sets it.
+        self.timed: Callable[[Callable[[bytes], None], bytes], None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -116,6 +119,12 @@ class MLLPClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.timed is not None:
+            self.timed(self._received, data)
+        else:
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
         for item in self._deframer.feed(data):
             self._frame_received(item)
 

@@ -25,9 +25,11 @@ Three phases, each with a fresh database and daemon, in the same run:
    (ReferralService.create in a loop: hl7apy build and validation in its builder process, queued
    and sent to a local MLLP peer, python-hl7's asyncio server in another process).
 
-``--no-referrals`` leaves phase 3 out. ``--postgres`` stores in PostgreSQL instead of SQLite: a
-server of this machine's binaries (Debian ``postgresql``) started for the run in a temporary
-directory, with its durable defaults (fsync, synchronous_commit on), a fresh database per phase.
+``--no-referrals`` leaves phase 3 out; ``--only-referrals`` runs phase 3 alone (its "time a
+page could wait behind referral work", for runs of old and new code in turn). ``--postgres``
+stores in PostgreSQL instead of SQLite: a server of this machine's binaries (Debian
+``postgresql``) started for the run in a temporary directory, with its durable defaults (fsync,
+synchronous_commit on), a fresh database per phase.
 
 Latency is measured from the scheduled send time (no coordinated omission). The machine may be
 shared: compare phases of one run, not runs. The daemon's CPU time (all its threads, read from
@@ -460,6 +462,8 @@ async def bench(args: argparse.Namespace) -> list[Phase]:
         peer = subprocess.Popen([sys.executable, str(script), str(mllp_port)],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
         names = ["no paging", "paging"] + ([] if args.no_referrals else ["paging + referrals"])
+        if args.only_referrals:
+            names = ["paging + referrals"]
         try:
             assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
             phases = []
@@ -481,6 +485,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--clinicians", type=int, default=500)
     parser.add_argument("--no-referrals", action="store_true", help="leave phase 3 out")
+    parser.add_argument("--only-referrals", action="store_true", help="run phase 3 alone")
     parser.add_argument("--postgres", action="store_true", help="store in PostgreSQL")
     parser.add_argument("--gc-policy", choices=["on", "start", "off"], default="on",
                         help="the daemon's collector policy (daemon/memory.py): on; start: "
@@ -509,7 +514,7 @@ def main() -> None:
                     f"{max(p.page) * 1000:>8.1f}")  # fmt: skip
         print(f"{p.name:<20} {pct(p.stored, 0.5):>10.1f} {pct(p.stored, 0.99):>8.1f} {page} "
               f"{pages:>9} {p.referrals / p.seconds:>11.1f}")  # fmt: skip
-    base, loaded = phases[1], phases[-1]
+    base, loaded = phases[min(1, len(phases) - 1)], phases[-1]
     if loaded is not base and base.page and loaded.page:
         added = pct(loaded.page, 0.99) - pct(base.page, 0.99)
         print(f"referral building adds {added:+.1f} ms to page p99 "
@@ -530,8 +535,8 @@ def main() -> None:
         if p.after_ack:
             print(f"{p.name}: from the feed's 200 to the page p50 {pct(p.after_ack, 0.5):.1f}, "
                   f"p99 {pct(p.after_ack, 0.99):.1f}")  # fmt: skip
-    quiet, paging = phases[0], phases[1]
-    if paging.page:
+    quiet, paging = phases[0], phases[min(1, len(phases) - 1)]
+    if paging is not quiet and paging.page:
         # The same load with and without paging, from ready to the last page: the difference
         # is what the pages cost, a figure other processes move far less than latency.
         per_page = (paging.cpu - quiet.cpu) / len(paging.page) * 1000

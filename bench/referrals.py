@@ -368,8 +368,11 @@ def referral_time_in_pages(
     could have waited behind referral work. From the store's trace and the referral side's
     reactor spans (``CORESPOND_STORE_TRACE``, daemon/referral_trace.py):
 
-    - writer: a referral transaction ran on the writer while an ingest batch or page work was
-      queued for it (a page's snapshot or its ride waits behind at most one such job);
+    - writer: referral work ran on the writer while an ingest batch or page work was queued
+      for it (a page's snapshot or its ride waits behind at most one such job), or inside an
+      ingest batch (the savepoint of referral work riding it: the batch's snapshots commit
+      after it), or in a transaction of its own that no batch came for in time (its
+      statements and its commit);
     - reactor: the reactor ran referral callbacks while no batch or page work of the window
       ran on the writer (so the page's next step may have been waiting for the reactor);
     - either: the union of both (the page waits for one thing at a time);
@@ -382,12 +385,27 @@ def referral_time_in_pages(
     waiting: list[Interval] = []  # batches and page work queued for the writer
     running: list[Interval] = []  # ... and running on it
     referral: dict[str, list[Interval]] = {}  # referral transactions running on the writer
+    page_rides = 0  # rides of the batch whose line comes next that a page may wait for
     for r in rows:
+        if "ride" in r and is_referral_work(r["ride"]):
+            # Referral work riding a batch (in a savepoint), or alone when none came in time
+            # (then its commit is the referral's too).
+            end = r["committed"] if r.get("alone") else r["done"]
+            referral.setdefault("writer: " + r["ride"] + " (rode)", []).append((r["thread"], end))
+            continue
+        if "ride" in r and "_record_submissions" not in r["ride"]:
+            page_rides += 1
+        if "batch" in r:  # (its rides' lines come just before it)
+            rides, page_rides = page_rides, 0
+            if not r["batch"] and not rides:
+                continue  # a transaction of referral work (or what was sent) alone
         if "batch" in r or "ride" in r:
             if "ride" in r and "_record_submissions" in r["ride"]:
                 continue  # recording what was sent: no page waits for it
             waiting.append((r["submitted"], r["thread"]))
             running.append((r["thread"], r.get("committed", r.get("done", r["thread"]))))
+            if r.get("batch"):  # its snapshots wait, in the batch, for what rides it
+                waiting.append((r["thread"], r["committed"]))
         elif "job" in r:
             if r["job"] == "page":
                 waiting.append((r["submitted"], r["thread"]))

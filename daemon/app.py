@@ -334,6 +334,9 @@ class Corespond:
                     )
                     if self.engine.dialect.name == "sqlite"
                     else None,
+                    ride_claims=self.store.ride_later
+                    if self.engine.dialect.name == "sqlite"
+                    else None,
                     metrics=ReferralMetrics(self.registry),
                 )  # fmt: skip
                 self.referrals.start()

@@ -221,6 +221,19 @@ def stop_store(store: IncidentStore, writes: Threads) -> None:
         writes.run_next()
 
 
+def one_batch_then_delivered(
+    engine: Engine, loop: Loop, store: IncidentStore, writes: Threads, service: ReferralService
+) -> None:
+    """A snapshot's batch, and the referral work waiting to ride it, in one transaction; then
+    the referral is delivered (its send waited for that commit)."""
+    commits = Commits(engine)
+    store.store_snapshot(incident(0))
+    writes.run_next()
+    assert commits.n == 1
+    commits.close()
+    loop.spin(lambda: service.worker.delivered == 1)
+
+
 def test_a_referral_rides_the_next_ingest_batch_and_commits_with_it(engine: Engine) -> None:
     """On SQLite the daemon hands the service the store's ``ride_later``: a new referral's
     statements go in a savepoint of the next ingest batch, so no page waits behind a commit
@@ -260,14 +273,38 @@ def test_the_group_commit_of_send_results_rides_a_batch_too(engine: Engine) -> N
         mine = created(loop, service)
         loop.spin(lambda: bool(store._riders))  # acknowledged; its commit waits for a batch
         assert peer.control_ids() == [mine.control_id] and service.worker.delivered == 0
-        commits = Commits(engine)
-        store.store_snapshot(incident(0))
-        writes.run_next()
-        assert commits.n == 1
-        commits.close()
-        loop.spin(lambda: service.worker.delivered == 1)
+        one_batch_then_delivered(engine, loop, store, writes, service)
     finally:
         stop(loop, service, peer)
         stop_store(store, writes)
     with engine.connect() as conn:
         assert set(conn.execute(select(referral_messages.c.state)).scalars()) == {"delivered"}
+
+
+def test_the_polls_claim_rides_a_batch_and_sends_only_after_it_committed(engine: Engine) -> None:
+    """The poll's claim rides the next ingest batch (``ride_claims``) instead of a transaction
+    of its own on the writer a page's batch could queue behind; the claimed message goes on
+    the wire only once that batch (one transaction) has committed."""
+    from corespond.daemon.referrals import create_referral
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    store, writes = store_on_writer(engine, loop)
+    cfg = replace(with_port(config(), "csu", peer.port), poll_interval=3600.0)
+    mine = create_referral(engine, cfg, request(), now())  # in the outbox, due, not claimed
+    service = ReferralService(
+        engine, loop.reactor, cfg, clock=loop.clock,
+        ride_claims=lambda fn: store.ride_next_batch(fn, within=60, urgent=False),
+    )  # fmt: skip
+    service.start()
+    try:
+        loop.spin(lambda: service.started.called, turns=6000)
+        loop.spin(lambda: bool(store._riders))  # the first poll's claim waits for a batch
+        assert not writes.calls and service.worker._polling
+        loop.settle()
+        assert peer.control_ids() == []  # the claim is not committed yet: nothing sent
+        one_batch_then_delivered(engine, loop, store, writes, service)
+    finally:
+        stop(loop, service, peer)
+        stop_store(store, writes)
+    assert peer.control_ids() == [mine.control_id]

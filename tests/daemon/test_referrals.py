@@ -293,6 +293,53 @@ def test_sqlite_driver_level_statements_do_what_the_core_ones_do(
     assert "42 CFR Part 2" in next(d.what for d in disclosures if d.message_id == ids[4])
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_message_queued_on_the_drivers_cursor_is_the_row_the_core_insert_makes(
+    engine: Engine, monkeypatch: Any
+) -> None:
+    """A new referral's message, claimed for this worker or not: the same row and the same
+    claim whichever way it is inserted (SQLite's cursor in the daemon, Core otherwise)."""
+    from corespond.daemon import referrals as module
+    from corespond.daemon.referrals import (
+        new_control_id,
+        new_referral_ref,
+        referral_content,
+        store_referral,
+    )
+
+    cfg = config()
+    lease = timedelta(seconds=30)
+    made: dict[bool, list[Any]] = {}
+    for driver_level in (True, False):
+        monkeypatch.setattr(module, "SQLITE_DRIVER_LEVEL", driver_level)
+        made[driver_level] = []
+        for claim in (("w1", lease), None):
+            req = request(incident_ref=f"I-{driver_level}-{claim is None}")
+            content = referral_content(
+                cfg, cfg.providers[0], req, new_referral_ref(), new_control_id(), now()
+            )
+            created, claimed = store_referral(
+                engine, cfg.providers[0], req, content, b"MSH|x\r" * 40, now(), claim=claim
+            )
+            made[driver_level].append((created.id, claimed))
+    m = referral_messages
+    with engine.connect() as conn:
+        rows = {r.referral_id: r._asdict() for r in conn.execute(select(m))}
+    for (d_id, d_claimed), (c_id, c_claimed) in zip(made[True], made[False], strict=True):
+        d_row, c_row = rows[d_id], rows[c_id]
+        ids = [
+            (row.pop("id"), row.pop("control_id"), row.pop("referral_id")) for row in (d_row, c_row)
+        ]
+        assert d_row == c_row
+        if d_claimed is None:
+            assert c_claimed is None and d_row["state"] == "pending"
+        else:
+            assert c_claimed is not None and d_row["state"] == "sending"
+            for claimed, (row_id, control_id, _) in zip((d_claimed, c_claimed), ids, strict=True):
+                assert (claimed.id, claimed.control_id) == (row_id, control_id)
+            assert d_claimed.message == c_claimed.message and d_claimed.attempts == 0
+
+
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert backoff_delay(1, 5, 600, rand=lambda: 1.0) == 5
     assert backoff_delay(1, 5, 600, rand=lambda: 0.0) == 2.5
