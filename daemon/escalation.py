@@ -664,7 +664,7 @@ class PagingService:
             log.warning(
                 "escalation.chain.retried",
                 incident_id=stored.external_id,
-                error=error_text(Failure(done.value)),
+                error=error_text(done.value),
             )
             self._open_chain(stored)
             return

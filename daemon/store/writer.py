@@ -1221,21 +1221,31 @@ class _WalCheckpoints:
         self.busy = False
 
 
+def _in_savepoint(conn: Connection, fn: Callable[[Connection], T]) -> tuple[bool, T | Exception]:
+    """``fn(conn)`` in a savepoint of ``conn``'s transaction: (True, its value), or (False,
+    its exception) with its statements rolled back and the transaction going on.
+
+    The savepoint is the driver's own statement: SQLAlchemy's begin_nested() cost more than
+    the work it wraps (about 0.25 ms a statement, two per savepoint)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(_SAVEPOINT)
+    try:
+        outcome: tuple[bool, T | Exception] = (True, fn(conn))
+    except Exception as err:
+        driver.execute(_ROLLBACK_TO)
+        outcome = (False, err)
+    driver.execute(_RELEASE)
+    return outcome
+
+
 def follow_in(
     conn: Connection, follower: Follower, record: SnapshotRecord, stored: StoredSnapshot
 ) -> StoredSnapshot:
     """The follower's work for one stored snapshot in a savepoint of ``conn``'s transaction
     (as the store runs it after a batch's own statements): ``stored`` with what it did."""
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.execute(_SAVEPOINT)
-    try:
-        followed = Followed(True, follower.follow(conn, record, stored))
-    except Exception as err:
-        driver.execute(_ROLLBACK_TO)
-        followed = Followed(False, err)
-    driver.execute(_RELEASE)
-    return replace(stored, followed=followed)
+    ok, value = _in_savepoint(conn, lambda c: follower.follow(c, record, stored))
+    return replace(stored, followed=Followed(ok, value))
 
 
 # --- the writer's lanes ------------------------------------------------------------------------
@@ -1569,15 +1579,11 @@ class IncidentStore:
     def _dispatch_batch(self) -> None:
         batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
         follower = self._follower
-        follow = (
-            [
-                i
-                for i, (item, _, _) in enumerate(batch)
-                if isinstance(item, SnapshotRecord) and follower.wants(item)
-            ]
-            if follower is not None
-            else []
-        )
+        follow: list[tuple[int, SnapshotRecord]] = []
+        if follower is not None:
+            for i, (item, _, _) in enumerate(batch):
+                if isinstance(item, SnapshotRecord) and follower.wants(item):
+                    follow.append((i, item))
         riders, self._riders = self._riders, []
         if follow or any(r.urgent for r in riders):
             # A page waits for this batch: work no page waits for (a referral stored, what was
@@ -1626,22 +1632,9 @@ class IncidentStore:
 
     @staticmethod
     def _ride(conn: Connection, rider: _Rider, traced: bool) -> tuple[bool, Any]:
-        """In the writer thread: ``rider`` in a savepoint of the batch's transaction.
-
-        The savepoint is the driver's own statement: SQLAlchemy's begin_nested() cost more than
-        the work it wraps (about 0.25 ms a statement, two per ride)."""
+        """In the writer thread: ``rider`` in a savepoint of the batch's transaction."""
         started = time.perf_counter() if traced else 0.0
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.execute(_SAVEPOINT)
-        try:
-            value = rider.fn(conn)
-        except Exception as err:
-            driver.execute(_ROLLBACK_TO)
-            outcome: tuple[bool, Any] = (False, err)
-        else:
-            outcome = (True, value)
-        driver.execute(_RELEASE)
+        outcome = _in_savepoint(conn, rider.fn)
         if traced:
             rider.ran = (started, time.perf_counter())
         return outcome
@@ -1651,12 +1644,12 @@ class IncidentStore:
         items: list[SnapshotRecord | RejectRecord],
         riders: Sequence[_Rider] = (),
         follower: Follower | None = None,
-        follow: Sequence[int] = (),
+        follow: Sequence[tuple[int, SnapshotRecord]] = (),
     ) -> tuple[list[StoredSnapshot | int], list[tuple[bool, Any]]]:
         """In the writer thread: one transaction, retried when the failure is transient.
 
-        The batch's items, the follower's work for those of ``follow`` that are new
-        snapshots, then the work riding the batch, each in a savepoint: their results (for a
+        The batch's items, the follower's work for those of ``follow`` (index, record) that
+        are new snapshots, then the work riding the batch, each in a savepoint: their results (for a
         rider, whether it succeeded and its value or exception)."""
         trace = self._trace.batch if self._trace is not None else None
         if trace is not None:
@@ -1667,13 +1660,9 @@ class IncidentStore:
                 conn = self._connection()
                 with conn.begin():
                     results = write_batch(conn, items) if items else []
-                    for i in follow:
-                        stored, record = results[i], items[i]
-                        if (
-                            isinstance(stored, StoredSnapshot)
-                            and stored.state is SnapshotState.NEW
-                            and isinstance(record, SnapshotRecord)
-                        ):
+                    for i, record in follow:
+                        stored = results[i]
+                        if isinstance(stored, StoredSnapshot) and stored.state is _NEW:
                             assert follower is not None
                             results[i] = follow_in(conn, follower, record, stored)
                     if trace is not None:
