@@ -642,16 +642,21 @@ class PagingService:
         roster = self.roster
         now = self.clock.now()
         fixes = self._positions_ready(roster, now)
-        chosen = None
+        s = self.settings
+        choose = None
         if self.eta_source is None:
-            # Chosen as ahead of a chain's transaction, here in it: open_chain's check then
-            # holds, and the chain goes in with its first step done by the cheaper inserts.
-            found = self._choose_from(conn, roster, stored.incident_pk, now, fixes)
-            if found is not None:
-                work, response, result = found
-                s = self.settings
-                chosen = db.PreChoice.of(work, result, response, now, s.recent_window, s.lease)
-        return (now, *self._open_in(roster, stored.incident_pk, now, fixes, True, chosen, conn))
+            # The first page step chosen under the incident's lock, as open_chain reads it
+            # (nothing read twice): the chain goes in with its first step done by the cheaper
+            # inserts of a choice made ahead.
+            def choose(c: Connection, work: db.StepWork, response: str) -> db.PreChoice | None:
+                work = db.first_step_candidates(c, work, roster, now, s.recent_window, fixes)
+                result = self._page_step(work, None, now)
+                return db.PreChoice.of(work, result, response, now, s.recent_window, s.lease)
+
+        return (
+            now,
+            *self._open_in(roster, stored.incident_pk, now, fixes, True, None, conn, choose),
+        )
 
     def followed(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
         """(A snapshot observer, on the reactor after the commit.) Log and deliver what
@@ -713,6 +718,7 @@ class PagingService:
         running: bool,
         chosen: db.PreChoice | None,
         conn: Connection,
+        choose: Callable[[Connection, db.StepWork, str], db.PreChoice | None] | None = None,
     ) -> tuple[db.OpenedChain, Any]:
         """In a transaction: start the incident's chain and, when the worker runs, its first
         step: choose, create the pages claimed by this worker, to submit as soon as it
@@ -723,11 +729,11 @@ class PagingService:
         opened = db.open_chain(
             conn, incident_pk, roster, now,
             worker=self.worker if running else None, lease=s.lease if running else None,
-            chosen=chosen,
+            chosen=chosen, choose=choose,
         )  # fmt: skip
         if opened.done is not None:
-            assert chosen is not None
-            return opened, (opened.done[0], chosen.result, opened.done[1])
+            assert opened.chosen is not None
+            return opened, (opened.done[0], opened.chosen, opened.done[1])
         if opened.first is None:
             return opened, None
         gathered = db.gather_step(conn, opened.first, roster, now, s.recent_window, fixes, opened)

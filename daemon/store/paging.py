@@ -119,6 +119,21 @@ class _OnDriver:
             raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
         return [row._make(r) for r in found] if row is not None else []
 
+    def tuples(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows as plain tuples (in the statement's column order): for many rows, where
+        a named row each would cost more than the statement."""
+        if conn.dialect.name != "sqlite":
+            return [tuple(r) for r in conn.execute(self.stmt, params)]
+        sql, binds, _ = self._sqlite(conn)
+        values = [
+            (p(params.get(name, default)) if p is not None else params.get(name, default))
+            for name, default, p in binds
+        ]
+        try:
+            return _cursor(conn).execute(sql, values).fetchall()
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+
     def inserted(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[Any]:
         """An INSERT .. RETURNING of several rows in one statement (one VALUES group each;
         the rows come back in no given order)."""
@@ -349,6 +364,7 @@ class OpenedChain:
     first_chain: bool = False
     # With a PreChoice that held: the first step as it was done, and its page claimed.
     done: tuple[StepWork, FinishedStep] | None = None
+    chosen: StepOutcome | None = None  # the outcome of that first step (with ``done``)
 
 
 def cancel_chains(conn: Connection, incident_pk: int, now: datetime) -> tuple[int, ...]:
@@ -394,6 +410,7 @@ def open_chain(
     worker: str | None = None,
     lease: timedelta | None = None,
     chosen: PreChoice | None = None,
+    choose: Callable[[Connection, StepWork, str], PreChoice | None] | None = None,
 ) -> OpenedChain:
     """Start the chain the incident's *current* state calls for, if it has none: read under the
     incident's row lock, so a decision change, a location that arrives later and a reopened
@@ -402,7 +419,12 @@ def open_chain(
     ``chosen`` (with ``worker``): the first step's choice, made before this transaction from a
     read (:class:`PreChoice`). When what it rests on is unchanged under the lock, the chain is
     inserted with its first step already done and its page claimed (``OpenedChain.done``);
-    otherwise the first step is inserted claimed, for the caller to gather and finish here."""
+    otherwise the first step is inserted claimed, for the caller to gather and finish here.
+
+    ``choose`` (with ``worker``, instead of ``chosen``): the first page step of a first chain
+    chosen here, under the lock, from the step's work without its candidates (the caller reads
+    them: :func:`first_step_candidates`) and the decision's response; what it returns goes in
+    as a ``chosen`` that holds (None: the first step is gathered and finished as without)."""
     row, chains = _lock_incident(conn, incident_pk, chosen)
     kind = CHAIN_KINDS.get(row.response) if row is not None else None
     if row is None or row.status != "active" or kind is None:
@@ -431,11 +453,21 @@ def open_chain(
     chain = NewChain(incident_pk, kind, program.id, row.response, steps)
     facts = _facts_of(row)
     waited = row.waiting is not None
-    if chosen is not None and worker is not None and chosen.holds(row, chains, chain, facts):
+    held = False
+    first_page = bool(steps) and steps[0]["action"] == "page" and kind == "dispatch"
+    if chosen is None and choose is not None and worker is not None and not chains and first_page:
+        work = StepWork(ClaimedStep(0, 0, 0, "page"), OPEN, kind, program.id, steps, facts, None, 0)
+        chosen = choose(conn, work, str(row.response))
+        held = chosen is not None  # chosen under the lock: it holds
+    if (
+        chosen is not None
+        and worker is not None
+        and (held or chosen.holds(row, chains, chain, facts))
+    ):
         chain_id, done = _create_chain_done(conn, chain, now, chosen, worker, waited)
         return OpenedChain(
             chain, chain_id, done[0].step, "started", facts=facts, first_chain=True,
-            done=done,
+            done=done, chosen=chosen.result,
         )  # fmt: skip
     claim = (worker, now + lease) if worker is not None and lease is not None else None
     chain_id, step_id = _create_chain(conn, chain, now, claim, waited)
@@ -509,7 +541,7 @@ def gather_first_step(
     """What the first page step of the incident's new chain would read, without a lock (a
     reader's snapshot), and the decision's response; None when no dispatch chain with a page
     step first would start now (closed, no chain yet, has one, no covered point)."""
-    rows = conn.execute(_INCIDENT_CHAINS, {"incident_pk": incident_pk}).all()
+    rows = _DRIVER_INCIDENT_CHAINS.rows(conn, {"incident_pk": incident_pk})
     if not rows or any(r.chain_kind is not None for r in rows):
         return None
     row = rows[0]
@@ -524,12 +556,26 @@ def gather_first_step(
     steps = [step.as_json() for step in program.escalation]
     if steps[0]["action"] != "page":
         return None
-    candidates = candidate_states(conn, roster, incident_pk, now, recent_window, fixes, ())
     work = StepWork(
-        ClaimedStep(0, 0, 0, "page"), OPEN, "dispatch", program.id, steps, _facts_of(row),
-        candidates, 0,
+        ClaimedStep(0, 0, 0, "page"), OPEN, "dispatch", program.id, steps, _facts_of(row), None,
+        0,
     )  # fmt: skip
-    return work, str(row.response)
+    return first_step_candidates(conn, work, roster, now, recent_window, fixes), str(row.response)
+
+
+def first_step_candidates(
+    conn: Connection,
+    work: StepWork,
+    roster: Roster,
+    now: datetime,
+    recent_window: timedelta,
+    fixes: Positions | None = None,
+) -> StepWork:
+    """``work``, the first page step of an incident's first chain, with every clinician's
+    state (the incident has no page yet: it never had a chain)."""
+    pk = work.incident.incident_pk
+    candidates = candidate_states(conn, roster, pk, now, recent_window, fixes, ())
+    return replace(work, candidates=candidates)
 
 
 
@@ -853,9 +899,9 @@ def candidate_states(
         positions = table.positions(latest_fixes(conn))
     if incident_pages is None:
         incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
-    rows = conn.execute(_STATES, {"incident_pk": incident_pk, "since": now - recent_window})
+    rows = _DRIVER_STATES.tuples(conn, {"incident_pk": incident_pk, "since": now - recent_window})
     availability, busy, recent = [], [], []
-    for what, cid, state, count in rows.all():
+    for what, cid, state, count in rows:
         if what == "a":
             availability.append((cid, state))
         elif what == "b":
@@ -883,7 +929,7 @@ _STATES = union_all(
     select(literal_column("'b'"), _p.clinician_id, null(), literal_column("0"))
     .join(incidents, incidents.c.id == _p.incident_pk)
     .where(
-        _p.state.in_(ACTIVE_PAGE_STATES),
+        _p.state.in_([literal_column(f"'{state}'") for state in ACTIVE_PAGE_STATES]),
         _p.incident_pk != bindparam("incident_pk"),
         incidents.c.status == "active",
     ),
@@ -891,6 +937,7 @@ _STATES = union_all(
     .where(_p.kind == "page", _p.created_at >= bindparam("since"))
     .group_by(_p.clinician_id),
 )  # fmt: skip
+_DRIVER_STATES = _OnDriver(_STATES)
 
 
 
