@@ -10,6 +10,7 @@ the same transaction under the unique (chain, step) constraint: a step never run
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_left
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +51,7 @@ from corespond.daemon.store.tables import (
     page_replies,
     pages,
     snapshots,
+    sqlite_datetime_text,
 )
 
 OPEN = "open"
@@ -537,6 +539,7 @@ def gather_first_step(
     now: datetime,
     recent_window: timedelta,
     fixes: Positions | None = None,
+    recent_pages: RecentPages | None = None,
 ) -> tuple[StepWork, str] | None:
     """What the first page step of the incident's new chain would read, without a lock (a
     reader's snapshot), and the decision's response; None when no dispatch chain with a page
@@ -560,7 +563,8 @@ def gather_first_step(
         ClaimedStep(0, 0, 0, "page"), OPEN, "dispatch", program.id, steps, _facts_of(row), None,
         0,
     )  # fmt: skip
-    return first_step_candidates(conn, work, roster, now, recent_window, fixes), str(row.response)
+    work = first_step_candidates(conn, work, roster, now, recent_window, fixes, recent_pages)
+    return work, str(row.response)
 
 
 def first_step_candidates(
@@ -570,11 +574,14 @@ def first_step_candidates(
     now: datetime,
     recent_window: timedelta,
     fixes: Positions | None = None,
+    recent_pages: RecentPages | None = None,
 ) -> StepWork:
     """``work``, the first page step of an incident's first chain, with every clinician's
     state (the incident has no page yet: it never had a chain)."""
     pk = work.incident.incident_pk
-    candidates = candidate_states(conn, roster, pk, now, recent_window, fixes, ())
+    candidates = candidate_states(
+        conn, roster, pk, now, recent_window, fixes, (), recent_pages
+    )
     return replace(work, candidates=candidates)
 
 
@@ -890,24 +897,35 @@ def candidate_states(
     recent_window: timedelta,
     positions: Positions | None = None,
     incident_pages: Iterable[tuple[str, str]] | None = None,
+    recent_pages: RecentPages | None = None,
 ) -> Candidates:
     """Every clinician's state for a page step (``positions``, ``incident_pages``: the latest
     positions in the roster table's order and the (clinician, state) of the incident's pages,
-    when the caller has them)."""
+    when the caller has them; ``recent_pages``: the recent window's pages as a reader saw them,
+    on SQLite: only the pages added since are read)."""
     table = roster.table
     if positions is None:
         positions = table.positions(latest_fixes(conn))
     if incident_pages is None:
         incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
-    rows = _DRIVER_STATES.tuples(conn, {"incident_pk": incident_pk, "since": now - recent_window})
-    availability, busy, recent = [], [], []
+    since = now - recent_window
+    kept = recent_pages.counts_since(since) if recent_pages is not None else None
+    availability: list[tuple[str, str]] = []
+    busy: list[str] = []
+    if kept is None or recent_pages is None:
+        rows = _DRIVER_STATES.tuples(conn, {"incident_pk": incident_pk, "since": since})
+        kept = {}
+    else:  # (r) one row for each page added since the reader's look
+        params = {"incident_pk": incident_pk, "since": since, "after": recent_pages.last_id}
+        rows = _DRIVER_STATES_AFTER.tuples(conn, params)
     for what, cid, state, count in rows:
         if what == "a":
             availability.append((cid, state))
         elif what == "b":
             busy.append(cid)
         else:
-            recent.append((cid, count))
+            kept[cid] = kept.get(cid, 0) + count
+    recent = kept.items()
     return table.candidates(
         availability=availability, on_call=table.on_call(now), positions=positions, busy=busy,
         incident_pages=incident_pages, recent=recent,
@@ -938,6 +956,73 @@ _STATES = union_all(
     .group_by(_p.clinician_id),
 )  # fmt: skip
 _DRIVER_STATES = _OnDriver(_STATES)
+# The same with, instead of (r), each page added after a RecentPages was read (by id: on
+# SQLite every page up to its last id was committed then, and none is added below it since).
+_STATES_AFTER: Any = union_all(
+    *_STATES.selects[:2],
+    select(literal_column("'r'"), _p.clinician_id, null(), literal_column("1")).where(
+        _p.id > bindparam("after"), _p.kind == "page", _p.created_at >= bindparam("since")
+    ),
+)
+_DRIVER_STATES_AFTER = _OnDriver(_STATES_AFTER)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RecentPages:
+    """The pages (kind ``page``) of a recent window as a reader saw them, on SQLite, kept in
+    memory so that a page step reads only the pages added since (:func:`candidate_states`):
+    reading every page of the window grows with the window, for every page.
+
+    Exact on SQLite only: one writer at a time, each transaction's ids above every committed
+    one, so every page up to ``last_id`` was committed when read and no page is added below
+    it later (a rolled-back page's id is given again, above it). Pages are never deleted.
+    Times are the stored text, compared as SQLite compares them."""
+
+    last_id: int  # the highest page id when read (0: none)
+    since: str  # the window's start when read
+    times: list[str]  # created_at of each page from ``since`` on, ascending
+    clinicians: list[str]  # whose each one is, in the same order
+    counts: dict[str, int]  # pages from ``since`` on, per clinician
+
+    def counts_since(self, since: datetime) -> dict[str, int] | None:
+        """Pages per clinician from ``since`` on, of those read (a copy, the caller's to
+        change); None when ``since`` is before the window read."""
+        start = sqlite_datetime_text(since)
+        assert start is not None
+        if start < self.since:
+            return None
+        counts = dict(self.counts)
+        for cid in self.clinicians[: bisect_left(self.times, start)]:  # left the window since
+            counts[cid] -= 1
+        return counts
+
+
+def read_recent_pages(conn: Connection, since: datetime) -> RecentPages | None:
+    """The pages from ``since`` on (on a reader), or None: not SQLite (see RecentPages)."""
+    if conn.dialect.name != "sqlite":
+        return None
+    start = sqlite_datetime_text(since)
+    assert start is not None
+    # One statement: the highest id and the window's pages in one snapshot of the database.
+    (_, _, last_id), *rows = _DRIVER_RECENT_PAGES.tuples(conn, {"since": since})
+    rows.sort(key=lambda row: (row[0], row[2]))  # by time, then id
+    counts: dict[str, int] = {}
+    for _, cid, _ in rows:
+        counts[cid] = counts.get(cid, 0) + 1
+    return RecentPages(
+        int(last_id or 0), start, [at for at, _, _ in rows], [cid for _, cid, _ in rows], counts
+    )
+
+
+# (The first row: the highest id; then the window's pages, their ids breaking ties of time.)
+_DRIVER_RECENT_PAGES = _OnDriver(
+    union_all(
+        select(null(), null(), func.max(_p.id)),
+        select(_p.created_at, _p.clinician_id, _p.id).where(
+            _p.kind == "page", _p.created_at >= bindparam("since")
+        ),
+    )
+)
 
 
 
