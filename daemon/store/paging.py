@@ -13,7 +13,7 @@ import sqlite3
 from bisect import bisect_left
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -35,11 +35,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from corespond.daemon.dispatcher import AVAILABILITIES, Candidates, Fix
+from corespond.daemon.dispatcher import AVAILABILITIES, Candidates, Fix, Ints
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, LocationFix, PageView
 from corespond.daemon.roster import Roster
-from corespond.daemon.roster_table import Positions
+from corespond.daemon.roster_table import Positions, RosterTable
 from corespond.daemon.store.tables import (
     chain_waits,
     clinician_positions,
@@ -909,26 +909,23 @@ def candidate_states(
     if incident_pages is None:
         incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
     since = now - recent_window
-    kept = recent_pages.counts_since(since) if recent_pages is not None else None
-    availability: list[tuple[str, str]] = []
-    busy: list[str] = []
+    kept = recent_pages.counts_since(since, table) if recent_pages is not None else None
     if kept is None or recent_pages is None:
         rows = _DRIVER_STATES.tuples(conn, {"incident_pk": incident_pk, "since": since})
-        kept = {}
     else:  # (r) one row for each page added since the reader's look
         params = {"incident_pk": incident_pk, "since": since, "after": recent_pages.last_id}
         rows = _DRIVER_STATES_AFTER.tuples(conn, params)
+    availability, busy, recent = [], [], []
     for what, cid, state, count in rows:
         if what == "a":
             availability.append((cid, state))
         elif what == "b":
             busy.append(cid)
         else:
-            kept[cid] = kept.get(cid, 0) + count
-    recent = kept.items()
+            recent.append((cid, count))
     return table.candidates(
         availability=availability, on_call=table.on_call(now), positions=positions, busy=busy,
-        incident_pages=incident_pages, recent=recent,
+        incident_pages=incident_pages, recent=recent, recent_before=kept,
     )  # fmt: skip
 
 
@@ -983,17 +980,25 @@ class RecentPages:
     times: list[str]  # created_at of each page from ``since`` on, ascending
     clinicians: list[str]  # whose each one is, in the same order
     counts: dict[str, int]  # pages from ``since`` on, per clinician
+    # ``counts`` in a roster table's order, made at its first use (on the writer thread).
+    _arrays: dict[RosterTable, Ints] = field(default_factory=dict)
 
-    def counts_since(self, since: datetime) -> dict[str, int] | None:
-        """Pages per clinician from ``since`` on, of those read (a copy, the caller's to
-        change); None when ``since`` is before the window read."""
+    def counts_since(self, since: datetime, table: RosterTable) -> Ints | None:
+        """Pages per clinician from ``since`` on, of those read, in ``table``'s order (a copy,
+        the caller's to change); None when ``since`` is before the window read."""
         start = sqlite_datetime_text(since)
         assert start is not None
         if start < self.since:
             return None
-        counts = dict(self.counts)
+        index = table.index
+        counts = self._arrays.get(table)
+        if counts is None:
+            counts = self._arrays[table] = table.counts(self.counts.items())
+        counts = counts.copy()
         for cid in self.clinicians[: bisect_left(self.times, start)]:  # left the window since
-            counts[cid] -= 1
+            i = index.get(cid)
+            if i is not None:
+                counts[i] -= 1
         return counts
 
 
