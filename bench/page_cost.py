@@ -20,6 +20,14 @@ Without it, each is a transaction on a connection from the pool (the code before
 core as its follower, as the daemon runs: the chain, its first step and its page in the
 snapshot's own transaction (the figures include storing the snapshot).
 
+``--instructions``: under callgrind, count only the pages' loop (instrumentation switched on
+and off around it with ``callgrind_control``), as ``bench/classify_instructions.py`` does; the
+program total divided by ``--pages`` is the instructions per page, which load does not move:
+
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.out \\
+        .venv/bin/python bench/page_cost.py --follow --pages 100 --instructions
+    callgrind_annotate /tmp/cg.out | head   # "PROGRAM TOTALS" / 100
+
 ``bench/dispatch.py`` measures the same path end to end under ingest load on a shared
 machine, where other processes move the figures; CPU time and commits per page move far
 less, and say what the paging core itself costs.
@@ -30,7 +38,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +62,10 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true", help="list the SQL per page")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the pages here")
     parser.add_argument("--ride", action="store_true", help="through the store's writer lanes")
+    parser.add_argument(
+        "--instructions", action="store_true",
+        help="under callgrind: count only the pages (see above)",
+    )  # fmt: skip
     parser.add_argument(
         "--follow", action="store_true",
         help="the chain in the snapshot's own transaction (the store's follower), as the daemon",
@@ -170,6 +184,8 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     ran[0] = 0
     statements.clear()
     profiler = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not wall
+    if args.instructions:
+        _instrument(True)
     for record, one in zip(records, stored, strict=True):
         reactor.advance(0.05)
         if profiler:
@@ -187,6 +203,8 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
         if profiler:
             profiler.disable()
         assert len(submitted) == before + 1, "the page was not submitted"
+    if args.instructions:
+        _instrument(False)
     service.stop()
     store.stop()
     engine.dispose()
@@ -206,6 +224,11 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     if args.statements:
         for sql, count in statements.most_common():
             print(f"  {count / args.pages:5.2f}  {sql}")
+
+
+def _instrument(on: bool) -> None:
+    command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
+    subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
 
 
 if __name__ == "__main__":

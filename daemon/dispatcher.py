@@ -60,10 +60,14 @@ class Rejection(StrEnum):
 
 # A reason as an array code: 0 is eligible, else the index in this tuple.
 REASONS: tuple[Rejection | None, ...] = (None, *Rejection)
+_REASON = {reason: code for code, reason in enumerate(REASONS) if reason is not None}
 AVAILABILITIES: tuple[Availability, ...] = tuple(Availability)  # availability codes
 _CODE = {state: code for code, state in enumerate(AVAILABILITIES)}
-_AWAY = [_CODE[Availability.OFF_DUTY], _CODE[Availability.UNAVAILABLE]]
-_OUT = [_CODE[Availability.EN_ROUTE], _CODE[Availability.ON_SCENE]]
+# By availability code: away (off duty, unavailable), out on a call (en route, on scene).
+_AWAY = np.isin(np.arange(len(AVAILABILITIES)), [_CODE[Availability.OFF_DUTY],
+                                                 _CODE[Availability.UNAVAILABLE]])  # fmt: skip
+_OUT = np.isin(np.arange(len(AVAILABILITIES)), [_CODE[Availability.EN_ROUTE],
+                                                _CODE[Availability.ON_SCENE]])  # fmt: skip
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -228,11 +232,15 @@ class DispatchResult:
         ids = self._candidates.ids
         rejected = self._rejected_positions()
         codes = self._reason[rejected]
-        by_reason = {
-            reason.value: ids[rejected[codes == code]].tolist()
-            for code, reason in enumerate(REASONS)
-            if reason is not None and np.any(codes == code)
-        }
+        # By reason in the fixed order, by id within one (a stable sort keeps the id order).
+        grouped = ids[rejected[np.argsort(codes, kind="stable")]].tolist()
+        by_reason: dict[str, list[str]] = {}
+        start = 0
+        for code, count in enumerate(np.bincount(codes, minlength=len(REASONS)).tolist()):
+            reason = REASONS[code]
+            if count and reason is not None:
+                by_reason[reason.value] = grouped[start : start + count]
+                start += count
         located = rejected[~np.isnan(self._distance[rejected])]
         closest = located[np.argsort(self._distance[located], kind="stable")[:DETAILED]]
         return {
@@ -300,23 +308,21 @@ def choose(
     half_dp, half_dl = (p2 - p1) / 2, np.radians(c.lon - lon0) / 2
     a = np.sin(half_dp) ** 2 + math.cos(p1) * np.cos(p2) * np.sin(half_dl) ** 2
     distance = 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, np.sqrt(a)))
-    zone_codes = [i for i, name in enumerate(c.programs) if name in covering_set]
+    # By program code (a code past the programs' end: in no zone): covers the point.
+    covers = np.zeros(max(len(c.programs), int(c.program.max(initial=-1)) + 1), dtype=bool)
+    covers[[i for i, name in enumerate(c.programs) if name in covering_set]] = True
     unlocated = ~c.has_fix | ((c.lat == 0.0) & (c.lon == 0.0))  # (0, 0): a device without a fix
-    # The first reason in the fixed order (np.select takes the first true condition).
-    reason: Codes = np.select(
-        [
-            np.isin(c.availability, _AWAY),
-            c.busy | np.isin(c.availability, _OUT),
-            ~c.on_call,
-            ~np.isin(c.program, zone_codes),
-            c.declined,
-            c.paged,
-            unlocated,
-            (c.fixed_at < micros(now - max_fix_age)) | (c.fixed_at > micros(now + FIX_CLOCK_SKEW)),
-        ],
-        np.arange(1, len(REASONS), dtype=np.int8),
-        np.int8(0),
-    ).astype(np.int8)
+    # The first reason in the fixed order: each reason's code written over the later ones'.
+    reason: Codes = np.zeros(len(c), dtype=np.int8)
+    stale = (c.fixed_at < micros(now - max_fix_age)) | (c.fixed_at > micros(now + FIX_CLOCK_SKEW))
+    reason[stale] = _REASON[Rejection.STALE_LOCATION]
+    reason[unlocated] = _REASON[Rejection.NO_LOCATION]
+    reason[c.paged] = _REASON[Rejection.ALREADY_PAGED]
+    reason[c.declined] = _REASON[Rejection.DECLINED]
+    reason[~covers[c.program]] = _REASON[Rejection.OUT_OF_ZONE]
+    reason[~c.on_call] = _REASON[Rejection.NOT_ON_CALL]
+    reason[c.busy | _OUT[c.availability]] = _REASON[Rejection.BUSY]
+    reason[_AWAY[c.availability]] = _REASON[Rejection.OFF_DUTY]
     eta = np.full(len(c), math.nan)
     for cid, seconds in (etas or {}).items():
         i = c.index.get(cid)

@@ -176,6 +176,10 @@ class PagingService:
         self._fix_arrays: tuple[RosterTable, Positions] | None = None  # _fixes as arrays
         self._fixes_at: datetime | None = None
         self._fixes_loading = False
+        # The recent window's pages as a reader saw them (SQLite; None elsewhere): a first
+        # page step reads only those added since (see RecentPages). Read with the positions.
+        self._recent: db.RecentPages | None = None
+        self._recent_loading = False
         self._passing = False
         self._again = False
         self._running = False
@@ -297,6 +301,10 @@ class PagingService:
         if (at is None or now - at >= POSITIONS_REFRESH) and not self._fixes_loading:
             self._fixes_loading = True
             self._track(self._read(db.latest_fixes).addBoth(self._positions_read, now))
+            if not self._recent_loading:
+                self._recent_loading = True
+                read = partial(db.read_recent_pages, since=now - self.settings.recent_window)
+                self._track(self._read(read).addBoth(self._recent_read))
         at = self._fixes_at  # (a synchronous read has just set it)
         if at is None or now - at >= POSITIONS_MAX_AGE:
             return None
@@ -325,6 +333,13 @@ class PagingService:
                 result[cid] = fix
         self._fixes, self._fixes_at = result, at
         self._fix_arrays = None  # made again from these at the next step
+
+    def _recent_read(self, result: db.RecentPages | Failure | None) -> None:
+        self._recent_loading = False
+        if isinstance(result, Failure):
+            log.warning("escalation.recent.unread", error=error_text(result))
+            return
+        self._recent = result
 
     def _tx(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         def work() -> T:
@@ -642,16 +657,25 @@ class PagingService:
         roster = self.roster
         now = self.clock.now()
         fixes = self._positions_ready(roster, now)
-        chosen = None
+        s = self.settings
+        choose = None
         if self.eta_source is None:
-            # Chosen as ahead of a chain's transaction, here in it: open_chain's check then
-            # holds, and the chain goes in with its first step done by the cheaper inserts.
-            found = self._choose_from(conn, roster, stored.incident_pk, now, fixes)
-            if found is not None:
-                work, response, result = found
-                s = self.settings
-                chosen = db.PreChoice.of(work, result, response, now, s.recent_window, s.lease)
-        return (now, *self._open_in(roster, stored.incident_pk, now, fixes, True, chosen, conn))
+            # The first page step chosen under the incident's lock, as open_chain reads it
+            # (nothing read twice): the chain goes in with its first step done by the cheaper
+            # inserts of a choice made ahead.
+            recent = self._recent
+
+            def choose(c: Connection, work: db.StepWork, response: str) -> db.PreChoice | None:
+                work = db.first_step_candidates(
+                    c, work, roster, now, s.recent_window, fixes, recent
+                )
+                result = self._page_step(work, None, now)
+                return db.PreChoice.of(work, result, response, now, s.recent_window, s.lease)
+
+        return (
+            now,
+            *self._open_in(roster, stored.incident_pk, now, fixes, True, None, conn, choose),
+        )
 
     def followed(self, record: SnapshotRecord, stored: StoredSnapshot) -> None:
         """(A snapshot observer, on the reactor after the commit.) Log and deliver what
@@ -713,6 +737,7 @@ class PagingService:
         running: bool,
         chosen: db.PreChoice | None,
         conn: Connection,
+        choose: Callable[[Connection, db.StepWork, str], db.PreChoice | None] | None = None,
     ) -> tuple[db.OpenedChain, Any]:
         """In a transaction: start the incident's chain and, when the worker runs, its first
         step: choose, create the pages claimed by this worker, to submit as soon as it
@@ -723,11 +748,11 @@ class PagingService:
         opened = db.open_chain(
             conn, incident_pk, roster, now,
             worker=self.worker if running else None, lease=s.lease if running else None,
-            chosen=chosen,
+            chosen=chosen, choose=choose,
         )  # fmt: skip
         if opened.done is not None:
-            assert chosen is not None
-            return opened, (opened.done[0], chosen.result, opened.done[1])
+            assert opened.chosen is not None
+            return opened, (opened.done[0], opened.chosen, opened.done[1])
         if opened.first is None:
             return opened, None
         gathered = db.gather_step(conn, opened.first, roster, now, s.recent_window, fixes, opened)
@@ -834,7 +859,7 @@ class PagingService:
         question for the routing service instead, when there is one), with the decision's
         response; None when no dispatch chain with a page step first would start now."""
         gathered = db.gather_first_step(
-            conn, incident_pk, roster, now, self.settings.recent_window, fixes
+            conn, incident_pk, roster, now, self.settings.recent_window, fixes, self._recent
         )
         if gathered is None:
             return None

@@ -99,6 +99,17 @@ class RosterTable:
                 has_fix[i], lat[i], lon[i], at[i] = True, fix.lat, fix.lon, micros(fix.fixed_at)
         return Positions(has_fix, lat, lon, at)
 
+    def counts(self, pairs: Iterable[tuple[str, int]], to: Ints | None = None) -> Ints:
+        """(clinician, count) pairs as an array in this table's order, added to ``to``
+        (taken and returned) or to zeros; clinicians not in the table left out."""
+        counts = np.zeros(len(self.ids), dtype=np.int64) if to is None else to
+        index = self.index
+        for cid, count in pairs:
+            i = index.get(cid)
+            if i is not None:
+                counts[i] += count
+        return counts
+
     def candidates(
         self,
         *,
@@ -108,10 +119,12 @@ class RosterTable:
         busy: Iterable[str],
         incident_pages: Iterable[tuple[str, str]],
         recent: Iterable[tuple[str, int]],
+        recent_before: Ints | None = None,
     ) -> Candidates:
         """Every clinician's state: ``availability`` (clinician, state) of those who set one
         (the others are available), ``busy`` ids, ``incident_pages`` (clinician, page state)
-        of this incident, ``recent`` (clinician, pages in the recent window)."""
+        of this incident, ``recent`` (clinician, pages in the recent window) added to
+        ``recent_before`` (in this table's order, taken; none: zeros)."""
         n, index = len(self.ids), self.index
         states = np.zeros(n, dtype=np.int8)  # 0: available
         for cid, state in availability:
@@ -126,11 +139,7 @@ class RosterTable:
             if i is not None:
                 paged[i] = True
                 declined[i] |= state == "declined"
-        counts = np.zeros(n, dtype=np.int64)
-        for cid, count in recent:
-            i = index.get(cid)
-            if i is not None:
-                counts[i] = count
+        counts = self.counts(recent, recent_before)
         return Candidates(
             ids=self.ids, index=index, id_rank=self.id_rank, programs=self.programs,
             program=self.program, availability=states, on_call=on_call,

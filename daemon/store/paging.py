@@ -10,10 +10,11 @@ the same transaction under the unique (chain, step) constraint: a step never run
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_left
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
@@ -34,11 +35,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from corespond.daemon.dispatcher import AVAILABILITIES, Candidates, Fix
+from corespond.daemon.dispatcher import AVAILABILITIES, Candidates, Fix, Ints
 from corespond.daemon.pager import PageAnswer
 from corespond.daemon.responders import Availability, LocationFix, PageView
 from corespond.daemon.roster import Roster
-from corespond.daemon.roster_table import Positions
+from corespond.daemon.roster_table import Positions, RosterTable
 from corespond.daemon.store.tables import (
     chain_waits,
     clinician_positions,
@@ -50,6 +51,7 @@ from corespond.daemon.store.tables import (
     page_replies,
     pages,
     snapshots,
+    sqlite_datetime_text,
 )
 
 OPEN = "open"
@@ -118,6 +120,21 @@ class _OnDriver:
         except sqlite3.Error as err:
             raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
         return [row._make(r) for r in found] if row is not None else []
+
+    def tuples(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows as plain tuples (in the statement's column order): for many rows, where
+        a named row each would cost more than the statement."""
+        if conn.dialect.name != "sqlite":
+            return [tuple(r) for r in conn.execute(self.stmt, params)]
+        sql, binds, _ = self._sqlite(conn)
+        values = [
+            (p(params.get(name, default)) if p is not None else params.get(name, default))
+            for name, default, p in binds
+        ]
+        try:
+            return _cursor(conn).execute(sql, values).fetchall()
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(sql, values, err, sqlite3.Error) from err
 
     def inserted(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[Any]:
         """An INSERT .. RETURNING of several rows in one statement (one VALUES group each;
@@ -349,6 +366,7 @@ class OpenedChain:
     first_chain: bool = False
     # With a PreChoice that held: the first step as it was done, and its page claimed.
     done: tuple[StepWork, FinishedStep] | None = None
+    chosen: StepOutcome | None = None  # the outcome of that first step (with ``done``)
 
 
 def cancel_chains(conn: Connection, incident_pk: int, now: datetime) -> tuple[int, ...]:
@@ -394,6 +412,7 @@ def open_chain(
     worker: str | None = None,
     lease: timedelta | None = None,
     chosen: PreChoice | None = None,
+    choose: Callable[[Connection, StepWork, str], PreChoice | None] | None = None,
 ) -> OpenedChain:
     """Start the chain the incident's *current* state calls for, if it has none: read under the
     incident's row lock, so a decision change, a location that arrives later and a reopened
@@ -402,7 +421,12 @@ def open_chain(
     ``chosen`` (with ``worker``): the first step's choice, made before this transaction from a
     read (:class:`PreChoice`). When what it rests on is unchanged under the lock, the chain is
     inserted with its first step already done and its page claimed (``OpenedChain.done``);
-    otherwise the first step is inserted claimed, for the caller to gather and finish here."""
+    otherwise the first step is inserted claimed, for the caller to gather and finish here.
+
+    ``choose`` (with ``worker``, instead of ``chosen``): the first page step of a first chain
+    chosen here, under the lock, from the step's work without its candidates (the caller reads
+    them: :func:`first_step_candidates`) and the decision's response; what it returns goes in
+    as a ``chosen`` that holds (None: the first step is gathered and finished as without)."""
     row, chains = _lock_incident(conn, incident_pk, chosen)
     kind = CHAIN_KINDS.get(row.response) if row is not None else None
     if row is None or row.status != "active" or kind is None:
@@ -431,11 +455,21 @@ def open_chain(
     chain = NewChain(incident_pk, kind, program.id, row.response, steps)
     facts = _facts_of(row)
     waited = row.waiting is not None
-    if chosen is not None and worker is not None and chosen.holds(row, chains, chain, facts):
+    held = False
+    first_page = bool(steps) and steps[0]["action"] == "page" and kind == "dispatch"
+    if chosen is None and choose is not None and worker is not None and not chains and first_page:
+        work = StepWork(ClaimedStep(0, 0, 0, "page"), OPEN, kind, program.id, steps, facts, None, 0)
+        chosen = choose(conn, work, str(row.response))
+        held = chosen is not None  # chosen under the lock: it holds
+    if (
+        chosen is not None
+        and worker is not None
+        and (held or chosen.holds(row, chains, chain, facts))
+    ):
         chain_id, done = _create_chain_done(conn, chain, now, chosen, worker, waited)
         return OpenedChain(
             chain, chain_id, done[0].step, "started", facts=facts, first_chain=True,
-            done=done,
+            done=done, chosen=chosen.result,
         )  # fmt: skip
     claim = (worker, now + lease) if worker is not None and lease is not None else None
     chain_id, step_id = _create_chain(conn, chain, now, claim, waited)
@@ -505,11 +539,12 @@ def gather_first_step(
     now: datetime,
     recent_window: timedelta,
     fixes: Positions | None = None,
+    recent_pages: RecentPages | None = None,
 ) -> tuple[StepWork, str] | None:
     """What the first page step of the incident's new chain would read, without a lock (a
     reader's snapshot), and the decision's response; None when no dispatch chain with a page
     step first would start now (closed, no chain yet, has one, no covered point)."""
-    rows = conn.execute(_INCIDENT_CHAINS, {"incident_pk": incident_pk}).all()
+    rows = _DRIVER_INCIDENT_CHAINS.rows(conn, {"incident_pk": incident_pk})
     if not rows or any(r.chain_kind is not None for r in rows):
         return None
     row = rows[0]
@@ -524,12 +559,30 @@ def gather_first_step(
     steps = [step.as_json() for step in program.escalation]
     if steps[0]["action"] != "page":
         return None
-    candidates = candidate_states(conn, roster, incident_pk, now, recent_window, fixes, ())
     work = StepWork(
-        ClaimedStep(0, 0, 0, "page"), OPEN, "dispatch", program.id, steps, _facts_of(row),
-        candidates, 0,
+        ClaimedStep(0, 0, 0, "page"), OPEN, "dispatch", program.id, steps, _facts_of(row), None,
+        0,
     )  # fmt: skip
+    work = first_step_candidates(conn, work, roster, now, recent_window, fixes, recent_pages)
     return work, str(row.response)
+
+
+def first_step_candidates(
+    conn: Connection,
+    work: StepWork,
+    roster: Roster,
+    now: datetime,
+    recent_window: timedelta,
+    fixes: Positions | None = None,
+    recent_pages: RecentPages | None = None,
+) -> StepWork:
+    """``work``, the first page step of an incident's first chain, with every clinician's
+    state (the incident has no page yet: it never had a chain)."""
+    pk = work.incident.incident_pk
+    candidates = candidate_states(
+        conn, roster, pk, now, recent_window, fixes, (), recent_pages
+    )
+    return replace(work, candidates=candidates)
 
 
 
@@ -844,18 +897,26 @@ def candidate_states(
     recent_window: timedelta,
     positions: Positions | None = None,
     incident_pages: Iterable[tuple[str, str]] | None = None,
+    recent_pages: RecentPages | None = None,
 ) -> Candidates:
     """Every clinician's state for a page step (``positions``, ``incident_pages``: the latest
     positions in the roster table's order and the (clinician, state) of the incident's pages,
-    when the caller has them)."""
+    when the caller has them; ``recent_pages``: the recent window's pages as a reader saw them,
+    on SQLite: only the pages added since are read)."""
     table = roster.table
     if positions is None:
         positions = table.positions(latest_fixes(conn))
     if incident_pages is None:
         incident_pages = conn.execute(_INCIDENT_PAGES, {"incident_pk": incident_pk})
-    rows = conn.execute(_STATES, {"incident_pk": incident_pk, "since": now - recent_window})
+    since = now - recent_window
+    kept = recent_pages.counts_since(since, table) if recent_pages is not None else None
+    if kept is None or recent_pages is None:
+        rows = _DRIVER_STATES.tuples(conn, {"incident_pk": incident_pk, "since": since})
+    else:  # (r) one row for each page added since the reader's look
+        params = {"incident_pk": incident_pk, "since": since, "after": recent_pages.last_id}
+        rows = _DRIVER_STATES_AFTER.tuples(conn, params)
     availability, busy, recent = [], [], []
-    for what, cid, state, count in rows.all():
+    for what, cid, state, count in rows:
         if what == "a":
             availability.append((cid, state))
         elif what == "b":
@@ -864,7 +925,7 @@ def candidate_states(
             recent.append((cid, count))
     return table.candidates(
         availability=availability, on_call=table.on_call(now), positions=positions, busy=busy,
-        incident_pages=incident_pages, recent=recent,
+        incident_pages=incident_pages, recent=recent, recent_before=kept,
     )  # fmt: skip
 
 
@@ -883,7 +944,7 @@ _STATES = union_all(
     select(literal_column("'b'"), _p.clinician_id, null(), literal_column("0"))
     .join(incidents, incidents.c.id == _p.incident_pk)
     .where(
-        _p.state.in_(ACTIVE_PAGE_STATES),
+        _p.state.in_([literal_column(f"'{state}'") for state in ACTIVE_PAGE_STATES]),
         _p.incident_pk != bindparam("incident_pk"),
         incidents.c.status == "active",
     ),
@@ -891,20 +952,118 @@ _STATES = union_all(
     .where(_p.kind == "page", _p.created_at >= bindparam("since"))
     .group_by(_p.clinician_id),
 )  # fmt: skip
+_DRIVER_STATES = _OnDriver(_STATES)
+# The same with, instead of (r), each page added after a RecentPages was read (by id: on
+# SQLite every page up to its last id was committed then, and none is added below it since).
+_STATES_AFTER: Any = union_all(
+    *_STATES.selects[:2],
+    select(literal_column("'r'"), _p.clinician_id, null(), literal_column("1")).where(
+        _p.id > bindparam("after"), _p.kind == "page", _p.created_at >= bindparam("since")
+    ),
+)
+_DRIVER_STATES_AFTER = _OnDriver(_STATES_AFTER)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RecentPages:
+    """The pages (kind ``page``) of a recent window as a reader saw them, on SQLite, kept in
+    memory so that a page step reads only the pages added since (:func:`candidate_states`):
+    reading every page of the window grows with the window, for every page.
+
+    Exact on SQLite only: one writer at a time, each transaction's ids above every committed
+    one, so every page up to ``last_id`` was committed when read and no page is added below
+    it later (a rolled-back page's id is given again, above it). Pages are never deleted.
+    Times are the stored text, compared as SQLite compares them."""
+
+    last_id: int  # the highest page id when read (0: none)
+    since: str  # the window's start when read
+    times: list[str]  # created_at of each page from ``since`` on, ascending
+    clinicians: list[str]  # whose each one is, in the same order
+    counts: dict[str, int]  # pages from ``since`` on, per clinician
+    # ``counts`` in a roster table's order, made at its first use (on the writer thread).
+    _arrays: dict[RosterTable, Ints] = field(default_factory=dict)
+
+    def counts_since(self, since: datetime, table: RosterTable) -> Ints | None:
+        """Pages per clinician from ``since`` on, of those read, in ``table``'s order (a copy,
+        the caller's to change); None when ``since`` is before the window read."""
+        start = sqlite_datetime_text(since)
+        assert start is not None
+        if start < self.since:
+            return None
+        index = table.index
+        counts = self._arrays.get(table)
+        if counts is None:
+            counts = self._arrays[table] = table.counts(self.counts.items())
+        counts = counts.copy()
+        for cid in self.clinicians[: bisect_left(self.times, start)]:  # left the window since
+            i = index.get(cid)
+            if i is not None:
+                counts[i] -= 1
+        return counts
+
+
+def read_recent_pages(conn: Connection, since: datetime) -> RecentPages | None:
+    """The pages from ``since`` on (on a reader), or None: not SQLite (see RecentPages)."""
+    if conn.dialect.name != "sqlite":
+        return None
+    start = sqlite_datetime_text(since)
+    assert start is not None
+    # One statement: the highest id and the window's pages in one snapshot of the database.
+    (_, _, last_id), *rows = _DRIVER_RECENT_PAGES.tuples(conn, {"since": since})
+    rows.sort(key=lambda row: (row[0], row[2]))  # by time, then id
+    counts: dict[str, int] = {}
+    for _, cid, _ in rows:
+        counts[cid] = counts.get(cid, 0) + 1
+    return RecentPages(
+        int(last_id or 0), start, [at for at, _, _ in rows], [cid for _, cid, _ in rows], counts
+    )
+
+
+# (The first row: the highest id; then the window's pages, their ids breaking ties of time.)
+_DRIVER_RECENT_PAGES = _OnDriver(
+    union_all(
+        select(null(), null(), func.max(_p.id)),
+        select(_p.created_at, _p.clinician_id, _p.id).where(
+            _p.kind == "page", _p.created_at >= bindparam("since")
+        ),
+    )
+)
 
 
 
 
 def latest_fixes(conn: Connection) -> dict[str, Fix]:
-    """Each clinician's latest fix (``clinician_positions``, kept by :func:`write_fix`)."""
-    return {cid: Fix(lat, lon, at) for cid, lat, lon, at in conn.execute(_POSITIONS)}
+    """Each clinician's latest fix (``clinician_positions``, kept by :func:`write_fix`).
+
+    On SQLite from the driver's rows, the times parsed as UTCDateTime reads them, and a row
+    unchanged since the last read gives the same Fix again: the paging service reads them all
+    every second (the 500 of the benchmark's roster), most of them unchanged."""
+    global _FIXES_READ
+    if conn.dialect.name != "sqlite":
+        return {cid: Fix(lat, lon, at) for cid, lat, lon, at in conn.execute(_POSITIONS.stmt)}
+    known, read = _FIXES_READ, {}
+    out = {}
+    for row in _POSITIONS.tuples(conn, {}):
+        fix = known.get(row)
+        if fix is None:
+            fix = Fix(row[1], row[2], datetime.fromisoformat(row[3]).replace(tzinfo=UTC))
+        read[row] = out[row[0]] = fix
+    _FIXES_READ = read
+    return out
 
 
-_POSITIONS = select(
-    clinician_positions.c.clinician_id,
-    clinician_positions.c.lat,
-    clinician_positions.c.lon,
-    clinician_positions.c.fixed_at,
+# The rows of the last read on SQLite and their fixes (rows are values: any database's row
+# gives the same Fix).
+_FIXES_READ: dict[tuple[Any, ...], Fix] = {}
+
+
+_POSITIONS = _OnDriver(
+    select(
+        clinician_positions.c.clinician_id,
+        clinician_positions.c.lat,
+        clinician_positions.c.lon,
+        clinician_positions.c.fixed_at,
+    )
 )
 
 
