@@ -341,7 +341,23 @@ class Pipeline:
             # Looked for once in the group, not per payload (a generator per payload).
             any_failure = any(isinstance(r, Failure) for r in results)
             outcome = self._outcome
+            stored_one = self._stored
             for records in prepared:
+                if len(records) == 1 and not any_failure:
+                    # Most payloads: one snapshot, committed (no slice, zip or comprehension).
+                    value, record = results[start], records[0]
+                    start += 1
+                    try:
+                        if type(value) is StoredSnapshot and type(record) is SnapshotRecord:
+                            answer = [stored_one(value, record, False)]
+                        else:
+                            answer = [outcome(value, record, False)]
+                    except Exception:
+                        answers.append(self._not_stored(feed, origin, Failure()))
+                    else:
+                        answers.append(answer)
+                        answered += 1
+                    continue
                 mine = results[start : start + len(records)]
                 start += len(records)
                 failure = None

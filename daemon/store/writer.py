@@ -1429,7 +1429,7 @@ class IncidentStore:
         group = _Group(len(records))
         queued = time.perf_counter()
         for i, record in enumerate(records):
-            self._queue.append((record, _Slot(group, i), queued))
+            self._queue.append((record, _Slot((group, i)), queued))
         self._next_batch()
         return group.done
 
@@ -1810,20 +1810,20 @@ class _Group:
             self.done.callback(self.results)
 
 
-class _Slot:
-    """One record's place in a :class:`_Group`, answered like its own Deferred would be."""
+class _Slot(tuple[_Group, int]):
+    """One record's place in a :class:`_Group` (``_Slot((group, index))``), answered like its
+    own Deferred would be. A tuple: made in C, where a class with an __init__ was a Python
+    call per snapshot."""
 
-    __slots__ = ("group", "index")
-
-    def __init__(self, group: _Group, index: int) -> None:
-        self.group = group
-        self.index = index
+    __slots__ = ()
 
     def callback(self, value: StoredSnapshot | int) -> None:
-        self.group.set(self.index, value)
+        group, index = self
+        group.set(index, value)
 
     def errback(self, error: BaseException | Failure) -> None:
-        self.group.set(self.index, error if isinstance(error, Failure) else Failure(error))
+        group, index = self
+        group.set(index, error if isinstance(error, Failure) else Failure(error))
 
 
 def _sqlstate(err: DBAPIError) -> str | None:
