@@ -1103,25 +1103,30 @@ def _typed_person(component: _PersonComponent) -> Person:
     key = bytes(raw)
     if key == b"null":
         return Person(roles=roles)
-    details = _recent_nc_texts.get(key)
-    if details is None:
+    known = _recent_nc_texts.get(key)
+    if known is None:
         if not key.startswith(b"{"):
             raise _Untyped  # not an object: the full mapping says so
         try:
             nc = orjson.loads(key)
         except orjson.JSONDecodeError:
             raise _Untyped from None
-        details = _person_details(nc, "")
+        known = Person(roles, *_person_details(nc, ""))
         if len(_recent_nc_texts) >= _PERSONS_REMEMBERED:
             _recent_nc_texts.clear()
-        _recent_nc_texts[key] = details
-    return Person(roles, *details)
+        _recent_nc_texts[key] = known
+    elif known.roles != roles:  # the same details in another role: a Person of its own
+        return Person(roles, known.name, known.birth_date, known.phone, known.mental_state)
+    # Persons are immutable: the one made for these roles and details is shared, as units
+    # are (building one, about 4.5k instructions, was most of a remembered person's cost).
+    return known
 
 
-# A person's details by the exact JSON text of its ncPersonComponent (plain dict operations,
-# atomic under the GIL). orjson's value of that text maps to the same details as json's: the
-# two differ only on numbers, and any number the details reach is rejected either way.
-_recent_nc_texts: dict[bytes, _PersonDetails] = {}
+# The person of the exact JSON text of its ncPersonComponent, with the roles it was last
+# seen in (plain dict operations, atomic under the GIL). orjson's value of that text maps to
+# the same details as json's: the two differ only on numbers, and any number the details
+# reach is rejected either way.
+_recent_nc_texts: dict[bytes, Person] = {}
 
 
 def _typed_unit(component: _Resource) -> Unit:
