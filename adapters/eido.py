@@ -976,12 +976,18 @@ def _typed_raw_text(value: str | None) -> str | None:
 def _typed_texts(values: list[str] | None) -> list[str]:
     if not values:
         return []
-    return [t for v in values if (t := _typed_text(v))]
+    # An ASCII string needs no surrogate check: _typed_text's way without its call.
+    return [t for v in values if (t := v.strip() if v.isascii() else _typed_text(v))]
 
 
 def _typed_time(value: str | None, *, required: bool = False) -> datetime | None:
-    text = _typed_text(value, required=required)
-    if text is None:
+    if value is not None and value.isascii():
+        text: str | None = value.strip()  # _typed_text's way for ASCII, without its call
+    else:
+        text = _typed_text(value, required=required)
+    if not text:
+        if required:
+            raise _Untyped
         return None
     found = _recent_time(text)
     if found is None:
