@@ -976,12 +976,18 @@ def _typed_raw_text(value: str | None) -> str | None:
 def _typed_texts(values: list[str] | None) -> list[str]:
     if not values:
         return []
-    return [t for v in values if (t := _typed_text(v))]
+    # An ASCII string needs no surrogate check: _typed_text's way without its call.
+    return [t for v in values if (t := v.strip() if v.isascii() else _typed_text(v))]
 
 
 def _typed_time(value: str | None, *, required: bool = False) -> datetime | None:
-    text = _typed_text(value, required=required)
-    if text is None:
+    if value is not None and value.isascii():
+        text: str | None = value.strip()  # _typed_text's way for ASCII, without its call
+    else:
+        text = _typed_text(value, required=required)
+    if not text:
+        if required:
+            raise _Untyped
         return None
     found = _recent_time(text)
     if found is None:
@@ -1103,25 +1109,30 @@ def _typed_person(component: _PersonComponent) -> Person:
     key = bytes(raw)
     if key == b"null":
         return Person(roles=roles)
-    details = _recent_nc_texts.get(key)
-    if details is None:
+    known = _recent_nc_texts.get(key)
+    if known is None:
         if not key.startswith(b"{"):
             raise _Untyped  # not an object: the full mapping says so
         try:
             nc = orjson.loads(key)
         except orjson.JSONDecodeError:
             raise _Untyped from None
-        details = _person_details(nc, "")
+        known = Person(roles, *_person_details(nc, ""))
         if len(_recent_nc_texts) >= _PERSONS_REMEMBERED:
             _recent_nc_texts.clear()
-        _recent_nc_texts[key] = details
-    return Person(roles, *details)
+        _recent_nc_texts[key] = known
+    elif known.roles != roles:  # the same details in another role: a Person of its own
+        return Person(roles, known.name, known.birth_date, known.phone, known.mental_state)
+    # Persons are immutable: the one made for these roles and details is shared, as units
+    # are (building one, about 4.5k instructions, was most of a remembered person's cost).
+    return known
 
 
-# A person's details by the exact JSON text of its ncPersonComponent (plain dict operations,
-# atomic under the GIL). orjson's value of that text maps to the same details as json's: the
-# two differ only on numbers, and any number the details reach is rejected either way.
-_recent_nc_texts: dict[bytes, _PersonDetails] = {}
+# The person of the exact JSON text of its ncPersonComponent, with the roles it was last
+# seen in (plain dict operations, atomic under the GIL). orjson's value of that text maps to
+# the same details as json's: the two differ only on numbers, and any number the details
+# reach is rejected either way.
+_recent_nc_texts: dict[bytes, Person] = {}
 
 
 def _typed_unit(component: _Resource) -> Unit:

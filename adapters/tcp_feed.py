@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -78,13 +77,15 @@ def peer_name(address: IAddress) -> str:
     return f"{host}:{port}"
 
 
-@dataclass(slots=True)
 class _Pending:
-    """One frame waiting for its answer; ``ready`` once its outcome is known."""
+    """One frame waiting for its answer; ``ready`` once its outcome is known.
 
-    ready: bool = False
-    ok: bool = False
-    failed: bool = False
+    No __init__ (and no slots): a frame's entry is made with the class's values, which the
+    attributes set later shadow; a dataclass's __init__ was a Python call per frame."""
+
+    ready = False
+    ok = False
+    failed = False
 
 
 @implementer(IHalfCloseableProtocol)
@@ -247,7 +248,10 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
         self._flush()
 
     def _settle(self, outcomes: Sequence[Outcome], entry: _Pending) -> None:
-        entry.ok = bool(outcomes) and all(isinstance(o, Accepted) for o in outcomes)
+        if len(outcomes) == 1:  # most frames hold one message (no generator for it)
+            entry.ok = isinstance(outcomes[0], Accepted)
+        else:
+            entry.ok = bool(outcomes) and all(isinstance(o, Accepted) for o in outcomes)
         if entry.ok:
             self.accepted += 1
         else:
@@ -288,17 +292,21 @@ class TcpFeedProtocol(Protocol, TimeoutMixin):
 
     def _flush(self) -> None:
         queue = self._queue
+        factory = self.factory
         replies: list[bytes] = []  # the answers ready now, in one write
+        answered = 0
         while queue and queue[0].ready:
             entry = queue.popleft()
-            self.factory.answered_one()
+            answered += 1
             if entry.failed and not self._silent:
                 self._write(replies)
                 self._silent = True
                 self._close()
-            elif not self._silent and self._connected and self.factory.ack == "ack-nak":
-                replies.append(self.factory.replies[entry.ok])
+            elif not self._silent and self._connected and factory.ack == "ack-nak":
+                replies.append(factory.replies[entry.ok])
         self._write(replies)
+        if answered:
+            factory.answered(answered)
         if self._closing and not self._queue:
             self._close()
         elif (
@@ -374,8 +382,9 @@ class TcpFeedFactory(Factory):
             return None  # Twisted closes the connection at once
         return TcpFeedProtocol(self)
 
-    def answered_one(self) -> None:
-        self.unanswered -= 1
+    def answered(self, count: int) -> None:
+        """``count`` frames were answered (or will never be)."""
+        self.unanswered -= count
         if self.unanswered == 0:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:

@@ -70,9 +70,9 @@ class _WallTime:
 
 
 class _Silent:
-    """The per-snapshot line's logger, writing nothing (``--no-line``)."""
+    """The per-snapshot lines, writing nothing (``--no-line``)."""
 
-    def info(self, event: str, **fields: Any) -> None:
+    def __call__(self, *values: Any) -> None:
         pass
 
 
@@ -166,7 +166,8 @@ def main() -> None:
     with open(os.devnull, "w") as devnull:
         configure_logging("info", "json", devnull)
         if args.no_line:
-            pipeline_module.stored_log = _Silent()  # type: ignore[assignment]
+            pipeline_module._stored_line = _Silent()  # type: ignore[assignment]
+            pipeline_module._duplicate_line = _Silent()  # type: ignore[assignment]
         run(args)
 
 

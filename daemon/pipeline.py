@@ -38,6 +38,11 @@ from corespond.daemon.store.writer import (
 log = structlog.get_logger(__name__)
 # The line written for every stored snapshot (the same line, without structlog's wrapper).
 stored_log = LineLogger(__name__)
+_stored_line = stored_log.fixed(
+    "cad.snapshot.stored", "feed", "incident_id", "snapshot_id", "state", "status",
+    "behavioral_health", "category", "response", "rules", "ruleset", "changed", "old_response",
+)  # fmt: skip
+_duplicate_line = stored_log.fixed("cad.snapshot.duplicate", "feed", "incident_id", "snapshot_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +341,23 @@ class Pipeline:
             # Looked for once in the group, not per payload (a generator per payload).
             any_failure = any(isinstance(r, Failure) for r in results)
             outcome = self._outcome
+            stored_one = self._stored
             for records in prepared:
+                if len(records) == 1 and not any_failure:
+                    # Most payloads: one snapshot, committed (no slice, zip or comprehension).
+                    value, record = results[start], records[0]
+                    start += 1
+                    try:
+                        if type(value) is StoredSnapshot and type(record) is SnapshotRecord:
+                            answer = [stored_one(value, record, False)]
+                        else:
+                            answer = [outcome(value, record, False)]
+                    except Exception:
+                        answers.append(self._not_stored(feed, origin, Failure()))
+                    else:
+                        answers.append(answer)
+                        answered += 1
+                    continue
                 mine = results[start : start + len(records)]
                 start += len(records)
                 failure = None
@@ -421,12 +442,7 @@ class Pipeline:
             metrics.child(metrics.messages, record.feed, stored.state).inc()
         if stored.state is SnapshotState.DUPLICATE:
             self.counts.duplicate += 1
-            stored_log.info(
-                "cad.snapshot.duplicate",
-                feed=record.feed,
-                incident_id=stored.external_id,
-                snapshot_id=stored.snapshot_id,
-            )
+            _duplicate_line(record.feed, stored.external_id, stored.snapshot_id)
         else:
             self.counts.new += 1
             previous = stored.previous_decision
@@ -435,20 +451,19 @@ class Pipeline:
                 previous is not None or decision.behavioral_health
             )
             # One summary line per decision; a changed outcome is said on the same line.
-            stored_log.info(
-                "cad.snapshot.stored",
-                feed=record.feed,
-                incident_id=stored.external_id,
-                snapshot_id=stored.snapshot_id,
-                state="current" if stored.became_current else "late",
-                status=record.snapshot.status,
-                behavioral_health=decision.behavioral_health,
-                category=decision.category,
-                response=decision.response,
-                rules=list(decision.rules),
-                ruleset=decision.ruleset,
-                changed=changed,
-                old_response=previous.response.value if changed and previous else None,
+            _stored_line(
+                record.feed,
+                stored.external_id,
+                stored.snapshot_id,
+                "current" if stored.became_current else "late",  # state
+                record.snapshot.status,
+                decision.behavioral_health,
+                decision.category,
+                decision.response,
+                list(decision.rules),
+                decision.ruleset,
+                changed,
+                previous.response.value if changed and previous else None,  # old_response
             )
             if changed:
                 self.counts.decision_changes += 1

@@ -118,7 +118,7 @@ class Snapshot:
     @property
     def narrative(self) -> str:
         """All note texts, oldest first, one per line."""
-        return "\n".join(note.text for note in self.notes)
+        return "\n".join([note.text for note in self.notes])
 
     @property
     def mental_states(self) -> tuple[str, ...]:

@@ -77,9 +77,9 @@ def field_text(snapshot: Snapshot, field: str) -> str:
     if field == "narrative":
         return snapshot.narrative
     if field == "cautions":
-        return "\n".join(c.type for c in snapshot.cautions)
+        return "\n".join([c.type for c in snapshot.cautions])
     if field == "persons":
-        return "\n".join(p.mental_state or "" for p in snapshot.persons)
+        return "\n".join([p.mental_state or "" for p in snapshot.persons])
     value = getattr(snapshot, field, None)
     return value if isinstance(value, str) else ""
 

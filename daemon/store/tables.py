@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -84,7 +85,22 @@ def sqlite_datetime_text(value: datetime | None) -> str | None:
         return None
     if value.tzinfo is not UTC:
         value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    # isoformat took about 2.1 us (6k instructions under callgrind) through sprintf, and
+    # most snapshots bind a time not bound before (their own update time); orjson writes the
+    # same fields in about a quarter of that: '"YYYY-MM-DDTHH:MM:SS.ffffff+00:00"', without
+    # the fraction at a whole second.
+    try:
+        text = _dumps(value).decode()
+    except TypeError:  # a datetime subclass
+        text = ""
+    if len(text) == 34:
+        return text[1:11] + " " + text[12:27]
+    if len(text) == 27:
+        return text[1:11] + " " + text[12:20] + ".000000"
     return value.isoformat(" ", "microseconds")[:26]  # without "+00:00"
+
+
+_dumps = orjson.dumps
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

@@ -115,6 +115,20 @@ def test_null_is_never_a_key_for_remembered_details() -> None:
     )
 
 
+def test_a_remembered_person_takes_each_messages_roles() -> None:
+    # The same ncPersonComponent in another role, then in the first one again: each
+    # message's person has its own roles, and the details remembered from the first.
+    nc = {"mentalState": ["MARK"], "personFullName": ["A Person"]}
+    first = _person_doc(nc)
+    other = first.replace(b'"Patient"', b'"Caller"')
+    assert other != first
+    same_after([first], other)
+    same_after([first, other], first)
+    caller, patient = FORMAT.parse(other), FORMAT.parse(first)
+    assert caller.persons[0].roles == ("Caller",) and patient.persons[0].roles == ("Patient",)
+    assert caller.persons[0].mental_state == patient.persons[0].mental_state == "MARK"
+
+
 def test_an_integer_beyond_64_bits_is_read_exactly() -> None:
     doc = fixture("bh-open.json")
     doc["incidentComponent"]["incidentCommonPriorityNumber"] = 2**70

@@ -210,13 +210,15 @@ def test_multi_row_inserts_of_every_size_equal_core_rows(
     assert len(dump(driver)["snapshots"]) == sum(sizes)
 
 
-@given(
-    st.datetimes(
-        min_value=datetime(1, 1, 2),
-        max_value=datetime(9999, 12, 30),
-        timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5)), None]),
-    )
+# Every datetime a column may be given: UTC, another zone, naive (taken as UTC).
+_any_datetimes = st.datetimes(
+    min_value=datetime(1, 1, 2),
+    max_value=datetime(9999, 12, 30),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5)), None]),
 )
+
+
+@given(_any_datetimes)
 def test_sqlite_time_is_what_utcdatetime_binds(value: datetime) -> None:
     """The driver path cuts the SQLite text out of the snapshot JSON's time text when the
     value is UTC; it is the text UTCDateTime binds, for every value."""
@@ -226,6 +228,17 @@ def test_sqlite_time_is_what_utcdatetime_binds(value: datetime) -> None:
     assert writer._sqlite_time(value.replace(microsecond=0)) == sqlite_datetime_text(
         value.replace(microsecond=0)
     )
+
+
+@given(_any_datetimes)
+def test_sqlite_datetime_text_is_the_utc_isoformat(value: datetime) -> None:
+    """orjson writes the text; it is isoformat's in UTC to the microsecond, for every value
+    (a whole second too, where orjson writes no fraction)."""
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    expected = utc.replace(tzinfo=None).isoformat(" ", "microseconds")
+    assert sqlite_datetime_text(value) == expected
+    whole = utc.replace(microsecond=0)
+    assert sqlite_datetime_text(whole) == whole.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 @given(
