@@ -32,6 +32,7 @@ exact window pass over the encounters and says so) until the rollups are rebuilt
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -86,10 +87,6 @@ DEFAULT_FU_THRESHOLD = 3
 _BATCH = 500  # ids or persons per IN list
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
 def _cell(dim: str) -> tuple[ColumnElement[Any], ColumnElement[Any], list[Any]]:
     """(recorded, value, what to group by) of an encounter in dimension ``dim``. Grouped by
     the column itself: PostgreSQL does not see two bound "" as the same expression."""
@@ -118,8 +115,30 @@ def apply_delta(
 ) -> None:
     """Add (sign 1) or subtract (sign -1) the contribution of the encounters ``where``;
     without ``durations``, to the counts alone (a referral changes no time)."""
+    for stmt in _delta_statements(conn.dialect.name, where, sign, durations):
+        conn.execute(stmt)
+
+
+def _apply_delta_ids(conn: Connection, ids: list[int], sign: int, *, durations: bool) -> None:
+    """:func:`apply_delta` for the encounters ``ids``, with statements built once: building
+    them (a union of six selects of every count) took about 15 ms of CPU a call, on the
+    writer that pages share (a referral's rollup upkeep rides an ingest batch on SQLite)."""
+    for stmt in _id_delta_statements(conn.dialect.name, sign, durations):
+        conn.execute(stmt, {"delta_ids": ids})
+
+
+@functools.cache
+def _id_delta_statements(dialect: str, sign: int, durations: bool) -> list[Any]:
+    where = encounters.c.id.in_(bindparam("delta_ids", expanding=True))
+    return _delta_statements(dialect, where, sign, durations)
+
+
+def _delta_statements(
+    dialect: str, where: ColumnElement[bool], sign: int, durations: bool
+) -> list[Any]:
     from corespond.daemon.outcomes import DURATIONS
 
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     e = encounters.c
     month = epoch_month(e.call_received_epoch).label("month")
     counts = rollup_count_columns()
@@ -141,15 +160,15 @@ def apply_delta(
     rows = union_all(*parts).subquery("delta")
     names = ["dim", "recorded", "value", "month", "program", *ROLLUP_COUNTS]
     r = report_rollup_counts
-    stmt = _insert(conn, r).from_select(names, select(*(rows.c[n] for n in names)).where(true()))
-    conn.execute(
+    stmt = insert(r).from_select(names, select(*(rows.c[n] for n in names)).where(true()))
+    statements = [
         stmt.on_conflict_do_update(
             index_elements=list(r.primary_key.columns),
             set_={n: r.c[n] + stmt.excluded[n] for n in ROLLUP_COUNTS},
         )
-    )
+    ]
     if not durations:
-        return
+        return statements
     parts = []
     for measure, column in DURATIONS.items():
         seconds = e[column]
@@ -175,12 +194,13 @@ def apply_delta(
     rows = union_all(*parts).subquery("delta")
     names = ["measure", "dim", "recorded", "value", "seconds", "month", "program", "n"]
     d = report_rollup_durations
-    stmt = _insert(conn, d).from_select(names, select(*(rows.c[n] for n in names)).where(true()))
-    conn.execute(
+    stmt = insert(d).from_select(names, select(*(rows.c[n] for n in names)).where(true()))
+    statements.append(
         stmt.on_conflict_do_update(
             index_elements=list(d.primary_key.columns), set_={"n": d.c.n + stmt.excluded.n}
         )
     )
+    return statements
 
 
 def fu_threshold(conn: Connection) -> int | None:
@@ -280,13 +300,12 @@ def keeping_rollups(
     before = _person_ids(conn, where, lock=True)
     ids = [i for i, _ in before]
     for n in range(0, len(ids), _BATCH):
-        apply_delta(conn, encounters.c.id.in_(ids[n : n + _BATCH]), -1, durations=durations)
+        _apply_delta_ids(conn, ids[n : n + _BATCH], -1, durations=durations)
     yield
     after: list[tuple[int, Any]] = []
     for n in range(0, len(ids), _BATCH):
-        batch = encounters.c.id.in_(ids[n : n + _BATCH])
-        apply_delta(conn, batch, 1, durations=durations)
-        after += _person_ids(conn, batch, lock=False)
+        _apply_delta_ids(conn, ids[n : n + _BATCH], 1, durations=durations)
+        after += _person_ids(conn, encounters.c.id.in_(ids[n : n + _BATCH]), lock=False)
     refresh_persons(conn, [p for _, p in before] + [p for _, p in after])
 
 
