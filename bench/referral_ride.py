@@ -7,12 +7,12 @@ rollups' referral flags) runs in a savepoint of the next ingest batch's transact
 (``IncidentStore.ride_later``), and a page whose snapshot arrives meanwhile waits for it (issue
 5: referral building adds at most 1 ms to any page). This runs the same savepoint as the
 writer does, one referral a transaction, in a fresh database at the head schema, and prints the
-thread's CPU time of each ride (median, p99, max; the first ride on an encounter compiles the
-rollups' statements). ``--encounter``: each referral's incident has an encounter, so that its
-rollups follow it (the bench/dispatch.py load has none). ``--src DIR`` runs the code of another
-tree (DIR/corespond/{daemon,adapters,rules}): old and new code in turn in the same minutes.
-CPU time, not wall time: other processes on the machine change it little; under
-``valgrind --tool=callgrind`` two runs with different ``--referrals`` give instructions a ride.
+thread's CPU time of each ride (median, p99, max). ``--encounter``: each referral's incident
+has an encounter, so that its rollups follow it (the bench/dispatch.py load has none).
+``--src DIR`` runs the code of another tree (DIR/corespond/{daemon,adapters,rules}): old and
+new code in turn in the same minutes. CPU time, not wall time: other processes on the machine
+change it little; under ``valgrind --tool=callgrind``, two runs with different ``--referrals``
+give the instructions of a ride.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ def main() -> None:
             ref, control_id = r.new_referral_ref(), r.new_control_id()
             work.append((req, r.referral_content(cfg, provider, req, ref, control_id, at)))
         if args.encounter:
+            from corespond.daemon import rollups
+
+            if hasattr(rollups, "prepare_referral_upkeep"):  # as the daemon does at start
+                rollups.prepare_referral_upkeep()
             with conn.begin():
                 for i in range(warm, warm + n):
                     prefill = Prefill(program="alpha", call_received_at=at, agency="PD",

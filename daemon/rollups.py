@@ -135,6 +135,13 @@ def _apply_delta_ids(conn: Connection, ids: list[int], sign: int, *, durations: 
         conn.execute(stmt, {"delta_ids": ids})
 
 
+def prepare_referral_upkeep() -> None:
+    """Compile the statements an HL7 referral's rollup upkeep runs on SQLite (about 0.15 s of
+    CPU): at start, in a thread, rather than in the first such referral's ingest batch."""
+    for sign in (-1, 1):
+        _sqlite_one_id_delta(sign, False)
+
+
 @functools.cache
 def _sqlite_one_id_delta(sign: int, durations: bool) -> list[tuple[str, list[Any], list[int]]]:
     """Each of :func:`apply_delta`'s statements for one encounter, compiled once for SQLite's
