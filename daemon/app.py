@@ -307,6 +307,10 @@ class Corespond:
         await self._load_rules()
         await self._prepare_schema()
         await self._seed_demo_encounters()
+        if self.config.referrals is not None and self.engine.dialect.name == "sqlite":
+            from corespond.daemon.rollups import prepare_referral_upkeep
+
+            await self.in_thread(prepare_referral_upkeep)
         self.store.start()
         self._store_started = True
         if self.paging is not None:

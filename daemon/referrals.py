@@ -29,12 +29,13 @@ matches ACKs and RRI^I12 replies to referrals.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -70,6 +71,7 @@ from corespond.daemon.errors import RejectedMessage, SafeMessage
 from corespond.daemon.referral_metrics import ReferralMetrics
 from corespond.daemon.referral_trace import ReactorSpans
 from corespond.daemon.rollups import keeping_referral_flags
+from corespond.daemon.store.engine import json_text
 from corespond.daemon.store.tables import (
     ReferralMessageRow,
     hl7_inbound,
@@ -248,6 +250,7 @@ def _insert_referral(
     hold: str | None,
     consent_id: int | None,
 ) -> int:
+    person = request.person
     values = dict(
         ref=ref,
         incident_ref=request.incident_ref,
@@ -263,11 +266,36 @@ def _insert_referral(
         consent_id=consent_id,
         created_at=now,
         updated_at=now,
-        person={k: v for k, v in asdict(request.person).items() if v is not None},
+        person={k: v for k in _PERSON_FIELDS if (v := getattr(person, k)) is not None},
         summary=request.summary,
     )
     with keeping_referral_flags(conn, incident_ref=request.incident_ref):
+        if _driver_level(conn):
+            return _insert_referral_sqlite(conn, values)
         return int(conn.execute(_INSERT_REFERRAL, values).scalar_one())
+
+
+_PERSON_FIELDS = tuple(f.name for f in fields(Person))
+
+
+@functools.cache
+def _sqlite_insert(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(len(columns))})"
+
+
+def _insert_referral_sqlite(conn: Connection, values: dict[str, Any]) -> int:
+    """``values`` bound as UTCDateTime, JSON and Boolean bind them on SQLite."""
+    bound = dict(
+        values,
+        part2=int(values["part2"]),
+        created_at=sqlite_datetime_text(values["created_at"]),
+        updated_at=sqlite_datetime_text(values["updated_at"]),
+        person=json_text(values["person"]),
+    )
+    # Through SQLAlchemy, _INSERT_REFERRAL took about 0.2 ms of the writer's CPU.
+    cursor = _cursor(conn)
+    cursor.execute(_sqlite_insert("referrals", tuple(bound)), tuple(bound.values()))
+    return int(cursor.lastrowid)
 
 
 # Statements built once, their values bound per call: ``insert().values(row)`` built and

@@ -340,6 +340,51 @@ def test_a_message_queued_on_the_drivers_cursor_is_the_row_the_core_insert_makes
             assert d_claimed.message == c_claimed.message and d_claimed.attempts == 0
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_referral_inserted_on_the_drivers_cursor_is_the_row_the_core_insert_makes(
+    engine: Engine, monkeypatch: Any
+) -> None:
+    """A new referral's row, as SQLite stores it (the text of its times and its JSON, the
+    type of each value): the same whichever way it is inserted. Queued with a message, held
+    for consent (Part 2, no consent), with a program and region and a partly known person."""
+    from corespond.adapters.hl7_referral import Person
+    from corespond.daemon import referrals as module
+    from corespond.daemon.referrals import new_referral_ref, referral_content, store_referral
+
+    cfg = config()
+    provider = cfg.providers[0]
+    kinds = [
+        {},
+        {"part2": True, "consent_ref": "C-NONE"},
+        {"program": "youth", "region": "north",
+         "person": Person(family="Ørsted", given="Zoë", phone=None, city="Springfield")},
+    ]  # fmt: skip
+    made: dict[bool, list[int]] = {}
+    for driver_level in (True, False):
+        monkeypatch.setattr(module, "SQLITE_DRIVER_LEVEL", driver_level)
+        made[driver_level] = []
+        for n, kind in enumerate(kinds):
+            req = request(incident_ref=f"I-{n}", **kind)
+            ref, control_id = new_referral_ref(), f"C{n}{driver_level}"
+            content = referral_content(cfg, provider, req, ref, control_id, now())
+            created, _ = store_referral(engine, provider, req, content, b"MSH|x\r", now())
+            made[driver_level].append(created.id)
+    with engine.connect() as conn:
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        names = [c.name for c in referrals.columns if c.name not in ("id", "ref")]
+        query = ", ".join(f"{n}, typeof({n})" for n in names)
+        rows = {
+            i: cursor.execute(f"SELECT {query} FROM referrals WHERE id = ?", (i,)).fetchone()
+            for i in made[True] + made[False]
+        }
+    for d_id, c_id in zip(made[True], made[False], strict=True):
+        assert rows[d_id] == rows[c_id]
+    states = [rows[i][2 * names.index("state")] for i in made[True]]
+    assert states == ["queued", "held", "queued"]
+    person = rows[made[True][2]][2 * names.index("person")]
+    assert person == '{"family":"Ørsted","given":"Zoë","city":"Springfield"}'
+
+
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert backoff_delay(1, 5, 600, rand=lambda: 1.0) == 5
     assert backoff_delay(1, 5, 600, rand=lambda: 0.0) == 2.5
