@@ -411,6 +411,7 @@ async def run_phase(name: str, args: argparse.Namespace, wctp_port: int, mllp_po
             sys.executable, __file__, "--daemon", str(config),
             *(["--referral-load"] if referral_load else []),
             "--gc-policy", args.gc_policy,
+            *(["--switch-interval", str(args.switch_interval)] if args.switch_interval else []),
             stdout=asyncio.subprocess.PIPE,
             env=env,
         )  # fmt: skip
@@ -494,10 +495,16 @@ def main() -> None:
         "--gc-census", action="store_true",
         help="print what the daemon's collector tracks at each phase's end",
     )  # fmt: skip
+    parser.add_argument(
+        "--switch-interval", type=float,
+        help="sys.setswitchinterval in the daemon, in seconds (Python's default: 0.005)",
+    )  # fmt: skip
     parser.add_argument("--daemon", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--referral-load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.daemon is not None:
+        if args.switch_interval:
+            sys.setswitchinterval(args.switch_interval)
         run_daemon(args.daemon, args.referral_load, args.gc_policy)
         return
     phases = asyncio.run(bench(args))
