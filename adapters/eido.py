@@ -898,10 +898,12 @@ def _typed_snapshot(message: bytes) -> Snapshot:
     if not message.isascii():
         # msgspec skips the strings of fields it does not read without checking their UTF-8.
         message.decode("utf-8")
-    if b"\\u0000" in message:
+    if message.find(b"\\u0000") >= 0:
         # The only way a NUL gets into a JSON string (raw control characters are malformed
         # JSON): without it, no string below needs a NUL check. msgspec never yields a lone
         # surrogate either (it refuses the escape), but a non-ASCII string is still checked.
+        # (find, not ``in``: bytes.__contains__ first tries its argument as an integer and
+        # formats the TypeError that refuses it, about 1,800 instructions a message.)
         raise _Untyped
     doc = _TYPED_DECODER.decode(message)
     if _typed_text(doc.eido_version, required=True) != EIDO_VERSION:

@@ -98,6 +98,32 @@ def test_sqlite_transactions_are_real(tmp_path: Path) -> None:
         engine.dispose()
 
 
+class _Bytes(bytes):
+    pass
+
+
+def test_sqlite_binds_none_and_bytes_as_null_and_blob(tmp_path: Path) -> None:
+    # The engine registers sqlite3 adapters for None and bytes (a shortcut past the adapter
+    # protocol): what is stored must be what the driver stores without them.
+    engine = create_store_engine(f"sqlite:///{tmp_path / 's.db'}")
+    values = [None, b"", b"\x00raw\xff", bytes(range(256)) * 20, _Bytes(b"sub")]
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (n INTEGER, x BLOB, y TEXT)")
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            rows = [(i, v, v) for i, v in enumerate(values)]
+            cursor.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT x, typeof(x), y, typeof(y) FROM t ORDER BY n").all()
+    finally:
+        engine.dispose()
+    expected_types = ["null"] + ["blob"] * (len(values) - 1)
+    assert [(x, tx, y, ty) for x, tx, y, ty in rows] == [
+        (v if v is None else bytes(v), t, v if v is None else bytes(v), t)
+        for v, t in zip(values, expected_types, strict=True)
+    ]
+
+
 def test_bad_synchronous(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sqlite_synchronous"):
         create_store_engine(f"sqlite:///{tmp_path / 's.db'}", sqlite_synchronous="off")
