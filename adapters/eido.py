@@ -50,6 +50,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -1124,7 +1125,7 @@ def _typed_person(component: _PersonComponent) -> Person:
             _recent_nc_texts.clear()
         _recent_nc_texts[key] = known
     elif known.roles != roles:  # the same details in another role: a Person of its own
-        return Person(roles, known.name, known.birth_date, known.phone, known.mental_state)
+        return replace(known, roles=roles)
     # Persons are immutable: the one made for these roles and details is shared, as units
     # are (building one, about 4.5k instructions, was most of a remembered person's cost).
     return known

@@ -40,7 +40,6 @@ import contextlib
 import cProfile
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dispatch import ZONE, fresh_database, postgres_server, write_config
+from ingest_threads import instrument
 
 
 def main() -> None:
@@ -227,8 +227,8 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
 
 
 def _instrument(on: bool) -> None:
-    command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
-    subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
+    """Callgrind's instrumentation of this process on or off (bench/ingest_threads.py's)."""
+    instrument(os.getpid(), on)
 
 
 if __name__ == "__main__":

@@ -585,8 +585,6 @@ def first_step_candidates(
     return replace(work, candidates=candidates)
 
 
-
-
 # Several steps in one statement (RETURNING in no given order: each row names its step).
 _DRIVER_INSERT_STEPS = _OnDriver(
     insert(escalation_steps).returning(escalation_steps.c.id, escalation_steps.c.step),
@@ -979,8 +977,8 @@ class RecentPages:
     since: str  # the window's start when read
     times: list[str]  # created_at of each page from ``since`` on, ascending
     clinicians: list[str]  # whose each one is, in the same order
-    counts: dict[str, int]  # pages from ``since`` on, per clinician
-    # ``counts`` in a roster table's order, made at its first use (on the writer thread).
+    # Pages from ``since`` on per clinician, in a roster table's order, made at its first use
+    # (on the writer thread).
     _arrays: dict[RosterTable, Ints] = field(default_factory=dict)
 
     def counts_since(self, since: datetime, table: RosterTable) -> Ints | None:
@@ -993,7 +991,7 @@ class RecentPages:
         index = table.index
         counts = self._arrays.get(table)
         if counts is None:
-            counts = self._arrays[table] = table.counts(self.counts.items())
+            counts = self._arrays[table] = table.counts((cid, 1) for cid in self.clinicians)
         counts = counts.copy()
         for cid in self.clinicians[: bisect_left(self.times, start)]:  # left the window since
             i = index.get(cid)
@@ -1011,11 +1009,8 @@ def read_recent_pages(conn: Connection, since: datetime) -> RecentPages | None:
     # One statement: the highest id and the window's pages in one snapshot of the database.
     (_, _, last_id), *rows = _DRIVER_RECENT_PAGES.tuples(conn, {"since": since})
     rows.sort(key=lambda row: (row[0], row[2]))  # by time, then id
-    counts: dict[str, int] = {}
-    for _, cid, _ in rows:
-        counts[cid] = counts.get(cid, 0) + 1
     return RecentPages(
-        int(last_id or 0), start, [at for at, _, _ in rows], [cid for _, cid, _ in rows], counts
+        int(last_id or 0), start, [at for at, _, _ in rows], [cid for _, cid, _ in rows]
     )
 
 
@@ -1028,8 +1023,6 @@ _DRIVER_RECENT_PAGES = _OnDriver(
         ),
     )
 )
-
-
 
 
 def latest_fixes(conn: Connection) -> dict[str, Fix]:
