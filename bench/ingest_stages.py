@@ -55,7 +55,12 @@ from corespond.daemon.log import configure_logging
 from corespond.daemon.pipeline import FeedContext, IngestMetrics, Pipeline
 from corespond.daemon.store.engine import create_store_engine
 from corespond.daemon.store.migrate import upgrade
-from corespond.daemon.store.writer import IncidentStore, SnapshotRecord, write_batch
+from corespond.daemon.store.writer import (
+    STATEMENT_JOURNALS_IN_MEMORY,
+    IncidentStore,
+    SnapshotRecord,
+    write_batch,
+)
 from corespond.rules.engine import RuleClassifier
 from corespond.rules.loader import load_ruleset
 
@@ -204,6 +209,8 @@ def run(args: argparse.Namespace) -> None:
                 SnapshotRecord("bench", "bench", "eido", now, f, s, d)
                 for f, s, d in zip(frames, snaps, decisions, strict=True)
             ]
+            with engine.connect() as conn:  # the pool's one connection, set as the writer's
+                conn.connection.driver_connection.execute(STATEMENT_JOURNALS_IN_MEMORY)
             with timer:
                 for i in range(0, len(records), args.batch):
                     with engine.begin() as conn:

@@ -1150,6 +1150,15 @@ _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 _BULK_PASSES = 4
 _WAL_BYTES_BOUND = 8 << 20
 
+# A statement that writes several rows inside a transaction (a batch's multi-row inserts, a
+# rider's savepoint) keeps the prior content of the pages it changes in a statement journal,
+# to undo just that statement. SQLite keeps the first 64 KiB in memory and spills the rest to a
+# new temporary file: the random leaves of the digest index alone pass that, so nearly every
+# batch created, wrote and deleted a file in /var/tmp (strace). In memory on the writer's
+# connection only (temp_store also governs sorts and temporary tables, which readers may make
+# large); the journal never outlives its transaction, so durability is unchanged.
+STATEMENT_JOURNALS_IN_MEMORY = "PRAGMA temp_store=MEMORY"
+
 
 class _WalCheckpoints:
     """The store's timer-driven checkpoints of an SQLite WAL (see CHECKPOINT_SECONDS)."""
@@ -1689,9 +1698,11 @@ class IncidentStore:
         conn = self._conn
         if conn is None:
             conn = self._conn = self.engine.connect()
-            if self._checkpoints is not None:  # the timer checkpoints instead
+            if conn.dialect.name == "sqlite":
                 driver = conn.connection.driver_connection
-                driver.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+                driver.execute(STATEMENT_JOURNALS_IN_MEMORY)  # type: ignore[union-attr]
+                if self._checkpoints is not None:  # the timer checkpoints instead
+                    driver.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
         return conn
 
     def _close_connection(self) -> None:

@@ -212,6 +212,25 @@ def test_the_writer_holds_one_connection_and_replaces_a_failed_one(engine: Engin
     assert stopped.called and engine.pool.checkedout() == 0
 
 
+def test_sqlite_statement_journals_stay_in_memory_on_the_writer_only(engine: Engine) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("an SQLite setting")
+    store, writes, _ = make_store(engine)
+    results = Results()
+    for n in range(40):  # a batch whose statement journal passed SQLite's 64 KiB spill
+        results.watch(n, store.store_snapshot(incident(n)))
+    while writes.calls:  # the first alone, then the 39 that waited for it in one batch
+        writes.run_next()
+    assert all(results.values[n].state is SnapshotState.NEW for n in range(40))
+    held = store._conn
+    assert held is not None
+    temp_store = "PRAGMA temp_store"  # 2: MEMORY, 0: the default (files)
+    assert held.connection.driver_connection.execute(temp_store).fetchone() == (2,)  # type: ignore[union-attr]
+    with engine.connect() as reader:  # other connections keep sorts and temp tables on disk
+        assert reader.exec_driver_sql(temp_store).scalar() == 0
+    store.stop()
+
+
 def wal_frames(engine: Engine) -> int:
     """Frames in the WAL now (a PASSIVE checkpoint says so, and copies them)."""
     with engine.connect() as conn:
