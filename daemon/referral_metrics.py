@@ -92,6 +92,17 @@ class ReferralMetrics:
             ["use", "path"],
             registry=registry,
         )
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: labels() takes a lock and checks its
+        arguments every time, on the reactor in the callbacks a page may wait behind. The
+        label values are provider names, reasons and codes: a handful."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ from corespond.adapters.tls import client_tls_options, server_tls_options
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import ProviderConfig, ReferralsConfig
 from corespond.daemon.errors import RejectedMessage, SafeMessage
+from corespond.daemon.log import LineLogger, lines_held
 from corespond.daemon.referral_metrics import ReferralMetrics
 from corespond.daemon.referral_trace import ReactorSpans
 from corespond.daemon.rollups import keeping_referral_flags
@@ -85,6 +86,13 @@ from corespond.daemon.store.tables import (
 )
 
 log = structlog.get_logger("corespond.referrals")
+# The two lines of every referral, by the log's short way (LineLogger.fixed: the same line for
+# about half the instructions), on the reactor in a turn of their own (ReferralWorker.note).
+_lines = LineLogger("corespond.referrals")
+_created_line = _lines.fixed(
+    "referral.created", "referral_id", "provider", "state", "reason", "control_id"
+)
+_delivered_line = _lines.fixed("referral.delivered", "control_id", "provider", "code", "attempt")
 
 T = TypeVar("T")
 
@@ -1211,6 +1219,10 @@ ConnectFn = Callable[[ProviderConfig], "Deferred[mllp.MLLPClientProtocol]"]
 # The longest a result waits for others to share its transaction (see _commit_now); a crash
 # meanwhile means a resend with the same bytes and MSH-10, as for any uncommitted ACK.
 COMMIT_WITHIN = 0.2
+# Log lines of what was committed wait at most this long, then go out together, a few
+# a reactor turn (ReferralWorker.note).
+NOTES_WITHIN = 0.05
+NOTES_A_TURN = 4
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 # ``fn(conn)`` in a savepoint of the next ingest batch's transaction (IncidentStore.ride_later).
 RideBatch = Callable[[Callable[[Connection], Any]], "Deferred[Any]"]
@@ -1241,6 +1253,7 @@ class _Lane:
     broken: bool = False
     drained: list[Deferred[None]] = field(default_factory=list)
     timer: Any = None  # the delayed commit of results gathered below a group's size
+    soon: Any = None  # the reactor turn that looks at the results gathered (_group_commit_soon)
     closed: bool = False  # its sender has returned: a new claim needs a new lane
 
 
@@ -1285,6 +1298,10 @@ class ReferralWorker:
         self._connect = connect or self._connect_provider
         self._rand = rand
         self._lease_margin = lease_margin
+        longest = max(
+            (p.ack_timeout + p.connect_timeout for p in config.providers), default=60.0
+        )
+        self._lease_length = timedelta(seconds=longest + lease_margin)
         self._pool = ThreadPool(0, 2, name="corespond-referrals")
         # SQLite: the store's writer thread, so that our commits queue instead of sleeping in
         # SQLite's busy handler; otherwise (PostgreSQL, tests, the bench) our own pool.
@@ -1309,8 +1326,14 @@ class ReferralWorker:
         self._stopping = False
         self.delivered = 0
         self.commits = 0  # group commits of send results (for tests and the bench)
+        # Log lines of what was committed, written later and together (see :meth:`note`).
+        self._notes: deque[Callable[[], None]] = deque()
+        self._notes_call: Any = None
+        self._stopped = False  # stop() has finished: a line is written at once
         # The reactor's time in referral callbacks, when the store's trace is on (the bench).
         self.spans = ReactorSpans.from_environment()
+        self._next_note_timed = self.spans.timed(self._next_note)
+        self._group_commit_timed = self.spans.timed(self._group_commit_now)
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -1337,6 +1360,8 @@ class ReferralWorker:
         pending = list(self._in_flight.values())
 
         def stopped(_: object) -> None:
+            self._stopped = True
+            self._write_notes()
             self._pool.stop()
             self.spans.close()
 
@@ -1346,6 +1371,36 @@ class ReferralWorker:
     def wake(self) -> None:
         """Look for due work now (after a referral was created, say)."""
         self.poll()
+
+    def note(self, line: Callable[[], None]) -> None:
+        """Write ``line`` (a log line of something already committed) later, with the others
+        gathered within ``NOTES_WITHIN``, in a reactor turn of their own and one flush: not in
+        the callback that hands a referral to its sender or records its result, which a page
+        may be waiting behind (issue 5). A line written alone cost that callback about 50 us
+        of CPU and a write() to the log's stream, which lets the store's writer thread take
+        the GIL. Lines still waiting are written when the worker stops."""
+        if self._stopped:
+            line()
+            return
+        self._notes.append(line)
+        if self._notes_call is None:
+            self._notes_call = self.reactor.callLater(NOTES_WITHIN, self._next_note_timed)
+
+    def _next_note(self) -> None:
+        self._notes_call = None
+        with lines_held():
+            for _ in range(min(NOTES_A_TURN, len(self._notes))):
+                self._notes.popleft()()
+        if self._notes:  # more than a turn's worth: the rest in the next turn
+            self._notes_call = self.reactor.callLater(0, self._next_note_timed)
+
+    def _write_notes(self) -> None:
+        if self._notes_call is not None and self._notes_call.active():
+            self._notes_call.cancel()
+        self._notes_call = None
+        with lines_held():
+            while self._notes:
+                self._notes.popleft()()
 
     # --- polling -------------------------------------------------------------------------------
 
@@ -1426,10 +1481,7 @@ class ReferralWorker:
     def _lease(self) -> timedelta:
         """How long a claim holds without renewal: the longest connect and ACK wait, and a
         margin. Every group commit renews the claims a sender still holds."""
-        longest = max(
-            (p.ack_timeout + p.connect_timeout for p in self.config.providers), default=60.0
-        )
-        return timedelta(seconds=longest + self._lease_margin)
+        return self._lease_length
 
     def _claim_due(
         self, now: datetime, busy: frozenset[str], lease: timedelta
@@ -1470,7 +1522,8 @@ class ReferralWorker:
         else:
             depth = dict(conn.execute(_OUTBOX_DEPTH).all())
         for provider in self.config.providers:
-            self.metrics.outbox.labels(provider.name).set(depth.get(provider.name, 0))
+            outbox = self.metrics.child(self.metrics.outbox, provider.name)
+            outbox.set(depth.get(provider.name, 0))
 
     def _delivered(self, result: object, provider: str, lane: _Lane) -> None:
         lane.closed = True
@@ -1503,7 +1556,7 @@ class ReferralWorker:
             # Not ``lane.outcomes.append(await ...)``: a group commit may swap the list meanwhile.
             outcome = await self._send_one(item)
             lane.outcomes.append(outcome)
-            self._group_commit(lane)
+            self._group_commit_soon(lane)
             if not lane.queue:
                 await self._drained(lane)  # the commit may claim more for the queue
         if lane.outcomes or lane.committing:
@@ -1534,7 +1587,7 @@ class ReferralWorker:
             return succeed(None)
         d: Deferred[None] = Deferred()
         lane.drained.append(d)
-        self._group_commit(lane)
+        self._group_commit_soon(lane)
         return d
 
     def _commit_now(self, lane: _Lane) -> bool:
@@ -1555,6 +1608,19 @@ class ReferralWorker:
         lane.timer = None
         if not lane.committing and lane.outcomes:
             self._commit(lane)
+
+    def _group_commit_soon(self, lane: _Lane) -> None:
+        """:meth:`_group_commit` in a reactor turn of its own: the ACK's callback then only
+        reads the ACK, records its outcome and puts the next message on the wire; starting the
+        transaction that records it (a rider on the store's writer) waits for the next turn,
+        so that a page does not wait behind both (issue 5). Several results gathered by then
+        go together, as they would with a commit running."""
+        if lane.soon is None:
+            lane.soon = self.reactor.callLater(0, self._group_commit_timed, lane)
+
+    def _group_commit_now(self, lane: _Lane) -> None:
+        lane.soon = None
+        self._group_commit(lane)
 
     def _group_commit(self, lane: _Lane) -> None:
         if lane.committing or not lane.outcomes:
@@ -1677,7 +1743,8 @@ class ReferralWorker:
         except Exception as err:
             return self._failed(item, provider, err)
         if self.metrics is not None:
-            self.metrics.ack_seconds.labels(provider.name).observe(self.reactor.seconds() - sent_at)
+            ack_seconds = self.metrics.child(self.metrics.ack_seconds, provider.name)
+            ack_seconds.observe(self.reactor.seconds() - sent_at)
         code = reply.ack_code or ""
         now = self.clock.now()
         if code in ACCEPTED:
@@ -1704,14 +1771,8 @@ class ReferralWorker:
     def _after_delivered(self, item: Claimed, provider: str, code: str) -> None:
         self.delivered += 1
         if self.metrics is not None:
-            self.metrics.delivered.labels(provider).inc()
-        log.info(
-            "referral.delivered",
-            control_id=item.control_id,
-            provider=provider,
-            code=code,
-            attempt=item.attempts + 1,
-        )
+            self.metrics.child(self.metrics.delivered, provider).inc()
+        self.note(partial(_delivered_line, item.control_id, provider, code, item.attempts + 1))
 
     def _after_peer_error(self, item: Claimed, provider: str, code: str) -> None:
         self._count_held(provider, "peer-error")
@@ -1719,7 +1780,7 @@ class ReferralWorker:
 
     def _count_held(self, provider: str, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.held.labels(provider, reason).inc()
+            self.metrics.child(self.metrics.held, provider, reason).inc()
 
     def _failed(self, item: Claimed, provider: ProviderConfig, err: Exception) -> _Outcome:
         link = self._links.pop(provider.name, None)
@@ -1756,7 +1817,8 @@ class ReferralWorker:
 
         def retry() -> None:
             if self.metrics is not None:
-                self.metrics.retries.labels(provider.name, code.split(" ")[0]).inc()
+                kind = code.split(" ")[0]
+                self.metrics.child(self.metrics.retries, provider.name, kind).inc()
             log.warning(
                 "referral.retry",
                 control_id=item.control_id,
@@ -2027,7 +2089,7 @@ class ReferralListener:
         if self.metrics is not None:
             kind = result.message_type if result.message_type in INBOUND_TYPES else "other"
             outcome = result.error_code or ("matched" if result.referral_id else "unmatched")
-            self.metrics.inbound.labels(kind, outcome).inc()
+            self.metrics.child(self.metrics.inbound, kind, outcome).inc()
         return result.ack
 
     async def stop(self) -> None:
@@ -2231,9 +2293,9 @@ class ReferralService:
             log.info("referral.replayed", referral_id=created.ref, state=created.state)
             return created
         if created.state == "held":
-            self.metrics.held.labels(provider.name, "part2-no-consent").inc()
+            self.metrics.child(self.metrics.held, provider.name, "part2-no-consent").inc()
         elif created.control_id is not None:
-            self.metrics.queued.labels(provider.name).inc()
+            self.metrics.child(self.metrics.queued, provider.name).inc()
             if claimed is not None:
                 self.worker.adopt(claimed)
             else:
@@ -2242,14 +2304,10 @@ class ReferralService:
             # Queued without a message: held when looked at, but a consent was recorded before
             # it was stored. Built by the next rebuild, not only at the next start.
             self._rebuild_later()
-        log.info(
-            "referral.created",
-            referral_id=created.ref,
-            provider=provider.name,
-            state=created.state,
-            reason=created.hold_reason,
-            control_id=created.control_id,
-        )
+        self.worker.note(partial(
+            _created_line, created.ref, provider.name, created.state, created.hold_reason,
+            created.control_id,
+        ))  # fmt: skip
         return created
 
     async def _build_and_queue(self, unbuilt: Unbuilt) -> str | None:
@@ -2265,7 +2323,7 @@ class ReferralService:
         finally:
             self._building.discard(unbuilt.id)
         if control_id == unbuilt.content.control_id:
-            self.metrics.queued.labels(unbuilt.provider).inc()
+            self.metrics.child(self.metrics.queued, unbuilt.provider).inc()
             log.info(
                 "referral.created",
                 referral_id=unbuilt.ref,
@@ -2317,7 +2375,7 @@ class ReferralService:
                         hold_unbuildable, self.engine, unbuilt.id, reason, self.worker.clock.now()
                     )
                 )
-                self.metrics.held.labels(unbuilt.provider, "invalid-message").inc()
+                self.metrics.child(self.metrics.held, unbuilt.provider, "invalid-message").inc()
                 log.warning("referral.held", referral_id=unbuilt.ref, code="invalid-message")
         if found:
             log.info("referral.rebuilt", count=queued)

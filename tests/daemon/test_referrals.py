@@ -426,6 +426,32 @@ def test_delivers_in_order_one_in_flight(engine: Engine) -> None:
     assert all(referral_state(engine, c.ref).state == "delivered" for c in created)
 
 
+def test_delivered_lines_are_written_after_the_commit_s_callback_and_by_the_stop(
+    engine: Engine,
+) -> None:
+    """Issue 5: the callback that records a result (a page may wait behind it) does not write
+    its log line; the line follows in a turn of its own, and none is lost at a stop."""
+    from structlog.testing import capture_logs
+
+    loop = Loop()
+    peer = Peer(loop).start()
+    created = [
+        create_referral(engine, config(), request(incident_ref=f"I-{n}"), now()) for n in range(3)
+    ]
+    worker = start_worker(engine, loop, with_port(config(), "csu", peer.port))
+    with capture_logs() as logs:
+        try:
+            loop.spin(lambda: worker.delivered == 3)
+            # The last result was counted in the callback that just ran: its line waits.
+            written = [e["control_id"] for e in logs if e["event"] == "referral.delivered"]
+            assert created[-1].control_id not in written
+        finally:
+            loop_stop(loop, worker, peer)
+    lines = [e for e in logs if e["event"] == "referral.delivered"]
+    assert [e["control_id"] for e in lines] == [c.control_id for c in created]
+    assert all(e["provider"] == "csu" and e["code"] == "AA" for e in lines)
+
+
 @pytest.mark.parametrize("code", ["AE", "AR", "CE", "CR"])
 def test_peer_error_holds_with_its_text_and_the_rest_goes_on(engine: Engine, code: str) -> None:
     loop = Loop()
