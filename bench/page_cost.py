@@ -40,6 +40,7 @@ import contextlib
 import cProfile
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -109,11 +110,17 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     # On SQLite, every statement SQLite itself ran (the writer's and paging's driver-level
     # statements, savepoints, BEGIN and COMMIT included), on every connection from here on.
     ran = [0]
+    run_by_sqlite: Counter[str] = Counter()
     engine.dispose()
+
+    def count_run(sql: str) -> None:
+        ran[0] += 1
+        if args.statements:
+            run_by_sqlite[" ".join(re.sub(r"'[^']*'|\b\d+(\.\d+)?\b", "?", sql).split())[:100]] += 1
 
     def traced(dbapi_conn: Any, _: Any) -> None:
         if hasattr(dbapi_conn, "set_trace_callback"):
-            dbapi_conn.set_trace_callback(lambda sql: ran.__setitem__(0, ran[0] + 1))
+            dbapi_conn.set_trace_callback(count_run)
 
     event.listen(engine, "connect", traced)
     submitted: list[float] = []
@@ -183,6 +190,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     writer_cpu[0] = 0.0
     ran[0] = 0
     statements.clear()
+    run_by_sqlite.clear()
     profiler = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not wall
     if args.instructions:
         _instrument(True)
@@ -223,6 +231,10 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
           f" SQLAlchemy{'' if pg else f', {ran[0] / args.pages:.1f} run by SQLite'}")  # fmt: skip
     if args.statements:
         for sql, count in statements.most_common():
+            print(f"  {count / args.pages:5.2f}  {sql}")
+        if run_by_sqlite:
+            print("run by SQLite (literals as ?):")
+        for sql, count in run_by_sqlite.most_common():
             print(f"  {count / args.pages:5.2f}  {sql}")
 
 
