@@ -45,6 +45,14 @@ def test_zones_with_holes_and_multipolygons(roster) -> None:  # type: ignore[no-
     assert county.covers(30.1, -98.0) and county.covers(30.1, -97.4)  # both parts
     assert not county.covers(30.1, -97.7)  # between them
     assert [p.id for p in roster.programs_covering(30.25, -97.75)] == ["metro"]
+    # The last point's answer is kept: asked again, about others and back, each its own.
+    for lat, lon, ids in [
+        (30.25, -97.75, ["metro"]), (30.30, -97.70, []), (30.1, -98.0, ["county"]),
+        (30.1, -98.0, ["county"]), (30.25, -97.75, ["metro"]),
+    ]:  # fmt: skip
+        found = roster.programs_covering(lat, lon)
+        assert [p.id for p in found] == ids
+        found.clear()  # the caller's own list
 
 
 @pytest.mark.parametrize(
