@@ -303,7 +303,9 @@ class PagingService:
             self._track(self._read(db.latest_fixes).addBoth(self._positions_read, now))
             if not self._recent_loading:
                 self._recent_loading = True
-                read = partial(db.read_recent_pages, since=now - self.settings.recent_window)
+                read = partial(
+                    db.read_recent_pages, since=now - self.settings.recent_window, kept=self._recent
+                )
                 self._track(self._read(read).addBoth(self._recent_read))
         at = self._fixes_at  # (a synchronous read has just set it)
         if at is None or now - at >= POSITIONS_MAX_AGE:
