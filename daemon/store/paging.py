@@ -1035,9 +1035,10 @@ def read_recent_pages(
         times += [at for at, _, _ in rows]
         clinicians += [cid for _, cid, _ in rows]
     # The kept counts (made on the writer, never changed once there) less the pages that left,
-    # plus those read now.
+    # plus those read now: of the table made last only (a reloaded roster's old table is not
+    # carried from read to read).
     arrays = {}
-    for table, counts in list(kept._arrays.items()):
+    for table, counts in list(kept._arrays.items())[-1:]:
         counts = counts.copy()
         table.counts(((cid, -1) for cid in kept.clinicians[:left]), counts)
         arrays[table] = table.counts(((cid, 1) for _, cid, _ in rows), counts)
