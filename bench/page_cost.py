@@ -22,7 +22,8 @@ snapshot's own transaction (the figures include storing the snapshot).
 
 ``--instructions``: under callgrind, count only the pages' loop (instrumentation switched on
 and off around it with ``callgrind_control``), as ``bench/classify_instructions.py`` does; the
-program total divided by ``--pages`` is the instructions per page, which load does not move:
+program total divided by ``--pages`` is the instructions per page, which load does not move.
+SQLite's statement trace (the "run by SQLite" count, not the daemon's) is left off then:
 
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.out \\
         .venv/bin/python bench/page_cost.py --follow --pages 100 --instructions
@@ -40,6 +41,7 @@ import contextlib
 import cProfile
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -109,13 +111,20 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     # On SQLite, every statement SQLite itself ran (the writer's and paging's driver-level
     # statements, savepoints, BEGIN and COMMIT included), on every connection from here on.
     ran = [0]
+    run_by_sqlite: Counter[str] = Counter()
     engine.dispose()
+
+    def count_run(sql: str) -> None:
+        ran[0] += 1
+        if args.statements:
+            run_by_sqlite[" ".join(re.sub(r"'[^']*'|\b\d+(\.\d+)?\b", "?", sql).split())[:100]] += 1
 
     def traced(dbapi_conn: Any, _: Any) -> None:
         if hasattr(dbapi_conn, "set_trace_callback"):
-            dbapi_conn.set_trace_callback(lambda sql: ran.__setitem__(0, ran[0] + 1))
+            dbapi_conn.set_trace_callback(count_run)
 
-    event.listen(engine, "connect", traced)
+    if not args.instructions:  # (the trace costs SQLite and Python ~0.3M instructions a page)
+        event.listen(engine, "connect", traced)
     submitted: list[float] = []
 
     class Gateway:
@@ -183,6 +192,7 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
     writer_cpu[0] = 0.0
     ran[0] = 0
     statements.clear()
+    run_by_sqlite.clear()
     profiler = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not wall
     if args.instructions:
         _instrument(True)
@@ -220,9 +230,14 @@ def run(tmp: Path, args: argparse.Namespace, pg: str | None) -> None:
           f"{f' ({writer_cpu[0] / args.pages * 1000:.2f} ms on the writer)' if lanes else ''};"
           f" {commits[0] / args.pages:.1f} commits,"
           f" {sum(statements.values()) / args.pages:.1f} statements per page through"
-          f" SQLAlchemy{'' if pg else f', {ran[0] / args.pages:.1f} run by SQLite'}")  # fmt: skip
+          f" SQLAlchemy{'' if pg or args.instructions else f', {ran[0] / args.pages:.1f} run by'}"
+          f"{'' if pg or args.instructions else ' SQLite'}")  # fmt: skip
     if args.statements:
         for sql, count in statements.most_common():
+            print(f"  {count / args.pages:5.2f}  {sql}")
+        if run_by_sqlite:
+            print("run by SQLite (literals as ?):")
+        for sql, count in run_by_sqlite.most_common():
             print(f"  {count / args.pages:5.2f}  {sql}")
 
 

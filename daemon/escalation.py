@@ -303,7 +303,9 @@ class PagingService:
             self._track(self._read(db.latest_fixes).addBoth(self._positions_read, now))
             if not self._recent_loading:
                 self._recent_loading = True
-                read = partial(db.read_recent_pages, since=now - self.settings.recent_window)
+                read = partial(
+                    db.read_recent_pages, since=now - self.settings.recent_window, kept=self._recent
+                )
                 self._track(self._read(read).addBoth(self._recent_read))
         at = self._fixes_at  # (a synchronous read has just set it)
         if at is None or now - at >= POSITIONS_MAX_AGE:
@@ -327,12 +329,15 @@ class PagingService:
         if isinstance(result, Failure):
             log.warning("escalation.positions.unread", error=error_text(result))
             return
-        for cid, fix in self._fixes.items():  # a fix recorded here while the read ran
+        old, arrays = self._fixes, self._fix_arrays
+        for cid, fix in old.items():  # a fix recorded here while the read ran
             known = result.get(cid)
-            if known is None or known.fixed_at < fix.fixed_at:
+            if known is not fix and (known is None or known.fixed_at < fix.fixed_at):
                 result[cid] = fix
         self._fixes, self._fixes_at = result, at
-        self._fix_arrays = None  # made again from these at the next step
+        if arrays is not None:  # (the read's unchanged rows are the same Fix objects)
+            arrays = (arrays[0], arrays[0].positions_since(arrays[1], old, result))
+        self._fix_arrays = arrays
 
     def _recent_read(self, result: db.RecentPages | Failure | None) -> None:
         self._recent_loading = False

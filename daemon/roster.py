@@ -32,7 +32,7 @@ import icalendar
 import recurring_ical_events
 import shapely
 from jsonschema import Draft202012Validator
-from shapely.geometry import Point, shape
+from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from corespond.daemon.config import ConfigError, ConfigProblem, dotted, schema_problems
@@ -159,7 +159,8 @@ class Program:
 
     def covers(self, lat: float, lon: float) -> bool:
         # GeoJSON order: x is longitude. A point on the boundary counts as inside.
-        return self.zones is not None and self.zones.intersects(Point(lon, lat))
+        # (intersects_xy: the predicate of intersects(Point(lon, lat)), without the Point)
+        return self.zones is not None and bool(shapely.intersects_xy(self.zones, lon, lat))
 
     @property
     def scheduled(self) -> bool:
@@ -183,13 +184,23 @@ class Roster:
     programs: Mapping[str, Program]  # in file order: the first covering program leads a chain
 
     unit_clinicians: Mapping[str, str] = field(default_factory=dict)  # casefolded unit id
+    # The last point asked about and the programs covering it: a page step asks twice for its
+    # incident's point (the chain's program, then the dispatcher's covering programs).
+    _last_covering: tuple[float, float, tuple[Program, ...]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def clinician_of_unit(self, unit: str) -> str | None:
         """The clinician who rides as CAD unit ``unit`` (ids compared without case)."""
         return self.unit_clinicians.get(unit.casefold())
 
     def programs_covering(self, lat: float, lon: float) -> list[Program]:
-        return [p for p in self.programs.values() if p.covers(lat, lon)]
+        last = self._last_covering
+        if last is not None and last[0] == lat and last[1] == lon:
+            return list(last[2])
+        found = tuple(p for p in self.programs.values() if p.covers(lat, lon))
+        object.__setattr__(self, "_last_covering", (lat, lon, found))  # (one tuple: atomic)
+        return list(found)
 
     @cached_property
     def table(self) -> RosterTable:

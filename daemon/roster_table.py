@@ -99,6 +99,31 @@ class RosterTable:
                 has_fix[i], lat[i], lon[i], at[i] = True, fix.lat, fix.lon, micros(fix.fixed_at)
         return Positions(has_fix, lat, lon, at)
 
+    def positions_since(
+        self, before: Positions, old: Mapping[str, Fix], new: Mapping[str, Fix]
+    ) -> Positions:
+        """:meth:`positions` of ``new``, from ``before`` (this table's positions of ``old``):
+        only the clinicians whose Fix is not the same object as in ``old`` are written (a read
+        of the store gives an unchanged row's Fix again), into copies (steps may hold
+        ``before``); ``before`` itself when none changed. Made anew when ``new`` lacks a
+        clinician ``old`` had."""
+        index = self.index
+        if any(cid not in new for cid in old):
+            return self.positions(new)
+        changed = [
+            (i, fix)
+            for cid, fix in new.items()
+            if old.get(cid) is not fix and (i := index.get(cid)) is not None
+        ]
+        if not changed:
+            return before
+        has_fix, lat, lon, at = (
+            a.copy() for a in (before.has_fix, before.lat, before.lon, before.fixed_at)
+        )
+        for i, fix in changed:
+            has_fix[i], lat[i], lon[i], at[i] = True, fix.lat, fix.lon, micros(fix.fixed_at)
+        return Positions(has_fix, lat, lon, at)
+
     def counts(self, pairs: Iterable[tuple[str, int]], to: Ints | None = None) -> Ints:
         """(clinician, count) pairs as an array in this table's order, added to ``to``
         (taken and returned) or to zeros; clinicians not in the table left out."""

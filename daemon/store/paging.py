@@ -1000,18 +1000,49 @@ class RecentPages:
         return counts
 
 
-def read_recent_pages(conn: Connection, since: datetime) -> RecentPages | None:
-    """The pages from ``since`` on (on a reader), or None: not SQLite (see RecentPages)."""
+def read_recent_pages(
+    conn: Connection, since: datetime, kept: RecentPages | None = None
+) -> RecentPages | None:
+    """The pages from ``since`` on (on a reader), or None: not SQLite (see RecentPages).
+
+    With ``kept``, an earlier read whose window starts no later: only the pages above its
+    last id are read (the window is 12 hours; read whole every second it grows with every
+    page), those of ``kept`` before ``since`` dropped, and the per-clinician counts ``kept``
+    made carried over. The same pages as a whole read, in the same order (by time, then id:
+    every page read now has a higher id than every kept one)."""
     if conn.dialect.name != "sqlite":
         return None
     start = sqlite_datetime_text(since)
     assert start is not None
-    # One statement: the highest id and the window's pages in one snapshot of the database.
-    (_, _, last_id), *rows = _DRIVER_RECENT_PAGES.tuples(conn, {"since": since})
-    rows.sort(key=lambda row: (row[0], row[2]))  # by time, then id
-    return RecentPages(
-        int(last_id or 0), start, [at for at, _, _ in rows], [cid for _, cid, _ in rows]
-    )
+    if kept is None or start < kept.since:
+        # One statement: the highest id and the window's pages in one snapshot of the database.
+        (_, _, last_id), *rows = _DRIVER_RECENT_PAGES.tuples(conn, {"since": since})
+        rows.sort(key=lambda row: (row[0], row[2]))  # by time, then id
+        return RecentPages(
+            int(last_id or 0), start, [at for at, _, _ in rows], [cid for _, cid, _ in rows]
+        )
+    params = {"since": since, "after": kept.last_id}
+    (_, _, last_id), *rows = _DRIVER_RECENT_PAGES_AFTER.tuples(conn, params)
+    rows.sort(key=lambda row: (row[0], row[2]))
+    left = bisect_left(kept.times, start)
+    times, clinicians = kept.times[left:], kept.clinicians[left:]
+    if rows and times and rows[0][0] < times[-1]:  # (one stamped before a kept one: merged)
+        # A stable sort by time: on a tie the kept one (a lower id) stays first.
+        pairs = [*zip(times, clinicians, strict=True), *((at, cid) for at, cid, _ in rows)]
+        pairs.sort(key=lambda pair: pair[0])
+        times, clinicians = [at for at, _ in pairs], [cid for _, cid in pairs]
+    else:
+        times += [at for at, _, _ in rows]
+        clinicians += [cid for _, cid, _ in rows]
+    # The kept counts (made on the writer, never changed once there) less the pages that left,
+    # plus those read now: of the table made last only (a reloaded roster's old table is not
+    # carried from read to read).
+    arrays = {}
+    for table, counts in list(kept._arrays.items())[-1:]:
+        counts = counts.copy()
+        table.counts(((cid, -1) for cid in kept.clinicians[:left]), counts)
+        arrays[table] = table.counts(((cid, 1) for _, cid, _ in rows), counts)
+    return RecentPages(int(last_id or kept.last_id), start, times, clinicians, arrays)
 
 
 # (The first row: the highest id; then the window's pages, their ids breaking ties of time.)
@@ -1020,6 +1051,15 @@ _DRIVER_RECENT_PAGES = _OnDriver(
         select(null(), null(), func.max(_p.id)),
         select(_p.created_at, _p.clinician_id, _p.id).where(
             _p.kind == "page", _p.created_at >= bindparam("since")
+        ),
+    )
+)
+# The same, of the pages above a kept read's last id only (a rowid range).
+_DRIVER_RECENT_PAGES_AFTER = _OnDriver(
+    union_all(
+        select(null(), null(), func.max(_p.id)),
+        select(_p.created_at, _p.clinician_id, _p.id).where(
+            _p.id > bindparam("after"), _p.kind == "page", _p.created_at >= bindparam("since")
         ),
     )
 )

@@ -1150,11 +1150,12 @@ _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 _BULK_PASSES = 4
 _WAL_BYTES_BOUND = 8 << 20
 
-# A statement that writes several rows inside a transaction (a batch's multi-row inserts, a
-# rider's savepoint) keeps the prior content of the pages it changes in a statement journal,
-# to undo just that statement. SQLite keeps the first 64 KiB in memory and spills the rest to a
-# new temporary file: the random leaves of the digest index alone pass that, so nearly every
-# batch created, wrote and deleted a file in /var/tmp (strace). In memory on the writer's
+# A statement that writes several rows inside a transaction (a batch's multi-row inserts) and a
+# savepoint (a page's chain, steps and page riding a batch) keep the prior content of the pages
+# they change in a statement journal, to undo just that part. SQLite keeps the first 64 KiB in
+# memory and spills the rest to a new temporary file: the random leaves of the digest index
+# alone pass that, and so does a page's work, so nearly every batch and every page created,
+# wrote and deleted a file in /var/tmp (strace). In memory on the writer's
 # connection only (temp_store also governs sorts and temporary tables, which readers may make
 # large); the journal never outlives its transaction, so durability is unchanged.
 STATEMENT_JOURNALS_IN_MEMORY = "PRAGMA temp_store=MEMORY"

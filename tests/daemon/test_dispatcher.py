@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corespond.daemon.dispatcher import DETAILED, Fix, Rejection, great_circle_km
+from corespond.daemon.dispatcher import DETAILED, Fix, Rejection, _by_distance, great_circle_km
 from corespond.daemon.responders import Availability
 from tests.daemon.dispatch_reference import CandidateState, choose, rejections_of, tie_key
 
@@ -142,6 +143,26 @@ def test_ties_go_to_fewest_recent_pages() -> None:
     same = Fix(30.26, -97.75, NOW)
     states = [state("a", fix=same, recent_pages=3), state("b", fix=same, recent_pages=1)]
     assert choose(HERE, {"metro"}, states, NOW, AGE).chosen == "b"
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 200_150), st.one_of(st.integers(0, 9), st.integers(0, 2**50))),
+        max_size=40,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_the_distance_ranking_orders_as_lexsort(rows: list[tuple[float, int]], rng: object) -> None:
+    """The one-key sort of the no-drive-time ranking gives lexsort's order, ties included;
+    counts too large for the key fall back to lexsort itself."""
+    n = len(rows) + 3  # (ranks of clinicians passed over are left out, as in choose)
+    ranks = list(range(n))
+    rng.shuffle(ranks)  # type: ignore[attr-defined]
+    figure = np.rint(np.array([d for d, _ in rows], dtype=np.float64))
+    recent = np.array([r for _, r in rows], dtype=np.int64)
+    id_rank = np.array(ranks[: len(rows)], dtype=np.int64)
+    expected = np.lexsort((id_rank, recent, figure))
+    assert _by_distance(figure, recent, id_rank, n).tolist() == expected.tolist()
 
 
 def test_a_clinician_twice_is_a_bug() -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from corespond.daemon.dispatcher import Fix
 from corespond.daemon.roster import RosterError, load_roster, parse_roster
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "paging"
@@ -45,6 +47,14 @@ def test_zones_with_holes_and_multipolygons(roster) -> None:  # type: ignore[no-
     assert county.covers(30.1, -98.0) and county.covers(30.1, -97.4)  # both parts
     assert not county.covers(30.1, -97.7)  # between them
     assert [p.id for p in roster.programs_covering(30.25, -97.75)] == ["metro"]
+    # The last point's answer is kept: asked again, about others and back, each its own.
+    for lat, lon, ids in [
+        (30.25, -97.75, ["metro"]), (30.30, -97.70, []), (30.1, -98.0, ["county"]),
+        (30.1, -98.0, ["county"]), (30.25, -97.75, ["metro"]),
+    ]:  # fmt: skip
+        found = roster.programs_covering(lat, lon)
+        assert [p.id for p in found] == ids
+        found.clear()  # the caller's own list
 
 
 @pytest.mark.parametrize(
@@ -67,6 +77,34 @@ def test_on_call_across_dst_with_overrides(roster, moment: str, expected: set[st
     # The dispatcher's arrays say the same.
     table = roster.table
     assert set(table.ids[table.on_call(utc(moment))].tolist()) == expected
+
+
+@given(st.data())
+def test_positions_since_are_the_positions_of_the_new_fixes(roster, data) -> None:  # type: ignore[no-untyped-def]
+    """The positions kept from the last read, updated for the Fix objects that changed, are
+    those made from the new fixes alone; unchanged ones are the very same objects."""
+    table = roster.table
+    ids = [*roster.clinicians, "not-in-roster"]
+    at = utc("2026-03-09T15:00:00")
+
+    def fix(n: int) -> Fix:
+        return Fix(30.0 + n / 100, -97.0 - n / 100, at + timedelta(seconds=n))
+
+    old = {cid: fix(n) for n, cid in enumerate(ids) if data.draw(st.booleans())}
+    new = {
+        cid: (fix(n + 50) if data.draw(st.booleans()) else f)
+        for n, (cid, f) in enumerate(old.items())
+        if data.draw(st.integers(0, 9))  # now and then one the new read lacks
+    }
+    new |= {cid: fix(n + 99) for n, cid in enumerate(ids) if data.draw(st.integers(0, 4)) == 0}
+    before = table.positions(old)
+    since = table.positions_since(before, old, new)
+    expected = table.positions(new)
+    for name in ("has_fix", "lat", "lon", "fixed_at"):
+        assert np.array_equal(getattr(since, name), getattr(expected, name), equal_nan=True)
+    if new == old and all(new[cid] is old[cid] for cid in old):
+        assert since is before
+    assert np.array_equal(before.lat, table.positions(old).lat, equal_nan=True)  # untouched
 
 
 def write_roster(tmp_path: Path, text: str) -> Path:

@@ -201,6 +201,23 @@ def test_work_rides_the_next_batch_in_its_transaction(engine: Engine) -> None:
     assert writes.calls == []  # nothing ran on its own later
 
 
+def test_savepoints_on_the_writer_keep_their_journal_in_memory(engine: Engine) -> None:
+    """On SQLite the writer's connection keeps temporary storage (a savepoint's sub-journal
+    past 64 KiB) in memory, not in a file created and removed each time; the work riding a
+    batch sees the setting on the connection it is given."""
+    store, writes, _ = make_store(engine)
+    results = Results()
+
+    def temp_store(conn: Connection) -> str:
+        if conn.dialect.name != "sqlite":
+            return "n/a"
+        return str(conn.exec_driver_sql("PRAGMA temp_store").scalar_one())
+
+    results.watch(0, store.ride_next_batch(temp_store, within=0))
+    run_all(writes)
+    assert results.values == {0: "n/a" if engine.dialect.name != "sqlite" else "2"}  # MEMORY
+
+
 def test_a_failed_batch_sends_the_work_that_rode_it_on_its_own(engine: Engine) -> None:
     bad = replace(record(snapshot("BAD")), feed=None)  # NOT NULL: the batch cannot commit
     writes, _, results = riding(engine, bad)
