@@ -14,10 +14,14 @@ system call that gives up the GIL, and the reactor then waited for the threads t
 0.9 ms a referral in the dispatch benchmark, in the middle of the reactor callback that stored
 the previous referral. A hand-off to the thread is a queue put that keeps the GIL.
 
-Builders run at ``nice`` +10: on a machine whose cores are all busy, a referral waits for
-the CPU rather than a page. A worker process that dies (killed, out of memory) fails the
-builds it had with :class:`BuildCrashed`, a precise, safe error; the pool is then replaced
-for the next build.
+Builders run under Linux's ``SCHED_IDLE`` policy (and at ``nice`` +10 where there is none):
+on a machine whose cores are all busy, a referral waits for the CPU rather than a page. Nice
+alone only weighs the shares: the kernel still let a builder finish its time slice (1-3 ms)
+before a woken daemon thread got the core. A ``SCHED_IDLE`` task is preempted as soon as any
+normal task wakes, yet is never starved outright (it keeps a minimal share).
+
+A worker process that dies (killed, out of memory) fails the builds it had with
+:class:`BuildCrashed`, a precise, safe error; the pool is then replaced for the next build.
 The caller keeps the referral queued and builds it again later (see
 :class:`~corespond.daemon.referrals.ReferralService`).
 """
@@ -53,6 +57,17 @@ class BuildCrashed(SafeMessage, RuntimeError):
 BUILDER_NICE = 10  # builders yield the CPU to the daemon (and its pages) when both want it
 
 
+def _yield_the_cpu() -> None:
+    """This process runs only when nothing else wants the core (see the module's docstring)."""
+    if hasattr(os, "nice"):
+        os.nice(BUILDER_NICE)
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as err:  # a seccomp filter or a sandbox may refuse; nice still holds
+            log.warning("referrals.builder.sched_idle_refused", error=str(err))
+
+
 def _warm() -> None:
     """Each worker starts here, at a lower CPU priority, then imports hl7apy: the import is
     a fraction of a second of CPU per builder, which should not compete with pages either
@@ -61,8 +76,7 @@ def _warm() -> None:
     Ctrl-C in a terminal reaches the whole process group: the daemon stops the pool itself,
     so a builder ignores SIGINT rather than print a KeyboardInterrupt traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(os, "nice"):
-        os.nice(BUILDER_NICE)
+    _yield_the_cpu()
     import corespond.adapters.hl7_referral  # noqa: F401
 
 

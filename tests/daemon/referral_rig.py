@@ -321,10 +321,10 @@ def txhl7_peer(tmp_path: Path, tls: tuple[Path, Path] | None = None) -> Iterator
 
 def build_in_pid(content: Any, profile: str) -> bytes:
     """Builds as the daemon does, and says which process built it and at which CPU priority
-    (a Z-segment: ZPD-1 its pid, ZPD-2 its niceness)."""
+    (a Z-segment: ZPD-1 its pid, ZPD-2 its niceness, ZPD-3 its scheduling policy)."""
     from corespond.adapters.hl7_referral import build_message
 
-    zpd = f"\rZPD|{os.getpid()}|{os.nice(0)}\r".encode()
+    zpd = f"\rZPD|{os.getpid()}|{os.nice(0)}|{os.sched_getscheduler(0)}\r".encode()
     return build_message(content, profile).rstrip(b"\r") + zpd
 
 

@@ -740,9 +740,10 @@ def test_the_service_builds_in_another_process(engine: Engine) -> None:
         peer.stop()
     assert peer.control_ids() == [d.result.control_id]
     [segment] = [s for s in peer.received[0].split(b"\r") if s.startswith(b"ZPD|")]
-    builder_pid, niceness = (int(v) for v in segment.split(b"|")[1:3])
+    builder_pid, niceness, policy = (int(v) for v in segment.split(b"|")[1:4])
     assert builder_pid != os.getpid()
     assert niceness == min(19, os.nice(0) + 10)  # it yields the CPU to the daemon
+    assert policy == os.SCHED_IDLE  # and is preempted by any daemon thread that wakes
 
 
 def test_a_builder_that_dies_loses_no_referral(engine: Engine) -> None:
