@@ -138,6 +138,7 @@ def run_daemon(config_path: Path, referral_load: bool, gc_policy: str) -> None:
     from corespond.daemon.memory import CollectorPolicy, CollectorSettings, GcProbe
     from corespond.daemon.referrals import ReferralRequest
     from corespond.daemon.responders import LocationFix
+    from corespond.daemon.stall_probe import StallProbe
 
     config = load_config(config_path)
     configure_logging(config.logging.level, "json", sys.stderr)
@@ -148,6 +149,9 @@ def run_daemon(config_path: Path, referral_load: bool, gc_policy: str) -> None:
         memory = CollectorPolicy(Clock(reactor), settings=settings)
     app = Corespond(config, reactor, memory=memory)
     state = {"running": True, "referrals": 0}
+    stalls = StallProbe.from_environment(reactor)  # CORESPOND_STALL_PROBE: the late reactor
+    if stalls is not None:
+        reactor.callWhenRunning(stalls.start)  # type: ignore[attr-defined]
 
     async def referrals() -> None:
         n = 0

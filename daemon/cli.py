@@ -189,8 +189,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from corespond.daemon.app import Corespond
     from corespond.daemon.clock import Clock
     from corespond.daemon.memory import CollectorPolicy, GcProbe
+    from corespond.daemon.stall_probe import StallProbe
 
     probe = GcProbe.from_environment()  # benchmarks only: every collection's pause
+    stalls = StallProbe.from_environment(reactor)  # diagnosis only: the late reactor's stack
+    if stalls is not None:
+        reactor.callWhenRunning(stalls.start)
+        reactor.addSystemEventTrigger("before", "shutdown", stalls.stop)
     try:
         # What start-up built (modules, rules, config, schema) lives as long as the process:
         # frozen, a full collection no longer walks it (daemon/memory.py says when).
