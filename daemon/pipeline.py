@@ -17,7 +17,6 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.python.failure import Failure
 
@@ -27,6 +26,7 @@ from corespond.daemon.decision import Classifier, Decision, Response
 from corespond.daemon.errors import RejectedMessage
 from corespond.daemon.ingest import Accepted, Origin, Outcome, Rejected, SnapshotState
 from corespond.daemon.log import LineLogger, error_text
+from corespond.daemon.metric_children import MetricChildren
 from corespond.daemon.snapshot import Snapshot
 from corespond.daemon.store.writer import (
     IncidentStore,
@@ -138,8 +138,9 @@ def _reject(
     )
 
 
-class IngestMetrics:
+class IngestMetrics(MetricChildren):
     def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
         self.messages = Counter(
             "corespond_cad_messages",
             "CAD messages received, by feed and outcome (new, duplicate, rejected)",
@@ -171,17 +172,6 @@ class IngestMetrics:
             registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
         )
-        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
-
-    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
-        """``metric.labels(*labels)``, remembered: labels() takes a lock and checks its
-        arguments every time (about 4 us, twice per snapshot). The label values are feed
-        names, outcomes and reject codes: a handful."""
-        key = (metric, labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def count_snapshots(self, feed: str, new: int, duplicate: int) -> None:
         """The messages metric for ``new`` and ``duplicate`` snapshots of one feed at once."""

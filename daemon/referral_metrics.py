@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from corespond.adapters.tls import TlsFileError, load_certificates
 from corespond.daemon.clock import Clock
 from corespond.daemon.config import ReferralsConfig
+from corespond.daemon.metric_children import MetricChildren
 
 log = structlog.get_logger("corespond.referrals")
 
@@ -32,8 +33,9 @@ WARN_DAYS = 30
 CHECK_EVERY = 24 * 3600.0
 
 
-class ReferralMetrics:
+class ReferralMetrics(MetricChildren):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__()
         self.queued = Counter(
             "corespond_referrals_queued",
             "Referral messages built, validated and queued in the outbox, by provider",
@@ -92,17 +94,6 @@ class ReferralMetrics:
             ["use", "path"],
             registry=registry,
         )
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, remembered: labels() takes a lock and checks its
-        arguments every time, on the reactor in the callbacks a page may wait behind. The
-        label values are provider names, reasons and codes: a handful."""
-        key = (metric, labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
 
 @dataclass(frozen=True, slots=True)
