@@ -2324,12 +2324,9 @@ class ReferralService:
             self._building.discard(unbuilt.id)
         if control_id == unbuilt.content.control_id:
             self.metrics.child(self.metrics.queued, unbuilt.provider).inc()
-            log.info(
-                "referral.created",
-                referral_id=unbuilt.ref,
-                provider=unbuilt.provider,
-                state="queued",
-                control_id=control_id,
+            # The same line as a referral built at once (ReferralService._store), by one way.
+            self.worker.note(
+                partial(_created_line, unbuilt.ref, unbuilt.provider, "queued", None, control_id)
             )
         self.worker.wake()
         return control_id
