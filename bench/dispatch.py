@@ -24,6 +24,9 @@ Three phases, each with a fresh database and daemon, in the same run:
 3. paging + referrals: as 2, while the daemon builds referrals without pause
    (ReferralService.create in a loop: hl7apy build and validation in its builder process, queued
    and sent to a local MLLP peer, python-hl7's asyncio server in another process).
+   Phase 3 also prints the time each page could wait behind referral work
+   (bench/referrals.py, ``referral_time_in_pages``), counted by wall clock and by the
+   referral units' own thread CPU, and the units of the page that could wait longest.
 
 ``--no-referrals`` leaves phase 3 out; ``--only-referrals`` runs phase 3 alone (its "time a
 page could wait behind referral work", for runs of old and new code in turn). ``--postgres``
@@ -554,6 +557,12 @@ def main() -> None:
                   f"{len(p.waited[2])} pages at all): {parts}")  # fmt: skip
             for what, seconds in list(p.waited[3].items())[:6]:
                 print(f"  slowest 1 %: {seconds * 1e3:6.2f}  {what}")
+            own = p.waited[4]
+            print(f"  either, by the units' own CPU: p50 {pct(own, 0.5):.2f} "
+                  f"p99 {pct(own, 0.99):.2f} max {max(own, default=0) * 1e3:.2f}")  # fmt: skip
+            for counted, what, length, cpu in p.waited[5][:4]:
+                print(f"  the page with the most: {counted * 1e3:.2f} of {what} "
+                      f"(the unit: {length * 1e3:.2f} long, {cpu * 1e3:.2f} of CPU)")
     for p in phases:
         if p.after_ack:
             print(f"{p.name}: from the feed's 200 to the page p50 {pct(p.after_ack, 0.5):.1f}, "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import resource
@@ -343,8 +344,6 @@ def without(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
 
 def measure(xs: list[Interval], a: float, b: float) -> float:
     """How much of [a, b] the union ``xs`` covers."""
-    import bisect
-
     total = 0.0
     for x, y in xs[max(0, bisect.bisect_left(xs, (a, a)) - 1) :]:
         if x >= b:
@@ -362,7 +361,10 @@ def is_referral_work(label: str) -> bool:
 
 def referral_time_in_pages(
     trace: Path, windows: list[Interval]
-) -> tuple[list[float], list[float], list[float], dict[str, float]]:
+) -> tuple[
+    list[float], list[float], list[float], dict[str, float], list[float],
+    list[tuple[float, str, float, float]],
+]:
     """For each page (its window: the CAD's send time to the page's arrival, perf_counter
     seconds of this machine's monotonic clock), in seconds: (writer, reactor, either) time it
     could have waited behind referral work. From the store's trace and the referral side's
@@ -376,8 +378,14 @@ def referral_time_in_pages(
     - reactor: the reactor ran referral callbacks while no batch or page work of the window
       ran on the writer (so the page's next step may have been waiting for the reactor);
     - either: the union of both (the page waits for one thing at a time);
-    - and for the slowest 1 % of pages by "either", the mean seconds of each kind of work
-      (writer job or reactor callback, by name).
+    - for the slowest 1 % of pages by "either", the mean seconds of each kind of work
+      (writer job or reactor callback, by name);
+    - "either" counted by the units' own thread CPU: each unit's share of a page's "either"
+      times the unit's CPU over its length. A unit longer than its CPU waited itself, for
+      the GIL another daemon thread held or for a core another process had; what ran
+      meanwhile was not referral work;
+    - and for the one page with the most "either", every unit it counts: (seconds counted,
+      what, the unit's length, the unit's own thread CPU), most first.
 
     Bounds from above: the page's own snapshot and ride are not told from the others in its
     window, and the reactor part counts its network legs too."""
@@ -385,13 +393,16 @@ def referral_time_in_pages(
     waiting: list[Interval] = []  # batches and page work queued for the writer
     running: list[Interval] = []  # ... and running on it
     referral: dict[str, list[Interval]] = {}  # referral transactions running on the writer
+    cpu: dict[tuple[str, Interval], float] = {}  # each referral unit's own thread CPU seconds
     page_rides = 0  # rides of the batch whose line comes next that a page may wait for
     for r in rows:
         if "ride" in r and is_referral_work(r["ride"]):
             # Referral work riding a batch (in a savepoint), or alone when none came in time
             # (then its commit is the referral's too).
             end = r["committed"] if r.get("alone") else r["done"]
-            referral.setdefault("writer: " + r["ride"] + " (rode)", []).append((r["thread"], end))
+            what = "writer: " + r["ride"] + " (rode)"
+            referral.setdefault(what, []).append((r["thread"], end))
+            cpu[(what, (r["thread"], end))] = r.get("cpu", float("nan"))
             continue
         if "ride" in r and "_record_submissions" not in r["ride"]:
             page_rides += 1
@@ -411,13 +422,17 @@ def referral_time_in_pages(
                 waiting.append((r["submitted"], r["thread"]))
                 running.append((r["thread"], r["done"]))
             elif is_referral_work(r["what"]):
-                referral.setdefault("writer: " + r["what"], []).append((r["thread"], r["done"]))
+                what = "writer: " + r["what"]
+                referral.setdefault(what, []).append((r["thread"], r["done"]))
+                cpu[(what, (r["thread"], r["done"]))] = r.get("cpu", float("nan"))
     spans_path = Path(str(trace) + ".referrals")
     reactor: dict[str, list[Interval]] = {}
     if spans_path.exists():
         for line in spans_path.read_text().splitlines():
             span = json.loads(line)
-            reactor.setdefault("reactor: " + span["what"], []).append((span["start"], span["end"]))
+            what = "reactor: " + span["what"]
+            reactor.setdefault(what, []).append((span["start"], span["end"]))
+            cpu[(what, (span["start"], span["end"]))] = span.get("cpu", float("nan"))
     waiting, running = merged(waiting), merged(running)
     parts = {what: intersected(waiting, merged(ivs)) for what, ivs in referral.items()}
     parts.update({what: without(merged(ivs), running) for what, ivs in reactor.items()})
@@ -430,11 +445,34 @@ def referral_time_in_pages(
         what: sum(measure(ivs, *windows[n]) for n in slow) / max(1, len(slow))
         for what, ivs in parts.items()
     }
+    # Each unit's share of a page's "either", and the same share of the unit's own thread
+    # CPU: a unit much longer than its CPU was itself waiting (for the GIL another daemon
+    # thread held, or for a core another process had), and what ran meanwhile was not
+    # referral work.
+    by_start = sorted((start, end, what, seconds) for (what, (start, end)), seconds in cpu.items())
+    starts = [u[0] for u in by_start]
+    longest = max((u[1] - u[0] for u in by_start), default=0.0)
+    page_units: list[list[tuple[float, str, float, float]]] = []
+    for a, b in windows:
+        units = []
+        for start, end, what, seconds in by_start[bisect.bisect_left(starts, a - longest) :]:
+            if start >= b:
+                break
+            if end > a and (counted := measure(parts[what], max(a, start), min(b, end))) > 0:
+                units.append((counted, what, end - start, seconds))
+        page_units.append(units)
+    own_cpu = [
+        sum(c * min(1.0, s / length) if length > 0 else 0.0 for c, _, length, s in units)
+        for units in page_units
+    ]
+    most = max(range(len(windows)), key=lambda n: total[n], default=None)
     return (
         [measure(writer_part, a, b) for a, b in windows],
         [measure(reactor_part, a, b) for a, b in windows],
         total,
         {what: t for what, t in sorted(worst.items(), key=lambda kv: -kv[1]) if t > 0},
+        own_cpu,
+        sorted(page_units[most], reverse=True) if most is not None else [],
     )
 
 

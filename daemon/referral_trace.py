@@ -34,7 +34,7 @@ class ReactorSpans:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.spans: list[tuple[float, float, str]] = []
+        self.spans: list[tuple[float, float, float, str]] = []  # start, end, CPU, what
         self._depth = 0
 
     @classmethod
@@ -52,11 +52,11 @@ class ReactorSpans:
         if self._depth:
             return fn(*args)
         self._depth += 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             return fn(*args)
         finally:
-            self.spans.append((start, time.perf_counter(), label))
+            self.spans.append((start, time.perf_counter(), time.thread_time() - cpu, label))
             self._depth -= 1
 
     def timed(self, fn: Callable[..., T]) -> Callable[..., T]:
@@ -93,7 +93,7 @@ class ReactorSpans:
             return
         with open(self.path, "w") as out:
             out.writelines(
-                f'{{"start":{s:.6f},"end":{e:.6f},"what":"{what}"}}\n'
-                for s, e, what in self.spans
+                f'{{"start":{s:.6f},"end":{e:.6f},"cpu":{c:.6f},"what":"{what}"}}\n'
+                for s, e, c, what in self.spans
             )
         self.spans = []

@@ -1089,11 +1089,11 @@ class _Trace:
 
     def job(self, job: _Job, dispatched: float) -> None:
         """One unit of other writers' work (a background job) on the writer."""
-        ran = job.ran or (0.0, 0.0)
+        ran = job.ran or (0.0, 0.0, 0.0)
         self.lines.append(
             f'{{"job":"{job.lane}","what":"{job.label}","submitted":{job.queued:.6f},'
             f'"dispatched":{dispatched:.6f},"thread":{ran[0]:.6f},"done":{ran[1]:.6f},'
-            f'"back":{time.perf_counter():.6f}}}'
+            f'"cpu":{ran[2]:.6f},"back":{time.perf_counter():.6f}}}'
         )
 
     def rides(self, riders: list[_Rider], alone: bool) -> None:
@@ -1101,11 +1101,12 @@ class _Trace:
         b = self.batch
         back = time.perf_counter()
         for r in riders:
-            ran = r.ran or (0.0, 0.0)
+            ran = r.ran or (0.0, 0.0, 0.0)
             self.lines.append(
                 f'{{"ride":"{r.label}","submitted":{r.queued:.6f},'
                 f'"dispatched":{b.get("dispatched", 0):.6f},"thread":{ran[0]:.6f},'
-                f'"done":{ran[1]:.6f},"committed":{b.get("committed", 0):.6f},'
+                f'"done":{ran[1]:.6f},"cpu":{ran[2]:.6f},'
+                f'"committed":{b.get("committed", 0):.6f},'
                 f'"back":{back:.6f},"alone":{"true" if alone else "false"}}}'
             )
 
@@ -1307,7 +1308,8 @@ class _Job:
         self.queued = queued
         self.done: Deferred[Any] = Deferred()
         self.label = ""
-        self.ran: tuple[float, float] | None = None  # on the writer, when traced
+        # On the writer, when traced: perf_counter seconds at start and end, thread CPU seconds.
+        self.ran: tuple[float, float, float] | None = None
 
 
 class _Rider:
@@ -1323,7 +1325,7 @@ class _Rider:
         self.alone = False  # no batch came in time: goes in a transaction of its own
         self.timer: Any = None
         self.label = ""
-        self.ran: tuple[float, float] | None = None
+        self.ran: tuple[float, float, float] | None = None  # (as _Job's)
 
 
 class IncidentStore:
@@ -1624,11 +1626,11 @@ class IncidentStore:
         if self._trace is not None:
 
             def fn() -> Any:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.thread_time()
                 try:
                     return job.fn()
                 finally:
-                    job.ran = (started, time.perf_counter())
+                    job.ran = (started, time.perf_counter(), time.thread_time() - cpu)
 
         self._run_write(fn).addBoth(self._job_done, job, dispatched)
 
@@ -1645,10 +1647,10 @@ class IncidentStore:
     @staticmethod
     def _ride(conn: Connection, rider: _Rider, traced: bool) -> tuple[bool, Any]:
         """In the writer thread: ``rider`` in a savepoint of the batch's transaction."""
-        started = time.perf_counter() if traced else 0.0
+        started, cpu = (time.perf_counter(), time.thread_time()) if traced else (0.0, 0.0)
         outcome = _in_savepoint(conn, rider.fn)
         if traced:
-            rider.ran = (started, time.perf_counter())
+            rider.ran = (started, time.perf_counter(), time.thread_time() - cpu)
         return outcome
 
     def _write(

@@ -37,8 +37,8 @@ def test_callbacks_are_timed_once_and_written_beside_the_trace(
     assert spans.spans == []  # nothing ran yet
     source.callback(1)
     assert seen == [2] and len(spans.spans) == 1
-    (start, end, what) = spans.spans[0]
-    assert end >= start and what == "commit"  # the nested one counts in the outer
+    (start, end, cpu, what) = spans.spans[0]
+    assert end >= start and cpu >= 0 and what == "commit"  # the nested one counts in the outer
     # A timer's callable, and a failure (relayed as one, timed too).
     assert spans.timed(lambda x: x * 2)(21) == 42
     failures: list[Any] = []
@@ -47,7 +47,7 @@ def test_callbacks_are_timed_once_and_written_beside_the_trace(
     assert len(spans.spans) == 3
     spans.close()
     lines = (tmp_path / ("trace.jsonl" + SUFFIX)).read_text().splitlines()
-    assert [sorted(json.loads(line)) for line in lines] == [["end", "start", "what"]] * 3
+    assert [sorted(json.loads(line)) for line in lines] == [["cpu", "end", "start", "what"]] * 3
     whats = [json.loads(line)["what"] for line in lines]
     assert whats[1].endswith(".<lambda>") and whats[2] == "ACK"
     assert spans.spans == []
