@@ -1604,6 +1604,15 @@ class IncidentStore:
             # sent recorded) takes the next one, unless its time is up.
             self._riders = [r for r in riders if not (r.urgent or r.alone)]
             riders = [r for r in riders if r.urgent or r.alone]
+        else:
+            # One unit of work no page waits for a batch (those whose time is up go all the
+            # same): a page's snapshot arriving meanwhile waits for this batch, so for one
+            # such unit (a referral's statements, a group of results), not for all that
+            # piled up since the last batch.
+            patient = [r for r in riders if not (r.urgent or r.alone)]
+            if len(patient) > 1:
+                self._riders = patient[1:]
+                riders = [r for r in riders if r.urgent or r.alone or r is patient[0]]
         for rider in riders:
             if rider.timer is not None and rider.timer.active():
                 rider.timer.cancel()

@@ -346,6 +346,25 @@ def test_work_no_page_waits_for_stays_out_of_a_batch_with_page_work(engine: Engi
     assert log.ran == ["page", "referral"] and later.result == "referral"
 
 
+def test_a_batch_takes_one_unit_of_work_no_page_waits_for(engine: Engine) -> None:
+    store, writes, clock = make_store(engine)
+    stored_first(store, writes)
+    log = Log()
+    first = store.ride_later(log.rider("referral 1"))
+    second = store.ride_later(log.rider("referral 2"))
+    page = store.ride_next_batch(log.rider("page"), within=RIDE_LATER_WITHIN)
+    store.store_snapshot(incident(1))
+    writes.run_next()  # a batch with page work riding it takes neither
+    assert log.ran == ["page"] and page.result == "page"
+    store.store_snapshot(incident(3))
+    writes.run_next()  # the next batch takes one: a page arriving now waits for one unit
+    assert log.ran == ["page", "referral 1"] and first.called and not second.called
+    store.store_snapshot(incident(4))
+    writes.run_next()
+    assert log.ran == ["page", "referral 1", "referral 2"] and second.called
+    assert not writes.calls and not clock.getDelayedCalls()
+
+
 def test_work_no_page_waits_for_goes_alone_after_its_bound_even_beside_page_work(
     engine: Engine,
 ) -> None:
