@@ -6,13 +6,15 @@ import itertools
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 
 from corespond.daemon.decision import Response
 from corespond.daemon.ingest import SnapshotState
 from corespond.daemon.snapshot import IncidentStatus
+from corespond.daemon.store import writer
 from corespond.daemon.store.queries import (
     audit_incidents,
     derive_incident,
@@ -373,3 +375,26 @@ def test_any_text_is_storable(engine: Engine, ident: str, call: str, note: str, 
             ).scalar_one()
             == 1
         )
+
+
+
+def test_postgresql_finds_existing_snapshots_by_the_unique_index(engine: Engine) -> None:
+    """The look-up of (incident, digest) pairs can seek the unique index pair by pair on
+    PostgreSQL (test_sqlite_path checks SQLite's plans)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL query plans")
+    [one] = stored(engine, record(snapshot("INC-1")))
+    sent: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        sent.append((statement, params))
+
+    with engine.begin() as conn:
+        event.listen(conn, "before_cursor_execute", seen)
+        found = writer._existing_snapshots(conn, [(one.incident_pk, "a" * 64), (0, "b" * 64)])
+        event.remove(conn, "before_cursor_execute", seen)
+        assert found == {}
+        [(statement, params)] = sent
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # what it can do, not the cost
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement, params))
+    assert plan.count("Index Scan on ix_snapshots_incident_id_digest") == 2, plan
