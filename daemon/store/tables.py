@@ -166,10 +166,14 @@ class Incident(Base):
 
 
 class SnapshotRow(Base):
-    """Every snapshot received, raw bytes included; ``digest`` makes a repeat a no-op."""
+    """Every snapshot received, raw bytes included; ``digest`` makes a repeat a no-op.
+
+    Repeats are found per incident (the unique index): the same bytes from two sources are two
+    incidents' snapshots, one each. The index also finds an incident's snapshots.
+    """
 
     __tablename__ = "snapshots"
-    __table_args__ = (Index(None, "incident_id", "source_updated_at"),)
+    __table_args__ = (Index(None, "incident_id", "digest", unique=True),)
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     incident_id: Mapped[int] = mapped_column(Id, ForeignKey("incidents.id"))
@@ -177,7 +181,7 @@ class SnapshotRow(Base):
     format: Mapped[str] = mapped_column(String)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     source_updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of raw, hex
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of raw, hex
     raw: Mapped[bytes] = phi_column(LargeBinary)
     public: Mapped[dict[str, Any]] = mapped_column(JSON)  # snapshot_public_json
     protected: Mapped[dict[str, Any]] = phi_column(JSON)  # snapshot_protected_json

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import orjson
 import structlog
-from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from twisted.internet.defer import Deferred, fail, succeed
@@ -157,10 +157,11 @@ class StoreClosed(SafeMessage, Exception):
 
 # --- statements, built once (building a statement costs more than executing a small one) -----
 
-_EXISTING_SNAPSHOTS = (
-    select(snapshots.c.digest, snapshots.c.id, incidents.c.id, incidents.c.external_id)
-    .join_from(snapshots, incidents, snapshots.c.incident_id == incidents.c.id)
-    .where(snapshots.c.digest.in_(bindparam("digests", expanding=True)))
+# By the unique index on (incident_id, digest): one index seek per pair on PostgreSQL too.
+_EXISTING_SNAPSHOTS = select(
+    snapshots.c.incident_id, snapshots.c.digest, snapshots.c.id
+).where(
+    tuple_(snapshots.c.incident_id, snapshots.c.digest).in_(bindparam("pairs", expanding=True))
 )
 _SELECT_INCIDENTS = (
     select(
@@ -336,7 +337,7 @@ _SQLITE_BINDS = _Binds(time=_sqlite_time, json=_sqlite_json, flag=int)
 @dataclass(frozen=True, slots=True)
 class _DialectStatements:
     insert_incidents: Any  # INSERT .. ON CONFLICT DO NOTHING
-    insert_snapshots: Any  # the same, RETURNING id, digest
+    insert_snapshots: Any  # the same, RETURNING id, incident_id, digest
     select_incidents: Any  # FOR UPDATE on PostgreSQL
     # SQLite: the hot inserts and updates go to the driver's executemany (see _DriverInsert).
     driver_level: bool
@@ -521,11 +522,7 @@ class _InSelect:
         return batch.cursor.execute(text, (*before, *values)).fetchall()
 
 
-# The same statements as _EXISTING_SNAPSHOTS, _SELECT_INCIDENTS and _SELECT_DECISIONS.
-_DRIVER_EXISTING = _InSelect(
-    "SELECT s.digest, s.id, i.id, i.external_id FROM snapshots AS s"
-    " JOIN incidents AS i ON s.incident_id = i.id WHERE s.digest IN ({marks})"
-)
+# The same statements as _SELECT_INCIDENTS and _SELECT_DECISIONS.
 _DRIVER_INCIDENTS_SELECT = _InSelect(
     "SELECT i.id, i.source, i.external_id, i.snapshot_count, i.first_received_at,"
     " i.last_received_at, i.current_snapshot_id, i.current_decision_id, i.behavioral_health,"
@@ -537,6 +534,22 @@ _DRIVER_DECISIONS_SELECT = _InSelect(
     "SELECT id, behavioral_health, category, response, score, rules, evidence, ruleset"
     " FROM decisions WHERE id IN ({marks})"
 )
+
+
+# _EXISTING_SNAPSHOTS on SQLite, text by number of pairs: an OR of (incident_id, digest) pairs,
+# which SQLite runs as one seek of the unique index per pair. (The row value form, (incident_id,
+# digest) IN (VALUES ...), scans the whole index instead: check with EXPLAIN QUERY PLAN.)
+_EXISTING_TEXTS: dict[int, str] = {}
+
+
+def _driver_existing(batch: _SqliteBatch, pairs: Sequence[tuple[int, str]]) -> list[Any]:
+    text = _EXISTING_TEXTS.get(len(pairs))
+    if text is None:
+        text = _EXISTING_TEXTS[len(pairs)] = (
+            "SELECT incident_id, digest, id FROM snapshots WHERE "
+            + " OR ".join(["(incident_id = ? AND digest = ?)"] * len(pairs))
+        )
+    return batch.cursor.execute(text, list(chain.from_iterable(pairs))).fetchall()
 
 
 def _sqlite_datetime(text: str | None) -> datetime | None:
@@ -672,41 +685,46 @@ def _insert_rejects(conn: Connection, records: list[RejectRecord]) -> list[int]:
 def _write_snapshots(
     conn: Connection, pending: list[_Pending], results: list[StoredSnapshot | int | None]
 ) -> None:
-    # Repeats inside the batch: only the first of each digest can be new.
-    first: dict[str, _Pending] = {}
+    # Repeats are per incident (the unique index on incident_id, digest): the same bytes from
+    # two sources are two incidents' snapshots. Inside the batch only the first of each
+    # (incident, digest) can be new.
+    first: dict[tuple[tuple[str, str], str], _Pending] = {}
     for p in pending:
-        first.setdefault(p.digest, p)
-    known = _existing_snapshots(conn, list(first))
-    candidates = [p for p in first.values() if p.digest not in known]
+        first.setdefault((p.key, p.digest), p)
+    # Locked first, then looked up: no other writer adds a snapshot to a locked incident.
+    states = _lock_incidents(conn, sorted({key for key, _ in first}))
+    # An incident this batch numbers (SQLite) does not exist yet: it has no snapshots.
+    known = _existing_snapshots(
+        conn, [(state.pk, d) for k, d in first if not (state := states[k]).new]
+    )
+    candidates = [p for p in first.values() if (states[p.key].pk, p.digest) not in known]
 
     if candidates:
-        states = _lock_incidents(conn, sorted({p.key for p in candidates}))
         inserted = _insert_snapshots(conn, candidates, states)
         # Lost a race with another writer on the same bytes: theirs stands, ours is a repeat.
-        lost = [p for p in candidates if p.digest not in inserted]
+        lost = [p for p in candidates if (states[p.key].pk, p.digest) not in inserted]
         if lost:
-            known.update(_existing_snapshots(conn, [p.digest for p in lost]))
-            candidates = [p for p in candidates if p.digest in inserted]
+            known.update(_existing_snapshots(conn, [(states[p.key].pk, p.digest) for p in lost]))
+            candidates = [p for p in candidates if (states[p.key].pk, p.digest) in inserted]
         _apply(conn, candidates, inserted, states, results)
-        # An incident created here whose every snapshot lost such a race stays empty: drop it.
-        empty = [s.pk for s in states.values() if s.snapshot_count == 0]
-        if empty:
-            conn.execute(incidents.delete().where(incidents.c.id.in_(empty)))
+    # An incident created here whose every snapshot lost such a race stays empty: drop it.
+    empty = [s.pk for s in states.values() if s.snapshot_count == 0]
+    if empty:
+        conn.execute(incidents.delete().where(incidents.c.id.in_(empty)))
 
     # Everything else repeats a snapshot stored before, or earlier in this batch.
     for p in pending:
         if results[p.index] is not None:
             continue
-        if p.digest in known:
-            snapshot_id, incident_pk, external_id = known[p.digest]
-        else:
-            original = results[first[p.digest].index]
+        state = states[p.key]
+        snapshot_id = known.get((state.pk, p.digest))
+        if snapshot_id is None:
+            original = results[first[(p.key, p.digest)].index]
             assert isinstance(original, StoredSnapshot)
             snapshot_id = original.snapshot_id
-            incident_pk, external_id = original.incident_pk, original.external_id
         results[p.index] = StoredSnapshot(
-            incident_pk=incident_pk,
-            external_id=external_id,
+            incident_pk=state.pk,
+            external_id=state.external_id,
             snapshot_id=snapshot_id,
             state=SnapshotState.DUPLICATE,
             became_current=False,
@@ -720,17 +738,19 @@ def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
         yield values[start : start + _IN_CHUNK]
 
 
-def _existing_snapshots(conn: Connection, digests: list[str]) -> dict[str, tuple[int, int, str]]:
-    """digest -> (snapshot id, incident pk, external id) for the digests already stored."""
-    found: dict[str, tuple[int, int, str]] = {}
+def _existing_snapshots(
+    conn: Connection, pairs: list[tuple[int, str]]
+) -> dict[tuple[int, str], int]:
+    """(incident pk, digest) -> snapshot id for the pairs already stored."""
+    found: dict[tuple[int, str], int] = {}
     batch = _sqlite_batch(conn)
-    for chunk in _chunks(digests):
+    for chunk in _chunks(pairs):
         if batch is not None:
-            rows: Any = _DRIVER_EXISTING.rows(batch, chunk)
+            rows: Any = _driver_existing(batch, chunk)
         else:
-            rows = conn.execute(_EXISTING_SNAPSHOTS, {"digests": chunk})
-        for digest, snapshot_id, incident_pk, external_id in rows:
-            found[digest] = (snapshot_id, incident_pk, external_id)
+            rows = conn.execute(_EXISTING_SNAPSHOTS, {"pairs": list(chunk)})
+        for incident_pk, digest, snapshot_id in rows:
+            found[(incident_pk, digest)] = snapshot_id
     return found
 
 
@@ -748,8 +768,8 @@ def _dialect_statements(conn: Connection) -> _DialectStatements:
                 index_elements=[incidents.c.source, incidents.c.external_id]
             ),
             insert_snapshots=dialect_insert(snapshots)
-            .on_conflict_do_nothing(index_elements=[snapshots.c.digest])
-            .returning(snapshots.c.id, snapshots.c.digest),
+            .on_conflict_do_nothing(index_elements=[snapshots.c.incident_id, snapshots.c.digest])
+            .returning(snapshots.c.id, snapshots.c.incident_id, snapshots.c.digest),
             select_incidents=_SELECT_INCIDENTS.with_for_update(of=incidents)
             if name == "postgresql"
             else _SELECT_INCIDENTS,
@@ -847,8 +867,9 @@ def _select_incidents(
 
 def _insert_snapshots(
     conn: Connection, candidates: list[_Pending], states: dict[tuple[str, str], _IncidentState]
-) -> dict[str, int]:
-    """Insert the candidates; digest -> new snapshot id for those that were not there yet."""
+) -> dict[tuple[int, str], int]:
+    """Insert the candidates; (incident pk, digest) -> new snapshot id for those that were not
+    there yet."""
     sql = _dialect_statements(conn)
     time = sql.binds.time
     batch = _sqlite_batch(conn)
@@ -874,15 +895,17 @@ def _insert_snapshots(
         # the batch's new incidents (_apply).
         ids = batch.ids(snapshots.name, len(params))
         batch.snapshot_rows = [(i, *row) for i, row in zip(ids, params, strict=True)]
-        return {p.digest: snapshot_id for p, snapshot_id in zip(candidates, ids, strict=True)}
+        return {
+            (row[0], row[5]): snapshot_id for row, snapshot_id in zip(params, ids, strict=True)
+        }
     rows = conn.execute(sql.insert_snapshots, _DRIVER_SNAPSHOTS.as_dicts(params))
-    return {digest: snapshot_id for snapshot_id, digest in rows}
+    return {(incident_pk, digest): snapshot_id for snapshot_id, incident_pk, digest in rows}
 
 
 def _apply(
     conn: Connection,
     candidates: list[_Pending],
-    inserted: dict[str, int],
+    inserted: dict[tuple[int, str], int],
     states: dict[tuple[str, str], _IncidentState],
     results: list[StoredSnapshot | int | None],
 ) -> None:
@@ -894,7 +917,7 @@ def _apply(
     previous_to_load: dict[int, int] = {}  # item index -> stored decision id
     for p in candidates:
         state = states[p.key]
-        snapshot_id = inserted[p.digest]
+        snapshot_id = inserted[(state.pk, p.digest)]
         rank = (p.updated_at, p.received_at, snapshot_id)
         became_current = state.rank is None or rank > state.rank
         outcome = _outcome(p.record.decision)

@@ -149,7 +149,7 @@ def test_sqlite_finds_incidents_and_snapshots_by_index(engine: Engine) -> None:
             )
         finally:
             driver.set_trace_callback(None)  # type: ignore[union-attr]
-    # existing digests, incidents and the previous decision
+    # incidents, their existing (incident, digest) pairs and the previous decision
     assert len(statements) == 3, statements
     with engine.connect() as conn:
         for statement in statements:

@@ -6,13 +6,15 @@ import itertools
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 
 from corespond.daemon.decision import Response
 from corespond.daemon.ingest import SnapshotState
 from corespond.daemon.snapshot import IncidentStatus
+from corespond.daemon.store import writer
 from corespond.daemon.store.queries import (
     audit_incidents,
     derive_incident,
@@ -99,6 +101,33 @@ def test_duplicates_inside_one_batch(engine: Engine) -> None:
     with engine.connect() as conn:
         assert totals(conn).snapshots == 2 and totals(conn).decisions == 2
         assert incident_columns_of(conn, kept.incident_pk)["snapshot_count"] == 2
+
+
+def test_same_bytes_from_two_sources_are_kept_once_for_each(engine: Engine) -> None:
+    """Repeats are found per incident: the same bytes on the feeds of two sources name two
+    incidents (the store's key is source and external id), and each keeps them once."""
+    rec = record(snapshot("INC-1", updated=5), decision(Response.CLINICIAN), received=10)
+    other = replace(rec, source="other", feed="feed-b")
+    # In one batch, both new; each a repeat of its own afterwards, whichever order.
+    a, b, a_again = stored(engine, rec, other, rec)
+    assert (a.state, b.state) == (SnapshotState.NEW, SnapshotState.NEW)
+    assert a.incident_pk != b.incident_pk and a.snapshot_id != b.snapshot_id
+    assert a_again.state is SnapshotState.DUPLICATE and a_again.snapshot_id == a.snapshot_id
+    b_again, a_again = stored(engine, other, rec)
+    assert [r.state for r in (b_again, a_again)] == [SnapshotState.DUPLICATE] * 2
+    assert (b_again.snapshot_id, b_again.incident_pk) == (b.snapshot_id, b.incident_pk)
+    assert (a_again.snapshot_id, a_again.incident_pk) == (a.snapshot_id, a.incident_pk)
+    assert b_again.external_id == a_again.external_id == "INC-1"
+    # A third source, in a batch of its own, after the other two are stored.
+    [c] = stored(engine, replace(rec, source="third"))
+    assert c.state is SnapshotState.NEW and c.incident_pk not in (a.incident_pk, b.incident_pk)
+    with engine.connect() as conn:
+        assert conn.execute(
+            select(snapshots.c.incident_id).order_by(snapshots.c.id)
+        ).scalars().all() == [a.incident_pk, b.incident_pk, c.incident_pk]
+        for result in (a, b, c):
+            assert incident_columns_of(conn, result.incident_pk)["snapshot_count"] == 1
+        assert totals(conn).decisions == 3
 
 
 def test_late_snapshot_is_stored_but_does_not_roll_the_incident_back(engine: Engine) -> None:
@@ -346,3 +375,26 @@ def test_any_text_is_storable(engine: Engine, ident: str, call: str, note: str, 
             ).scalar_one()
             == 1
         )
+
+
+
+def test_postgresql_finds_existing_snapshots_by_the_unique_index(engine: Engine) -> None:
+    """The look-up of (incident, digest) pairs can seek the unique index pair by pair on
+    PostgreSQL (test_sqlite_path checks SQLite's plans)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL query plans")
+    [one] = stored(engine, record(snapshot("INC-1")))
+    sent: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        sent.append((statement, params))
+
+    with engine.begin() as conn:
+        event.listen(conn, "before_cursor_execute", seen)
+        found = writer._existing_snapshots(conn, [(one.incident_pk, "a" * 64), (0, "b" * 64)])
+        event.remove(conn, "before_cursor_execute", seen)
+        assert found == {}
+        [(statement, params)] = sent
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # what it can do, not the cost
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement, params))
+    assert plan.count("Index Scan on ix_snapshots_incident_id_digest") == 2, plan
