@@ -1,6 +1,7 @@
 """bench/referrals.py's measure of the time a page could wait behind referral work (phase 3
 of bench/dispatch.py), on hand-made traces: referral work that rides an ingest batch counts
-on the writer, and a transaction of referral work alone is not taken for page work."""
+on the writer, and a transaction of referral work alone is not taken for page work; counted
+by the units' own CPU, a unit that waited counts only what it ran."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def bench() -> ModuleType:
 
 
 def ride(what: str, submitted: float, ran: tuple[float, float], committed: float,
-         alone: bool = False) -> dict[str, Any]:  # fmt: skip
+         alone: bool = False, cpu: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """A unit riding a batch; its thread CPU is its whole length unless ``cpu`` says less."""
     return {"ride": what, "submitted": submitted, "dispatched": ran[0], "thread": ran[0],
-            "done": ran[1], "committed": committed, "back": committed, "alone": alone}  # fmt: skip
+            "done": ran[1], "cpu": ran[1] - ran[0] if cpu is None else cpu,
+            "committed": committed, "back": committed, "alone": alone}  # fmt: skip
 
 
 def batch(size: int, submitted: float, thread: float, committed: float) -> dict[str, Any]:
@@ -42,8 +45,8 @@ def waits(bench: ModuleType, tmp_path: Path, rows: list[dict[str, Any]],
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     Path(str(trace) + ".referrals").write_text("".join(json.dumps(s) + "\n" for s in spans))
-    writer, reactor, either, worst = bench.referral_time_in_pages(trace, [window])
-    return writer[0], reactor[0], either[0], worst
+    writer, reactor, either, worst, own_cpu, units = bench.referral_time_in_pages(trace, [window])
+    return writer[0], reactor[0], either[0], worst, own_cpu[0], units
 
 
 def test_referral_work_riding_a_batch_counts_on_the_writer(
@@ -55,9 +58,31 @@ def test_referral_work_riding_a_batch_counts_on_the_writer(
         ride("store_referral_in", 9.990, (10.004, 10.007), 10.010),
         batch(3, 9.999, 10.000, 10.010),
     ]
-    writer, reactor, either, worst = waits(bench, tmp_path, rows, [], (9.995, 10.030))
+    writer, reactor, either, worst, own_cpu, units = waits(
+        bench, tmp_path, rows, [], (9.995, 10.030)
+    )
     assert writer == pytest.approx(0.003) and reactor == 0 and either == pytest.approx(0.003)
     assert list(worst) == ["writer: store_referral_in (rode)"]
+    assert own_cpu == pytest.approx(0.003)
+    ((counted, what, length, cpu),) = units
+    assert what == "writer: store_referral_in (rode)"
+    assert (counted, length, cpu) == pytest.approx((0.003, 0.003, 0.003))
+
+
+def test_a_unit_that_waited_counts_only_its_own_cpu(bench: ModuleType, tmp_path: Path) -> None:
+    # The same ride, 3 ms long but 1 ms of its thread's CPU (it waited for the GIL or a core),
+    # and a reactor callback 1 ms long with 0.5 ms of CPU, outside the batch.
+    rows = [
+        ride("store_referral_in", 9.990, (10.004, 10.007), 10.010, cpu=0.001),
+        batch(3, 9.999, 10.000, 10.010),
+    ]
+    spans = [{"start": 10.012, "end": 10.013, "cpu": 0.0005, "what": "ACK"}]
+    writer, reactor, either, _, own_cpu, units = waits(
+        bench, tmp_path, rows, spans, (9.995, 10.030)
+    )
+    assert (writer, reactor, either) == pytest.approx((0.003, 0.001, 0.004))  # by wall clock
+    assert own_cpu == pytest.approx(0.0015)
+    assert [u[1] for u in units] == ["writer: store_referral_in (rode)", "reactor: ACK"]
 
 
 def test_a_referral_transaction_alone_is_referral_work_not_page_work(
@@ -71,8 +96,8 @@ def test_a_referral_transaction_alone_is_referral_work_not_page_work(
         batch(0, 9.950, 10.000, 10.004),
         batch(1, 10.001, 10.004, 10.006),
     ]
-    spans = [{"start": 10.002, "end": 10.003, "what": "result of store_referral_in"}]
-    writer, reactor, either, _ = waits(bench, tmp_path, rows, spans, (10.001, 10.020))
+    spans = [{"start": 10.002, "end": 10.003, "cpu": 0.001, "what": "result of store_referral_in"}]
+    writer, reactor, either, *_ = waits(bench, tmp_path, rows, spans, (10.001, 10.020))
     assert writer == pytest.approx(0.003)  # 10.001-10.004: the snapshot waited behind it
     assert reactor == pytest.approx(0.001) and either == pytest.approx(0.003)
 
@@ -85,5 +110,5 @@ def test_page_work_riding_alone_still_hides_the_reactor(
         ride("EscalationService._page_in", 9.998, (10.000, 10.002), 10.004, alone=True),
         batch(0, 9.998, 10.000, 10.004),
     ]
-    spans = [{"start": 10.001, "end": 10.003, "what": "ACK"}]
-    assert waits(bench, tmp_path, rows, spans, (9.990, 10.020))[:3] == (0, 0, 0)
+    spans = [{"start": 10.001, "end": 10.003, "cpu": 0.002, "what": "ACK"}]
+    assert waits(bench, tmp_path, rows, spans, (9.990, 10.020))[:5] == (0, 0, 0, {}, 0)
